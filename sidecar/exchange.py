@@ -1,0 +1,131 @@
+"""One request cycle as the policy layers see it.
+
+The server builds a `Request` from the parsed head; layers call each other with it and return a
+`Response` whose head is known and whose body has not been read yet. Nothing reaches the client
+until the outermost layer returns, so a layer may drop a response (`Response.discard`) and try
+again: a retry can never follow bytes already sent to the client.
+
+Layers above the balancer are `Handler`s; the balancer picks an endpoint and calls the
+`EndpointHandler`s below it (breaker, concurrency, the forwarder).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
+
+from sidecar.flags import Flag
+from sidecar.runtime import Endpoint, ServiceConfig
+
+
+class BodyNotReplayable(Exception):
+    """A streamed request body was asked for a second time (it is not buffered for retries)."""
+
+
+class RequestBody(Protocol):
+    """The request body, read once per attempt.
+
+    `replayable` is True when the whole body is buffered (absent, or no larger than the retry
+    buffer limit); then every call to `chunks()` yields the same bytes. A streamed body yields
+    once; a second `chunks()` raises BodyNotReplayable.
+    """
+
+    @property
+    def replayable(self) -> bool: ...
+
+    @property
+    def length(self) -> int | None:
+        """Content-Length when known (0 for no body), None when chunked and not buffered."""
+        ...
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
+class ResponseBody(Protocol):
+    """The upstream response body, streamed once by the server."""
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    def discard(self) -> None:
+        """Drop the response unread: its upstream connection is closed, never reused."""
+        ...
+
+
+class Request:
+    __slots__ = (
+        "attempts",
+        "authority",
+        "body",
+        "deadline",
+        "flags",
+        "headers",
+        "method",
+        "path",
+        "service",
+        "tried",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(
+        self,
+        method: bytes,
+        path: bytes,
+        authority: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: RequestBody,
+        *,
+        version: bytes = b"1.1",
+        upgrade: bytes | None = None,
+        service: ServiceConfig | None = None,
+    ) -> None:
+        self.method = method  # upper-case token
+        self.path = path  # origin-form target
+        self.authority = authority  # lower-case host[:port]; decides the route
+        self.headers = headers  # lower-case names, hop-by-hop already removed
+        self.body = body
+        self.version = version  # downstream's version, b"1.1" or b"1.0"
+        self.upgrade = upgrade  # protocol named by Upgrade when Connection: upgrade
+        self.service = service  # the route's service, None for passthrough
+        self.deadline: float | None = None  # loop time the whole exchange must finish by
+        self.attempts = 0  # attempts started so far
+        self.tried: list[Endpoint] = []  # endpoints already tried, in order
+        self.flags: list[Flag] = []  # flags recorded along the way (e.g. a retried UF)
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+class Response:
+    __slots__ = ("body", "endpoint", "flags", "headers", "reason", "status")
+
+    def __init__(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: ResponseBody,
+        endpoint: Endpoint | None = None,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers  # lower-case names, hop-by-hop already removed
+        self.body = body
+        self.endpoint = endpoint  # which endpoint answered
+        self.flags: list[Flag] = []
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def discard(self) -> None:
+        self.body.discard()
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+EndpointHandler = Callable[[Request, Endpoint], Awaitable[Response]]
