@@ -51,6 +51,18 @@ class ResponseBody(Protocol):
         ...
 
 
+class Tunnel(Protocol):
+    """An upstream connection that answered 101 and now carries raw bytes both ways."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def set_receiver(self, receive: Callable[[bytes], None]) -> None:
+        """`receive(data)` gets every byte from upstream; b"" means upstream closed."""
+        ...
+
+    def abort(self) -> None: ...
+
+
 class Request:
     __slots__ = (
         "attempts",
@@ -100,7 +112,17 @@ class Request:
 
 
 class Response:
-    __slots__ = ("body", "endpoint", "flags", "headers", "reason", "status")
+    __slots__ = (
+        "body",
+        "content_length",
+        "endpoint",
+        "flags",
+        "has_body",
+        "headers",
+        "reason",
+        "status",
+        "tunnel",
+    )
 
     def __init__(
         self,
@@ -109,12 +131,19 @@ class Response:
         headers: list[tuple[bytes, bytes]],
         body: ResponseBody,
         endpoint: Endpoint | None = None,
+        *,
+        content_length: int | None = None,
+        has_body: bool = True,
+        tunnel: Tunnel | None = None,
     ) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers  # lower-case names, hop-by-hop already removed
         self.body = body
         self.endpoint = endpoint  # which endpoint answered
+        self.content_length = content_length  # None: chunked or close-delimited
+        self.has_body = has_body  # False for HEAD, 204, 304 (content_length may still be set)
+        self.tunnel = tunnel  # set on a 101: the upstream side of an Upgrade tunnel
         self.flags: list[Flag] = []
 
     def header(self, name: bytes) -> bytes | None:

@@ -1,0 +1,479 @@
+"""`outrigger sidecar`: settings, the listeners, snapshot application, routing and drain."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from control_plane.mesh import Mesh, MeshError, load_mesh, parse_mesh
+from sidecar.admin import Admin
+from sidecar.exchange import Handler, Request, Response
+from sidecar.flags import Flag, ProxyError
+from sidecar.metrics import Metrics
+from sidecar.policy.stack import ServiceRegistry, build_service_stack
+from sidecar.protocol.events import RequestHead
+from sidecar.runtime import ConfigError, Endpoint, OutboundPolicy, Snapshot
+from sidecar.transport.server import (
+    Decision,
+    DownstreamProtocol,
+    ServerSettings,
+    ServerState,
+)
+from sidecar.transport.upstream import Upstreams
+from sidecar.xds import snapshot_from_mesh
+
+log = logging.getLogger("outrigger.sidecar")
+
+DEFAULTS: dict[str, str] = {
+    "outbound": "127.0.0.1:15001",
+    "inbound": "127.0.0.1:15006",
+    "app": "127.0.0.1:8080",
+    "admin": "127.0.0.1:15000",
+    "drain_timeout": "20s",
+    "namespace": "default",
+}
+SETTING_KEYS = (
+    "mesh",
+    "control_plane",
+    "service",
+    "namespace",
+    "node_id",
+    "outbound",
+    "inbound",
+    "app",
+    "admin",
+    "drain_timeout",
+    "snapshot_cache",
+    "access_log",
+)
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m)$")
+
+
+class SettingsError(ValueError):
+    """A sidecar flag or sidecar.yaml key with a bad value; the message says which and why."""
+
+
+def parse_address(key: str, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise SettingsError(f"{key}: expected HOST:PORT (e.g. 127.0.0.1:15001), got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def parse_seconds(key: str, value: str) -> float:
+    match = _DURATION.match(value)
+    if match is None:
+        raise SettingsError(f"{key}: expected a duration like 250ms, 20s or 1m, got {value!r}")
+    number, unit = float(match.group(1)), match.group(2)
+    return number * {"ms": 0.001, "s": 1.0, "m": 60.0}[unit]
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarSettings:
+    service: str
+    namespace: str
+    node_id: str
+    mesh: Path | None
+    control_plane: str | None
+    outbound: tuple[str, int]
+    inbound: tuple[str, int]
+    app: tuple[str, int]
+    admin: tuple[str, int]
+    drain_timeout: float
+    snapshot_cache: Path | None
+    access_log: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SidecarSettings:
+        values: dict[str, Any] = {}
+        if args.config:
+            try:
+                doc = yaml.safe_load(Path(args.config).read_text())
+            except (OSError, yaml.YAMLError) as exc:
+                raise SettingsError(f"{args.config}: cannot read: {exc}") from None
+            if not isinstance(doc, dict):
+                raise SettingsError(f"{args.config}: expected a mapping of settings")
+            for key, value in doc.items():
+                norm = str(key).replace("-", "_")
+                if norm not in SETTING_KEYS:
+                    raise SettingsError(
+                        f"{args.config}: unknown key {key!r}; allowed: {', '.join(SETTING_KEYS)}"
+                    )
+                values[norm] = value
+        for key in SETTING_KEYS:
+            flag = getattr(args, key, None)
+            if flag is not None:
+                values[key] = flag  # flags win over the file
+        for key, value in DEFAULTS.items():
+            values.setdefault(key, value)
+        service = str(values.get("service") or "")
+        if not service:
+            raise SettingsError("service: required (--service NAME): the service this sidecar fronts")
+        if values.get("mesh") and values.get("control_plane"):
+            raise SettingsError("mesh and control_plane: give one (standalone or managed), not both")
+        node_id = str(values.get("node_id") or f"{service}~{socket.gethostname()}~{os.getpid()}")
+        return cls(
+            service=service,
+            namespace=str(values["namespace"]),
+            node_id=node_id,
+            mesh=Path(values["mesh"]) if values.get("mesh") else None,
+            control_plane=str(values["control_plane"]) if values.get("control_plane") else None,
+            outbound=parse_address("outbound", str(values["outbound"])),
+            inbound=parse_address("inbound", str(values["inbound"])),
+            app=parse_address("app", str(values["app"])),
+            admin=parse_address("admin", str(values["admin"])),
+            drain_timeout=parse_seconds("drain_timeout", str(values["drain_timeout"])),
+            snapshot_cache=Path(values["snapshot_cache"]) if values.get("snapshot_cache") else None,
+            access_log=bool(values.get("access_log")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Active:
+    """A snapshot and the stacks built from it; swapped whole, so requests see one or the other."""
+
+    snapshot: Snapshot
+    handlers: dict[str, Handler]  # by cluster name
+
+
+def authority_endpoint(authority: bytes) -> Endpoint | None:
+    """host[:port] of a passthrough authority (already validated by the codec)."""
+    if not authority:
+        return None
+    text = authority.decode("ascii")
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else "80"
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host, port = text, "80"
+    if not host or not port.isdigit():
+        return None
+    return Endpoint(host, int(port))
+
+
+class Sidecar:
+    def __init__(self, settings: SidecarSettings, server: ServerSettings | None = None) -> None:
+        self.settings = settings
+        self.server_settings = server or ServerSettings()
+        self.upstreams = Upstreams()
+        self.services = ServiceRegistry()
+        self.metrics = Metrics(settings.service)
+        self.metrics.services = self.services
+        self.active: Active | None = None
+        self.app_endpoint = Endpoint(*settings.app)
+        self.outbound_state = ServerState(self.server_settings)
+        self.inbound_state = ServerState(self.server_settings)
+        self.admin_state = ServerState(self.server_settings)
+        self.admin = Admin(self)
+        self.listening = False
+        self.draining = False
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self._servers: list[asyncio.AbstractServer] = []
+        self._drain_requested: asyncio.Event | None = None
+        self._access_lines: list[str] = []
+        self._own: set[Endpoint] = set()
+        self.xds: Any = None  # the XdsClient in managed mode
+        self.metrics.active_connections = {
+            "outbound": lambda: len(self.outbound_state.connections),
+            "inbound": lambda: len(self.inbound_state.connections),
+        }
+
+    # --- configuration -------------------------------------------------------------------
+
+    def apply(self, snapshot: Snapshot) -> None:
+        """Build every service's stack, then swap them in at once (raises ConfigError)."""
+        handlers: dict[str, Handler] = {}
+        for cluster, cfg in snapshot.services.items():
+            try:
+                handlers[cluster] = build_service_stack(
+                    cfg, self.services.state(cfg.name), self.upstreams.forward
+                )
+            except ValueError as exc:
+                self.metrics.config_rejected += 1
+                raise ConfigError(f"Cluster {cluster}: {exc}") from exc
+        self.active = Active(snapshot, handlers)
+        self.services.retain(cfg.name for cfg in snapshot.services.values())
+        self.metrics.config_version = snapshot.version
+        self.metrics.config_applied += 1
+        log.info("applied config version %s (%d services)", snapshot.version, len(handlers))
+
+    def not_ready_reason(self) -> str:
+        if self.draining:
+            return "draining"
+        if not self.listening:
+            return "listeners not up yet"
+        if self.active is None:
+            return "no config yet (waiting for the control plane)"
+        return ""
+
+    # --- routing -------------------------------------------------------------------------
+
+    def dispatch_outbound(self, head: RequestHead) -> Decision:
+        active = self.active
+        if active is None:
+            raise ProxyError(Flag.NO_ROUTE, "no config applied yet", status=503)
+        service = active.snapshot.routes.get(head.authority)
+        if service is not None:
+            return Decision(active.handlers[service.cluster], service, service.name)
+        authority = head.authority.decode("ascii", "replace")
+        if active.snapshot.outbound_policy is OutboundPolicy.REGISTRY_ONLY:
+            raise ProxyError(
+                Flag.NO_ROUTE, f"{authority!r} is not a service in the mesh (registry_only)"
+            )
+        endpoint = authority_endpoint(head.authority)
+        if endpoint is None:
+            raise ProxyError(Flag.NO_ROUTE, "the request names no host to pass through to")
+        if endpoint in self._own:
+            raise ProxyError(Flag.NO_ROUTE, f"{authority} is this sidecar: refusing to loop")
+        forward = self.upstreams.forward
+
+        async def passthrough(req: Request) -> Response:
+            return await forward(req, endpoint)
+
+        return Decision(passthrough, None, "passthrough")
+
+    def dispatch_inbound(self, head: RequestHead) -> Decision:
+        return self._inbound
+
+    async def _to_app(self, req: Request) -> Response:
+        return await self.upstreams.forward(req, self.app_endpoint)
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    def _completed(self, direction: str) -> Any:
+        metrics = self.metrics
+        loop = asyncio.get_running_loop()
+        access_log = self.settings.access_log
+        lines = self._access_lines
+
+        def completed(
+            head: RequestHead, decision: Decision | None, status: int, flags: str, start: float
+        ) -> None:
+            duration = loop.time() - start
+            destination = decision.name if decision is not None else "-"
+            metrics.request(direction, destination, status, flags, duration)
+            if access_log:
+                lines.append(
+                    json.dumps(
+                        {
+                            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            "direction": direction,
+                            "method": head.method.decode("ascii", "replace"),
+                            "authority": head.authority.decode("ascii", "replace"),
+                            "path": head.path.decode("ascii", "replace"),
+                            "status": status,
+                            "flags": flags or "-",
+                            "duration_ms": round(duration * 1000, 3),
+                            "destination": destination,
+                        },
+                        separators=(",", ":"),
+                    )
+                )
+
+        return completed
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.upstreams.sweep()
+            self.flush_access_log()
+
+    def flush_access_log(self) -> None:
+        if self._access_lines:
+            lines, self._access_lines[:] = list(self._access_lines), []
+            sys.stdout.write("\n".join(lines) + "\n")
+            sys.stdout.flush()
+
+    def config_dump(self) -> dict[str, Any]:
+        active = self.active
+        return {
+            "node": {
+                "id": self.settings.node_id,
+                "service": self.settings.service,
+                "namespace": self.settings.namespace,
+            },
+            "source": str(self.settings.mesh or self.settings.control_plane or "embedded default"),
+            "version": active.snapshot.version if active else None,
+            "outbound_policy": active.snapshot.outbound_policy.value if active else None,
+            "trace_sampling": active.snapshot.trace_sampling if active else None,
+            "listeners": {k: f"{h}:{p}" for k, (h, p) in self.addresses.items()},
+            "resources": active.snapshot.resources if active else {},
+        }
+
+    def clusters(self) -> dict[str, Any]:
+        active = self.active
+        out: dict[str, Any] = {}
+        if active is None:
+            return out
+        for cluster, cfg in sorted(active.snapshot.services.items()):
+            state = self.services.get(cfg.name)
+            endpoints = []
+            for endpoint in cfg.endpoints:
+                breaker = state.breakers.breaker(endpoint) if state else None
+                pool = self.upstreams.pools.get(endpoint)
+                endpoints.append(
+                    {
+                        "address": str(endpoint),
+                        "active_requests": state.active(endpoint) if state else 0,
+                        "breaker": breaker.state if breaker is not None else "none",
+                        "ejected": bool(state and state.breakers.is_ejected(endpoint)),
+                        "ejections": breaker.trips if breaker is not None else 0,
+                        "idle_connections": len(pool.idle) if pool else 0,
+                        "busy_connections": len(pool.in_use) if pool else 0,
+                    }
+                )
+            out[cfg.name] = {
+                "cluster": cluster,
+                "lb": cfg.lb.value,
+                "endpoints": endpoints,
+                "stats": _stats(state),
+            }
+        return out
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def request_drain(self, reason: str) -> None:
+        log.info("drain requested (%s)", reason)
+        if self._drain_requested is not None:
+            self._drain_requested.set()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._drain_requested = asyncio.Event()
+        self._inbound = Decision(self._to_app, None, "inbound")
+        listeners = (
+            ("outbound", self.settings.outbound, self.outbound_state, self.dispatch_outbound, True),
+            ("inbound", self.settings.inbound, self.inbound_state, self.dispatch_inbound, True),
+            ("admin", self.settings.admin, self.admin_state, self.admin.dispatch, False),
+        )
+        for name, (host, port), state, dispatch, ids in listeners:
+            completed = self._completed(name) if name != "admin" else None
+
+            def factory(
+                state: ServerState = state, dispatch: Any = dispatch, completed: Any = completed,
+                ids: bool = ids,
+            ) -> DownstreamProtocol:
+                return DownstreamProtocol(state, dispatch, completed, request_ids=ids)
+
+            server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
+            self._servers.append(server)
+            bound = server.sockets[0].getsockname()
+            self.addresses[name] = (bound[0], bound[1])
+            self._own.add(Endpoint(bound[0], bound[1]))
+            state.start()
+        self.metrics.connections_total = _ConnectionTotals(
+            {"outbound": self.outbound_state, "inbound": self.inbound_state}
+        )
+        self.listening = True
+        print(
+            "outrigger sidecar listening "
+            + " ".join(f"{k}={h}:{p}" for k, (h, p) in self.addresses.items()),
+            flush=True,
+        )
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_drain, sig.name)
+        await self.start()
+        tasks = [loop.create_task(self._housekeeping())]
+        if self.xds is not None:
+            tasks.append(loop.create_task(self.xds.run()))
+        assert self._drain_requested is not None
+        await self._drain_requested.wait()
+        clean = await self.drain()
+        for task in tasks:
+            task.cancel()
+        self.flush_access_log()
+        return 0 if clean else 1
+
+    async def drain(self) -> bool:
+        """Stop accepting, let in-flight requests finish (bounded), close the rest."""
+        self.draining = True
+        for server in self._servers[:2]:
+            server.close()
+        results = await asyncio.gather(
+            self.outbound_state.drain(self.settings.drain_timeout),
+            self.inbound_state.drain(self.settings.drain_timeout),
+        )
+        self.upstreams.close_idle()
+        for server in self._servers[2:]:
+            server.close()
+        await self.admin_state.drain(1.0)
+        for state in (self.outbound_state, self.inbound_state, self.admin_state):
+            state.stop()
+        log.info("drained%s", "" if all(results) else " (timeout: some requests were cut)")
+        return all(results)
+
+
+class _ConnectionTotals(dict[str, int]):
+    """Live view of each listener's accepted-connection count for the metrics collector."""
+
+    def __init__(self, states: dict[str, ServerState]) -> None:
+        super().__init__()
+        self._states = states
+
+    def items(self) -> Any:
+        return [(name, state.total_connections) for name, state in self._states.items()]
+
+
+def _stats(state: Any) -> dict[str, int]:
+    if state is None:
+        return {}
+    stats = state.stats
+    return {name: getattr(stats, name) for name in stats.__slots__}
+
+
+def embedded_mesh() -> Mesh:
+    """The default with neither --mesh nor --control-plane: no services, allow_any."""
+    return parse_mesh({"services": []}, "<embedded default>")
+
+
+def run_sidecar(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = SidecarSettings.from_args(args)
+        sidecar = Sidecar(settings)
+        if settings.control_plane is not None:
+            from sidecar.xds_client import XdsClient
+
+            sidecar.xds = XdsClient(
+                settings.control_plane,
+                node_id=settings.node_id,
+                service=settings.service,
+                namespace=settings.namespace,
+                apply=sidecar.apply,
+                snapshot_cache=settings.snapshot_cache,
+            )
+            cached = sidecar.xds.load_cached()
+            if cached is not None:
+                sidecar.apply(cached)
+                log.info("started from the cached snapshot %s", cached.version)
+        else:
+            mesh = load_mesh(settings.mesh) if settings.mesh else embedded_mesh()
+            sidecar.apply(snapshot_from_mesh(mesh))
+    except (SettingsError, MeshError, ConfigError) as exc:
+        print(f"outrigger sidecar: {exc}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio still works
+        return asyncio.run(sidecar.run())
+    return uvloop.run(sidecar.run())

@@ -1,0 +1,219 @@
+"""Bodies in flight: bytes from one connection waiting to be written to the other.
+
+A `BodyStream` is filled by a Protocol's `data_received` and read by the coroutine that writes
+it out. It holds at most `high_water` unread bytes before it asks its producer to pause reading,
+and asks it to resume below `low_water`: this is what keeps a 1 GiB upload from growing the
+sidecar's memory (uvicorn's flow control, both directions).
+
+A request body of at most `keep_limit` bytes is kept whole so that a retry can send it again
+(`replayable`); a larger one is streamed once and forgotten as it goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from sidecar.exchange import BodyNotReplayable
+
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+class BodyReset(Exception):
+    """The producing connection closed before the body was complete."""
+
+
+class _EmptyBody:
+    """No body at all: replayable, nothing to read."""
+
+    __slots__ = ()
+
+    replayable = True
+    length: int | None = 0
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        return
+        yield b""  # pragma: no cover - makes this an async generator
+
+    def discard(self) -> None:
+        return None
+
+
+EMPTY_BODY = _EmptyBody()
+
+
+class BodyStream:
+    """Bytes from a producer, read by one consumer at a time, with backpressure."""
+
+    __slots__ = (
+        "_chunks",
+        "_dropped",
+        "_error",
+        "_finished",
+        "_kept_bytes",
+        "_keep",
+        "_limit",
+        "_on_first_read",
+        "_on_discard",
+        "_pause",
+        "_paused",
+        "_read_upto",
+        "_resume",
+        "_unread",
+        "_waiter",
+        "_reads",
+        "high_water",
+        "length",
+        "low_water",
+    )
+
+    def __init__(
+        self,
+        length: int | None,
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+        *,
+        keep_limit: int = 0,
+        high_water: int = HIGH_WATER,
+        low_water: int = LOW_WATER,
+        on_first_read: Callable[[], None] | None = None,
+        on_discard: Callable[[], None] | None = None,
+    ) -> None:
+        self.length = length
+        self._pause = pause
+        self._resume = resume
+        self._paused = False
+        self.high_water = high_water
+        self.low_water = low_water
+        self._chunks: list[bytes] = []
+        self._dropped = 0  # chunks already released from the front of _chunks
+        self._read_upto = 0  # absolute index of the furthest chunk any reader has taken
+        self._unread = 0  # bytes fed but not yet taken by the furthest reader
+        self._keep = length is not None and length <= keep_limit
+        if length is None and keep_limit > 0:
+            self._keep = True  # chunked: keep while it stays under the limit
+        self._kept_bytes = 0
+        self._finished = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._reads = 0
+        self._on_first_read = on_first_read
+        self._on_discard = on_discard
+        self._limit = keep_limit
+
+    # --- producer side -------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._unread += len(data)
+        if self._keep:
+            self._kept_bytes += len(data)
+            if self._kept_bytes > self._limit:
+                self._keep = False
+        if self._unread > self.high_water and not self._paused:
+            self._paused = True
+            self._pause()
+        self._wake()
+
+    def finish(self) -> None:
+        self._finished = True
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        if not self._finished:
+            self._error = error
+            self._finished = True
+        self._wake()
+
+    @property
+    def finished(self) -> bool:
+        return self._finished and self._error is None
+
+    # --- consumer side -------------------------------------------------------------------
+
+    @property
+    def replayable(self) -> bool:
+        return self._keep
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        self._reads += 1
+        if self._reads > 1 and not self._keep:
+            raise BodyNotReplayable("the request body was streamed and is not kept for retries")
+        if self._reads == 1 and self._on_first_read is not None:
+            self._on_first_read()
+        return self._read()
+
+    async def _read(self) -> AsyncIterator[bytes]:
+        index = 0
+        while True:
+            position = index - self._dropped
+            if position < 0:
+                raise BodyNotReplayable("the request body was streamed and is not kept for retries")
+            if position < len(self._chunks):
+                data = self._chunks[position]
+                index += 1
+                if index > self._read_upto:
+                    self._read_upto = index
+                    self._taken(len(data))
+                if not self._keep:
+                    # Nobody will read these again: let them go.
+                    del self._chunks[: index - self._dropped]
+                    self._dropped = index
+                yield data
+                continue
+            if self._finished:
+                if self._error is not None:
+                    raise BodyReset(str(self._error)) from self._error
+                return
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def read_all(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+    def discard(self) -> None:
+        if self._on_discard is not None:
+            callback, self._on_discard = self._on_discard, None
+            callback()
+        self._chunks.clear()
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _taken(self, size: int) -> None:
+        self._unread -= size
+        if self._paused and self._unread <= self.low_water:
+            self._paused = False
+            self._resume()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class BytesBody:
+    """A body already in memory (admin pages, local responses)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    @property
+    def replayable(self) -> bool:
+        return True
+
+    @property
+    def length(self) -> int | None:
+        return len(self._data)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        if self._data:
+            yield self._data
+
+    def discard(self) -> None:
+        return None

@@ -1,0 +1,606 @@
+"""Downstream side: one `asyncio.Protocol` per client connection (uvicorn's shape).
+
+The protocol feeds bytes to the sans-IO request parser, starts one request cycle per request
+(pipelined requests wait their turn, with reading paused), streams the request body to the
+policy stack and the response body back, with flow control both ways. `ServerState` knows every
+connection: it enforces the time limits of HARDENING.md rule 5 with one sweep a second (no timer
+per request) and drains them gracefully.
+
+This is also the one place that turns a `ProxyError` into a response: status from the flag, the
+flag in `x-outrigger-flags` and in the plain-text body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, cast
+
+from sidecar.exchange import Handler, Request, RequestBody, Response
+from sidecar.flags import Flag, ProxyError
+from sidecar.protocol import serialize
+from sidecar.protocol.events import Data, EndOfMessage, Reject, RequestEvent, RequestHead
+from sidecar.protocol.limits import Limits
+from sidecar.protocol.request import RequestParser
+from sidecar.runtime import ServiceConfig
+from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream
+
+log = logging.getLogger("outrigger.server")
+
+# Headers that steer the mesh; a client never gets to set them (HARDENING rule 8).
+MESH_HEADER_PREFIX = b"x-outrigger-"
+FLAGS_HEADER = b"x-outrigger-flags"
+REQUEST_ID = b"x-request-id"
+_HEX = frozenset(b"0123456789abcdefABCDEF-")
+
+REASONS = {
+    101: b"Switching Protocols",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    417: b"Expectation Failed",
+    431: b"Request Header Fields Too Large",
+    499: b"Client Closed Request",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    limits: Limits = field(default_factory=Limits)
+    header_timeout: float = 10.0  # from a request's first byte to its last header byte
+    idle_timeout: float = 60.0  # keep-alive connection with no request
+    body_timeout: float = 60.0  # request body that stops moving
+    send_timeout: float = 60.0  # peer that stops reading our response
+    retry_buffer: int = 64 * 1024  # request bodies up to this size are kept for retries
+
+
+class Route(Protocol):
+    """What the sidecar decided for one request head."""
+
+    handler: Handler
+    service: ServiceConfig | None
+    name: str  # the service name for logs and metrics ("passthrough", "inbound", ...)
+
+
+@dataclass(slots=True)
+class Decision:
+    handler: Handler
+    service: ServiceConfig | None
+    name: str
+
+
+Dispatch = Callable[[RequestHead], Decision]
+
+
+class Completed(Protocol):
+    def __call__(
+        self, head: RequestHead, decision: Decision | None, status: int, flags: str, start: float
+    ) -> None: ...
+
+
+# Connection phases for the sweep.
+IDLE, HEADERS, BODY, WAITING, TUNNEL = range(5)
+
+
+class ServerState:
+    """Every downstream connection of one listener group; time limits and graceful drain."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.connections: set[DownstreamProtocol] = set()
+        self.draining = False
+        self.total_connections = 0
+        self._sweeper: asyncio.Task[None] | None = None
+        self._empty: asyncio.Event | None = None
+
+    def start(self) -> None:
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    def add(self, conn: DownstreamProtocol) -> None:
+        self.connections.add(conn)
+        self.total_connections += 1
+
+    def remove(self, conn: DownstreamProtocol) -> None:
+        self.connections.discard(conn)
+        if not self.connections and self._empty is not None:
+            self._empty.set()
+
+    async def _sweep_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(0.5)
+            now = loop.time()
+            for conn in list(self.connections):
+                conn.check_timeouts(now)
+
+    async def drain(self, timeout: float) -> bool:
+        """Finish in-flight requests, close idle connections; True if all ended in time."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        if self.connections:
+            self._empty = asyncio.Event()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._empty.wait()
+            except TimeoutError:
+                log.warning("drain timeout: closing %d connection(s)", len(self.connections))
+                for conn in list(self.connections):
+                    conn.abort()
+                return False
+        return True
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+
+def _request_id_ok(value: bytes) -> bool:
+    return 0 < len(value) <= 128 and all(c in _HEX for c in value)
+
+
+def local_response(error: ProxyError) -> tuple[int, bytes, bytes]:
+    """Status, flags header value and body for a locally generated error."""
+    body = f"{error.flag.value}: {error.detail}\n".encode("ascii", "replace")
+    return error.status, error.flag.value.encode(), body
+
+
+class DownstreamProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(
+        self,
+        state: ServerState,
+        dispatch: Dispatch,
+        completed: Completed | None = None,
+        request_ids: bool = True,
+    ) -> None:
+        self.state = state
+        self.dispatch = dispatch
+        self.completed = completed
+        self.request_ids = request_ids
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = RequestParser(state.settings.limits)
+        self.pending: deque[RequestEvent] = deque()
+        self.body: BodyStream | None = None  # the current request's body, while it arrives
+        self.task: asyncio.Task[None] | None = None
+        self.cycle_head: RequestHead | None = None
+        self.request_complete = False
+        self.response_started = False
+        self.close_after = False
+        self.closed = False
+        self.read_paused_by: set[str] = set()
+        self.write_paused = False
+        self.write_paused_at = 0.0
+        self.drain_waiter: asyncio.Future[None] | None = None
+        self.phase = IDLE
+        self.phase_since = 0.0
+        self.last_activity = 0.0
+        self.tunnel_upstream: Callable[[bytes], None] | None = None
+        self.tunnel_abort: Callable[[], None] | None = None
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.phase_since = self.last_activity = self.loop.time()
+        self.state.add(self)
+        if self.state.draining:
+            self.close_after = True
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        if self.tunnel_upstream is not None:
+            self.tunnel_upstream(data)
+            return
+        if self.phase == IDLE:
+            self.phase = HEADERS
+            self.phase_since = self.last_activity
+        events = self.parser.feed(data)
+        if self.pending or (self.task is not None and self.request_complete):
+            self.pending.extend(events)
+            self._pause("pipeline")
+            return
+        self._process(events)
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel_upstream is not None:
+            self.tunnel_upstream(b"")
+            return True  # half-close: the upstream side may still answer
+        events = self.parser.feed_eof()
+        if events:
+            self._process(events)
+        if self.task is None:
+            return None  # nothing in flight: close
+        self.close_after = True
+        return True  # keep the write side open to finish the response
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.state.remove(self)
+        if self.body is not None:
+            self.body.fail(BodyReset("client closed the connection"))
+        if self.task is not None and not self.task.done() and not self.response_started:
+            self.task.cancel()  # nobody is listening: stop the upstream exchange (flag DC)
+        waiter = self.drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("client closed the connection"))
+        if self.tunnel_abort is not None:
+            self.tunnel_abort()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.write_paused_at = self.loop.time()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        waiter = self.drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- parsing -------------------------------------------------------------------------
+
+    def _process(self, events: list[RequestEvent] | deque[RequestEvent]) -> None:
+        queue = events if isinstance(events, deque) else deque(events)
+        while queue:
+            event = queue.popleft()
+            if isinstance(event, Data):
+                if self.body is not None:
+                    self.body.feed(event.data)
+                    self.last_activity = self.loop.time()
+            elif isinstance(event, RequestHead):
+                self._start_cycle(event)
+            elif isinstance(event, EndOfMessage):
+                self.request_complete = True
+                if self.body is not None:
+                    self.body.finish()
+                    self.body = None
+                if self.phase == BODY:
+                    self._set_phase(WAITING)
+                if queue and self.task is not None:
+                    # A pipelined request: it waits until this response is written.
+                    self.pending.extend(queue)
+                    self._pause("pipeline")
+                    return
+            else:
+                self._reject(event)
+                return
+
+    def _start_cycle(self, head: RequestHead) -> None:
+        self.cycle_head = head
+        self.request_complete = False
+        self.response_started = False
+        if not head.keep_alive:
+            self.close_after = True
+        start = self.loop.time()
+        body: RequestBody
+        if head.chunked or (head.content_length is not None and head.content_length > 0):
+            body = self.body = BodyStream(
+                head.content_length,
+                lambda: self._pause("body"),
+                lambda: self._resume("body"),
+                keep_limit=self.state.settings.retry_buffer,
+                on_first_read=self._send_continue if head.expect_continue else None,
+            )
+            self._set_phase(BODY)
+        else:
+            body = EMPTY_BODY
+            self._set_phase(WAITING)
+        headers = head.headers
+        if any(name.startswith(MESH_HEADER_PREFIX) for name, _ in headers):
+            headers = [(n, v) for n, v in headers if not n.startswith(MESH_HEADER_PREFIX)]
+        if self.request_ids:
+            request_id = None
+            for name, value in headers:
+                if name == REQUEST_ID:
+                    request_id = value
+                    break
+            if request_id is None:
+                headers.append((REQUEST_ID, os.urandom(16).hex().encode()))
+            elif not _request_id_ok(request_id):
+                headers = [(n, v) for n, v in headers if n != REQUEST_ID]
+                headers.append((REQUEST_ID, os.urandom(16).hex().encode()))
+        try:
+            decision = self.dispatch(head)
+        except ProxyError as error:
+            self.task = self.loop.create_task(self._respond_error(head, error, start))
+            return
+        request = Request(
+            head.method,
+            head.path,
+            head.authority,
+            headers,
+            body,
+            version=head.version,
+            upgrade=head.upgrade,
+            service=decision.service,
+        )
+        self.task = self.loop.create_task(self._run(head, decision, request, start))
+
+    def _reject(self, event: Reject) -> None:
+        # HARDENING rule 6: after a rejected request nothing more is parsed or forwarded.
+        self.pending.clear()
+        self.close_after = True
+        self._pause("rejected")
+        if self.body is not None:
+            self.body.fail(BodyReset(event.reason))
+            self.body = None
+        if self.task is not None and not self.task.done():
+            return  # the in-flight response finishes, then the connection closes
+        status = event.status
+        body = f"{event.reason}\n".encode("ascii", "replace")
+        self._write_local(status, b"DPE", body, b"1.1", close=True)
+        self._finish_connection()
+
+    # --- one request cycle ---------------------------------------------------------------
+
+    async def _run(
+        self, head: RequestHead, decision: Decision, request: Request, start: float
+    ) -> None:
+        status = 0
+        flags = ""
+        try:
+            try:
+                response = await decision.handler(request)
+            except ProxyError as error:
+                status, flag, body = local_response(error)
+                flags = flag.decode()
+                self._write_local(status, flag, body, head.version, close=self.close_after)
+                return
+            except BodyReset:
+                status, flags = 499, Flag.DOWNSTREAM_DISCONNECT.value
+                return
+            status = response.status
+            flags = ",".join(f.value for f in response.flags)
+            await self._write_response(head, response)
+        except asyncio.CancelledError:
+            if status == 0:
+                status, flags = 499, Flag.DOWNSTREAM_DISCONNECT.value
+            raise
+        except (ConnectionError, BodyReset) as exc:
+            # Lost a side mid-response: the client saw a truncated message; close it.
+            if not flags:
+                flags = Flag.UPSTREAM_RESET.value if isinstance(exc, BodyReset) else "DC"
+            self.abort()
+        except Exception:
+            log.exception("unexpected error serving %r", head.path)
+            status, flags = 500, "UPE"
+            if not self.response_started:
+                self._write_local(500, b"UPE", b"internal error\n", head.version, close=True)
+            else:
+                self.abort()
+        finally:
+            if self.completed is not None:
+                self.completed(head, decision, status, flags, start)
+            self._cycle_done()
+
+    async def _respond_error(self, head: RequestHead, error: ProxyError, start: float) -> None:
+        status, flag, body = local_response(error)
+        try:
+            self._write_local(status, flag, body, head.version, close=self.close_after)
+        finally:
+            if self.completed is not None:
+                self.completed(head, None, status, flag.decode(), start)
+            self._cycle_done()
+
+    async def _write_response(self, head: RequestHead, response: Response) -> None:
+        if response.tunnel is not None:
+            if response.status == 101 and head.upgrade is not None:
+                self._open_tunnel(response)
+                return
+            response.tunnel.abort()
+        transport = self.transport
+        if transport is None or self.closed:
+            response.discard()
+            raise ConnectionResetError("client closed the connection")
+        http10 = head.version == b"1.0"
+        if head.upgrade is not None:
+            self.close_after = True  # an upgrade refused: don't parse what the client sends next
+        send_body = response.has_body and head.method != b"HEAD"
+        length = response.content_length
+        chunked = send_body and length is None and not http10
+        close = self.close_after or self.state.draining or (send_body and length is None and http10)
+        if not self.request_complete:
+            close = True  # the client is still sending a body nobody will read
+        if close:
+            self.close_after = True
+        self.response_started = True
+        head_bytes = serialize.response_head(
+            response.status,
+            response.reason,
+            response.headers,
+            version=head.version,
+            content_length=length,
+            chunked=chunked,
+            close=close,
+        )
+        if not send_body:
+            transport.write(head_bytes)
+            if response.has_body:
+                response.discard()  # a HEAD: the upstream's body (if any) is not forwarded
+            return
+        first = True
+        async for data in response.body.chunks():
+            if not data:
+                continue
+            out = serialize.chunk(data) if chunked else data
+            if first:
+                out = head_bytes + out
+                first = False
+            transport.write(out)
+            if self.write_paused:
+                await self._drain()
+        if first:
+            transport.write(head_bytes + serialize.LAST_CHUNK if chunked else head_bytes)
+        elif chunked:
+            transport.write(serialize.LAST_CHUNK)
+
+    def _open_tunnel(self, response: Response) -> None:
+        tunnel = response.tunnel
+        assert tunnel is not None and self.transport is not None
+        self.response_started = True
+        self.close_after = True
+        upgrade = self.cycle_head.upgrade if self.cycle_head is not None else None
+        self.transport.write(
+            serialize.response_head(
+                101,
+                response.reason,
+                [(b"connection", b"upgrade"), (b"upgrade", upgrade or b""), *response.headers],
+                version=b"1.1",
+                content_length=None,
+                chunked=False,
+                close=False,
+            )
+        )
+        transport = self.transport
+        self._set_phase(TUNNEL)
+
+        def from_upstream(data: bytes) -> None:
+            self.last_activity = self.loop.time()
+            if data:
+                transport.write(data)
+            elif transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+
+        def to_upstream(data: bytes) -> None:
+            if data:
+                tunnel.write(data)
+            else:
+                tunnel.abort()
+
+        self.tunnel_upstream = to_upstream
+        self.tunnel_abort = tunnel.abort
+        tunnel.set_receiver(from_upstream)
+        rest = self.parser.take_upgrade_rest()
+        if rest:
+            tunnel.write(rest)
+        self.pending.clear()
+        self._resume("pipeline")
+        self._resume("rejected")
+
+    def _write_local(
+        self, status: int, flag: bytes, body: bytes, version: bytes, *, close: bool
+    ) -> None:
+        if self.transport is None or self.closed:
+            return
+        if not self.request_complete:
+            close = True
+        if close:
+            self.close_after = True
+        self.response_started = True
+        headers = [(b"content-type", b"text/plain"), (FLAGS_HEADER, flag)]
+        self.transport.write(
+            serialize.response_head(
+                status,
+                REASONS.get(status, b"Error"),
+                headers,
+                version=version,
+                content_length=len(body),
+                chunked=False,
+                close=close,
+            )
+            + body
+        )
+
+    async def _drain(self) -> None:
+        if not self.write_paused or self.closed:
+            return
+        self.drain_waiter = self.loop.create_future()
+        try:
+            await self.drain_waiter
+        finally:
+            self.drain_waiter = None
+
+    def _send_continue(self) -> None:
+        if self.transport is not None and not self.response_started and not self.closed:
+            self.transport.write(serialize.informational(100, b"Continue"))
+
+    def _cycle_done(self) -> None:
+        self.task = None
+        self.cycle_head = None
+        if self.phase == TUNNEL:
+            return
+        if self.close_after or self.closed:
+            self._finish_connection()
+            return
+        if not self.request_complete:
+            self._finish_connection()
+            return
+        self._set_phase(IDLE)
+        if self.pending:
+            pending, self.pending = self.pending, deque()
+            self._set_phase(HEADERS)
+            self._process(pending)
+            if self.task is None and not self.pending:
+                self._resume("pipeline")
+        else:
+            self._resume("pipeline")
+
+    def _finish_connection(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- flow control and time limits -----------------------------------------------------
+
+    def _pause(self, reason: str) -> None:
+        if not self.read_paused_by and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self.read_paused_by.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        if reason in self.read_paused_by:
+            self.read_paused_by.discard(reason)
+            if not self.read_paused_by and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    def _set_phase(self, phase: int) -> None:
+        self.phase = phase
+        self.phase_since = self.loop.time()
+
+    def check_timeouts(self, now: float) -> None:
+        settings = self.state.settings
+        if self.write_paused and now - self.write_paused_at > settings.send_timeout:
+            log.info("client stopped reading for %.0fs: closing", settings.send_timeout)
+            self.abort()
+        elif self.phase == IDLE and now - self.phase_since > settings.idle_timeout:
+            self._finish_connection()
+        elif self.phase == HEADERS and now - self.phase_since > settings.header_timeout:
+            self._timeout_request(408, "request headers not received in time")
+        elif self.phase == BODY and now - self.last_activity > settings.body_timeout:
+            self._timeout_request(408, "request body stopped arriving")
+
+    def _timeout_request(self, status: int, reason: str) -> None:
+        if self.body is not None:
+            self.body.fail(BodyReset(reason))
+            self.body = None
+        if self.task is None:
+            self._write_local(status, b"DPE", f"{reason}\n".encode(), b"1.1", close=True)
+            self._finish_connection()
+        else:
+            self.close_after = True
+
+    def close_when_idle(self) -> None:
+        self.close_after = True
+        if self.task is None and self.phase in (IDLE, HEADERS) and not self.pending:
+            self._finish_connection()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()

@@ -1,0 +1,404 @@
+"""Upstream side: one keep-alive connection pool per endpoint, and the forwarder.
+
+`Upstreams.forward` is the innermost `EndpointHandler` of every service's stack (the router, in
+Envoy's words): it takes a connection from the endpoint's pool, writes the request head from the
+parsed model (never the client's raw bytes), streams the body with backpressure, and returns the
+response as soon as its head is parsed. The response body streams on; when it ends, the
+connection goes back to the pool if nothing about the exchange makes it unsafe to reuse
+(HARDENING rules 6 and 9).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import cast
+from collections.abc import Callable
+
+from sidecar.exchange import BodyNotReplayable, Request, Response
+from sidecar.flags import Flag, ProxyError
+from sidecar.protocol import serialize
+from sidecar.protocol.events import Data, EndOfMessage, Reject, ResponseHead
+from sidecar.protocol.response import ResponseParser
+from sidecar.runtime import Endpoint
+from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream
+
+# Methods RFC 9110 §9.2.2 calls idempotent: a request on a reused connection that the peer
+# closed before answering may be sent again on a fresh one (RFC 9112 §9.3.1).
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+
+
+class UpstreamError(ProxyError):
+    """Connecting to, or exchanging with, an upstream endpoint failed."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One HTTP/1.1 connection to an endpoint; at most one exchange at a time."""
+
+    __slots__ = (
+        "_drain_waiter",
+        "_head",
+        "_parser",
+        "body",
+        "busy",
+        "closed",
+        "endpoint",
+        "got_bytes",
+        "idle_since",
+        "last_activity",
+        "pool",
+        "request_sent",
+        "transport",
+        "tunnel",
+        "write_paused",
+    )
+
+    def __init__(self, pool: EndpointPool) -> None:
+        self.pool = pool
+        self.endpoint = pool.endpoint
+        self.transport: asyncio.Transport | None = None
+        self._parser: ResponseParser | None = None
+        self._head: asyncio.Future[ResponseHead] | None = None
+        self.body: BodyStream | None = None
+        self.busy = False
+        self.closed = False
+        self.request_sent = False
+        self.got_bytes = False
+        self.write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.idle_since = 0.0
+        self.last_activity = 0.0
+        # Set on a 101: bytes from upstream go here instead of the parser.
+        self.tunnel: Callable[[bytes], None] | None = None
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self.pool.clock()
+        if self.tunnel is not None:
+            self.tunnel(data)
+            return
+        parser = self._parser
+        if parser is None:
+            # Bytes while idle: the peer is confused; never reuse this connection.
+            self.abort()
+            return
+        self.got_bytes = True
+        for event in parser.feed(data):
+            self._on_event(event)
+
+    def eof_received(self) -> bool | None:
+        parser = self._parser
+        if parser is not None and self.tunnel is None:
+            for event in parser.feed_eof():
+                self._on_event(event)
+        return None  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        reason = "upstream connection closed" if exc is None else f"upstream connection lost: {exc}"
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(UpstreamError(Flag.UPSTREAM_RESET, reason))
+        if self.body is not None:
+            self.body.fail(BodyReset(reason))
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(UpstreamError(Flag.UPSTREAM_RESET, reason))
+        if self.tunnel is not None:
+            self.tunnel(b"")
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- exchange ------------------------------------------------------------------------
+
+    def begin(self, method: bytes) -> asyncio.Future[ResponseHead]:
+        self.busy = True
+        self.request_sent = False
+        self.got_bytes = False
+        self.body = None
+        self._parser = ResponseParser(method)
+        self._head = asyncio.get_running_loop().create_future()
+        self.last_activity = self.pool.clock()
+        return self._head
+
+    async def drain(self) -> None:
+        if self.write_paused and not self.closed:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def set_receiver(self, receive: Callable[[bytes], None]) -> None:
+        """Turn this connection into a tunnel (after a 101): raw bytes go to `receive`."""
+        self.tunnel = receive
+        self.pool.forget(self)
+        parser = self._parser
+        if parser is not None:
+            rest = parser.take_upgrade_rest()
+            if rest:
+                receive(rest)
+
+    def _on_event(self, event: ResponseHead | Data | EndOfMessage | Reject) -> None:
+        if isinstance(event, Data):
+            if self.body is not None:
+                self.body.feed(event.data)
+        elif isinstance(event, ResponseHead):
+            if 100 <= event.status < 200 and event.status != 101:
+                return  # interim (100 Continue): the sidecar answers the client itself
+            if event.has_body:
+                self.body = BodyStream(
+                    event.content_length,
+                    self._pause_reading,
+                    self._resume_reading,
+                    on_discard=self.abort,
+                )
+            if self._head is not None and not self._head.done():
+                self._head.set_result(event)
+        elif isinstance(event, EndOfMessage):
+            if self._head is not None and not self._head.done():
+                return  # end of an interim response
+            if self.body is not None:
+                self.body.finish()
+            self._exchange_done()
+        else:  # Reject: the upstream's framing is wrong (rule 9)
+            error = UpstreamError(
+                Flag.UPSTREAM_PROTOCOL_ERROR, f"invalid response from {self.endpoint}: {event.reason}"
+            )
+            if self._head is not None and not self._head.done():
+                self._head.set_exception(error)
+            if self.body is not None:
+                self.body.fail(BodyReset(event.reason))
+            self.abort()
+
+    def _exchange_done(self) -> None:
+        parser = self._parser
+        if self._head is not None and self._head.done() and not self._head.cancelled():
+            head = self._head.result()
+            if head.upgrade is not None:
+                return  # the connection becomes a tunnel; never pooled
+        self.busy = False
+        self._parser = None
+        if parser is not None and parser.reusable and self.request_sent and not self.closed:
+            self.pool.release(self)
+        else:
+            self.abort()
+
+    def _pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+
+class EndpointPool:
+    """Idle keep-alive connections to one endpoint (most recently used first)."""
+
+    __slots__ = ("clock", "connecting", "endpoint", "idle", "in_use")
+
+    def __init__(self, endpoint: Endpoint, clock: Callable[[], float]) -> None:
+        self.endpoint = endpoint
+        self.clock = clock
+        self.idle: list[UpstreamConnection] = []
+        self.in_use: set[UpstreamConnection] = set()
+        self.connecting = 0
+
+    async def acquire(self, connect_timeout: float) -> tuple[UpstreamConnection, bool]:
+        """A connection ready for one exchange, and whether it was reused."""
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed:
+                self.in_use.add(conn)
+                return conn, True
+        loop = asyncio.get_running_loop()
+        self.connecting += 1
+        try:
+            async with asyncio.timeout(connect_timeout):
+                _, protocol = await loop.create_connection(
+                    lambda: UpstreamConnection(self), self.endpoint.host, self.endpoint.port
+                )
+        except TimeoutError:
+            raise UpstreamError(
+                Flag.UPSTREAM_CONNECT_FAILURE,
+                f"connect to {self.endpoint} timed out after {connect_timeout:g}s",
+            ) from None
+        except OSError as exc:
+            raise UpstreamError(
+                Flag.UPSTREAM_CONNECT_FAILURE, f"connect to {self.endpoint} failed: {exc.strerror}"
+            ) from None
+        finally:
+            self.connecting -= 1
+        self.in_use.add(protocol)
+        return protocol, False
+
+    def release(self, conn: UpstreamConnection) -> None:
+        self.in_use.discard(conn)
+        conn.idle_since = self.clock()
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        self.in_use.discard(conn)
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+
+    def sweep(self, now: float, idle_timeout: float, stream_idle_timeout: float) -> None:
+        """Close idle connections past their idle timeout and stalled exchanges."""
+        for conn in [c for c in self.idle if now - c.idle_since > idle_timeout]:
+            conn.abort()
+        for conn in [c for c in self.in_use if now - c.last_activity > stream_idle_timeout]:
+            if conn.busy:
+                conn.abort()
+
+    def close_idle(self) -> None:
+        for conn in list(self.idle):
+            conn.abort()
+
+
+class Upstreams:
+    """Every endpoint's pool; `forward` is the innermost EndpointHandler."""
+
+    def __init__(
+        self,
+        *,
+        default_connect_timeout: float = 1.0,
+        idle_timeout: float = 60.0,
+        stream_idle_timeout: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pools: dict[Endpoint, EndpointPool] = {}
+        self.default_connect_timeout = default_connect_timeout
+        self.idle_timeout = idle_timeout
+        self.stream_idle_timeout = stream_idle_timeout
+        self.clock = clock
+
+    def pool(self, endpoint: Endpoint) -> EndpointPool:
+        pool = self.pools.get(endpoint)
+        if pool is None:
+            pool = self.pools[endpoint] = EndpointPool(endpoint, self.clock)
+        return pool
+
+    def sweep(self) -> None:
+        now = self.clock()
+        for pool in list(self.pools.values()):
+            pool.sweep(now, self.idle_timeout, self.stream_idle_timeout)
+
+    def close_idle(self) -> None:
+        for pool in self.pools.values():
+            pool.close_idle()
+
+    async def forward(self, req: Request, endpoint: Endpoint) -> Response:
+        service = req.service
+        connect_timeout = (
+            service.connect_timeout if service is not None else self.default_connect_timeout
+        )
+        pool = self.pool(endpoint)
+        conn, reused = await pool.acquire(connect_timeout)
+        try:
+            return await self._exchange(req, conn)
+        except UpstreamError as error:
+            # A pooled connection the peer closed just before we wrote: nothing was processed,
+            # so an idempotent request may go again on a fresh connection (RFC 9112 §9.3.1).
+            if not (
+                reused
+                and error.flag is Flag.UPSTREAM_RESET
+                and not conn.got_bytes
+                and req.method in IDEMPOTENT
+                and req.body.replayable
+            ):
+                raise
+        conn, _ = await pool.acquire(connect_timeout)
+        return await self._exchange(req, conn)
+
+    async def _exchange(self, req: Request, conn: UpstreamConnection) -> Response:
+        head_future = conn.begin(req.method)
+        body = req.body
+        length = body.length
+        chunked = length is None
+        conn.write(
+            serialize.request_head(
+                req.method,
+                req.path,
+                req.authority,
+                req.headers,
+                content_length=length if length else (0 if length == 0 and _sends_zero(req) else None),
+                chunked=chunked,
+            )
+        )
+        pump: asyncio.Task[None] | None = None
+        if length == 0:
+            conn.request_sent = True
+        else:
+            pump = asyncio.get_running_loop().create_task(_send_body(conn, req, chunked))
+        try:
+            head = await head_future
+        except BaseException:
+            if pump is not None:
+                pump.cancel()
+            conn.abort()
+            raise
+        if pump is not None and not pump.done():
+            # Answered before the whole request was sent: keep sending; if the response ends
+            # first the connection is not reused (request_sent stays False).
+            pump.add_done_callback(_log_pump_result)
+        elif pump is not None:
+            _log_pump_result(pump)
+        if head.upgrade is not None:
+            conn.body = None
+        response = Response(
+            head.status,
+            head.reason,
+            head.headers,
+            conn.body if conn.body is not None else EMPTY_BODY,
+            conn.endpoint,
+            content_length=head.content_length,
+            has_body=head.has_body,
+            tunnel=conn if head.upgrade is not None else None,
+        )
+        return response
+
+
+def _sends_zero(req: Request) -> bool:
+    return req.method in (b"POST", b"PUT", b"PATCH")
+
+
+def _log_pump_result(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not warn; the exchange saw the failure
+
+
+async def _send_body(conn: UpstreamConnection, req: Request, chunked: bool) -> None:
+    try:
+        async for data in req.body.chunks():
+            if not data:
+                continue
+            conn.write(serialize.chunk(data) if chunked else data)
+            if conn.write_paused:
+                await conn.drain()
+        if chunked:
+            conn.write(serialize.LAST_CHUNK)
+        conn.request_sent = True
+    except (BodyReset, BodyNotReplayable):
+        conn.abort()  # the client went away mid-body: the upstream must not see a short body
