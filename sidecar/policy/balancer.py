@@ -1,0 +1,179 @@
+"""The load balancer: the bridge from `Handler` (per request) to `EndpointHandler` (per attempt).
+
+For each attempt it admits the attempt against the service's `max_requests`, picks an endpoint,
+records it in `Request.tried`, and counts it active (per endpoint and per service) until the
+response body completes or is discarded, or the attempt fails.
+
+Picking: endpoints the breaker registry calls ejected are skipped; among the rest, endpoints not in
+`Request.tried` are preferred, so a retry goes elsewhere when it can. Policies:
+
+- round_robin: the next endpoint in order after the previous pick;
+- random: uniform;
+- least_request: Envoy's power of two choices: two distinct random candidates, the one with fewer
+  active requests wins (the first on a tie).
+
+No endpoint left: 503 flag UH.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+from sidecar.exchange import EndpointHandler, Request, Response, ResponseBody
+from sidecar.flags import Flag, ProxyError
+from sidecar.policy.concurrency import ServiceLoad
+from sidecar.runtime import Endpoint, LbPolicy, ServiceConfig
+
+
+class BalancerError(ProxyError):
+    """No endpoint can take the request: 503 UH."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(Flag.NO_HEALTHY_UPSTREAM, detail)
+
+
+@dataclass(frozen=True, slots=True)
+class BalancerConfig:
+    policy: LbPolicy
+    endpoints: tuple[Endpoint, ...]
+
+    @classmethod
+    def from_service(cls, cfg: ServiceConfig) -> BalancerConfig:
+        return cls(cfg.lb, cfg.endpoints)
+
+
+class EndpointLoad:
+    """Active attempts on one endpoint; survives config pushes (held by `ServiceState`)."""
+
+    __slots__ = ("active", "endpoint")
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.active = 0
+
+
+class TrackedBody:
+    """Wraps a response body to release the attempt's active counts exactly once."""
+
+    __slots__ = ("_body", "_load", "_service")
+
+    def __init__(self, body: ResponseBody, load: EndpointLoad, service: ServiceLoad) -> None:
+        self._body = body
+        self._load: EndpointLoad | None = load
+        self._service = service
+
+    def _release(self) -> None:
+        load = self._load
+        if load is not None:
+            self._load = None
+            load.active -= 1
+            self._service.release()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._body.chunks():
+                yield chunk
+        finally:
+            self._release()
+
+    def discard(self) -> None:
+        try:
+            self._body.discard()
+        finally:
+            self._release()
+
+
+Ejected = Callable[[Endpoint], bool]
+
+
+class Balancer:
+    __slots__ = ("_ejected", "_inner", "_loads", "_next", "_policy", "_rng", "_service")
+
+    def __init__(
+        self,
+        config: BalancerConfig,
+        loads: Sequence[EndpointLoad],
+        service: ServiceLoad,
+        inner: EndpointHandler,
+        *,
+        ejected: Ejected | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if [load.endpoint for load in loads] != list(config.endpoints):
+            raise ValueError("loads must follow config.endpoints, in order")
+        self._policy = config.policy
+        self._loads = tuple(loads)
+        self._service = service
+        self._inner = inner
+        self._ejected = ejected
+        self._rng = rng if rng is not None else random.Random()
+        self._next = 0  # round robin position
+
+    async def __call__(self, req: Request) -> Response:
+        load = self._pick(req)
+        service = self._service
+        service.admit()
+        load.active += 1
+        req.tried.append(load.endpoint)
+        req.attempts += 1
+        try:
+            resp = await self._inner(req, load.endpoint)
+        except BaseException:
+            load.active -= 1
+            service.release()
+            raise
+        resp.body = TrackedBody(resp.body, load, service)
+        if resp.endpoint is None:
+            resp.endpoint = load.endpoint
+        return resp
+
+    def _pick(self, req: Request) -> EndpointLoad:
+        loads = self._loads
+        if not loads:
+            raise BalancerError("service has no endpoints")
+        if self._ejected is None and not req.tried:
+            return self._choose(loads, len(loads))
+        ejected = self._ejected
+        tried = req.tried
+        usable = [load for load in loads if ejected is None or not ejected(load.endpoint)]
+        if not usable:
+            raise BalancerError(f"all {len(loads)} endpoints are ejected")
+        fresh = [load for load in usable if load.endpoint not in tried] if tried else usable
+        pool = fresh or usable
+        if self._policy is LbPolicy.ROUND_ROBIN:
+            return self._round_robin(pool)
+        return self._choose(pool, len(pool))
+
+    def _choose(self, pool: Sequence[EndpointLoad], n: int) -> EndpointLoad:
+        policy = self._policy
+        if n == 1:
+            load = pool[0]
+        elif policy is LbPolicy.ROUND_ROBIN:
+            load = pool[self._next % n]
+            self._next = (self._next + 1) % n
+        elif policy is LbPolicy.RANDOM:
+            load = pool[self._rng.randrange(n)]
+        else:
+            first = self._rng.randrange(n)
+            second = self._rng.randrange(n - 1)
+            if second >= first:
+                second += 1
+            a, b = pool[first], pool[second]
+            load = b if b.active < a.active else a
+        return load
+
+    def _round_robin(self, pool: Sequence[EndpointLoad]) -> EndpointLoad:
+        # The first endpoint of the pool at or after the round-robin position, so that skipping
+        # an ejected or tried endpoint does not shift the rotation of the others.
+        loads = self._loads
+        n = len(loads)
+        start = self._next % n
+        members = {id(load) for load in pool}
+        for offset in range(n):
+            index = (start + offset) % n
+            if id(loads[index]) in members:
+                self._next = (index + 1) % n
+                return loads[index]
+        raise AssertionError("round-robin pool is not a subset of the endpoints")

@@ -1,0 +1,344 @@
+"""Per-endpoint circuit breakers (outlier ejection), one pybreaker `CircuitBreaker` per endpoint.
+
+- An endpoint trips after `consecutive_failures` consecutive failures as the classifier defines
+  them (5xx from the upstream, connect failure, reset, timeout, bad framing); any other upstream
+  answer resets the count; local decisions (overflow, ...) are neutral.
+- A tripped endpoint is ejected: the balancer skips it (`BreakerRegistry.is_ejected`) for
+  `open_for * consecutive trips`, capped at `max_open_for` (Envoy's growing ejection time).
+- Then it is half-open: exactly one real request probes it while the others keep skipping it.
+  A successful probe closes the breaker (and resets the trip count); a failed one opens it again
+  for longer. A probe that ends without a verdict (cancelled by the client) frees the slot.
+- A trip that would eject more than `max_ejection_percent` of the service's endpoints
+  (half-open ones count as ejected) does not happen: the endpoint stays in and the refusal is
+  counted (`ejections_suppressed`) and reported to the event hook. Its failure is not recorded,
+  so the next failure asks again.
+
+pybreaker and time: pybreaker stamps `opened_at = datetime.now(UTC)` in `CircuitBreaker.open()`
+and compares `datetime.now(UTC) < opened_at + reset_timeout` in the open state's `before_call`;
+neither takes a clock. Its storage is pluggable, though, and both reads go through it, so
+`_ClockStorage` ignores the wall-clock stamp, remembers our clock's time instead, and hands
+pybreaker back `now - elapsed-on-our-clock`, which makes pybreaker's own comparison an
+elapsed-on-our-clock comparison. The registry decides ejection from the same stamp, moves an
+expired breaker to half-open itself when it admits the probe, and records outcomes into pybreaker
+only when closed or for the probe, so pybreaker's state machine (counting, tripping, half-open,
+closing) stays the single source of state and no wall-clock timer ever decides anything.
+pybreaker's API is synchronous (`call(func)`); outcomes are recorded after the awaited attempt
+with a synchronous `call` of a function that returns or raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+
+import pybreaker
+
+from sidecar.exchange import EndpointHandler, Request, Response
+from sidecar.flags import Flag, ProxyError
+from sidecar.policy import classifier
+from sidecar.policy.classifier import Kind, Outcome, classify
+from sidecar.policy.clock import Clock
+from sidecar.policy.stats import ServiceStats
+from sidecar.runtime import BreakerPolicy, Endpoint
+
+# Cancellation counts as a timeout when the attempt's deadline has passed; the loop may fire a
+# timer up to its clock resolution early, hence the slack.
+_DEADLINE_SLACK = 1e-6
+
+
+class BreakerError(ProxyError):
+    """The endpoint was ejected between the balancer's pick and the call: 503 UH."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(Flag.NO_HEALTHY_UPSTREAM, detail)
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    consecutive_failures: int
+    open_for: float  # first ejection; the n-th consecutive one lasts n times as long
+    max_ejection_percent: int
+    max_open_for: float = 300.0
+
+    @classmethod
+    def from_policy(cls, policy: BreakerPolicy) -> BreakerConfig | None:
+        if policy.consecutive_failures is None:
+            return None
+        if policy.consecutive_failures < 1:
+            raise ValueError(
+                f"consecutive_failures must be at least 1, got {policy.consecutive_failures}"
+            )
+        if policy.open_for <= 0:
+            raise ValueError(f"open_for must be positive, got {policy.open_for!r}")
+        if not 0 <= policy.max_ejection_percent <= 100:
+            raise ValueError(
+                f"max_ejection_percent must be 0..100, got {policy.max_ejection_percent}"
+            )
+        return cls(
+            policy.consecutive_failures,
+            policy.open_for,
+            policy.max_ejection_percent,
+            max(300.0, policy.open_for),
+        )
+
+
+class BreakerEventKind(Enum):
+    EJECTED = "ejected"  # tripped: closed -> open, or a failed probe: half-open -> open
+    HALF_OPEN = "half_open"  # the probe is on its way
+    CLOSED = "closed"  # the probe succeeded: back in rotation
+    EJECTION_SUPPRESSED = "ejection_suppressed"  # a trip refused by max_ejection_percent
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerEvent:
+    kind: BreakerEventKind
+    endpoint: Endpoint
+    at: float  # clock time
+    open_for: float | None = None  # for EJECTED: how long it stays out
+    consecutive_trips: int = 0
+
+
+EventHook = Callable[[BreakerEvent], None]
+
+
+class _ClockStorage(pybreaker.CircuitMemoryStorage):
+    """pybreaker's memory storage with the open timer on our clock (see the module docstring)."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(pybreaker.STATE_CLOSED)
+        self._clock = clock
+        self.opened_at_clock: float | None = None
+
+    @property
+    def opened_at(self) -> datetime | None:
+        if self.opened_at_clock is None:
+            return None
+        elapsed = self._clock() - self.opened_at_clock
+        return datetime.now(UTC) - timedelta(seconds=elapsed)
+
+    @opened_at.setter
+    def opened_at(self, value: datetime) -> None:  # pybreaker passes datetime.now(UTC)
+        self.opened_at_clock = self._clock()
+
+
+class _RecordedFailure(Exception):
+    """Raised inside pybreaker's `call` to record one failed attempt."""
+
+
+def _succeed() -> None:
+    return None
+
+
+def _fail() -> None:
+    raise _RecordedFailure
+
+
+class EndpointBreaker(pybreaker.CircuitBreakerListener):
+    """One endpoint's pybreaker breaker plus what pybreaker does not keep: trips and the probe."""
+
+    def __init__(
+        self, endpoint: Endpoint, config: BreakerConfig, registry: BreakerRegistry
+    ) -> None:
+        self.endpoint = endpoint
+        self.config = config
+        self.trips = 0  # consecutive trips without a successful probe in between
+        self.probing = False  # the half-open probe is in flight
+        self._registry = registry
+        self.storage = _ClockStorage(registry.clock)
+        self.cb = pybreaker.CircuitBreaker(
+            fail_max=config.consecutive_failures,
+            reset_timeout=config.open_for,
+            state_storage=self.storage,
+            listeners=[self],
+            name=str(endpoint),
+        )
+
+    def configure(self, config: BreakerConfig) -> None:
+        self.config = config
+        self.cb.fail_max = config.consecutive_failures
+
+    @property
+    def state(self) -> str:
+        return self.cb.current_state
+
+    def open_until(self) -> float:
+        opened = self.storage.opened_at_clock
+        return (opened if opened is not None else 0.0) + self.cb.reset_timeout
+
+    def state_change(
+        self,
+        cb: pybreaker.CircuitBreaker,
+        old_state: pybreaker.CircuitBreakerState | None,
+        new_state: pybreaker.CircuitBreakerState,
+    ) -> None:
+        registry = self._registry
+        name = new_state.name
+        if name == pybreaker.STATE_OPEN:
+            self.trips += 1
+            self.probing = False
+            open_for = min(self.config.open_for * self.trips, self.config.max_open_for)
+            cb.reset_timeout = open_for
+            registry.stats.ejections += 1
+            registry.emit(BreakerEventKind.EJECTED, self.endpoint, open_for, self.trips)
+        elif name == pybreaker.STATE_HALF_OPEN:
+            registry.emit(BreakerEventKind.HALF_OPEN, self.endpoint, None, self.trips)
+        elif name == pybreaker.STATE_CLOSED:
+            self.trips = 0
+            self.probing = False
+            registry.emit(BreakerEventKind.CLOSED, self.endpoint, None, 0)
+
+
+class BreakerRegistry:
+    """The breakers of one service's endpoints; survives config pushes (held by ServiceState)."""
+
+    def __init__(
+        self, clock: Clock, stats: ServiceStats, on_event: EventHook | None = None
+    ) -> None:
+        self.clock = clock
+        self.stats = stats
+        self.on_event = on_event
+        self.config: BreakerConfig | None = None
+        self._breakers: dict[Endpoint, EndpointBreaker] = {}
+        self._endpoint_count = 0
+
+    def configure(self, config: BreakerConfig | None, endpoints: Iterable[Endpoint]) -> None:
+        """Apply a pushed config: breakers of removed endpoints (or all, when off) go."""
+        self.config = config
+        wanted = set(endpoints)
+        self._endpoint_count = len(wanted)
+        if config is None:
+            self._breakers.clear()
+            return
+        for endpoint in list(self._breakers):
+            if endpoint not in wanted:
+                del self._breakers[endpoint]
+        for endpoint in wanted:
+            breaker = self._breakers.get(endpoint)
+            if breaker is None:
+                self._breakers[endpoint] = EndpointBreaker(endpoint, config, self)
+            else:
+                breaker.configure(config)
+
+    def emit(
+        self,
+        kind: BreakerEventKind,
+        endpoint: Endpoint,
+        open_for: float | None,
+        trips: int,
+    ) -> None:
+        if self.on_event is not None:
+            self.on_event(BreakerEvent(kind, endpoint, self.clock(), open_for, trips))
+
+    def breaker(self, endpoint: Endpoint) -> EndpointBreaker | None:
+        return self._breakers.get(endpoint)
+
+    def is_ejected(self, endpoint: Endpoint) -> bool:
+        """Whether the balancer must skip the endpoint now."""
+        breaker = self._breakers.get(endpoint)
+        if breaker is None:
+            return False
+        state = breaker.state
+        if state == pybreaker.STATE_CLOSED:
+            return False
+        if state == pybreaker.STATE_OPEN and self.clock() < breaker.open_until():
+            return True
+        # Open with its time served, or half-open: available to exactly one probe.
+        return breaker.probing
+
+    def ejected_count(self) -> int:
+        return sum(1 for b in self._breakers.values() if b.state != pybreaker.STATE_CLOSED)
+
+    def admit(self, endpoint: Endpoint) -> bool:
+        """Let an attempt through to the endpoint; True when it is the half-open probe."""
+        breaker = self._breakers.get(endpoint)
+        if breaker is None or breaker.state == pybreaker.STATE_CLOSED:
+            return False
+        if self.is_ejected(endpoint):
+            raise BreakerError(f"endpoint {endpoint} is ejected")
+        if breaker.state == pybreaker.STATE_OPEN:
+            breaker.cb.half_open()
+        breaker.probing = True
+        return True
+
+    def record(self, endpoint: Endpoint, outcome: Outcome, probe: bool) -> None:
+        """Feed an attempt's outcome to the endpoint's breaker."""
+        breaker = self._breakers.get(endpoint)
+        if breaker is None:
+            return
+        state = breaker.state
+        if probe:
+            if state != pybreaker.STATE_HALF_OPEN:
+                return  # the breaker was reconfigured or reset meanwhile
+            if outcome.kind is Kind.LOCAL:
+                breaker.probing = False  # no verdict: the next request probes
+                return
+        elif state != pybreaker.STATE_CLOSED:
+            return  # a request that started before the trip: the probe decides, not it
+        cb = breaker.cb
+        if outcome.breaker_failure:
+            if (
+                state == pybreaker.STATE_CLOSED
+                and cb.fail_counter + 1 >= cb.fail_max
+                and not self._may_eject_one_more()
+            ):
+                self.stats.ejections_suppressed += 1
+                self.emit(BreakerEventKind.EJECTION_SUPPRESSED, endpoint, None, breaker.trips)
+                return
+            with contextlib.suppress(_RecordedFailure, pybreaker.CircuitBreakerError):
+                cb.call(_fail)  # raises by design: that is how pybreaker records a failure
+        elif outcome.kind is not Kind.LOCAL and (probe or cb.fail_counter):
+            cb.call(_succeed)
+
+    def abandon(self, endpoint: Endpoint, probe: bool) -> None:
+        """The attempt ended without a verdict (cancelled): free the probe slot if it held it."""
+        if probe:
+            breaker = self._breakers.get(endpoint)
+            if breaker is not None:
+                breaker.probing = False
+
+    def _may_eject_one_more(self) -> bool:
+        config = self.config
+        if config is None or self._endpoint_count == 0:
+            return False
+        ejected = self.ejected_count()
+        # Envoy: "defaults to 10% but will eject at least one host regardless of the value".
+        return (
+            ejected == 0
+            or (ejected + 1) * 100 <= config.max_ejection_percent * self._endpoint_count
+        )
+
+
+class Breaker:
+    """The layer: admits an attempt past the endpoint's breaker and records its outcome."""
+
+    __slots__ = ("_clock", "_inner", "_registry")
+
+    def __init__(self, registry: BreakerRegistry, inner: EndpointHandler, clock: Clock) -> None:
+        self._registry = registry
+        self._inner = inner
+        self._clock = clock
+
+    async def __call__(self, req: Request, endpoint: Endpoint) -> Response:
+        registry = self._registry
+        probe = registry.admit(endpoint)
+        try:
+            resp = await self._inner(req, endpoint)
+        except ProxyError as err:
+            registry.record(endpoint, classify(err), probe)
+            raise
+        except asyncio.CancelledError:
+            deadline = req.deadline
+            if deadline is not None and self._clock() + _DEADLINE_SLACK >= deadline:
+                registry.record(endpoint, classifier.TIMEOUT, probe)
+            else:
+                registry.abandon(endpoint, probe)
+            raise
+        except BaseException:
+            registry.abandon(endpoint, probe)
+            raise
+        registry.record(endpoint, classify(resp), probe)
+        return resp

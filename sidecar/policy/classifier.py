@@ -1,0 +1,96 @@
+"""The one response classifier: retries, breakers and metrics agree on what a failure is.
+
+`classify` takes what an attempt produced (a `Response` or a `ProxyError`) and returns an
+`Outcome`: its kind (what retry_on tokens match), the status the client would see, and whether an
+endpoint breaker counts it as a failure (5xx from the upstream, connect failure, reset, timeout,
+bad upstream framing). Local decisions (overflow, no healthy endpoint, exhausted retries) are
+neither success nor failure for a breaker: they say nothing about the endpoint.
+
+Outcomes are interned (one object per status or flag), so classifying allocates nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from sidecar.exchange import Response
+from sidecar.flags import Flag, ProxyError
+
+
+class Kind(Enum):
+    SUCCESS = "success"  # 1xx/2xx/3xx
+    CLIENT_ERROR = "client-error"  # 4xx other than 409: the request's fault, not the endpoint's
+    RETRIABLE_4XX = "retriable-4xx"  # 409 Conflict
+    GATEWAY_ERROR = "gateway-error"  # 502, 503, 504 from the upstream
+    SERVER_ERROR = "5xx"  # any other 5xx from the upstream
+    CONNECT_FAILURE = "connect-failure"  # UF: nothing reached the upstream
+    RESET = "reset"  # UC: reset before the response head
+    TIMEOUT = "timeout"  # UT: the attempt (or the request) ran out of time
+    PROTOCOL_ERROR = "protocol-error"  # UPE: the upstream sent bad framing
+    LOCAL = "local"  # a local decision (UO, UH, URX, ...): says nothing about the endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: Kind
+    status: int  # the status the client sees (the upstream's, or the flag's)
+    breaker_failure: bool  # counts towards an endpoint breaker's consecutive failures
+    flag: Flag | None = None  # set for errors
+
+    @property
+    def success(self) -> bool:
+        return self.kind is Kind.SUCCESS
+
+
+_GATEWAY_STATUSES = frozenset({502, 503, 504})
+
+_ERROR_KINDS: dict[Flag, Kind] = {
+    Flag.UPSTREAM_CONNECT_FAILURE: Kind.CONNECT_FAILURE,
+    Flag.UPSTREAM_RESET: Kind.RESET,
+    Flag.UPSTREAM_TIMEOUT: Kind.TIMEOUT,
+    Flag.UPSTREAM_PROTOCOL_ERROR: Kind.PROTOCOL_ERROR,
+}
+
+_ENDPOINT_FAILURES = frozenset(
+    {Kind.CONNECT_FAILURE, Kind.RESET, Kind.TIMEOUT, Kind.PROTOCOL_ERROR}
+)
+
+
+def _status_outcome(status: int) -> Outcome:
+    if status < 400:
+        return Outcome(Kind.SUCCESS, status, breaker_failure=False)
+    if status == 409:
+        return Outcome(Kind.RETRIABLE_4XX, status, breaker_failure=False)
+    if status < 500:
+        return Outcome(Kind.CLIENT_ERROR, status, breaker_failure=False)
+    if status in _GATEWAY_STATUSES:
+        return Outcome(Kind.GATEWAY_ERROR, status, breaker_failure=True)
+    return Outcome(Kind.SERVER_ERROR, status, breaker_failure=True)
+
+
+_BY_STATUS: dict[int, Outcome] = {status: _status_outcome(status) for status in range(100, 600)}
+
+_BY_FLAG: dict[tuple[Flag, int], Outcome] = {}
+
+
+def _error_outcome(flag: Flag, status: int) -> Outcome:
+    kind = _ERROR_KINDS.get(flag, Kind.LOCAL)
+    return Outcome(kind, status, breaker_failure=kind in _ENDPOINT_FAILURES, flag=flag)
+
+
+# An attempt cut short by its deadline: what the breaker records when it sees the cancellation.
+TIMEOUT = _error_outcome(Flag.UPSTREAM_TIMEOUT, 504)
+
+
+def classify(result: Response | ProxyError) -> Outcome:
+    """What an attempt's result means for retries, breakers and metrics."""
+    if isinstance(result, Response):
+        outcome = _BY_STATUS.get(result.status)
+        # Statuses outside 100..599 are rejected by the codec; classify them anyway.
+        return outcome if outcome is not None else _status_outcome(result.status)
+    key = (result.flag, result.status)
+    outcome = _BY_FLAG.get(key)
+    if outcome is None:
+        outcome = _BY_FLAG[key] = _error_outcome(result.flag, result.status)
+    return outcome

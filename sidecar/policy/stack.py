@@ -1,0 +1,134 @@
+"""The one place that composes a service's policy layers, and the state that outlives configs.
+
+Outer to inner (the order in ARCHITECTURE.md):
+
+    TotalTimeout -> Retry -> PerTryTimeout -> Balancer -> Breaker -> forward
+
+Layers that are not configured are not built: with no policy the stack is `Balancer -> forward`
+(no tenacity object, no timer, no breaker), because plain forwarding has a near-nginx target.
+`max_requests` is enforced inside the Balancer, which owns the per-attempt active count (see
+`concurrency`); `max_pending` is enforced by the connection pool through `ServiceLoad.pending_slot`.
+
+A stack is built per config version and shared by every request that started on it; the
+`ServiceState` passed in carries what must survive config pushes (breakers, active counts, the
+retry budget's count, stats), so a push neither closes tripped breakers nor forgets load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from sidecar.exchange import EndpointHandler, Handler
+from sidecar.policy.balancer import Balancer, BalancerConfig, EndpointLoad
+from sidecar.policy.breaker import Breaker, BreakerConfig, BreakerRegistry, EventHook
+from sidecar.policy.clock import Clock, Sleep, loop_time
+from sidecar.policy.concurrency import ConcurrencyConfig, ServiceLoad
+from sidecar.policy.retry import Retry, RetryConfig
+from sidecar.policy.stats import ServiceStats
+from sidecar.policy.timeout import PerTryTimeout, TimeoutConfig, TotalTimeout
+from sidecar.runtime import Endpoint, ServiceConfig
+
+
+class ServiceState:
+    """What one service keeps across config pushes."""
+
+    def __init__(
+        self, name: str, clock: Clock = loop_time, on_event: EventHook | None = None
+    ) -> None:
+        self.name = name
+        self.stats = ServiceStats()
+        self.load = ServiceLoad(self.stats)  # active / pending / retries in flight, limits
+        self.breakers = BreakerRegistry(clock, self.stats, on_event)
+        self._endpoints: dict[Endpoint, EndpointLoad] = {}
+
+    def endpoint_loads(self, endpoints: Iterable[Endpoint]) -> tuple[EndpointLoad, ...]:
+        """The load cells for these endpoints, in order; cells of other endpoints are dropped
+        (attempts still in flight on them hold their cell and release it normally)."""
+        wanted = tuple(endpoints)
+        cells = tuple(self._endpoints.get(ep) or EndpointLoad(ep) for ep in wanted)
+        self._endpoints = {cell.endpoint: cell for cell in cells}
+        return cells
+
+    def active(self, endpoint: Endpoint) -> int:
+        cell = self._endpoints.get(endpoint)
+        return cell.active if cell is not None else 0
+
+
+class ServiceRegistry:
+    """Every service's `ServiceState`, by service name (the server, pool and admin share it)."""
+
+    def __init__(self, clock: Clock = loop_time, on_event: EventHook | None = None) -> None:
+        self._clock = clock
+        self._on_event = on_event
+        self._states: dict[str, ServiceState] = {}
+
+    def state(self, name: str) -> ServiceState:
+        state = self._states.get(name)
+        if state is None:
+            state = self._states[name] = ServiceState(name, self._clock, self._on_event)
+        return state
+
+    def get(self, name: str) -> ServiceState | None:
+        return self._states.get(name)
+
+    def retain(self, names: Iterable[str]) -> None:
+        """Forget services that left the config."""
+        keep = set(names)
+        for name in [name for name in self._states if name not in keep]:
+            del self._states[name]
+
+    def __iter__(self) -> Iterator[ServiceState]:
+        return iter(list(self._states.values()))
+
+
+def build_service_stack(
+    cfg: ServiceConfig,
+    state: ServiceState,
+    forward: EndpointHandler,
+    clock: Clock = loop_time,
+    *,
+    rng: random.Random | None = None,
+    sleep: Sleep = asyncio.sleep,
+    wall: Callable[[], float] = time.time,
+) -> Handler:
+    """The policy stack for one service and config version, outer to inner as documented above.
+
+    Raises ValueError naming the setting when a policy value cannot be applied.
+    """
+    timeouts = TimeoutConfig.from_service(cfg)
+    retry = RetryConfig.from_policy(cfg.retry) if cfg.retry is not None else None
+    breaker = BreakerConfig.from_policy(cfg.breaker)
+    state.load.configure(ConcurrencyConfig.from_service(cfg))
+    state.breakers.configure(breaker, cfg.endpoints)
+    loads = state.endpoint_loads(cfg.endpoints)
+
+    # The forwarder is last (Envoy's router): it owns the upstream connection.
+    endpoint_handler = forward
+    if breaker is not None:
+        # Breaker right above the forwarder: it sees each attempt's own result for its endpoint.
+        endpoint_handler = Breaker(state.breakers, endpoint_handler, clock)
+
+    # Balancer: one pick per attempt, so a retry picks again; skips ejected endpoints; owns the
+    # active counts (max_requests, least_request, retry budget) until the body is done.
+    handler: Handler = Balancer(
+        BalancerConfig.from_service(cfg),
+        loads,
+        state.load,
+        endpoint_handler,
+        ejected=state.breakers.is_ejected if breaker is not None else None,
+        rng=rng,
+    )
+    if timeouts.per_try is not None:
+        # Per-try timeout inside retry: it bounds one attempt, and its timeout is retryable.
+        handler = PerTryTimeout(timeouts.per_try, handler, clock, state.stats)
+    if retry is not None and retry.attempts > 0:
+        # Retry above the balancer (each attempt re-picks) and below the total timeout (backoff
+        # and every attempt count against the deadline).
+        handler = Retry(retry, handler, state.load, state.stats, clock, sleep=sleep, wall=wall)
+    if timeouts.total is not None:
+        # Total timeout outermost: it bounds everything beneath, retries and backoff included.
+        handler = TotalTimeout(timeouts.total, handler, clock, state.stats)
+    return handler

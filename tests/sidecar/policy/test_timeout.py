@@ -1,0 +1,114 @@
+import asyncio
+
+import pytest
+
+from sidecar.exchange import Response
+from sidecar.flags import Flag
+from sidecar.policy.stack import ServiceState, build_service_stack
+from sidecar.policy.timeout import TimeoutError_
+from sidecar.runtime import Backoff, ServiceConfig
+
+from .fakes import EP, FakeUpstream, Hang, Reply, outcome_of, request, service
+
+
+def stack(cfg: ServiceConfig, upstream: FakeUpstream) -> tuple[object, ServiceState]:
+    state = ServiceState(cfg.name)
+    return build_service_stack(cfg, state, upstream), state
+
+
+async def test_no_timeout_configured_leaves_the_deadline_unset() -> None:
+    upstream = FakeUpstream()
+    handler, _ = stack(service(), upstream)
+    await outcome_of(handler, request())
+    assert upstream.calls[0].deadline is None
+
+
+async def test_total_timeout_sets_the_deadline_the_forwarder_sees() -> None:
+    loop = asyncio.get_running_loop()
+    upstream = FakeUpstream()
+    handler, _ = stack(service(timeout=2.0), upstream)
+    start = loop.time()
+    await outcome_of(handler, request())
+    assert upstream.calls[0].deadline == pytest.approx(start + 2.0)
+
+
+async def test_an_earlier_deadline_already_on_the_request_is_kept() -> None:
+    loop = asyncio.get_running_loop()
+    upstream = FakeUpstream()
+    handler, _ = stack(service(timeout=2.0), upstream)
+    req = request()
+    req.deadline = loop.time() + 0.5
+    await outcome_of(handler, req)
+    assert upstream.calls[0].deadline == req.deadline
+
+
+async def test_total_timeout_answers_504_ut_and_cancels_the_attempt() -> None:
+    loop = asyncio.get_running_loop()
+    upstream = FakeUpstream(default=Hang())
+    handler, state = stack(service(timeout=1.0), upstream)
+    start = loop.time()
+    err = await outcome_of(handler, request())
+    assert isinstance(err, TimeoutError_)
+    assert (err.flag, err.status) == (Flag.UPSTREAM_TIMEOUT, 504)
+    assert loop.time() - start == pytest.approx(1.0)
+    assert upstream.calls[0].cancelled
+    assert state.stats.timeouts == 1
+    assert state.load.active == 0
+
+
+async def test_total_timeout_holds_across_retries_and_backoff() -> None:
+    # Each attempt takes 0.3s and backoff up to 0.2s: five retries would need ~2.5s.
+    loop = asyncio.get_running_loop()
+    upstream = FakeUpstream(default=Reply(503, delay=0.3))
+    cfg = service(timeout=1.0, attempts=5, backoff=Backoff(base=0.2, max=0.2))
+    handler, state = stack(cfg, upstream)
+    start = loop.time()
+    err = await outcome_of(handler, request())
+    assert isinstance(err, TimeoutError_) and err.status == 504
+    assert loop.time() - start == pytest.approx(1.0)
+    assert 2 <= len(upstream.calls) < 6
+    assert state.load.retries_active == 0 and state.load.active == 0
+
+
+async def test_per_try_timeout_makes_an_attempt_retryable() -> None:
+    loop = asyncio.get_running_loop()
+    upstream = FakeUpstream()
+    upstream.script(EP[0], Hang())
+    cfg = service(attempts=2, per_try_timeout=0.5, timeout=5.0)
+    handler, state = stack(cfg, upstream)
+    start = loop.time()
+    resp = await outcome_of(handler, request())
+    assert isinstance(resp, Response) and resp.status == 200
+    first, second = upstream.calls
+    assert first.cancelled
+    assert first.deadline == pytest.approx(start + 0.5)  # the attempt's deadline, not the total
+    assert second.started - start >= 0.5
+    assert state.stats.per_try_timeouts == 1
+
+
+async def test_per_try_timeout_is_not_retried_when_retry_on_excludes_timeouts() -> None:
+    upstream = FakeUpstream(default=Hang())
+    cfg = service(attempts=2, per_try_timeout=0.5, retry_on=["connect-failure"])
+    handler, _ = stack(cfg, upstream)
+    err = await outcome_of(handler, request())
+    assert isinstance(err, TimeoutError_) and err.status == 504
+    assert len(upstream.calls) == 1
+
+
+async def test_post_is_not_retried_after_a_per_try_timeout() -> None:
+    upstream = FakeUpstream(default=Hang())
+    handler, _ = stack(service(attempts=2, per_try_timeout=0.5), upstream)
+    err = await outcome_of(handler, request(b"POST"))
+    assert isinstance(err, TimeoutError_)
+    assert len(upstream.calls) == 1
+
+
+async def test_per_try_timeout_restores_the_total_deadline_between_attempts() -> None:
+    loop = asyncio.get_running_loop()
+    upstream = FakeUpstream()
+    upstream.script(EP[0], Hang())
+    handler, _ = stack(service(attempts=1, per_try_timeout=0.5, timeout=5.0), upstream)
+    req = request()
+    start = loop.time()
+    await outcome_of(handler, req)
+    assert req.deadline == pytest.approx(start + 5.0)
