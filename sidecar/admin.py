@@ -50,13 +50,19 @@ class Admin:
         }
         entry = pages.get(path)
         if entry is None:
-            status, ctype, body = _text(404, "not found; try " + ", ".join(
-                p.decode() for p in pages) + "\n")
+            status, ctype, body = _text(
+                404, "not found; try " + ", ".join(p.decode() for p in pages) + "\n"
+            )
         elif req.method != entry[0] and not (entry[0] == b"GET" and req.method == b"HEAD"):
             status, ctype, body = _text(405, f"{path.decode()} takes {entry[0].decode()}\n")
         else:
             status, ctype, body = await entry[1]()
-        reason = {200: b"OK", 404: b"Not Found", 405: b"Method Not Allowed", 503: b"Service Unavailable"}
+        reason = {
+            200: b"OK",
+            404: b"Not Found",
+            405: b"Method Not Allowed",
+            503: b"Service Unavailable",
+        }
         return Response(
             status,
             reason.get(status, b"OK"),

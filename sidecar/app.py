@@ -121,9 +121,13 @@ class SidecarSettings:
             values.setdefault(key, value)
         service = str(values.get("service") or "")
         if not service:
-            raise SettingsError("service: required (--service NAME): the service this sidecar fronts")
+            raise SettingsError(
+                "service: required (--service NAME): the service this sidecar fronts"
+            )
         if values.get("mesh") and values.get("control_plane"):
-            raise SettingsError("mesh and control_plane: give one (standalone or managed), not both")
+            raise SettingsError(
+                "mesh and control_plane: give one (standalone or managed), not both"
+            )
         node_id = str(values.get("node_id") or f"{service}~{socket.gethostname()}~{os.getpid()}")
         return cls(
             service=service,
@@ -170,8 +174,8 @@ class Sidecar:
     def __init__(self, settings: SidecarSettings, server: ServerSettings | None = None) -> None:
         self.settings = settings
         self.server_settings = server or ServerSettings()
-        self.upstreams = Upstreams()
         self.services = ServiceRegistry()
+        self.upstreams = Upstreams(services=self.services)
         self.metrics = Metrics(settings.service)
         self.metrics.services = self.services
         self.active: Active | None = None
@@ -365,7 +369,9 @@ class Sidecar:
             completed = self._completed(name) if name != "admin" else None
 
             def factory(
-                state: ServerState = state, dispatch: Any = dispatch, completed: Any = completed,
+                state: ServerState = state,
+                dispatch: Any = dispatch,
+                completed: Any = completed,
                 ids: bool = ids,
             ) -> DownstreamProtocol:
                 return DownstreamProtocol(state, dispatch, completed, request_ids=ids)

@@ -22,7 +22,23 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from sidecar.policy.stack import ServiceRegistry
 
 # Seconds; Envoy-like spread from 0.5 ms to 60 s.
-BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
+BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    60.0,
+)
 
 RequestKey = tuple[str, str, str, str, str]  # direction, source, destination, code, flags
 

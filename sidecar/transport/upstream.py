@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import cast
 from collections.abc import Callable
+from typing import cast
 
 from sidecar.exchange import BodyNotReplayable, Request, Response
 from sidecar.flags import Flag, ProxyError
+from sidecar.policy.stack import ServiceRegistry
 from sidecar.protocol import serialize
 from sidecar.protocol.events import Data, EndOfMessage, Reject, ResponseHead
 from sidecar.protocol.response import ResponseParser
@@ -59,7 +60,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.endpoint = pool.endpoint
         self.transport: asyncio.Transport | None = None
         self._parser: ResponseParser | None = None
-        self._head: asyncio.Future[ResponseHead] | None = None
+        # The head and its body travel together: by the time the awaiting coroutine resumes,
+        # a short response may be complete and this connection already serving someone else.
+        self._head: asyncio.Future[tuple[ResponseHead, BodyStream | None]] | None = None
         self.body: BodyStream | None = None
         self.busy = False
         self.closed = False
@@ -123,7 +126,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- exchange ------------------------------------------------------------------------
 
-    def begin(self, method: bytes) -> asyncio.Future[ResponseHead]:
+    def begin(self, method: bytes) -> asyncio.Future[tuple[ResponseHead, BodyStream | None]]:
         self.busy = True
         self.request_sent = False
         self.got_bytes = False
@@ -167,6 +170,7 @@ class UpstreamConnection(asyncio.Protocol):
         elif isinstance(event, ResponseHead):
             if 100 <= event.status < 200 and event.status != 101:
                 return  # interim (100 Continue): the sidecar answers the client itself
+            self.body = None
             if event.has_body:
                 self.body = BodyStream(
                     event.content_length,
@@ -175,7 +179,7 @@ class UpstreamConnection(asyncio.Protocol):
                     on_discard=self.abort,
                 )
             if self._head is not None and not self._head.done():
-                self._head.set_result(event)
+                self._head.set_result((event, self.body))
         elif isinstance(event, EndOfMessage):
             if self._head is not None and not self._head.done():
                 return  # end of an interim response
@@ -184,7 +188,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._exchange_done()
         else:  # Reject: the upstream's framing is wrong (rule 9)
             error = UpstreamError(
-                Flag.UPSTREAM_PROTOCOL_ERROR, f"invalid response from {self.endpoint}: {event.reason}"
+                Flag.UPSTREAM_PROTOCOL_ERROR,
+                f"invalid response from {self.endpoint}: {event.reason}",
             )
             if self._head is not None and not self._head.done():
                 self._head.set_exception(error)
@@ -195,7 +200,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _exchange_done(self) -> None:
         parser = self._parser
         if self._head is not None and self._head.done() and not self._head.cancelled():
-            head = self._head.result()
+            head, _ = self._head.result()
             if head.upgrade is not None:
                 return  # the connection becomes a tunnel; never pooled
         self.busy = False
@@ -287,7 +292,9 @@ class Upstreams:
         idle_timeout: float = 60.0,
         stream_idle_timeout: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        services: ServiceRegistry | None = None,
     ) -> None:
+        self.services = services  # for max_pending while connecting
         self.pools: dict[Endpoint, EndpointPool] = {}
         self.default_connect_timeout = default_connect_timeout
         self.idle_timeout = idle_timeout
@@ -315,7 +322,16 @@ class Upstreams:
             service.connect_timeout if service is not None else self.default_connect_timeout
         )
         pool = self.pool(endpoint)
-        conn, reused = await pool.acquire(connect_timeout)
+        if pool.idle or service is None or self.services is None:
+            conn, reused = await pool.acquire(connect_timeout)
+        else:
+            # Waiting for a new connection counts against the service's max_pending.
+            state = self.services.get(service.name)
+            if state is None:
+                conn, reused = await pool.acquire(connect_timeout)
+            else:
+                with state.load.pending_slot():
+                    conn, reused = await pool.acquire(connect_timeout)
         try:
             return await self._exchange(req, conn)
         except UpstreamError as error:
@@ -343,7 +359,9 @@ class Upstreams:
                 req.path,
                 req.authority,
                 req.headers,
-                content_length=length if length else (0 if length == 0 and _sends_zero(req) else None),
+                content_length=length
+                if length
+                else (0 if length == 0 and _sends_zero(req) else None),
                 chunked=chunked,
             )
         )
@@ -353,7 +371,7 @@ class Upstreams:
         else:
             pump = asyncio.get_running_loop().create_task(_send_body(conn, req, chunked))
         try:
-            head = await head_future
+            head, body_stream = await head_future
         except BaseException:
             if pump is not None:
                 pump.cancel()
@@ -365,13 +383,11 @@ class Upstreams:
             pump.add_done_callback(_log_pump_result)
         elif pump is not None:
             _log_pump_result(pump)
-        if head.upgrade is not None:
-            conn.body = None
         response = Response(
             head.status,
             head.reason,
             head.headers,
-            conn.body if conn.body is not None else EMPTY_BODY,
+            body_stream if body_stream is not None else EMPTY_BODY,
             conn.endpoint,
             content_length=head.content_length,
             has_body=head.has_body,

@@ -1,0 +1,243 @@
+"""The snapshot cache: immutable, versioned, consistent sets of xDS resources (go-control-plane).
+
+A `XdsSnapshot` is built once per configuration change by `make_snapshot`, which refuses an
+inconsistent set (a route to a missing cluster, an EDS cluster without a ClusterLoadAssignment,
+a listener naming a missing route configuration) with a `SnapshotError`. Building it serializes
+every resource exactly once: each resource is kept as the bytes of one `resources` entry of a
+DiscoveryResponse (field 2, an `Any`), so the ADS transport answers any number of streams by
+joining bytes, never by re-serializing messages.
+
+Versions are content hashes: a type's version changes exactly when one of its resources does,
+so a stream is pushed only the types whose content changed.
+
+The cache keeps one snapshot for every node today; `set_snapshot(..., node_id=...)` and
+`get(node_id)` keep the node in the interface so per-node snapshots can follow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+HCM_TYPE = (
+    "type.googleapis.com/"
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+
+# Make-before-break order for pushes (the xDS spec's ADS ordering): clusters and their
+# endpoints before the listeners and routes that point at them.
+PUSH_ORDER: tuple[str, ...] = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+# Types whose empty resource_names subscribe to everything (the spec's wildcard types).
+WILDCARD_TYPES = frozenset({LISTENER_TYPE, CLUSTER_TYPE})
+
+Resources = Mapping[str, Mapping[str, Message]]
+
+
+class SnapshotError(Exception):
+    """A set of resources that is not consistent; the message names the resource."""
+
+
+def short_type(type_url: str) -> str:
+    """`type.googleapis.com/envoy.config.listener.v3.Listener` -> `Listener` (metric labels)."""
+    return type_url.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class TypeResources:
+    """One type's resources in a snapshot, serialized once."""
+
+    version: str
+    messages: Mapping[str, Message]
+    encoded: Mapping[str, bytes]  # name -> DiscoveryResponse `resources` field bytes
+    digests: Mapping[str, str]  # name -> content hash
+    all_encoded: bytes  # every resource, in name order: the wildcard answer
+
+    def select(self, names: frozenset[str] | None) -> tuple[bytes, tuple[str, ...]]:
+        """The resources field bytes for a subscription (None: wildcard) and its content key.
+
+        Names the snapshot does not have are left out (the client's does-not-exist timer
+        decides); the key changes exactly when the selected content does.
+        """
+        if names is None:
+            return self.all_encoded, (self.version,)
+        present = sorted(n for n in names if n in self.encoded)
+        return (
+            b"".join(self.encoded[n] for n in present),
+            tuple(f"{n}={self.digests[n]}" for n in present),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class XdsSnapshot:
+    """An immutable, consistent set of resources of every type, with per-type versions."""
+
+    version: str
+    types: Mapping[str, TypeResources]
+
+    def of(self, type_url: str) -> TypeResources:
+        found = self.types.get(type_url)
+        return found if found is not None else _EMPTY
+
+
+def _hash(parts: Iterable[bytes]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return h.hexdigest()[:16]
+
+
+def _encode_type(type_url: str, messages: Mapping[str, Message]) -> TypeResources:
+    encoded: dict[str, bytes] = {}
+    digests: dict[str, str] = {}
+    for name in sorted(messages):
+        message = messages[name]
+        payload = message.SerializeToString(deterministic=True)
+        wrapped = any_pb2.Any(type_url=type_url, value=payload)
+        field = discovery_pb2.DiscoveryResponse(resources=[wrapped]).SerializeToString()
+        encoded[name] = cast(bytes, field)
+        digests[name] = _hash([name.encode(), payload])
+    version = _hash(f"{n}={d}".encode() for n, d in digests.items())
+    return TypeResources(
+        version=version,
+        messages=dict(messages),
+        encoded=encoded,
+        digests=digests,
+        all_encoded=b"".join(encoded.values()),
+    )
+
+
+_EMPTY = _encode_type("", {})
+
+
+def _hcm_of(listener: Any) -> Any | None:
+    """The HttpConnectionManager of a listener: its api_listener or its first HCM filter."""
+    candidates: list[Any] = []
+    if listener.HasField("api_listener"):
+        candidates.append(listener.api_listener.api_listener)
+    for chain in listener.filter_chains:
+        candidates.extend(f.typed_config for f in chain.filters if f.HasField("typed_config"))
+    for typed in candidates:
+        if typed.type_url == HCM_TYPE:
+            hcm = hcm_pb2.HttpConnectionManager()
+            typed.Unpack(hcm)
+            return hcm
+    return None
+
+
+def route_names_of(listener: Any) -> list[str]:
+    """The RDS route configuration names a listener's HCM refers to."""
+    hcm = _hcm_of(listener)
+    if hcm is None or not hcm.HasField("rds"):
+        return []
+    return [cast(str, hcm.rds.route_config_name)]
+
+
+def eds_name_of(cluster: Any) -> str | None:
+    """The ClusterLoadAssignment name an EDS cluster needs (None: not an EDS cluster)."""
+    if cluster.type != cluster_pb2.Cluster.EDS:
+        return None
+    service_name = cast(str, cluster.eds_cluster_config.service_name)
+    return service_name or cast(str, cluster.name)
+
+
+def check_consistency(resources: Resources) -> None:
+    """Raise SnapshotError unless every reference between the resources resolves."""
+    listeners = resources.get(LISTENER_TYPE, {})
+    routes = resources.get(ROUTE_TYPE, {})
+    clusters = resources.get(CLUSTER_TYPE, {})
+    endpoints = resources.get(ENDPOINT_TYPE, {})
+    for name, listener in listeners.items():
+        if not isinstance(listener, listener_pb2.Listener):
+            raise SnapshotError(f"listener {name!r} is a {type(listener).__name__}")
+        for route_name in route_names_of(listener):
+            if route_name not in routes:
+                raise SnapshotError(
+                    f"listener {name!r} refers to missing route configuration {route_name!r}"
+                )
+    for name, config in routes.items():
+        for vhost in cast(Any, config).virtual_hosts:
+            for route in vhost.routes:
+                if not route.HasField("route"):
+                    continue
+                action = route.route
+                targets = [action.cluster] if action.cluster else []
+                targets += [w.name for w in action.weighted_clusters.clusters]
+                for target in targets:
+                    if target not in clusters:
+                        raise SnapshotError(
+                            f"route configuration {name!r} virtual host {vhost.name!r} "
+                            f"routes to missing cluster {target!r}"
+                        )
+    for name, cluster in clusters.items():
+        eds_name = eds_name_of(cluster)
+        if eds_name is not None and eds_name not in endpoints:
+            raise SnapshotError(f"EDS cluster {name!r} has no ClusterLoadAssignment {eds_name!r}")
+
+
+def make_snapshot(
+    resources: Resources, version: str | None = None, *, check: bool = True
+) -> XdsSnapshot:
+    """Check `resources` (unless `check` is False: tests injecting bad config) and encode them.
+
+    `version` defaults to a hash of every type's version.
+    """
+    if check:
+        check_consistency(resources)
+    types = {t: _encode_type(t, resources.get(t, {})) for t in PUSH_ORDER}
+    for type_url, messages in resources.items():
+        if type_url not in types:
+            types[type_url] = _encode_type(type_url, messages)
+    if version is None:
+        version = _hash(f"{t}={r.version}".encode() for t, r in sorted(types.items()))
+    return XdsSnapshot(version=version, types=types)
+
+
+Watcher = Callable[[], None]
+
+
+class SnapshotCache:
+    """The snapshot to serve; watchers are called (synchronously) whenever it changes."""
+
+    def __init__(self) -> None:
+        self._default: XdsSnapshot | None = None
+        self._per_node: dict[str, XdsSnapshot] = {}
+        self._watchers: set[Watcher] = set()
+
+    def set_snapshot(self, snapshot: XdsSnapshot, node_id: str | None = None) -> bool:
+        """Publish `snapshot` for `node_id` (None: every node). False when nothing changed."""
+        if node_id is None:
+            if self._default is not None and self._default.version == snapshot.version:
+                return False
+            self._default = snapshot
+        else:
+            previous = self._per_node.get(node_id)
+            if previous is not None and previous.version == snapshot.version:
+                return False
+            self._per_node[node_id] = snapshot
+        for watcher in list(self._watchers):
+            watcher()
+        return True
+
+    def get(self, node_id: str) -> XdsSnapshot | None:
+        return self._per_node.get(node_id, self._default)
+
+    def watch(self, watcher: Watcher) -> Callable[[], None]:
+        """Call `watcher` on every change; returns the function that stops it."""
+        self._watchers.add(watcher)
+        return lambda: self._watchers.discard(watcher)

@@ -1,0 +1,120 @@
+"""`outrigger status`: each connected sidecar and the config it ACKed or NACKed.
+
+Asks the control plane's CSDS (FetchClientStatus) on the xDS port, like `istioctl
+proxy-status`; see control_plane.server.CsdsServer for how the per-type state is encoded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Any, cast
+
+import grpc
+from envoy.service.status.v3 import csds_pb2
+from google.protobuf import struct_pb2
+from rich.console import Console
+from rich.table import Table
+
+FETCH_METHOD = "/envoy.service.status.v3.ClientStatusDiscoveryService/FetchClientStatus"
+TIMEOUT = 5.0
+TYPE_COLUMNS = (
+    ("LDS", "type.googleapis.com/envoy.config.listener.v3.Listener"),
+    ("RDS", "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"),
+    ("CDS", "type.googleapis.com/envoy.config.cluster.v3.Cluster"),
+    ("EDS", "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"),
+)
+_STATUS_WORD = {
+    csds_pb2.SYNCED: "SYNCED",
+    csds_pb2.STALE: "STALE",
+    csds_pb2.ERROR: "NACKED",
+    csds_pb2.NOT_SENT: "NOT SENT",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TypeStatus:
+    status: str  # SYNCED | STALE | NACKED | NOT SENT
+    version_sent: str
+    version_acked: str
+    last_nack: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyStatus:
+    node_id: str
+    service: str
+    types: dict[str, TypeStatus]  # by column name (LDS, RDS, CDS, EDS)
+
+
+def fetch_status(address: str, timeout: float = TIMEOUT) -> list[ProxyStatus]:
+    """Every node the control plane at `address` has a stream from. Raises grpc.RpcError."""
+    with grpc.insecure_channel(address) as channel:
+        fetch = channel.unary_unary(
+            FETCH_METHOD,
+            request_serializer=csds_pb2.ClientStatusRequest.SerializeToString,
+            response_deserializer=csds_pb2.ClientStatusResponse.FromString,
+        )
+        response: Any = fetch(csds_pb2.ClientStatusRequest(), timeout=timeout)
+    return [_proxy(config) for config in response.config]
+
+
+def _proxy(config: Any) -> ProxyStatus:
+    columns = {url: name for name, url in TYPE_COLUMNS}
+    types: dict[str, TypeStatus] = {}
+    for generic in config.generic_xds_configs:
+        extra = struct_pb2.Struct()
+        if generic.HasField("xds_config"):
+            generic.xds_config.Unpack(extra)
+        sent = extra.fields["version_sent"].string_value if "version_sent" in extra.fields else ""
+        column = columns.get(generic.type_url, generic.type_url.rsplit(".", 1)[-1])
+        types[column] = TypeStatus(
+            status=_STATUS_WORD.get(generic.config_status, "UNKNOWN"),
+            version_sent=sent,
+            version_acked=generic.version_info,
+            last_nack=generic.error_state.details,
+        )
+    fields = config.node.metadata.fields
+    service = fields["service"].string_value if "service" in fields else config.node.cluster
+    return ProxyStatus(node_id=config.node.id, service=cast(str, service), types=types)
+
+
+def render(proxies: list[ProxyStatus], console: Console) -> None:
+    if not proxies:
+        console.print("no sidecars connected")
+        return
+    table = Table(box=None, pad_edge=False)
+    table.add_column("NODE")
+    table.add_column("SERVICE")
+    for name, _ in TYPE_COLUMNS:
+        table.add_column(f"{name} (sent/acked)")
+    table.add_column("LAST NACK")
+    for proxy in sorted(proxies, key=lambda p: (p.service, p.node_id)):
+        cells = []
+        nacks = []
+        for name, _ in TYPE_COLUMNS:
+            ts = proxy.types.get(name)
+            if ts is None:
+                cells.append("-")
+                continue
+            cells.append(f"{ts.status} {ts.version_sent[:8] or '-'}/{ts.version_acked[:8] or '-'}")
+            if ts.last_nack:
+                nacks.append(f"{name}: {ts.last_nack}")
+        table.add_row(proxy.node_id, proxy.service, *cells, "; ".join(nacks) or "-")
+    console.print(table)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    try:
+        proxies = fetch_status(args.control_plane)
+    except grpc.RpcError as exc:
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        print(
+            f"outrigger status: cannot ask the control plane at {args.control_plane}: "
+            f"{code.name if code else exc}",
+            file=sys.stderr,
+        )
+        return 1
+    render(proxies, Console(width=200, soft_wrap=True))
+    return 0

@@ -1,0 +1,392 @@
+"""The sidecar's xDS client: one ADS stream (state of the world) to the control plane.
+
+It subscribes to every Listener and Cluster (wildcard), to the RouteConfigurations its own
+listeners' HTTP connection managers name (listeners with filter chains; api_listeners are for
+proxyless gRPC clients), and to the ClusterLoadAssignments of the EDS clusters. Responses are
+held as pending until the set is complete (every route configuration and assignment it asked
+for has been answered); then `sidecar.xds.build_snapshot` builds one Snapshot from the accepted
+resources overlaid with the pending ones, and `apply` installs it atomically.
+
+- Success: every pending type is ACKed with its version, and the resources are written to
+  `snapshot_cache` (atomically) for the next start.
+- ConfigError from build_snapshot or apply: every pending type is NACKed (the last good version
+  and a google.rpc.Status naming the problem) and the previous snapshot stays.
+
+The stream is reopened after any failure with capped full-jitter backoff
+(`uniform(0, min(backoff_max, backoff_base * 2**attempt))`); a reopened stream resubscribes
+with the versions it holds, and the server answers with the current state (resync).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf.message import DecodeError, Message
+from google.rpc import code_pb2, status_pb2
+
+from sidecar.runtime import ConfigError, Snapshot
+
+log = logging.getLogger("outrigger.sidecar.xds_client")
+
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+HCM_TYPE = (
+    "type.googleapis.com/"
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+USER_AGENT = "outrigger"
+_EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009 (not in grpc-stubs)
+
+# type url -> (message class, function giving a resource's name)
+_TYPES: dict[str, tuple[Callable[[], Message], Callable[[Any], str]]] = {
+    LISTENER_TYPE: (listener_pb2.Listener, lambda m: cast(str, m.name)),
+    ROUTE_TYPE: (route_pb2.RouteConfiguration, lambda m: cast(str, m.name)),
+    CLUSTER_TYPE: (cluster_pb2.Cluster, lambda m: cast(str, m.name)),
+    ENDPOINT_TYPE: (endpoint_pb2.ClusterLoadAssignment, lambda m: cast(str, m.cluster_name)),
+}
+WILDCARD_TYPES = (LISTENER_TYPE, CLUSTER_TYPE)
+NAMED_TYPES = (ROUTE_TYPE, ENDPOINT_TYPE)
+Resources = dict[str, dict[str, Message]]
+
+# Keepalive finds a dead control plane on an idle stream (the server permits these pings).
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+def route_names(listeners: Iterable[Any]) -> set[str]:
+    """RDS names named by the HTTP connection managers in the listeners' filter chains."""
+    names: set[str] = set()
+    for listener in listeners:
+        for chain in listener.filter_chains:
+            for f in chain.filters:
+                if f.HasField("typed_config") and f.typed_config.type_url == HCM_TYPE:
+                    hcm = hcm_pb2.HttpConnectionManager()
+                    f.typed_config.Unpack(hcm)
+                    if hcm.HasField("rds"):
+                        names.add(hcm.rds.route_config_name)
+    return names
+
+
+def eds_names(clusters: Iterable[Any]) -> set[str]:
+    """ClusterLoadAssignment names the EDS clusters need."""
+    return {
+        c.eds_cluster_config.service_name or c.name
+        for c in clusters
+        if c.type == cluster_pb2.Cluster.EDS
+    }
+
+
+def snapshot_version(type_versions: Mapping[str, str]) -> str:
+    h = hashlib.sha256()
+    for type_url in sorted(type_versions):
+        h.update(f"{type_url}={type_versions[type_url]}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _build(resources: Resources, version: str) -> Snapshot:
+    from sidecar.xds import build_snapshot
+
+    return build_snapshot(resources, version)
+
+
+@dataclass(slots=True)
+class _TypeState:
+    """One type on the current stream."""
+
+    names: frozenset[str] | None = None  # None: wildcard
+    nonce: str = ""  # of the last response received
+    awaiting: bool = True  # subscribed, not answered yet
+    pending: dict[str, Message] | None = None
+    pending_version: str = ""
+
+
+@dataclass(slots=True)
+class _Stream:
+    types: dict[str, _TypeState] = field(default_factory=dict)
+    got_response: bool = False
+
+
+class XdsClient:
+    def __init__(
+        self,
+        address: str,
+        *,
+        node_id: str,
+        service: str,
+        namespace: str,
+        apply: Callable[[Snapshot], None],
+        snapshot_cache: Path | None = None,
+        backoff_base: float = 0.25,
+        backoff_max: float = 10.0,
+    ) -> None:
+        self.address = address
+        self.node = base_pb2.Node(id=node_id, cluster=service, user_agent_name=USER_AGENT)
+        self.node.metadata.update({"service": service, "namespace": namespace})
+        self.apply = apply
+        self.snapshot_cache = snapshot_cache
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.ready = asyncio.Event()
+        self.snapshot: Snapshot | None = None
+        self.last_error = ""  # the last ConfigError NACKed
+        self.connected = False
+        self._accepted: Resources = {t: {} for t in _TYPES}
+        self._versions: dict[str, str] = {}  # type url -> version accepted
+
+    # -- the cache file -----------------------------------------------------------------
+
+    def load_cached(self) -> Snapshot | None:
+        """The last good snapshot from `snapshot_cache`, or None (missing or unusable)."""
+        loaded = self._read_cache()
+        return loaded[0] if loaded is not None else None
+
+    def _read_cache(self) -> tuple[Snapshot, Resources, dict[str, str]] | None:
+        if self.snapshot_cache is None:
+            return None
+        try:
+            doc = json.loads(self.snapshot_cache.read_text())
+            versions = {str(k): str(v) for k, v in doc["type_versions"].items()}
+            resources: Resources = {t: {} for t in _TYPES}
+            for type_url, entries in doc["resources"].items():
+                factory, name_of = _TYPES[type_url]
+                for encoded in entries.values():
+                    message = factory()
+                    message.ParseFromString(base64.b64decode(encoded))
+                    resources[type_url][name_of(message)] = message
+            return _build(resources, str(doc["version"])), resources, versions
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, DecodeError, ConfigError) as exc:
+            log.warning("snapshot cache %s unusable: %s", self.snapshot_cache, exc)
+            return None
+
+    def _write_cache(self, version: str) -> None:
+        if self.snapshot_cache is None:
+            return
+        doc = {
+            "version": version,
+            "type_versions": self._versions,
+            "resources": {
+                t: {n: base64.b64encode(m.SerializeToString()).decode() for n, m in res.items()}
+                for t, res in self._accepted.items()
+            },
+        }
+        path = self.snapshot_cache
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(doc, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as exc:
+            log.warning("cannot write snapshot cache %s: %s", path, exc)
+
+    # -- the stream -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, subscribe, apply, ACK/NACK; reconnect with backoff. Runs until cancelled."""
+        if self.snapshot is None:
+            loaded = await asyncio.to_thread(self._read_cache)
+            if loaded is not None:
+                snapshot, resources, versions = loaded
+                self.apply(snapshot)
+                self.snapshot = snapshot
+                self._accepted, self._versions = resources, versions
+                self.ready.set()
+                log.info("applied cached snapshot %s", snapshot.version)
+        attempt = 0
+        while True:
+            stream = _Stream()
+            try:
+                await self._run_stream(stream)
+                log.warning("control plane %s closed the xDS stream", self.address)
+            except grpc.aio.AioRpcError as exc:
+                log.warning(
+                    "xDS stream to %s failed: %s %s", self.address, exc.code().name, exc.details()
+                )
+            except asyncio.InvalidStateError:  # a write raced the end of the call
+                log.warning("xDS stream to %s ended while writing", self.address)
+            finally:
+                self.connected = False
+            if stream.got_response:
+                attempt = 0
+            delay = random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def _run_stream(self, stream: _Stream) -> None:
+        async with grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS) as channel:
+            # grpc-stubs predates grpc.aio's streaming call objects: typed as Any here.
+            method: Any = channel.stream_stream(
+                ADS_METHOD,
+                request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+                response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+            )
+            call = method()
+            first = True
+            for type_url in WILDCARD_TYPES:
+                stream.types[type_url] = _TypeState(names=None)
+            for type_url in NAMED_TYPES:
+                if self._accepted[type_url]:  # resubscribe what we hold
+                    stream.types[type_url] = _TypeState(names=frozenset(self._accepted[type_url]))
+            for type_url, ts in stream.types.items():
+                request = self._request(type_url, ts)
+                if first:
+                    request.node.CopyFrom(self.node)
+                    first = False
+                await call.write(request)
+            self.connected = True
+            while True:
+                response = await call.read()
+                if response is _EOF:
+                    return
+                stream.got_response = True
+                for request in await self._on_response(stream, response):
+                    await call.write(request)
+
+    def _request(
+        self, type_url: str, ts: _TypeState, error: str | None = None, version: str | None = None
+    ) -> Any:
+        request = discovery_pb2.DiscoveryRequest(
+            type_url=type_url,
+            version_info=version if version is not None else self._versions.get(type_url, ""),
+            response_nonce=ts.nonce,
+            resource_names=sorted(ts.names) if ts.names is not None else [],
+        )
+        if error is not None:
+            request.error_detail.CopyFrom(
+                status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=error)
+            )
+        return request
+
+    def _view(self, stream: _Stream, type_url: str) -> dict[str, Message]:
+        ts = stream.types.get(type_url)
+        if ts is not None and ts.pending is not None:
+            return ts.pending
+        return self._accepted[type_url]
+
+    async def _on_response(self, stream: _Stream, response: Any) -> list[Any]:
+        type_url = cast(str, response.type_url)
+        ts = stream.types.get(type_url)
+        if ts is None or type_url not in _TYPES:
+            log.warning("ignoring a response for unsubscribed type %s", type_url)
+            return []
+        ts.nonce = response.nonce
+        ts.awaiting = False
+        try:
+            decoded = self._decode(type_url, response.resources)
+        except ConfigError as exc:
+            self.last_error = str(exc)
+            log.warning("NACK %s version %s: %s", type_url, response.version_info, exc)
+            return [self._request(type_url, ts, error=str(exc))]
+        if ts.names is not None:  # named subscription: keep what was not re-sent
+            merged = {n: m for n, m in self._view(stream, type_url).items() if n in ts.names}
+            merged.update((n, m) for n, m in decoded.items() if n in ts.names)
+            decoded = merged
+        ts.pending = decoded
+        ts.pending_version = response.version_info
+        requests = self._resubscribe(stream)
+        if any(t.awaiting for t in stream.types.values()):
+            return requests  # ACK once the set is complete
+        return requests + await self._commit(stream)
+
+    def _decode(self, type_url: str, resources: Iterable[Any]) -> dict[str, Message]:
+        factory, name_of = _TYPES[type_url]
+        out: dict[str, Message] = {}
+        for packed in resources:
+            if packed.type_url != type_url:
+                raise ConfigError(f"a {type_url} response carries a {packed.type_url}")
+            message = factory()
+            try:
+                message.ParseFromString(packed.value)
+            except DecodeError as exc:
+                raise ConfigError(f"{type_url}: cannot decode a resource: {exc}") from exc
+            name = name_of(message)
+            if name in out:
+                raise ConfigError(f"{type_url}: resource {name!r} appears twice")
+            out[name] = message
+        return out
+
+    def _resubscribe(self, stream: _Stream) -> list[Any]:
+        """Follow the listeners to their routes and the clusters to their endpoints."""
+        wanted = {
+            ROUTE_TYPE: route_names(self._view(stream, LISTENER_TYPE).values()),
+            ENDPOINT_TYPE: eds_names(self._view(stream, CLUSTER_TYPE).values()),
+        }
+        requests = []
+        for type_url, names in wanted.items():
+            ts = stream.types.get(type_url)
+            if ts is None:
+                if not names:
+                    continue
+                ts = stream.types[type_url] = _TypeState(names=frozenset(names))
+            elif ts.names == frozenset(names):
+                continue
+            ts.names = frozenset(names)
+            ts.awaiting = True
+            requests.append(self._request(type_url, ts))
+        return requests
+
+    async def _commit(self, stream: _Stream) -> list[Any]:
+        pending = {t: ts for t, ts in stream.types.items() if ts.pending is not None}
+        if not pending:
+            return []
+        resources: Resources = {t: dict(self._view(stream, t)) for t in _TYPES}
+        versions = dict(self._versions)
+        versions.update((t, ts.pending_version) for t, ts in pending.items())
+        version = snapshot_version(versions)
+        try:
+            if self.snapshot is None or self.snapshot.version != version:
+                snapshot = _build(resources, version)
+                self.apply(snapshot)
+                self.snapshot = snapshot
+                log.info("applied snapshot %s", version)
+        except ConfigError as exc:
+            self.last_error = str(exc)
+            log.warning("NACK version %s: %s", version, exc)
+            requests = [self._request(t, ts, error=str(exc)) for t, ts in pending.items()]
+            for ts in pending.values():
+                ts.pending = None
+            return requests
+        requests = []
+        for type_url, ts in pending.items():
+            self._accepted[type_url] = cast(dict[str, Message], ts.pending)
+            self._versions[type_url] = ts.pending_version
+            ts.pending = None
+            requests.append(self._request(type_url, ts))
+        await asyncio.to_thread(self._write_cache, version)
+        self.ready.set()
+        return requests

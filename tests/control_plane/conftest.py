@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from ads_fixtures import mesh_resources
+
+from control_plane.app import ControlPlane
+from control_plane.cache import make_snapshot
+
+
+@pytest.fixture
+async def plane() -> AsyncIterator[ControlPlane]:
+    """A control plane on 127.0.0.1 port 0, serving two services, without a mesh file."""
+    cp = ControlPlane(None)
+    cp.cache.set_snapshot(
+        make_snapshot(
+            mesh_resources({"payments": [("127.0.0.1", 9001)], "orders": [("127.0.0.1", 9101)]})
+        )
+    )
+    async with asyncio.timeout(5):
+        await cp.start("127.0.0.1:0", "127.0.0.1:0")
+    yield cp
+    async with asyncio.timeout(5):
+        await cp.stop(0)
