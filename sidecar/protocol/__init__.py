@@ -1,0 +1,38 @@
+"""Sans-IO HTTP/1.1 codec: parsers turn bytes into events, serializers turn the model into bytes.
+
+Never imports asyncio; see HARDENING.md for the rules it enforces.
+"""
+
+from .events import (
+    Data,
+    EndOfMessage,
+    Headers,
+    Reject,
+    RequestEvent,
+    RequestHead,
+    ResponseEvent,
+    ResponseHead,
+)
+from .limits import Limits
+from .request import RequestParser
+from .response import ResponseParser
+from .serialize import LAST_CHUNK, chunk, informational, request_head, response_head
+
+__all__ = [
+    "LAST_CHUNK",
+    "Data",
+    "EndOfMessage",
+    "Headers",
+    "Limits",
+    "Reject",
+    "RequestEvent",
+    "RequestHead",
+    "RequestParser",
+    "ResponseEvent",
+    "ResponseHead",
+    "ResponseParser",
+    "chunk",
+    "informational",
+    "request_head",
+    "response_head",
+]

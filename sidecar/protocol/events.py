@@ -15,7 +15,9 @@ Headers = list[tuple[bytes, bytes]]
 class RequestHead:
     method: bytes  # as sent (methods are case-sensitive tokens)
     path: bytes  # origin-form target (absolute-form is reduced to its path and query)
-    authority: bytes  # lower-case host[:port] from absolute-form or Host; b"" on HTTP/1.0 without Host
+    authority: (
+        bytes  # lower-case host[:port] from absolute-form or Host; b"" on HTTP/1.0 without Host
+    )
     version: bytes  # b"1.1" or b"1.0"
     headers: Headers  # lower-case names; hop-by-hop and Host removed; values as sent
     keep_alive: bool  # the client wants the connection kept open after this exchange

@@ -1,0 +1,343 @@
+"""Sans-IO HTTP/1.1 response parser for one exchange (HARDENING rules 2, 3, 6, 7, 9).
+
+One `ResponseParser` reads the upstream's answer to one request: any number of interim (1xx)
+responses, then the final one. Heads are cut at the first CRLFCRLF and validated by llhttp, like
+requests; bodies are framed here. Anything the upstream gets wrong is `Reject(502, ...)` and the
+connection is not reusable. Bytes after a complete response (including after a bodiless 204/304/HEAD
+response) are never returned as data: they only make `reusable` False.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+import httptools
+
+from .events import Data, EndOfMessage, Headers, Reject, ResponseEvent, ResponseHead
+from .limits import Limits
+from .request import (
+    K_CL,
+    K_CONNECTION,
+    K_DROP,
+    K_EXPECT,
+    K_HOST,
+    K_TE,
+    K_UPGRADE,
+    LOWER,
+    OWS,
+    SPECIAL,
+    V10,
+    V11,
+    ChunkedDecoder,
+    ChunkError,
+    HeadError,
+    bare_lf_first,
+    list_tokens,
+    parse_content_length,
+)
+
+__all__ = ["ResponseParser"]
+
+# Host and Expect are end-to-end on a response; the rest of the request table applies.
+_SPECIAL: Final = {name: kind for name, kind in SPECIAL.items() if kind not in (K_HOST, K_EXPECT)}
+
+_STATUS_LINE: Final = re.compile(
+    rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t \x21-\x7e\x80-\xff]*))?\r\n"
+)
+_CONNECTION_OPTIONS: Final = frozenset((b"close", b"keep-alive", b"upgrade"))
+_CRLFCRLF: Final = b"\r\n\r\n"
+
+_HEAD: Final = 0
+_BODY: Final = 1  # Content-Length body
+_CHUNKED: Final = 2
+_UNTIL_EOF: Final = 3  # close-delimited body
+_DONE: Final = 4
+_UPGRADED: Final = 5
+_DEAD: Final = 6
+
+
+class ResponseParser:
+    """Parses the upstream's bytes for one request into ResponseHead / Data / EndOfMessage."""
+
+    __slots__ = (
+        "_buf",
+        "_chunked",
+        "_extra",
+        "_head_done",
+        "_head_request",
+        "_headers",
+        "_keep_alive",
+        "_limits",
+        "_ll",
+        "_ll_clean",
+        "_message_done",
+        "_remaining",
+        "_rest",
+        "_seen",
+        "_special",
+        "_state",
+    )
+
+    def __init__(self, request_method: bytes, limits: Limits = Limits()) -> None:  # noqa: B008
+        self._limits = limits
+        self._head_request = request_method == b"HEAD"
+        self._state = _HEAD
+        self._buf = bytearray()
+        self._remaining = 0
+        self._chunked: ChunkedDecoder | None = None
+        self._keep_alive = False
+        self._extra = False  # bytes arrived after the response ended
+        self._seen = False  # any byte at all arrived
+        self._rest = bytearray()
+        self._headers: Headers = []
+        self._special: list[tuple[int, bytes]] = []
+        self._head_done = False
+        self._message_done = False
+        self._ll = httptools.HttpResponseParser(self)
+        self._ll_clean = True
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.translate(LOWER)
+        kind = _SPECIAL.get(name)
+        if kind is None:
+            self._headers.append((name, value))
+        elif kind != K_DROP:
+            self._special.append((kind, value))
+
+    def on_headers_complete(self) -> None:
+        self._head_done = True
+
+    def on_message_complete(self) -> None:
+        self._message_done = True
+
+    # public API
+    @property
+    def reusable(self) -> bool:
+        """The upstream connection may carry another request: the response ended cleanly,
+        its framing allowed keep-alive, and nothing followed it."""
+        return self._state == _DONE and self._keep_alive and not self._extra
+
+    def feed(self, data: bytes) -> list[ResponseEvent]:
+        state = self._state
+        if state >= _DONE:
+            if state == _UPGRADED:
+                self._rest += data
+            elif state == _DONE and data:
+                self._extra = True
+            return []
+        if not data:
+            return []
+        self._seen = True
+        if self._buf:
+            pending = self._buf
+            scan = max(0, len(pending) - 3)
+            pending += data
+            if state == _HEAD and pending.find(_CRLFCRLF, scan) < 0:
+                if len(pending) > self._limits.max_response_header_bytes:
+                    return [self._die("response head too large")]
+                return []
+            buf = bytes(self._buf)
+            self._buf.clear()
+        else:
+            buf = data
+        events: list[ResponseEvent] = []
+        try:
+            self._run(buf, events)
+        except (HeadError, ChunkError) as exc:
+            events.append(self._die(str(exc)))
+        return events
+
+    def feed_eof(self) -> list[ResponseEvent]:
+        state = self._state
+        if state == _UNTIL_EOF:
+            self._state = _DONE
+            return [EndOfMessage()]
+        if state >= _DONE:
+            return []
+        if not self._seen:
+            return [self._die("upstream closed the connection before responding")]
+        return [self._die("upstream closed the connection in the middle of a response")]
+
+    def take_upgrade_rest(self) -> bytes:
+        """Raw bytes the upstream sent after its 101 head (the start of the tunnel)."""
+        rest = bytes(self._rest)
+        self._rest.clear()
+        return rest
+
+    # internals
+    def _die(self, reason: str) -> Reject:
+        self._state = _DEAD
+        self._buf = bytearray()
+        return Reject(502, reason)
+
+    def _run(self, buf: bytes, events: list[ResponseEvent]) -> None:
+        pos = 0
+        end = len(buf)
+        while pos < end:
+            state = self._state
+            if state == _HEAD:
+                stop = buf.find(_CRLFCRLF, pos)
+                if stop < 0:
+                    if end - pos > self._limits.max_response_header_bytes:
+                        raise HeadError(502, "response head too large")
+                    if bare_lf_first(buf, pos):
+                        raise HeadError(502, "bare LF in response head")
+                    self._buf[:] = memoryview(buf)[pos:]
+                    return
+                stop += 4
+                if stop - pos > self._limits.max_response_header_bytes:
+                    raise HeadError(502, "response head too large")
+                head = self._parse_head(buf[pos:stop])
+                events.append(head)
+                pos = stop
+                if head.status < 200:
+                    events.append(EndOfMessage())
+                    if head.upgrade is not None:
+                        self._state = _UPGRADED
+                        self._keep_alive = False
+                        self._rest[:] = memoryview(buf)[pos:]
+                        return
+                elif not head.has_body:
+                    self._finish(events)
+                elif head.chunked:
+                    self._chunked = ChunkedDecoder(self._limits)
+                    self._state = _CHUNKED
+                elif head.content_length is not None:
+                    self._remaining = head.content_length
+                    self._state = _BODY
+                    if not head.content_length:
+                        self._finish(events)
+                else:
+                    self._state = _UNTIL_EOF
+            elif state == _BODY:
+                take = min(self._remaining, end - pos)
+                events.append(Data(buf[pos : pos + take]))
+                pos += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._finish(events)
+            elif state == _CHUNKED:
+                decoder = self._chunked
+                assert decoder is not None
+                pos = decoder.step(buf, pos, events.append)
+                if decoder.done:
+                    self._chunked = None
+                    self._finish(events)
+                elif pos < end:
+                    self._buf[:] = memoryview(buf)[pos:]
+                    return
+            elif state == _UNTIL_EOF:
+                events.append(Data(buf if pos == 0 else buf[pos:]))
+                return
+            else:  # _DONE: whatever follows a complete response poisons the connection
+                self._extra = True
+                return
+
+    def _finish(self, events: list[ResponseEvent]) -> None:
+        events.append(EndOfMessage())
+        self._state = _DONE
+
+    def _parse_head(self, head: bytes) -> ResponseHead:
+        m = _STATUS_LINE.match(head)
+        if m is None:
+            raise HeadError(502, "malformed status line")
+        minor, code, reason = m.groups()
+        version = V11 if minor == b"1" else V10
+        status = int(code)  # safe: three ASCII digits
+        if reason is None:
+            reason = b""
+
+        if not self._ll_clean:
+            self._ll = httptools.HttpResponseParser(self)
+        headers: Headers = []
+        special: list[tuple[int, bytes]] = []
+        self._headers = headers
+        self._special = special
+        self._head_done = self._message_done = False
+        try:
+            self._ll.feed_data(head)
+        except httptools.HttpParserUpgrade:
+            self._message_done = False
+        except httptools.HttpParserError as exc:
+            self._ll_clean = False
+            raise HeadError(502, f"malformed response head: {exc}") from None
+        self._ll_clean = self._message_done
+        if not self._head_done:
+            raise HeadError(502, "malformed response head")
+
+        if b"_" in head:
+            for name, _ in headers:
+                if b"_" in name:
+                    raise HeadError(502, "underscore in response header name")
+        if b" \r\n" in head or b"\t\r\n" in head:
+            headers[:] = [(name, value.rstrip(OWS)) for name, value in headers]
+            special[:] = [(kind, value.rstrip(OWS)) for kind, value in special]
+
+        content_length: int | None = None
+        te: list[bytes] | None = None
+        connection: list[bytes] = []
+        upgrade: bytes | None = None
+        for kind, value in special:
+            if kind == K_CL:
+                try:
+                    content_length = parse_content_length(value, content_length)
+                except HeadError as exc:
+                    raise HeadError(502, f"upstream sent {exc.reason}") from None
+            elif kind == K_TE:
+                if te is None:
+                    te = []
+                te += list_tokens(value)
+            elif kind == K_CONNECTION:
+                connection += list_tokens(value)
+            elif kind == K_UPGRADE:
+                upgrade = value if upgrade is None else upgrade + b", " + value
+
+        chunked = False
+        if te is not None:
+            if version == V10:
+                raise HeadError(502, "upstream sent Transfer-Encoding on HTTP/1.0")
+            if content_length is not None:
+                raise HeadError(502, "upstream sent both Content-Length and Transfer-Encoding")
+            if te != [b"chunked"]:
+                raise HeadError(502, "upstream sent an unsupported Transfer-Encoding")
+            chunked = True
+
+        keep_alive = version == V11
+        if connection:
+            if b"close" in connection:
+                keep_alive = False
+            elif b"keep-alive" in connection:
+                keep_alive = True
+            named = {t for t in connection if t not in _CONNECTION_OPTIONS}
+            if named:
+                headers = [h for h in headers if h[0] not in named]
+
+        if status < 200:
+            if status == 101:
+                if upgrade is None:
+                    raise HeadError(502, "101 response without Upgrade")
+            else:
+                upgrade = None
+            has_body = False
+            content_length = None
+            chunked = False
+            keep_alive = keep_alive and status != 101
+        else:
+            upgrade = None
+            has_body = not (self._head_request or status == 204 or status == 304)
+            if has_body and not chunked and content_length is None:
+                keep_alive = False  # close-delimited
+        self._keep_alive = keep_alive
+        return ResponseHead(
+            status,
+            reason,
+            version,
+            headers,
+            keep_alive,
+            None if chunked else content_length,
+            chunked,
+            has_body,
+            upgrade,
+        )
