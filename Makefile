@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install check lint typecheck test demo bench clean
+.PHONY: install check lint typecheck test run bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,8 +30,9 @@ check: lint typecheck
 
 test: check
 
-demo: $(STAMP)
-	$(BIN)/outrigger demo
+# A sidecar in front of the example mesh (standalone), on the default ports.
+run: $(STAMP)
+	$(BIN)/outrigger sidecar --mesh examples/mesh.yaml --service frontend
 
 bench: $(STAMP)
 	$(BIN)/python tests/bench/run.py

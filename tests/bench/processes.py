@@ -1,0 +1,268 @@
+"""Child processes of the harness: start, wait for, measure (/proc) and stop them.
+
+Every process is started in its own session (process group) and registered with a
+`ProcessGroup`, whose `close()` terminates each one by its own pgid: SIGTERM, a bounded wait,
+then SIGKILL. `run.py` closes the group in a `finally`, so Ctrl-C and errors leave nothing
+behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+STOP_TIMEOUT_S = 5.0
+
+
+class BenchError(Exception):
+    """A row could not be measured; the message says why (it goes into the table)."""
+
+
+def free_port() -> int:
+    """A port the kernel considers free on 127.0.0.1 right now.
+
+    The servers under test (nginx, HAProxy, the sidecar) take addresses, not sockets, so there is
+    a window between closing this socket and the server binding it. Readiness checks verify that
+    the process we started is the one answering (it is alive and serves our exact body).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Proc:
+    """A started child: its Popen, its name and where its output goes."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def output_tail(self, max_chars: int = 2000) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError as exc:
+            return f"<cannot read {self.log_path}: {exc}>"
+        text = text.strip()
+        if not text:
+            return "<no output>"
+        return text[-max_chars:]
+
+
+@dataclass
+class ProcessGroup:
+    """Owns every process the harness starts; `close()` stops them all."""
+
+    workdir: Path
+    cpus: str | None = None
+    procs: list[Proc] = field(default_factory=list)
+
+    def start(self, name: str, argv: Sequence[str], *, cpus: str | None = None) -> Proc:
+        """Start `argv` pinned to `cpus` (taskset list, e.g. "0"); output goes to a log file."""
+        log_path = self.workdir / f"{name}.log"
+        full = list(argv)
+        if cpus is not None:
+            full = ["taskset", "-c", cpus, *full]
+        with log_path.open("wb") as log:
+            popen = subprocess.Popen(
+                full,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.workdir,
+            )
+        proc = Proc(name=name, popen=popen, log_path=log_path)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc) -> None:
+        """Terminate one process (and its process group), bounded."""
+        if proc in self.procs:
+            self.procs.remove(proc)
+        _terminate(proc.popen)
+
+    def close(self) -> None:
+        while self.procs:
+            self.stop(self.procs[-1])
+
+
+def _terminate(popen: subprocess.Popen[bytes]) -> None:
+    pgid = popen.pid  # start_new_session=True: the child leads its own group
+    for sig, wait_s in ((signal.SIGTERM, STOP_TIMEOUT_S), (signal.SIGKILL, STOP_TIMEOUT_S)):
+        if popen.poll() is not None:
+            # The leader is gone; reap any stragglers left in its group.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+        try:
+            popen.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+# --- waiting ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HttpResult:
+    status: int
+    body: bytes
+
+
+def http_get(url: str, *, host: str | None = None, timeout_s: float = 2.0) -> HttpResult:
+    """One GET with urllib (no proxies from the environment); HTTP errors are results too."""
+    req = urllib.request.Request(url)
+    if host is not None:
+        req.add_header("Host", host)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=timeout_s) as resp:
+            return HttpResult(status=resp.status, body=resp.read())
+    except urllib.error.HTTPError as exc:
+        return HttpResult(status=exc.code, body=exc.read())
+
+
+def wait_until(
+    proc: Proc,
+    check: Callable[[], str | None],
+    *,
+    timeout_s: float,
+    what: str,
+) -> None:
+    """Poll `check` (None = ready, else a reason) until ready; raise BenchError on timeout/exit."""
+    deadline = time.monotonic() + timeout_s
+    reason = "not checked yet"
+    while True:
+        if not proc.alive():
+            raise BenchError(
+                f"{what}: {proc.name} exited with {proc.popen.returncode}: {proc.output_tail()}"
+            )
+        try:
+            result = check()
+        except OSError as exc:  # connection refused, reset, timeout ...
+            result = f"{type(exc).__name__}: {exc}"
+        if result is None:
+            return
+        reason = result
+        if time.monotonic() >= deadline:
+            raise BenchError(
+                f"{what} (after {timeout_s:.0f}s; last check: {reason}): {proc.output_tail()}"
+            )
+        time.sleep(0.1)
+
+
+# --- /proc measurements ----------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    for tid in tasks:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
+        except OSError:
+            continue
+        kids.extend(int(x) for x in text.split())
+    return kids
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (nginx: master + worker)."""
+    seen: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.append(p)
+        todo.extend(_children(p))
+    return seen
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` and its descendants, all threads, in seconds."""
+    total_ticks = 0
+    for p in process_tree(pid):
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        # Field 2 (comm) may contain spaces; everything after the last ')' is space-separated.
+        fields = stat.rsplit(")", 1)[1].split()
+        utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+        total_ticks += utime + stime
+    return total_ticks / CLOCK_TICKS
+
+
+def _status_kib(pid: int, key: str) -> int:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def rss_kib(pid: int) -> int:
+    """Sum of VmRSS over the process tree (shared pages counted once per process)."""
+    return sum(_status_kib(p, "VmRSS") for p in process_tree(pid))
+
+
+def hwm_kib(pid: int) -> int:
+    """Sum of VmHWM (lifetime peak RSS) over the process tree."""
+    return sum(_status_kib(p, "VmHWM") for p in process_tree(pid))
+
+
+class RssSampler:
+    """Samples the tree's VmRSS every `interval_s` in a thread; `peak_kib` is the max seen."""
+
+    def __init__(self, pid: int, interval_s: float = 0.05) -> None:
+        self._pid = pid
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self.peak_kib = 0
+        self.samples = 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kib = max(self.peak_kib, rss_kib(self._pid))
+            self.samples += 1
+            self._stop.wait(self._interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)
