@@ -217,12 +217,19 @@ def _number(where: _Where, path: str, value: object, low: float, high: float, fo
     return float(value)
 
 
-def _duration(where: _Where, path: str, value: object) -> float:
-    """A strictly positive duration in seconds."""
+def parse_duration(value: object) -> float | None:
+    """Seconds for "250ms", "1.5s", "2s", "1m", "1h"; None when the text is not of that form."""
     match = _DURATION.fullmatch(value) if isinstance(value, str) else None
     if match is None:
+        return None
+    return float(match["value"]) * _UNIT_SECONDS[match["unit"]]
+
+
+def _duration(where: _Where, path: str, value: object) -> float:
+    """A strictly positive duration in seconds."""
+    seconds = parse_duration(value)
+    if seconds is None:
         where.fail(path, f"must be {_DURATION_FORM}", value)
-    seconds = float(match["value"]) * _UNIT_SECONDS[match["unit"]]
     if seconds <= 0:
         where.fail(path, "must be a duration greater than zero", value)
     # Round to whole nanoseconds so xDS Durations (seconds + nanos) carry it exactly.

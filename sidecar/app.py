@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -18,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from control_plane.mesh import Mesh, MeshError, load_mesh, parse_mesh
+from control_plane.mesh import Mesh, MeshError, load_mesh, parse_duration, parse_mesh
 from sidecar.admin import Admin
 from sidecar.exchange import Handler, Request, Response
 from sidecar.flags import Flag, ProxyError
@@ -43,6 +42,7 @@ DEFAULTS: dict[str, str] = {
     "app": "127.0.0.1:8080",
     "admin": "127.0.0.1:15000",
     "drain_timeout": "20s",
+    "initial_fetch_timeout": "10s",
     "namespace": "default",
 }
 SETTING_KEYS = (
@@ -58,8 +58,8 @@ SETTING_KEYS = (
     "drain_timeout",
     "snapshot_cache",
     "access_log",
+    "initial_fetch_timeout",
 )
-_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m)$")
 
 
 class SettingsError(ValueError):
@@ -74,11 +74,10 @@ def parse_address(key: str, value: str) -> tuple[str, int]:
 
 
 def parse_seconds(key: str, value: str) -> float:
-    match = _DURATION.match(value)
-    if match is None:
+    seconds = parse_duration(value)
+    if seconds is None:
         raise SettingsError(f"{key}: expected a duration like 250ms, 20s or 1m, got {value!r}")
-    number, unit = float(match.group(1)), match.group(2)
-    return number * {"ms": 0.001, "s": 1.0, "m": 60.0}[unit]
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +94,7 @@ class SidecarSettings:
     drain_timeout: float
     snapshot_cache: Path | None
     access_log: bool
+    initial_fetch_timeout: float = 10.0  # then the embedded default; 0: wait forever
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SidecarSettings:
@@ -142,6 +142,9 @@ class SidecarSettings:
             drain_timeout=parse_seconds("drain_timeout", str(values["drain_timeout"])),
             snapshot_cache=Path(values["snapshot_cache"]) if values.get("snapshot_cache") else None,
             access_log=bool(values.get("access_log")),
+            initial_fetch_timeout=parse_seconds(
+                "initial_fetch_timeout", str(values["initial_fetch_timeout"])
+            ),
         )
 
 
@@ -222,7 +225,10 @@ class Sidecar:
         if not self.listening:
             return "listeners not up yet"
         if self.active is None:
-            return "no config yet (waiting for the control plane)"
+            return (
+                f"no config yet (waiting for the control plane at {self.settings.control_plane}; "
+                f"initial fetch timeout {self.settings.initial_fetch_timeout:g}s)"
+            )
         return ""
 
     # --- routing -------------------------------------------------------------------------
@@ -290,6 +296,25 @@ class Sidecar:
                 )
 
         return completed
+
+    async def _initial_fetch_deadline(self) -> None:
+        """Managed mode: no config within initial_fetch_timeout -> serve the embedded default.
+
+        The pod must not stay unready because the control plane is down at start (Envoy's
+        initial_fetch_timeout); a config that arrives later replaces the default as usual.
+        """
+        timeout = self.settings.initial_fetch_timeout
+        if timeout <= 0:
+            return
+        await asyncio.sleep(timeout)
+        if self.active is None:
+            log.warning(
+                "no config from the control plane at %s within %gs: serving the embedded "
+                "default (allow_any passthrough, no services) until it answers",
+                self.settings.control_plane,
+                timeout,
+            )
+            self.apply(snapshot_from_mesh(embedded_mesh()))
 
     async def _housekeeping(self) -> None:
         while True:
@@ -400,6 +425,7 @@ class Sidecar:
         tasks = [loop.create_task(self._housekeeping())]
         if self.xds is not None:
             tasks.append(loop.create_task(self.xds.run()))
+            tasks.append(loop.create_task(self._initial_fetch_deadline()))
         assert self._drain_requested is not None
         await self._drain_requested.wait()
         clean = await self.drain()

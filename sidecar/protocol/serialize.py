@@ -48,19 +48,21 @@ def request_head(
     *,
     content_length: int | None,
     chunked: bool,
+    parsed: bool = False,
 ) -> bytes:
     """An HTTP/1.1 request head in origin-form with `host: authority` first.
 
     Framing: `content-length` when given, `transfer-encoding: chunked` when chunked, nothing
     otherwise. `headers` must not carry framing or hop-by-hop fields (the parser removed them).
     """
-    if _METHOD_OK.fullmatch(method) is None:
-        raise ValueError(f"invalid method {method!r}")
-    if _PATH.fullmatch(path) is None:
-        raise ValueError(f"invalid request path {path!r}")
-    if not valid_host(authority):
-        raise ValueError(f"invalid value for header 'host': {authority!r}")
-    _check_headers(headers)
+    if not parsed:
+        if _METHOD_OK.fullmatch(method) is None:
+            raise ValueError(f"invalid method {method!r}")
+        if _PATH.fullmatch(path) is None:
+            raise ValueError(f"invalid request path {path!r}")
+        if not valid_host(authority):
+            raise ValueError(f"invalid value for header 'host': {authority!r}")
+        _check_headers(headers)
     parts = [method, b" ", path, b" HTTP/1.1\r\nhost: ", authority, b"\r\n"]
     for name, value in headers:
         parts += (name, b": ", value, b"\r\n")
@@ -77,6 +79,7 @@ def response_head(
     content_length: int | None,
     chunked: bool,
     close: bool,
+    parsed: bool = False,
 ) -> bytes:
     """A response head for the client. Adds `connection: close` when `close`."""
     if not 100 <= status <= 999:
@@ -85,9 +88,10 @@ def response_head(
         raise ValueError(f"invalid HTTP version {version!r}")
     if chunked and version == b"1.0":
         raise ValueError("chunked framing cannot be sent to an HTTP/1.0 peer")
-    if _REASON.fullmatch(reason) is None:
-        raise ValueError(f"invalid reason phrase {reason!r}")
-    _check_headers(headers)
+    if not parsed:
+        if _REASON.fullmatch(reason) is None:
+            raise ValueError(f"invalid reason phrase {reason!r}")
+        _check_headers(headers)
     parts = [b"HTTP/", version, b" %d " % status, reason, b"\r\n"]
     for name, value in headers:
         parts += (name, b": ", value, b"\r\n")

@@ -178,7 +178,10 @@ class BodyStream:
     def discard(self) -> None:
         if self._on_discard is not None:
             callback, self._on_discard = self._on_discard, None
-            callback()
+            # A body that arrived whole has already had its connection pooled or closed by the
+            # exchange; that connection may now serve another request, so leave it alone.
+            if not self.finished:
+                callback()
         self._chunks.clear()
 
     # --- internals -----------------------------------------------------------------------

@@ -300,14 +300,16 @@ class DownstreamProtocol(asyncio.Protocol):
             body = EMPTY_BODY
             self._set_phase(WAITING)
         headers = head.headers
-        if any(name.startswith(MESH_HEADER_PREFIX) for name, _ in headers):
+        request_id = None
+        mesh_headers = False
+        for name, value in headers:  # one pass for both questions
+            if name == REQUEST_ID:
+                request_id = value
+            elif name.startswith(MESH_HEADER_PREFIX):
+                mesh_headers = True
+        if mesh_headers:
             headers = [(n, v) for n, v in headers if not n.startswith(MESH_HEADER_PREFIX)]
         if self.request_ids:
-            request_id = None
-            for name, value in headers:
-                if name == REQUEST_ID:
-                    request_id = value
-                    break
             if request_id is None:
                 headers.append((REQUEST_ID, os.urandom(16).hex().encode()))
             elif not _request_id_ok(request_id):
@@ -426,6 +428,7 @@ class DownstreamProtocol(asyncio.Protocol):
             content_length=length,
             chunked=chunked,
             close=close,
+            parsed=response.endpoint is not None,  # an upstream's head, from our parser
         )
         if not send_body:
             transport.write(head_bytes)

@@ -97,6 +97,15 @@ class UpstreamConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         parser = self._parser
         if parser is not None and self.tunnel is None:
+            head = self._head
+            if head is not None and not head.done():
+                # Closed before the response head was complete: a reset (UC, retryable as
+                # `reset`; a stale pooled connection with no byte back may be retried), not
+                # bad framing (UPE). Envoy: "upstream reset before headers".
+                when = "mid-head" if self.got_bytes else "before responding"
+                reason = f"{self.endpoint} closed the connection {when}"
+                head.set_exception(UpstreamError(Flag.UPSTREAM_RESET, reason))
+                return None
             for event in parser.feed_eof():
                 self._on_event(event)
         return None  # close the transport
@@ -231,13 +240,20 @@ class EndpointPool:
         self.in_use: set[UpstreamConnection] = set()
         self.connecting = 0
 
-    async def acquire(self, connect_timeout: float) -> tuple[UpstreamConnection, bool]:
-        """A connection ready for one exchange, and whether it was reused."""
+    def take_idle(self) -> UpstreamConnection | None:
+        """The most recently used open idle connection, if any (no await on the hot path)."""
         while self.idle:
             conn = self.idle.pop()
             if not conn.closed:
                 self.in_use.add(conn)
-                return conn, True
+                return conn
+        return None
+
+    async def acquire(self, connect_timeout: float) -> tuple[UpstreamConnection, bool]:
+        """A connection ready for one exchange, and whether it was reused."""
+        conn = self.take_idle()
+        if conn is not None:
+            return conn, True
         loop = asyncio.get_running_loop()
         self.connecting += 1
         try:
@@ -322,7 +338,10 @@ class Upstreams:
             service.connect_timeout if service is not None else self.default_connect_timeout
         )
         pool = self.pool(endpoint)
-        if pool.idle or service is None or self.services is None:
+        idle = pool.take_idle()
+        if idle is not None:
+            conn, reused = idle, True
+        elif service is None or self.services is None:
             conn, reused = await pool.acquire(connect_timeout)
         else:
             # Waiting for a new connection counts against the service's max_pending.
@@ -353,20 +372,26 @@ class Upstreams:
         body = req.body
         length = body.length
         chunked = length is None
+        if length == 0 and req.method not in _BODY_METHODS:
+            length = None  # a GET without a body carries no framing header at all
+        headers = req.headers
+        if req.upgrade is not None:
+            # The parser removed the hop-by-hop pair; the upstream must see the offer to
+            # answer 101 (HARDENING rule 7: a tunnel only after a matching 101).
+            headers = [*headers, (b"connection", b"upgrade"), (b"upgrade", req.upgrade)]
         conn.write(
             serialize.request_head(
                 req.method,
                 req.path,
                 req.authority,
-                req.headers,
-                content_length=length
-                if length
-                else (0 if length == 0 and _sends_zero(req) else None),
+                headers,
+                content_length=length,
                 chunked=chunked,
+                parsed=True,  # every part came from our parser, plus our hex request id
             )
         )
         pump: asyncio.Task[None] | None = None
-        if length == 0:
+        if not length and not chunked:
             conn.request_sent = True
         else:
             pump = asyncio.get_running_loop().create_task(_send_body(conn, req, chunked))
@@ -396,8 +421,8 @@ class Upstreams:
         return response
 
 
-def _sends_zero(req: Request) -> bool:
-    return req.method in (b"POST", b"PUT", b"PATCH")
+# Methods whose empty body is announced with `content-length: 0`.
+_BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
 
 
 def _log_pump_result(task: asyncio.Task[None]) -> None:
