@@ -191,6 +191,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.last_activity = 0.0
         self.tunnel_upstream: Callable[[bytes], None] | None = None
         self.tunnel_abort: Callable[[], None] | None = None
+        # Why the sidecar failed the request body of the cycle in flight (status, reason).
+        self.body_failure: tuple[int, str] | None = None
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -338,6 +340,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.close_after = True
         self._pause("rejected")
         if self.body is not None:
+            self.body_failure = (event.status, event.reason)
             self.body.fail(BodyReset(event.reason))
             self.body = None
         if self.task is not None and not self.task.done():
@@ -363,11 +366,33 @@ class DownstreamProtocol(asyncio.Protocol):
                 self._write_local(status, flag, body, head.version, close=self.close_after)
                 return
             except BodyReset:
-                status, flags = 499, Flag.DOWNSTREAM_DISCONNECT.value
+                failure = self.body_failure
+                if failure is None or self.closed:
+                    status, flags = 499, Flag.DOWNSTREAM_DISCONNECT.value
+                    return
+                # The sidecar cut the request body (timeout, bad chunk): the client is told why.
+                status, flags = failure[0], Flag.DOWNSTREAM_PROTOCOL_ERROR.value
+                reason = f"{failure[1]}\n".encode("ascii", "replace")
+                self._write_local(status, b"DPE", reason, head.version, close=True)
                 return
             status = response.status
             flags = ",".join(f.value for f in response.flags)
-            await self._write_response(head, response)
+            if request.deadline is None:
+                await self._write_response(head, response)
+            else:
+                # The total timeout covers the whole response (Envoy's route timeout), not only
+                # its head: a body still streaming at the deadline is cut (UT). The deadline is
+                # on the loop's clock (policy.clock.loop_time).
+                deadline = asyncio.timeout_at(request.deadline)
+                try:
+                    async with deadline:
+                        await self._write_response(head, response)
+                except TimeoutError:
+                    if not deadline.expired():
+                        raise
+                    flags = Flag.UPSTREAM_TIMEOUT.value
+                    response.discard()
+                    self.abort()
         except asyncio.CancelledError:
             if status == 0:
                 status, flags = 499, Flag.DOWNSTREAM_DISCONNECT.value
@@ -590,6 +615,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _timeout_request(self, status: int, reason: str) -> None:
         if self.body is not None:
+            self.body_failure = (status, reason)
             self.body.fail(BodyReset(reason))
             self.body = None
         if self.task is None:

@@ -401,6 +401,12 @@ class Upstreams:
             if pump is not None:
                 pump.cancel()
             conn.abort()
+            if pump is not None and pump.done() and not pump.cancelled():
+                failure = pump.exception()
+                if isinstance(failure, BodyReset):
+                    # We cut the upstream because the client's body failed: not the
+                    # upstream's fault, so no UC for the breaker, and no retry.
+                    raise failure from None
             raise
         if pump is not None and not pump.done():
             # Answered before the whole request was sent: keep sending; if the response ends
@@ -441,5 +447,8 @@ async def _send_body(conn: UpstreamConnection, req: Request, chunked: bool) -> N
         if chunked:
             conn.write(serialize.LAST_CHUNK)
         conn.request_sent = True
-    except (BodyReset, BodyNotReplayable):
-        conn.abort()  # the client went away mid-body: the upstream must not see a short body
+    except BodyReset:
+        conn.abort()  # the client's body failed mid-way: the upstream must not see a short body
+        raise  # the exchange reports the client's failure (not an upstream reset, UC)
+    except BodyNotReplayable:
+        conn.abort()
