@@ -56,9 +56,22 @@ class Tunnel(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
-    def set_receiver(self, receive: Callable[[bytes], None]) -> None:
-        """`receive(data)` gets every byte from upstream; b"" means upstream closed."""
+    def set_receiver(
+        self,
+        receive: Callable[[bytes], None],
+        pause_peer: Callable[[], None],
+        resume_peer: Callable[[], None],
+    ) -> None:
+        """`receive(data)` gets every byte from upstream; b"" means upstream closed.
+
+        `pause_peer`/`resume_peer` are called when the upstream stops/starts taking our writes,
+        so the client side stops reading meanwhile (flow control through the tunnel).
+        """
         ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
 
     def abort(self) -> None: ...
 

@@ -191,6 +191,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.last_activity = 0.0
         self.tunnel_upstream: Callable[[bytes], None] | None = None
         self.tunnel_abort: Callable[[], None] | None = None
+        # In a tunnel: stop/start reading the upstream while the client is not taking our bytes.
+        self.tunnel_flow: tuple[Callable[[], None], Callable[[], None]] | None = None
         # Why the sidecar failed the request body of the cycle in flight (status, reason).
         self.body_failure: tuple[int, str] | None = None
 
@@ -246,9 +248,13 @@ class DownstreamProtocol(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         self.write_paused_at = self.loop.time()
+        if self.tunnel_flow is not None:
+            self.tunnel_flow[0]()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.tunnel_flow is not None:
+            self.tunnel_flow[1]()
         waiter = self.drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -513,7 +519,10 @@ class DownstreamProtocol(asyncio.Protocol):
 
         self.tunnel_upstream = to_upstream
         self.tunnel_abort = tunnel.abort
-        tunnel.set_receiver(from_upstream)
+        self.tunnel_flow = (tunnel.pause_reading, tunnel.resume_reading)
+        tunnel.set_receiver(
+            from_upstream, lambda: self._pause("tunnel"), lambda: self._resume("tunnel")
+        )
         rest = self.parser.take_upgrade_rest()
         if rest:
             tunnel.write(rest)

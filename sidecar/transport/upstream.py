@@ -52,6 +52,7 @@ class UpstreamConnection(asyncio.Protocol):
         "request_sent",
         "transport",
         "tunnel",
+        "tunnel_flow",
         "write_paused",
     )
 
@@ -74,6 +75,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.last_activity = 0.0
         # Set on a 101: bytes from upstream go here instead of the parser.
         self.tunnel: Callable[[bytes], None] | None = None
+        # In a tunnel: pause/resume the client's reading while our write buffer is full.
+        self.tunnel_flow: tuple[Callable[[], None], Callable[[], None]] | None = None
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -126,9 +129,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        if self.tunnel_flow is not None:
+            self.tunnel_flow[0]()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.tunnel_flow is not None:
+            self.tunnel_flow[1]()
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -162,9 +169,15 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def set_receiver(self, receive: Callable[[bytes], None]) -> None:
+    def set_receiver(
+        self,
+        receive: Callable[[bytes], None],
+        pause_peer: Callable[[], None],
+        resume_peer: Callable[[], None],
+    ) -> None:
         """Turn this connection into a tunnel (after a 101): raw bytes go to `receive`."""
         self.tunnel = receive
+        self.tunnel_flow = (pause_peer, resume_peer)
         self.pool.forget(self)
         parser = self._parser
         if parser is not None:
@@ -183,8 +196,8 @@ class UpstreamConnection(asyncio.Protocol):
             if event.has_body:
                 self.body = BodyStream(
                     event.content_length,
-                    self._pause_reading,
-                    self._resume_reading,
+                    self.pause_reading,
+                    self.resume_reading,
                     on_discard=self.abort,
                 )
             if self._head is not None and not self._head.done():
@@ -219,11 +232,11 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self.abort()
 
-    def _pause_reading(self) -> None:
+    def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.pause_reading()
 
-    def _resume_reading(self) -> None:
+    def resume_reading(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
 

@@ -168,3 +168,47 @@ async def test_inbound_through_the_process_reaches_the_app(tmp_path: Path) -> No
         ready = await client.get(proc.url("admin", "/ready"))
     assert response.text == "app:/x"
     assert ready.status_code == 200
+
+
+async def test_tunnel_to_a_slow_client_keeps_sidecar_memory_bounded(tmp_path: Path) -> None:
+    """After a 101 the sidecar still applies backpressure: upstream bytes wait in the upstream."""
+    sent = 0
+    upgrade = (
+        b"GET /ws HTTP/1.1\r\nHost: payments\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+
+    async def firehose(conn: UpstreamConn) -> None:
+        nonlocal sent
+        await conn.read_request()
+        await conn.send(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: ws\r\n\r\n"
+        )
+        block = b"t" * CHUNK
+        while sent < BIG:
+            conn.writer.write(block)
+            await conn.writer.drain()
+            sent += len(block)
+
+    async with (
+        upstream(firehose) as payments,
+        sidecar_process(tmp_path, mesh_doc({"payments": [payments.address]})) as proc,
+    ):
+        idle = proc.status("VmRSS")
+        async with raw_client(proc.addresses["outbound"]) as client:
+            await client.send(upgrade)
+            async with asyncio.timeout(WAIT):
+                head = await client.reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(1.0)  # the client reads nothing for a while
+            stalled_at = sent
+            got = 0
+            async with asyncio.timeout(30):
+                while got < BIG:
+                    data = await client.reader.read(CHUNK)
+                    assert data, f"tunnel ended early at {got} bytes"
+                    got += len(data)
+        growth = _peak_growth(proc, idle)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert got == BIG
+    # Without backpressure the upstream would have pushed everything into the sidecar.
+    assert stalled_at < 32 * MIB, f"upstream sent {stalled_at // MIB} MiB to a stalled client"
+    assert growth < GROWTH_LIMIT_KIB, f"sidecar grew {growth} KiB tunnelling {BIG // MIB} MiB"
