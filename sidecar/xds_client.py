@@ -12,6 +12,12 @@ resources overlaid with the pending ones, and `apply` installs it atomically.
 - ConfigError from build_snapshot or apply: every pending type is NACKed (the last good version
   and a google.rpc.Status naming the problem) and the previous snapshot stays.
 
+A named resource (RDS, EDS) asked for is awaited until a response carries it: a response to a
+named type that lacks one may be a push that crossed the request (the server ignores a request
+whose nonce is stale), so the client says its names again with the new nonce. A resource still
+not sent after `does_not_exist_timeout` is taken as absent (gRPC's does-not-exist timer) and the
+set is committed, or NACKed if it is not consistent without it.
+
 The stream is reopened after any failure with capped full-jitter backoff
 (`uniform(0, min(backoff_max, backoff_base * 2**attempt))`); a reopened stream resubscribes
 with the versions it holds, and the server answers with the current state (resync).
@@ -78,6 +84,7 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
+DOES_NOT_EXIST_TIMEOUT = 15.0  # gRPC's xDS client uses 15 s too
 
 
 def route_names(listeners: Iterable[Any]) -> set[str]:
@@ -123,6 +130,8 @@ class _TypeState:
     names: frozenset[str] | None = None  # None: wildcard
     nonce: str = ""  # of the last response received
     awaiting: bool = True  # subscribed, not answered yet
+    missing: frozenset[str] = frozenset()  # named: asked for, in no response since
+    missing_since: float = 0.0  # loop time the oldest missing name was asked for
     pending: dict[str, Message] | None = None
     pending_version: str = ""
 
@@ -145,6 +154,7 @@ class XdsClient:
         snapshot_cache: Path | None = None,
         backoff_base: float = 0.25,
         backoff_max: float = 10.0,
+        does_not_exist_timeout: float = DOES_NOT_EXIST_TIMEOUT,
     ) -> None:
         self.address = address
         self.node = base_pb2.Node(id=node_id, cluster=service, user_agent_name=USER_AGENT)
@@ -153,6 +163,7 @@ class XdsClient:
         self.snapshot_cache = snapshot_cache
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        self.does_not_exist_timeout = does_not_exist_timeout
         self.ready = asyncio.Event()
         self.snapshot: Snapshot | None = None
         self.last_error = ""  # the last ConfigError NACKed
@@ -222,11 +233,15 @@ class XdsClient:
             loaded = await asyncio.to_thread(self._read_cache)
             if loaded is not None:
                 snapshot, resources, versions = loaded
-                self.apply(snapshot)
-                self.snapshot = snapshot
-                self._accepted, self._versions = resources, versions
-                self.ready.set()
-                log.info("applied cached snapshot %s", snapshot.version)
+                try:
+                    self.apply(snapshot)
+                except ConfigError as exc:  # e.g. written by another version: not fatal
+                    log.warning("snapshot cache %s unusable: %s", self.snapshot_cache, exc)
+                else:
+                    self.snapshot = snapshot
+                    self._accepted, self._versions = resources, versions
+                    self.ready.set()
+                    log.info("applied cached snapshot %s", snapshot.version)
         attempt = 0
         while True:
             stream = _Stream()
@@ -269,13 +284,25 @@ class XdsClient:
                     first = False
                 await call.write(request)
             self.connected = True
-            while True:
-                response = await call.read()
-                if response is _EOF:
-                    return
-                stream.got_response = True
-                for request in await self._on_response(stream, response):
-                    await call.write(request)
+            read: asyncio.Future[Any] | None = None
+            try:
+                while True:
+                    if read is None:
+                        read = asyncio.ensure_future(call.read())
+                    done, _ = await asyncio.wait({read}, timeout=self._missing_timeout(stream))
+                    if not done:  # a named resource was never sent: take it as absent
+                        for request in await self._expire_missing(stream):
+                            await call.write(request)
+                        continue
+                    response, read = read.result(), None
+                    if response is _EOF:
+                        return
+                    stream.got_response = True
+                    for request in await self._on_response(stream, response):
+                        await call.write(request)
+            finally:
+                if read is not None and not read.cancel() and not read.cancelled():
+                    read.exception()  # retrieved: not logged as "never retrieved"
 
     def _request(
         self, type_url: str, ts: _TypeState, error: str | None = None, version: str | None = None
@@ -313,12 +340,17 @@ class XdsClient:
             log.warning("NACK %s version %s: %s", type_url, response.version_info, exc)
             return [self._request(type_url, ts, error=str(exc))]
         if ts.names is not None:  # named subscription: keep what was not re-sent
+            ts.missing = ts.missing - decoded.keys()
             merged = {n: m for n, m in self._view(stream, type_url).items() if n in ts.names}
             merged.update((n, m) for n, m in decoded.items() if n in ts.names)
             decoded = merged
         ts.pending = decoded
         ts.pending_version = response.version_info
         requests = self._resubscribe(stream)
+        if ts.missing and not any(r.type_url == type_url for r in requests):
+            # Maybe a push that crossed our request for them: ask again with this nonce.
+            ts.awaiting = True
+            requests.append(self._request(type_url, ts))
         if any(t.awaiting for t in stream.types.values()):
             return requests  # ACK once the set is complete
         return requests + await self._commit(stream)
@@ -352,13 +384,38 @@ class XdsClient:
             if ts is None:
                 if not names:
                     continue
-                ts = stream.types[type_url] = _TypeState(names=frozenset(names))
+                ts = stream.types[type_url] = _TypeState(names=frozenset())
             elif ts.names == frozenset(names):
                 continue
+            added = frozenset(names) - (ts.names or frozenset())
+            if added and not ts.missing:
+                ts.missing_since = asyncio.get_running_loop().time()
+            ts.missing = (ts.missing | added) & names
             ts.names = frozenset(names)
             ts.awaiting = True
             requests.append(self._request(type_url, ts))
         return requests
+
+    def _missing_timeout(self, stream: _Stream) -> float | None:
+        """Seconds until the oldest missing named resource is taken as absent (None: none)."""
+        since = [ts.missing_since for ts in stream.types.values() if ts.missing]
+        if not since:
+            return None
+        now = asyncio.get_running_loop().time()
+        return max(0.0, min(since) + self.does_not_exist_timeout - now)
+
+    async def _expire_missing(self, stream: _Stream) -> list[Any]:
+        now = asyncio.get_running_loop().time()
+        for type_url, ts in stream.types.items():
+            if ts.missing and now - ts.missing_since >= self.does_not_exist_timeout:
+                log.warning("control plane %s did not send %s %s within %gs: taken as absent",
+                            self.address, type_url, sorted(ts.missing),
+                            self.does_not_exist_timeout)  # fmt: skip
+                ts.missing = frozenset()
+                ts.awaiting = False
+        if any(t.awaiting for t in stream.types.values()):
+            return []
+        return await self._commit(stream)
 
     async def _commit(self, stream: _Stream) -> list[Any]:
         pending = {t: ts for t, ts in stream.types.items() if ts.pending is not None}
