@@ -308,7 +308,8 @@ class RequestParser:
             self._buf += data
             wait = self._wait
             if wait is not None and self._buf.find(wait, self._scan) < 0:
-                self._scan = len(self._buf) - len(wait) + 1
+                # Never negative: find(wait, -1) would search only the last byte.
+                self._scan = max(0, len(self._buf) - len(wait) + 1)
                 try:
                     self._check_partial(self._buf, 0)
                 except (HeadError, ChunkError) as exc:
