@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -19,12 +20,14 @@ import yaml
 
 from control_plane.mesh import Mesh, MeshError, load_mesh, parse_duration, parse_mesh
 from sidecar.admin import Admin
-from sidecar.exchange import Handler, Request, Response
+from sidecar.exchange import EndpointHandler, Handler, Request, Response
 from sidecar.flags import Flag, ProxyError
 from sidecar.metrics import Metrics
+from sidecar.policy.breaker import BreakerEvent
 from sidecar.policy.stack import ServiceRegistry, build_service_stack
 from sidecar.protocol.events import RequestHead
 from sidecar.runtime import ConfigError, Endpoint, OutboundPolicy, Snapshot
+from sidecar.telemetry.tracing import Tracing, TracingSettings, otlp_endpoint
 from sidecar.transport.server import (
     Decision,
     DownstreamProtocol,
@@ -59,6 +62,7 @@ SETTING_KEYS = (
     "snapshot_cache",
     "access_log",
     "initial_fetch_timeout",
+    "otlp_endpoint",
 )
 
 
@@ -71,6 +75,14 @@ def parse_address(key: str, value: str) -> tuple[str, int]:
     if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
         raise SettingsError(f"{key}: expected HOST:PORT (e.g. 127.0.0.1:15001), got {value!r}")
     return host.strip("[]"), int(port)
+
+
+def parse_url(key: str, value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+        raise SettingsError(f"{key}: expected a URL like http://127.0.0.1:4317, got {value!r}")
+    return value
 
 
 def parse_seconds(key: str, value: str) -> float:
@@ -95,6 +107,7 @@ class SidecarSettings:
     snapshot_cache: Path | None
     access_log: bool
     initial_fetch_timeout: float = 10.0  # then the embedded default; 0: wait forever
+    otlp_endpoint: str | None = None  # traces; else OTEL_EXPORTER_OTLP_* or the mesh file's
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SidecarSettings:
@@ -145,6 +158,7 @@ class SidecarSettings:
             initial_fetch_timeout=parse_seconds(
                 "initial_fetch_timeout", str(values["initial_fetch_timeout"])
             ),
+            otlp_endpoint=parse_url("otlp_endpoint", values.get("otlp_endpoint")),
         )
 
 
@@ -177,7 +191,8 @@ class Sidecar:
     def __init__(self, settings: SidecarSettings, server: ServerSettings | None = None) -> None:
         self.settings = settings
         self.server_settings = server or ServerSettings()
-        self.services = ServiceRegistry()
+        self.services = ServiceRegistry(on_event=self._policy_event)
+        self.tracing: Tracing | None = None  # enable_tracing(); None: no tracing layer at all
         self.upstreams = Upstreams(services=self.services)
         self.metrics = Metrics(settings.service)
         self.metrics.services = self.services
@@ -199,8 +214,22 @@ class Sidecar:
             "outbound": lambda: len(self.outbound_state.connections),
             "inbound": lambda: len(self.inbound_state.connections),
         }
+        endpoint = otlp_endpoint(settings.otlp_endpoint, None)
+        if endpoint is not None:
+            self.enable_tracing(Tracing(TracingSettings(settings.service, endpoint)))
 
     # --- configuration -------------------------------------------------------------------
+
+    def enable_tracing(self, tracing: Tracing) -> None:
+        """Trace from now on (before `apply` and `start`: the layers are built there)."""
+        self.tracing = tracing
+        self.metrics.spans_dropped = tracing.drops  # the export pipeline counts into it
+        if self.active is not None:
+            tracing.set_sampling(self.active.snapshot.trace_sampling)
+
+    def _policy_event(self, event: BreakerEvent) -> None:
+        if self.tracing is not None:
+            self.tracing.on_breaker_event(event)
 
     def apply(self, snapshot: Snapshot) -> None:
         """Build every service's stack, then swap them in at once (raises ConfigError)."""
@@ -208,7 +237,7 @@ class Sidecar:
         for cluster, cfg in snapshot.services.items():
             try:
                 handlers[cluster] = build_service_stack(
-                    cfg, self.services.state(cfg.name), self.upstreams.forward
+                    cfg, self.services.state(cfg.name), self.upstreams.forward, tracing=self.tracing
                 )
             except ValueError as exc:
                 self.metrics.config_rejected += 1
@@ -217,6 +246,8 @@ class Sidecar:
         self.services.retain(cfg.name for cfg in snapshot.services.values())
         self.metrics.config_version = snapshot.version
         self.metrics.config_applied += 1
+        if self.tracing is not None:
+            self.tracing.set_sampling(snapshot.trace_sampling)
         log.info("applied config version %s (%d services)", snapshot.version, len(handlers))
 
     def not_ready_reason(self) -> str:
@@ -250,11 +281,16 @@ class Sidecar:
             raise ProxyError(Flag.NO_ROUTE, "the request names no host to pass through to")
         if endpoint in self._own:
             raise ProxyError(Flag.NO_ROUTE, f"{authority} is this sidecar: refusing to loop")
-        forward = self.upstreams.forward
+        forward: EndpointHandler = self.upstreams.forward
+        tracing = self.tracing
+        if tracing is not None:
+            forward = tracing.attempt(forward)
 
         async def passthrough(req: Request) -> Response:
             return await forward(req, endpoint)
 
+        if tracing is not None:
+            return Decision(tracing.client(passthrough, "passthrough"), None, "passthrough")
         return Decision(passthrough, None, "passthrough")
 
     def dispatch_inbound(self, head: RequestHead) -> Decision:
@@ -384,7 +420,10 @@ class Sidecar:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._drain_requested = asyncio.Event()
-        self._inbound = Decision(self._to_app, None, "inbound")
+        to_app: Handler = self._to_app
+        if self.tracing is not None:
+            to_app = self.tracing.inbound(to_app, self.settings.service)
+        self._inbound = Decision(to_app, None, "inbound")
         listeners = (
             ("outbound", self.settings.outbound, self.outbound_state, self.dispatch_outbound, True),
             ("inbound", self.settings.inbound, self.inbound_state, self.dispatch_inbound, True),
@@ -449,6 +488,8 @@ class Sidecar:
         await self.admin_state.drain(1.0)
         for state in (self.outbound_state, self.inbound_state, self.admin_state):
             state.stop()
+        if self.tracing is not None:
+            await self.tracing.shutdown(min(5.0, self.settings.drain_timeout))
         log.info("drained%s", "" if all(results) else " (timeout: some requests were cut)")
         return all(results)
 
@@ -496,10 +537,17 @@ def run_sidecar(args: argparse.Namespace) -> int:
             )
             cached = sidecar.xds.load_cached()
             if cached is not None:
-                sidecar.apply(cached)
-                log.info("started from the cached snapshot %s", cached.version)
+                try:
+                    sidecar.apply(cached)
+                    log.info("started from the cached snapshot %s", cached.version)
+                except ConfigError as exc:
+                    # A stale cache must not keep the pod down: wait for the control plane.
+                    log.warning("ignoring the cached snapshot %s: %s", cached.version, exc)
         else:
             mesh = load_mesh(settings.mesh) if settings.mesh else embedded_mesh()
+            endpoint = otlp_endpoint(None, mesh.tracing.otlp_endpoint)
+            if sidecar.tracing is None and endpoint is not None:
+                sidecar.enable_tracing(Tracing(TracingSettings(settings.service, endpoint)))
             sidecar.apply(snapshot_from_mesh(mesh))
     except (SettingsError, MeshError, ConfigError) as exc:
         print(f"outrigger sidecar: {exc}", file=sys.stderr)

@@ -22,6 +22,18 @@ def _sidecar_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--drain-timeout", default=None, help="e.g. 20s (default)")
     p.add_argument("--snapshot-cache", default=None, help="keep the last good snapshot here")
     p.add_argument("--access-log", action="store_true", default=None, help="JSON access log")
+    p.add_argument(
+        "--initial-fetch-timeout",
+        default=None,
+        help="with --control-plane: serve the embedded default (allow_any, no services) if no "
+        "config arrives within this (default 10s; 0s waits forever)",
+    )
+    p.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        help="send traces here (OTLP gRPC, e.g. http://127.0.0.1:4317); else the standard "
+        "OTEL_EXPORTER_OTLP_ENDPOINT or the mesh's tracing.otlp_endpoint; none: tracing off",
+    )
 
 
 def _control_plane_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

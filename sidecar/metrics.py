@@ -62,6 +62,8 @@ class Metrics:
         self.config_applied = 0
         self.config_rejected = 0
         self.services: ServiceRegistry | None = None
+        # reason -> spans not exported (the tracing export pipeline counts; empty: tracing off)
+        self.spans_dropped: dict[str, int] = {}
 
     def request(
         self, direction: str, destination: str, code: int, flags: str, seconds: float
@@ -136,6 +138,14 @@ class _MetricsCollector(Collector):
         yield CounterMetricFamily(
             "outrigger_config_rejected", "Snapshots refused (NACKed).", value=m.config_rejected
         )
+        dropped = CounterMetricFamily(
+            "outrigger_spans_dropped",
+            "Spans not exported: the export queue was full, or the collector failed them.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(m.spans_dropped.items()):
+            dropped.add_metric([reason], count)
+        yield dropped
         yield from self._policy()
 
     def _policy(self) -> Iterator[Metric]:

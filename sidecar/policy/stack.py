@@ -4,6 +4,9 @@ Outer to inner (the order in ARCHITECTURE.md):
 
     TotalTimeout -> Retry -> PerTryTimeout -> Balancer -> Breaker -> forward
 
+With tracing on, a client-span layer goes outside everything and an attempt layer right under
+the Balancer: `[Trace] -> TotalTimeout -> ... -> Balancer -> [Attempt] -> Breaker -> forward`.
+
 Layers that are not configured are not built: with no policy the stack is `Balancer -> forward`
 (no tenacity object, no timer, no breaker), because plain forwarding has a near-nginx target.
 `max_requests` is enforced inside the Balancer, which owns the per-attempt active count (see
@@ -20,6 +23,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 from sidecar.exchange import EndpointHandler, Handler
 from sidecar.policy.balancer import Balancer, BalancerConfig, EndpointLoad
@@ -30,6 +34,14 @@ from sidecar.policy.retry import Retry, RetryConfig
 from sidecar.policy.stats import ServiceStats
 from sidecar.policy.timeout import PerTryTimeout, TimeoutConfig, TotalTimeout
 from sidecar.runtime import Endpoint, ServiceConfig
+
+
+class StackTracing(Protocol):
+    """The tracing hooks a stack takes (`sidecar.telemetry.tracing.Tracing`); None: none built."""
+
+    def client(self, inner: Handler, service: str) -> Handler: ...
+
+    def attempt(self, inner: EndpointHandler) -> EndpointHandler: ...
 
 
 class ServiceState:
@@ -93,6 +105,7 @@ def build_service_stack(
     rng: random.Random | None = None,
     sleep: Sleep = asyncio.sleep,
     wall: Callable[[], float] = time.time,
+    tracing: StackTracing | None = None,
 ) -> Handler:
     """The policy stack for one service and config version, outer to inner as documented above.
 
@@ -110,6 +123,10 @@ def build_service_stack(
     if breaker is not None:
         # Breaker right above the forwarder: it sees each attempt's own result for its endpoint.
         endpoint_handler = Breaker(state.breakers, endpoint_handler, clock)
+    if tracing is not None:
+        # Attempt spans right under the balancer: one call per attempt with its endpoint, the
+        # breaker's refusal and events included; it writes the attempt's trace context upstream.
+        endpoint_handler = tracing.attempt(endpoint_handler)
 
     # Balancer: one pick per attempt, so a retry picks again; skips ejected endpoints; owns the
     # active counts (max_requests, least_request, retry budget) until the body is done.
@@ -131,4 +148,7 @@ def build_service_stack(
     if timeouts.total is not None:
         # Total timeout outermost: it bounds everything beneath, retries and backoff included.
         handler = TotalTimeout(timeouts.total, handler, clock, state.stats)
+    if tracing is not None:
+        # The client span outermost: it covers the timeouts, every retry and the backoff.
+        handler = tracing.client(handler, cfg.name)
     return handler

@@ -1,0 +1,1 @@
+"""Telemetry: traces (`tracing`, `propagation`); metrics live in `sidecar.metrics`."""

@@ -1,0 +1,608 @@
+"""Tracing end to end: client -> sidecar(s) -> app on loopback, spans exported with OTLP gRPC to
+a real collector (a grpc.aio server implementing the collector's TraceService) in this process.
+
+Every wait is bounded. Spans are made when a request ends and exported by the batch worker
+(schedule delay 20 ms here), so tests wait for the collector to hold the spans they expect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.trace.sampling import Decision, ParentBased, TraceIdRatioBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
+
+from control_plane.mesh import parse_mesh
+from sidecar.app import Sidecar, SidecarSettings
+from sidecar.telemetry import propagation
+from sidecar.telemetry.tracing import Tracing, TracingSettings, otlp_endpoint, resource
+from sidecar.xds import snapshot_from_mesh
+
+pytestmark = pytest.mark.timeout(30)
+
+WAIT = 5.0
+SERVER, CLIENT, INTERNAL = 2, 3, 1  # OTLP SpanKind values
+
+# --- the collector ------------------------------------------------------------------------------
+
+
+@dataclass
+class Collected:
+    trace_id: str
+    span_id: str
+    parent: str
+    name: str
+    kind: int
+    attributes: dict[str, Any]
+    events: list[tuple[str, dict[str, Any]]]
+    status: int
+    resource: dict[str, Any]
+
+
+def _value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    return getattr(value, kind) if kind else None
+
+
+def _attrs(kvs: Any) -> dict[str, Any]:
+    return {kv.key: _value(kv.value) for kv in kvs}
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self) -> None:
+        self.spans: list[Collected] = []
+        self.arrived = asyncio.Event()
+
+    async def Export(  # the generated service's method name
+        self, request: Any, context: Any
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        for resource_spans in request.resource_spans:
+            res = _attrs(resource_spans.resource.attributes)
+            for scope in resource_spans.scope_spans:
+                for span in scope.spans:
+                    self.spans.append(
+                        Collected(
+                            span.trace_id.hex(),
+                            span.span_id.hex(),
+                            span.parent_span_id.hex(),
+                            span.name,
+                            span.kind,
+                            _attrs(span.attributes),
+                            [(e.name, _attrs(e.attributes)) for e in span.events],
+                            span.status.code,
+                            res,
+                        )
+                    )
+        self.arrived.set()
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    async def wait_for(self, count: int) -> list[Collected]:
+        async with asyncio.timeout(WAIT):
+            while len(self.spans) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return self.spans
+
+
+@contextlib.asynccontextmanager
+async def collector() -> AsyncIterator[tuple[Collector, str]]:
+    servicer = Collector()
+    server = grpc.aio.server()
+    add = trace_service_pb2_grpc.add_TraceServiceServicer_to_server
+    add(servicer, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield servicer, f"http://127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+# --- the app / upstream -------------------------------------------------------------------------
+
+Script = Callable[[int], str]  # request number (0-based) -> "ok", "503" or "stall"
+
+
+@dataclass
+class App:
+    script: Script = lambda n: "ok"
+    requests: list[dict[bytes, bytes]] = field(default_factory=list)
+    server: asyncio.AbstractServer | None = None
+    address: str = ""
+    writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        try:
+            while True:
+                raw = await reader.readuntil(b"\r\n\r\n")
+                headers: dict[bytes, bytes] = {}
+                for line in raw.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name:
+                        headers[name.strip().lower()] = value.strip()
+                number = len(self.requests)
+                self.requests.append(headers)
+                action = self.script(number)
+                if action == "stall":
+                    await asyncio.sleep(WAIT)
+                    return
+                status = b"503 Service Unavailable" if action == "503" else b"200 OK"
+                writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # a closed test app: nothing to report
+        finally:
+            self.tasks.discard(task)
+            self.writers.discard(writer)
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def app(script: Script = lambda n: "ok") -> AsyncIterator[App]:
+    a = App(script)
+    a.server = await asyncio.start_server(a._serve, "127.0.0.1", 0)
+    a.address = f"127.0.0.1:{a.server.sockets[0].getsockname()[1]}"
+    try:
+        yield a
+    finally:
+        a.server.close()
+        for writer in list(a.writers):
+            writer.transport.abort()
+        for task in list(a.tasks):
+            task.cancel()
+        if a.tasks:
+            await asyncio.wait(list(a.tasks), timeout=WAIT)
+
+
+# --- sidecars -----------------------------------------------------------------------------------
+
+
+def settings(service: str, app_address: str = "127.0.0.1:1", **extra: Any) -> SidecarSettings:
+    return SidecarSettings.from_args(
+        argparse.Namespace(
+            config=None,
+            mesh=None,
+            control_plane=None,
+            service=service,
+            namespace=None,
+            node_id=None,
+            outbound="127.0.0.1:0",
+            inbound="127.0.0.1:0",
+            app=app_address,
+            admin="127.0.0.1:0",
+            drain_timeout="1s",
+            snapshot_cache=None,
+            access_log=None,
+            **extra,
+        )
+    )
+
+
+def mesh(
+    services: dict[str, list[str]] | None = None,
+    sampling: float = 1.0,
+    policy: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "tracing": {"sampling": sampling},
+        "services": [
+            {"name": name, "endpoints": endpoints, **({"policy": policy} if policy else {})}
+            for name, endpoints in (services or {}).items()
+        ],
+    }
+
+
+@contextlib.asynccontextmanager
+async def sidecar(
+    service: str,
+    doc: dict[str, Any],
+    endpoint: str | None,
+    app_address: str = "127.0.0.1:1",
+    **tracing: Any,
+) -> AsyncIterator[Sidecar]:
+    sc = Sidecar(settings(service, app_address))
+    if endpoint is not None:
+        tracing.setdefault("schedule_delay_millis", 20)
+        sc.enable_tracing(Tracing(TracingSettings(service, endpoint, **tracing)))
+    sc.apply(snapshot_from_mesh(parse_mesh(doc, "t")))
+    async with asyncio.timeout(WAIT):
+        await sc.start()
+    try:
+        yield sc
+    finally:
+        async with asyncio.timeout(WAIT):
+            await sc.drain()
+        for pool in sc.upstreams.pools.values():
+            for conn in [*pool.in_use, *pool.idle]:
+                conn.abort()
+        await asyncio.sleep(0)
+
+
+def address(sc: Sidecar, listener: str) -> str:
+    host, port = sc.addresses[listener]
+    return f"http://{host}:{port}"
+
+
+@contextlib.asynccontextmanager
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=WAIT, trust_env=False) as c:
+        yield c
+
+
+def refused() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def traceparent_ids(value: bytes) -> tuple[str, str, str]:
+    _, trace_id, span_id, flags = value.decode().split("-")
+    return trace_id, span_id, flags
+
+
+# --- tests --------------------------------------------------------------------------------------
+
+
+async def test_two_sidecar_chain_makes_one_trace_with_client_and_server_spans() -> None:
+    async with (
+        collector() as (spans, endpoint),
+        app() as backend,
+        sidecar("reviews", mesh(), endpoint, backend.address) as b,
+    ):
+        b_inbound = "{}:{}".format(*b.addresses["inbound"])
+        async with (
+            sidecar("frontend", mesh({"reviews": [b_inbound]}), endpoint) as a,
+            client() as c,
+        ):
+            resp = await c.get(address(a, "outbound") + "/books/1?x=1", headers={"host": "reviews"})
+            assert resp.status_code == 200
+            found = await spans.wait_for(2)
+    assert len(found) == 2
+    by_kind = {s.kind: s for s in found}
+    client_span, server_span = by_kind[CLIENT], by_kind[SERVER]
+    assert client_span.trace_id == server_span.trace_id
+    assert client_span.parent == ""  # the request came without context: a new trace
+    assert server_span.parent == client_span.span_id
+    assert client_span.resource["service.name"] == "frontend"
+    assert server_span.resource["service.name"] == "reviews"
+    assert client_span.name == "GET reviews"
+    assert client_span.attributes["http.request.method"] == "GET"
+    assert client_span.attributes["url.path"] == "/books/1"
+    assert client_span.attributes["server.address"] == "reviews"
+    assert client_span.attributes["http.response.status_code"] == 200
+    assert client_span.attributes["outrigger.service"] == "reviews"
+    assert client_span.attributes["outrigger.retry.attempts"] == 1
+    assert "error.type" not in client_span.attributes
+    assert server_span.attributes["outrigger.service"] == "reviews"
+    assert server_span.attributes["http.response.status_code"] == 200
+    # The app sees the SERVER span as its parent, in both formats.
+    seen = backend.requests[0]
+    trace_id, span_id, flags = traceparent_ids(seen[b"traceparent"])
+    assert (trace_id, span_id) == (server_span.trace_id, server_span.span_id)
+    assert int(flags, 16) & 1
+    assert seen[b"x-b3-traceid"].decode() == trace_id
+    assert seen[b"x-b3-spanid"].decode() == span_id
+    assert seen[b"x-b3-sampled"] == b"1"
+
+
+async def test_retried_request_has_a_span_per_attempt_with_events() -> None:
+    policy = {
+        "retries": {
+            "attempts": 2,
+            "per_try_timeout": "300ms",
+            "retry_on": ["gateway-error"],
+            "backoff": {"base": "5ms", "max": "10ms"},
+        }
+    }
+    script = {0: "stall", 1: "503"}
+    async with (
+        collector() as (spans, endpoint),
+        app(lambda n: script.get(n, "ok")) as up,
+        sidecar("frontend", mesh({"reviews": [up.address]}, policy=policy), endpoint) as a,
+        client() as c,
+    ):
+        resp = await c.get(address(a, "outbound") + "/", headers={"host": "reviews"})
+        assert resp.status_code == 200
+        found = await spans.wait_for(4)
+    (client_span,) = [s for s in found if s.kind == CLIENT]
+    attempts = sorted(
+        (s for s in found if s.kind == INTERNAL), key=lambda s: s.attributes["outrigger.attempt"]
+    )
+    assert client_span.attributes["outrigger.retry.attempts"] == 3
+    assert [s.parent for s in attempts] == [client_span.span_id] * 3
+    assert [s.attributes["outrigger.outcome"] for s in attempts] == [
+        "timeout",
+        "gateway-error",
+        "success",
+    ]
+    host, port = up.address.split(":")
+    for span in attempts:
+        assert span.attributes["server.address"] == host
+        assert span.attributes["server.port"] == int(port)
+    assert [name for name, _ in attempts[0].events] == ["outrigger.timeout"]
+    assert attempts[1].attributes["http.response.status_code"] == 503
+    assert attempts[2].attributes["http.response.status_code"] == 200
+    # Each attempt carried its own span as the parent upstream.
+    upstream_parents = [traceparent_ids(r[b"traceparent"])[1] for r in up.requests]
+    assert upstream_parents == [s.span_id for s in attempts]
+
+
+async def test_breaker_ejection_is_an_event_on_the_attempt_span() -> None:
+    policy = {
+        "retries": {
+            "attempts": 1,
+            "retry_on": ["gateway-error"],
+            "backoff": {"base": "5ms", "max": "10ms"},
+        },
+        "circuit_breaker": {"consecutive_failures": 1, "max_ejection_percent": 100},
+    }
+    async with (
+        collector() as (spans, endpoint),
+        app(lambda n: "503") as bad,
+        app() as good,
+        sidecar(
+            "frontend", mesh({"reviews": [bad.address, good.address]}, policy=policy), endpoint
+        ) as a,
+        client() as c,
+    ):
+        resp = await c.get(address(a, "outbound") + "/", headers={"host": "reviews"})
+        assert resp.status_code == 200
+        found = await spans.wait_for(3)
+    attempts = sorted(
+        (s for s in found if s.kind == INTERNAL), key=lambda s: s.attributes["outrigger.attempt"]
+    )
+    assert len(attempts) == 2
+    events = dict(attempts[0].events)
+    assert "outrigger.breaker.ejected" in events
+    assert events["outrigger.breaker.ejected"]["server.port"] == int(bad.address.split(":")[1])
+
+
+async def test_overflow_is_a_local_error_with_an_event() -> None:
+    policy = {"circuit_breaker": {"max_requests": 1}}
+
+    async with (
+        collector() as (spans, endpoint),
+        app(lambda n: "stall" if n == 0 else "ok") as up,
+        sidecar("frontend", mesh({"reviews": [up.address]}, policy=policy), endpoint) as a,
+        client() as c,
+    ):
+        url = address(a, "outbound") + "/"
+        first = asyncio.ensure_future(c.get(url, headers={"host": "reviews"}))
+        async with asyncio.timeout(WAIT):
+            while not up.requests:
+                await asyncio.sleep(0.01)
+        resp = await c.get(url, headers={"host": "reviews"})
+        assert resp.status_code == 503
+        assert resp.headers["x-outrigger-flags"] == "UO"
+        found = await spans.wait_for(1)
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+            await first
+    (span,) = [s for s in found if s.attributes.get("outrigger.response_flags") == "UO"]
+    assert span.attributes["error.type"] == "UO"
+    assert span.attributes["http.response.status_code"] == 503
+    assert span.status == 2  # STATUS_CODE_ERROR
+    assert [name for name, _ in span.events] == ["outrigger.overflow"]
+
+
+@pytest.mark.parametrize("form", ["single", "multi"])
+async def test_b3_context_joins_the_trace(form: str) -> None:
+    trace_id = f"{random.getrandbits(128):032x}"
+    parent = f"{random.getrandbits(64):016x}"
+    if form == "single":
+        headers = {"b3": f"{trace_id}-{parent}-1"}
+    else:
+        headers = {"x-b3-traceid": trace_id, "x-b3-spanid": parent, "x-b3-sampled": "1"}
+    async with (
+        collector() as (spans, endpoint),
+        app() as up,
+        sidecar("frontend", mesh({"reviews": [up.address]}, sampling=0.0), endpoint) as a,
+        client() as c,
+    ):
+        resp = await c.get(address(a, "outbound") + "/", headers={"host": "reviews", **headers})
+        assert resp.status_code == 200
+        (span,) = await spans.wait_for(1)
+    assert span.trace_id == trace_id
+    assert span.parent == parent
+    seen = up.requests[0]
+    assert traceparent_ids(seen[b"traceparent"])[:2] == (trace_id, span.span_id)
+    assert seen[b"x-b3-traceid"].decode() == trace_id
+    assert seen[b"x-b3-spanid"].decode() == span.span_id
+    if form == "single":
+        assert seen[b"b3"].decode() == f"{trace_id}-{span.span_id}-1"
+    else:
+        assert b"b3" not in seen
+
+
+async def test_w3c_context_joins_the_trace_and_keeps_tracestate() -> None:
+    trace_id = f"{random.getrandbits(128):032x}"
+    parent = f"{random.getrandbits(64):016x}"
+    async with (
+        collector() as (spans, endpoint),
+        app() as up,
+        sidecar("frontend", mesh({"reviews": [up.address]}, sampling=0.0), endpoint) as a,
+        client() as c,
+    ):
+        await c.get(
+            address(a, "outbound") + "/",
+            headers={
+                "host": "reviews",
+                "traceparent": f"00-{trace_id}-{parent}-01",
+                "tracestate": "vendor=abc",
+            },
+        )
+        (span,) = await spans.wait_for(1)
+    assert (span.trace_id, span.parent) == (trace_id, parent)
+    assert up.requests[0][b"tracestate"] == b"vendor=abc"
+
+
+async def test_unsampled_requests_make_no_spans_and_say_so_downstream() -> None:
+    unsampled = f"00-{random.getrandbits(128):032x}-{random.getrandbits(64):016x}-00"
+    async with (
+        collector() as (spans, endpoint),
+        app() as up,
+        sidecar("frontend", mesh({"reviews": [up.address]}, sampling=0.0), endpoint) as a,
+        client() as c,
+    ):
+        for _ in range(5):
+            resp = await c.get(address(a, "outbound") + "/", headers={"host": "reviews"})
+            assert resp.status_code == 200
+        await c.get(
+            address(a, "outbound") + "/", headers={"host": "reviews", "traceparent": unsampled}
+        )
+        assert a.tracing is not None
+        assert await asyncio.to_thread(a.tracing.force_flush, WAIT)
+    assert spans.spans == []
+    for seen in up.requests[:5]:
+        assert traceparent_ids(seen[b"traceparent"])[2] == "02"  # not sampled
+        assert seen[b"x-b3-sampled"] == b"0"
+    assert up.requests[5][b"traceparent"] == unsampled.encode()  # passed through untouched
+
+
+async def test_malformed_context_is_replaced_not_forwarded() -> None:
+    async with (
+        collector() as (spans, endpoint),
+        app() as up,
+        sidecar("frontend", mesh({"reviews": [up.address]}), endpoint) as a,
+        client() as c,
+    ):
+        await c.get(
+            address(a, "outbound") + "/",
+            headers={"host": "reviews", "traceparent": "00-zz-bad", "x-b3-spanid": "nothex"},
+        )
+        (span,) = await spans.wait_for(1)
+    seen = up.requests[0]
+    assert span.parent == ""
+    assert traceparent_ids(seen[b"traceparent"])[:2] == (span.trace_id, span.span_id)
+    assert seen[b"x-b3-spanid"].decode() == span.span_id
+
+
+async def test_collector_down_leaves_requests_alone_and_counts_dropped_spans() -> None:
+    down = "http://" + refused()
+    async with (
+        app() as up,
+        sidecar(
+            "frontend",
+            mesh({"reviews": [up.address]}),
+            down,
+            max_queue_size=2,
+            max_export_batch_size=2,
+            export_timeout=3.0,
+        ) as a,
+        client() as c,
+    ):
+        assert a.tracing is not None
+        for _ in range(10):
+            resp = await c.get(address(a, "outbound") + "/", headers={"host": "reviews"})
+            assert resp.status_code == 200
+        # All ten were served while the first export was still failing (it retries for ~1 s).
+        assert a.tracing.drops["export_failed"] == 0
+        assert a.tracing.drops["queue_full"] > 0
+        async with asyncio.timeout(WAIT):
+            while a.tracing.drops["export_failed"] == 0:
+                await asyncio.sleep(0.05)
+        metrics = (await c.get(address(a, "admin") + "/stats/prometheus")).text
+    assert 'outrigger_spans_dropped_total{reason="queue_full"}' in metrics
+    assert 'outrigger_spans_dropped_total{reason="export_failed"}' in metrics
+
+
+async def test_otlp_endpoint_flag_turns_tracing_on() -> None:
+    async with collector() as (spans, endpoint), app() as up:
+        sc = Sidecar(settings("frontend", otlp_endpoint=endpoint))
+        assert sc.tracing is not None
+        sc.apply(snapshot_from_mesh(parse_mesh(mesh({"reviews": [up.address]}), "t")))
+        assert sc.tracing.sampling == 1.0
+        async with asyncio.timeout(WAIT):
+            await sc.start()
+        try:
+            async with client() as c:
+                await c.get(address(sc, "outbound") + "/", headers={"host": "reviews"})
+            await asyncio.to_thread(sc.tracing.force_flush, WAIT)
+            (span,) = await spans.wait_for(1)
+            assert span.kind == CLIENT
+        finally:
+            async with asyncio.timeout(WAIT):
+                await sc.drain()
+
+
+def test_tracing_is_off_without_an_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    sc = Sidecar(settings("frontend"))
+    assert sc.tracing is None
+    sc.apply(snapshot_from_mesh(parse_mesh(mesh({"reviews": ["127.0.0.1:1"]}), "t")))
+    assert sc.active is not None
+    (handler,) = sc.active.handlers.values()
+    assert type(handler).__name__ == "Balancer"  # no tracing layer at all: zero cost
+    assert otlp_endpoint(None, None, {}) is None
+    assert otlp_endpoint(None, "http://mesh:4317", {}) == "http://mesh:4317"
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://env:4317"}
+    assert otlp_endpoint(None, "http://mesh:4317", env) == "http://env:4317"
+    assert otlp_endpoint("http://flag:4317", "http://mesh:4317", env) == "http://flag:4317"
+    assert otlp_endpoint("http://flag:4317", None, {"OTEL_SDK_DISABLED": "true"}) is None
+
+
+def test_resource_names_the_service_and_pod_and_env_wins() -> None:
+    res = resource("frontend", {"POD_NAME": "frontend-7d9", "POD_NAMESPACE": "shop"}).attributes
+    assert res["service.name"] == "frontend"
+    assert res["k8s.pod.name"] == "frontend-7d9"
+    assert res["k8s.namespace.name"] == "shop"
+
+
+def test_otlp_endpoint_setting_is_validated() -> None:
+    with pytest.raises(ValueError, match="otlp_endpoint"):
+        settings("frontend", otlp_endpoint="collector 4317")
+
+
+# --- propagation and sampling units -------------------------------------------------------------
+
+
+def test_fast_unsampled_headers_match_the_propagators() -> None:
+    trace_id, span_id = random.getrandbits(128), random.getrandbits(64)
+    fast: list[tuple[bytes, bytes]] = []
+    propagation.append_unsampled(fast, trace_id, span_id)
+    flags = TraceFlags(TraceFlags.RANDOM_TRACE_ID)
+    slow = propagation.inject([], SpanContext(trace_id, span_id, False, flags))
+    assert sorted(fast) == sorted(slow)
+
+
+def test_fast_traceparent_check_agrees_with_the_propagator() -> None:
+    values = [
+        b"00-%032x-%016x-%02x" % (random.getrandbits(128), random.getrandbits(64), flags)
+        for flags in (0, 1, 2, 3)
+    ]
+    values += [b"00-" + b"0" * 32 + b"-00f067aa0ba902b7-00", b"00-abc-def-00", b"ff-" + b"1" * 51]
+    for value in values:
+        incoming = propagation.extract({"traceparent": value.decode()})
+        slow = incoming.parent is not None and not incoming.parent.trace_flags.sampled
+        assert propagation.unsampled_traceparent(value) == slow, value
+
+
+def test_new_trace_decision_is_parent_based_trace_id_ratio() -> None:
+    ratio = 0.25
+    sdk = ParentBased(TraceIdRatioBased(ratio))
+    bound = TraceIdRatioBased(ratio).bound
+    for _ in range(2000):
+        trace_id = random.getrandbits(128)
+        ours = (trace_id & ((1 << 64) - 1)) < bound  # what Tracing.begin tests
+        decision = sdk.should_sample(None, trace_id, "x").decision
+        assert ours == (decision is Decision.RECORD_AND_SAMPLE)
+    parent = SpanContext(1, 2, True, TraceFlags(TraceFlags.SAMPLED))
+    context = set_span_in_context(NonRecordingSpan(parent))
+    assert sdk.should_sample(context, 1, "x").decision is Decision.RECORD_AND_SAMPLE
