@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -27,7 +27,7 @@ from sidecar.policy.breaker import BreakerEvent
 from sidecar.policy.stack import ServiceRegistry, build_service_stack
 from sidecar.protocol.events import RequestHead
 from sidecar.runtime import ConfigError, Endpoint, OutboundPolicy, Snapshot
-from sidecar.telemetry.tracing import Tracing, TracingSettings, otlp_endpoint
+from sidecar.telemetry import otlp_endpoint
 from sidecar.transport.server import (
     Decision,
     DownstreamProtocol,
@@ -36,6 +36,9 @@ from sidecar.transport.server import (
 )
 from sidecar.transport.upstream import Upstreams
 from sidecar.xds import snapshot_from_mesh
+
+if TYPE_CHECKING:
+    from sidecar.telemetry.tracing import Tracing
 
 log = logging.getLogger("outrigger.sidecar")
 
@@ -216,9 +219,15 @@ class Sidecar:
         }
         endpoint = otlp_endpoint(settings.otlp_endpoint, None)
         if endpoint is not None:
-            self.enable_tracing(Tracing(TracingSettings(settings.service, endpoint)))
+            self.trace_to(endpoint)
 
     # --- configuration -------------------------------------------------------------------
+
+    def trace_to(self, endpoint: str) -> None:
+        """Turn tracing on, exporting OTLP to `endpoint` (imports the SDK only now)."""
+        from sidecar.telemetry.tracing import Tracing, TracingSettings
+
+        self.enable_tracing(Tracing(TracingSettings(self.settings.service, endpoint)))
 
     def enable_tracing(self, tracing: Tracing) -> None:
         """Trace from now on (before `apply` and `start`: the layers are built there)."""
@@ -547,7 +556,7 @@ def run_sidecar(args: argparse.Namespace) -> int:
             mesh = load_mesh(settings.mesh) if settings.mesh else embedded_mesh()
             endpoint = otlp_endpoint(None, mesh.tracing.otlp_endpoint)
             if sidecar.tracing is None and endpoint is not None:
-                sidecar.enable_tracing(Tracing(TracingSettings(settings.service, endpoint)))
+                sidecar.trace_to(endpoint)
             sidecar.apply(snapshot_from_mesh(mesh))
     except (SettingsError, MeshError, ConfigError) as exc:
         print(f"outrigger sidecar: {exc}", file=sys.stderr)

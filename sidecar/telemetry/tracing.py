@@ -59,6 +59,7 @@ from sidecar.flags import Flag, ProxyError
 from sidecar.policy.breaker import BreakerEvent
 from sidecar.policy.classifier import classify
 from sidecar.runtime import Endpoint
+from sidecar.telemetry import otlp_endpoint as otlp_endpoint  # re-exported
 from sidecar.telemetry import propagation
 from sidecar.telemetry.propagation import TRACE_HEADERS
 
@@ -82,25 +83,6 @@ Event = tuple[int, str, Attributes]  # time (ns), name, attributes
 _current: ContextVar[_Trace | None] = ContextVar("outrigger_trace", default=None)
 
 # -- settings -----------------------------------------------------------------------------------
-
-
-def otlp_endpoint(
-    flag: str | None, mesh: str | None, env: Mapping[str, str] = os.environ
-) -> str | None:
-    """Where spans go, or None: tracing off. `--otlp-endpoint`, then the standard variables,
-    then the mesh file's `tracing.otlp_endpoint`; `OTEL_SDK_DISABLED=true` or
-    `OTEL_TRACES_EXPORTER=none` turn it off."""
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return None
-    if env.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
-        return None
-    return (
-        flag
-        or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        or mesh
-        or None
-    )
 
 
 @dataclass(frozen=True, slots=True)
