@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from sidecar.exchange import Handler, Request, Response
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.clock import Clock
+from sidecar.policy.deadline import deadline_at
 from sidecar.policy.stats import ServiceStats
 from sidecar.runtime import ServiceConfig
 
@@ -65,12 +66,13 @@ class TotalTimeout:
         if remaining <= 0:
             self._stats.timeouts += 1
             raise TimeoutError_("deadline passed before the request started")
-        cm = asyncio.timeout(remaining)
+        # Armed relative to the loop's clock, like asyncio.timeout, for a fraction of its cost.
+        cm = deadline_at(asyncio.get_running_loop().time() + remaining)
         try:
             async with cm:
                 return await self._inner(req)
         except TimeoutError:
-            if not cm.expired():
+            if not cm.expired:
                 raise
             self._stats.timeouts += 1
             raise TimeoutError_(f"request timeout of {self._timeout:g}s exceeded") from None
@@ -92,12 +94,12 @@ class PerTryTimeout:
             # The total timeout fires first; a second timer would only cost.
             return await self._inner(req)
         req.deadline = deadline
-        cm = asyncio.timeout(self._timeout)
+        cm = deadline_at(asyncio.get_running_loop().time() + self._timeout)
         try:
             async with cm:
                 return await self._inner(req)
         except TimeoutError:
-            if not cm.expired():
+            if not cm.expired:
                 raise
             self._stats.per_try_timeouts += 1
             raise TimeoutError_(f"per-try timeout of {self._timeout:g}s exceeded") from None

@@ -22,6 +22,7 @@ from typing import Protocol, cast
 
 from sidecar.exchange import Handler, Request, RequestBody, Response
 from sidecar.flags import Flag, ProxyError
+from sidecar.policy.deadline import deadline_at
 from sidecar.protocol import serialize
 from sidecar.protocol.events import Data, EndOfMessage, Reject, RequestEvent, RequestHead
 from sidecar.protocol.limits import Limits
@@ -389,12 +390,12 @@ class DownstreamProtocol(asyncio.Protocol):
                 # The total timeout covers the whole response (Envoy's route timeout), not only
                 # its head: a body still streaming at the deadline is cut (UT). The deadline is
                 # on the loop's clock (policy.clock.loop_time).
-                deadline = asyncio.timeout_at(request.deadline)
+                deadline = deadline_at(request.deadline)
                 try:
                     async with deadline:
                         await self._write_response(head, response)
                 except TimeoutError:
-                    if not deadline.expired():
+                    if not deadline.expired:
                         raise
                     flags = Flag.UPSTREAM_TIMEOUT.value
                     response.discard()
