@@ -30,13 +30,12 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
-ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-HCM_TYPE = (
-    "type.googleapis.com/"
-    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+from control_plane.translate import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    HCM_TYPE,
+    LISTENER_TYPE,
+    ROUTE_TYPE,
 )
 
 # Make-before-break order for pushes (the xDS spec's ADS ordering): clusters and their

@@ -17,13 +17,15 @@ from google.protobuf import struct_pb2
 from rich.console import Console
 from rich.table import Table
 
+from control_plane.translate import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
+
 FETCH_METHOD = "/envoy.service.status.v3.ClientStatusDiscoveryService/FetchClientStatus"
 TIMEOUT = 5.0
 TYPE_COLUMNS = (
-    ("LDS", "type.googleapis.com/envoy.config.listener.v3.Listener"),
-    ("RDS", "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"),
-    ("CDS", "type.googleapis.com/envoy.config.cluster.v3.Cluster"),
-    ("EDS", "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"),
+    ("LDS", LISTENER_TYPE),
+    ("RDS", ROUTE_TYPE),
+    ("CDS", CLUSTER_TYPE),
+    ("EDS", ENDPOINT_TYPE),
 )
 _STATUS_WORD = {
     csds_pb2.SYNCED: "SYNCED",

@@ -84,6 +84,10 @@ ROUTE_TYPE: Final = "type.googleapis.com/envoy.config.route.v3.RouteConfiguratio
 CLUSTER_TYPE: Final = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT_TYPE: Final = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 RESOURCE_TYPES: Final = (LISTENER_TYPE, ROUTE_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE)
+HCM_TYPE: Final = (
+    "type.googleapis.com/"
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
 
 OUTBOUND: Final = "outbound"  # the sidecars' Listener and RouteConfiguration
 OUTBOUND_PORT: Final = 15001

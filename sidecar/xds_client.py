@@ -51,18 +51,17 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, status_pb2
 
+from control_plane.translate import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    HCM_TYPE,
+    LISTENER_TYPE,
+    ROUTE_TYPE,
+)
 from sidecar.runtime import ConfigError, Snapshot
 
 log = logging.getLogger("outrigger.sidecar.xds_client")
 
-LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
-ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-HCM_TYPE = (
-    "type.googleapis.com/"
-    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-)
 ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 USER_AGENT = "outrigger"
 _EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009 (not in grpc-stubs)
