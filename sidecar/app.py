@@ -27,7 +27,7 @@ from sidecar.policy.breaker import BreakerEvent
 from sidecar.policy.stack import ServiceRegistry, build_service_stack
 from sidecar.protocol.events import RequestHead
 from sidecar.runtime import ConfigError, Endpoint, OutboundPolicy, Snapshot
-from sidecar.telemetry import otlp_endpoint
+from sidecar.telemetry import otlp_endpoint, trace_id
 from sidecar.transport.server import (
     Decision,
     DownstreamProtocol,
@@ -199,6 +199,7 @@ class Sidecar:
         self.upstreams = Upstreams(services=self.services)
         self.metrics = Metrics(settings.service)
         self.metrics.services = self.services
+        self.metrics.endpoints = self._service_endpoints
         self.active: Active | None = None
         self.app_endpoint = Endpoint(*settings.app)
         self.outbound_state = ServerState(self.server_settings)
@@ -296,6 +297,8 @@ class Sidecar:
             forward = tracing.attempt(forward)
 
         async def passthrough(req: Request) -> Response:
+            req.tried.append(endpoint)  # no balancer here: count the one attempt for the log
+            req.attempts += 1
             return await forward(req, endpoint)
 
         if tracing is not None:
@@ -306,6 +309,8 @@ class Sidecar:
         return self._inbound
 
     async def _to_app(self, req: Request) -> Response:
+        req.tried.append(self.app_endpoint)  # as in passthrough: one attempt, for the log
+        req.attempts += 1
         return await self.upstreams.forward(req, self.app_endpoint)
 
     # --- bookkeeping ---------------------------------------------------------------------
@@ -317,12 +322,19 @@ class Sidecar:
         lines = self._access_lines
 
         def completed(
-            head: RequestHead, decision: Decision | None, status: int, flags: str, start: float
+            head: RequestHead,
+            decision: Decision | None,
+            status: int,
+            flags: str,
+            start: float,
+            request: Request | None,
         ) -> None:
             duration = loop.time() - start
             destination = decision.name if decision is not None else "-"
             metrics.request(direction, destination, status, flags, duration)
             if access_log:
+                # The last endpoint tried is the one that answered (or failed last).
+                tried = request.tried if request is not None else None
                 lines.append(
                     json.dumps(
                         {
@@ -335,6 +347,9 @@ class Sidecar:
                             "flags": flags or "-",
                             "duration_ms": round(duration * 1000, 3),
                             "destination": destination,
+                            "upstream": str(tried[-1]) if tried else "-",
+                            "attempts": request.attempts if request is not None else 0,
+                            "trace_id": trace_id(request.headers) if request is not None else "-",
                         },
                         separators=(",", ":"),
                     )
@@ -372,6 +387,12 @@ class Sidecar:
             lines, self._access_lines[:] = list(self._access_lines), []
             sys.stdout.write("\n".join(lines) + "\n")
             sys.stdout.flush()
+
+    def _service_endpoints(self) -> list[tuple[str, tuple[Endpoint, ...]]]:
+        active = self.active
+        if active is None:
+            return []
+        return [(cfg.name, cfg.endpoints) for _, cfg in sorted(active.snapshot.services.items())]
 
     def config_dump(self) -> dict[str, Any]:
         active = self.active

@@ -9,7 +9,7 @@ per request; a dict increment costs ~0.1 µs. So the client library renders, we 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -20,6 +20,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from sidecar.policy.stack import ServiceRegistry
+from sidecar.runtime import Endpoint
 
 # Seconds; Envoy-like spread from 0.5 ms to 60 s.
 BUCKETS = (
@@ -42,6 +43,9 @@ BUCKETS = (
 
 RequestKey = tuple[str, str, str, str, str]  # direction, source, destination, code, flags
 
+# outrigger_endpoint_breaker_state values (pybreaker's state names); no breaker yet: closed.
+BREAKER_STATES = {"closed": 0, "open": 1, "half-open": 2}
+
 
 class _Histogram:
     __slots__ = ("counts", "total")
@@ -62,6 +66,8 @@ class Metrics:
         self.config_applied = 0
         self.config_rejected = 0
         self.services: ServiceRegistry | None = None
+        # (service name, its endpoints) of the applied config, for the per-endpoint gauges
+        self.endpoints: Callable[[], Iterable[tuple[str, Sequence[Endpoint]]]] | None = None
         # reason -> spans not exported (the tracing export pipeline counts; empty: tracing off)
         self.spans_dropped: dict[str, int] = {}
 
@@ -174,3 +180,26 @@ class _MetricsCollector(Collector):
         for state in states:
             ejected.add_metric([state.name], state.breakers.ejected_count())
         yield ejected
+        if self.m.endpoints is None:
+            return
+        breaker_state = GaugeMetricFamily(
+            "outrigger_endpoint_breaker_state",
+            "Circuit breaker per endpoint: 0 closed, 1 open (ejected), 2 half-open (probing).",
+            labels=["destination", "endpoint"],
+        )
+        active = GaugeMetricFamily(
+            "outrigger_endpoint_active_requests",
+            "Attempts in flight to the endpoint.",
+            labels=["destination", "endpoint"],
+        )
+        for name, endpoints in self.m.endpoints():
+            service = services.get(name)
+            for endpoint in endpoints:
+                labels = [name, str(endpoint)]
+                breaker = service.breakers.breaker(endpoint) if service is not None else None
+                breaker_state.add_metric(
+                    labels, BREAKER_STATES.get(breaker.state, 1) if breaker is not None else 0
+                )
+                active.add_metric(labels, service.active(endpoint) if service is not None else 0)
+        yield breaker_state
+        yield active

@@ -8,7 +8,12 @@ tracing is on.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
+
+# The trace-id field of a W3C traceparent (any version but ff: its first four fields are fixed).
+_TRACEPARENT = re.compile(rb"(?!ff)[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}(?:-|$)")
+_ZERO_TRACE = b"0" * 32
 
 
 def otlp_endpoint(
@@ -28,3 +33,19 @@ def otlp_endpoint(
         or mesh
         or None
     )
+
+
+def trace_id(headers: Sequence[tuple[bytes, bytes]]) -> str:
+    """The trace id of the request's `traceparent` (what the next hop sees), or "-".
+
+    With tracing on, every proxied request carries one by the time it ends: written
+    by the tracing layer (sampled or not), or the caller's unsampled one passed through; only a
+    B3 "don't sample" without ids leaves none. With tracing off it is the caller's, if valid.
+    Reading the header costs nothing on the tracing path and needs no OpenTelemetry import."""
+    for name, value in headers:
+        if name == b"traceparent":
+            m = _TRACEPARENT.match(value)
+            if m is None or m.group(1) == _ZERO_TRACE:
+                return "-"
+            return m.group(1).decode("ascii")
+    return "-"

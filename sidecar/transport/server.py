@@ -86,8 +86,16 @@ Dispatch = Callable[[RequestHead], Decision]
 
 
 class Completed(Protocol):
+    """Told when a request cycle ends; `request` is None when none was built (no route)."""
+
     def __call__(
-        self, head: RequestHead, decision: Decision | None, status: int, flags: str, start: float
+        self,
+        head: RequestHead,
+        decision: Decision | None,
+        status: int,
+        flags: str,
+        start: float,
+        request: Request | None,
     ) -> None: ...
 
 
@@ -418,7 +426,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 self.abort()
         finally:
             if self.completed is not None:
-                self.completed(head, decision, status, flags, start)
+                self.completed(head, decision, status, flags, start, request)
             self._cycle_done()
 
     async def _respond_error(self, head: RequestHead, error: ProxyError, start: float) -> None:
@@ -427,7 +435,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self._write_local(status, flag, body, head.version, close=self.close_after)
         finally:
             if self.completed is not None:
-                self.completed(head, None, status, flag.decode(), start)
+                self.completed(head, None, status, flag.decode(), start, None)
             self._cycle_done()
 
     async def _write_response(self, head: RequestHead, response: Response) -> None:
