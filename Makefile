@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install check lint typecheck test run bench clean
+.PHONY: install check lint typecheck test run demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: check
 # A sidecar in front of the example mesh (standalone), on the default ports.
 run: $(STAMP)
 	$(BIN)/outrigger sidecar --mesh examples/mesh.yaml --service frontend
+
+# The whole mesh on this machine: control plane, frontend -> orders -> payments, traffic, live view.
+demo: $(STAMP)
+	$(BIN)/outrigger demo
 
 bench: $(STAMP)
 	$(BIN)/python tests/bench/run.py

@@ -49,12 +49,29 @@ def _status_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--control-plane", default="127.0.0.1:15010", help="xDS address")
 
 
+def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "demo", help="a whole mesh on this machine: control plane, 3 services, traffic, story"
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="run N seconds without the live view (at least as long as the story, ~20s), print "
+        "a summary, exit non-zero if a step of the story did not happen",
+    )
+    p.add_argument("--otlp-endpoint", default=None, help="pass to every sidecar: send traces")
+    p.add_argument("--rate", type=float, default=50.0, help="requests/s to frontend (default 50)")
+    p.add_argument("--mesh", default=None, help="mesh template (default examples/demo-mesh.yaml)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="outrigger", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _sidecar_parser(sub)
     _control_plane_parser(sub)
     _status_parser(sub)
+    _demo_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "sidecar":
         from sidecar.app import run_sidecar
@@ -68,6 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from control_plane.status import run_status
 
         return run_status(args)
+    if args.command == "demo":
+        from sidecar.demo.run import run_demo
+
+        return run_demo(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
