@@ -2,7 +2,7 @@
 
 For each attempt it admits the attempt against the service's `max_requests`, picks an endpoint,
 records it in `Request.tried`, and counts it active (per endpoint and per service) until the
-response body completes or is discarded, or the attempt fails.
+response body has been received whole or is discarded, or the attempt fails.
 
 Picking: endpoints the breaker registry calls ejected are skipped; among the rest, endpoints not in
 `Request.tried` are preferred, so a retry goes elsewhere when it can. Policies:
@@ -18,10 +18,10 @@ No endpoint left: 503 flag UH.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sidecar.exchange import EndpointHandler, Request, Response, ResponseBody
+from sidecar.exchange import EndpointHandler, Request, Response
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.concurrency import ServiceLoad
 from sidecar.runtime import Endpoint, LbPolicy, ServiceConfig
@@ -54,35 +54,21 @@ class EndpointLoad:
         self.active = 0
 
 
-class TrackedBody:
-    """Wraps a response body to release the attempt's active counts exactly once."""
+class _Release:
+    """Releases one attempt's active counts exactly once, when its response body is done."""
 
-    __slots__ = ("_body", "_load", "_service")
+    __slots__ = ("_load", "_service")
 
-    def __init__(self, body: ResponseBody, load: EndpointLoad, service: ServiceLoad) -> None:
-        self._body = body
+    def __init__(self, load: EndpointLoad, service: ServiceLoad) -> None:
         self._load: EndpointLoad | None = load
         self._service = service
 
-    def _release(self) -> None:
+    def __call__(self) -> None:
         load = self._load
         if load is not None:
             self._load = None
             load.active -= 1
             self._service.release()
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._body.chunks():
-                yield chunk
-        finally:
-            self._release()
-
-    def discard(self) -> None:
-        try:
-            self._body.discard()
-        finally:
-            self._release()
 
 
 Ejected = Callable[[Endpoint], bool]
@@ -124,7 +110,7 @@ class Balancer:
             load.active -= 1
             service.release()
             raise
-        resp.body = TrackedBody(resp.body, load, service)
+        resp.body.when_done(_Release(load, service))
         if resp.endpoint is None:
             resp.endpoint = load.endpoint
         return resp

@@ -81,14 +81,7 @@ class ResponseParser:
 
     def __init__(self, request_method: bytes, limits: Limits = Limits()) -> None:  # noqa: B008
         self._limits = limits
-        self._head_request = request_method == b"HEAD"
-        self._state = _HEAD
         self._buf = bytearray()
-        self._remaining = 0
-        self._chunked: ChunkedDecoder | None = None
-        self._keep_alive = False
-        self._extra = False  # bytes arrived after the response ended
-        self._seen = False  # any byte at all arrived
         self._rest = bytearray()
         self._headers: Headers = []
         self._special: list[tuple[int, bytes]] = []
@@ -96,6 +89,24 @@ class ResponseParser:
         self._message_done = False
         self._ll = httptools.HttpResponseParser(self)
         self._ll_clean = True
+        self.reset(request_method)
+
+    def reset(self, request_method: bytes) -> None:
+        """Ready for the response to the next request on the same connection.
+
+        Reusing the parser (and its llhttp parser, when the last message left it clean) saves
+        creating both per request on a keep-alive connection."""
+        self._head_request = request_method == b"HEAD"
+        self._state = _HEAD
+        self._remaining = 0
+        self._chunked: ChunkedDecoder | None = None
+        self._keep_alive = False
+        self._extra = False  # bytes arrived after the response ended
+        self._seen = False  # any byte at all arrived
+        if self._buf:
+            self._buf.clear()
+        if self._rest:
+            self._rest.clear()
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:

@@ -36,6 +36,12 @@ class _EmptyBody:
         return
         yield b""  # pragma: no cover - makes this an async generator
 
+    async def read(self) -> bytes:
+        return b""
+
+    def when_done(self, callback: Callable[[], None]) -> None:
+        callback()
+
     def discard(self) -> None:
         return None
 
@@ -48,6 +54,7 @@ class BodyStream:
 
     __slots__ = (
         "_chunks",
+        "_done_callbacks",
         "_dropped",
         "_error",
         "_finished",
@@ -101,6 +108,7 @@ class BodyStream:
         self._on_first_read = on_first_read
         self._on_discard = on_discard
         self._limit = keep_limit
+        self._done_callbacks: list[Callable[[], None]] | None = []
 
     # --- producer side -------------------------------------------------------------------
 
@@ -119,12 +127,14 @@ class BodyStream:
     def finish(self) -> None:
         self._finished = True
         self._wake()
+        self._run_done_callbacks()
 
     def fail(self, error: BaseException) -> None:
         if not self._finished:
             self._error = error
             self._finished = True
         self._wake()
+        self._run_done_callbacks()
 
     @property
     def finished(self) -> bool:
@@ -172,8 +182,39 @@ class BodyStream:
             finally:
                 self._waiter = None
 
+    async def read(self) -> bytes:
+        """The single-reader API (response bodies): every byte fed since the last read, joined;
+        b"" once the body ended. Not to be mixed with `chunks()`; a body read this way is not
+        kept for replay."""
+        self._keep = False
+        while True:
+            chunks = self._chunks
+            if chunks:
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                self._dropped += len(chunks)
+                self._read_upto = self._dropped
+                chunks.clear()
+                self._taken(len(data))
+                return data
+            if self._finished:
+                if self._error is not None:
+                    raise BodyReset(str(self._error)) from self._error
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
     async def read_all(self) -> bytes:
         return b"".join([chunk async for chunk in self.chunks()])
+
+    def when_done(self, callback: Callable[[], None]) -> None:
+        callbacks = self._done_callbacks
+        if callbacks is None:
+            callback()
+        else:
+            callbacks.append(callback)
 
     def discard(self) -> None:
         if self._on_discard is not None:
@@ -183,6 +224,7 @@ class BodyStream:
             if not self.finished:
                 callback()
         self._chunks.clear()
+        self._run_done_callbacks()
 
     # --- internals -----------------------------------------------------------------------
 
@@ -191,6 +233,12 @@ class BodyStream:
         if self._paused and self._unread <= self.low_water:
             self._paused = False
             self._resume()
+
+    def _run_done_callbacks(self) -> None:
+        callbacks, self._done_callbacks = self._done_callbacks, None
+        if callbacks:
+            for callback in callbacks:
+                callback()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -201,10 +249,11 @@ class BodyStream:
 class BytesBody:
     """A body already in memory (admin pages, local responses)."""
 
-    __slots__ = ("_data",)
+    __slots__ = ("_data", "_unread")
 
     def __init__(self, data: bytes) -> None:
         self._data = data
+        self._unread = True  # for read(): the one reader has not had the bytes yet
 
     @property
     def replayable(self) -> bool:
@@ -217,6 +266,15 @@ class BytesBody:
     async def chunks(self) -> AsyncIterator[bytes]:
         if self._data:
             yield self._data
+
+    async def read(self) -> bytes:
+        if self._unread:
+            self._unread = False
+            return self._data
+        return b""
+
+    def when_done(self, callback: Callable[[], None]) -> None:
+        callback()
 
     def discard(self) -> None:
         return None

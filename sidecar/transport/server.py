@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from random import getrandbits as _getrandbits  # request ids: unique, not secret
 from typing import Protocol, cast
 
 from sidecar.exchange import Handler, Request, RequestBody, Response
@@ -328,10 +328,10 @@ class DownstreamProtocol(asyncio.Protocol):
             headers = [(n, v) for n, v in headers if not n.startswith(MESH_HEADER_PREFIX)]
         if self.request_ids:
             if request_id is None:
-                headers.append((REQUEST_ID, os.urandom(16).hex().encode()))
+                headers.append((REQUEST_ID, b"%032x" % _getrandbits(128)))
             elif not _request_id_ok(request_id):
                 headers = [(n, v) for n, v in headers if n != REQUEST_ID]
-                headers.append((REQUEST_ID, os.urandom(16).hex().encode()))
+                headers.append((REQUEST_ID, b"%032x" % _getrandbits(128)))
         try:
             decision = self.dispatch(head)
         except ProxyError as error:
@@ -476,9 +476,11 @@ class DownstreamProtocol(asyncio.Protocol):
                 response.discard()  # a HEAD: the upstream's body (if any) is not forwarded
             return
         first = True
-        async for data in response.body.chunks():
+        body = response.body
+        while True:
+            data = await body.read()
             if not data:
-                continue
+                break
             out = serialize.chunk(data) if chunked else data
             if first:
                 out = head_bytes + out

@@ -16,14 +16,14 @@ import time
 from collections.abc import Callable
 from typing import cast
 
-from sidecar.exchange import BodyNotReplayable, Request, Response
+from sidecar.exchange import BodyNotReplayable, Request, Response, ResponseBody
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.stack import ServiceRegistry
 from sidecar.protocol import serialize
-from sidecar.protocol.events import Data, EndOfMessage, Reject, ResponseHead
+from sidecar.protocol.events import Data, EndOfMessage, ResponseEvent, ResponseHead
 from sidecar.protocol.response import ResponseParser
 from sidecar.runtime import Endpoint
-from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream
+from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream, BytesBody
 
 # Methods RFC 9110 §9.2.2 calls idempotent: a request on a reused connection that the peer
 # closed before answering may be sent again on a fresh one (RFC 9112 §9.3.1).
@@ -40,6 +40,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_drain_waiter",
         "_head",
+        "_idle_parser",
         "_parser",
         "body",
         "busy",
@@ -60,10 +61,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.endpoint = pool.endpoint
         self.transport: asyncio.Transport | None = None
-        self._parser: ResponseParser | None = None
+        self._parser: ResponseParser | None = None  # set while an exchange is in progress
+        self._idle_parser: ResponseParser | None = None  # kept for the next exchange
         # The head and its body travel together: by the time the awaiting coroutine resumes,
         # a short response may be complete and this connection already serving someone else.
-        self._head: asyncio.Future[tuple[ResponseHead, BodyStream | None]] | None = None
+        self._head: asyncio.Future[tuple[ResponseHead, ResponseBody | None]] | None = None
         self.body: BodyStream | None = None
         self.busy = False
         self.closed = False
@@ -94,7 +96,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
             return
         self.got_bytes = True
-        for event in parser.feed(data):
+        events = parser.feed(data)
+        if len(events) == 3 and self._whole_response(events):
+            return
+        for event in events:
             self._on_event(event)
 
     def eof_received(self) -> bool | None:
@@ -142,12 +147,17 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- exchange ------------------------------------------------------------------------
 
-    def begin(self, method: bytes) -> asyncio.Future[tuple[ResponseHead, BodyStream | None]]:
+    def begin(self, method: bytes) -> asyncio.Future[tuple[ResponseHead, ResponseBody | None]]:
         self.busy = True
         self.request_sent = False
         self.got_bytes = False
         self.body = None
-        self._parser = ResponseParser(method)
+        parser = self._idle_parser
+        if parser is None:
+            parser = self._idle_parser = ResponseParser(method)
+        else:
+            parser.reset(method)
+        self._parser = parser
         self._head = asyncio.get_running_loop().create_future()
         self.last_activity = self.pool.clock()
         return self._head
@@ -185,7 +195,25 @@ class UpstreamConnection(asyncio.Protocol):
             if rest:
                 receive(rest)
 
-    def _on_event(self, event: ResponseHead | Data | EndOfMessage | Reject) -> None:
+    def _whole_response(self, events: list[ResponseEvent]) -> bool:
+        """The common case, a final response whose head and body came in one read: hand them
+        over as one in-memory body (no BodyStream, no flow control to arrange)."""
+        head, data, end = events
+        future = self._head
+        if (
+            type(head) is not ResponseHead
+            or type(data) is not Data
+            or type(end) is not EndOfMessage
+            or head.status < 200
+            or future is None
+            or future.done()
+        ):
+            return False
+        future.set_result((head, BytesBody(data.data)))
+        self._exchange_done()
+        return True
+
+    def _on_event(self, event: ResponseEvent) -> None:
         if isinstance(event, Data):
             if self.body is not None:
                 self.body.feed(event.data)

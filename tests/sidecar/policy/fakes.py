@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import selectors
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 from sidecar.exchange import BodyNotReplayable, Request, Response
@@ -72,14 +72,34 @@ class MemoryResponseBody:
         self.data = data
         self.discarded = False
         self.consumed = False
+        self._sent = False
+        self._callbacks: list[Callable[[], None]] = []
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        if self.data:
-            yield self.data
-        self.consumed = True
+    async def read(self) -> bytes:
+        """Models a body still streaming until read: it is done when read to its end."""
+        if self.consumed:
+            return b""
+        if self._sent or not self.data:
+            self.consumed = True
+            self._done()
+            return b""
+        self._sent = True
+        return self.data
+
+    def when_done(self, callback: Callable[[], None]) -> None:
+        if self.consumed or self.discarded:
+            callback()
+        else:
+            self._callbacks.append(callback)
 
     def discard(self) -> None:
         self.discarded = True
+        self._done()
+
+    def _done(self) -> None:
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
 
 
 def request(
@@ -238,7 +258,10 @@ async def outcome_of(handler: object, req: Request) -> Response | ProxyError:
 
 
 async def drain(resp: Response) -> bytes:
-    return b"".join([chunk async for chunk in resp.body.chunks()])
+    parts = []
+    while data := await resp.body.read():
+        parts.append(data)
+    return b"".join(parts)
 
 
 class FirstChoice:
