@@ -171,6 +171,7 @@ class Active:
 
     snapshot: Snapshot
     handlers: dict[str, Handler]  # by cluster name
+    routes: dict[bytes, Decision]  # by authority: the routing decision, made once per config
 
 
 def authority_endpoint(authority: bytes) -> Endpoint | None:
@@ -252,7 +253,11 @@ class Sidecar:
             except ValueError as exc:
                 self.metrics.config_rejected += 1
                 raise ConfigError(f"Cluster {cluster}: {exc}") from exc
-        self.active = Active(snapshot, handlers)
+        routes = {
+            authority: Decision(handlers[service.cluster], service, service.name)
+            for authority, service in snapshot.routes.items()
+        }
+        self.active = Active(snapshot, handlers, routes)
         self.services.retain(cfg.name for cfg in snapshot.services.values())
         self.metrics.config_version = snapshot.version
         self.metrics.config_applied += 1
@@ -278,9 +283,9 @@ class Sidecar:
         active = self.active
         if active is None:
             raise ProxyError(Flag.NO_ROUTE, "no config applied yet", status=503)
-        service = active.snapshot.routes.get(head.authority)
-        if service is not None:
-            return Decision(active.handlers[service.cluster], service, service.name)
+        decision = active.routes.get(head.authority)
+        if decision is not None:
+            return decision
         authority = head.authority.decode("ascii", "replace")
         if active.snapshot.outbound_policy is OutboundPolicy.REGISTRY_ONLY:
             raise ProxyError(

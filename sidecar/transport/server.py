@@ -75,7 +75,7 @@ class Route(Protocol):
     name: str  # the service name for logs and metrics ("passthrough", "inbound", ...)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     handler: Handler
     service: ServiceConfig | None
@@ -271,6 +271,13 @@ class DownstreamProtocol(asyncio.Protocol):
     # --- parsing -------------------------------------------------------------------------
 
     def _process(self, events: list[RequestEvent] | deque[RequestEvent]) -> None:
+        if len(events) == 2 and type(events[1]) is EndOfMessage and not self.pending:
+            # The common case, one request without a body: no queue to build.
+            head = events[0]
+            if type(head) is RequestHead:
+                self._start_cycle(head)
+                self._end_of_request()
+                return
         queue = events if isinstance(events, deque) else deque(events)
         while queue:
             event = queue.popleft()
@@ -281,12 +288,7 @@ class DownstreamProtocol(asyncio.Protocol):
             elif isinstance(event, RequestHead):
                 self._start_cycle(event)
             elif isinstance(event, EndOfMessage):
-                self.request_complete = True
-                if self.body is not None:
-                    self.body.finish()
-                    self.body = None
-                if self.phase == BODY:
-                    self._set_phase(WAITING)
+                self._end_of_request()
                 if queue and self.task is not None:
                     # A pipelined request: it waits until this response is written.
                     self.pending.extend(queue)
@@ -295,6 +297,14 @@ class DownstreamProtocol(asyncio.Protocol):
             else:
                 self._reject(event)
                 return
+
+    def _end_of_request(self) -> None:
+        self.request_complete = True
+        if self.body is not None:
+            self.body.finish()
+            self.body = None
+        if self.phase == BODY:
+            self._set_phase(WAITING)
 
     def _start_cycle(self, head: RequestHead) -> None:
         self.cycle_head = head
