@@ -24,7 +24,6 @@ from .request import (
     K_HOST,
     K_TE,
     K_UPGRADE,
-    LOWER,
     OWS,
     SPECIAL,
     V10,
@@ -110,7 +109,7 @@ class ResponseParser:
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.translate(LOWER)
+        name = name.lower()
         kind = _SPECIAL.get(name)
         if kind is None:
             self._headers.append((name, value))
@@ -278,11 +277,11 @@ class ResponseParser:
         if not self._head_done:
             raise HeadError(502, "malformed response head")
 
-        if b"_" in head:
+        if head.find(b"_") >= 0:  # find, not `in`: see RequestParser._parse_head
             for name, _ in headers:
-                if b"_" in name:
+                if name.find(b"_") >= 0:
                     raise HeadError(502, "underscore in response header name")
-        if b" \r\n" in head or b"\t\r\n" in head:
+        if head.find(b" \r\n") >= 0 or head.find(b"\t\r\n") >= 0:
             headers[:] = [(name, value.rstrip(OWS)) for name, value in headers]
             special[:] = [(kind, value.rstrip(OWS)) for kind, value in special]
 
