@@ -92,13 +92,19 @@ def response_head(
         if _REASON.fullmatch(reason) is None:
             raise ValueError(f"invalid reason phrase {reason!r}")
         _check_headers(headers)
-    parts = [b"HTTP/", version, b" %d " % status, reason, b"\r\n"]
+    code = _STATUS_CODES.get(status)
+    if code is None:
+        code = _STATUS_CODES[status] = b" %d " % status  # at most 900 entries
+    parts = [b"HTTP/", version, code, reason, b"\r\n"]
     for name, value in headers:
         parts += (name, b": ", value, b"\r\n")
     if close:
         parts.append(b"connection: close\r\n")
     parts.append(_framing(content_length, chunked))
     return b"".join(parts)
+
+
+_STATUS_CODES: dict[int, bytes] = {}  # b" 200 ": formatting an int costs more than a lookup
 
 
 def _framing(content_length: int | None, chunked: bool) -> bytes:

@@ -17,7 +17,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from random import getrandbits as _getrandbits  # request ids: unique, not secret
+from random import getrandbits as _getrandbits
 from typing import Protocol, cast
 
 from sidecar.exchange import Handler, Request, RequestBody, Response
@@ -154,6 +154,11 @@ class ServerState:
     def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+
+
+def _request_id() -> bytes:
+    """32 hex digits. Unique, not secret: no getrandom syscall per request (os.urandom)."""
+    return _getrandbits(128).to_bytes(16, "big").hex().encode()
 
 
 def _request_id_ok(value: bytes) -> bool:
@@ -338,10 +343,10 @@ class DownstreamProtocol(asyncio.Protocol):
             headers = [(n, v) for n, v in headers if not n.startswith(MESH_HEADER_PREFIX)]
         if self.request_ids:
             if request_id is None:
-                headers.append((REQUEST_ID, b"%032x" % _getrandbits(128)))
+                headers.append((REQUEST_ID, _request_id()))
             elif not _request_id_ok(request_id):
                 headers = [(n, v) for n, v in headers if n != REQUEST_ID]
-                headers.append((REQUEST_ID, b"%032x" % _getrandbits(128)))
+                headers.append((REQUEST_ID, _request_id()))
         try:
             decision = self.dispatch(head)
         except ProxyError as error:
@@ -401,7 +406,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 self._write_local(status, b"DPE", reason, head.version, close=True)
                 return
             status = response.status
-            flags = ",".join(f.value for f in response.flags)
+            flags = ",".join([f.value for f in response.flags]) if response.flags else ""
             if request.deadline is None:
                 await self._write_response(head, response)
             else:
