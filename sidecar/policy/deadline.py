@@ -6,9 +6,10 @@ bounded response body paid it three times, about a seventh of its CPU. Here ever
 in a bucket of `TICK` seconds and one loop timer serves the earliest bucket; arming is a set
 insert and disarming a set discard. Deadlines fire up to one tick late, never early.
 
-Use it like `asyncio.timeout_at`:
+Use it like `asyncio.timeout_at`, but as a plain (not async) context manager, since arming and
+disarming never wait; that saves the two coroutines an `async with` makes per use:
 
-    async with deadline_at(when) as expiry:
+    with deadline_at(when) as expiry:
         ...
     # TimeoutError was raised if (and only if) expiry.expired
 """
@@ -36,7 +37,7 @@ class Expiry:
         self._task: asyncio.Task[object] | None = None
         self._bucket = -1
 
-    async def __aenter__(self) -> Expiry:
+    def __enter__(self) -> Expiry:
         task = asyncio.current_task()
         if task is None:
             raise RuntimeError("deadline_at must be used inside a task")
@@ -44,7 +45,7 @@ class Expiry:
         self._wheel.arm(self)
         return self
 
-    async def __aexit__(
+    def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
@@ -112,12 +113,17 @@ class _Wheel:
 
 
 _wheels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Wheel] = weakref.WeakKeyDictionary()
+_last_wheel: _Wheel | None = None  # the wheel of the loop that asked last: skips the weak dict
 
 
 def deadline_at(when: float) -> Expiry:
-    """An async context manager that raises TimeoutError at `when` (loop time), or a tick later."""
+    """A context manager that raises TimeoutError at `when` (loop time), or a tick later."""
+    global _last_wheel
     loop = asyncio.get_running_loop()
-    wheel = _wheels.get(loop)
-    if wheel is None:
-        wheel = _wheels[loop] = _Wheel(loop)
+    wheel = _last_wheel
+    if wheel is None or wheel._loop is not loop:
+        wheel = _wheels.get(loop)
+        if wheel is None:
+            wheel = _wheels[loop] = _Wheel(loop)
+        _last_wheel = wheel
     return Expiry(wheel, when)

@@ -69,7 +69,7 @@ class TotalTimeout:
         # Armed relative to the loop's clock, like asyncio.timeout, for a fraction of its cost.
         cm = deadline_at(asyncio.get_running_loop().time() + remaining)
         try:
-            async with cm:
+            with cm:
                 return await self._inner(req)
         except TimeoutError:
             if not cm.expired:
@@ -96,7 +96,7 @@ class PerTryTimeout:
         req.deadline = deadline
         cm = deadline_at(asyncio.get_running_loop().time() + self._timeout)
         try:
-            async with cm:
+            with cm:
                 return await self._inner(req)
         except TimeoutError:
             if not cm.expired:

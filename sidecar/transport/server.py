@@ -415,7 +415,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 # on the loop's clock (policy.clock.loop_time).
                 deadline = deadline_at(request.deadline)
                 try:
-                    async with deadline:
+                    with deadline:
                         await self._write_response(head, response)
                 except TimeoutError:
                     if not deadline.expired:
