@@ -6,6 +6,7 @@
 - `load`: the load generator calling frontend's sidecar at a steady rate.
 - `scrape`: the sidecars' admin endpoints, read into per-service figures.
 - `story`: the scripted steps, each with the check that it happened.
-- `view`: the rich live view and the final summary.
+- `traces`: the OTLP/gRPC trace receiver the demo runs when no endpoint is given.
+- `view`: the rich live view, the status line and a trace's waterfall.
 - `run`: the orchestration behind `outrigger demo`.
 """

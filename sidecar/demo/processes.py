@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 
 ADDRESS = re.compile(r"(\w+)=([\d.]+):(\d+)")
@@ -25,7 +26,13 @@ class DemoError(Exception):
 class Process:
     """One child process; a thread keeps its last output lines (for error messages)."""
 
-    def __init__(self, name: str, argv: list[str], pass_fds: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        pass_fds: tuple[int, ...] = (),
+        env: Mapping[str, str] | None = None,  # added to this process's environment
+    ) -> None:
         self.name = name
         self.lines: deque[str] = deque(maxlen=200)
         self._first: list[str] = []
@@ -38,7 +45,7 @@ class Process:
             text=True,
             pass_fds=pass_fds,
             start_new_session=True,  # its own process group: stopped as a whole
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
         )
         self._reader = threading.Thread(target=self._read, name=f"out-{name}", daemon=True)
         self._reader.start()

@@ -14,6 +14,12 @@ Start-up order (each listener on port 0, so nothing clashes with what runs on th
 
 Every process runs in its own process group; `finally` stops them all (SIGTERM, bounded wait,
 SIGKILL of the group).
+
+Traces. With `--otlp-endpoint` (or the standard OTEL_EXPORTER_OTLP_* variables, which the
+sidecars inherit) the sidecars send their spans there. Without, the demo first starts its own
+OTLP/gRPC trace receiver on 127.0.0.1 (`traces`) and points every sidecar at it; the story then
+has one more step (a retried request's trace arrived, with a span per attempt) and the end
+prints that trace as a waterfall. The receiver stops after the sidecars, which flush on SIGTERM.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import re
 import signal
 import sys
@@ -47,7 +54,17 @@ from sidecar.demo.processes import (
 )
 from sidecar.demo.scrape import Reading, Scraper
 from sidecar.demo.story import Step, Story
-from sidecar.demo.view import EndpointRow, Frame, ServiceRow, SidecarRow, render, status_line
+from sidecar.demo.traces import Trace, TraceReceiver, receive
+from sidecar.demo.view import (
+    EndpointRow,
+    Frame,
+    ServiceRow,
+    SidecarRow,
+    render,
+    status_line,
+    waterfall,
+)
+from sidecar.telemetry import otlp_endpoint
 
 Address = tuple[str, int]
 
@@ -65,6 +82,10 @@ _CONTROL_PLANE = re.compile(r"on ([\d.]+):(\d+), HTTP on ([\d.]+):(\d+)")
 
 STARTUP_TIMEOUT = 30.0
 STEP_TIMEOUT = 8.0  # how long a check may wait for what it looks for
+TRACE_SETTLE = 2.0  # at the end: how long to wait for the spans of a retried request
+# With the in-process receiver: export every 250 ms (the SDK's default is 5 s), so the story's
+# trace step and an early Ctrl-C find the spans. An operator's own setting wins.
+LOCAL_TRACE_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "250"}
 
 
 @dataclass
@@ -100,13 +121,35 @@ class Demo:
         self.pushes_acked = 0
         self.started_at = time.monotonic()
         self.stop = asyncio.Event()
+        # Where traces go: an endpoint given (flag or OTEL_* variables), off (OTEL_SDK_DISABLED,
+        # OTEL_TRACES_EXPORTER=none: the sidecars would not trace), or in process.
+        self.traces_to = otlp_endpoint(args.otlp_endpoint, None)
+        self.traces_off = otlp_endpoint("in-process", None) is None
+        self.traces: TraceReceiver | None = None  # the in-process receiver, once started
+        self.local_traces = ""  # its OTLP URL
+        self._receiver = contextlib.AsyncExitStack()
+        self.retry_step: Step | None = None
 
     # --- start-up ------------------------------------------------------------------------
 
-    def _start(self, name: str, argv: list[str], pass_fds: tuple[int, ...] = ()) -> Process:
-        p = Process(name, argv, pass_fds)
+    def _start(
+        self,
+        name: str,
+        argv: list[str],
+        pass_fds: tuple[int, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> Process:
+        p = Process(name, argv, pass_fds, env)
         self.processes.append(p)
         return p
+
+    async def start_traces(self) -> None:
+        """The in-process trace receiver, unless traces go elsewhere (or nowhere)."""
+        if self.traces_to is None and not self.traces_off:
+            self.traces, self.local_traces = await self._receiver.enter_async_context(receive())
+
+    async def stop_traces(self) -> None:
+        await self._receiver.aclose()
 
     def start_processes(self) -> None:
         sockets = {name: listening_socket() for name in TOPOLOGY}
@@ -151,9 +194,13 @@ class Demo:
                     "--app",
                     _fmt(app),
                 ]
+                env: dict[str, str] = {}
                 if self.args.otlp_endpoint:
                     argv += ["--otlp-endpoint", self.args.otlp_endpoint]
-                sidecars[name] = self._start(f"sidecar {name}", outrigger(*argv))
+                elif self.traces is not None:
+                    argv += ["--otlp-endpoint", self.local_traces]
+                    env = {k: v for k, v in LOCAL_TRACE_ENV.items() if k not in os.environ}
+                sidecars[name] = self._start(f"sidecar {name}", outrigger(*argv), env=env)
             for name, proc in sidecars.items():
                 addrs = proc.addresses("outrigger sidecar listening", STARTUP_TIMEOUT)
                 service = TOPOLOGY[name][0]
@@ -345,6 +392,10 @@ class Demo:
         slow = s.add("payments slows (+100ms); the orders timeout tightens to 50ms", "pushed")
         timeouts = s.add("frontend's calls to orders time out: 504 UT", "504 UT at frontend")
         restore = s.add("restore: timeout 2s, payments fast and healthy again", "pushed, ok")
+        traced = None
+        if self.traces is not None:
+            traced = s.add("a retried request's trace arrived: a span per attempt", "its spans")
+        self.retry_step = fail
         assert self.scraper is not None and self.load is not None
 
         self.announce(baseline)
@@ -431,6 +482,63 @@ class Demo:
             f"{evidence}; then frontend success {success or 0:.1f}% over {n} requests",
         )
 
+        if traced is not None:
+            self.announce(traced)
+            await self.check_traced(traced)
+
+    # --- traces (in process) -------------------------------------------------------------
+
+    def retried_trace(self) -> Trace | None:
+        return self.traces.store.retried() if self.traces is not None else None
+
+    def endpoint_names(self) -> dict[str, str]:
+        """A sidecar's inbound "host:port" (an attempt's endpoint) -> its name."""
+        return {_fmt(m.inbound): n for n, m in self.members.items()}
+
+    async def settle_traces(self, timeout: float) -> None:
+        """Once a retry happened, wait (bounded) for a complete trace of a retried request."""
+        if self.traces is None or self.retry_step is None or not self.retry_step.happened:
+            return
+
+        def settled() -> bool:
+            trace = self.retried_trace()
+            return trace is not None and trace.complete
+
+        await self.traces.until(settled, timeout)
+
+    async def check_traced(self, step: Step) -> None:
+        assert self.traces is not None and self.retry_step is not None
+        if not self.retry_step.happened:
+            # Nothing was retried (that step failed already): no trace to look for.
+            step.skipped = True
+            step.evidence = "no retry happened, so there is no trace of one"
+            self.console.print(f"[{self.story.elapsed():5.1f}s]   skipped: {step.evidence}")
+            return
+        await self.settle_traces(STEP_TIMEOUT)
+        store = self.traces.store
+        trace = self.retried_trace()
+        span = trace.retried() if trace is not None else None
+        if trace is None or span is None:
+            self.conclude(
+                step, False, f"no retried request among the {store.received} spans received"
+            )
+            return
+        names = self.endpoint_names()
+        tried = [
+            names.get(
+                f"{a.attributes.get('server.address')}:{a.attributes.get('server.port')}", "?"
+            )
+            for a in trace.attempts(span)
+        ]
+        services = sorted({s.service for s in trace.spans})
+        self.conclude(
+            step,
+            True,
+            f"trace {trace.trace_id[:12]}: {span.service} sent {span.name!r} to "
+            f"{', then '.join(tried)}; {len(trace.spans)} spans from {', '.join(services)}"
+            + ("" if trace.complete else " (some spans missing)"),
+        )
+
     # --- the run -------------------------------------------------------------------------
 
     async def refresh(self, show: Callable[[Frame], None]) -> None:
@@ -446,6 +554,7 @@ class Demo:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop.set)
         self.console.print(f"outrigger demo: starting the mesh in {self.tmp}")
+        await self.start_traces()
         await asyncio.to_thread(self.start_processes)
         await self.wait_ready()
         self._print_members()
@@ -486,11 +595,15 @@ class Demo:
                 task.cancel()
             await asyncio.wait(tasks, timeout=3.0)
             await self.load.close()
+        await self.settle_traces(TRACE_SETTLE)  # stopped early: spans may still be on their way
         self.summary()
         return 0 if self.story.all_happened else 1
 
     def _print_members(self) -> None:
         self.console.print(f"  control plane  xDS {_fmt(self.xds)}  HTTP {_fmt(self.cp_http)}")
+        if self.traces is not None:
+            otlp = self.local_traces.removeprefix("http://")
+            self.console.print(f"  traces         OTLP {otlp} (gRPC, in this process)")
         for m in self.members.values():
             self.console.print(
                 f"  {m.name:<11} app {_fmt(m.app)}  sidecar inbound {_fmt(m.inbound)}"
@@ -520,6 +633,40 @@ class Demo:
             out(f"  step {i}: {step.title}: {step.mark} ({step.evidence})", highlight=False)
         verdict = "every step happened" if self.story.all_happened else "some steps did not happen"
         out(f"  result: {verdict}", highlight=False)
+        self.trace_summary()
+
+    def trace_summary(self) -> None:
+        out = self.console.print
+        if self.traces_off:
+            out("  traces: off (OTEL_SDK_DISABLED or OTEL_TRACES_EXPORTER=none)", highlight=False)
+            return
+        if self.traces is None:
+            out(
+                f"  traces: sent to {self.traces_to} (OTLP); find a retried request there: "
+                "service orders, span 'GET payments', tag outrigger.retry.attempts=2",
+                highlight=False,
+            )
+            return
+        store = self.traces.store
+        trace = self.retried_trace()
+        if trace is None:
+            out(
+                f"  traces: no retried request was traced ({store.received} spans received)",
+                highlight=False,
+            )
+            return
+        span = trace.retried()
+        assert span is not None
+        out("")
+        out(
+            f"trace {trace.trace_id}: a request retried by {span.service} "
+            f"({span.attempts} attempts), {len(trace.spans)} spans, "
+            f"{(trace.end - trace.start) / 1e6:.1f}ms"
+            + ("" if trace.complete else " (some spans did not arrive)"),
+            style="bold",
+            highlight=False,
+        )
+        out(waterfall(trace, self.endpoint_names()))
 
     async def close(self) -> None:
         if self.scraper is not None:
@@ -544,11 +691,15 @@ async def _main(args: argparse.Namespace, console: Console) -> int:
     finally:
         await demo.close()
         await asyncio.to_thread(stop_all, demo.processes)
+        await demo.stop_traces()  # after the sidecars: they flush their last spans on SIGTERM
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    # not a terminal (--duration, CI, a pipe): one line per message, never wrapped
+    # not a terminal (--duration, CI, a pipe): one line per message, never wrapped; wide enough
+    # for the waterfall's lines
     console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console.width = max(console.width, 160)
     try:
         return asyncio.run(_main(args, console))
     except DemoError as exc:

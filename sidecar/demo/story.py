@@ -14,9 +14,12 @@ class Step:
     started: float | None = None
     happened: bool | None = None  # None: not run (yet)
     evidence: str = ""
+    skipped: bool = False  # not checked: what it shows did not arise (another step failed)
 
     @property
     def mark(self) -> str:
+        if self.skipped:
+            return "skipped"
         if self.happened is None:
             return "running" if self.started is not None else "pending"
         return "happened" if self.happened else "DID NOT HAPPEN"
@@ -35,13 +38,13 @@ class Story:
     @property
     def current(self) -> Step | None:
         for step in self.steps:
-            if step.started is not None and step.happened is None:
+            if step.started is not None and step.happened is None and not step.skipped:
                 return step
         return None
 
     @property
     def all_happened(self) -> bool:
-        return bool(self.steps) and all(s.happened for s in self.steps)
+        return bool(self.steps) and all(s.happened or s.skipped for s in self.steps)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.began
