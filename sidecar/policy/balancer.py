@@ -119,9 +119,12 @@ class Balancer:
         loads = self._loads
         if not loads:
             raise BalancerError("service has no endpoints")
-        if self._ejected is None and not req.tried:
-            return self._choose(loads, len(loads))
         ejected = self._ejected
+        if not req.tried:
+            # The usual case, a first attempt with every endpoint in: no candidate lists.
+            load = self._choose(loads, len(loads))
+            if ejected is None or not ejected(load.endpoint):
+                return load
         tried = req.tried
         usable = [load for load in loads if ejected is None or not ejected(load.endpoint)]
         if not usable:

@@ -177,6 +177,10 @@ class EndpointBreaker(pybreaker.CircuitBreakerListener):
     ) -> None:
         registry = self._registry
         name = new_state.name
+        if name == pybreaker.STATE_CLOSED:
+            registry.unclosed.discard(self.endpoint)
+        else:
+            registry.unclosed.add(self.endpoint)
         if name == pybreaker.STATE_OPEN:
             self.trips += 1
             self.probing = False
@@ -204,6 +208,9 @@ class BreakerRegistry:
         self.config: BreakerConfig | None = None
         self._breakers: dict[Endpoint, EndpointBreaker] = {}
         self._endpoint_count = 0
+        # Endpoints whose breaker is not closed. Empty, the usual case, every question below is
+        # answered without asking pybreaker (its state goes through a storage object).
+        self.unclosed: set[Endpoint] = set()
 
     def configure(self, config: BreakerConfig | None, endpoints: Iterable[Endpoint]) -> None:
         """Apply a pushed config: breakers of removed endpoints (or all, when off) go."""
@@ -212,10 +219,12 @@ class BreakerRegistry:
         self._endpoint_count = len(wanted)
         if config is None:
             self._breakers.clear()
+            self.unclosed.clear()
             return
         for endpoint in list(self._breakers):
             if endpoint not in wanted:
                 del self._breakers[endpoint]
+                self.unclosed.discard(endpoint)
         for endpoint in wanted:
             breaker = self._breakers.get(endpoint)
             if breaker is None:
@@ -238,6 +247,8 @@ class BreakerRegistry:
 
     def is_ejected(self, endpoint: Endpoint) -> bool:
         """Whether the balancer must skip the endpoint now."""
+        if not self.unclosed:
+            return False
         breaker = self._breakers.get(endpoint)
         if breaker is None:
             return False
@@ -250,10 +261,12 @@ class BreakerRegistry:
         return breaker.probing
 
     def ejected_count(self) -> int:
-        return sum(1 for b in self._breakers.values() if b.state != pybreaker.STATE_CLOSED)
+        return len(self.unclosed)
 
     def admit(self, endpoint: Endpoint) -> bool:
         """Let an attempt through to the endpoint; True when it is the half-open probe."""
+        if not self.unclosed:
+            return False
         breaker = self._breakers.get(endpoint)
         if breaker is None or breaker.state == pybreaker.STATE_CLOSED:
             return False
@@ -269,7 +282,7 @@ class BreakerRegistry:
         breaker = self._breakers.get(endpoint)
         if breaker is None:
             return
-        state = breaker.state
+        state = breaker.state if self.unclosed else pybreaker.STATE_CLOSED
         if probe:
             if state != pybreaker.STATE_HALF_OPEN:
                 return  # the breaker was reconfigured or reset meanwhile
