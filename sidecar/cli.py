@@ -60,7 +60,12 @@ def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="run N seconds without the live view (at least as long as the story, ~20s), print "
         "a summary, exit non-zero if a step of the story did not happen",
     )
-    p.add_argument("--otlp-endpoint", default=None, help="pass to every sidecar: send traces")
+    p.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        help="send every sidecar's traces there (e.g. Jaeger; default OTEL_EXPORTER_OTLP_ENDPOINT);"
+        " without either, the demo receives them and prints a retried request's waterfall",
+    )
     p.add_argument("--rate", type=float, default=50.0, help="requests/s to frontend (default 50)")
     p.add_argument("--mesh", default=None, help="mesh template (default examples/demo-mesh.yaml)")
 
