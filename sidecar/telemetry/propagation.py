@@ -10,6 +10,8 @@ propagators (`unsampled_traceparent`): W3C would win and its flag says "pass thr
 Writing: every tracing header the request came with is removed and the context is written fresh
 from integers we hold (`traceparent`, `tracestate` when there is one, `x-b3-*`, and `b3` too
 when the request used the single-header form), so a malformed incoming value is never forwarded.
+The common case, no tracestate and no single `b3` header, is formatted here without the
+propagators (`inject`), to the same bytes.
 """
 
 from __future__ import annotations
@@ -107,7 +109,28 @@ def append_unsampled(headers: Headers, trace_id: int, span_id: int) -> None:
 
 
 def inject(headers: Headers, span_context: SpanContext, *, b3_single: bool = False) -> Headers:
-    """`headers` without their tracing headers, plus `span_context` written in every format."""
+    """`headers` without their tracing headers, plus `span_context` written in every format.
+
+    The common case (no tracestate, no single `b3` header) is written here directly, as the
+    propagators would write it (tests hold the two to the same bytes): they cost ~12 µs a call,
+    which every sampled request pays."""
+    if b3_single or span_context.trace_state or not span_context.is_valid:
+        return inject_with_propagators(headers, span_context, b3_single=b3_single)
+    trace = b"%032x" % span_context.trace_id
+    span = b"%016x" % span_context.span_id
+    flags = span_context.trace_flags
+    out = [(name, value) for name, value in headers if name not in TRACE_HEADERS]
+    out.append((b"traceparent", b"00-%s-%s-%02x" % (trace, span, flags)))
+    out.append((b"x-b3-traceid", trace))
+    out.append((b"x-b3-spanid", span))
+    out.append((b"x-b3-sampled", b"1" if flags & 0x01 else b"0"))
+    return out
+
+
+def inject_with_propagators(
+    headers: Headers, span_context: SpanContext, *, b3_single: bool = False
+) -> Headers:
+    """`inject`, every case through OpenTelemetry's propagators."""
     carrier: dict[str, str] = {}
     context = set_span_in_context(NonRecordingSpan(span_context))
     _W3C.inject(carrier, context)

@@ -1,5 +1,6 @@
 """Tracing end to end: client -> sidecar(s) -> app on loopback, spans exported with OTLP gRPC to
-a real collector (a grpc.aio server implementing the collector's TraceService) in this process.
+a real collector in this process (the demo's receiver: a grpc.aio server implementing the
+collector's TraceService, `sidecar.demo.traces`).
 
 Every wait is bounded. Spans are made when a request ends and exported by the batch worker
 (schedule delay 20 ms here), so tests wait for the collector to hold the spans they expect.
@@ -10,21 +11,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import random
+import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace.sampling import Decision, ParentBased, TraceIdRatioBased
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    TraceFlags,
+    TraceState,
+    set_span_in_context,
+)
+from proxy_fixtures import SidecarProcess, mesh_doc
 
 from control_plane.mesh import parse_mesh
 from sidecar.app import Sidecar, SidecarSettings
+from sidecar.demo.traces import CLIENT, INTERNAL, SERVER, SpanRecord, TraceReceiver, receive
 from sidecar.telemetry import propagation
 from sidecar.telemetry.tracing import Tracing, TracingSettings, otlp_endpoint, resource
 from sidecar.xds import snapshot_from_mesh
@@ -32,81 +42,30 @@ from sidecar.xds import snapshot_from_mesh
 pytestmark = pytest.mark.timeout(30)
 
 WAIT = 5.0
-SERVER, CLIENT, INTERNAL = 2, 3, 1  # OTLP SpanKind values
 
 # --- the collector ------------------------------------------------------------------------------
 
 
-@dataclass
-class Collected:
-    trace_id: str
-    span_id: str
-    parent: str
-    name: str
-    kind: int
-    attributes: dict[str, Any]
-    events: list[tuple[str, dict[str, Any]]]
-    status: int
-    resource: dict[str, Any]
+class Collector:
+    """The demo's in-process OTLP receiver (sidecar.demo.traces), with the waits these tests use."""
 
+    def __init__(self, receiver: TraceReceiver) -> None:
+        self.receiver = receiver
 
-def _value(value: Any) -> Any:
-    kind = value.WhichOneof("value")
-    return getattr(value, kind) if kind else None
+    @property
+    def spans(self) -> list[SpanRecord]:
+        return self.receiver.store.spans()
 
-
-def _attrs(kvs: Any) -> dict[str, Any]:
-    return {kv.key: _value(kv.value) for kv in kvs}
-
-
-class Collector(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self) -> None:
-        self.spans: list[Collected] = []
-        self.arrived = asyncio.Event()
-
-    async def Export(  # the generated service's method name
-        self, request: Any, context: Any
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        for resource_spans in request.resource_spans:
-            res = _attrs(resource_spans.resource.attributes)
-            for scope in resource_spans.scope_spans:
-                for span in scope.spans:
-                    self.spans.append(
-                        Collected(
-                            span.trace_id.hex(),
-                            span.span_id.hex(),
-                            span.parent_span_id.hex(),
-                            span.name,
-                            span.kind,
-                            _attrs(span.attributes),
-                            [(e.name, _attrs(e.attributes)) for e in span.events],
-                            span.status.code,
-                            res,
-                        )
-                    )
-        self.arrived.set()
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    async def wait_for(self, count: int) -> list[Collected]:
-        async with asyncio.timeout(WAIT):
-            while len(self.spans) < count:
-                self.arrived.clear()
-                await self.arrived.wait()
+    async def wait_for(self, count: int) -> list[SpanRecord]:
+        if not await self.receiver.until(lambda: len(self.spans) >= count, WAIT):
+            raise TimeoutError(f"{len(self.spans)} spans arrived within {WAIT}s, not {count}")
         return self.spans
 
 
 @contextlib.asynccontextmanager
 async def collector() -> AsyncIterator[tuple[Collector, str]]:
-    servicer = Collector()
-    server = grpc.aio.server()
-    add = trace_service_pb2_grpc.add_TraceServiceServicer_to_server
-    add(servicer, server)  # type: ignore[no-untyped-call]
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield servicer, f"http://127.0.0.1:{port}"
-    finally:
-        await server.stop(None)
+    async with receive() as (receiver, endpoint):
+        yield Collector(receiver), endpoint
 
 
 # --- the app / upstream -------------------------------------------------------------------------
@@ -582,6 +541,23 @@ def test_fast_unsampled_headers_match_the_propagators() -> None:
     assert sorted(fast) == sorted(slow)
 
 
+def test_fast_inject_writes_what_the_propagators_write() -> None:
+    incoming = [(b"host", b"reviews"), (b"traceparent", b"00-zz-bad"), (b"x-b3-sampled", b"0")]
+    for flags in (0, 1, 2, 3, 0x81):
+        for state in (TraceState(), TraceState([("vendor", "abc")])):
+            for b3_single in (False, True):
+                context = SpanContext(
+                    random.getrandbits(128) or 1,
+                    random.getrandbits(64) or 1,
+                    False,
+                    TraceFlags(flags),
+                    state,
+                )
+                fast = propagation.inject(incoming, context, b3_single=b3_single)
+                slow = propagation.inject_with_propagators(incoming, context, b3_single=b3_single)
+                assert fast == slow
+
+
 def test_fast_traceparent_check_agrees_with_the_propagator() -> None:
     values = [
         b"00-%032x-%016x-%02x" % (random.getrandbits(128), random.getrandbits(64), flags)
@@ -606,3 +582,148 @@ def test_new_trace_decision_is_parent_based_trace_id_ratio() -> None:
     parent = SpanContext(1, 2, True, TraceFlags(TraceFlags.SAMPLED))
     context = set_span_in_context(NonRecordingSpan(parent))
     assert sdk.should_sample(context, 1, "x").decision is Decision.RECORD_AND_SAMPLE
+
+
+# --- the exporter process -----------------------------------------------------------------------
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter (`Z`: exited, not reaped), or None once it is reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    return stat.rpartition(")")[2].split()[0]
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            found += [int(p) for p in (task / "children").read_text().split()]
+    return found
+
+
+async def _until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_exporter_is_a_child_process_that_flushes_and_is_reaped_at_shutdown() -> None:
+    async with (
+        collector() as (spans, endpoint),
+        app() as up,
+        # Batches go out only when full or at shutdown: the spans below leave at shutdown.
+        sidecar(
+            "frontend", mesh({"reviews": [up.address]}), endpoint, schedule_delay_millis=60_000
+        ) as a,
+        client() as c,
+    ):
+        tracing = a.tracing
+        assert tracing is not None
+        for _ in range(3):
+            resp = await c.get(address(a, "outbound") + "/", headers={"host": "reviews"})
+            assert resp.status_code == 200
+        await _until(lambda: tracing.exporter_pid is not None)
+        pid = tracing.exporter_pid
+        assert pid is not None and pid != os.getpid()
+        assert b"sidecar.telemetry.exporter" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert spans.spans == []
+        assert await tracing.shutdown(WAIT)
+        assert len(spans.spans) == 3  # exported before the exporter exited
+        assert _state(pid) is None  # and reaped: no zombie
+        assert sum(tracing.drops.values()) == 0
+
+
+async def test_killed_exporter_is_counted_reaped_and_restarted() -> None:
+    async with (
+        collector() as (spans, endpoint),
+        app() as up,
+        sidecar("frontend", mesh({"reviews": [up.address]}), endpoint) as a,
+        client() as c,
+    ):
+        tracing = a.tracing
+        assert tracing is not None
+        url = address(a, "outbound") + "/"
+        assert (await c.get(url, headers={"host": "reviews"})).status_code == 200
+        await spans.wait_for(1)
+        first = tracing.exporter_pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        await _until(lambda: tracing.exporter_pid is None)  # the sidecar saw its socket close
+        # Requests are served as before; until the restart (after a backoff) their spans are
+        # dropped and counted.
+        async with asyncio.timeout(WAIT):
+            while tracing.drops["exporter_down"] == 0:
+                assert (await c.get(url, headers={"host": "reviews"})).status_code == 200
+                await asyncio.sleep(0.01)
+        await _until(lambda: _state(first) is None)  # reaped: no zombie
+        exported = len(spans.spans)
+        async with asyncio.timeout(WAIT):
+            while tracing.exporter_pid in (None, first):
+                assert (await c.get(url, headers={"host": "reviews"})).status_code == 200
+                await asyncio.sleep(0.05)
+        await spans.wait_for(exported + 1)  # the new exporter exports
+        assert tracing.exporter_restarts == 1
+        metrics = (await c.get(address(a, "admin") + "/stats/prometheus")).text
+    assert 'outrigger_spans_dropped_total{reason="exporter_down"}' in metrics
+
+
+async def test_stalled_exporter_and_dead_collector_leave_requests_alone() -> None:
+    down = "http://" + refused()
+    async with (
+        app() as up,
+        sidecar(
+            "frontend",
+            mesh({"reviews": [up.address]}),
+            down,
+            max_queue_size=100_000,  # big enough for the socket to fill first
+            max_export_batch_size=16,
+            export_timeout=3.0,
+        ) as a,
+        client() as c,
+    ):
+        tracing = a.tracing
+        assert tracing is not None
+        url = address(a, "outbound") + "/"
+        assert (await c.get(url, headers={"host": "reviews"})).status_code == 200
+        await _until(lambda: tracing.exporter_pid is not None)
+        pid = tracing.exporter_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # an exporter that reads nothing: its socket fills up
+        long_path = url + "x" * 6000  # ~6 KB per record
+        for _ in range(100):
+            resp = await c.get(long_path, headers={"host": "reviews"})
+            assert resp.status_code == 200
+        await _until(lambda: tracing.drops["exporter_busy"] > 0)
+        metrics = (await c.get(address(a, "admin") + "/stats/prometheus")).text
+        assert 'outrigger_spans_dropped_total{reason="exporter_busy"}' in metrics
+        # Shutdown cannot flush a stopped exporter: it is killed at the deadline, and reaped.
+        assert not await tracing.shutdown(0.5)
+        assert _state(pid) is None
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+async def test_sidecar_process_exit_leaves_no_exporter_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: signal.Signals
+) -> None:
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "20")  # read by the sidecar process
+    async with collector() as (spans, endpoint), app() as up:
+        doc = mesh_doc({"reviews": [up.address]})
+        doc["tracing"] = {"sampling": 1.0, "otlp_endpoint": endpoint}
+        proc = await SidecarProcess.spawn(tmp_path, doc, drain_timeout="2s")
+        try:
+            async with httpx.AsyncClient(proxy=proc.url(), timeout=WAIT) as c:
+                resp = await c.get("http://reviews/")
+                assert resp.status_code == 200
+                await spans.wait_for(1)
+            (exporter,) = _children(proc.pid)
+            proc.proc.send_signal(stop)
+            await proc.wait(WAIT)
+        finally:
+            await proc.stop()
+    if stop == signal.SIGTERM:
+        assert _state(exporter) is None  # the sidecar waited for it before exiting
+    else:  # orphaned: it sees end of file and exits on its own (then init reaps it)
+        await _until(lambda: _state(exporter) in (None, "Z"), 2 * WAIT)
