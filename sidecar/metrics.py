@@ -146,7 +146,8 @@ class _MetricsCollector(Collector):
         )
         dropped = CounterMetricFamily(
             "outrigger_spans_dropped",
-            "Spans not exported: the export queue was full, or the collector failed them.",
+            "Spans not exported, by reason: queue_full, export_failed (the collector failed"
+            " them), exporter_busy (the exporter process fell behind), exporter_down (it died).",
             labels=["reason"],
         )
         for reason, count in sorted(m.spans_dropped.items()):

@@ -206,9 +206,6 @@ class BodyStream:
             finally:
                 self._waiter = None
 
-    async def read_all(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
-
     def when_done(self, callback: Callable[[], None]) -> None:
         callbacks = self._done_callbacks
         if callbacks is None:
