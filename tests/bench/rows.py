@@ -27,6 +27,7 @@ MESH_SERVICE = "upstream"  # wrk sends `Host: upstream` to the sidecar's outboun
 KEEPALIVE_REQUESTS = 10_000_000
 MAX_CONNECTIONS = 8192
 OUTRIGGER = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "outrigger"
+PYTHON = OUTRIGGER.with_name("python")  # the venv's, which has uvloop and httptools
 # nginx `upstream { keepalive N; }` caches at most N idle upstream connections per worker and
 # closes the rest, so with more concurrent requests than N it opens and closes an upstream
 # connection for most requests (measured here: keepalive 64 at 256 connections halves nginx's
@@ -62,6 +63,7 @@ class Env:
     upstream_port: int = 0
     nginx_keepalive: int = NGINX_UPSTREAM_KEEPALIVE
     outrigger: Path = OUTRIGGER
+    python: Path = PYTHON
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,25 @@ backend upstream
     return Target(url=url, host=None, listen=("127.0.0.1", port), measured=proc)
 
 
+# --- the Python floor ------------------------------------------------------------------------
+
+FLOOR = Path(__file__).resolve().parent / "floor.py"
+
+
+def floor_row(name: str, description: str, *, task: bool) -> Row:
+    """A row running `floor.py`: the least a uvloop + httptools forwarder does (its docstring)."""
+
+    def start(env: Env) -> Target:
+        port = free_port()
+        argv = [str(env.python), str(FLOOR), str(port), str(env.upstream_port)]
+        proc = env.group.start(name, [*argv, "--task"] if task else argv, cpus=env.pins.proxy)
+        url = f"http://127.0.0.1:{port}/"
+        wait_until(proc, body_check(url, env.body), timeout_s=READY_TIMEOUT_S, what=name)
+        return Target(url=url, host=None, listen=("127.0.0.1", port), measured=proc)
+
+    return Row(name=name, description=description, start=start)
+
+
 # --- Outrigger -------------------------------------------------------------------------------
 
 
@@ -352,6 +373,16 @@ ROWS: list[Row] = [
         start_nginx_proxy,
     ),
     Row("haproxy", "wrk → HAProxy (nbthread 1, http-reuse always) → upstream", start_haproxy),
+    floor_row(
+        "python-floor",
+        "wrk → floor.py: uvloop + httptools, pooled upstream, no checks at all → upstream",
+        task=False,
+    ),
+    floor_row(
+        "python-floor-task",
+        "floor.py --task: the same with one asyncio task per request (as layered policies need)",
+        task=True,
+    ),
     outrigger_row("outrigger", "wrk → Outrigger sidecar outbound (no policy) → upstream"),
     outrigger_row(
         "outrigger-policy",
@@ -370,7 +401,15 @@ ROWS: list[Row] = [
     ),
 ]
 
-DEFAULT_ROWS = ["direct", "nginx", "haproxy", "outrigger", "outrigger-policy"]
+DEFAULT_ROWS = [
+    "direct",
+    "nginx",
+    "haproxy",
+    "python-floor",
+    "python-floor-task",
+    "outrigger",
+    "outrigger-policy",
+]
 
 
 def by_name() -> dict[str, Row]:
