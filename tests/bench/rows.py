@@ -27,7 +27,6 @@ MESH_SERVICE = "upstream"  # wrk sends `Host: upstream` to the sidecar's outboun
 KEEPALIVE_REQUESTS = 10_000_000
 MAX_CONNECTIONS = 8192
 OUTRIGGER = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "outrigger"
-PYTHON = OUTRIGGER.with_name("python")  # the venv's, which has uvloop and httptools
 # nginx `upstream { keepalive N; }` caches at most N idle upstream connections per worker and
 # closes the rest, so with more concurrent requests than N it opens and closes an upstream
 # connection for most requests (measured here: keepalive 64 at 256 connections halves nginx's
@@ -63,7 +62,6 @@ class Env:
     upstream_port: int = 0
     nginx_keepalive: int = NGINX_UPSTREAM_KEEPALIVE
     outrigger: Path = OUTRIGGER
-    python: Path = PYTHON
 
 
 @dataclass(frozen=True)
@@ -247,7 +245,8 @@ def floor_row(name: str, description: str, *, task: bool) -> Row:
 
     def start(env: Env) -> Target:
         port = free_port()
-        argv = [str(env.python), str(FLOOR), str(port), str(env.upstream_port)]
+        python = env.outrigger.with_name("python")  # that venv has uvloop and httptools
+        argv = [str(python), str(FLOOR), str(port), str(env.upstream_port)]
         proc = env.group.start(name, [*argv, "--task"] if task else argv, cpus=env.pins.proxy)
         url = f"http://127.0.0.1:{port}/"
         wait_until(proc, body_check(url, env.body), timeout_s=READY_TIMEOUT_S, what=name)
