@@ -8,7 +8,7 @@ parser can be on the same machine in the same run, so the Outrigger rows can be 
 as well as against nginx.
 
 `--task` runs each request in an asyncio task that awaits the upstream's response on a future:
-the least machinery a data plane with layered async policies (timeouts, retries) needs.
+the least machinery a data plane whose policies (timeouts, retries) are awaitable layers uses.
 
     python tests/bench/floor.py LISTEN_PORT UPSTREAM_PORT [--task]
 """

@@ -379,7 +379,7 @@ ROWS: list[Row] = [
     ),
     floor_row(
         "python-floor-task",
-        "floor.py --task: the same with one asyncio task per request (as layered policies need)",
+        "floor.py --task: the same with one asyncio task per request (as layered policies use)",
         task=True,
     ),
     outrigger_row("outrigger", "wrk → Outrigger sidecar outbound (no policy) → upstream"),
