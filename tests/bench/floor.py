@@ -106,10 +106,7 @@ class Downstream(asyncio.Protocol):
         if self.task:
             self.spawn(self.exchange(request))
         elif self.pool:
-            conn = self.pool.pop()
-            conn.deliver = self
-            assert conn.transport is not None
-            conn.transport.write(request)
+            self.forward(self.pool.pop(), request, self)
         else:
             self.spawn(self.connect_and_send(request))
 
@@ -130,18 +127,21 @@ class Downstream(asyncio.Protocol):
         _, conn = await loop.create_connection(lambda: Upstream(self.pool), *self.upstream)
         return conn
 
-    async def connect_and_send(self, request: bytes) -> None:
-        conn = await self.connection()
-        conn.deliver = self
+    @staticmethod
+    def forward(
+        conn: Upstream, request: bytes, deliver: asyncio.Future[bytes] | Downstream
+    ) -> None:
+        conn.deliver = deliver
         assert conn.transport is not None
         conn.transport.write(request)
+
+    async def connect_and_send(self, request: bytes) -> None:
+        self.forward(await self.connection(), request, self)
 
     async def exchange(self, request: bytes) -> None:
         conn = await self.connection()
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        conn.deliver = future
-        assert conn.transport is not None
-        conn.transport.write(request)
+        self.forward(conn, request, future)
         self.send(await future)
 
 

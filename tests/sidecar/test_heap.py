@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
 from proxy_fixtures import WAIT, mesh_doc, ok, serve, settings_namespace, upstream, url
+from resilience_fixtures import wait_for
 
 from control_plane.mesh import parse_mesh
 from sidecar.app import Sidecar, SidecarSettings
@@ -28,12 +29,6 @@ def unfrozen() -> Iterator[None]:
     gc.unfreeze()  # give this test process's objects back to the collector
 
 
-async def _until(check: Callable[[], bool]) -> None:
-    async with asyncio.timeout(WAIT):
-        while not check():
-            await asyncio.sleep(0.01)
-
-
 async def test_run_freezes_after_the_config_arrives_and_proxies_as_before() -> None:
     async with upstream(serve(lambda req: ok(b"paid"))) as payments:
         snapshot = snapshot_from_mesh(
@@ -42,7 +37,7 @@ async def test_run_freezes_after_the_config_arrives_and_proxies_as_before() -> N
         sidecar = Sidecar(SidecarSettings.from_args(settings_namespace()))
         running = asyncio.get_running_loop().create_task(sidecar.run())
         try:
-            await _until(lambda: sidecar.listening)
+            await wait_for(lambda: sidecar.listening)
             assert gc.get_freeze_count() == 0, "frozen before any config was applied"
 
             sidecar.apply(snapshot)  # as the xDS client does when the first snapshot arrives
