@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check sidecar control_plane tests
-	$(BIN)/ruff format --check sidecar control_plane tests
+	$(BIN)/ruff check mesh sidecar control_plane outrigger tests
+	$(BIN)/ruff format --check mesh sidecar control_plane outrigger tests
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

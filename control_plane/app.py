@@ -76,8 +76,9 @@ class ControlPlane:
         """Load, translate, check and publish the mesh file. False (and logged) if refused."""
         if self.mesh_path is None:
             return False
-        from control_plane.mesh import MeshError, load_mesh
-        from control_plane.translate import resources_version, translate
+        from mesh.model import MeshError, load_mesh
+        from mesh.translate import translate
+        from mesh.xds import resources_version
 
         try:
             resources = translate(load_mesh(self.mesh_path))

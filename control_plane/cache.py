@@ -21,39 +21,28 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.extensions.filters.network.http_connection_manager.v3 import (
-    http_connection_manager_pb2 as hcm_pb2,
-)
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from control_plane.translate import (
+from mesh.xds import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
-    HCM_TYPE,
     LISTENER_TYPE,
     ROUTE_TYPE,
+    Resources,
+    eds_name_of,
+    route_names_of,
 )
 
 # Make-before-break order for pushes (the xDS spec's ADS ordering): clusters and their
 # endpoints before the listeners and routes that point at them.
 PUSH_ORDER: tuple[str, ...] = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
-# Types whose empty resource_names subscribe to everything (the spec's wildcard types).
-WILDCARD_TYPES = frozenset({LISTENER_TYPE, CLUSTER_TYPE})
-
-Resources = Mapping[str, Mapping[str, Message]]
 
 
 class SnapshotError(Exception):
     """A set of resources that is not consistent; the message names the resource."""
-
-
-def short_type(type_url: str) -> str:
-    """`type.googleapis.com/envoy.config.listener.v3.Listener` -> `Listener` (metric labels)."""
-    return type_url.rsplit(".", 1)[-1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,37 +111,6 @@ def _encode_type(type_url: str, messages: Mapping[str, Message]) -> TypeResource
 
 
 _EMPTY = _encode_type("", {})
-
-
-def _hcm_of(listener: Any) -> Any | None:
-    """The HttpConnectionManager of a listener: its api_listener or its first HCM filter."""
-    candidates: list[Any] = []
-    if listener.HasField("api_listener"):
-        candidates.append(listener.api_listener.api_listener)
-    for chain in listener.filter_chains:
-        candidates.extend(f.typed_config for f in chain.filters if f.HasField("typed_config"))
-    for typed in candidates:
-        if typed.type_url == HCM_TYPE:
-            hcm = hcm_pb2.HttpConnectionManager()
-            typed.Unpack(hcm)
-            return hcm
-    return None
-
-
-def route_names_of(listener: Any) -> list[str]:
-    """The RDS route configuration names a listener's HCM refers to."""
-    hcm = _hcm_of(listener)
-    if hcm is None or not hcm.HasField("rds"):
-        return []
-    return [cast(str, hcm.rds.route_config_name)]
-
-
-def eds_name_of(cluster: Any) -> str | None:
-    """The ClusterLoadAssignment name an EDS cluster needs (None: not an EDS cluster)."""
-    if cluster.type != cluster_pb2.Cluster.EDS:
-        return None
-    service_name = cast(str, cluster.eds_cluster_config.service_name)
-    return service_name or cast(str, cluster.name)
 
 
 def check_consistency(resources: Resources) -> None:

@@ -34,8 +34,9 @@ from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 from google.protobuf import any_pb2, struct_pb2, timestamp_pb2
 
-from control_plane.cache import PUSH_ORDER, WILDCARD_TYPES, SnapshotCache, XdsSnapshot, short_type
+from control_plane.cache import PUSH_ORDER, SnapshotCache, XdsSnapshot
 from control_plane.metrics import ControlPlaneMetrics
+from mesh.xds import WILDCARD_TYPES, short_type
 
 log = logging.getLogger("outrigger.control_plane.ads")
 

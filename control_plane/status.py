@@ -1,4 +1,4 @@
-"""`outrigger status`: each connected sidecar and the config it ACKed or NACKed.
+"""What `outrigger status` shows: each connected sidecar and the config it ACKed or NACKed.
 
 Asks the control plane's CSDS (FetchClientStatus) on the xDS port, like `istioctl
 proxy-status`; see control_plane.server.CsdsServer for how the per-type state is encoded.
@@ -6,18 +6,14 @@ proxy-status`; see control_plane.server.CsdsServer for how the per-type state is
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
 from envoy.service.status.v3 import csds_pb2
 from google.protobuf import struct_pb2
-from rich.console import Console
-from rich.table import Table
 
-from control_plane.translate import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
+from mesh.xds import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
 
 FETCH_METHOD = "/envoy.service.status.v3.ClientStatusDiscoveryService/FetchClientStatus"
 TIMEOUT = 5.0
@@ -80,43 +76,3 @@ def _proxy(config: Any) -> ProxyStatus:
     fields = config.node.metadata.fields
     service = fields["service"].string_value if "service" in fields else config.node.cluster
     return ProxyStatus(node_id=config.node.id, service=cast(str, service), types=types)
-
-
-def render(proxies: list[ProxyStatus], console: Console) -> None:
-    if not proxies:
-        console.print("no sidecars connected")
-        return
-    table = Table(box=None, pad_edge=False)
-    table.add_column("NODE")
-    table.add_column("SERVICE")
-    for name, _ in TYPE_COLUMNS:
-        table.add_column(f"{name} (sent/acked)")
-    table.add_column("LAST NACK")
-    for proxy in sorted(proxies, key=lambda p: (p.service, p.node_id)):
-        cells = []
-        nacks = []
-        for name, _ in TYPE_COLUMNS:
-            ts = proxy.types.get(name)
-            if ts is None:
-                cells.append("-")
-                continue
-            cells.append(f"{ts.status} {ts.version_sent[:8] or '-'}/{ts.version_acked[:8] or '-'}")
-            if ts.last_nack:
-                nacks.append(f"{name}: {ts.last_nack}")
-        table.add_row(proxy.node_id, proxy.service, *cells, "; ".join(nacks) or "-")
-    console.print(table)
-
-
-def run_status(args: argparse.Namespace) -> int:
-    try:
-        proxies = fetch_status(args.control_plane)
-    except grpc.RpcError as exc:
-        code = exc.code() if isinstance(exc, grpc.Call) else None
-        print(
-            f"outrigger status: cannot ask the control plane at {args.control_plane}: "
-            f"{code.name if code else exc}",
-            file=sys.stderr,
-        )
-        return 1
-    render(proxies, Console(width=200, soft_wrap=True))
-    return 0

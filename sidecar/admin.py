@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import CollectorRegistry
 
 from sidecar.exchange import Request, Response
 from sidecar.protocol.events import RequestHead
 from sidecar.transport.body import BytesBody
 from sidecar.transport.server import Decision
-
-if TYPE_CHECKING:
-    from sidecar.app import Sidecar
 
 Page = Callable[[], Awaitable[tuple[int, bytes, bytes]]]
 
@@ -30,10 +28,22 @@ def _json(doc: Any) -> tuple[int, bytes, bytes]:
     return 200, b"application/json", json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
 
 
+class AdminSource(Protocol):
+    """What the admin pages read from the sidecar, and the one thing they ask of it."""
+
+    def not_ready_reason(self) -> str: ...
+
+    def config_dump(self) -> dict[str, Any]: ...
+
+    def clusters(self) -> dict[str, Any]: ...
+
+    def request_drain(self, reason: str) -> None: ...
+
+
 class Admin:
-    def __init__(self, sidecar: Sidecar) -> None:
+    def __init__(self, sidecar: AdminSource, registry: CollectorRegistry) -> None:
         self.sidecar = sidecar
-        self.registry = sidecar.metrics.registry()
+        self.registry = registry
 
     def dispatch(self, head: RequestHead) -> Decision:
         return Decision(self.handle, None, "admin")

@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from control_plane.mesh import Mesh, MeshError, load_mesh, parse_duration, parse_mesh
+from mesh.model import Mesh, MeshError, load_mesh, parse_duration, parse_mesh
 from sidecar.admin import Admin
+from sidecar.config import ConfigError, Endpoint, OutboundPolicy, Snapshot
 from sidecar.exchange import EndpointHandler, Handler, Request, Response
 from sidecar.flags import Flag, ProxyError
 from sidecar.metrics import Metrics
 from sidecar.policy.breaker import BreakerEvent
 from sidecar.policy.stack import ServiceRegistry, build_service_stack
 from sidecar.protocol.events import RequestHead
-from sidecar.runtime import ConfigError, Endpoint, OutboundPolicy, Snapshot
 from sidecar.telemetry import otlp_endpoint, trace_id
 from sidecar.transport.server import (
     Decision,
@@ -36,7 +36,7 @@ from sidecar.transport.server import (
     ServerState,
 )
 from sidecar.transport.upstream import Upstreams
-from sidecar.xds import snapshot_from_mesh
+from sidecar.xds.interpret import snapshot_from_mesh
 
 if TYPE_CHECKING:
     from sidecar.telemetry.tracing import Tracing
@@ -207,7 +207,7 @@ class Sidecar:
         self.outbound_state = ServerState(self.server_settings)
         self.inbound_state = ServerState(self.server_settings)
         self.admin_state = ServerState(self.server_settings)
-        self.admin = Admin(self)
+        self.admin = Admin(self, self.metrics.registry())
         self.listening = False
         self.draining = False
         self.addresses: dict[str, tuple[str, int]] = {}
@@ -581,7 +581,7 @@ def run_sidecar(args: argparse.Namespace) -> int:
         settings = SidecarSettings.from_args(args)
         sidecar = Sidecar(settings)
         if settings.control_plane is not None:
-            from sidecar.xds_client import XdsClient
+            from sidecar.xds.client import XdsClient
 
             sidecar.xds = XdsClient(
                 settings.control_plane,

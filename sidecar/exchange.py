@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
+from sidecar.config import Endpoint, ServiceConfig
 from sidecar.flags import Flag
-from sidecar.runtime import Endpoint, ServiceConfig
 
 
 class BodyNotReplayable(Exception):

@@ -19,8 +19,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from sidecar.config import Endpoint
 from sidecar.policy.stack import ServiceRegistry
-from sidecar.runtime import Endpoint
 
 # Seconds; Envoy-like spread from 0.5 ms to 60 s.
 BUCKETS = (

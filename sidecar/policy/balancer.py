@@ -21,10 +21,10 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from sidecar.config import Endpoint, LbPolicy, ServiceConfig
 from sidecar.exchange import EndpointHandler, Request, Response
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.concurrency import ServiceLoad
-from sidecar.runtime import Endpoint, LbPolicy, ServiceConfig
 
 
 class BalancerError(ProxyError):

@@ -37,13 +37,13 @@ from enum import Enum
 
 import pybreaker
 
+from sidecar.config import BreakerPolicy, Endpoint
 from sidecar.exchange import EndpointHandler, Request, Response
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy import classifier
 from sidecar.policy.classifier import Kind, Outcome, classify
 from sidecar.policy.clock import Clock
 from sidecar.policy.stats import ServiceStats
-from sidecar.runtime import BreakerPolicy, Endpoint
 
 # Cancellation counts as a timeout when the attempt's deadline has passed; the loop may fire a
 # timer up to its clock resolution early, hence the slack.

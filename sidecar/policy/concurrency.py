@@ -21,9 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import TracebackType
 
+from sidecar.config import ServiceConfig
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.stats import ServiceStats
-from sidecar.runtime import ServiceConfig
 
 
 class OverflowError_(ProxyError):  # trailing underscore: not the builtin

@@ -40,13 +40,13 @@ from email.utils import parsedate_to_datetime
 
 from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt, wait_random_exponential
 
+from sidecar.config import RetryBudget, RetryPolicy
 from sidecar.exchange import Handler, Request, Response
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.classifier import Kind, Outcome, classify
 from sidecar.policy.clock import Clock, Sleep
 from sidecar.policy.concurrency import ServiceLoad
 from sidecar.policy.stats import ServiceStats
-from sidecar.runtime import RetryBudget, RetryPolicy
 
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
+from sidecar.config import Endpoint, ServiceConfig
 from sidecar.exchange import EndpointHandler, Handler
 from sidecar.policy.balancer import Balancer, BalancerConfig, EndpointLoad
 from sidecar.policy.breaker import Breaker, BreakerConfig, BreakerRegistry, EventHook
@@ -33,7 +34,6 @@ from sidecar.policy.concurrency import ConcurrencyConfig, ServiceLoad
 from sidecar.policy.retry import Retry, RetryConfig
 from sidecar.policy.stats import ServiceStats
 from sidecar.policy.timeout import PerTryTimeout, TimeoutConfig, TotalTimeout
-from sidecar.runtime import Endpoint, ServiceConfig
 
 
 class StackTracing(Protocol):

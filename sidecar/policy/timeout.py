@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from sidecar.config import ServiceConfig
 from sidecar.exchange import Handler, Request, Response
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.clock import Clock
 from sidecar.policy.deadline import deadline_at
 from sidecar.policy.stats import ServiceStats
-from sidecar.runtime import ServiceConfig
 
 
 class TimeoutError_(ProxyError):  # trailing underscore: not the builtin

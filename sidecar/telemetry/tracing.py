@@ -44,11 +44,11 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, TraceState
 
+from sidecar.config import Endpoint
 from sidecar.exchange import EndpointHandler, Handler, Request, Response
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.breaker import BreakerEvent
 from sidecar.policy.classifier import classify
-from sidecar.runtime import Endpoint
 from sidecar.telemetry import otlp_endpoint as otlp_endpoint  # re-exported
 from sidecar.telemetry import propagation
 from sidecar.telemetry.exporter import ExportLimits

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from random import getrandbits as _getrandbits
 from typing import Protocol, cast
 
+from sidecar.config import ServiceConfig
 from sidecar.exchange import Handler, Request, RequestBody, Response
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.deadline import deadline_at
@@ -27,7 +28,6 @@ from sidecar.protocol import serialize
 from sidecar.protocol.events import Data, EndOfMessage, Reject, RequestEvent, RequestHead
 from sidecar.protocol.limits import Limits
 from sidecar.protocol.request import RequestParser
-from sidecar.runtime import ServiceConfig
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream
 
 log = logging.getLogger("outrigger.server")

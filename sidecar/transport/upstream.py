@@ -16,13 +16,13 @@ import time
 from collections.abc import Callable
 from typing import cast
 
+from sidecar.config import Endpoint
 from sidecar.exchange import BodyNotReplayable, Request, Response, ResponseBody
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.stack import ServiceRegistry
 from sidecar.protocol import serialize
 from sidecar.protocol.events import Data, EndOfMessage, ResponseEvent, ResponseHead
 from sidecar.protocol.response import ResponseParser
-from sidecar.runtime import Endpoint
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream, BytesBody
 
 # Methods RFC 9110 §9.2.2 calls idempotent: a request on a reused connection that the peer

@@ -193,7 +193,7 @@ def harness(args: argparse.Namespace) -> int:
     mesh.write_text(mesh_yaml(args.services, "2s"))
     cp_log = (work / "control-plane.log").open("w")
     cp = subprocess.Popen(
-        [sys.executable, "-m", "sidecar.cli", "control-plane", "--mesh", str(mesh),
+        [sys.executable, "-m", "outrigger.cli", "control-plane", "--mesh", str(mesh),
          "--xds", "127.0.0.1:0", "--http", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=cp_log, text=True, cwd=REPO, start_new_session=True,
     )  # fmt: skip

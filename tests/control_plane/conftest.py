@@ -4,10 +4,10 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from ads_fixtures import mesh_resources
 
 from control_plane.app import ControlPlane
 from control_plane.cache import make_snapshot
+from tests.control_plane.ads_fixtures import mesh_resources
 
 
 @pytest.fixture

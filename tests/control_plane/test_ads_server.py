@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from ads_fixtures import AdsTestClient, assignment, mesh_resources
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from control_plane.app import ControlPlane
@@ -20,6 +19,7 @@ from control_plane.cache import (
     SnapshotError,
     make_snapshot,
 )
+from tests.control_plane.ads_fixtures import AdsTestClient, assignment, mesh_resources
 
 
 @pytest.fixture

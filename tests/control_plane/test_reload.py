@@ -7,11 +7,11 @@ import logging
 from pathlib import Path
 
 import pytest
-from ads_fixtures import AdsTestClient
 from envoy.config.endpoint.v3 import endpoint_pb2
 
 from control_plane.app import ControlPlane, ControlPlaneError
 from control_plane.cache import ENDPOINT_TYPE
+from tests.control_plane.ads_fixtures import AdsTestClient
 
 PAYMENTS = "outbound|80||payments.default.svc.cluster.local"  # the cluster / assignment name
 

@@ -15,9 +15,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from control_plane.mesh import parse_mesh
+from mesh.model import parse_mesh
 from sidecar.app import Sidecar, SidecarSettings
-from sidecar.xds import snapshot_from_mesh
+from sidecar.xds.interpret import snapshot_from_mesh
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -28,10 +28,10 @@ from typing import Any
 
 import yaml
 
-from control_plane.mesh import parse_mesh
+from mesh.model import parse_mesh
 from sidecar.app import Sidecar, SidecarSettings
 from sidecar.transport.server import ServerSettings
-from sidecar.xds import snapshot_from_mesh
+from sidecar.xds.interpret import snapshot_from_mesh
 
 WAIT = 5.0  # the bound on any single wait in these tests
 Headers = list[tuple[bytes, bytes]]

@@ -21,9 +21,9 @@ from typing import Any
 
 import httpx
 
-from control_plane.mesh import parse_mesh
+from mesh.model import parse_mesh
 from sidecar.app import Sidecar, SidecarSettings
-from sidecar.xds import snapshot_from_mesh
+from sidecar.xds.interpret import snapshot_from_mesh
 
 # Every await on the network is bounded by this unless a test says otherwise.
 WAIT = 5.0

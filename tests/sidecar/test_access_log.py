@@ -16,7 +16,13 @@ from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from resilience_fixtures import (
+
+from mesh.model import parse_mesh
+from sidecar.app import Sidecar
+from sidecar.telemetry import trace_id
+from sidecar.telemetry.tracing import Tracing, TracingSettings
+from sidecar.xds.interpret import snapshot_from_mesh
+from tests.sidecar.resilience_fixtures import (
     WAIT,
     Proxy,
     Respond,
@@ -27,12 +33,6 @@ from resilience_fixtures import (
     upstreams,
     wait_for,
 )
-
-from control_plane.mesh import parse_mesh
-from sidecar.app import Sidecar
-from sidecar.telemetry import trace_id
-from sidecar.telemetry.tracing import Tracing, TracingSettings
-from sidecar.xds import snapshot_from_mesh
 
 pytestmark = pytest.mark.timeout(30)
 

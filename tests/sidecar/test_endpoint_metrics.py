@@ -10,7 +10,8 @@ import asyncio
 import re
 
 import pytest
-from resilience_fixtures import (
+
+from tests.sidecar.resilience_fixtures import (
     WAIT,
     Proxy,
     Respond,

@@ -14,12 +14,20 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from proxy_fixtures import WAIT, mesh_doc, ok, serve, settings_namespace, upstream, url
-from resilience_fixtures import wait_for
 
-from control_plane.mesh import parse_mesh
+from mesh.model import parse_mesh
 from sidecar.app import Sidecar, SidecarSettings
-from sidecar.xds import snapshot_from_mesh
+from sidecar.xds.interpret import snapshot_from_mesh
+from tests.sidecar.proxy_fixtures import (
+    WAIT,
+    mesh_doc,
+    ok,
+    serve,
+    settings_namespace,
+    upstream,
+    url,
+)
+from tests.sidecar.resilience_fixtures import wait_for
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,9 @@ import asyncio
 import socket
 
 import httpx
-from proxy_fixtures import (
+
+from sidecar.transport.server import ServerSettings
+from tests.sidecar.proxy_fixtures import (
     WAIT,
     Received,
     UpstreamConn,
@@ -18,8 +20,6 @@ from proxy_fixtures import (
     upstream,
     url,
 )
-
-from sidecar.transport.server import ServerSettings
 
 GOOD = b"GET /good HTTP/1.1\r\nHost: payments\r\n\r\n"
 SMUGGLE = (

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import httpx
-from proxy_fixtures import (
+
+from tests.sidecar.proxy_fixtures import (
     WAIT,
     Received,
     mesh_doc,

@@ -6,7 +6,8 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
-from proxy_fixtures import (
+
+from tests.sidecar.proxy_fixtures import (
     WAIT,
     Received,
     UpstreamConn,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.app import SettingsError, SidecarSettings, authority_endpoint
-from sidecar.runtime import Endpoint
+from sidecar.config import Endpoint
 
 
 def _args(**overrides: object) -> argparse.Namespace:
@@ -104,7 +104,7 @@ def test_invalid_mesh_file_stops_start_up_naming_file_service_and_field(tmp_path
         "    policy: {retries: {attempts: two}}\n"
     )
     done = subprocess.run(
-        [sys.executable, "-m", "sidecar.cli", "sidecar", "--mesh", str(mesh), "--service", "f"],
+        [sys.executable, "-m", "outrigger.cli", "sidecar", "--mesh", str(mesh), "--service", "f"],
         capture_output=True,
         text=True,
         timeout=30,

@@ -1,6 +1,6 @@
 """Tracing end to end: client -> sidecar(s) -> app on loopback, spans exported with OTLP gRPC to
 a real collector in this process (the demo's receiver: a grpc.aio server implementing the
-collector's TraceService, `sidecar.demo.traces`).
+collector's TraceService, `outrigger.demo.traces`).
 
 Every wait is bounded. Spans are made when a request ends and exported by the batch worker
 (schedule delay 20 ms here), so tests wait for the collector to hold the spans they expect.
@@ -30,14 +30,14 @@ from opentelemetry.trace import (
     TraceState,
     set_span_in_context,
 )
-from proxy_fixtures import SidecarProcess, mesh_doc
 
-from control_plane.mesh import parse_mesh
+from mesh.model import parse_mesh
+from outrigger.demo.traces import CLIENT, INTERNAL, SERVER, SpanRecord, TraceReceiver, receive
 from sidecar.app import Sidecar, SidecarSettings
-from sidecar.demo.traces import CLIENT, INTERNAL, SERVER, SpanRecord, TraceReceiver, receive
 from sidecar.telemetry import propagation
 from sidecar.telemetry.tracing import Tracing, TracingSettings, otlp_endpoint, resource
-from sidecar.xds import snapshot_from_mesh
+from sidecar.xds.interpret import snapshot_from_mesh
+from tests.sidecar.proxy_fixtures import SidecarProcess, mesh_doc
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -47,7 +47,7 @@ WAIT = 5.0
 
 
 class Collector:
-    """The demo's in-process OTLP receiver (sidecar.demo.traces), with the waits these tests use."""
+    """The demo's OTLP receiver (outrigger.demo.traces), with the waits these tests use."""
 
     def __init__(self, receiver: TraceReceiver) -> None:
         self.receiver = receiver

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from .fakes import VirtualTimeLoop
+from tests.sidecar.policy.fakes import VirtualTimeLoop
 
 
 def pytest_asyncio_loop_factories(

@@ -8,9 +8,7 @@ from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
-from sidecar.exchange import BodyNotReplayable, Request, Response
-from sidecar.flags import Flag, ProxyError
-from sidecar.runtime import (
+from sidecar.config import (
     Backoff,
     BreakerPolicy,
     Endpoint,
@@ -19,6 +17,8 @@ from sidecar.runtime import (
     RetryPolicy,
     ServiceConfig,
 )
+from sidecar.exchange import BodyNotReplayable, Request, Response
+from sidecar.flags import Flag, ProxyError
 
 
 class VirtualTimeLoop(asyncio.SelectorEventLoop):

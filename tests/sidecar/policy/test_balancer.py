@@ -1,13 +1,12 @@
 import random
 from collections import Counter
 
+from sidecar.config import LbPolicy
 from sidecar.exchange import Response
 from sidecar.flags import Flag
 from sidecar.policy.balancer import BalancerError
 from sidecar.policy.stack import ServiceState, build_service_stack
-from sidecar.runtime import LbPolicy
-
-from .fakes import EP, Fail, FakeUpstream, drain, outcome_of, request, service
+from tests.sidecar.policy.fakes import EP, Fail, FakeUpstream, drain, outcome_of, request, service
 
 
 async def test_round_robin_distributes_evenly() -> None:

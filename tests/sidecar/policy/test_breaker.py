@@ -3,6 +3,7 @@ from datetime import UTC, datetime
 
 import pybreaker
 
+from sidecar.config import Endpoint, ServiceConfig
 from sidecar.exchange import Response
 from sidecar.flags import Flag
 from sidecar.policy.balancer import BalancerError
@@ -15,9 +16,17 @@ from sidecar.policy.breaker import (
 from sidecar.policy.classifier import classify
 from sidecar.policy.stack import ServiceState, build_service_stack
 from sidecar.policy.stats import ServiceStats
-from sidecar.runtime import Endpoint, ServiceConfig
-
-from .fakes import EP, Fail, FakeUpstream, Hang, MemoryResponseBody, Reply, drain, request, service
+from tests.sidecar.policy.fakes import (
+    EP,
+    Fail,
+    FakeUpstream,
+    Hang,
+    MemoryResponseBody,
+    Reply,
+    drain,
+    request,
+    service,
+)
 
 
 class Harness:

@@ -3,8 +3,7 @@ import pytest
 from sidecar.exchange import Response
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.classifier import TIMEOUT, Kind, classify
-
-from .fakes import MemoryResponseBody
+from tests.sidecar.policy.fakes import MemoryResponseBody
 
 
 def response(status: int) -> Response:

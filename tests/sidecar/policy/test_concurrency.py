@@ -7,8 +7,7 @@ from sidecar.flags import Flag
 from sidecar.policy.concurrency import ConcurrencyConfig, OverflowError_, ServiceLoad
 from sidecar.policy.stack import ServiceState, build_service_stack
 from sidecar.policy.stats import ServiceStats
-
-from .fakes import FakeUpstream, drain, outcome_of, request, service
+from tests.sidecar.policy.fakes import FakeUpstream, drain, outcome_of, request, service
 
 
 async def test_overflow_answers_immediately_with_uo() -> None:

@@ -7,13 +7,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tenacity import RetryCallState
 
+from sidecar.config import Backoff, LbPolicy, RetryBudget, RetryPolicy, ServiceConfig
 from sidecar.exchange import Request, Response
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.retry import RetryConfig, RetryError, parse_retry_after
 from sidecar.policy.stack import ServiceState, build_service_stack
-from sidecar.runtime import Backoff, LbPolicy, RetryBudget, RetryPolicy, ServiceConfig
-
-from .fakes import (
+from tests.sidecar.policy.fakes import (
     EP,
     Fail,
     FakeUpstream,

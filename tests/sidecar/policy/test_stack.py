@@ -1,13 +1,12 @@
 import pytest
 
+from sidecar.config import BreakerPolicy
 from sidecar.policy.balancer import Balancer
 from sidecar.policy.breaker import Breaker
 from sidecar.policy.retry import Retry
 from sidecar.policy.stack import ServiceRegistry, ServiceState, build_service_stack
 from sidecar.policy.timeout import PerTryTimeout, TotalTimeout
-from sidecar.runtime import BreakerPolicy
-
-from .fakes import EP, FakeUpstream, service
+from tests.sidecar.policy.fakes import EP, FakeUpstream, service
 
 
 def chain(handler: object) -> list[type]:

@@ -2,13 +2,12 @@ import asyncio
 
 import pytest
 
+from sidecar.config import Backoff, ServiceConfig
 from sidecar.exchange import Response
 from sidecar.flags import Flag
 from sidecar.policy.stack import ServiceState, build_service_stack
 from sidecar.policy.timeout import TimeoutError_
-from sidecar.runtime import Backoff, ServiceConfig
-
-from .fakes import EP, FakeUpstream, Hang, Reply, outcome_of, request, service
+from tests.sidecar.policy.fakes import EP, FakeUpstream, Hang, Reply, outcome_of, request, service
 
 
 def stack(cfg: ServiceConfig, upstream: FakeUpstream) -> tuple[object, ServiceState]:

@@ -1,6 +1,6 @@
 import asyncio
 
-from .fakes import VirtualTimeLoop
+from tests.sidecar.policy.fakes import VirtualTimeLoop
 
 
 async def test_policy_tests_run_on_a_loop_with_virtual_time() -> None:

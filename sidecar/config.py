@@ -1,0 +1,98 @@
+"""The sidecar's runtime configuration: what it builds from a snapshot of xDS resources.
+
+Every value here comes from a standard xDS field (see the README's table of honoured fields);
+`sidecar.xds.interpret.build_snapshot` is the only constructor used outside tests. Objects are
+frozen and shared by every request that started on the same snapshot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class LbPolicy(StrEnum):
+    ROUND_ROBIN = "round_robin"
+    LEAST_REQUEST = "least_request"
+    RANDOM = "random"
+
+
+class OutboundPolicy(StrEnum):
+    ALLOW_ANY = "allow_any"
+    REGISTRY_ONLY = "registry_only"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    base: float = 0.025  # seconds
+    max: float = 0.250
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudget:
+    percent: float = 20.0
+    min_concurrency: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int  # retries after the first try
+    retry_on: frozenset[str]  # connect-failure, reset, gateway-error, 5xx, retriable-4xx
+    retriable_status: frozenset[int]  # explicit codes, e.g. {503}
+    per_try_timeout: float | None = None
+    backoff: Backoff = field(default_factory=Backoff)
+    budget: RetryBudget | None = None
+    non_idempotent: bool = False  # retry POST/PATCH without an Idempotency-Key
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    consecutive_failures: int | None = None  # None: no per-endpoint breaker
+    open_for: float = 30.0
+    max_ejection_percent: int = 10
+    max_requests: int = 1024
+    max_pending: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    name: str
+    namespace: str
+    port: int
+    cluster: str  # xDS cluster name
+    endpoints: tuple[Endpoint, ...]
+    timeout: float | None = None  # total, bounds every attempt
+    connect_timeout: float = 1.0
+    idle_timeout: float = 60.0  # pooled upstream connections
+    retry: RetryPolicy | None = None
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    lb: LbPolicy = LbPolicy.ROUND_ROBIN
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    version: str
+    services: dict[str, ServiceConfig]  # by cluster name
+    # authority (lowercase ASCII bytes, with and without ":port") -> service
+    routes: dict[bytes, ServiceConfig]
+    outbound_policy: OutboundPolicy = OutboundPolicy.ALLOW_ANY
+    trace_sampling: float = 0.01  # fraction 0..1
+    # the xDS resources it was built from, as JSON-able dicts, for /config_dump
+    resources: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def route(self, authority: bytes) -> ServiceConfig | None:
+        return self.routes.get(authority)
+
+
+class ConfigError(Exception):
+    """A snapshot the sidecar cannot apply; the message names the resource and field."""

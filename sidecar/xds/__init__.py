@@ -1,0 +1,1 @@
+"""The sidecar's side of xDS: `client` (the ADS stream) and `interpret` (resources -> config)."""

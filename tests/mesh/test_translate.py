@@ -1,0 +1,265 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+
+from mesh.model import load_mesh, parse_mesh
+from mesh.translate import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    HTTP_PROTOCOL_OPTIONS,
+    LISTENER_TYPE,
+    PASSTHROUGH_CLUSTER,
+    ROUTE_TYPE,
+    translate,
+)
+from mesh.xds import resources_version
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mesh.yaml"
+PAYMENTS = "outbound|80||payments.default.svc.cluster.local"
+
+
+def mesh_with(policy: dict[str, Any], **top: Any) -> Any:
+    service = {"name": "payments", "endpoints": ["127.0.0.1:9001", "127.0.0.1:9002"]}
+    return parse_mesh({**top, "services": [{**service, "policy": policy}]}, "mesh.yaml")
+
+
+def payments_route(resources: dict[str, dict[str, Any]], config: str = "outbound") -> Any:
+    for vhost in resources[ROUTE_TYPE][config].virtual_hosts:
+        if "payments" in vhost.domains:
+            return vhost.routes[0]
+    raise AssertionError("no payments virtual host")
+
+
+def test_resource_names_follow_the_scheme() -> None:
+    resources = translate(load_mesh(EXAMPLE))
+    assert list(resources) == [LISTENER_TYPE, ROUTE_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE]
+    assert sorted(resources[LISTENER_TYPE]) == [
+        "frontend",
+        "frontend:80",
+        "orders",
+        "orders:8080",
+        "outbound",
+        "payments",
+        "payments:80",
+    ]
+    assert sorted(resources[ROUTE_TYPE]) == ["frontend", "orders", "outbound", "payments"]
+    assert sorted(resources[CLUSTER_TYPE]) == [
+        "PassthroughCluster",
+        "outbound|8080||orders.default.svc.cluster.local",
+        "outbound|80||frontend.web.svc.cluster.local",
+        PAYMENTS,
+    ]
+    assert sorted(resources[ENDPOINT_TYPE]) == sorted(
+        name for name in resources[CLUSTER_TYPE] if name != PASSTHROUGH_CLUSTER
+    )
+
+
+def test_retries_become_route_retry_policy() -> None:
+    resources = translate(
+        mesh_with(
+            {
+                "timeout": "2s",
+                "retries": {
+                    "attempts": 2,
+                    "per_try_timeout": "500ms",
+                    "retry_on": ["connect-failure", "reset", "503"],
+                    "backoff": {"base": "25ms", "max": "250ms"},
+                },
+            }
+        )
+    )
+    policy = payments_route(resources).route.retry_policy
+    assert policy.num_retries.value == 2
+    assert policy.per_try_timeout.ToMilliseconds() == 500
+    assert policy.retry_back_off.base_interval.ToMilliseconds() == 25
+    assert policy.retry_back_off.max_interval.ToMilliseconds() == 250
+    assert policy.retry_on.split(",") == [
+        "connect-failure",
+        "reset",
+        "retriable-status-codes",
+        "unavailable",
+    ]
+    assert list(policy.retriable_status_codes) == [503]
+    headers = {
+        (m.name, m.string_match.exact or m.present_match) for m in policy.retriable_request_headers
+    }
+    assert (":method", "GET") in headers
+    assert (":method", "POST") not in headers
+    assert ("idempotency-key", True) in headers
+
+
+def test_non_idempotent_true_leaves_request_headers_empty() -> None:
+    resources = translate(mesh_with({"retries": {"attempts": 1, "non_idempotent": True}}))
+    assert len(payments_route(resources).route.retry_policy.retriable_request_headers) == 0
+
+
+def test_retriable_4xx_alone_adds_no_grpc_condition() -> None:
+    resources = translate(mesh_with({"retries": {"attempts": 1, "retry_on": ["retriable-4xx"]}}))
+    assert payments_route(resources).route.retry_policy.retry_on == "retriable-4xx"
+
+
+def test_no_timeout_is_an_explicit_zero_and_no_retries_no_policy() -> None:
+    route = payments_route(translate(mesh_with({}))).route
+    assert route.HasField("timeout")
+    assert route.timeout.ToNanoseconds() == 0
+    assert not route.HasField("max_stream_duration")
+    assert not route.HasField("retry_policy")
+
+
+def test_timeout_also_reaches_grpc_clients() -> None:
+    route = payments_route(translate(mesh_with({"timeout": "1.5s"})), "payments").route
+    assert route.timeout.ToMilliseconds() == 1500
+    assert route.max_stream_duration.max_stream_duration.ToMilliseconds() == 1500
+    assert route.max_stream_duration.grpc_timeout_header_max.ToMilliseconds() == 1500
+
+
+def test_breaker_becomes_outlier_detection_and_circuit_breakers() -> None:
+    resources = translate(
+        mesh_with(
+            {
+                "circuit_breaker": {
+                    "consecutive_failures": 5,
+                    "open_for": "30s",
+                    "max_ejection_percent": 50,
+                    "max_requests": 100,
+                    "max_pending": 10,
+                },
+                "retries": {"attempts": 1, "budget": {"percent": 20, "min_concurrency": 3}},
+            }
+        )
+    )
+    cluster = resources[CLUSTER_TYPE][PAYMENTS]
+    od = cluster.outlier_detection
+    assert od.consecutive_5xx.value == 5
+    assert od.consecutive_gateway_failure.value == 5
+    assert od.enforcing_consecutive_5xx.value == 100
+    assert od.enforcing_consecutive_gateway_failure.value == 100
+    assert od.enforcing_success_rate.value == 0
+    assert od.base_ejection_time.ToSeconds() == 30
+    assert od.max_ejection_percent.value == 50
+    thresholds = cluster.circuit_breakers.thresholds[0]
+    assert thresholds.max_requests.value == 100
+    assert thresholds.max_pending_requests.value == 10
+    assert thresholds.retry_budget.budget_percent.value == 20.0
+    assert thresholds.retry_budget.min_retry_concurrency.value == 3
+
+
+def test_no_consecutive_failures_means_no_outlier_detection() -> None:
+    cluster = translate(mesh_with({}))[CLUSTER_TYPE][PAYMENTS]
+    assert not cluster.HasField("outlier_detection")
+    assert cluster.circuit_breakers.thresholds[0].max_requests.value == 1024
+    assert not cluster.circuit_breakers.thresholds[0].HasField("retry_budget")
+
+
+def test_least_request_uses_load_balancing_policy_with_round_robin_fallback() -> None:
+    cluster = translate(mesh_with({"load_balancer": "least_request"}))[CLUSTER_TYPE][PAYMENTS]
+    assert cluster.lb_policy == cluster_pb2.Cluster.LbPolicy.ROUND_ROBIN
+    types = [
+        p.typed_extension_config.typed_config.type_url
+        for p in cluster.load_balancing_policy.policies
+    ]
+    assert types == [
+        "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest",
+        "type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin",
+    ]
+
+
+def test_random_uses_load_balancing_policy_and_round_robin_needs_none() -> None:
+    random = translate(mesh_with({"load_balancer": "random"}))[CLUSTER_TYPE][PAYMENTS]
+    first = random.load_balancing_policy.policies[0].typed_extension_config.typed_config
+    assert first.type_url.endswith("random.v3.Random")
+    plain = translate(mesh_with({}))[CLUSTER_TYPE][PAYMENTS]
+    assert not plain.HasField("load_balancing_policy")
+
+
+def test_cluster_is_eds_over_ads_with_connect_and_idle_timeouts() -> None:
+    cluster = translate(mesh_with({"connect_timeout": "250ms"}))[CLUSTER_TYPE][PAYMENTS]
+    assert cluster.type == cluster_pb2.Cluster.DiscoveryType.EDS
+    assert cluster.eds_cluster_config.eds_config.HasField("ads")
+    assert cluster.eds_cluster_config.service_name == PAYMENTS
+    assert cluster.connect_timeout.ToMilliseconds() == 250
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    assert cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].Unpack(options)
+    assert options.common_http_protocol_options.idle_timeout.ToSeconds() == 60
+
+
+def test_load_assignment_lists_the_endpoints_in_one_weighted_locality() -> None:
+    assignment = translate(mesh_with({}))[ENDPOINT_TYPE][PAYMENTS]
+    locality = assignment.endpoints[0]
+    assert locality.HasField("locality")  # gRPC NACKs an EDS locality without it
+    assert locality.load_balancing_weight.value == 1
+    addresses = [
+        (e.endpoint.address.socket_address.address, e.endpoint.address.socket_address.port_value)
+        for e in locality.lb_endpoints
+    ]
+    assert addresses == [("127.0.0.1", 9001), ("127.0.0.1", 9002)]
+
+
+def test_outbound_listener_samples_traces_and_uses_rds() -> None:
+    mesh = mesh_with({}, tracing={"sampling": 0.25})
+    listener = translate(mesh)[LISTENER_TYPE]["outbound"]
+    assert listener.address.socket_address.port_value == 15001
+    hcm = hcm_pb2.HttpConnectionManager()
+    assert listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    assert hcm.rds.route_config_name == "outbound"
+    assert hcm.tracing.random_sampling.value == 25.0
+    assert hcm.http_filters[-1].name == "envoy.filters.http.router"
+
+
+def test_grpc_listener_is_an_api_listener_naming_the_service_route() -> None:
+    resources = translate(mesh_with({}))
+    for name in ("payments", "payments:80"):
+        hcm = hcm_pb2.HttpConnectionManager()
+        assert resources[LISTENER_TYPE][name].api_listener.api_listener.Unpack(hcm)
+        assert hcm.rds.route_config_name == "payments"
+        assert hcm.rds.config_source.HasField("ads")
+        assert hcm.http_filters[-1].name == "envoy.filters.http.router"
+
+
+def test_domains_cover_every_spelling() -> None:
+    resources = translate(load_mesh(EXAMPLE))
+    vhosts = {v.name: v for v in resources[ROUTE_TYPE]["outbound"].virtual_hosts}
+    orders = vhosts["orders.default.svc.cluster.local:8080"]
+    assert set(orders.domains) == {
+        "orders",
+        "orders:8080",
+        "orders.default",
+        "orders.default:8080",
+        "orders.default.svc",
+        "orders.default.svc:8080",
+        "orders.default.svc.cluster.local",
+        "orders.default.svc.cluster.local:8080",
+    }
+
+
+def test_allow_any_routes_the_catch_all_to_an_original_dst_cluster() -> None:
+    resources = translate(mesh_with({}))
+    catch_all = resources[ROUTE_TYPE]["outbound"].virtual_hosts[-1]
+    assert list(catch_all.domains) == ["*"]
+    assert catch_all.routes[0].route.cluster == PASSTHROUGH_CLUSTER
+    passthrough = resources[CLUSTER_TYPE][PASSTHROUGH_CLUSTER]
+    assert passthrough.type == cluster_pb2.Cluster.DiscoveryType.ORIGINAL_DST
+
+
+def test_registry_only_answers_the_catch_all_with_502() -> None:
+    resources = translate(mesh_with({}, outbound_policy="registry_only"))
+    catch_all = resources[ROUTE_TYPE]["outbound"].virtual_hosts[-1]
+    assert list(catch_all.domains) == ["*"]
+    assert catch_all.routes[0].direct_response.status == 502
+    assert PASSTHROUGH_CLUSTER not in resources[CLUSTER_TYPE]
+
+
+def test_translation_is_deterministic_and_versions_follow_content() -> None:
+    mesh = load_mesh(EXAMPLE)
+    first, second = translate(mesh), translate(mesh)
+    assert resources_version(first) == resources_version(second)
+    assert len(resources_version(first)) == 16
+    changed = translate(mesh_with({"timeout": "3s"}))
+    assert resources_version(changed) != resources_version(translate(mesh_with({"timeout": "2s"})))

@@ -1,0 +1,3 @@
+from tests.control_plane.conftest import plane
+
+__all__ = ["plane"]
