@@ -3,6 +3,10 @@
 - Every `file::name` that docs/ cites (the tests holding each hardening rule, the functions on the
   walk of a request) exists, and so does every file or folder they name.
 - Every hardening rule names at least one test.
+- Every document the code and the docs cite is in this repository, and so is every rule and
+  section they cite in it.
+- The README's table of honoured xDS fields is `sidecar.xds.interpret.HONOURED_FIELDS`, row by
+  row.
 """
 
 from __future__ import annotations
@@ -12,9 +16,15 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from sidecar.xds.interpret import HONOURED_FIELDS
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 HARDENING = ROOT / "docs" / "hardening.md"
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+README = ROOT / "README.md"
 
 # `sidecar/app.py::Sidecar.apply`, `tests/test_docs.py`, `sidecar/protocol/`
 _REFERENCE = re.compile(
@@ -23,6 +33,28 @@ _REFERENCE = re.compile(
 )
 # Modules and folders that do not exist yet, named where the architecture says they will go.
 _PLANNED_SECTION = "## Where the next pieces go"
+
+# A document named in prose or comments: `docs/hardening.md`, `README.md`; URLs are skipped.
+_DOCUMENT = re.compile(r"https?://\S+|(?P<path>[\w./-]*\w\.md)\b")
+_RULES = re.compile(r"docs/hardening\.md,? rules? (?P<numbers>\d+(?:(?:, | and |-)\d+)*)")
+_SECTION = re.compile(r"(?P<doc>docs/\w+\.md|README\.md), \"(?P<title>[^\"]+)\"")
+# The shared design brief's file names, which are not in this repository.
+_OUTSIDE = re.compile(r"\b(?:HARDENING|ARCHITECTURE|STYLE)\b")
+
+_TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".cfg", ".ini", ".sh", ".txt"}
+_TEXT_NAMES = {"Makefile", "Dockerfile", "run"}
+_SKIP_DIRS = {
+    ".git",
+    ".venv",
+    ".mypy_cache",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".hypothesis",
+    "__pycache__",
+    "build",
+    "dist",
+    "results",
+}
 
 
 def _sections(path: Path) -> dict[str, str]:
@@ -102,3 +134,82 @@ def test_every_hardening_rule_is_held_by_a_test() -> None:
         if not any(m.group(2) for m in _REFERENCE.finditer(text) if m.group(1).startswith("tests/"))
     ]
     assert untested == []
+
+
+def _text_files() -> Iterator[Path]:
+    for path in sorted(ROOT.rglob("*")):
+        parts = path.relative_to(ROOT).parts
+        if any(part in _SKIP_DIRS or part.endswith(".egg-info") for part in parts[:-1]):
+            continue
+        if path == Path(__file__).resolve() or not path.is_file():
+            continue
+        if path.suffix in _TEXT_SUFFIXES or path.name in _TEXT_NAMES:
+            yield path
+
+
+def _headings(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.startswith("#")]
+
+
+def test_every_document_the_project_cites_is_in_the_repository() -> None:
+    wrong = []
+    for path in _text_files():
+        where = path.relative_to(ROOT)
+        text = path.read_text(errors="replace")
+        for match in _DOCUMENT.finditer(text):
+            cited = match.group("path")
+            if cited and not ((ROOT / cited).is_file() or (path.parent / cited).is_file()):
+                wrong.append(f"{where}: {cited} does not exist")
+        for match in _OUTSIDE.finditer(text):
+            wrong.append(f"{where}: {match.group()!r} names the design brief, not a file here")
+    assert wrong == []
+
+
+def test_every_rule_and_section_the_project_cites_exists() -> None:
+    rules = {int(m) for m in re.findall(r"^## Rule (\d+):", HARDENING.read_text(), re.M)}
+    wrong = []
+    cited_rules = 0
+    for path in _text_files():
+        where = path.relative_to(ROOT)
+        text = path.read_text(errors="replace")
+        for match in _RULES.finditer(text):
+            numbers = {int(n) for n in re.findall(r"\d+", match.group("numbers"))}
+            cited_rules += 1
+            wrong += [f"{where}: rule {n} is not in docs/hardening.md" for n in numbers - rules]
+        for match in _SECTION.finditer(text):
+            doc, title = match.group("doc"), match.group("title")
+            if not any(title in heading for heading in _headings(ROOT / doc)):
+                wrong.append(f'{where}: {doc} has no section "{title}"')
+    assert wrong == []
+    assert cited_rules >= 10  # the codec and transport cite the rules they enforce
+
+
+def _readme_table(section: str) -> list[tuple[str, ...]]:
+    """The rows of the first table in a README section (without its header)."""
+    rows: list[str] = []
+    for line in _sections(README)[section].splitlines():
+        if line.startswith("|"):
+            rows.append(line)
+        elif rows:
+            break
+    cells = [tuple(cell.strip() for cell in row.strip("|").split(" | ")) for row in rows]
+    return cells[2:]  # after the header and the |---| line
+
+
+def test_readme_table_of_honoured_xds_fields_is_the_codes_table() -> None:
+    readme = _readme_table("## xDS resources and the fields honoured")
+    assert readme == list(HONOURED_FIELDS)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("(docs/hardening.md rules 2, 3 and 11)", [2, 3, 11]),
+        ("(docs/hardening.md, rule 4)", [4]),
+        ("docs/hardening.md rules 1-4, 6", [1, 4, 6]),
+    ],
+)
+def test_rule_citations_are_read_whole(text: str, expected: list[int]) -> None:
+    match = _RULES.search(text)
+    assert match is not None
+    assert [int(n) for n in re.findall(r"\d+", match.group("numbers"))] == expected

@@ -1,4 +1,4 @@
-"""End to end: HARDENING.md through the real proxy, and the flags on locally generated errors."""
+"""End to end: docs/hardening.md through the real proxy, and the flags on local errors."""
 
 from __future__ import annotations
 
