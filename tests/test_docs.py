@@ -1,7 +1,7 @@
 """The project's documents agree with its code.
 
 - Every `file::name` that docs/ cites (the tests holding each hardening rule, the functions on the
-  walk of a request) exists, and so does every file or folder they name.
+  walk of a request) exists, and so does every file or folder that docs/ and the README name.
 - Every hardening rule names at least one test.
 - Every document the code and the docs cite is in this repository, and so is every rule and
   section they cite in it.
@@ -95,8 +95,8 @@ def _defined(path: Path, name: str) -> bool:
 
 
 def _references() -> Iterator[tuple[str, str, str | None, bool]]:
-    """(document, path, name or None, planned) for every code reference in docs/."""
-    for doc in DOCS:
+    """(document, path, name or None, planned) for every code reference in docs/ and README."""
+    for doc in [*DOCS, README]:
         for heading, text in _sections(doc).items():
             for match in _REFERENCE.finditer(text):
                 planned = heading == _PLANNED_SECTION
