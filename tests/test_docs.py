@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,14 +138,13 @@ def test_every_hardening_rule_is_held_by_a_test() -> None:
 
 
 def _text_files() -> Iterator[Path]:
-    for path in sorted(ROOT.rglob("*")):
-        parts = path.relative_to(ROOT).parts
-        if any(part in _SKIP_DIRS or part.endswith(".egg-info") for part in parts[:-1]):
-            continue
-        if path == Path(__file__).resolve() or not path.is_file():
-            continue
-        if path.suffix in _TEXT_SUFFIXES or path.name in _TEXT_NAMES:
-            yield path
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.endswith(".egg-info"))
+        for name in sorted(files):
+            path = Path(folder) / name
+            text = path.suffix in _TEXT_SUFFIXES or name in _TEXT_NAMES
+            if text and path != Path(__file__).resolve():
+                yield path
 
 
 def _headings(path: Path) -> list[str]:
