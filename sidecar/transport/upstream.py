@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 from sidecar.config import Endpoint
@@ -269,14 +269,32 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
 
+# Opens a connection for a protocol: `loop.create_connection`'s first three arguments. Tests pass
+# one that hands the protocol a transport without a socket.
+Connect = Callable[
+    [Callable[[], UpstreamConnection], str, int],
+    Awaitable[tuple[asyncio.BaseTransport, UpstreamConnection]],
+]
+
+
+async def open_connection(
+    factory: Callable[[], UpstreamConnection], host: str, port: int
+) -> tuple[asyncio.BaseTransport, UpstreamConnection]:
+    """A TCP connection on the running loop (the default `Connect`)."""
+    return await asyncio.get_running_loop().create_connection(factory, host, port)
+
+
 class EndpointPool:
     """Idle keep-alive connections to one endpoint (most recently used first)."""
 
-    __slots__ = ("clock", "connecting", "endpoint", "idle", "in_use")
+    __slots__ = ("clock", "connect", "connecting", "endpoint", "idle", "in_use")
 
-    def __init__(self, endpoint: Endpoint, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, endpoint: Endpoint, clock: Callable[[], float], connect: Connect = open_connection
+    ) -> None:
         self.endpoint = endpoint
         self.clock = clock
+        self.connect = connect
         self.idle: list[UpstreamConnection] = []
         self.in_use: set[UpstreamConnection] = set()
         self.connecting = 0
@@ -295,11 +313,10 @@ class EndpointPool:
         conn = self.take_idle()
         if conn is not None:
             return conn, True
-        loop = asyncio.get_running_loop()
         self.connecting += 1
         try:
             async with asyncio.timeout(connect_timeout):
-                _, protocol = await loop.create_connection(
+                _, protocol = await self.connect(
                     lambda: UpstreamConnection(self), self.endpoint.host, self.endpoint.port
                 )
         except TimeoutError:
@@ -350,8 +367,10 @@ class Upstreams:
         stream_idle_timeout: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         services: ServiceRegistry | None = None,
+        connect: Connect = open_connection,
     ) -> None:
         self.services = services  # for max_pending while connecting
+        self.connect = connect
         self.pools: dict[Endpoint, EndpointPool] = {}
         self.default_connect_timeout = default_connect_timeout
         self.idle_timeout = idle_timeout
@@ -361,7 +380,7 @@ class Upstreams:
     def pool(self, endpoint: Endpoint) -> EndpointPool:
         pool = self.pools.get(endpoint)
         if pool is None:
-            pool = self.pools[endpoint] = EndpointPool(endpoint, self.clock)
+            pool = self.pools[endpoint] = EndpointPool(endpoint, self.clock, self.connect)
         return pool
 
     def sweep(self) -> None:
