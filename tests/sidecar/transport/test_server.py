@@ -1,0 +1,163 @@
+"""The downstream protocol driven byte by byte: bytes in with `data_received`, bytes out asserted.
+
+No sockets: the client is a `FakeTransport`; behind the protocol is either a scripted handler or
+the real forwarder whose upstream connections are fake transports too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from sidecar.exchange import Request, Response
+from sidecar.transport.body import BodyStream
+from tests.sidecar.transport.fake import WAIT, settle, until
+from tests.sidecar.transport.harness import Scripted, downstream, ok
+
+
+def get(path: bytes) -> bytes:
+    return b"GET %b HTTP/1.1\r\nHost: payments\r\n\r\n" % path
+
+
+def reply(body: bytes, *, close: bool = False) -> bytes:
+    """What the client reads for `ok(body)`."""
+    connection = b"connection: close\r\n" if close else b""
+    return b"HTTP/1.1 200 OK\r\n%bcontent-length: %d\r\n\r\n%b" % (connection, len(body), body)
+
+
+async def read_body(request: Request) -> bytes:
+    async with asyncio.timeout(WAIT):
+        return b"".join([data async for data in request.body.chunks()])
+
+
+# --- pipelining ---------------------------------------------------------------------------
+
+
+async def test_a_pipelined_request_waits_for_the_response_before_it_with_reading_paused() -> None:
+    handler = Scripted()
+    _, client = downstream(handler)
+
+    client.peer_sends(get(b"/one") + get(b"/two"))
+    first = await handler.request(0)
+    await settle()
+    assert first.path == b"/one"
+    assert len(handler.requests) == 1  # the second waits its turn
+    assert not client.reading
+    client.peer_sends(get(b"/three"))  # stays in the socket while reading is paused
+    await settle()
+    assert client.waiting == get(b"/three")
+
+    handler.answer(0, ok(b"one"))
+    second = await handler.request(1)
+    assert second.path == b"/two"
+    assert client.take() == reply(b"one")
+    handler.answer(1, ok(b"two"))
+    third = await handler.request(2)
+    assert third.path == b"/three"
+    handler.answer(2, ok(b"three"))
+    await until(lambda: client.written.endswith(reply(b"three")))
+    assert client.take() == reply(b"two") + reply(b"three")
+    assert client.reading
+    assert not client.closed
+
+
+async def test_pipelined_responses_keep_request_order_whatever_order_they_are_ready_in() -> None:
+    async def slow_first(request: Request) -> Response:
+        if request.path == b"/one":
+            await asyncio.sleep(0.01)
+        return ok(request.path)
+
+    _, client = downstream(slow_first)
+    client.peer_sends(get(b"/one") + get(b"/two"))
+    await until(lambda: len(client.written) >= len(reply(b"/one") + reply(b"/two")))
+    assert client.written == reply(b"/one") + reply(b"/two")
+
+
+async def test_a_bad_request_pipelined_after_a_good_one_gets_400_after_the_first_response() -> None:
+    handler = Scripted()
+    _, client = downstream(handler)
+
+    client.peer_sends(get(b"/one") + b"GET /two HTTP/1.1\r\nHost: payments\r\nBad_Name: x\r\n\r\n")
+    await handler.request(0)
+    await settle()
+    assert client.written == b""  # the 400 does not jump ahead of the first response
+
+    handler.answer(0, ok(b"one"))
+    await until(lambda: client.lost)
+    written = client.written
+    assert written.startswith(reply(b"one") + b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"x-outrigger-flags: DPE\r\nconnection: close\r\n" in written
+    assert len(handler.requests) == 1  # nothing after the bad request is parsed or forwarded
+
+
+# --- 100-continue -------------------------------------------------------------------------
+
+EXPECT_CONTINUE = (
+    b"POST /upload HTTP/1.1\r\nHost: payments\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+)
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+async def test_100_continue_is_sent_when_the_body_is_first_read_and_not_before() -> None:
+    handler = Scripted()
+    _, client = downstream(handler)
+
+    client.peer_sends(EXPECT_CONTINUE)
+    request = await handler.request(0)
+    await settle()
+    assert client.written == b""  # nobody asked for the body yet
+
+    body = asyncio.get_running_loop().create_task(read_body(request))
+    await until(lambda: client.written)
+    assert client.take() == CONTINUE
+    client.peer_sends(b"hello")
+    assert await asyncio.wait_for(body, WAIT) == b"hello"
+    handler.answer(0, ok(b"stored"))
+    await until(lambda: client.fresh)
+    assert client.take() == reply(b"stored")  # one 100, then the final response
+
+
+async def test_a_final_response_before_the_body_is_read_means_no_100_continue() -> None:
+    handler = Scripted()
+    _, client = downstream(handler)
+
+    client.peer_sends(EXPECT_CONTINUE)
+    request = await handler.request(0)
+    body = BodyStream(None, lambda: None, lambda: None)
+    handler.answer(0, Response(200, b"OK", [], body))
+    body.feed(b"early")
+    await until(lambda: client.written)
+
+    request.body.chunks()  # a late reader (a pump still running) asks for the body now
+    body.finish()
+    await until(lambda: client.lost)
+    assert CONTINUE not in client.written
+    assert client.written == (
+        b"HTTP/1.1 200 OK\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"5\r\nearly\r\n0\r\n\r\n"
+    )  # the body the client was told to hold back is never read: the connection closes
+
+
+# --- HTTP/1.0 ------------------------------------------------------------------------------
+
+
+async def test_an_http10_client_gets_its_response_and_the_connection_closes() -> None:
+    _, client = downstream(lambda request: asyncio.sleep(0, ok(b"hi")))
+
+    client.peer_sends(b"GET / HTTP/1.0\r\n\r\n")
+    await until(lambda: client.lost)
+    assert client.written == b"HTTP/1.0 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nhi"
+    assert not client.aborted
+
+
+async def test_an_http10_client_gets_a_body_of_unknown_length_delimited_by_the_close() -> None:
+    body = BodyStream(None, lambda: None, lambda: None)
+    _, client = downstream(lambda request: asyncio.sleep(0, Response(200, b"OK", [], body)))
+
+    client.peer_sends(b"GET / HTTP/1.0\r\n\r\n")
+    body.feed(b"part one, ")
+    await until(lambda: client.written)
+    body.feed(b"part two")
+    body.finish()
+    await until(lambda: client.lost)
+    assert client.written == b"HTTP/1.0 200 OK\r\nconnection: close\r\n\r\npart one, part two"
+    assert not client.aborted
