@@ -609,7 +609,9 @@ class DownstreamProtocol(asyncio.Protocol):
             pending, self.pending = self.pending, deque()
             self._set_phase(HEADERS)
             self._process(pending)
-            if self.task is None and not self.pending:
+            if not self.pending and (self.task is None or not self.request_complete):
+                # Nothing more queued; the request now in flight may still be receiving its
+                # body, which must be read (a request after it is held back on arrival).
                 self._resume("pipeline")
         else:
             self._resume("pipeline")

@@ -89,6 +89,24 @@ async def test_a_bad_request_pipelined_after_a_good_one_gets_400_after_the_first
     assert len(handler.requests) == 1  # nothing after the bad request is parsed or forwarded
 
 
+async def test_a_pipelined_request_whose_body_is_still_coming_is_read_to_its_end() -> None:
+    handler = Scripted()
+    _, client = downstream(handler)
+
+    client.peer_sends(
+        get(b"/one") + b"POST /two HTTP/1.1\r\nHost: payments\r\nContent-Length: 10\r\n\r\nhello"
+    )
+    await handler.request(0)
+    handler.answer(0, ok(b"one"))
+    second = await handler.request(1)
+    client.peer_sends(b"world")  # the rest of the second request's body
+
+    assert await read_body(second) == b"helloworld"
+    handler.answer(1, ok(b"two"))
+    await until(lambda: client.written.endswith(reply(b"two")))
+    assert client.reading
+
+
 # --- 100-continue -------------------------------------------------------------------------
 
 EXPECT_CONTINUE = (
