@@ -10,6 +10,7 @@ import asyncio
 
 from sidecar.exchange import Request, Response
 from sidecar.transport.body import BodyStream
+from sidecar.transport.server import ServerSettings
 from tests.sidecar.transport.fake import WAIT, settle, until
 from tests.sidecar.transport.harness import Scripted, downstream, ok
 
@@ -179,3 +180,91 @@ async def test_an_http10_client_gets_a_body_of_unknown_length_delimited_by_the_c
     await until(lambda: client.lost)
     assert client.written == b"HTTP/1.0 200 OK\r\nconnection: close\r\n\r\npart one, part two"
     assert not client.aborted
+
+
+# --- phase time limits (check_timeouts with a chosen `now`) ----------------------------------
+
+LIMITS = ServerSettings(header_timeout=10, idle_timeout=60, body_timeout=30, send_timeout=20)
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+async def test_an_idle_keep_alive_connection_closes_after_the_idle_timeout_and_not_before() -> None:
+    protocol, client = downstream(lambda request: asyncio.sleep(0, ok(b"hi")), LIMITS)
+    before = now()  # idle from when the response is written, a little later
+    client.peer_sends(get(b"/"))
+    await until(lambda: client.written)
+
+    protocol.check_timeouts(before + 59)
+    assert not client.closed
+    protocol.check_timeouts(now() + 61)
+    assert client.closed and not client.aborted
+    assert client.written == reply(b"hi")  # closed quietly: no response to nothing
+
+
+async def test_a_head_not_finished_within_the_header_timeout_gets_408_and_the_close() -> None:
+    handler = Scripted()
+    protocol, client = downstream(handler, LIMITS)
+    protocol.check_timeouts(now() + 30)  # idle, not slow: the head's clock starts at its first byte
+    assert not client.closed
+
+    before = now()
+    client.peer_sends(b"GET / HTTP/1.1\r\nHost: pay")
+    protocol.check_timeouts(before + 9)
+    assert client.written == b""
+    protocol.check_timeouts(now() + 11)
+    assert client.written.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert client.written.endswith(b"\r\n\r\nrequest headers not received in time\n")
+    assert client.closed
+    assert handler.requests == []
+
+
+async def test_a_body_that_stops_arriving_gets_408_and_its_request_fails() -> None:
+    async def upload(request: Request) -> Response:
+        return ok(await read_body(request))
+
+    protocol, client = downstream(upload, LIMITS)
+    before = now()
+    client.peer_sends(b"POST / HTTP/1.1\r\nHost: payments\r\nContent-Length: 10\r\n\r\nhello")
+    await settle()
+    protocol.check_timeouts(before + 29)
+    assert client.written == b""
+
+    protocol.check_timeouts(now() + 31)
+    await until(lambda: client.lost)
+    assert client.written.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert b"x-outrigger-flags: DPE\r\nconnection: close\r\n" in client.written
+    assert client.written.endswith(b"request body stopped arriving\n")
+
+
+async def test_a_request_waiting_for_its_response_is_not_cut_by_the_phase_limits() -> None:
+    handler = Scripted()
+    protocol, client = downstream(handler, LIMITS)
+    client.peer_sends(get(b"/slow"))
+    await handler.request(0)
+
+    protocol.check_timeouts(now() + 3600)  # the total timeout is the policy's, not the server's
+    handler.answer(0, ok(b"late"))
+    await until(lambda: client.written)
+    assert client.written == reply(b"late")
+    assert not client.closed
+
+
+async def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout() -> None:
+    body = BodyStream(None, lambda: None, lambda: None)
+    protocol, client = downstream(
+        lambda request: asyncio.sleep(0, Response(200, b"OK", [], body)), LIMITS
+    )
+    client.peer_sends(get(b"/big"))
+    body.feed(b"x" * 1000)
+    await until(lambda: client.written)
+
+    before = now()
+    client.peer_stops_reading()
+    body.feed(b"y" * 1000)
+    protocol.check_timeouts(before + 19)
+    assert not client.closed
+    protocol.check_timeouts(now() + 21)
+    assert client.aborted  # its buffered bytes are dropped, not flushed to a peer who won't read
