@@ -11,8 +11,8 @@ import asyncio
 from sidecar.exchange import Request, Response
 from sidecar.transport.body import BodyStream
 from sidecar.transport.server import ServerSettings
-from tests.sidecar.transport.fake import WAIT, settle, until
-from tests.sidecar.transport.harness import Scripted, downstream, ok
+from tests.sidecar.transport.fake import WAIT, FakeTransport, settle, until
+from tests.sidecar.transport.harness import ENDPOINT, Proxy, Scripted, downstream, ok, proxy
 
 
 def get(path: bytes) -> bytes:
@@ -268,3 +268,93 @@ async def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout() -
     assert not client.closed
     protocol.check_timeouts(now() + 21)
     assert client.aborted  # its buffered bytes are dropped, not flushed to a peer who won't read
+
+
+# --- tunnels (Upgrade) -------------------------------------------------------------------------
+
+UPGRADE = (
+    b"GET /chat HTTP/1.1\r\nHost: payments\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+)
+SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+SWITCHED = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+
+
+async def tunnel(p: Proxy) -> FakeTransport:
+    """An upgrade request answered 101: the client and the returned upstream are tunnelled."""
+    p.client.peer_sends(UPGRADE)
+    upstream = await p.upstream(0)
+    upstream.peer_sends(SWITCHING)
+    await until(lambda: p.client.written)
+    assert p.client.take() == SWITCHED
+    return upstream
+
+
+async def test_an_upgrade_becomes_a_tunnel_after_the_101_and_carries_bytes_both_ways() -> None:
+    p = proxy()
+    p.client.peer_sends(UPGRADE + b"early")  # the client speaks first, before any answer
+    upstream = await p.upstream(0)
+    assert upstream.written == (
+        b"GET /chat HTTP/1.1\r\nhost: payments\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+    )  # the early bytes wait for the 101 (HARDENING rule 7)
+    upstream.peer_sends(SWITCHING + b"hello")
+
+    await until(lambda: upstream.written.endswith(b"early"))
+    assert p.client.written == SWITCHED + b"hello"
+    p.client.take()
+    p.client.peer_sends(b"GET / HTTP/1.1\r\n\r\n")  # not HTTP any more: raw bytes
+    assert upstream.written.endswith(b"earlyGET / HTTP/1.1\r\n\r\n")
+    upstream.peer_sends(b"pong")
+    assert p.client.take() == b"pong"
+    assert not p.upstreams.pool(ENDPOINT).idle  # a tunnel is never pooled
+
+
+async def test_a_refused_upgrade_is_an_ordinary_response_and_nothing_after_it_is_forwarded() -> (
+    None
+):
+    p = proxy()
+    p.client.peer_sends(UPGRADE + b"early")
+    upstream = await p.upstream(0)
+    upstream.peer_sends(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno")
+
+    await until(lambda: p.client.lost)
+    assert (
+        p.client.written == b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nno"
+    )
+    assert b"early" not in upstream.written
+
+
+async def test_a_client_that_stops_reading_pauses_the_upstream_side_of_a_tunnel() -> None:
+    p = proxy()
+    upstream = await tunnel(p)
+
+    p.client.peer_stops_reading()
+    assert not upstream.reading
+    upstream.peer_sends(b"held")
+    await settle()
+    assert p.client.fresh == b""
+    p.client.peer_reads()
+    await until(lambda: p.client.fresh)
+    assert upstream.reading
+    assert p.client.take() == b"held"
+
+
+async def test_an_upstream_that_stops_reading_pauses_the_client_side_of_a_tunnel() -> None:
+    p = proxy()
+    upstream = await tunnel(p)
+
+    upstream.peer_stops_reading()
+    assert not p.client.reading
+    p.client.peer_sends(b"held")
+    await settle()
+    assert not upstream.written.endswith(b"held")
+    upstream.peer_reads()
+    await until(lambda: upstream.written.endswith(b"held"))
+    assert p.client.reading
+
+
+async def test_a_client_reset_in_a_tunnel_aborts_the_upstream() -> None:
+    p = proxy()
+    upstream = await tunnel(p)
+    p.client.peer_resets()
+    assert upstream.aborted
+    await until(lambda: upstream.lost)
