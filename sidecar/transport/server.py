@@ -527,21 +527,38 @@ class DownstreamProtocol(asyncio.Protocol):
         )
         transport = self.transport
         self._set_phase(TUNNEL)
+        # Each side's EOF is passed on as a half-close; once both sides are done, or one is
+        # gone, both connections close after sending what they hold (neither closes by itself:
+        # an asyncio transport that returned True from eof_received stays open).
+        client_done = upstream_done = False
+
+        def end() -> None:
+            self.tunnel_abort = None  # a close, not a reset: what is buffered still goes out
+            tunnel.close()
+            transport.close()
 
         def from_upstream(data: bytes) -> None:
+            nonlocal upstream_done
             self.last_activity = self.loop.time()
             if data:
                 transport.write(data)
-            elif transport.can_write_eof():
+                return
+            if client_done or tunnel.closed or not transport.can_write_eof():
+                end()
+            elif not upstream_done:
                 transport.write_eof()
-            else:
-                transport.close()
+            upstream_done = True
 
         def to_upstream(data: bytes) -> None:
+            nonlocal client_done
             if data:
                 tunnel.write(data)
+                return
+            client_done = True
+            if upstream_done:
+                end()
             else:
-                tunnel.abort()
+                tunnel.write_eof()
 
         self.tunnel_upstream = to_upstream
         self.tunnel_abort = tunnel.abort

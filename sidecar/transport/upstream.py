@@ -103,8 +103,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._on_event(event)
 
     def eof_received(self) -> bool | None:
+        if self.tunnel is not None:
+            self.tunnel(b"")
+            return True  # a half-close: the client may still send, the tunnel closes both
         parser = self._parser
-        if parser is not None and self.tunnel is None:
+        if parser is not None:
             head = self._head
             if head is not None and not head.done():
                 # Closed before the response head was complete: a reset (UC, retryable as
@@ -179,6 +182,18 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def write_eof(self) -> None:
+        if self.transport is not None and not self.closed:
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            else:
+                self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
     def set_receiver(
         self,
         receive: Callable[[bytes], None],
@@ -194,6 +209,8 @@ class UpstreamConnection(asyncio.Protocol):
             rest = parser.take_upgrade_rest()
             if rest:
                 receive(rest)
+        if self.closed:
+            receive(b"")  # the upstream closed right after its 101
 
     def _whole_response(self, events: list[ResponseEvent]) -> bool:
         """The common case, a final response whose head and body came in one read: hand them

@@ -358,3 +358,58 @@ async def test_a_client_reset_in_a_tunnel_aborts_the_upstream() -> None:
     p.client.peer_resets()
     assert upstream.aborted
     await until(lambda: upstream.lost)
+
+
+async def test_an_upstream_reset_in_a_tunnel_ends_the_client_connection() -> None:
+    p = proxy()
+    upstream = await tunnel(p)
+    upstream.peer_resets()
+    await until(lambda: p.client.lost)
+    assert p.protocol not in p.protocol.state.connections
+
+
+async def test_a_client_half_close_in_a_tunnel_reaches_the_upstream_which_may_still_answer() -> (
+    None
+):
+    p = proxy()
+    upstream = await tunnel(p)
+
+    p.client.peer_sends(b"last words")
+    p.client.peer_closes()
+    assert upstream.eof_written and not upstream.closed
+    upstream.peer_sends(b"the answer")
+    assert p.client.take() == b"the answer"
+    upstream.peer_closes()  # both ways done: both connections close, flushing what they hold
+
+    await until(lambda: p.client.lost and upstream.lost)
+    assert not p.client.aborted and not upstream.aborted
+    assert upstream.written.endswith(b"last words")
+    assert p.protocol not in p.protocol.state.connections
+
+
+async def test_an_upstream_half_close_in_a_tunnel_reaches_the_client_which_may_still_send() -> None:
+    p = proxy()
+    upstream = await tunnel(p)
+
+    upstream.peer_sends(b"bye")
+    upstream.peer_closes()
+    assert p.client.take() == b"bye"
+    assert p.client.eof_written and not p.client.closed
+    p.client.peer_sends(b"one more thing")
+    assert upstream.written.endswith(b"one more thing")
+    p.client.peer_closes()
+
+    await until(lambda: p.client.lost and upstream.lost)
+    assert not p.client.aborted and not upstream.aborted
+    assert p.protocol not in p.protocol.state.connections
+
+
+async def test_an_upstream_end_closes_a_tunnelled_client_that_cannot_half_close() -> None:
+    p = proxy(can_write_eof=False)  # a TLS client, say
+    upstream = await tunnel(p)
+
+    upstream.peer_sends(b"bye")
+    upstream.peer_closes()
+    await until(lambda: p.client.lost and upstream.lost)
+    assert p.client.take() == b"bye"
+    assert not p.client.aborted and not upstream.aborted
