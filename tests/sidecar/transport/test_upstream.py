@@ -7,6 +7,8 @@ wrote upstream and answers with exact bytes.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tests.sidecar.transport.fake import FakeTransport, settle, until
@@ -225,3 +227,81 @@ async def test_a_request_body_faster_than_the_upstream_pauses_the_client_until_i
     await until(lambda: p.client.written)
     assert p.client.written == answer(b"stored")
     assert idle(p) == [upstream]
+
+
+# --- what makes a connection unsafe to reuse (HARDENING rules 6 and 9) --------------------------
+
+
+async def test_a_response_with_conflicting_framing_is_502_upe_and_its_connection_closed() -> None:
+    p = proxy()
+    p.client.peer_sends(get(b"/"))
+    upstream = await p.upstream(0)
+    upstream.peer_sends(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc"
+    )
+
+    await until(lambda: p.client.written)
+    assert p.client.written.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert b"x-outrigger-flags: UPE\r\n" in p.client.written
+    assert b"abc" not in p.client.written
+    assert upstream.aborted
+
+
+async def test_an_answer_before_the_whole_request_body_keeps_the_connection_out_of_the_pool() -> (
+    None
+):
+    p = proxy()
+    p.client.peer_sends(b"POST /up HTTP/1.1\r\nHost: payments\r\nContent-Length: 10\r\n\r\nhello")
+    upstream = await p.upstream(0)
+    await until(lambda: upstream.written.endswith(b"hello"))
+    upstream.peer_sends(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
+
+    await until(lambda: p.client.lost)
+    assert p.client.written == (
+        b"HTTP/1.1 413 Content Too Large\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+    )  # the client is still sending a body nobody will read
+    assert upstream.aborted  # it saw half a request: never reused
+    assert idle(p) == []
+
+
+async def test_a_refused_connect_is_503_uf() -> None:
+    p = proxy()
+    p.connector.refuse = ConnectionRefusedError(111, "Connection refused")
+    p.client.peer_sends(get(b"/"))
+
+    await until(lambda: p.client.written)
+    assert p.client.written.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert p.client.written.endswith(b"UF: connect to 10.0.0.7:8080 failed: Connection refused\n")
+
+
+# --- the pool's sweep (a chosen `now`) ----------------------------------------------------------
+
+
+async def test_the_sweep_closes_a_pooled_connection_idle_past_the_idle_timeout() -> None:
+    p = proxy()
+    before = asyncio.get_running_loop().time()
+    upstream = await pooled_connection(p)
+    pool = p.upstreams.pool(ENDPOINT)
+
+    pool.sweep(before + 59, idle_timeout=60, stream_idle_timeout=300)
+    assert not upstream.closed
+    pool.sweep(asyncio.get_running_loop().time() + 61, idle_timeout=60, stream_idle_timeout=300)
+    assert upstream.aborted
+    await until(lambda: upstream.lost)
+    assert idle(p) == []
+
+
+async def test_the_sweep_cuts_an_exchange_whose_upstream_went_silent() -> None:
+    p = proxy()
+    before = asyncio.get_running_loop().time()
+    p.client.peer_sends(get(b"/"))
+    upstream = await p.upstream(0)
+    pool = p.upstreams.pool(ENDPOINT)
+
+    pool.sweep(before + 299, idle_timeout=60, stream_idle_timeout=300)
+    assert not upstream.closed
+    pool.sweep(asyncio.get_running_loop().time() + 301, idle_timeout=60, stream_idle_timeout=300)
+    assert upstream.aborted
+    await until(lambda: p.client.written)
+    assert p.client.written.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert b"x-outrigger-flags: UC\r\n" in p.client.written
