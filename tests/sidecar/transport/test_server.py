@@ -413,3 +413,40 @@ async def test_an_upstream_end_closes_a_tunnelled_client_that_cannot_half_close(
     await until(lambda: p.client.lost and upstream.lost)
     assert p.client.take() == b"bye"
     assert not p.client.aborted and not upstream.aborted
+
+
+# --- graceful drain ---------------------------------------------------------------------------
+
+
+async def test_a_drain_closes_an_idle_connection_at_once() -> None:
+    protocol, client = downstream(lambda request: asyncio.sleep(0, ok(b"hi")))
+    client.peer_sends(get(b"/"))
+    await until(lambda: client.written)
+
+    assert await asyncio.wait_for(protocol.state.drain(WAIT), WAIT)
+    assert client.closed and not client.aborted
+
+
+async def test_a_drain_lets_a_request_in_flight_finish_then_closes_its_connection() -> None:
+    handler = Scripted()
+    protocol, client = downstream(handler)
+    client.peer_sends(get(b"/slow"))
+    await handler.request(0)
+
+    draining = asyncio.get_running_loop().create_task(protocol.state.drain(WAIT))
+    await settle()
+    assert not client.closed
+    handler.answer(0, ok(b"done"))
+    assert await asyncio.wait_for(draining, WAIT)
+    assert client.written == reply(b"done", close=True)
+    assert client.lost and not client.aborted
+
+
+async def test_a_connection_that_does_not_finish_within_the_drain_timeout_is_aborted() -> None:
+    handler = Scripted()
+    protocol, client = downstream(handler)
+    client.peer_sends(get(b"/stuck"))
+    await handler.request(0)
+
+    assert not await asyncio.wait_for(protocol.state.drain(0.01), WAIT)
+    assert client.aborted
