@@ -16,7 +16,13 @@ from sidecar.config import Endpoint
 from sidecar.exchange import Handler, Request, Response
 from sidecar.protocol.events import RequestHead
 from sidecar.transport.body import BytesBody
-from sidecar.transport.server import Decision, DownstreamProtocol, ServerSettings, ServerState
+from sidecar.transport.server import (
+    Completed,
+    Decision,
+    DownstreamProtocol,
+    ServerSettings,
+    ServerState,
+)
 from sidecar.transport.upstream import Upstreams
 from tests.sidecar.transport.fake import FakeConnector, FakeTransport, until
 
@@ -24,14 +30,18 @@ ENDPOINT = Endpoint("10.0.0.7", 8080)
 
 
 def downstream(
-    handler: Handler, settings: ServerSettings | None = None, *, can_write_eof: bool = True
+    handler: Handler,
+    settings: ServerSettings | None = None,
+    *,
+    can_write_eof: bool = True,
+    completed: Completed | None = None,
 ) -> tuple[DownstreamProtocol, FakeTransport]:
     state = ServerState(settings or ServerSettings())
 
     def dispatch(head: RequestHead) -> Decision:
         return Decision(handler, None, "test")
 
-    protocol = DownstreamProtocol(state, dispatch, request_ids=False)
+    protocol = DownstreamProtocol(state, dispatch, completed, request_ids=False)
     return protocol, FakeTransport(protocol, can_write_eof=can_write_eof).connect()
 
 
@@ -67,6 +77,7 @@ class Proxy:
     client: FakeTransport
     upstreams: Upstreams
     connector: FakeConnector
+    outcomes: list[tuple[int, str]]  # (status, flags) of each finished request cycle, in order
 
     async def upstream(self, index: int = 0) -> FakeTransport:
         """The index-th upstream connection, once a whole request head was written on it."""
@@ -82,5 +93,19 @@ def proxy(settings: ServerSettings | None = None, *, can_write_eof: bool = True)
     async def forward(request: Request) -> Response:
         return await upstreams.forward(request, ENDPOINT)
 
-    protocol, client = downstream(forward, settings, can_write_eof=can_write_eof)
-    return Proxy(protocol, client, upstreams, connector)
+    outcomes: list[tuple[int, str]] = []
+
+    def completed(
+        head: RequestHead,
+        decision: Decision | None,
+        status: int,
+        flags: str,
+        start: float,
+        request: Request | None,
+    ) -> None:
+        outcomes.append((status, flags))
+
+    protocol, client = downstream(
+        forward, settings, can_write_eof=can_write_eof, completed=completed
+    )
+    return Proxy(protocol, client, upstreams, connector, outcomes)
