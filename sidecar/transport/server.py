@@ -251,8 +251,10 @@ class DownstreamProtocol(asyncio.Protocol):
         self.state.remove(self)
         if self.body is not None:
             self.body.fail(BodyReset("client closed the connection"))
-        if self.task is not None and not self.task.done() and not self.response_started:
-            self.task.cancel()  # nobody is listening: stop the upstream exchange (flag DC)
+        if self.task is not None and not self.task.done():
+            # Nobody is listening: stop the exchange, mid-response too, so that the upstream
+            # connection closes now instead of being read into the void (flag DC).
+            self.task.cancel()
         waiter = self.drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError("client closed the connection"))
@@ -425,7 +427,9 @@ class DownstreamProtocol(asyncio.Protocol):
                     self.abort()
         except asyncio.CancelledError:
             if status == 0:
-                status, flags = 499, Flag.DOWNSTREAM_DISCONNECT.value
+                status = 499
+            dc = Flag.DOWNSTREAM_DISCONNECT.value
+            flags = f"{flags},{dc}" if flags else dc
             raise
         except (ConnectionError, BodyReset) as exc:
             # Lost a side mid-response: the client saw a truncated message; close it.
@@ -492,17 +496,21 @@ class DownstreamProtocol(asyncio.Protocol):
             return
         first = True
         body = response.body
-        while True:
-            data = await body.read()
-            if not data:
-                break
-            out = serialize.chunk(data) if chunked else data
-            if first:
-                out = head_bytes + out
-                first = False
-            transport.write(out)
-            if self.write_paused:
-                await self._drain()
+        try:
+            while True:
+                data = await body.read()
+                if not data:
+                    break
+                out = serialize.chunk(data) if chunked else data
+                if first:
+                    out = head_bytes + out
+                    first = False
+                transport.write(out)
+                if self.write_paused:
+                    await self._drain()
+        except BaseException:
+            response.discard()  # cut short: its upstream connection closes, never half-read
+            raise
         if first:
             transport.write(head_bytes + serialize.LAST_CHUNK if chunked else head_bytes)
         elif chunked:

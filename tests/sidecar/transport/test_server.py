@@ -450,3 +450,35 @@ async def test_a_connection_that_does_not_finish_within_the_drain_timeout_is_abo
 
     assert not await asyncio.wait_for(protocol.state.drain(0.01), WAIT)
     assert client.aborted
+
+
+# --- a client gone mid-response ---------------------------------------------------------------
+
+STREAM_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+async def test_a_client_gone_mid_response_closes_the_upstream_connection_at_once() -> None:
+    p = proxy()
+    p.client.peer_sends(get(b"/events"))
+    upstream = await p.upstream(0)
+    upstream.peer_sends(STREAM_HEAD + b"5\r\nfirst\r\n")  # a stream that may never end
+    await until(lambda: p.client.written)
+
+    p.client.peer_resets()
+    await until(lambda: upstream.aborted)  # not read on into the void
+    assert p.outcomes == [(200, "DC")]
+
+
+async def test_a_client_gone_while_not_reading_closes_the_upstream_connection_at_once() -> None:
+    p = proxy()
+    p.client.peer_sends(get(b"/events"))
+    upstream = await p.upstream(0)
+    upstream.peer_sends(STREAM_HEAD + b"5\r\nfirst\r\n")
+    await until(lambda: p.client.written)
+    p.client.peer_stops_reading()
+    upstream.peer_sends(b"4\r\nmore\r\n")
+    await until(lambda: p.client.written.endswith(b"more\r\n"))
+
+    p.client.peer_resets()
+    await until(lambda: upstream.aborted)
+    assert p.outcomes == [(200, "DC")]
