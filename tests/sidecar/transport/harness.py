@@ -78,12 +78,17 @@ class Proxy:
     upstreams: Upstreams
     connector: FakeConnector
     outcomes: list[tuple[int, str]]  # (status, flags) of each finished request cycle, in order
+    forward: Handler  # every request to ENDPOINT through the pools
 
     async def upstream(self, index: int = 0) -> FakeTransport:
         """The index-th upstream connection, once a whole request head was written on it."""
         conn = await self.connector.connection(index)
         await until(lambda: b"\r\n\r\n" in conn.written)
         return conn
+
+    def another_client(self) -> FakeTransport:
+        """A second client connection to the same sidecar (it shares the upstream pools)."""
+        return downstream(self.forward)[1]
 
 
 def proxy(settings: ServerSettings | None = None, *, can_write_eof: bool = True) -> Proxy:
@@ -108,4 +113,4 @@ def proxy(settings: ServerSettings | None = None, *, can_write_eof: bool = True)
     protocol, client = downstream(
         forward, settings, can_write_eof=can_write_eof, completed=completed
     )
-    return Proxy(protocol, client, upstreams, connector, outcomes)
+    return Proxy(protocol, client, upstreams, connector, outcomes, forward)

@@ -51,6 +51,17 @@ async def test_a_body_pauses_its_producer_above_high_water_and_resumes_at_low_wa
     assert producer.pauses == 2  # one pause per crossing, not per feed
 
 
+async def test_a_finished_body_releases_its_paused_producer_before_it_is_read() -> None:
+    producer = Producer()
+    body = stream(producer, 150, high_water=100, low_water=40)
+    body.feed(b"x" * 150)
+    assert producer.paused
+    body.finish()
+    assert not producer.paused  # its connection may carry the next exchange meanwhile
+    assert await body.read() == b"x" * 150
+    assert producer.pauses == 1
+
+
 async def test_a_reader_taking_chunks_resumes_the_producer_once_little_is_left_unread() -> None:
     producer = Producer()
     body = stream(producer, 300, high_water=100, low_water=40)

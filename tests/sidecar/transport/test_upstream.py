@@ -203,7 +203,7 @@ async def test_a_client_that_stops_reading_pauses_the_upstream_until_it_reads_ag
 
 async def test_a_request_body_faster_than_the_upstream_pauses_the_client_until_it_reads() -> None:
     p = proxy()
-    size = 100 * KIB + 2 * 300 * KIB
+    size = 100 * KIB + 2 * 300 * KIB + KIB
     p.client.peer_sends(
         b"PUT /blob HTTP/1.1\r\nHost: payments\r\nContent-Length: %d\r\n\r\n" % size
         + b"a" * 100 * KIB
@@ -218,11 +218,16 @@ async def test_a_request_body_faster_than_the_upstream_pauses_the_client_until_i
     await settle()
     assert not p.client.reading
     assert b"c" not in body_of(upstream.written)
+    p.client.peer_sends(b"d" * KIB)  # stays in the client's socket
+    await settle()
+    assert p.client.waiting == b"d" * KIB
 
     upstream.peer_reads()
     await until(lambda: p.client.reading)
-    await until(lambda: upstream.written.endswith(b"c"))
-    assert body_of(upstream.written) == b"a" * 100 * KIB + b"b" * 300 * KIB + b"c" * 300 * KIB
+    await until(lambda: upstream.written.endswith(b"d"))
+    assert body_of(upstream.written) == (
+        b"a" * 100 * KIB + b"b" * 300 * KIB + b"c" * 300 * KIB + b"d" * KIB
+    )
     upstream.peer_sends(answer(b"stored"))
     await until(lambda: p.client.written)
     assert p.client.written == answer(b"stored")
@@ -305,3 +310,25 @@ async def test_the_sweep_cuts_an_exchange_whose_upstream_went_silent() -> None:
     await until(lambda: p.client.written)
     assert p.client.written.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
     assert b"x-outrigger-flags: UC\r\n" in p.client.written
+
+
+async def test_a_pooled_connection_is_not_left_paused_by_the_body_it_carried_last() -> None:
+    p = proxy()
+    p.client.peer_sends(get(b"/big"))
+    upstream = await p.upstream(0)
+    size = 2 * KIB + 300 * KIB
+    upstream.peer_sends(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"a" * KIB)
+    await until(lambda: p.client.written.endswith(b"a" * KIB))
+    p.client.peer_stops_reading()
+    upstream.peer_sends(b"b" * KIB)  # written to the client, which does not take it
+    await until(lambda: p.client.written.endswith(b"b" * KIB))
+    upstream.peer_sends(b"c" * 300 * KIB)  # the rest at once, more than the sidecar may hold
+    await settle()
+    assert idle(p) == [upstream]  # whole and clean: back in the pool
+
+    other = p.another_client()
+    other.peer_sends(get(b"/small"))
+    await until(lambda: upstream.written.endswith(sent_upstream(b"/small")))
+    upstream.peer_sends(answer(b"small"))
+    await until(lambda: other.written)
+    assert other.written == answer(b"small")  # not held up by the first client's reading
