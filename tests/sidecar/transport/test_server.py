@@ -182,6 +182,20 @@ async def test_an_http10_client_gets_a_body_of_unknown_length_delimited_by_the_c
     assert not client.aborted
 
 
+async def test_a_client_that_half_closes_after_its_request_still_gets_the_response() -> None:
+    handler = Scripted()
+    _, client = downstream(handler)
+    client.peer_sends(get(b"/"))
+    client.peer_closes()  # done sending, still reading
+    await handler.request(0)
+    assert not client.closed
+
+    handler.answer(0, ok(b"hi"))
+    await until(lambda: client.lost)
+    assert client.written == reply(b"hi", close=True)
+    assert not client.aborted
+
+
 # --- phase time limits (check_timeouts with a chosen `now`) ----------------------------------
 
 LIMITS = ServerSettings(header_timeout=10, idle_timeout=60, body_timeout=30, send_timeout=20)
