@@ -99,18 +99,12 @@ def proxy(settings: ServerSettings | None = None, *, can_write_eof: bool = True)
         return await upstreams.forward(request, ENDPOINT)
 
     outcomes: list[tuple[int, str]] = []
-
-    def completed(
-        head: RequestHead,
-        decision: Decision | None,
-        status: int,
-        flags: str,
-        start: float,
-        request: Request | None,
-    ) -> None:
-        outcomes.append((status, flags))
-
     protocol, client = downstream(
-        forward, settings, can_write_eof=can_write_eof, completed=completed
+        forward,
+        settings,
+        can_write_eof=can_write_eof,
+        completed=lambda head, decision, status, flags, start, request: outcomes.append(
+            (status, flags)
+        ),
     )
     return Proxy(protocol, client, upstreams, connector, outcomes, forward)

@@ -10,7 +10,7 @@ import asyncio
 
 from sidecar.exchange import Request, Response
 from sidecar.transport.body import BodyStream
-from sidecar.transport.server import ServerSettings
+from sidecar.transport.server import DownstreamProtocol, ServerSettings
 from tests.sidecar.transport.fake import WAIT, FakeTransport, settle, until
 from tests.sidecar.transport.harness import ENDPOINT, Proxy, Scripted, downstream, ok, proxy
 
@@ -23,6 +23,17 @@ def reply(body: bytes, *, close: bool = False) -> bytes:
     """What the client reads for `ok(body)`."""
     connection = b"connection: close\r\n" if close else b""
     return b"HTTP/1.1 200 OK\r\n%bcontent-length: %d\r\n\r\n%b" % (connection, len(body), body)
+
+
+async def in_flight(
+    settings: ServerSettings | None = None,
+) -> tuple[Scripted, DownstreamProtocol, FakeTransport]:
+    """A connection whose one request waits for the test's answer."""
+    handler = Scripted()
+    protocol, client = downstream(handler, settings)
+    client.peer_sends(get(b"/slow"))
+    await handler.request(0)
+    return handler, protocol, client
 
 
 async def read_body(request: Request) -> bytes:
@@ -254,10 +265,7 @@ async def test_a_body_that_stops_arriving_gets_408_and_its_request_fails() -> No
 
 
 async def test_a_request_waiting_for_its_response_is_not_cut_by_the_phase_limits() -> None:
-    handler = Scripted()
-    protocol, client = downstream(handler, LIMITS)
-    client.peer_sends(get(b"/slow"))
-    await handler.request(0)
+    handler, protocol, client = await in_flight(LIMITS)
 
     protocol.check_timeouts(now() + 3600)  # the total timeout is the policy's, not the server's
     handler.answer(0, ok(b"late"))
@@ -442,10 +450,7 @@ async def test_a_drain_closes_an_idle_connection_at_once() -> None:
 
 
 async def test_a_drain_lets_a_request_in_flight_finish_then_closes_its_connection() -> None:
-    handler = Scripted()
-    protocol, client = downstream(handler)
-    client.peer_sends(get(b"/slow"))
-    await handler.request(0)
+    handler, protocol, client = await in_flight()
 
     draining = asyncio.get_running_loop().create_task(protocol.state.drain(WAIT))
     await settle()
@@ -457,10 +462,7 @@ async def test_a_drain_lets_a_request_in_flight_finish_then_closes_its_connectio
 
 
 async def test_a_connection_that_does_not_finish_within_the_drain_timeout_is_aborted() -> None:
-    handler = Scripted()
-    protocol, client = downstream(handler)
-    client.peer_sends(get(b"/stuck"))
-    await handler.request(0)
+    _, protocol, client = await in_flight()
 
     assert not await asyncio.wait_for(protocol.state.drain(0.01), WAIT)
     assert client.aborted
