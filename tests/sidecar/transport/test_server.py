@@ -317,7 +317,7 @@ async def test_an_upgrade_becomes_a_tunnel_after_the_101_and_carries_bytes_both_
     upstream = await p.upstream(0)
     assert upstream.written == (
         b"GET /chat HTTP/1.1\r\nhost: payments\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
-    )  # the early bytes wait for the 101 (HARDENING rule 7)
+    )  # the early bytes wait for the 101 (docs/hardening.md rule 7)
     upstream.peer_sends(SWITCHING + b"hello")
 
     await until(lambda: upstream.written.endswith(b"early"))

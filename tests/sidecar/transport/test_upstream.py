@@ -120,7 +120,7 @@ async def test_bytes_from_an_idle_pooled_connection_close_it() -> None:
     assert idle(p) == []
 
 
-# --- bodiless responses (HARDENING rule 9) ------------------------------------------------------
+# --- bodiless responses (docs/hardening.md rule 9) ------------------------------------------------
 
 
 @pytest.mark.parametrize(("status", "reason"), [(b"204", b"No Content"), (b"304", b"Not Modified")])
@@ -234,7 +234,7 @@ async def test_a_request_body_faster_than_the_upstream_pauses_the_client_until_i
     assert idle(p) == [upstream]
 
 
-# --- what makes a connection unsafe to reuse (HARDENING rules 6 and 9) --------------------------
+# --- what makes a connection unsafe to reuse (docs/hardening.md rules 6 and 9) --------------------
 
 
 async def test_a_response_with_conflicting_framing_is_502_upe_and_its_connection_closed() -> None:
