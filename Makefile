@@ -4,16 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install check lint typecheck test run demo bench clean
+.PHONY: install check lint typecheck test run demo bench clean lock manifests golden
 
-$(STAMP): pyproject.toml
+# Every dependency at the version in requirements.lock (the versions the tests pass with; the
+# image installs the same), by the install script the Dockerfile uses too.
+$(STAMP): pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
-	# xds-protos ships an old copy of opentelemetry/proto/ that overwrites opentelemetry-proto's
-	# files depending on install order; put the real ones back so the OTLP exporter imports.
-	$(BIN)/pip install -q --no-deps --force-reinstall \
-		"opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
+	scripts/install.sh $(BIN)/python -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -40,6 +38,26 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python tests/bench/run.py
+
+# Re-resolve every dependency at its newest allowed version into a fresh venv and pin the result.
+# Run `make clean install check` afterwards: the lock is what the tests pass with.
+lock:
+	rm -rf .lock-venv
+	$(PY) -m venv .lock-venv
+	.lock-venv/bin/pip install -q --upgrade pip
+	scripts/install.sh .lock-venv/bin/python -e '.[dev]'
+	{ echo "# The versions the tests pass with: \`make lock\` writes this file (pip freeze of a fresh"; \
+	  echo "# venv with '.[dev]'); \`make install\` and the Dockerfile install with it as constraints."; \
+	  .lock-venv/bin/pip freeze --exclude outrigger; } > requirements.lock
+	rm -rf .lock-venv
+
+# k8s/outrigger.yaml: the chart rendered with webhook.certificates=self (tests fail when stale).
+manifests: $(STAMP)
+	$(BIN)/python -m tests.helm.manifests > k8s/outrigger.yaml
+
+# tests/helm/golden/: the default render with certificates masked, after a deliberate chart change.
+golden: $(STAMP)
+	$(BIN)/python -m tests.helm.golden
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
