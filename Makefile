@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install check lint typecheck test run demo bench clean lock manifests golden
+.PHONY: install check lint typecheck test run demo bench clean lock manifests golden image-venv
 
 # Every dependency at the version in requirements.lock (the versions the tests pass with; the
 # image installs the same), by the install script the Dockerfile uses too.
@@ -50,6 +50,19 @@ lock:
 	  echo "# venv with '.[dev]'); \`make install\` and the Dockerfile install with it as constraints."; \
 	  .lock-venv/bin/pip freeze --exclude outrigger; } > requirements.lock
 	rm -rf .lock-venv
+
+# What the Dockerfile's build stage does, in a fresh venv outside the tree: the runtime
+# dependencies from requirements.lock, the package non-editable, then the commands answer.
+# (No container engine runs here; CI runs this to prove the image's install recipe. The demo
+# extra is in: the demo ships in the image.)
+image-venv:
+	rm -rf /tmp/outrigger-image-venv
+	$(PY) -m venv /tmp/outrigger-image-venv
+	scripts/install.sh /tmp/outrigger-image-venv/bin/python -c requirements.lock '.[demo]'
+	cd /tmp && /tmp/outrigger-image-venv/bin/outrigger --help >/dev/null
+	cd /tmp && /tmp/outrigger-image-venv/bin/outrigger control-plane --help >/dev/null
+	cd /tmp && /tmp/outrigger-image-venv/bin/python -c "import sidecar.app, control_plane.app, outrigger.demo.run"
+	rm -rf /tmp/outrigger-image-venv
 
 # k8s/outrigger.yaml: the chart rendered with webhook.certificates=self (tests fail when stale).
 manifests: $(STAMP)
