@@ -3,8 +3,8 @@
 The protocol feeds bytes to the sans-IO request parser, starts one request cycle per request
 (pipelined requests wait their turn, with reading paused), streams the request body to the
 policy stack and the response body back, with flow control both ways. `ServerState` knows every
-connection: it enforces the time limits of HARDENING.md rule 5 with one sweep a second (no timer
-per request) and drains them gracefully.
+connection: it enforces the time limits of docs/hardening.md rule 5 with one sweep a second (no
+timer per request) and drains them gracefully.
 
 This is also the one place that turns a `ProxyError` into a response: status from the flag, the
 flag in `x-outrigger-flags` and in the plain-text body.
@@ -32,7 +32,7 @@ from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream
 
 log = logging.getLogger("outrigger.server")
 
-# Headers that steer the mesh; a client never gets to set them (HARDENING rule 8).
+# Headers that steer the mesh; a client never gets to set them (docs/hardening.md rule 8).
 MESH_HEADER_PREFIX = b"x-outrigger-"
 FLAGS_HEADER = b"x-outrigger-flags"
 REQUEST_ID = b"x-request-id"
@@ -365,7 +365,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.task = self.loop.create_task(self._run(head, decision, request, start))
 
     def _reject(self, event: Reject) -> None:
-        # HARDENING rule 6: after a rejected request nothing more is parsed or forwarded.
+        # docs/hardening.md rule 6: after a rejected request nothing more is parsed or forwarded.
         self.pending.clear()
         self.close_after = True
         self._pause("rejected")

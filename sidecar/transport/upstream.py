@@ -5,7 +5,7 @@ Envoy's words): it takes a connection from the endpoint's pool, writes the reque
 parsed model (never the client's raw bytes), streams the body with backpressure, and returns the
 response as soon as its head is parsed. The response body streams on; when it ends, the
 connection goes back to the pool if nothing about the exchange makes it unsafe to reuse
-(HARDENING rules 6 and 9).
+(docs/hardening.md rules 6 and 9).
 """
 
 from __future__ import annotations
@@ -418,7 +418,7 @@ class Upstreams:
         headers = req.headers
         if req.upgrade is not None:
             # The parser removed the hop-by-hop pair; the upstream must see the offer to
-            # answer 101 (HARDENING rule 7: a tunnel only after a matching 101).
+            # answer 101 (docs/hardening.md rule 7: a tunnel only after a matching 101).
             headers = [*headers, (b"connection", b"upgrade"), (b"upgrade", req.upgrade)]
         conn.write(
             serialize.request_head(
