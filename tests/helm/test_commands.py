@@ -53,7 +53,7 @@ def chart_command_lines() -> list[list[str]]:
 
 
 def injector_command_lines() -> list[list[str]]:
-    """What the injector runs in a pod (ARCHITECTURE.md "Command line", issue 16), with the
+    """What the injector runs in a pod (README.md, "Command line"; issue 16), with the
     ports and addresses the chart's mesh file gives it. Replace with the injector's own output
     once it exists (an `outrigger inject` of a pod, its containers' args)."""
     mesh_text = find(objects(), "ConfigMap", "outrigger-mesh")["data"]["mesh.yaml"]
