@@ -107,6 +107,10 @@ class Observed:
         return self.closed
 
 
+def address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 Destination = Callable[[asyncio.Transport], tuple[str, int] | None]
 
 
@@ -128,8 +132,8 @@ def relay_listener(
         peer = first.transport.get_extra_info("peername")
         record = TcpRecord(
             direction=direction,
-            downstream=f"{peer[0]}:{peer[1]}",
-            upstream=f"{target[0]}:{target[1]}",
+            downstream=address(peer[0], peer[1]),
+            upstream=address(*target),
             protocol=first.protocol.value,
             server_name=(first.hello.server_name or "") if first.hello is not None else "",
         )
