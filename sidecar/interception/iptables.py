@@ -108,7 +108,7 @@ def chain_rules(settings: Interception, family: Family) -> list[tuple[str, list[
             + [f"-A {INBOUND} -p tcp -j {IN_REDIRECT}"],
         ),
         (
-            f"outbound: the sidecar's own traffic (uid {settings.proxy_uid}) and loopback stay",
+            f"outbound: the sidecar's (uid {settings.proxy_uid}) and lo (loopback, pod IP) stay",
             [
                 f"-A {OUTPUT} -m owner --uid-owner {settings.proxy_uid} -j RETURN",
                 f"-A {OUTPUT} -o lo -j RETURN",

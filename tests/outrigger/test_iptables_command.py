@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +57,15 @@ def test_a_bad_flag_value_exits_2_naming_the_flag_and_the_form(
     assert captured.out == ""
     assert captured.err.startswith(f"outrigger iptables: {flag}: ")
     assert says in captured.err
+
+
+def test_the_readme_shows_what_dry_run_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    _, _, rest = readme.partition("$ outrigger iptables ")
+    assert rest, "the README's 'How interception works' shows a dry run"
+    flags_text, _, rest = rest.partition("\n# IPv4")
+    shown = "# IPv4" + rest.partition("```")[0]
+    flags = flags_text.replace("\\\n", " ").split()
+    assert flags[-1] == "--dry-run"
+    assert main(["iptables", *flags]) == 0
+    assert capsys.readouterr().out.startswith(shown)
