@@ -124,6 +124,15 @@ def _tcp_key(record: TcpRecord) -> TcpKey:
     return (record.direction, record.destination, record.server_name or "-")
 
 
+def _counter(
+    name: str, doc: str, labels: list[str], values: Iterable[tuple[tuple[str, ...], int]]
+) -> Metric:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, count in sorted(values):
+        family.add_metric(list(key), count)
+    return family
+
+
 def _histogram(name: str, doc: str, hists: dict[tuple[str, str], _Histogram]) -> Metric:
     family = HistogramMetricFamily(name, doc, labels=["direction", "destination"])
     for (direction, destination), hist in sorted(hists.items()):
@@ -144,14 +153,12 @@ class _MetricsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self.m
-        requests = CounterMetricFamily(
+        yield _counter(
             "outrigger_requests",
             "Requests handled, by direction, source and destination service, status and flags.",
-            labels=["direction", "source", "destination", "code", "flags"],
+            ["direction", "source", "destination", "code", "flags"],
+            m.requests.items(),
         )
-        for key, count in sorted(m.requests.items()):
-            requests.add_metric(list(key), count)
-        yield requests
 
         yield _histogram(
             "outrigger_request_duration_seconds",
@@ -198,15 +205,13 @@ class _MetricsCollector(Collector):
     def _tcp(self) -> Iterator[Metric]:
         m = self.m
         labels = ["direction", "destination", "sni"]
-        closed = CounterMetricFamily(
+        yield _counter(
             "outrigger_tcp_connections_closed",
             "Passed-through TCP connections (TLS, HTTP/2, any non-HTTP/1) that ended, by flags "
             "(UF: connect failed, DC: the client left first).",
-            labels=[*labels, "flags"],
+            [*labels, "flags"],
+            [((*key[:3], key[3] or "-"), count) for key, count in m.tcp_closed_count.items()],
         )
-        for (direction, destination, sni, flags), count in sorted(m.tcp_closed_count.items()):
-            closed.add_metric([direction, destination, sni, flags or "-"], count)
-        yield closed
         received: dict[TcpKey, int] = {key: totals[0] for key, totals in m.tcp_bytes.items()}
         sent: dict[TcpKey, int] = {key: totals[1] for key, totals in m.tcp_bytes.items()}
         for record in m.tcp_open.values():
@@ -221,14 +226,18 @@ class _MetricsCollector(Collector):
         for direction, count in sorted(m.tcp_active.items()):
             active.add_metric([direction], count)
         yield active
-        for name, doc, values in (
-            ("received", "Bytes from the client of passed-through connections.", received),
-            ("sent", "Bytes to the client of passed-through connections.", sent),
-        ):
-            family = CounterMetricFamily(f"outrigger_tcp_{name}_bytes", doc, labels=labels)
-            for key, count in sorted(values.items()):
-                family.add_metric(list(key), count)
-            yield family
+        yield _counter(
+            "outrigger_tcp_received_bytes",
+            "Bytes from the client of passed-through connections.",
+            labels,
+            received.items(),
+        )
+        yield _counter(
+            "outrigger_tcp_sent_bytes",
+            "Bytes to the client of passed-through connections.",
+            labels,
+            sent.items(),
+        )
         yield _histogram(
             "outrigger_tcp_connection_duration_seconds",
             "Lifetime of passed-through TCP connections, from the relay's start to both closed.",

@@ -25,7 +25,7 @@ import uvloop
 
 from sidecar.interception.original_dst import original_destination
 from sidecar.transport.tcp import TcpRecord
-from tests.sidecar.transport.relay_fixtures import relay_listener
+from tests.sidecar.transport.relay_fixtures import echo_until_eof, relay_listener
 
 WAIT = 5.0
 
@@ -49,12 +49,7 @@ def accepted(writer: asyncio.StreamWriter) -> None:
 
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     accepted(writer)
-    while data := await reader.read(65536):
-        writer.write(data)
-        await writer.drain()
-    writer.write(b"<eof>")
-    await writer.drain()
-    writer.close()
+    await echo_until_eof(reader, writer)
 
 
 async def tls_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -111,6 +111,16 @@ def address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+async def echo_until_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Echo everything, then answer the EOF with `<eof>` and close (a half-close user)."""
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.write(b"<eof>")
+    await writer.drain()
+    writer.close()
+
+
 Destination = Callable[[asyncio.Transport], tuple[str, int] | None]
 
 

@@ -13,7 +13,13 @@ import trustme
 
 from sidecar.transport.sniffer import SniffSettings
 from sidecar.transport.tcp import TcpProxy, TcpRecord, TcpSettings
-from tests.sidecar.transport.relay_fixtures import WAIT, FakeTransport, Observed, relay_listener
+from tests.sidecar.transport.relay_fixtures import (
+    WAIT,
+    FakeTransport,
+    Observed,
+    echo_until_eof,
+    relay_listener,
+)
 
 
 def record() -> TcpRecord:
@@ -193,16 +199,6 @@ def test_the_access_log_line_names_the_connection() -> None:
 # --- over real sockets on 127.0.0.1 ---------------------------------------------------------
 
 
-async def echo_until_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Echo everything, then answer the EOF with a last word and close (a half-close user)."""
-    while data := await reader.read(65536):
-        writer.write(data)
-        await writer.drain()
-    writer.write(b"<eof seen>")
-    await writer.drain()
-    writer.close()
-
-
 async def serve(handler: Any, **kwargs: Any) -> AsyncIterator[tuple[str, int]]:
     server = await asyncio.start_server(handler, "127.0.0.1", 0, **kwargs)
     async with server:
@@ -234,9 +230,9 @@ async def test_bytes_pass_untouched_both_ways_with_half_close(echo: tuple[str, i
         received = await reader.read(-1)
         writer.close()
         [closed] = await observed.wait_closed()
-    assert received == payload + b"<eof seen>"
+    assert received == payload + b"<eof>"
     assert closed.protocol == "tcp"
-    assert (closed.bytes_received, closed.bytes_sent) == (len(payload), len(payload) + 10)
+    assert (closed.bytes_received, closed.bytes_sent) == (len(payload), len(payload) + 5)
 
 
 async def test_a_slow_reader_gets_every_byte(echo: tuple[str, int]) -> None:
@@ -259,7 +255,7 @@ async def test_a_slow_reader_gets_every_byte(echo: tuple[str, int]) -> None:
                 await asyncio.sleep(0.001)  # slow at first: the relay must hold back, not drop
         await sending
         writer.close()
-    assert bytes(received) == payload + b"<eof seen>"
+    assert bytes(received) == payload + b"<eof>"
 
 
 async def test_a_server_that_speaks_first_is_relayed_after_the_detection_window() -> None:
