@@ -44,6 +44,43 @@ def _control_plane_parser(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--http", default="127.0.0.1:15014", help="HTTP listen address (metrics)")
 
 
+def _iptables_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "iptables",
+        help="install the pod's interception rules (the init container's command)",
+        description="Redirect the pod's TCP connections to the sidecar with nat-table rules in "
+        "the OUTRIGGER_* chains (IPv4, and IPv6 where the pod has it), applied atomically. "
+        "Needs root with NET_ADMIN and NET_RAW, except for --dry-run.",
+    )
+    p.add_argument("--proxy-uid", default="1337", help="the sidecar's uid; its traffic stays")
+    p.add_argument("--outbound-port", default="15001", help="outbound listener (default 15001)")
+    p.add_argument("--inbound-port", default="15006", help="inbound listener (default 15006)")
+    p.add_argument(
+        "--exclude-inbound-ports",
+        default="",
+        help="ports not redirected on the way in, e.g. 15000,15021,15090 (the inbound and "
+        "outbound ports always are)",
+    )
+    p.add_argument(
+        "--exclude-outbound-ports", default="", help="destination ports not redirected, e.g. 3306"
+    )
+    p.add_argument(
+        "--include-outbound-cidrs",
+        default="*",
+        help="destinations redirected: * (default, all) or CIDRs, e.g. 10.96.0.0/12; "
+        "empty: no outbound redirect",
+    )
+    p.add_argument(
+        "--exclude-outbound-cidrs",
+        default="",
+        help="destinations not redirected, e.g. 169.254.0.0/16",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the iptables-restore input, change nothing"
+    )
+    p.add_argument("--cleanup", action="store_true", help="remove the rules (and the chains)")
+
+
 def _status_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("status", help="each connected sidecar and the config it ACKed")
     p.add_argument("--control-plane", default="127.0.0.1:15010", help="xDS address")
@@ -78,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _sidecar_parser(sub)
     _control_plane_parser(sub)
+    _iptables_parser(sub)
     _status_parser(sub)
     _demo_parser(sub)
     return parser
@@ -94,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from control_plane.app import run_control_plane
 
         return run_control_plane(args)
+    if args.command == "iptables":
+        from sidecar.interception.iptables import run_iptables
+
+        return run_iptables(args)
     if args.command == "status":
         from outrigger.status import run_status
 
