@@ -33,7 +33,6 @@ PENDING: dict[tuple[str, str], int] = {
     ("sidecar", "--metrics"): 16,
     ("sidecar", "--log-level"): 16,
     ("sidecar", "--trace-sampling"): 16,
-    ("iptables", ""): 16,
     ("wait", ""): 16,
     ("inject", ""): 16,
 }
