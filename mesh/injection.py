@@ -205,6 +205,17 @@ def read_quantity(key: str, value: object, form: str = QUANTITY_FORM) -> str:
     return value
 
 
+def read_memory(key: str, value: object) -> str:
+    return read_quantity(key, value, MEMORY_FORM)
+
+
+def lower_quantity(first: str, second: str | None) -> str:
+    """The smaller of two quantities (the first when the second is None)."""
+    if second is not None and quantity_value(second) < quantity_value(first):
+        return second
+    return first
+
+
 def read_sampling(key: str, value: object) -> float:
     if isinstance(value, str) and _FRACTION.fullmatch(value.strip()):
         value = float(value)
@@ -307,16 +318,14 @@ def _resources(key: str, value: object) -> Resources:
     if "cpu" in requests:
         cpu = read_quantity(f"{key}.requests.cpu", requests["cpu"])
     if "memory" in requests:
-        memory = read_quantity(f"{key}.requests.memory", requests["memory"], MEMORY_FORM)
+        memory = read_memory(f"{key}.requests.memory", requests["memory"])
     cpu_limit, memory_limit = defaults.cpu_limit, defaults.memory_limit
     if "cpu" in limits:
         limit = limits["cpu"]
         cpu_limit = None if limit is None else read_quantity(f"{key}.limits.cpu", limit)
     if "memory" in limits:
         limit = limits["memory"]
-        memory_limit = (
-            None if limit is None else read_quantity(f"{key}.limits.memory", limit, MEMORY_FORM)
-        )
+        memory_limit = None if limit is None else read_memory(f"{key}.limits.memory", limit)
     resources = Resources(cpu=cpu, memory=memory, cpu_limit=cpu_limit, memory_limit=memory_limit)
     check_limits(
         resources,
