@@ -42,6 +42,13 @@ def _control_plane_parser(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--kubernetes", action="store_true", help="read the Kubernetes API")
     p.add_argument("--xds", default="127.0.0.1:15010", help="ADS gRPC listen address")
     p.add_argument("--http", default="127.0.0.1:15014", help="HTTP listen address (metrics)")
+    p.add_argument(
+        "--webhook",
+        default=None,
+        help="serve the admission webhooks (/inject) over HTTPS here, e.g. 0.0.0.0:15017",
+    )
+    p.add_argument("--webhook-cert", default=None, help="PEM certificate (chain) for --webhook")
+    p.add_argument("--webhook-key", default=None, help="PEM private key for --webhook")
 
 
 def _status_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

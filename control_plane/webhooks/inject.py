@@ -45,6 +45,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
+from control_plane.webhooks.review import AdmissionRequest, AdmissionResponse
 from mesh.injection import (
     VERSION,
     Injection,
@@ -162,7 +163,7 @@ class Injected:
     pod: Json  # the injected pod, or the input itself when nothing was done
     patch: list[Json]  # RFC 6902 operations from the input to `pod`; [] when nothing was done
     skipped: str | None = None  # why the pod was left alone; None when it was injected
-    warnings: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # for the user: what was asked and will not happen
     settings: ProxySettings | None = None
 
 
@@ -479,10 +480,10 @@ def _names(spec: Json, field: str) -> set[str]:
     return {item["name"] for item in _containers(spec, field)}
 
 
-def skip_reason(
-    metadata: Json, spec: Json, namespace: str | None, injection: Injection
-) -> str | None:
-    """Why the pod is left alone, or None to inject it. Raises InjectionError for a bad label."""
+def declined(metadata: Json, spec: Json) -> str | None:
+    """Why the pod itself says no (already injected, or disabled), or None.
+
+    Raises InjectionError for an inject label or annotation that is neither value."""
     if PROXY_CONTAINER in _names(spec, "initContainers") | _names(spec, "containers"):
         return "already injected"
     labels = _strings(metadata, "labels")
@@ -494,8 +495,11 @@ def skip_reason(
         raise InjectionError(
             f'{where} {INJECT}: must be "enabled" or "disabled", got {show(choice)}'
         )
-    if choice == "disabled":
-        return f"{where} {INJECT} is disabled"
+    return f"{where} {INJECT} is disabled" if choice == "disabled" else None
+
+
+def excluded(spec: Json, namespace: str | None, injection: Injection) -> str | None:
+    """Why the pod is never injected whatever it asks (hostNetwork, system namespaces), or None."""
     if spec.get("hostNetwork") is True:
         return "the pod uses hostNetwork (its rules would be the node's)"
     if namespace in (*NEVER_INJECTED, injection.control_plane_namespace):
@@ -542,9 +546,12 @@ def inject_pod(pod: Json, *, namespace: str | None, injection: Injection) -> Inj
         raise InjectionError(f"spec: must be the pod's spec (a mapping), got {show(spec)}")
     if not _containers(spec, "containers"):
         raise InjectionError("spec.containers: a pod needs at least one container")
-    reason = skip_reason(metadata, spec, namespace, injection)
+    reason = declined(metadata, spec)
     if reason is not None:
-        return Injected(pod=dict(pod), patch=[], skipped=reason)
+        return Injected(pod=pod, patch=[], skipped=reason)
+    reason = excluded(spec, namespace, injection)
+    if reason is not None:  # the pod or its namespace asked for a sidecar: say why not
+        return Injected(pod=pod, patch=[], skipped=reason, warnings=(f"not injected: {reason}",))
     if INIT_CONTAINER in _names(spec, "initContainers") | _names(spec, "containers"):
         raise InjectionError(f"spec: the pod already has a container named {INIT_CONTAINER}")
     volumes = spec.get("volumes") or []
@@ -604,4 +611,34 @@ def inject_pod(pod: Json, *, namespace: str | None, injection: Injection) -> Inj
         patch=patch,
         warnings=warnings_for(metadata, spec, settings),
         settings=settings,
+    )
+
+
+# -- the /inject webhook ------------------------------------------------------------------------
+
+
+def admit(request: AdmissionRequest, injection: Injection) -> AdmissionResponse:
+    """The `/inject` answer: a pod CREATE gets its patch (or is denied with the reason); any
+    other object passes untouched with a warning, other operations pass untouched."""
+    if (request.kind.group, request.kind.kind) != ("", "Pod") or request.sub_resource:
+        target = request.resource + (f"/{request.sub_resource}" if request.sub_resource else "")
+        what = f"{request.kind} ({target})"
+        return AdmissionResponse(
+            allowed=True,
+            warnings=(f"outrigger /inject changes only pods; {what} passed untouched",),
+        )
+    if request.operation != "CREATE":
+        return AdmissionResponse(allowed=True)  # a running pod's containers cannot change
+    pod = request.object
+    namespace = request.namespace
+    if not namespace and isinstance(pod, dict) and isinstance(pod.get("metadata"), dict):
+        namespace = pod["metadata"].get("namespace") or ""
+    try:
+        result = inject_pod(pod, namespace=namespace or None, injection=injection)
+    except InjectionError as exc:
+        return AdmissionResponse.deny(f"outrigger sidecar injection: {exc}", code=400)
+    return AdmissionResponse(
+        allowed=True,
+        patch=result.patch,
+        warnings=tuple(f"outrigger: {warning}" for warning in result.warnings),
     )

@@ -398,18 +398,32 @@ def test_a_bad_inject_label_is_refused() -> None:
             "shop",
             "annotation outrigger.dev/inject is disabled",
         ),
+    ],
+)
+def test_a_pod_that_says_disabled_is_left_alone_quietly(
+    document: Json, namespace: str, reason: str
+) -> None:
+    result = inject_pod(document, namespace=namespace, injection=DEFAULTS)
+    assert (result.skipped, result.patch, result.warnings) == (reason, [], ())
+    assert result.pod == document
+
+
+@pytest.mark.parametrize(
+    ("document", "namespace", "reason"),
+    [
         (pod(hostNetwork=True), "shop", "the pod uses hostNetwork"),
         (pod(), "kube-system", "pods in namespace kube-system are never injected"),
         (pod(), "kube-public", "pods in namespace kube-public are never injected"),
         (pod(), "outrigger-system", "pods in namespace outrigger-system are never injected"),
     ],
 )
-def test_pods_that_are_never_injected(document: Json, namespace: str, reason: str) -> None:
+def test_pods_that_are_never_injected_say_why(document: Json, namespace: str, reason: str) -> None:
     result = inject_pod(document, namespace=namespace, injection=DEFAULTS)
     assert result.skipped is not None
     assert result.skipped.startswith(reason)
     assert result.patch == []
     assert result.pod == document
+    assert result.warnings == (f"not injected: {result.skipped}",)
 
 
 def test_the_control_planes_namespace_follows_the_mesh_setting() -> None:
