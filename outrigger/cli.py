@@ -51,6 +51,31 @@ def _control_plane_parser(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--webhook-key", default=None, help="PEM private key for --webhook")
 
 
+def _inject_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "inject",
+        help="print manifests with the sidecar injected (the webhook's code, offline)",
+        description="Inject the sidecar into the Pods and pod templates of YAML manifests: "
+        "outrigger inject -f app.yaml | kubectl apply -f -",
+    )
+    p.add_argument(
+        "-f", "--file", required=True, help="YAML manifests (one or many), or - for stdin"
+    )
+    p.add_argument("--mesh", default=None, help="mesh file whose injection: section applies")
+
+
+def _wait_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "wait", help="block until the local sidecar is ready (plain-container postStart hook)"
+    )
+    p.add_argument("--timeout", default="60s", help="give up after this long (default 60s)")
+    p.add_argument(
+        "--url",
+        default=None,
+        help="the sidecar's readiness URL (default http://127.0.0.1:15021/healthz/ready)",
+    )
+
+
 def _status_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("status", help="each connected sidecar and the config it ACKed")
     p.add_argument("--control-plane", default="127.0.0.1:15010", help="xDS address")
@@ -84,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _sidecar_parser(sub)
     _control_plane_parser(sub)
+    _inject_parser(sub)
+    _wait_parser(sub)
     _status_parser(sub)
     _demo_parser(sub)
     args = parser.parse_args(argv)
@@ -95,6 +122,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from control_plane.app import run_control_plane
 
         return run_control_plane(args)
+    if args.command == "inject":
+        from outrigger.inject import run_inject
+
+        return run_inject(args)
+    if args.command == "wait":
+        from outrigger.wait import run_wait
+
+        return run_wait(args)
     if args.command == "status":
         from outrigger.status import run_status
 

@@ -15,6 +15,9 @@ from typing import Any
 
 import jsonschema
 
+from control_plane.webhooks.inject import admit
+from control_plane.webhooks.review import read_review, render_review
+from mesh.injection import Injection
 from tests.control_plane.webhooks.pods import apply
 
 Json = dict[str, Any]
@@ -87,3 +90,9 @@ def patched(review: Json, response: Json) -> Json:
         return obj
     assert response["patchType"] == "JSONPatch"
     return apply(obj, json.loads(base64.b64decode(response["patch"], validate=True)))
+
+
+def inject_in_process(review: Json, injection: Injection) -> Json:
+    """The `/inject` answer's response, through the same functions the server calls."""
+    request = read_review(json.dumps(review).encode())
+    return answer_of(review, render_review(request.uid, admit(request, injection)))
