@@ -267,4 +267,10 @@ def run_control_plane(args: argparse.Namespace) -> int:
     if not args.mesh:
         print("outrigger control-plane: --mesh FILE is required", file=sys.stderr)
         return 2
+    if args.webhook and not (args.webhook_cert and args.webhook_key):
+        print(
+            "outrigger control-plane: --webhook needs --webhook-cert and --webhook-key (PEM files)",
+            file=sys.stderr,
+        )
+        return 2
     return asyncio.run(_main(args))
