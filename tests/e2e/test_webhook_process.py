@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import re
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 import trustme
 
 from tests.control_plane.webhooks.pods import assert_valid, pod
@@ -16,15 +14,6 @@ from tests.control_plane.webhooks.reviews import admission_review, answer_of, pa
 from tests.e2e.mesh_processes import START_TIMEOUT, Processes
 
 _WEBHOOK_LINE = re.compile(r"webhooks \(HTTPS\) on (?P<host>\S+):(?P<port>\d+)")
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    group = Processes(tmp_path)
-    try:
-        yield group
-    finally:
-        group.close()
 
 
 async def test_the_control_plane_process_injects_pods_over_https(
