@@ -164,7 +164,6 @@ class Injected:
     patch: list[Json]  # RFC 6902 operations from the input to `pod`; [] when nothing was done
     skipped: str | None = None  # why the pod was left alone; None when it was injected
     warnings: tuple[str, ...] = ()  # for the user: what was asked and will not happen
-    settings: ProxySettings | None = None
 
 
 # -- settings ----------------------------------------------------------------------------------
@@ -507,7 +506,7 @@ def excluded(spec: Json, namespace: str | None, injection: Injection) -> str | N
     return None
 
 
-def warnings_for(metadata: Json, spec: Json, settings: ProxySettings) -> tuple[str, ...]:
+def warnings_for(metadata: Json, spec: Json) -> tuple[str, ...]:
     """Things the pod asked for that will not happen as written."""
     found = [
         f"annotation {key} is not a pod setting; it does nothing here"
@@ -609,8 +608,7 @@ def inject_pod(pod: Json, *, namespace: str | None, injection: Injection) -> Inj
     return Injected(
         pod=injected,
         patch=patch,
-        warnings=warnings_for(metadata, spec, settings),
-        settings=settings,
+        warnings=warnings_for(metadata, spec),
     )
 
 
