@@ -58,7 +58,9 @@ MAX_BODY = 4 * 1024 * 1024
 MAX_HEAD = 16 * 1024
 HANDSHAKE_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 10.0  # the API server's default webhook timeout
-IDLE_TIMEOUT = 90.0  # Go's http.Transport keeps idle connections this long
+# Longer than the 90 s a Go client (the API server) keeps an idle connection: the client closes
+# first, so it never sends a review on a connection the server is closing.
+IDLE_TIMEOUT = 120.0
 MAX_CONNECTIONS = 256
 READ_SIZE = 64 * 1024
 LINGER_TIMEOUT = 2.0

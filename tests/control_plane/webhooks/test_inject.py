@@ -541,3 +541,16 @@ def test_pods_that_cannot_be_injected_are_refused_with_the_field(
 ) -> None:
     with pytest.raises(InjectionError, match=message):
         inject_pod(document, namespace="shop", injection=DEFAULTS)
+
+
+def test_a_stale_status_annotation_without_the_proxy_is_injected_again() -> None:
+    # e.g. a manifest written from `kubectl get pod -o yaml` with the containers edited out
+    stale = injected(pod())
+    stale["spec"] = pod()["spec"]
+    result = inject_pod(stale, namespace="shop", injection=DEFAULTS)
+    assert result.skipped is None
+    assert [c["name"] for c in result.pod["spec"]["initContainers"]][:2] == [
+        "outrigger-init",
+        "outrigger-proxy",
+    ]
+    assert apply(stale, result.patch) == result.pod
