@@ -1,6 +1,6 @@
 """The mesh file: services, their endpoints and their policy, validated into frozen objects.
 
-The file format is ARCHITECTURE.md's "Mesh file". Parsing is strict: unknown keys, wrong types and
+The file format is in README.md, "Mesh file". Parsing is strict: unknown keys, wrong types and
 out-of-range values are refused with a `MeshError` naming the file, the service, the field path
 and the allowed form, e.g.::
 

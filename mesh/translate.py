@@ -1,4 +1,4 @@
-"""Mesh model -> xDS v3 resources: the one translation (ARCHITECTURE.md, "How policy travels").
+"""Mesh model -> xDS v3 resources: the one translation (docs/architecture.md, "How policy travels").
 
 Policy is written in the standard xDS fields so that our sidecars, Envoy and gRPC's proxyless
 clients read the same resources. Naming scheme (Istio-like):

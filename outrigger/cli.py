@@ -104,7 +104,8 @@ def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and flag (tests check that what the chart runs is accepted here)."""
     parser = argparse.ArgumentParser(prog="outrigger", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _sidecar_parser(sub)
@@ -113,6 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _wait_parser(sub)
     _status_parser(sub)
     _demo_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "sidecar":
         from sidecar.app import run_sidecar

@@ -1,6 +1,6 @@
 """The one place that composes a service's policy layers, and the state that outlives configs.
 
-Outer to inner (the order in ARCHITECTURE.md):
+Outer to inner (the order in docs/architecture.md, "The walk of one request"):
 
     TotalTimeout -> Retry -> PerTryTimeout -> Balancer -> Breaker -> forward
 
