@@ -67,7 +67,9 @@ class ControlPlane:
         self.xds_port = 0
         self.http_port = 0
         self.last_error = ""
-        self.injection = Injection()  # the last good mesh file's injection: section
+        # The last good mesh file's injection: section and traces endpoint, for /inject.
+        self.injection = Injection()
+        self.otlp_endpoint: str | None = None
         self.webhooks: WebhookServer | None = None
         self._grpc: grpc.aio.Server | None = None
         self._http: asyncio.Server | None = None
@@ -102,7 +104,7 @@ class ControlPlane:
             )
             return False
         self.last_error = ""
-        self.injection = mesh.injection
+        self.injection, self.otlp_endpoint = mesh.injection, mesh.tracing.otlp_endpoint
         if self.cache.set_snapshot(snapshot):
             self.metrics.config_reloads.inc()
             log.info("serving version %s %s", snapshot.version, dict(version_summary(snapshot)))
@@ -153,7 +155,9 @@ class ControlPlane:
                 self.webhooks = WebhookServer(
                     webhook_cert, webhook_key, registry=self.metrics.registry
                 )
-                self.webhooks.add("/inject", lambda request: admit(request, self.injection))
+                self.webhooks.add(
+                    "/inject", lambda request: admit(request, self.injection, self.otlp_endpoint)
+                )
                 await self.webhooks.start(*split_address(webhook))
             except WebhookError as exc:
                 raise ControlPlaneError(str(exc)) from exc

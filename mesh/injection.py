@@ -8,10 +8,11 @@ annotations, so `cpu: lots` in the file and `outrigger.dev/proxy-cpu: lots` on a
 with the same words. Every error is an `InjectionError` whose message starts with the key it is
 about, e.g.::
 
-    injection.resources.requests.cpu: must be a Kubernetes quantity greater than zero, like
-    "100m", "0.5" or "2", got "lots"
+    injection.proxy_cpu: must be a Kubernetes quantity greater than zero, like "100m", "0.5"
+    or "2", got "lots"
 
-(`mesh.model` prefixes the file name.) The section, with its defaults (Istio's where it has one)::
+(`mesh.model` prefixes the file name.) The section, with its defaults. The per-pod keys are the
+pod annotations' names with `_` for `-` (`proxy_cpu` is `outrigger.dev/proxy-cpu`)::
 
     injection:
       image: outrigger:<this package's version>   # outrigger-init and outrigger-proxy
@@ -19,19 +20,21 @@ about, e.g.::
       native_sidecar: true      # false: a plain container, app held by a postStart `outrigger wait`
       control_plane: outrigger.outrigger-system.svc:15010   # the proxies' xDS address
       control_plane_namespace: outrigger-system    # never injected (nor kube-system, kube-public)
-      log_level: info                              # debug | info | warning | error
+      proxy_log_level: info                        # debug | info | warning | error
       trace_sampling: null      # 0..1 overrides the xDS value; null: tracing.sampling applies
-      resources:
-        requests: {cpu: 100m, memory: 128Mi}
-        limits: {cpu: "2", memory: 1Gi}            # null: no limit
+      proxy_cpu: 100m                              # requests (Istio's defaults)
+      proxy_memory: 128Mi
+      proxy_cpu_limit: null                        # limits; null or left out: none
+      proxy_memory_limit: null
+      ports: {admin: 15000, outbound: 15001, inbound: 15006, health: 15021, metrics: 15090}
       interception:
         exclude_inbound_ports: []                  # the sidecar's own ports are always excluded
         exclude_outbound_ports: []
         include_outbound_cidrs: ["*"]              # "*": every destination
         exclude_outbound_cidrs: []
 
-A resources key left out keeps its default; `null` removes a limit (requests are always set).
-A request may not exceed its limit (the API server would refuse the pod).
+A request may not exceed its limit (the API server would refuse the pod). The proxy's ports are
+Istio's numbers; they must differ from each other.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from importlib import metadata
@@ -95,8 +98,22 @@ class Resources:
 
     cpu: str = "100m"
     memory: str = "128Mi"
-    cpu_limit: str | None = "2"
-    memory_limit: str | None = "1Gi"
+    cpu_limit: str | None = None
+    memory_limit: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    """The proxy's ports in the pod."""
+
+    admin: int = 15000  # 127.0.0.1 only
+    outbound: int = 15001  # redirect target of the app's connections
+    inbound: int = 15006  # redirect target of connections to the pod
+    health: int = 15021  # /healthz/ready on the pod IP, for the kubelet
+    metrics: int = 15090  # /stats/prometheus on the pod IP
+
+    def all(self) -> tuple[int, ...]:
+        return (self.admin, self.outbound, self.inbound, self.health, self.metrics)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +133,10 @@ class Injection:
     native_sidecar: bool = True
     control_plane: str = "outrigger.outrigger-system.svc:15010"
     control_plane_namespace: str = "outrigger-system"
-    log_level: LogLevel = "info"
+    proxy_log_level: LogLevel = "info"
     trace_sampling: float | None = None  # None: the xDS value (the mesh's tracing.sampling)
-    resources: Resources = field(default_factory=Resources)
+    resources: Resources = field(default_factory=Resources)  # proxy_cpu ... proxy_memory_limit
+    ports: Ports = field(default_factory=Ports)
     interception: Interception = field(default_factory=Interception)
 
 
@@ -260,13 +278,16 @@ _KEYS = (
     "native_sidecar",
     "control_plane",
     "control_plane_namespace",
-    "log_level",
+    "proxy_log_level",
     "trace_sampling",
-    "resources",
+    "proxy_cpu",
+    "proxy_memory",
+    "proxy_cpu_limit",
+    "proxy_memory_limit",
+    "ports",
     "interception",
 )
-_RESOURCE_KEYS = ("requests", "limits")
-_AMOUNT_KEYS = ("cpu", "memory")
+_PORT_KEYS = ("admin", "outbound", "inbound", "health", "metrics")
 _INTERCEPTION_KEYS = (
     "exclude_inbound_ports",
     "exclude_outbound_ports",
@@ -309,34 +330,44 @@ def _image(key: str, value: object) -> str:
     return value
 
 
-def _resources(key: str, value: object) -> Resources:
-    raw = _mapping(key, value, _RESOURCE_KEYS)
+def _resources(raw: Mapping[str, Any]) -> Resources:
     defaults = Resources()
-    requests = _mapping(f"{key}.requests", raw.get("requests", {}), _AMOUNT_KEYS)
-    limits = _mapping(f"{key}.limits", raw.get("limits", {}), _AMOUNT_KEYS)
-    cpu, memory = defaults.cpu, defaults.memory
-    if "cpu" in requests:
-        cpu = read_quantity(f"{key}.requests.cpu", requests["cpu"])
-    if "memory" in requests:
-        memory = read_memory(f"{key}.requests.memory", requests["memory"])
-    cpu_limit, memory_limit = defaults.cpu_limit, defaults.memory_limit
-    if "cpu" in limits:
-        limit = limits["cpu"]
-        cpu_limit = None if limit is None else read_quantity(f"{key}.limits.cpu", limit)
-    if "memory" in limits:
-        limit = limits["memory"]
-        memory_limit = None if limit is None else read_memory(f"{key}.limits.memory", limit)
-    resources = Resources(cpu=cpu, memory=memory, cpu_limit=cpu_limit, memory_limit=memory_limit)
+
+    def limit(key: str, reader: Callable[[str, object], str]) -> str | None:
+        value = raw.get(key)
+        return None if value is None else reader(f"injection.{key}", value)
+
+    resources = Resources(
+        cpu=read_quantity("injection.proxy_cpu", raw.get("proxy_cpu", defaults.cpu)),
+        memory=read_memory("injection.proxy_memory", raw.get("proxy_memory", defaults.memory)),
+        cpu_limit=limit("proxy_cpu_limit", read_quantity),
+        memory_limit=limit("proxy_memory_limit", read_memory),
+    )
     check_limits(
         resources,
         {
-            "cpu": f"{key}.requests.cpu",
-            "memory": f"{key}.requests.memory",
-            "cpu_limit": f"{key}.limits.cpu",
-            "memory_limit": f"{key}.limits.memory",
+            "cpu": "injection.proxy_cpu",
+            "memory": "injection.proxy_memory",
+            "cpu_limit": "injection.proxy_cpu_limit",
+            "memory_limit": "injection.proxy_memory_limit",
         },
     )
     return resources
+
+
+def _ports(key: str, value: object) -> Ports:
+    raw = _mapping(key, value, _PORT_KEYS)
+    form = "a port number from 1 to 65535"
+    numbers: dict[str, int] = {}
+    for name in _PORT_KEYS:
+        number = raw.get(name, getattr(Ports(), name))
+        if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 65535:
+            raise fail(f"{key}.{name}", form, number)
+        for other, taken in numbers.items():
+            if taken == number:
+                raise InjectionError(f"{key}.{name}: {number} is already {key}.{other}")
+        numbers[name] = number
+    return Ports(**numbers)
 
 
 def _interception(key: str, value: object) -> Interception:
@@ -379,10 +410,13 @@ def parse_injection(value: object) -> Injection:
             "injection.control_plane", raw.get("control_plane", defaults.control_plane)
         ),
         control_plane_namespace=namespace,
-        log_level=read_log_level("injection.log_level", raw.get("log_level", defaults.log_level)),
+        proxy_log_level=read_log_level(
+            "injection.proxy_log_level", raw.get("proxy_log_level", defaults.proxy_log_level)
+        ),
         trace_sampling=(
             None if sampling is None else read_sampling("injection.trace_sampling", sampling)
         ),
-        resources=_resources("injection.resources", raw.get("resources", {})),
+        resources=_resources(raw),
+        ports=_ports("injection.ports", raw.get("ports", {})),
         interception=_interception("injection.interception", raw.get("interception", {})),
     )

@@ -4,10 +4,11 @@ For clusters without the webhook: `outrigger inject -f app.yaml | kubectl apply 
 document of a multi-document YAML stream is read; Pods and the pod templates of Deployments,
 StatefulSets, DaemonSets, ReplicaSets, ReplicationControllers, Jobs and CronJobs go through
 `control_plane.webhooks.inject.inject_pod`, the function the `/inject` webhook runs, with the
-`injection:` settings of `--mesh` (else the defaults); Lists are walked item by item; every
-other document is written back untouched. Unlike the webhook, which the API server calls only
-for selected pods, this injects every workload it is given except those whose pod template
-opts out (label, or annotation, `outrigger.dev/inject: disabled`) or is never injected.
+`injection:` settings and `tracing.otlp_endpoint` of `--mesh` (else the defaults); Lists are
+walked item by item; every other document is written back untouched. Unlike the webhook, which
+the API server calls only for selected pods, this injects every workload it is given except
+those whose pod template opts out (label, or annotation, `outrigger.dev/inject: disabled`) or
+is never injected.
 
 Output is YAML on stdout (comments are not kept). What was skipped and why, and any warning,
 goes to stderr. A value the webhook would deny stops the command with the reason and no output,
@@ -68,8 +69,9 @@ def _replace(document: Json, path: tuple[str, ...], value: Json) -> Json:
 
 
 class Injector:
-    def __init__(self, injection: Injection, source: str) -> None:
+    def __init__(self, injection: Injection, otlp_endpoint: str | None, source: str) -> None:
         self.injection = injection
+        self.otlp_endpoint = otlp_endpoint
         self.source = source
         self.notes: list[str] = []  # for stderr
 
@@ -93,7 +95,12 @@ class Injector:
         metadata = document.get("metadata")
         namespace = metadata.get("namespace") if isinstance(metadata, dict) else None
         try:
-            result = inject_pod(template, namespace=namespace or None, injection=self.injection)
+            result = inject_pod(
+                template,
+                namespace=namespace or None,
+                injection=self.injection,
+                otlp_endpoint=self.otlp_endpoint,
+            )
         except InjectionError as exc:
             where = ".".join(path)
             raise ManifestError(
@@ -113,13 +120,15 @@ class _Dumper(yaml.SafeDumper):
         return True
 
 
-def inject_text(text: str, injection: Injection, source: str = "-") -> tuple[str, list[str]]:
+def inject_text(
+    text: str, injection: Injection, source: str = "-", otlp_endpoint: str | None = None
+) -> tuple[str, list[str]]:
     """The injected YAML stream and the notes for stderr. Raises ManifestError."""
     try:
         documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
     except yaml.YAMLError as exc:
         raise ManifestError(f"{source}: not valid YAML: {exc}") from None
-    injector = Injector(injection, source)
+    injector = Injector(injection, otlp_endpoint, source)
     out = [injector.document(doc) for doc in documents]
     # No line folding: the status annotation is one long JSON string.
     text = yaml.dump_all(out, Dumper=_Dumper, sort_keys=False, width=1 << 16)
@@ -128,7 +137,7 @@ def inject_text(text: str, injection: Injection, source: str = "-") -> tuple[str
 
 def run_inject(args: argparse.Namespace) -> int:
     try:
-        injection = load_mesh(args.mesh).injection if args.mesh else Injection()
+        mesh = load_mesh(args.mesh) if args.mesh else None
     except MeshError as exc:
         print(f"outrigger inject: {exc}", file=sys.stderr)
         return 1
@@ -138,7 +147,12 @@ def run_inject(args: argparse.Namespace) -> int:
         print(f"outrigger inject: cannot read {args.file}: {exc}", file=sys.stderr)
         return 1
     try:
-        output, notes = inject_text(text, injection, "stdin" if args.file == "-" else args.file)
+        output, notes = inject_text(
+            text,
+            mesh.injection if mesh else Injection(),
+            "stdin" if args.file == "-" else args.file,
+            mesh.tracing.otlp_endpoint if mesh else None,
+        )
     except ManifestError as exc:
         print(f"outrigger inject: {exc}", file=sys.stderr)
         return 1

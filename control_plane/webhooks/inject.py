@@ -52,6 +52,7 @@ from mesh.injection import (
     InjectionError,
     Interception,
     LogLevel,
+    Ports,
     Resources,
     check_limits,
     lower_quantity,
@@ -104,12 +105,6 @@ ANNOTATIONS: Final = (
 PROMETHEUS: Final = ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")
 
 PROXY_UID: Final = 1337
-ADMIN_PORT: Final = 15000
-OUTBOUND_PORT: Final = 15001
-INBOUND_PORT: Final = 15006
-HEALTH_PORT: Final = 15021
-METRICS_PORT: Final = 15090
-SIDECAR_PORTS: Final = (ADMIN_PORT, OUTBOUND_PORT, INBOUND_PORT, HEALTH_PORT, METRICS_PORT)
 READY_PATH: Final = "/healthz/ready"
 METRICS_PATH: Final = "/stats/prometheus"
 
@@ -133,6 +128,7 @@ SIDECAR_FLAGS: Final = (
     "--snapshot-cache",
     "--log-level",
     "--trace-sampling",
+    "--otlp-endpoint",
 )
 IPTABLES_FLAGS: Final = (
     "--proxy-uid",
@@ -154,7 +150,9 @@ class ProxySettings:
     native_sidecar: bool
     log_level: LogLevel
     trace_sampling: float | None  # None: the xDS value applies
+    otlp_endpoint: str | None  # the mesh's tracing.otlp_endpoint; None: OTEL_* or tracing off
     resources: Resources
+    ports: Ports  # the mesh's; not a pod setting
     interception: Interception
 
 
@@ -235,16 +233,18 @@ def _resources(annotations: Mapping[str, str], defaults: Resources) -> Resources
     check_limits(
         resources,
         {
-            "cpu": name(PROXY_CPU, "injection.resources.requests.cpu"),
-            "memory": name(PROXY_MEMORY, "injection.resources.requests.memory"),
-            "cpu_limit": name(PROXY_CPU_LIMIT, "injection.resources.limits.cpu"),
-            "memory_limit": name(PROXY_MEMORY_LIMIT, "injection.resources.limits.memory"),
+            "cpu": name(PROXY_CPU, "injection.proxy_cpu"),
+            "memory": name(PROXY_MEMORY, "injection.proxy_memory"),
+            "cpu_limit": name(PROXY_CPU_LIMIT, "injection.proxy_cpu_limit"),
+            "memory_limit": name(PROXY_MEMORY_LIMIT, "injection.proxy_memory_limit"),
         },
     )
     return resources
 
 
-def proxy_settings(metadata: Json, spec: Json, injection: Injection) -> ProxySettings:
+def proxy_settings(
+    metadata: Json, spec: Json, injection: Injection, otlp_endpoint: str | None = None
+) -> ProxySettings:
     """The mesh's defaults with the pod's annotations applied. Raises InjectionError."""
     annotations = _pod_annotations(metadata)
     defaults = injection.interception
@@ -252,11 +252,13 @@ def proxy_settings(metadata: Json, spec: Json, injection: Injection) -> ProxySet
     return ProxySettings(
         service=service_name(metadata, spec),
         native_sidecar=native or runs_to_completion(spec),
-        log_level=_setting(annotations, PROXY_LOG_LEVEL, read_log_level, injection.log_level),
+        log_level=_setting(annotations, PROXY_LOG_LEVEL, read_log_level, injection.proxy_log_level),
         trace_sampling=_setting(
             annotations, TRACE_SAMPLING, read_sampling, injection.trace_sampling
         ),
+        otlp_endpoint=otlp_endpoint,
         resources=_resources(annotations, injection.resources),
+        ports=injection.ports,
         interception=Interception(
             exclude_inbound_ports=_setting(
                 annotations, EXCLUDE_INBOUND_PORTS, read_ports, defaults.exclude_inbound_ports
@@ -282,6 +284,7 @@ def proxy_settings(metadata: Json, spec: Json, injection: Injection) -> ProxySet
 
 def sidecar_args(settings: ProxySettings, injection: Injection) -> list[str]:
     """`outrigger sidecar ...` for the proxy; the namespace comes from the downward API."""
+    ports = settings.ports
     args = [
         "sidecar",
         "--control-plane",
@@ -291,15 +294,15 @@ def sidecar_args(settings: ProxySettings, injection: Injection) -> list[str]:
         "--namespace",
         "$(POD_NAMESPACE)",
         "--outbound",
-        f"127.0.0.1:{OUTBOUND_PORT}",  # REDIRECT from OUTPUT delivers to 127.0.0.1
+        f"127.0.0.1:{ports.outbound}",  # REDIRECT from OUTPUT delivers to 127.0.0.1
         "--inbound",
-        f"0.0.0.0:{INBOUND_PORT}",  # REDIRECT from PREROUTING delivers to the pod IP
+        f"0.0.0.0:{ports.inbound}",  # REDIRECT from PREROUTING delivers to the pod IP
         "--admin",
-        f"127.0.0.1:{ADMIN_PORT}",
+        f"127.0.0.1:{ports.admin}",
         "--health",
-        f"0.0.0.0:{HEALTH_PORT}",
+        f"0.0.0.0:{ports.health}",
         "--metrics",
-        f"0.0.0.0:{METRICS_PORT}",
+        f"0.0.0.0:{ports.metrics}",
         "--snapshot-cache",
         SNAPSHOT_CACHE,
         "--log-level",
@@ -307,12 +310,14 @@ def sidecar_args(settings: ProxySettings, injection: Injection) -> list[str]:
     ]
     if settings.trace_sampling is not None:  # else the mesh's tracing.sampling, from xDS
         args += ["--trace-sampling", f"{settings.trace_sampling:g}"]
+    if settings.otlp_endpoint is not None:  # xDS does not carry it
+        args += ["--otlp-endpoint", settings.otlp_endpoint]
     return args
 
 
-def excluded_inbound_ports(interception: Interception) -> list[int]:
+def excluded_inbound_ports(settings: ProxySettings) -> list[int]:
     """The sidecar's own ports and the pod's exclusions: inbound traffic never redirected."""
-    return sorted({*SIDECAR_PORTS, *interception.exclude_inbound_ports})
+    return sorted({*settings.ports.all(), *settings.interception.exclude_inbound_ports})
 
 
 def _ports(ports: Sequence[int]) -> str:
@@ -327,11 +332,11 @@ def iptables_args(settings: ProxySettings) -> list[str]:
         "--proxy-uid",
         str(PROXY_UID),
         "--outbound-port",
-        str(OUTBOUND_PORT),
+        str(settings.ports.outbound),
         "--inbound-port",
-        str(INBOUND_PORT),
+        str(settings.ports.inbound),
         "--exclude-inbound-ports",
-        _ports(excluded_inbound_ports(interception)),
+        _ports(excluded_inbound_ports(settings)),
     ]
     if interception.exclude_outbound_ports:
         args += ["--exclude-outbound-ports", _ports(interception.exclude_outbound_ports)]
@@ -377,9 +382,9 @@ def _field_env(name: str, path: str) -> Json:
     return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
 
 
-def _probe(period: int, failures: int) -> Json:
+def _probe(port: int, period: int, failures: int) -> Json:
     return {
-        "httpGet": {"path": READY_PATH, "port": HEALTH_PORT, "scheme": "HTTP"},
+        "httpGet": {"path": READY_PATH, "port": port, "scheme": "HTTP"},
         "periodSeconds": period,
         "timeoutSeconds": 3,
         "failureThreshold": failures,
@@ -399,6 +404,7 @@ def init_container(settings: ProxySettings, injection: Injection) -> Json:
 
 
 def proxy_container(settings: ProxySettings, injection: Injection) -> Json:
+    ports = settings.ports
     container: Json = {
         "name": PROXY_CONTAINER,
         "image": injection.image,
@@ -412,10 +418,10 @@ def proxy_container(settings: ProxySettings, injection: Injection) -> Json:
             _field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
             _field_env("NODE_NAME", "spec.nodeName"),
         ],
-        "ports": [{"name": "outrigger-prom", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "outrigger-prom", "containerPort": ports.metrics, "protocol": "TCP"}],
         # Istio's timings: the startup probe allows ten minutes to a first config.
-        "startupProbe": _probe(period=1, failures=600),
-        "readinessProbe": _probe(period=15, failures=4),
+        "startupProbe": _probe(ports.health, period=1, failures=600),
+        "readinessProbe": _probe(ports.health, period=15, failures=4),
         "resources": _resource_block(settings.resources),
         "securityContext": _security(root=False),
         "volumeMounts": [{"name": CACHE_VOLUME, "mountPath": CACHE_DIR}],
@@ -424,7 +430,8 @@ def proxy_container(settings: ProxySettings, injection: Injection) -> Json:
         container["restartPolicy"] = "Always"
     else:
         # The kubelet starts the next container only once this hook returns.
-        wait = ["outrigger", "wait", "--timeout", WAIT_TIMEOUT]
+        ready = f"http://127.0.0.1:{ports.health}{READY_PATH}"
+        wait = ["outrigger", "wait", "--timeout", WAIT_TIMEOUT, "--url", ready]
         container["lifecycle"] = {"postStart": {"exec": {"command": wait}}}
     return container
 
@@ -443,11 +450,9 @@ def status(settings: ProxySettings, injection: Injection) -> str:
             "nativeSidecar": native,
             "interception": {
                 "proxyUid": PROXY_UID,
-                "outboundPort": OUTBOUND_PORT,
-                "inboundPort": INBOUND_PORT,
-                "excludeInboundPorts": sorted(
-                    {*SIDECAR_PORTS, *interception.exclude_inbound_ports}
-                ),
+                "outboundPort": settings.ports.outbound,
+                "inboundPort": settings.ports.inbound,
+                "excludeInboundPorts": excluded_inbound_ports(settings),
                 "excludeOutboundPorts": list(interception.exclude_outbound_ports),
                 "includeOutboundCidrs": (
                     "*"
@@ -530,11 +535,15 @@ def pointer(*parts: str) -> str:
     return "".join("/" + part.replace("~", "~0").replace("/", "~1") for part in parts)
 
 
-def inject_pod(pod: Json, *, namespace: str | None, injection: Injection) -> Injected:
+def inject_pod(
+    pod: Json, *, namespace: str | None, injection: Injection, otlp_endpoint: str | None = None
+) -> Injected:
     """The injected pod and the JSONPatch to it, or the pod untouched with the reason.
 
     `pod` is a Pod (or a pod template: metadata and spec); `namespace` is where it runs, when
-    known. Raises InjectionError when the pod asks for something that cannot be done.
+    known; `injection` and `otlp_endpoint` are the mesh file's `injection:` section and
+    `tracing.otlp_endpoint`. Raises InjectionError when the pod asks for something that cannot
+    be done.
     """
     if not isinstance(pod, dict):
         raise InjectionError(f"a pod must be a mapping, got {show(pod)}")
@@ -559,13 +568,14 @@ def inject_pod(pod: Json, *, namespace: str | None, injection: Injection) -> Inj
     if any(isinstance(v, Mapping) and v.get("name") == CACHE_VOLUME for v in volumes):
         raise InjectionError(f"spec.volumes: the pod already has a volume named {CACHE_VOLUME}")
 
-    settings = proxy_settings(metadata, spec, injection)
+    settings = proxy_settings(metadata, spec, injection, otlp_endpoint)
     init, proxy = init_container(settings, injection), proxy_container(settings, injection)
     volume: Json = {"name": CACHE_VOLUME, "emptyDir": {}}
     annotations = _strings(metadata, "annotations")
     added = {STATUS: status(settings, injection)}
     if not any(key in annotations for key in PROMETHEUS):
-        added.update(zip(PROMETHEUS, ("true", str(METRICS_PORT), METRICS_PATH), strict=True))
+        scrape = ("true", str(settings.ports.metrics), METRICS_PATH)
+        added.update(zip(PROMETHEUS, scrape, strict=True))
 
     patch: list[Json] = []
     if "metadata" not in pod or pod["metadata"] is None:
@@ -615,7 +625,9 @@ def inject_pod(pod: Json, *, namespace: str | None, injection: Injection) -> Inj
 # -- the /inject webhook ------------------------------------------------------------------------
 
 
-def admit(request: AdmissionRequest, injection: Injection) -> AdmissionResponse:
+def admit(
+    request: AdmissionRequest, injection: Injection, otlp_endpoint: str | None = None
+) -> AdmissionResponse:
     """The `/inject` answer: a pod CREATE gets its patch (or is denied with the reason); any
     other object passes untouched with a warning, other operations pass untouched."""
     if (request.kind.group, request.kind.kind) != ("", "Pod") or request.sub_resource:
@@ -632,7 +644,9 @@ def admit(request: AdmissionRequest, injection: Injection) -> AdmissionResponse:
     if not namespace and isinstance(pod, dict) and isinstance(pod.get("metadata"), dict):
         namespace = pod["metadata"].get("namespace") or ""
     try:
-        result = inject_pod(pod, namespace=namespace or None, injection=injection)
+        result = inject_pod(
+            pod, namespace=namespace or None, injection=injection, otlp_endpoint=otlp_endpoint
+        )
     except InjectionError as exc:
         return AdmissionResponse.deny(f"outrigger sidecar injection: {exc}", code=400)
     return AdmissionResponse(

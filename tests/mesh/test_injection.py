@@ -10,6 +10,7 @@ from mesh.injection import (
     Injection,
     InjectionError,
     Interception,
+    Ports,
     Resources,
     parse_injection,
     quantity_value,
@@ -38,7 +39,8 @@ def test_a_mesh_without_the_section_gets_the_defaults() -> None:
     assert injection.control_plane == "outrigger.outrigger-system.svc:15010"
     assert injection.control_plane_namespace == "outrigger-system"
     assert injection.trace_sampling is None  # the xDS value applies
-    assert injection.resources == Resources("100m", "128Mi", "2", "1Gi")  # Istio's
+    assert injection.resources == Resources("100m", "128Mi", None, None)  # Istio's requests
+    assert injection.ports.all() == (15000, 15001, 15006, 15021, 15090)  # Istio's numbers
     assert injection.interception.include_outbound_cidrs is None  # every destination
 
 
@@ -50,9 +52,10 @@ def test_the_example_mesh_sets_every_key() -> None:
         native_sidecar=True,
         control_plane="outrigger.outrigger-system.svc:15010",
         control_plane_namespace="outrigger-system",
-        log_level="info",
+        proxy_log_level="info",
         trace_sampling=None,
-        resources=Resources(cpu="100m", memory="128Mi", cpu_limit="2", memory_limit="1Gi"),
+        resources=Resources(cpu="100m", memory="128Mi", cpu_limit=None, memory_limit="1Gi"),
+        ports=Ports(),
         interception=Interception(
             exclude_inbound_ports=(),
             exclude_outbound_ports=(),
@@ -70,9 +73,12 @@ def test_a_full_section_is_read_into_frozen_settings() -> None:
             "native_sidecar": False,
             "control_plane": "[fd00::1]:15010",
             "control_plane_namespace": "mesh",
-            "log_level": "debug",
+            "proxy_log_level": "debug",
             "trace_sampling": 0.25,
-            "resources": {"requests": {"cpu": 0.5}, "limits": {"cpu": None, "memory": "2Gi"}},
+            "proxy_cpu": 0.5,
+            "proxy_cpu_limit": None,
+            "proxy_memory_limit": "2Gi",
+            "ports": {"outbound": 16001, "metrics": 9901},
             "interception": {
                 "exclude_inbound_ports": [9090, 8080, 9090],
                 "exclude_outbound_ports": ["5432"],
@@ -85,10 +91,11 @@ def test_a_full_section_is_read_into_frozen_settings() -> None:
     assert injection.native_sidecar is False
     assert injection.control_plane == "[fd00::1]:15010"
     assert injection.trace_sampling == 0.25
-    # requests.memory kept its default, the cpu limit is gone
+    # proxy_memory kept its default; no cpu limit
     assert injection.resources == Resources(
         cpu="0.5", memory="128Mi", cpu_limit=None, memory_limit="2Gi"
     )
+    assert injection.ports == Ports(outbound=16001, metrics=9901)
     assert injection.interception == Interception(
         exclude_inbound_ports=(8080, 9090),
         exclude_outbound_ports=(5432,),
@@ -119,25 +126,40 @@ def test_a_full_section_is_read_into_frozen_settings() -> None:
             {"control_plane_namespace": "Mesh"},
             "injection.control_plane_namespace: must be a namespace",
         ),
-        ({"log_level": "trace"}, "injection.log_level: must be one of debug, info, warning, error"),
+        (
+            {"proxy_log_level": "trace"},
+            "injection.proxy_log_level: must be one of debug, info, warning, error",
+        ),
         ({"trace_sampling": 5}, "injection.trace_sampling: must be a fraction from 0 to 1"),
         (
-            {"resources": {"requests": {"cpu": "lots"}}},
-            "injection.resources.requests.cpu: must be a Kubernetes quantity greater than zero, "
+            {"proxy_cpu": "lots"},
+            "injection.proxy_cpu: must be a Kubernetes quantity greater than zero, "
             'like "100m", "0.5" or "2", got "lots"',
         ),
         (
-            {"resources": {"requests": {"memory": "0Mi"}}},
-            "injection.resources.requests.memory: must be a Kubernetes quantity greater than zero",
+            {"proxy_memory": "0Mi"},
+            "injection.proxy_memory: must be a Kubernetes quantity greater than zero",
         ),
         (
-            {"resources": {"request": {}}},
-            "injection.resources.request: unknown key; allowed keys are requests, limits",
+            {"resources": {"requests": {}}},
+            "injection.resources: unknown key; allowed keys are image, image_pull_policy",
         ),
         (
-            {"resources": {"requests": {"memory": "2Gi"}}},
-            "injection.resources.requests.memory: the request (2Gi) must not exceed the limit "
-            "injection.resources.limits.memory (1Gi)",
+            {"proxy_memory": "2Gi", "proxy_memory_limit": "1Gi"},
+            "injection.proxy_memory: the request (2Gi) must not exceed the limit "
+            "injection.proxy_memory_limit (1Gi)",
+        ),
+        (
+            {"ports": {"health": 0}},
+            "injection.ports.health: must be a port number from 1 to 65535, got 0",
+        ),
+        (
+            {"ports": {"metrics": 15021}},
+            "injection.ports.metrics: 15021 is already injection.ports.health",
+        ),
+        (
+            {"ports": {"stats": 1}},
+            "injection.ports.stats: unknown key; allowed keys are admin, outbound, inbound",
         ),
         (
             {"interception": {"exclude_inbound_ports": [0]}},

@@ -23,6 +23,7 @@ Json = dict[str, Any]
 OUTRIGGER = Path(sys.executable).with_name("outrigger")
 WORKLOADS = Path(__file__).parent / "manifests" / "workloads.yaml"
 MESH = """
+tracing: {otlp_endpoint: "http://jaeger.tracing.svc:4317"}
 injection:
   image: registry.example/outrigger:9.9
   native_sidecar: false
@@ -107,7 +108,11 @@ def test_the_mesh_file_sets_the_image_and_plain_containers_except_for_jobs(
     after = by_name(list(yaml.safe_load_all(out)))
     deployment = template_of(after["Deployment/web"])
     assert containers(deployment) == (["outrigger-init", "migrate"], ["outrigger-proxy", "web"])
-    assert deployment["spec"]["containers"][0]["image"] == "registry.example/outrigger:9.9"
+    proxy = deployment["spec"]["containers"][0]
+    assert proxy["image"] == "registry.example/outrigger:9.9"
+    assert proxy["args"][proxy["args"].index("--otlp-endpoint") + 1] == (
+        "http://jaeger.tracing.svc:4317"
+    )
     for job in ("Job/report", "CronJob/cleanup"):
         assert containers(template_of(after[job]))[0][:2] == ["outrigger-init", "outrigger-proxy"]
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from typing import Any
 
@@ -11,7 +12,7 @@ from control_plane.webhooks.inject import (
     SIDECAR_FLAGS,
     inject_pod,
 )
-from mesh.injection import Injection, InjectionError, Interception, Resources
+from mesh.injection import Injection, InjectionError, Interception, Ports, Resources
 from tests.control_plane.webhooks.pods import (
     apply,
     assert_valid,
@@ -21,15 +22,23 @@ from tests.control_plane.webhooks.pods import (
 )
 
 Json = dict[str, Any]
-DEFAULTS = Injection(image="registry.example/outrigger:0.1.0")
+DEFAULTS = Injection(
+    image="registry.example/outrigger:0.1.0",
+    resources=Resources(cpu="100m", memory="128Mi", cpu_limit="2", memory_limit="1Gi"),
+)
 
 
-def injected(document: Json, namespace: str | None = "shop", **settings: Any) -> Json:
+def injected(
+    document: Json,
+    namespace: str | None = "shop",
+    otlp_endpoint: str | None = None,
+    **settings: Any,
+) -> Json:
     """The injected pod, checked three ways: the patch gives the same pod, the Kubernetes
     schemas accept it, and the input was not touched."""
     before = copy.deepcopy(document)
-    mesh = Injection(**{"image": DEFAULTS.image, **settings})
-    result = inject_pod(document, namespace=namespace, injection=mesh)
+    mesh = dataclasses.replace(DEFAULTS, **settings)
+    result = inject_pod(document, namespace=namespace, injection=mesh, otlp_endpoint=otlp_endpoint)
     assert document == before
     assert result.skipped is None
     assert apply(document, result.patch) == result.pod
@@ -210,6 +219,8 @@ def test_plain_container_mode_puts_the_proxy_first_and_holds_the_app_until_ready
         "wait",
         "--timeout",
         "60s",
+        "--url",
+        "http://127.0.0.1:15021/healthz/ready",
     ]
 
 
@@ -246,13 +257,14 @@ def test_annotations_reach_the_command_lines_and_resources() -> None:
             "outrigger.dev/exclude-outbound-cidrs": "10.96.0.1",
         }
     )
-    spec = injected(document)["spec"]
+    spec = injected(document, otlp_endpoint="http://jaeger.tracing.svc:4317")["spec"]
     init, proxy = spec["initContainers"][0], spec["initContainers"][1]
     assert proxy["resources"] == {
         "requests": {"cpu": "250m", "memory": "256Mi"},
         "limits": {"cpu": "1", "memory": "512Mi"},
     }
     assert flag(proxy["args"], "--trace-sampling") == "0.5"
+    assert flag(proxy["args"], "--otlp-endpoint") == "http://jaeger.tracing.svc:4317"
     assert flag(proxy["args"], "--log-level") == "debug"
     assert init["args"][init["args"].index("--exclude-inbound-ports") :] == [
         "--exclude-inbound-ports",
@@ -271,7 +283,7 @@ def test_annotations_reach_the_command_lines_and_resources() -> None:
 
 def test_mesh_defaults_apply_when_the_pod_says_nothing() -> None:
     settings = {
-        "log_level": "warning",
+        "proxy_log_level": "warning",
         "trace_sampling": 0.1,
         "resources": Resources(cpu="50m", memory="64Mi", cpu_limit=None, memory_limit="256Mi"),
         "interception": Interception(exclude_outbound_ports=(3306,), include_outbound_cidrs=None),
@@ -315,7 +327,7 @@ def test_a_default_request_is_lowered_to_a_smaller_limit_the_pod_sets() -> None:
         (
             {"outrigger.dev/proxy-cpu": "3"},
             "annotation outrigger.dev/proxy-cpu: the request (3) must not exceed the limit "
-            "the mesh's injection.resources.limits.cpu (2)",
+            "the mesh's injection.proxy_cpu_limit (2)",
         ),
         (
             {"outrigger.dev/proxy-memory": "1Gi", "outrigger.dev/proxy-memory-limit": "512Mi"},
@@ -554,3 +566,23 @@ def test_a_stale_status_annotation_without_the_proxy_is_injected_again() -> None
         "outrigger-proxy",
     ]
     assert apply(stale, result.patch) == result.pod
+
+
+def test_the_meshs_ports_reach_every_place_that_names_them() -> None:
+    ports = Ports(admin=16000, outbound=16001, inbound=16006, health=16021, metrics=16090)
+    document = injected(pod(annotations={"outrigger.dev/native-sidecar": "false"}), ports=ports)
+    proxy = document["spec"]["containers"][0]
+    init = document["spec"]["initContainers"][0]
+    assert flag(proxy["args"], "--outbound") == "127.0.0.1:16001"
+    assert flag(proxy["args"], "--inbound") == "0.0.0.0:16006"
+    assert flag(proxy["args"], "--admin") == "127.0.0.1:16000"
+    assert flag(proxy["args"], "--health") == "0.0.0.0:16021"
+    assert flag(proxy["args"], "--metrics") == "0.0.0.0:16090"
+    assert flag(init["args"], "--outbound-port") == "16001"
+    assert flag(init["args"], "--inbound-port") == "16006"
+    assert flag(init["args"], "--exclude-inbound-ports") == "16000,16001,16006,16021,16090"
+    assert proxy["readinessProbe"]["httpGet"]["port"] == 16021
+    assert proxy["ports"][0]["containerPort"] == 16090
+    assert document["metadata"]["annotations"]["prometheus.io/port"] == "16090"
+    wait = proxy["lifecycle"]["postStart"]["exec"]["command"]
+    assert flag(wait, "--url") == "http://127.0.0.1:16021/healthz/ready"

@@ -25,6 +25,8 @@ from tests.control_plane.webhooks.reviews import admission_review, answer_of, pa
 Json = dict[str, Any]
 MESH = """
 services: []
+tracing:
+  otlp_endpoint: "http://jaeger.tracing.svc:4317"
 injection:
   image: registry.example/outrigger:{tag}
   control_plane: outrigger.mesh.svc:15010
@@ -89,11 +91,19 @@ async def test_a_pod_review_gets_the_patch_that_injects_it(webhook: Webhook) -> 
     assert response["patchType"] == "JSONPatch"
     result = patched(review, response)
     assert_valid(result)
-    injection = load_mesh(webhook.mesh).injection
-    assert result == inject_pod(document, namespace="shop", injection=injection).pod
+    mesh = load_mesh(webhook.mesh)
+    expected = inject_pod(
+        document,
+        namespace="shop",
+        injection=mesh.injection,
+        otlp_endpoint=mesh.tracing.otlp_endpoint,
+    )
+    assert result == expected.pod
     proxy = result["spec"]["initContainers"][1]
     assert proxy["image"] == "registry.example/outrigger:1.0"
-    assert proxy["args"][proxy["args"].index("--control-plane") + 1] == "outrigger.mesh.svc:15010"
+    args = proxy["args"]
+    assert args[args.index("--control-plane") + 1] == "outrigger.mesh.svc:15010"
+    assert args[args.index("--otlp-endpoint") + 1] == "http://jaeger.tracing.svc:4317"
 
 
 async def test_a_large_pod_is_injected_intact(webhook: Webhook) -> None:
