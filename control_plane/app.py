@@ -1,5 +1,6 @@
 """`outrigger control-plane`: the mesh file source, the snapshot cache, ADS/CSDS/health over
-gRPC on the xDS port, and `/metrics`, `/debug/syncz`, `/ready` on the HTTP port.
+gRPC on the xDS port, `/metrics`, `/debug/syncz`, `/ready` on the HTTP port, and with `--webhook`
+the admission webhooks over HTTPS (`/inject`, with the mesh file's current `injection:` section).
 
 `ControlPlane` assembles the pieces and is what tests start in process; `run_control_plane` is
 the command. A mesh edit is loaded, translated, checked and published as one snapshot; an edit
@@ -27,6 +28,9 @@ from control_plane.cache import SnapshotCache, SnapshotError, make_snapshot
 from control_plane.metrics import CONTENT_TYPE, ControlPlaneMetrics
 from control_plane.server import ADS_SERVICE, AdsServer, CsdsServer, syncz, version_summary
 from control_plane.watch import FileWatcher
+from control_plane.webhooks.inject import admit
+from control_plane.webhooks.server import WebhookError, WebhookServer
+from mesh.injection import Injection
 
 log = logging.getLogger("outrigger.control_plane")
 
@@ -63,6 +67,10 @@ class ControlPlane:
         self.xds_port = 0
         self.http_port = 0
         self.last_error = ""
+        # The last good mesh file's injection: section and traces endpoint, for /inject.
+        self.injection = Injection()
+        self.otlp_endpoint: str | None = None
+        self.webhooks: WebhookServer | None = None
         self._grpc: grpc.aio.Server | None = None
         self._http: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -81,7 +89,8 @@ class ControlPlane:
         from mesh.xds import resources_version
 
         try:
-            resources = translate(load_mesh(self.mesh_path))
+            mesh = load_mesh(self.mesh_path)
+            resources = translate(mesh)
             snapshot = make_snapshot(resources, resources_version(resources))
         except (MeshError, SnapshotError) as exc:
             current = self.cache.get("")
@@ -95,13 +104,22 @@ class ControlPlane:
             )
             return False
         self.last_error = ""
+        self.injection, self.otlp_endpoint = mesh.injection, mesh.tracing.otlp_endpoint
         if self.cache.set_snapshot(snapshot):
             self.metrics.config_reloads.inc()
             log.info("serving version %s %s", snapshot.version, dict(version_summary(snapshot)))
         return True
 
-    async def start(self, xds: str = "127.0.0.1:0", http: str | None = "127.0.0.1:0") -> None:
-        """Load the mesh (it must be valid), bind both ports, start watching the file."""
+    async def start(
+        self,
+        xds: str = "127.0.0.1:0",
+        http: str | None = "127.0.0.1:0",
+        *,
+        webhook: str | None = None,
+        webhook_cert: Path | None = None,
+        webhook_key: Path | None = None,
+    ) -> None:
+        """Load the mesh (it must be valid), bind the ports, start watching the file."""
         if self.mesh_path is not None:
             if not self.reload():
                 raise ControlPlaneError(f"mesh file {self.mesh_path}: {self.last_error}")
@@ -130,6 +148,19 @@ class ControlPlane:
             except OSError as exc:
                 raise ControlPlaneError(f"cannot bind HTTP address {http}: {exc}") from exc
             self.http_port = self._http.sockets[0].getsockname()[1]
+        if webhook is not None:
+            if webhook_cert is None or webhook_key is None:
+                raise ControlPlaneError("--webhook needs --webhook-cert and --webhook-key")
+            try:
+                self.webhooks = WebhookServer(
+                    webhook_cert, webhook_key, registry=self.metrics.registry
+                )
+                self.webhooks.add(
+                    "/inject", lambda request: admit(request, self.injection, self.otlp_endpoint)
+                )
+                await self.webhooks.start(*split_address(webhook))
+            except WebhookError as exc:
+                raise ControlPlaneError(str(exc)) from exc
         if self._watcher is not None:
             self._tasks.append(asyncio.create_task(self._watcher.run()))
 
@@ -140,6 +171,9 @@ class ControlPlane:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
+            self.webhooks = None
         if self._http is not None:
             self._http.close()
             await self._http.wait_closed()
@@ -193,7 +227,13 @@ class ControlPlane:
 async def _main(args: argparse.Namespace) -> int:
     plane = ControlPlane(Path(args.mesh))
     try:
-        await plane.start(args.xds, args.http)
+        await plane.start(
+            args.xds,
+            args.http,
+            webhook=args.webhook,
+            webhook_cert=Path(args.webhook_cert) if args.webhook_cert else None,
+            webhook_key=Path(args.webhook_key) if args.webhook_key else None,
+        )
     except ControlPlaneError as exc:
         print(f"outrigger control-plane: {exc}", file=sys.stderr)
         await plane.stop(0)
@@ -202,7 +242,12 @@ async def _main(args: argparse.Namespace) -> int:
     http_host = split_address(args.http)[0]
     print(
         f"outrigger control-plane: xDS (ADS, CSDS, health) on {host}:{plane.xds_port}, "
-        f"HTTP on {http_host}:{plane.http_port}",
+        f"HTTP on {http_host}:{plane.http_port}"
+        + (
+            f", webhooks (HTTPS) on {split_address(args.webhook)[0]}:{plane.webhooks.port}"
+            if plane.webhooks is not None
+            else ""
+        ),
         flush=True,
     )
     stopping = asyncio.Event()
@@ -225,5 +270,11 @@ def run_control_plane(args: argparse.Namespace) -> int:
         return 2
     if not args.mesh:
         print("outrigger control-plane: --mesh FILE is required", file=sys.stderr)
+        return 2
+    if args.webhook and not (args.webhook_cert and args.webhook_key):
+        print(
+            "outrigger control-plane: --webhook needs --webhook-cert and --webhook-key (PEM files)",
+            file=sys.stderr,
+        )
         return 2
     return asyncio.run(_main(args))

@@ -43,6 +43,8 @@ from typing import Any, Final, Literal, NoReturn, TypeAlias, cast
 
 import yaml
 
+from mesh.injection import Injection, InjectionError, parse_injection
+
 LoadBalancer: TypeAlias = Literal["round_robin", "least_request", "random"]
 OutboundPolicyName: TypeAlias = Literal["allow_any", "registry_only"]
 
@@ -143,6 +145,7 @@ class Mesh:
     outbound_policy: OutboundPolicyName = "allow_any"
     tracing: Tracing = field(default_factory=Tracing)
     source: str = "<mesh>"
+    injection: Injection = field(default_factory=Injection)  # mesh/injection.py
 
 
 # -- error reporting ---------------------------------------------------------------------------
@@ -274,7 +277,7 @@ def _endpoint(where: _Where, path: str, value: object) -> MeshEndpoint:
 
 # -- sections ----------------------------------------------------------------------------------
 
-_TOP_KEYS = ("tracing", "outbound_policy", "services")
+_TOP_KEYS = ("tracing", "outbound_policy", "services", "injection")
 _TRACING_KEYS = ("sampling", "otlp_endpoint")
 _SERVICE_KEYS = ("name", "namespace", "port", "endpoints", "policy")
 _POLICY_KEYS = ("timeout", "connect_timeout", "retries", "circuit_breaker", "load_balancer")
@@ -530,7 +533,17 @@ def parse_mesh(text_or_dict: str | Mapping[str, Any], source: str) -> Mesh:
             )
         seen[service.name] = i
         services.append(service)
-    return Mesh(services=tuple(services), outbound_policy=outbound, tracing=tracing, source=source)
+    try:
+        injection = parse_injection(raw["injection"]) if "injection" in raw else Injection()
+    except InjectionError as exc:
+        raise MeshError(f"{source}: {exc}") from None
+    return Mesh(
+        services=tuple(services),
+        outbound_policy=outbound,
+        tracing=tracing,
+        source=source,
+        injection=injection,
+    )
 
 
 def load_mesh(path: str | Path) -> Mesh:

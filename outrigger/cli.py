@@ -42,6 +42,38 @@ def _control_plane_parser(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--kubernetes", action="store_true", help="read the Kubernetes API")
     p.add_argument("--xds", default="127.0.0.1:15010", help="ADS gRPC listen address")
     p.add_argument("--http", default="127.0.0.1:15014", help="HTTP listen address (metrics)")
+    p.add_argument(
+        "--webhook",
+        default=None,
+        help="serve the admission webhooks (/inject) over HTTPS here, e.g. 0.0.0.0:15017",
+    )
+    p.add_argument("--webhook-cert", default=None, help="PEM certificate (chain) for --webhook")
+    p.add_argument("--webhook-key", default=None, help="PEM private key for --webhook")
+
+
+def _inject_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "inject",
+        help="print manifests with the sidecar injected (the webhook's code, offline)",
+        description="Inject the sidecar into the Pods and pod templates of YAML manifests: "
+        "outrigger inject -f app.yaml | kubectl apply -f -",
+    )
+    p.add_argument(
+        "-f", "--file", required=True, help="YAML manifests (one or many), or - for stdin"
+    )
+    p.add_argument("--mesh", default=None, help="mesh file whose injection: section applies")
+
+
+def _wait_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "wait", help="block until the local sidecar is ready (plain-container postStart hook)"
+    )
+    p.add_argument("--timeout", default="60s", help="give up after this long (default 60s)")
+    p.add_argument(
+        "--url",
+        default=None,
+        help="the sidecar's readiness URL (default http://127.0.0.1:15021/healthz/ready)",
+    )
 
 
 def _iptables_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -116,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sidecar_parser(sub)
     _control_plane_parser(sub)
     _iptables_parser(sub)
+    _inject_parser(sub)
+    _wait_parser(sub)
     _status_parser(sub)
     _demo_parser(sub)
     return parser
@@ -136,6 +170,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sidecar.interception.iptables import run_iptables
 
         return run_iptables(args)
+    if args.command == "inject":
+        from outrigger.inject import run_inject
+
+        return run_inject(args)
+    if args.command == "wait":
+        from outrigger.wait import run_wait
+
+        return run_wait(args)
     if args.command == "status":
         from outrigger.status import run_status
 

@@ -1,5 +1,5 @@
 """Every command line the chart runs in the image (ENTRYPOINT ["outrigger"]), and the ones the
-injector will run, is accepted by `outrigger`'s own argument parser, flags and values.
+injector runs in a pod, is accepted by `outrigger`'s own argument parser, flags and values.
 
 Some flags belong to work that lands separately. They are listed in PENDING with the issue that
 adds them: while such a flag is missing the test passes, but any other missing flag fails it, and
@@ -10,18 +10,16 @@ rest). That keeps main green while the issues land in any order, and strict once
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 import yaml
 
+from control_plane.webhooks.inject import inject_pod
+from mesh.injection import parse_injection
 from outrigger.cli import build_parser
 from tests.helm.chart import SCENARIOS, find, objects
 
 # (command, flag) -> issue; (command, "") means the subcommand itself.
 PENDING: dict[tuple[str, str], int] = {
-    ("control-plane", "--webhook"): 15,
-    ("control-plane", "--webhook-cert"): 15,
-    ("control-plane", "--webhook-key"): 15,
     ("control-plane", "--namespaces"): 15,
     ("control-plane", "--debounce"): 15,
     # certificates=self: the control plane makes its CA (issue 17's control-plane half).
@@ -33,8 +31,6 @@ PENDING: dict[tuple[str, str], int] = {
     ("sidecar", "--metrics"): 16,
     ("sidecar", "--log-level"): 16,
     ("sidecar", "--trace-sampling"): 16,
-    ("wait", ""): 16,
-    ("inject", ""): 16,
 }
 
 
@@ -52,30 +48,39 @@ def chart_command_lines() -> list[list[str]]:
 
 
 def injector_command_lines() -> list[list[str]]:
-    """What the injector runs in a pod (README.md, "Command line"; issue 16), with the
-    ports and addresses the chart's mesh file gives it. Replace with the injector's own output
-    once it exists (an `outrigger inject` of a pod, its containers' args)."""
+    """What the injector runs in a pod, given the chart's mesh file: the command lines of the
+    containers and postStart hook it adds (native and plain-container modes, a pod setting
+    every annotation), and `outrigger inject` itself."""
     mesh_text = find(objects(), "ConfigMap", "outrigger-mesh")["data"]["mesh.yaml"]
-    injection: dict[str, Any] = yaml.safe_load(mesh_text)["injection"]
-    ports = injection["ports"]
-    return [
-        [
-            "sidecar",
-            f"--control-plane={injection['control_plane']}",
-            f"--inbound=0.0.0.0:{ports['inbound']}",
-            f"--outbound=127.0.0.1:{ports['outbound']}",
-            f"--admin=127.0.0.1:{ports['admin']}",
-            f"--health=0.0.0.0:{ports['health']}",
-            f"--metrics=0.0.0.0:{ports['metrics']}",
-            "--snapshot-cache=/var/run/outrigger/snapshot",
-            f"--log-level={injection['proxy_log_level']}",
-            "--trace-sampling=0.01",
-            "--otlp-endpoint=http://jaeger.outrigger-system.svc:4317",
-        ],
-        ["iptables", "--dry-run"],
-        ["wait", "--timeout=60s"],
-        ["inject", "-f", "pod.yaml", "--mesh=/etc/outrigger/mesh.yaml"],
-    ]
+    mesh = yaml.safe_load(mesh_text)
+    injection = parse_injection(mesh["injection"])
+    otlp_endpoint = mesh.get("tracing", {}).get("otlp_endpoint")
+    lines = []
+    for native in ("true", "false"):
+        pod = {
+            "metadata": {
+                "annotations": {
+                    "outrigger.dev/native-sidecar": native,
+                    "outrigger.dev/trace-sampling": "0.5",
+                    "outrigger.dev/exclude-outbound-ports": "5432",
+                    "outrigger.dev/include-outbound-cidrs": "10.0.0.0/8",
+                    "outrigger.dev/exclude-outbound-cidrs": "10.96.0.1/32",
+                }
+            },
+            "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+        }
+        spec = inject_pod(
+            pod, namespace="shop", injection=injection, otlp_endpoint=otlp_endpoint
+        ).pod["spec"]
+        for container in spec["initContainers"] + spec["containers"]:
+            if container["name"].startswith("outrigger-"):
+                assert container["command"] == ["outrigger"]
+                lines.append(container["args"])
+                hook = container.get("lifecycle", {}).get("postStart", {}).get("exec")
+                if hook:
+                    assert hook["command"][0] == "outrigger"
+                    lines.append(hook["command"][1:])
+    return [*lines, ["inject", "-f", "pod.yaml", "--mesh=/etc/outrigger/mesh.yaml"]]
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
