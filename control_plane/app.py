@@ -1,10 +1,14 @@
-"""`outrigger control-plane`: the mesh file source, the snapshot cache, ADS/CSDS/health over
-gRPC on the xDS port, and `/metrics`, `/debug/syncz`, `/ready` on the HTTP port.
+"""`outrigger control-plane`: a source (the mesh file, or the Kubernetes API), the snapshot
+cache, ADS/CSDS/health over gRPC on the xDS port, and `/metrics`, `/debug/syncz`,
+`/debug/problemz`, `/ready` on the HTTP port.
 
 `ControlPlane` assembles the pieces and is what tests start in process; `run_control_plane` is
-the command. A mesh edit is loaded, translated, checked and published as one snapshot; an edit
-that fails any of those steps is logged with the reason, counted, and the last good snapshot
-keeps being served.
+the command. Each update from the source is translated (one set of resources per namespace, see
+`mesh.translate`), checked and published as snapshots; an update that fails any of those steps is
+logged with the reason, counted, and the last good snapshots keep being served. Problems the
+source worked around (invalid annotations) are logged when they appear and when they are fixed,
+counted in `outrigger_invalid_annotations_current` and `outrigger_invalid_annotations_total`
+(seen), and shown by `/debug/problemz` and `outrigger status`.
 """
 
 from __future__ import annotations
@@ -17,16 +21,21 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 from envoy.service.status.v3 import csds_pb2_grpc
+from google.protobuf import struct_pb2
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from control_plane.cache import SnapshotCache, SnapshotError, make_snapshot
+from control_plane.cache import SnapshotCache, SnapshotError, make_snapshots
 from control_plane.metrics import CONTENT_TYPE, ControlPlaneMetrics
 from control_plane.server import ADS_SERVICE, AdsServer, CsdsServer, syncz, version_summary
-from control_plane.watch import FileWatcher
+from control_plane.sources import Source, SourceError, SourceProblem, Update
+from control_plane.sources.file import FileSource
+from control_plane.status import PROBLEMS_METHOD, PROBLEMS_SERVICE
+from mesh.translate import translate_namespaces
 
 log = logging.getLogger("outrigger.control_plane")
 
@@ -35,7 +44,7 @@ HTTP_MAX_HEAD = 16 * 1024
 
 
 class ControlPlaneError(Exception):
-    """The control plane cannot start (bad address, unusable first mesh file)."""
+    """The control plane cannot start (bad address, unusable first mesh)."""
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -52,10 +61,14 @@ class ControlPlane:
         self,
         mesh_path: Path | None = None,
         *,
+        source: Source | None = None,
         poll_interval: float = 0.1,
         debounce: float = 0.2,
     ) -> None:
         self.mesh_path = mesh_path
+        if source is None and mesh_path is not None:
+            source = FileSource(mesh_path, poll_interval=poll_interval, debounce=debounce)
+        self.source = source
         self.cache = SnapshotCache()
         self.metrics = ControlPlaneMetrics()
         self.ads = AdsServer(self.cache, self.metrics)
@@ -63,56 +76,79 @@ class ControlPlane:
         self.xds_port = 0
         self.http_port = 0
         self.last_error = ""
+        self.problems: tuple[SourceProblem, ...] = ()
+        self._publishing = asyncio.Lock()
         self._grpc: grpc.aio.Server | None = None
         self._http: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._watcher = (
-            FileWatcher(mesh_path, self.reload, poll_interval=poll_interval, debounce=debounce)
-            if mesh_path is not None
-            else None
-        )
 
-    def reload(self) -> bool:
-        """Load, translate, check and publish the mesh file. False (and logged) if refused."""
-        if self.mesh_path is None:
-            return False
-        from mesh.model import MeshError, load_mesh
-        from mesh.translate import translate
-        from mesh.xds import resources_version
+    async def publish(self, update: Update | SourceError) -> bool:
+        """Translate, check and serve an update. False (and logged) if refused."""
+        async with self._publishing:
+            return await self._publish(update)
 
+    async def _publish(self, update: Update | SourceError) -> bool:
+        what = self.source.description if self.source is not None else "update"
         try:
-            resources = translate(load_mesh(self.mesh_path))
-            snapshot = make_snapshot(resources, resources_version(resources))
-        except (MeshError, SnapshotError) as exc:
+            if isinstance(update, SourceError):
+                raise update
+            # Translation and encoding hold the GIL but not the loop: streams keep flowing.
+            default, by_namespace = await asyncio.to_thread(_snapshots, update)
+        except (SourceError, SnapshotError) as exc:
             current = self.cache.get("")
             self.last_error = str(exc)
             self.metrics.invalid_config_reloads.inc()
             log.error(
-                "mesh file %s refused: %s (still serving version %s)",
-                self.mesh_path,
+                "%s refused: %s (still serving version %s)",
+                what,
                 exc,
                 current.version if current else "none",
             )
             return False
         self.last_error = ""
-        if self.cache.set_snapshot(snapshot):
+        self._note_problems(update.problems)
+        if self.cache.set_snapshot(default, by_namespace):
             self.metrics.config_reloads.inc()
-            log.info("serving version %s %s", snapshot.version, dict(version_summary(snapshot)))
+            log.info(
+                "serving version %s %s (%d namespaces with their own routes)",
+                default.version,
+                dict(version_summary(default)),
+                len(by_namespace),
+            )
         return True
 
+    def _note_problems(self, problems: tuple[SourceProblem, ...]) -> None:
+        before = set(self.problems)
+        now = set(problems)
+        for problem in sorted(now - before, key=lambda p: (p.where, p.key)):
+            self.metrics.invalid_annotations_seen.inc()
+            log.warning("%s: %s: %s", problem.reason, problem.where, problem.message)
+        for problem in sorted(before - now, key=lambda p: (p.where, p.key)):
+            log.info("fixed: %s: %s", problem.where, problem.key or problem.message)
+        self.problems = tuple(sorted(now, key=lambda p: (p.where, p.key, p.message)))
+        counts: dict[str, int] = {}
+        for problem in self.problems:
+            kind = problem.regarding.kind if problem.regarding is not None else "MeshFile"
+            counts[kind] = counts.get(kind, 0) + 1
+        for kind in ("Service", "Namespace", "MeshFile"):
+            self.metrics.invalid_annotations.labels(kind).set(counts.get(kind, 0))
+
     async def start(self, xds: str = "127.0.0.1:0", http: str | None = "127.0.0.1:0") -> None:
-        """Load the mesh (it must be valid), bind both ports, start watching the file."""
-        if self.mesh_path is not None:
-            if not self.reload():
-                raise ControlPlaneError(f"mesh file {self.mesh_path}: {self.last_error}")
-            if self._watcher is not None:
-                self._watcher.mark_current()
+        """Take the source's first state (it must be usable), bind both ports, follow it."""
+        if self.source is not None:
+            try:
+                first = await self.source.first()
+            except SourceError as exc:
+                raise ControlPlaneError(str(exc)) from None
+            if not await self.publish(first):
+                raise ControlPlaneError(f"{self.source.description}: {self.last_error}")
         server = grpc.aio.server()
         server.add_generic_rpc_handlers((self.ads.handler(),))
         csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(
             CsdsServer(self.ads), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        server.add_generic_rpc_handlers((self._problems_handler(),))
         host, port = split_address(xds)
         bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         if bound == 0:
@@ -130,8 +166,8 @@ class ControlPlane:
             except OSError as exc:
                 raise ControlPlaneError(f"cannot bind HTTP address {http}: {exc}") from exc
             self.http_port = self._http.sockets[0].getsockname()[1]
-        if self._watcher is not None:
-            self._tasks.append(asyncio.create_task(self._watcher.run()))
+        if self.source is not None:
+            self._tasks.append(asyncio.create_task(self.source.run(self.publish)))
 
     async def stop(self, grace: float = 1.0) -> None:
         for task in self._tasks:
@@ -140,6 +176,8 @@ class ControlPlane:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.source is not None:
+            await self.source.close()
         if self._http is not None:
             self._http.close()
             await self._http.wait_closed()
@@ -148,6 +186,21 @@ class ControlPlane:
             await self.health.enter_graceful_shutdown()
             await self._grpc.stop(grace)
             self._grpc = None
+
+    def _problems_handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        """`outrigger status` asks this for the current problems (a Struct, JSON-shaped)."""
+
+        async def problems(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            body = struct_pb2.Struct()
+            body.update({"problems": [p.as_json() for p in self.problems]})
+            return body
+
+        method = grpc.unary_unary_rpc_method_handler(
+            problems,
+            request_deserializer=lambda data: data,
+            response_serializer=lambda message: message.SerializeToString(),
+        )
+        return grpc.method_handlers_generic_handler(PROBLEMS_SERVICE, {PROBLEMS_METHOD: method})
 
     @property
     def ready(self) -> bool:
@@ -183,6 +236,9 @@ class ControlPlane:
             return "200 OK", CONTENT_TYPE, self.metrics.render()
         if path == "/debug/syncz":
             return "200 OK", "application/json", json.dumps(syncz(self.ads), indent=1).encode()
+        if path == "/debug/problemz":
+            body = json.dumps([p.as_json() for p in self.problems], indent=1).encode()
+            return "200 OK", "application/json", body
         if path == "/ready":
             if self.ready:
                 return "200 OK", "text/plain", b"ready\n"
@@ -227,3 +283,8 @@ def run_control_plane(args: argparse.Namespace) -> int:
         print("outrigger control-plane: --mesh FILE is required", file=sys.stderr)
         return 2
     return asyncio.run(_main(args))
+
+
+def _snapshots(update: Update) -> Any:
+    default, by_namespace = translate_namespaces(update.mesh)
+    return make_snapshots(default, by_namespace)

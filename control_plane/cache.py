@@ -8,10 +8,14 @@ DiscoveryResponse (field 2, an `Any`), so the ADS transport answers any number o
 joining bytes, never by re-serializing messages.
 
 Versions are content hashes: a type's version changes exactly when one of its resources does,
-so a stream is pushed only the types whose content changed.
+so a stream is pushed only the types whose content changed, and two control planes given the
+same configuration compute the same versions.
 
-The cache keeps one snapshot for every node today; `set_snapshot(..., node_id=...)` and
-`get(node_id)` keep the node in the interface so per-node snapshots can follow.
+RouteConfigurations depend on the sidecar's namespace (the bare service name reaches only its
+own namespace's service), so the cache holds one snapshot per namespace that has services and a
+default for every other node; a stream is served the snapshot of the namespace its node's
+metadata names. `make_snapshots` encodes a type's resources once when every namespace shares
+them (the Clusters and ClusterLoadAssignments), so their versions are identical everywhere.
 """
 
 from __future__ import annotations
@@ -148,7 +152,11 @@ def check_consistency(resources: Resources) -> None:
 
 
 def make_snapshot(
-    resources: Resources, version: str | None = None, *, check: bool = True
+    resources: Resources,
+    version: str | None = None,
+    *,
+    check: bool = True,
+    _encoded: dict[int, TypeResources] | None = None,
 ) -> XdsSnapshot:
     """Check `resources` (unless `check` is False: tests injecting bad config) and encode them.
 
@@ -156,43 +164,76 @@ def make_snapshot(
     """
     if check:
         check_consistency(resources)
-    types = {t: _encode_type(t, resources.get(t, {})) for t in PUSH_ORDER}
+    memo = _encoded if _encoded is not None else {}
+
+    def encode(type_url: str, messages: Mapping[str, Message]) -> TypeResources:
+        found = memo.get(id(messages))
+        if found is None:
+            found = memo[id(messages)] = _encode_type(type_url, messages)
+        return found
+
+    types = {t: encode(t, resources.get(t, {})) for t in PUSH_ORDER}
     for type_url, messages in resources.items():
         if type_url not in types:
-            types[type_url] = _encode_type(type_url, messages)
+            types[type_url] = encode(type_url, messages)
     if version is None:
         version = _hash(f"{t}={r.version}".encode() for t, r in sorted(types.items()))
     return XdsSnapshot(version=version, types=types)
+
+
+def make_snapshots(
+    default: Resources, by_namespace: Mapping[str, Resources]
+) -> tuple[XdsSnapshot, dict[str, XdsSnapshot]]:
+    """Snapshots for `mesh.translate.translate_namespaces`'s output; a type dict shared by
+    several namespaces (the same object) is encoded once."""
+    memo: dict[int, TypeResources] = {}
+    snapshot = make_snapshot(default, _encoded=memo)
+    snapshots = {ns: make_snapshot(r, _encoded=memo) for ns, r in sorted(by_namespace.items())}
+    return snapshot, snapshots
 
 
 Watcher = Callable[[], None]
 
 
 class SnapshotCache:
-    """The snapshot to serve; watchers are called (synchronously) whenever it changes."""
+    """The snapshots to serve; watchers are called (synchronously) whenever they change."""
 
     def __init__(self) -> None:
         self._default: XdsSnapshot | None = None
-        self._per_node: dict[str, XdsSnapshot] = {}
+        self._by_namespace: dict[str, XdsSnapshot] = {}
         self._watchers: set[Watcher] = set()
 
-    def set_snapshot(self, snapshot: XdsSnapshot, node_id: str | None = None) -> bool:
-        """Publish `snapshot` for `node_id` (None: every node). False when nothing changed."""
-        if node_id is None:
-            if self._default is not None and self._default.version == snapshot.version:
-                return False
-            self._default = snapshot
-        else:
-            previous = self._per_node.get(node_id)
-            if previous is not None and previous.version == snapshot.version:
-                return False
-            self._per_node[node_id] = snapshot
+    def set_snapshot(
+        self, snapshot: XdsSnapshot, by_namespace: Mapping[str, XdsSnapshot] | None = None
+    ) -> bool:
+        """Publish `snapshot` for every node, or the namespace's own where `by_namespace` has
+        one. False when nothing changed."""
+        namespaces = dict(by_namespace or {})
+        unchanged = (
+            self._default is not None
+            and self._default.version == snapshot.version
+            and {ns: s.version for ns, s in self._by_namespace.items()}
+            == {ns: s.version for ns, s in namespaces.items()}
+        )
+        if unchanged:
+            return False
+        self._default = snapshot
+        self._by_namespace = namespaces
         for watcher in list(self._watchers):
             watcher()
         return True
 
-    def get(self, node_id: str) -> XdsSnapshot | None:
-        return self._per_node.get(node_id, self._default)
+    def get(self, namespace: str = "") -> XdsSnapshot | None:
+        """The snapshot for a node in `namespace` ("" or unknown: the default)."""
+        return self._by_namespace.get(namespace, self._default)
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """The snapshot version per namespace ("" for the default)."""
+        out = {ns: s.version for ns, s in sorted(self._by_namespace.items())}
+        if self._default is not None:
+            out[""] = self._default.version
+        return out
 
     def watch(self, watcher: Watcher) -> Callable[[], None]:
         """Call `watcher` on every change; returns the function that stops it."""
