@@ -35,6 +35,8 @@ from control_plane.server import ADS_SERVICE, AdsServer, CsdsServer, syncz, vers
 from control_plane.sources import Source, SourceError, SourceProblem, Update
 from control_plane.sources.file import FileSource
 from control_plane.status import PROBLEMS_METHOD, PROBLEMS_SERVICE
+from mesh.model import parse_call
+from mesh.policy import parse_duration
 from mesh.translate import translate_namespaces
 
 log = logging.getLogger("outrigger.control_plane")
@@ -246,8 +248,40 @@ class ControlPlane:
         return "404 Not Found", "text/plain", b"not found\n"
 
 
+async def _source(args: argparse.Namespace) -> Source:
+    """The source the flags name (raises ControlPlaneError for a bad flag or configuration)."""
+    mesh = Path(args.mesh) if args.mesh else None
+    if not args.kubernetes:
+        if mesh is None:
+            raise ControlPlaneError("--mesh FILE is required (or --kubernetes)")
+        return FileSource(mesh)
+    from control_plane.sources.kubernetes import KubernetesSource, load_configuration
+
+    debounce = parse_duration(args.debounce)
+    if debounce is None or debounce <= 0:
+        raise ControlPlaneError(
+            f"--debounce: expected a duration like 100ms or 1s, got {args.debounce!r}"
+        )
+    namespaces = tuple(n.strip() for n in (args.namespaces or "").split(",") if n.strip())
+    for namespace in namespaces:
+        if parse_call(namespace) != namespace or "." in namespace:
+            raise ControlPlaneError(
+                f"--namespaces: {namespace!r} is not a namespace name (a DNS label, e.g. shop)"
+            )
+    try:
+        configuration = await load_configuration(Path(args.kubeconfig) if args.kubeconfig else None)
+    except SourceError as exc:
+        raise ControlPlaneError(str(exc)) from None
+    return KubernetesSource(configuration, namespaces=namespaces, debounce=debounce, mesh_path=mesh)
+
+
 async def _main(args: argparse.Namespace) -> int:
-    plane = ControlPlane(Path(args.mesh))
+    try:
+        source = await _source(args)
+    except ControlPlaneError as exc:
+        print(f"outrigger control-plane: {exc}", file=sys.stderr)
+        return 2
+    plane = ControlPlane(Path(args.mesh) if args.mesh else None, source=source)
     try:
         await plane.start(args.xds, args.http)
     except ControlPlaneError as exc:
@@ -273,15 +307,6 @@ async def _main(args: argparse.Namespace) -> int:
 
 def run_control_plane(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if args.kubernetes:
-        print(
-            "outrigger control-plane: --kubernetes is not yet supported; use --mesh FILE",
-            file=sys.stderr,
-        )
-        return 2
-    if not args.mesh:
-        print("outrigger control-plane: --mesh FILE is required", file=sys.stderr)
-        return 2
     return asyncio.run(_main(args))
 
 
