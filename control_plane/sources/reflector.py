@@ -129,7 +129,7 @@ class Reflector:
                 self.stats.failures += 1
                 self.stats.last_error = str(exc) or type(exc).__name__
                 delay = self.backoff.next_delay()
-                log.warning("%s: %s; retrying in %.1fs", self.name, self.stats.last_error, delay)
+                log.warning("%s: %s; retrying in %.2fs", self.name, self.stats.last_error, delay)
                 self._restarted("failure")
                 await asyncio.sleep(delay)
 

@@ -146,9 +146,11 @@ class FakeKubeApi:
         self.port = sock.getsockname()[1]
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        self._runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5
+        )
         await self._runner.setup()
-        await web.SockSite(self._runner, sock, shutdown_timeout=0.5).start()
+        await web.SockSite(self._runner, sock).start()
 
     async def stop(self) -> None:
         """Close the port and every connection (watches end mid-stream)."""
@@ -293,9 +295,9 @@ class FakeKubeApi:
             rest = parts[len(prefix) :]
             if rest == [resource.plural]:
                 return resource, None
-            if resource.namespaced and len(rest) == 3 and rest[0] == "namespaces":
-                if rest[2] == resource.plural:
-                    return resource, rest[1]
+            namespaced = resource.namespaced and len(rest) == 3 and rest[0] == "namespaces"
+            if namespaced and rest[2] == resource.plural:
+                return resource, rest[1]
         return None
 
     def _matching(
