@@ -29,7 +29,13 @@ from google.protobuf import struct_pb2
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from control_plane.cache import SnapshotCache, SnapshotError, make_snapshots
+from control_plane.cache import (
+    Lingering,
+    SnapshotCache,
+    SnapshotError,
+    XdsSnapshot,
+    make_snapshots,
+)
 from control_plane.metrics import CONTENT_TYPE, ControlPlaneMetrics
 from control_plane.server import ADS_SERVICE, AdsServer, CsdsServer, syncz, version_summary
 from control_plane.sources import Source, SourceError, SourceProblem, Update
@@ -79,10 +85,13 @@ class ControlPlane:
         self.http_port = 0
         self.last_error = ""
         self.problems: tuple[SourceProblem, ...] = ()
+        self.lingering = Lingering()
+        self._last_update: Update | None = None
+        self._expiry: asyncio.TimerHandle | None = None
         self._publishing = asyncio.Lock()
         self._grpc: grpc.aio.Server | None = None
         self._http: asyncio.Server | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[Any]] = []
 
     async def publish(self, update: Update | SourceError) -> bool:
         """Translate, check and serve an update. False (and logged) if refused."""
@@ -95,7 +104,11 @@ class ControlPlane:
             if isinstance(update, SourceError):
                 raise update
             # Translation and encoding hold the GIL but not the loop: streams keep flowing.
-            default, by_namespace = await asyncio.to_thread(_snapshots, update)
+            loop = asyncio.get_running_loop()
+            previous = self.cache.get("")
+            default, by_namespace, expires = await asyncio.to_thread(
+                _snapshots, update, self.lingering, previous, loop.time()
+            )
         except (SourceError, SnapshotError) as exc:
             current = self.cache.get("")
             self.last_error = str(exc)
@@ -108,6 +121,8 @@ class ControlPlane:
             )
             return False
         self.last_error = ""
+        self._last_update = update
+        self._schedule_expiry(expires)
         self._note_problems(update.problems)
         if self.cache.set_snapshot(default, by_namespace):
             self.metrics.config_reloads.inc()
@@ -118,6 +133,22 @@ class ControlPlane:
                 len(by_namespace),
             )
         return True
+
+    def _schedule_expiry(self, when: float | None) -> None:
+        """Publish the last update again once lingering clusters expire (see cache.Lingering)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if when is None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def expire() -> None:
+            self._expiry = None
+            if self._last_update is not None:
+                self._tasks.append(loop.create_task(self.publish(self._last_update)))
+
+        self._expiry = loop.call_at(when + 0.01, expire)
 
     def _note_problems(self, problems: tuple[SourceProblem, ...]) -> None:
         before = set(self.problems)
@@ -172,6 +203,8 @@ class ControlPlane:
             self._tasks.append(asyncio.create_task(self.source.run(self.publish)))
 
     async def stop(self, grace: float = 1.0) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -310,6 +343,10 @@ def run_control_plane(args: argparse.Namespace) -> int:
     return asyncio.run(_main(args))
 
 
-def _snapshots(update: Update) -> Any:
+def _snapshots(
+    update: Update, lingering: Lingering, previous: XdsSnapshot | None, now: float
+) -> tuple[XdsSnapshot, dict[str, XdsSnapshot], float | None]:
     default, by_namespace = translate_namespaces(update.mesh)
-    return make_snapshots(default, by_namespace)
+    expires = lingering.hold(previous, default, by_namespace, now)
+    snapshot, snapshots = make_snapshots(default, by_namespace)
+    return snapshot, snapshots, expires

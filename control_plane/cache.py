@@ -37,6 +37,7 @@ from mesh.xds import (
     ROUTE_TYPE,
     Resources,
     eds_name_of,
+    resource_name,
     route_names_of,
 )
 
@@ -190,6 +191,61 @@ def make_snapshots(
     snapshot = make_snapshot(default, _encoded=memo)
     snapshots = {ns: make_snapshot(r, _encoded=memo) for ns, r in sorted(by_namespace.items())}
     return snapshot, snapshots
+
+
+class Lingering:
+    """Removed Clusters (and their ClusterLoadAssignments) stay served, unreferenced, for `grace`
+    seconds after the routes stop using them.
+
+    A push sends CDS before RDS (make before break, for additions); for a removal that order
+    would leave a client, between the two responses, with routes to a cluster it no longer has
+    (our sidecar NACKs that; Envoy answers 503 NC). The xDS spec's answer is to remove stale
+    clusters only once nothing refers to them: the first snapshot without the service keeps its
+    cluster, a later one (after `grace`) drops it. The lingering entries depend on the previous
+    snapshot, so two replicas may differ for `grace` seconds after a removal, never after.
+    """
+
+    def __init__(self, grace: float = 2.0) -> None:
+        self.grace = grace
+        self._held: dict[str, tuple[float, Message, Message | None]] = {}  # name -> (until, ...)
+
+    def hold(
+        self,
+        previous: XdsSnapshot | None,
+        default: Resources,
+        by_namespace: Mapping[str, Resources],
+        now: float,
+    ) -> float | None:
+        """Add the clusters `previous` had and the new resources lack to every set (in place,
+        one shared dict per type); returns when the earliest of them expires (None: none)."""
+        clusters = default.get(CLUSTER_TYPE, {})
+        if previous is not None:
+            old_clusters = previous.of(CLUSTER_TYPE).messages
+            old_endpoints = previous.of(ENDPOINT_TYPE).messages
+            for name, cluster in old_clusters.items():
+                if name not in clusters and name not in self._held:
+                    eds = eds_name_of(cluster)
+                    assignment = old_endpoints.get(eds) if eds is not None else None
+                    self._held[name] = (now + self.grace, cluster, assignment)
+        self._held = {
+            name: held
+            for name, held in self._held.items()
+            if held[0] > now and name not in clusters
+        }
+        if not self._held:
+            return None
+        merged_clusters = dict(clusters)
+        merged_endpoints = dict(default.get(ENDPOINT_TYPE, {}))
+        for name, (_, cluster, assignment) in self._held.items():
+            merged_clusters[name] = cluster
+            if assignment is not None:
+                merged_endpoints[resource_name(ENDPOINT_TYPE, assignment)] = assignment
+        merged_clusters = dict(sorted(merged_clusters.items()))
+        merged_endpoints = dict(sorted(merged_endpoints.items()))
+        for resources in (default, *by_namespace.values()):
+            resources[CLUSTER_TYPE] = merged_clusters
+            resources[ENDPOINT_TYPE] = merged_endpoints
+        return min(until for until, _, _ in self._held.values())
 
 
 Watcher = Callable[[], None]

@@ -25,7 +25,7 @@ Strict: a request the real client should never make is recorded in `mistakes` (a
 the API would: 404, 400, 410), and the `kube_api` fixture fails the test if any was made: an
 unknown path or query parameter, a watch without a resourceVersion or without bookmarks, a
 resourceVersion the server never issued, a watch again from an expired version without listing
-first, a malformed Event.
+first, a malformed Event, a missing bearer token (when the server has one).
 """
 
 from __future__ import annotations
@@ -116,8 +116,15 @@ class _Watch:
 
 
 class FakeKubeApi:
-    def __init__(self, *, bookmark_interval: float = 0.3, max_watch: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        bookmark_interval: float = 0.3,
+        max_watch: float = 30.0,
+        token: str | None = None,
+    ) -> None:
         self.bookmark_interval = bookmark_interval
+        self.token = token  # when set, every request must carry "Authorization: Bearer TOKEN"
         self.max_watch = max_watch  # upper bound on a watch's life, whatever timeoutSeconds says
         self.revision = 1000
         self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {k: {} for k in RESOURCES}
@@ -254,6 +261,10 @@ class FakeKubeApi:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         query = dict(request.query)
         self.requests.append((request.method, request.path, query))
+        authorization = request.headers.get("Authorization")
+        if self.token is not None and authorization != f"Bearer {self.token}":
+            self._mistake(request, "no or the wrong bearer token")
+            return self._reply(401, "Unauthorized", "Unauthorized")
         parts = request.path.strip("/").split("/")
         if request.method == "POST":
             return await self._post_event(request, parts)
