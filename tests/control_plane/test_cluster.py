@@ -6,11 +6,20 @@ Objects are made by the fake API server (defaulted and validated as the API woul
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from control_plane.sources.cluster import ClusterState, cluster_mesh
 from mesh.model import Mesh, MeshService
-from tests.control_plane.kube_api import FakeKubeApi, endpoint_slice, namespace, service
+from tests.control_plane.kube_api import (
+    RESOURCES,
+    FakeKubeApi,
+    endpoint_slice,
+    namespace,
+    service,
+)
 
 
 def state_of(*objects: dict[str, Any]) -> tuple[ClusterState, FakeKubeApi]:
@@ -142,3 +151,20 @@ def test_a_namespace_problem_is_reported_once_on_the_namespace() -> None:
     (problem,) = update.problems
     assert problem.where == "Namespace shop"
     assert problem.message.endswith("; using 1024 (built-in) instead")
+
+
+def test_the_example_shop_becomes_the_policies_it_annotates() -> None:
+    path = Path(__file__).resolve().parents[2] / "k8s" / "examples" / "shop.yaml"
+    objects = [d for d in yaml.safe_load_all(path.read_text()) if d["kind"] in RESOURCES]
+    state, _ = state_of(*objects)
+    update = cluster_mesh(state, Mesh())
+    assert update.problems == ()
+    shop = {s.name: s for s in update.mesh.services}
+    assert sorted(shop) == ["frontend", "orders", "payments"]
+    assert (shop["frontend"].policy.timeout, shop["frontend"].origin("timeout")) == (5.0, "service")
+    assert shop["frontend"].origin("connect-timeout") == "namespace"
+    assert shop["frontend"].calls == ("orders",)
+    orders = shop["orders"].policy
+    assert orders.retries is not None and orders.retries.attempts == 2
+    assert orders.retries.budget is not None and orders.load_balancer == "least_request"
+    assert shop["payments"].policy.circuit_breaker.consecutive_failures == 5
