@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -208,3 +209,11 @@ def test_effective_values_read_back_as_the_same_policy() -> None:
     again = {f"outrigger.dev/{k}": v for k, v in shown.items() if v != "none"}
     assert set(again) <= set(POLICY_KEYS)
     assert resolve(again, {}, NO_DEFAULTS).policy == policy
+
+
+def test_the_readme_lists_every_annotation_with_its_form_default_and_example() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for s in SETTINGS:
+        row = f'| `outrigger.dev/{s.key}` | {s.form} | {s.builtin} | `"{s.example}"` |'
+        assert row in readme, s.key
+        assert check({f"outrigger.dev/{s.key}": s.example}) == []
