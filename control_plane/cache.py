@@ -95,16 +95,26 @@ def _hash(parts: Iterable[bytes]) -> str:
     return h.hexdigest()[:16]
 
 
-def _encode_type(type_url: str, messages: Mapping[str, Message]) -> TypeResources:
+def _encode_type(
+    type_url: str,
+    messages: Mapping[str, Message],
+    by_message: dict[int, tuple[bytes, str]] | None = None,
+) -> TypeResources:
+    """Serialize every resource once; `by_message` (by the id of a message alive for the whole
+    call) reuses the bytes of a message several sets share."""
     encoded: dict[str, bytes] = {}
     digests: dict[str, str] = {}
     for name in sorted(messages):
         message = messages[name]
-        payload = message.SerializeToString(deterministic=True)
-        wrapped = any_pb2.Any(type_url=type_url, value=payload)
-        field = discovery_pb2.DiscoveryResponse(resources=[wrapped]).SerializeToString()
-        encoded[name] = cast(bytes, field)
-        digests[name] = _hash([name.encode(), payload])
+        done = by_message.get(id(message)) if by_message is not None else None
+        if done is None:
+            payload = message.SerializeToString(deterministic=True)
+            wrapped = any_pb2.Any(type_url=type_url, value=payload)
+            field = discovery_pb2.DiscoveryResponse(resources=[wrapped]).SerializeToString()
+            done = (cast(bytes, field), _hash([name.encode(), payload]))
+            if by_message is not None:
+                by_message[id(message)] = done
+        encoded[name], digests[name] = done
     version = _hash(f"{n}={d}".encode() for n, d in digests.items())
     return TypeResources(
         version=version,
@@ -158,6 +168,7 @@ def make_snapshot(
     *,
     check: bool = True,
     _encoded: dict[int, TypeResources] | None = None,
+    _by_message: dict[int, tuple[bytes, str]] | None = None,
 ) -> XdsSnapshot:
     """Check `resources` (unless `check` is False: tests injecting bad config) and encode them.
 
@@ -170,7 +181,7 @@ def make_snapshot(
     def encode(type_url: str, messages: Mapping[str, Message]) -> TypeResources:
         found = memo.get(id(messages))
         if found is None:
-            found = memo[id(messages)] = _encode_type(type_url, messages)
+            found = memo[id(messages)] = _encode_type(type_url, messages, _by_message)
         return found
 
     types = {t: encode(t, resources.get(t, {})) for t in PUSH_ORDER}
@@ -188,8 +199,12 @@ def make_snapshots(
     """Snapshots for `mesh.translate.translate_namespaces`'s output; a type dict shared by
     several namespaces (the same object) is encoded once."""
     memo: dict[int, TypeResources] = {}
-    snapshot = make_snapshot(default, _encoded=memo)
-    snapshots = {ns: make_snapshot(r, _encoded=memo) for ns, r in sorted(by_namespace.items())}
+    by_message: dict[int, tuple[bytes, str]] = {}  # the messages stay alive: ids are stable
+    snapshot = make_snapshot(default, _encoded=memo, _by_message=by_message)
+    snapshots = {
+        ns: make_snapshot(r, _encoded=memo, _by_message=by_message)
+        for ns, r in sorted(by_namespace.items())
+    }
     return snapshot, snapshots
 
 
