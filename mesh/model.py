@@ -30,11 +30,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, Literal, NoReturn, TypeAlias, cast
+from typing import Any, Final, Literal, NoReturn, TypeAlias, TypeVar, cast
 
 import yaml
 
@@ -226,6 +226,26 @@ def _list(where: _Where, path: str, value: object, form: str) -> list[Any]:
     return value
 
 
+_T = TypeVar("_T")
+
+
+def _distinct(
+    where: _Where,
+    path: str,
+    value: object,
+    form: str,
+    read: Callable[[_Where, str, object], _T],
+) -> tuple[_T, ...]:
+    """A list whose items `read` checks, each at most once."""
+    found: list[_T] = []
+    for i, item in enumerate(_list(where, path, value, form)):
+        checked = read(where, f"{path}[{i}]", item)
+        if checked in found:
+            where.fail(f"{path}[{i}]", "is listed twice", item)
+        found.append(checked)
+    return tuple(found)
+
+
 def _endpoint(where: _Where, path: str, value: object) -> MeshEndpoint:
     form = 'must be "host:port" (an IP address or host name, port 1-65535, e.g. "10.0.0.7:8080")'
     if not isinstance(value, str):
@@ -378,18 +398,8 @@ def _service(source: str, index: int, value: object, defaults: PolicyValues) -> 
         port = where.checked("port", lambda v: check_whole(v, 1, 65535), raw["port"])
     if "endpoints" not in raw:
         where.fail("endpoints", 'is required: a list of "host:port" (may be empty)')
-    endpoints: list[MeshEndpoint] = []
-    for i, item in enumerate(_list(where, "endpoints", raw["endpoints"], '"host:port"')):
-        endpoint = _endpoint(where, f"endpoints[{i}]", item)
-        if endpoint in endpoints:
-            where.fail(f"endpoints[{i}]", "is listed twice", item)
-        endpoints.append(endpoint)
-    addresses: list[str] = []
-    for i, item in enumerate(_list(where, "addresses", raw.get("addresses", []), "IP addresses")):
-        address = _address(where, f"addresses[{i}]", item)
-        if address in addresses:
-            where.fail(f"addresses[{i}]", "is listed twice", item)
-        addresses.append(address)
+    endpoints = _distinct(where, "endpoints", raw["endpoints"], '"host:port"', _endpoint)
+    addresses = _distinct(where, "addresses", raw.get("addresses", []), "IP addresses", _address)
     calls: list[str] = []
     for i, item in enumerate(_list(where, "calls", raw.get("calls", []), "service names")):
         call = parse_call(item)
@@ -401,9 +411,9 @@ def _service(source: str, index: int, value: object, defaults: PolicyValues) -> 
         name=name,
         namespace=namespace,
         port=port,
-        endpoints=tuple(endpoints),
+        endpoints=endpoints,
         policy=policy,
-        addresses=tuple(addresses),
+        addresses=addresses,
         calls=tuple(calls),
         origins=origins,
     )
