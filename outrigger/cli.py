@@ -38,8 +38,31 @@ def _sidecar_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _control_plane_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("control-plane", help="run the xDS control plane")
-    p.add_argument("--mesh", help="mesh file to serve (reloaded when it changes)")
-    p.add_argument("--kubernetes", action="store_true", help="read the Kubernetes API")
+    p.add_argument(
+        "--mesh",
+        help="mesh file to serve (reloaded when it changes); with --kubernetes, the mesh-wide "
+        "settings (defaults, outbound_policy, tracing) and services outside the cluster",
+    )
+    p.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="read Services, EndpointSlices and Namespaces from the Kubernetes API",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        default=None,
+        help="with --kubernetes: this kubeconfig (default: in-cluster, else ~/.kube/config)",
+    )
+    p.add_argument(
+        "--namespaces",
+        default=None,
+        help="with --kubernetes: only these namespaces, comma-separated (default: all)",
+    )
+    p.add_argument(
+        "--debounce",
+        default="100ms",
+        help="with --kubernetes: wait this long for a burst of changes to end (default 100ms)",
+    )
     p.add_argument("--xds", default="127.0.0.1:15010", help="ADS gRPC listen address")
     p.add_argument("--http", default="127.0.0.1:15014", help="HTTP listen address (metrics)")
     p.add_argument(

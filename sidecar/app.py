@@ -21,7 +21,7 @@ import yaml
 
 from mesh.model import Mesh, MeshError, load_mesh, parse_duration, parse_mesh
 from sidecar.admin import Admin
-from sidecar.config import ConfigError, Endpoint, OutboundPolicy, Snapshot
+from sidecar.config import ConfigError, Endpoint, OutboundPolicy, Snapshot, authority_endpoint
 from sidecar.exchange import EndpointHandler, Handler, Request, Response
 from sidecar.flags import Flag, ProxyError
 from sidecar.metrics import Metrics
@@ -173,23 +173,6 @@ class Active:
     snapshot: Snapshot
     handlers: dict[str, Handler]  # by cluster name
     routes: dict[bytes, Decision]  # by authority: the routing decision, made once per config
-
-
-def authority_endpoint(authority: bytes) -> Endpoint | None:
-    """host[:port] of a passthrough authority (already validated by the codec)."""
-    if not authority:
-        return None
-    text = authority.decode("ascii")
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else "80"
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            host, port = text, "80"
-    if not host or not port.isdigit():
-        return None
-    return Endpoint(host, int(port))
 
 
 class Sidecar:
@@ -382,7 +365,7 @@ class Sidecar:
                 self.settings.control_plane,
                 timeout,
             )
-            self.apply(snapshot_from_mesh(embedded_mesh()))
+            self.apply(snapshot_from_mesh(embedded_mesh(), self.settings.namespace))
 
     async def _housekeeping(self) -> None:
         while True:
@@ -415,6 +398,7 @@ class Sidecar:
             "outbound_policy": active.snapshot.outbound_policy.value if active else None,
             "trace_sampling": active.snapshot.trace_sampling if active else None,
             "listeners": {k: f"{h}:{p}" for k, (h, p) in self.addresses.items()},
+            "services": _services_dump(active.snapshot) if active else {},
             "resources": active.snapshot.resources if active else {},
         }
 
@@ -568,6 +552,26 @@ def _stats(state: Any) -> dict[str, int]:
     return {name: getattr(stats, name) for name in stats.__slots__}
 
 
+def _services_dump(snapshot: Snapshot) -> dict[str, Any]:
+    """Per cluster: the service, how requests reach it, and its effective policy with the origin
+    of each value (from the Cluster's outrigger.dev metadata)."""
+    return {
+        cluster: {
+            "service": f"{cfg.name}.{cfg.namespace}" if cfg.namespace else cfg.name,
+            "port": cfg.port,
+            "endpoints": (
+                "original destination"
+                if cfg.original_destination
+                else [str(e) for e in cfg.endpoints]
+            ),
+            "policy": {
+                key: {"value": value, "from": origin} for key, value, origin in cfg.policy_origins
+            },
+        }
+        for cluster, cfg in sorted(snapshot.services.items())
+    }
+
+
 def embedded_mesh() -> Mesh:
     """The default with neither --mesh nor --control-plane: no services, allow_any."""
     return parse_mesh({"services": []}, "<embedded default>")
@@ -604,7 +608,7 @@ def run_sidecar(args: argparse.Namespace) -> int:
             endpoint = otlp_endpoint(None, mesh.tracing.otlp_endpoint)
             if sidecar.tracing is None and endpoint is not None:
                 sidecar.trace_to(endpoint)
-            sidecar.apply(snapshot_from_mesh(mesh))
+            sidecar.apply(snapshot_from_mesh(mesh, settings.namespace))
     except (SettingsError, MeshError, ConfigError) as exc:
         print(f"outrigger sidecar: {exc}", file=sys.stderr)
         return 2

@@ -32,6 +32,23 @@ class Endpoint:
         return f"{self.host}:{self.port}"
 
 
+def authority_endpoint(authority: bytes) -> Endpoint | None:
+    """host[:port] of an authority the codec validated (port 80 when absent); None: no host."""
+    if not authority:
+        return None
+    text = authority.decode("ascii")
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else "80"
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host, port = text, "80"
+    if not host or not port.isdigit():
+        return None
+    return Endpoint(host, int(port))
+
+
 @dataclass(frozen=True, slots=True)
 class Backoff:
     base: float = 0.025  # seconds
@@ -77,6 +94,11 @@ class ServiceConfig:
     retry: RetryPolicy | None = None
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     lb: LbPolicy = LbPolicy.ROUND_ROBIN
+    # An ORIGINAL_DST cluster (a headless service): each request goes to the destination the
+    # caller chose (its authority), with this policy, no balancing and no endpoint list.
+    original_destination: bool = False
+    # From the Cluster's metadata: (policy key, effective value, origin), for /config_dump.
+    policy_origins: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
