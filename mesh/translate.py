@@ -21,7 +21,7 @@ clients read the same resources. Naming scheme (Istio-like):
   namespace; each is an api_listener HTTP connection manager whose RDS names the service's own
   RouteConfiguration ``{name}.{namespace}.svc.cluster.local:{port}`` (its one virtual host).
 
-Names resolve as Kubernetes DNS does (ARCHITECTURE.md, "Decisions for the Kubernetes wave"):
+Names resolve as Kubernetes DNS does (docs/architecture.md, "Names"):
 ``name.ns``, ``name.ns.svc``, ``name.ns.svc.cluster.local`` and the service's virtual addresses
 (a ClusterIP) reach it from any namespace; the bare ``name`` only from its own namespace. Each
 spelling is listed with ``:port``; without a port it means port 80, except that a name (not an

@@ -20,8 +20,6 @@ from tests.helm.chart import SCENARIOS, find, objects
 
 # (command, flag) -> issue; (command, "") means the subcommand itself.
 PENDING: dict[tuple[str, str], int] = {
-    ("control-plane", "--namespaces"): 15,
-    ("control-plane", "--debounce"): 15,
     # certificates=self: the control plane makes its CA (issue 17's control-plane half).
     ("control-plane", "--webhook-secret"): 17,
     ("control-plane", "--webhook-dns-name"): 17,

@@ -162,7 +162,8 @@ async def test_a_pod_subresource_or_update_is_allowed_untouched(webhook: Webhook
 
 async def test_a_mesh_file_edit_changes_what_is_injected(webhook: Webhook) -> None:
     webhook.mesh.write_text(MESH.format(tag="2.0"))
-    assert webhook.plane.reload()
+    assert webhook.plane.source is not None
+    assert await webhook.plane.publish(await webhook.plane.source.first())
     review = admission_review(pod())
     proxy = patched(review, await webhook.review(review))["spec"]["initContainers"][1]
     assert proxy["image"] == "registry.example/outrigger:2.0"
