@@ -67,12 +67,19 @@ Encodings:
 - Tracing: the outbound HCM's ``tracing.random_sampling`` = sampling x 100 (a percentage).
 
 Output is deterministic: the same mesh gives byte-identical resources and the same version.
+
+`translate_update` is the same translation given the previous one: when only the endpoints of
+services changed (pods started, stopped, became ready: most changes in a cluster), it reuses
+every Listener, RouteConfiguration and Cluster message and builds only the changed
+ClusterLoadAssignments. Its output equals `translate_namespaces`' message for message, so the
+versions do not depend on which path built them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -579,6 +586,61 @@ def translate_namespaces(mesh: Mesh) -> tuple[Resources, dict[str, Resources]]:
 
     namespaces = sorted({s.namespace for s in services})
     return for_namespace(None), {ns: for_namespace(ns) for ns in namespaces}
+
+
+@dataclass(frozen=True, slots=True)
+class Translation:
+    """A mesh and what `translate_namespaces` makes of it; `translate_update` reuses it.
+
+    Nothing here is ever changed in place: a caller that adds to a set of resources (the control
+    plane's lingering clusters) copies the set first."""
+
+    mesh: Mesh
+    default: Resources
+    by_namespace: Mapping[str, Resources]
+    endpoints_only: bool = False  # built from the previous translation: only EDS changed
+
+
+def _endpoint_changes(old: Mesh, new: Mesh) -> list[MeshService] | None:
+    """The services of `new` whose endpoints alone differ from `old`'s, when nothing else
+    differs (the same services in the same order, the same mesh-wide settings, no headless
+    service changed: their endpoints are route domains); None otherwise."""
+    if len(old.services) != len(new.services):
+        return None
+    if dataclasses.replace(old, services=()) != dataclasses.replace(new, services=()):
+        return None
+    changed = []
+    for before, after in zip(old.services, new.services, strict=True):
+        if before is after or before == after:
+            continue
+        if before.headless or after.headless:
+            return None
+        if dataclasses.replace(before, endpoints=()) != dataclasses.replace(after, endpoints=()):
+            return None
+        changed.append(after)
+    return changed
+
+
+def translate_update(mesh: Mesh, previous: Translation | None = None) -> Translation:
+    """`translate_namespaces(mesh)`, built from `previous` when only endpoints changed (see the
+    module docstring); equal, message for message, to a full translation either way."""
+    changed = _endpoint_changes(previous.mesh, mesh) if previous is not None else None
+    if previous is None or changed is None:
+        default, by_namespace = translate_namespaces(mesh)
+        return Translation(mesh, default, by_namespace)
+    endpoints = dict(previous.default[ENDPOINT_TYPE])
+    for service in changed:
+        endpoints[cluster_name(service)] = _load_assignment(service)
+
+    def with_endpoints(resources: Resources) -> Resources:
+        return {**resources, ENDPOINT_TYPE: endpoints}  # one dict, shared by every set
+
+    return Translation(
+        mesh,
+        with_endpoints(previous.default),
+        {ns: with_endpoints(r) for ns, r in previous.by_namespace.items()},
+        endpoints_only=True,
+    )
 
 
 def translate(mesh: Mesh, namespace: str = "default") -> Resources:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,10 @@ from mesh.translate import (
     LISTENER_TYPE,
     PASSTHROUGH_CLUSTER,
     ROUTE_TYPE,
+    Translation,
     translate,
     translate_namespaces,
+    translate_update,
 )
 from mesh.xds import POLICY_METADATA, resources_version
 
@@ -407,3 +410,83 @@ def test_each_cluster_carries_its_policy_and_where_each_value_came_from() -> Non
     assert metadata["policy"]["timeout"] == {"value": "3s", "origin": "mesh"}
     assert metadata["policy"]["retry-attempts"] == {"value": "2", "origin": "service"}
     assert metadata["policy"]["load-balancer"] == {"value": "round_robin", "origin": "built-in"}
+
+
+# -- translate_update: an endpoint change reuses the previous translation ---------------------
+
+
+def shop(payments: list[str], *, timeout: str = "2s", headless: bool = False) -> Any:
+    orders: dict[str, Any] = {"name": "orders", "namespace": "shop", "endpoints": ["10.0.1.1:80"]}
+    payments_service: dict[str, Any] = {
+        "name": "payments",
+        "namespace": "bank",
+        "endpoints": payments,
+        "policy": {"timeout": timeout},
+    }
+    if not headless:
+        payments_service["addresses"] = ["10.96.0.10"]
+    mesh = parse_mesh({"services": [orders, payments_service]}, "mesh.yaml")
+    if headless:  # the mesh file has no headless services; the cluster source makes them
+        services = tuple(
+            dataclasses.replace(s, headless=True) if s.name == "payments" else s
+            for s in mesh.services
+        )
+        mesh = dataclasses.replace(mesh, services=services)
+    return mesh
+
+
+def serialized(resources: dict[str, dict[str, Any]]) -> dict[str, dict[str, bytes]]:
+    return {
+        t: {n: m.SerializeToString(deterministic=True) for n, m in r.items()}
+        for t, r in resources.items()
+    }
+
+
+def assert_same_as_full(update: Translation, mesh: Mesh) -> None:
+    others, by_namespace = translate_namespaces(mesh)
+    assert serialized(update.default) == serialized(others)
+    assert update.by_namespace.keys() == by_namespace.keys()
+    for ns, resources in by_namespace.items():
+        assert serialized(update.by_namespace[ns]) == serialized(resources)
+
+
+def test_an_endpoint_change_rebuilds_only_that_assignment() -> None:
+    before = translate_update(shop(["10.0.2.1:8080", "10.0.2.2:8080"]))
+    mesh = shop(["10.0.2.1:8080", "10.0.2.3:8080"])
+    after = translate_update(mesh, before)
+    assert after.endpoints_only
+    assert_same_as_full(after, mesh)
+    payments = "outbound|80||payments.bank.svc.cluster.local"
+    for old, new in [(before.default, after.default), *(
+        (before.by_namespace[ns], after.by_namespace[ns]) for ns in before.by_namespace
+    )]:  # fmt: skip
+        for type_url in (LISTENER_TYPE, ROUTE_TYPE, CLUSTER_TYPE):
+            assert new[type_url] is old[type_url]  # the very messages: nothing re-encoded
+        assert new[ENDPOINT_TYPE][payments] is not old[ENDPOINT_TYPE][payments]
+        orders = "outbound|80||orders.shop.svc.cluster.local"
+        assert new[ENDPOINT_TYPE][orders] is old[ENDPOINT_TYPE][orders]
+    # One dict of assignments, shared by every namespace's set (encoded once).
+    assert len({id(r[ENDPOINT_TYPE]) for r in after.by_namespace.values()}) == 1
+    assert after.by_namespace["shop"][ENDPOINT_TYPE] is after.default[ENDPOINT_TYPE]
+
+
+def test_any_other_change_is_translated_in_full() -> None:
+    before = translate_update(shop(["10.0.2.1:8080"]))
+    for mesh in (
+        shop(["10.0.2.1:8080"], timeout="3s"),  # policy
+        dataclasses.replace(shop(["10.0.2.1:8080"]), outbound_policy="registry_only"),
+        dataclasses.replace(shop(["10.0.2.1:8080"]), services=shop([]).services[:1]),  # removed
+    ):
+        after = translate_update(mesh, before)
+        assert not after.endpoints_only
+        assert_same_as_full(after, mesh)
+
+
+def test_a_headless_service_s_endpoints_are_route_domains_so_they_translate_in_full() -> None:
+    before = translate_update(shop(["10.0.2.1:8080"], headless=True))
+    mesh = shop(["10.0.2.9:8080"], headless=True)
+    after = translate_update(mesh, before)
+    assert not after.endpoints_only
+    assert_same_as_full(after, mesh)
+    pods = vhost_domains(after.default, "payments.bank.svc.cluster.local:80")
+    assert "10.0.2.9:8080" in pods and "10.0.2.1:8080" not in pods
