@@ -21,6 +21,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ from control_plane.webhooks.server import WebhookError, WebhookServer
 from mesh.injection import Injection
 from mesh.model import parse_call
 from mesh.policy import parse_duration
-from mesh.translate import translate_namespaces
+from mesh.translate import Translation, translate_update
 
 log = logging.getLogger("outrigger.control_plane")
 
@@ -91,6 +92,7 @@ class ControlPlane:
         self.problems: tuple[SourceProblem, ...] = ()
         self.lingering = Lingering()
         self._last_update: Update | None = None
+        self._translation: Translation | None = None  # of the snapshots served
         self._expiry: asyncio.TimerHandle | None = None
         self._publishing = asyncio.Lock()
         # The last good mesh's injection: section and traces endpoint, for /inject.
@@ -113,10 +115,11 @@ class ControlPlane:
                 raise update
             # Translation and encoding hold the GIL but not the loop: streams keep flowing.
             loop = asyncio.get_running_loop()
-            previous = self.cache.get("")
-            default, by_namespace, expires = await asyncio.to_thread(
-                _snapshots, update, self.lingering, previous, loop.time()
+            started = time.perf_counter()
+            translation, default, by_namespace, expires = await asyncio.to_thread(
+                _snapshots, update, self._translation, self.cache, self.lingering, loop.time()
             )
+            built = time.perf_counter() - started
         except (SourceError, SnapshotError) as exc:
             current = self.cache.get("")
             self.last_error = str(exc)
@@ -130,6 +133,9 @@ class ControlPlane:
             return False
         self.last_error = ""
         self._last_update = update
+        self._translation = translation
+        kind = "endpoints" if translation.endpoints_only else "full"
+        self.metrics.snapshot_build.labels(kind).observe(built)
         self.injection, self.otlp_endpoint = (
             update.mesh.injection,
             update.mesh.tracing.otlp_endpoint,
@@ -139,10 +145,12 @@ class ControlPlane:
         if self.cache.set_snapshot(default, by_namespace):
             self.metrics.config_reloads.inc()
             log.info(
-                "serving version %s %s (%d namespaces with their own routes)",
+                "serving version %s %s (%d namespaces with their own routes; %s build %.3fs)",
                 default.version,
                 dict(version_summary(default)),
                 len(by_namespace),
+                kind,
+                built,
             )
         return True
 
@@ -397,9 +405,18 @@ def run_control_plane(args: argparse.Namespace) -> int:
 
 
 def _snapshots(
-    update: Update, lingering: Lingering, previous: XdsSnapshot | None, now: float
-) -> tuple[XdsSnapshot, dict[str, XdsSnapshot], float | None]:
-    default, by_namespace = translate_namespaces(update.mesh)
-    expires = lingering.hold(previous, default, by_namespace, now)
-    snapshot, snapshots = make_snapshots(default, by_namespace)
-    return snapshot, snapshots, expires
+    update: Update,
+    translation: Translation | None,
+    cache: SnapshotCache,
+    lingering: Lingering,
+    now: float,
+) -> tuple[Translation, XdsSnapshot, dict[str, XdsSnapshot], float | None]:
+    """Translate (from the previous translation: see `mesh.translate.translate_update`), add
+    the lingering clusters and encode (reusing what the served snapshots encoded)."""
+    translation = translate_update(update.mesh, translation)
+    default = dict(translation.default)  # copies: lingering adds to them
+    by_namespace = {ns: dict(r) for ns, r in translation.by_namespace.items()}
+    previous = cache.current()
+    expires = lingering.hold(previous[0], default, by_namespace, now)
+    snapshot, snapshots = make_snapshots(default, by_namespace, previous)
+    return translation, snapshot, snapshots, expires

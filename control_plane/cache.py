@@ -16,13 +16,20 @@ own namespace's service), so the cache holds one snapshot per namespace that has
 default for every other node; a stream is served the snapshot of the namespace its node's
 metadata names. `make_snapshots` encodes a type's resources once when every namespace shares
 them (the Clusters and ClusterLoadAssignments), so their versions are identical everywhere.
+
+Given the snapshots being replaced, `make_snapshots` serializes only the messages that are not
+the very objects the previous snapshot holds (`mesh.translate.translate_update` reuses every
+unchanged message), and records per type which resources changed since (`TypeResources.changed`):
+the ADS server sends a stream that ACKed the previous version only those, where the protocol
+allows it (RouteConfigurations and ClusterLoadAssignments).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from envoy.config.listener.v3 import listener_pb2
@@ -44,6 +51,7 @@ from mesh.xds import (
 # Make-before-break order for pushes (the xDS spec's ADS ordering): clusters and their
 # endpoints before the listeners and routes that point at them.
 PUSH_ORDER: tuple[str, ...] = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+SELECTIONS_KEPT = 64  # distinct named subscriptions remembered per type and snapshot
 
 
 class SnapshotError(Exception):
@@ -59,20 +67,61 @@ class TypeResources:
     encoded: Mapping[str, bytes]  # name -> DiscoveryResponse `resources` field bytes
     digests: Mapping[str, str]  # name -> content hash
     all_encoded: bytes  # every resource, in name order: the wildcard answer
+    # History, not content (equality ignores it): the version `changed` is counted from ("":
+    # none), and the names added or changed since.
+    previous_version: str = field(default="", compare=False)
+    changed: frozenset[str] = field(default=frozenset(), compare=False)
+    # names -> select()'s answer: every stream with the same subscription shares one
+    _selected: dict[frozenset[str], tuple[bytes, str]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
-    def select(self, names: frozenset[str] | None) -> tuple[bytes, tuple[str, ...]]:
+    def select(self, names: frozenset[str] | None) -> tuple[bytes, str]:
         """The resources field bytes for a subscription (None: wildcard) and its content key.
 
         Names the snapshot does not have are left out (the client's does-not-exist timer
         decides); the key changes exactly when the selected content does.
         """
         if names is None:
-            return self.all_encoded, (self.version,)
-        present = sorted(n for n in names if n in self.encoded)
-        return (
-            b"".join(self.encoded[n] for n in present),
-            tuple(f"{n}={self.digests[n]}" for n in present),
-        )
+            return self.all_encoded, self.version
+        found = self._selected.get(names)
+        if found is None:
+            present = sorted(n for n in names if n in self.encoded)
+            key = _hash(f"{n}={self.digests[n]}".encode() for n in present)
+            found = (b"".join(self.encoded[n] for n in present), key)
+            if len(self._selected) >= SELECTIONS_KEPT:
+                self._selected.clear()
+            self._selected[names] = found
+        return found
+
+    def changes(self, names: frozenset[str]) -> bytes:
+        """The resources field bytes of the subscribed names changed since previous_version."""
+        return b"".join(self.encoded[n] for n in sorted(self.changed.intersection(names)))
+
+
+Refs = tuple[tuple[str, str], ...]  # (where in the message, the name it refers to)
+
+
+class References:
+    """What each message refers to (route configurations, clusters, assignments), worked out
+    once per message object and reused: by every namespace's check, and by the next snapshots'
+    for the messages they share (messages are never changed once translated). `seal()` drops
+    what only the previous snapshots used."""
+
+    def __init__(self, previous: References | None = None) -> None:
+        self._previous = previous._found if previous is not None else {}
+        self._found: dict[int, tuple[Message, Refs]] = {}  # id -> (message kept alive, refs)
+
+    def of(self, message: Message, extract: Callable[[Any], Refs]) -> Refs:
+        key = id(message)
+        hit = self._found.get(key) or self._previous.get(key)
+        if hit is None or hit[0] is not message:
+            hit = (message, extract(message))
+        self._found[key] = hit
+        return hit[1]
+
+    def seal(self) -> None:
+        self._previous = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +130,7 @@ class XdsSnapshot:
 
     version: str
     types: Mapping[str, TypeResources]
+    references: References = field(default_factory=References, compare=False, repr=False)
 
     def of(self, type_url: str) -> TypeResources:
         found = self.types.get(type_url)
@@ -99,14 +149,20 @@ def _encode_type(
     type_url: str,
     messages: Mapping[str, Message],
     by_message: dict[int, tuple[bytes, str]] | None = None,
+    previous: TypeResources | None = None,
 ) -> TypeResources:
     """Serialize every resource once; `by_message` (by the id of a message alive for the whole
-    call) reuses the bytes of a message several sets share."""
+    call) reuses the bytes of a message several sets share, `previous` those of a message it
+    holds (the same object: messages are never changed once translated)."""
+    if previous is not None and _same_messages(previous.messages, messages):
+        return dataclasses.replace(previous, previous_version=previous.version, changed=frozenset())
     encoded: dict[str, bytes] = {}
     digests: dict[str, str] = {}
     for name in sorted(messages):
         message = messages[name]
         done = by_message.get(id(message)) if by_message is not None else None
+        if done is None and previous is not None and previous.messages.get(name) is message:
+            done = (previous.encoded[name], previous.digests[name])
         if done is None:
             payload = message.SerializeToString(deterministic=True)
             wrapped = any_pb2.Any(type_url=type_url, value=payload)
@@ -116,20 +172,53 @@ def _encode_type(
                 by_message[id(message)] = done
         encoded[name], digests[name] = done
     version = _hash(f"{n}={d}".encode() for n, d in digests.items())
+    changed: frozenset[str] = frozenset()
+    if previous is not None:
+        old = previous.digests
+        changed = frozenset(n for n, d in digests.items() if old.get(n) != d)
     return TypeResources(
         version=version,
         messages=dict(messages),
         encoded=encoded,
         digests=digests,
         all_encoded=b"".join(encoded.values()),
+        previous_version=previous.version if previous is not None else "",
+        changed=changed,
     )
+
+
+def _same_messages(old: Mapping[str, Message], new: Mapping[str, Message]) -> bool:
+    return len(old) == len(new) and all(old.get(name) is m for name, m in new.items())
 
 
 _EMPTY = _encode_type("", {})
 
 
-def check_consistency(resources: Resources) -> None:
+def _listener_refs(listener: Any) -> Refs:
+    return tuple(("", name) for name in route_names_of(listener))
+
+
+def _route_refs(config: Any) -> Refs:
+    refs = []
+    for vhost in config.virtual_hosts:
+        for route in vhost.routes:
+            if not route.HasField("route"):
+                continue
+            action = route.route
+            if action.cluster:
+                refs.append((vhost.name, action.cluster))
+            refs += [(vhost.name, w.name) for w in action.weighted_clusters.clusters]
+    return tuple(refs)
+
+
+def _cluster_refs(cluster: Any) -> Refs:
+    eds_name = eds_name_of(cluster)
+    return (("", eds_name),) if eds_name is not None else ()
+
+
+def check_consistency(resources: Resources, references: References | None = None) -> None:
     """Raise SnapshotError unless every reference between the resources resolves."""
+    refs = references if references is not None else References()
     listeners = resources.get(LISTENER_TYPE, {})
     routes = resources.get(ROUTE_TYPE, {})
     clusters = resources.get(CLUSTER_TYPE, {})
@@ -137,29 +226,24 @@ def check_consistency(resources: Resources) -> None:
     for name, listener in listeners.items():
         if not isinstance(listener, listener_pb2.Listener):
             raise SnapshotError(f"listener {name!r} is a {type(listener).__name__}")
-        for route_name in route_names_of(listener):
+        for _, route_name in refs.of(listener, _listener_refs):
             if route_name not in routes:
                 raise SnapshotError(
                     f"listener {name!r} refers to missing route configuration {route_name!r}"
                 )
     for name, config in routes.items():
-        for vhost in cast(Any, config).virtual_hosts:
-            for route in vhost.routes:
-                if not route.HasField("route"):
-                    continue
-                action = route.route
-                targets = [action.cluster] if action.cluster else []
-                targets += [w.name for w in action.weighted_clusters.clusters]
-                for target in targets:
-                    if target not in clusters:
-                        raise SnapshotError(
-                            f"route configuration {name!r} virtual host {vhost.name!r} "
-                            f"routes to missing cluster {target!r}"
-                        )
+        for vhost, target in refs.of(config, _route_refs):
+            if target not in clusters:
+                raise SnapshotError(
+                    f"route configuration {name!r} virtual host {vhost!r} "
+                    f"routes to missing cluster {target!r}"
+                )
     for name, cluster in clusters.items():
-        eds_name = eds_name_of(cluster)
-        if eds_name is not None and eds_name not in endpoints:
-            raise SnapshotError(f"EDS cluster {name!r} has no ClusterLoadAssignment {eds_name!r}")
+        for _, eds_name in refs.of(cluster, _cluster_refs):
+            if eds_name not in endpoints:
+                raise SnapshotError(
+                    f"EDS cluster {name!r} has no ClusterLoadAssignment {eds_name!r}"
+                )
 
 
 def make_snapshot(
@@ -167,21 +251,28 @@ def make_snapshot(
     version: str | None = None,
     *,
     check: bool = True,
+    previous: XdsSnapshot | None = None,
     _encoded: dict[int, TypeResources] | None = None,
     _by_message: dict[int, tuple[bytes, str]] | None = None,
+    _references: References | None = None,
 ) -> XdsSnapshot:
-    """Check `resources` (unless `check` is False: tests injecting bad config) and encode them.
+    """Check `resources` (unless `check` is False: tests injecting bad config) and encode them,
+    reusing what `previous` (the snapshot this one replaces) already encoded.
 
     `version` defaults to a hash of every type's version.
     """
+    references = _references
+    if references is None:
+        references = References(previous.references if previous is not None else None)
     if check:
-        check_consistency(resources)
+        check_consistency(resources, references)
     memo = _encoded if _encoded is not None else {}
 
     def encode(type_url: str, messages: Mapping[str, Message]) -> TypeResources:
         found = memo.get(id(messages))
         if found is None:
-            found = memo[id(messages)] = _encode_type(type_url, messages, _by_message)
+            before = previous.types.get(type_url) if previous is not None else None
+            found = memo[id(messages)] = _encode_type(type_url, messages, _by_message, before)
         return found
 
     types = {t: encode(t, resources.get(t, {})) for t in PUSH_ORDER}
@@ -190,21 +281,38 @@ def make_snapshot(
             types[type_url] = encode(type_url, messages)
     if version is None:
         version = _hash(f"{t}={r.version}".encode() for t, r in sorted(types.items()))
-    return XdsSnapshot(version=version, types=types)
+    if _references is None:
+        references.seal()
+    return XdsSnapshot(version=version, types=types, references=references)
 
 
 def make_snapshots(
-    default: Resources, by_namespace: Mapping[str, Resources]
+    default: Resources,
+    by_namespace: Mapping[str, Resources],
+    previous: tuple[XdsSnapshot | None, Mapping[str, XdsSnapshot]] = (None, {}),
 ) -> tuple[XdsSnapshot, dict[str, XdsSnapshot]]:
     """Snapshots for `mesh.translate.translate_namespaces`'s output; a type dict shared by
-    several namespaces (the same object) is encoded once."""
+    several namespaces (the same object) is encoded once, and a message the `previous`
+    snapshots (default, by namespace) hold is not encoded again."""
     memo: dict[int, TypeResources] = {}
     by_message: dict[int, tuple[bytes, str]] = {}  # the messages stay alive: ids are stable
-    snapshot = make_snapshot(default, _encoded=memo, _by_message=by_message)
+    old_default, old_by_namespace = previous
+    references = References(old_default.references if old_default is not None else None)
+
+    def make(resources: Resources, before: XdsSnapshot | None) -> XdsSnapshot:
+        return make_snapshot(
+            resources,
+            previous=before,
+            _encoded=memo,
+            _by_message=by_message,
+            _references=references,
+        )
+
+    snapshot = make(default, old_default)
     snapshots = {
-        ns: make_snapshot(r, _encoded=memo, _by_message=by_message)
-        for ns, r in sorted(by_namespace.items())
+        ns: make(r, old_by_namespace.get(ns, old_default)) for ns, r in sorted(by_namespace.items())
     }
+    references.seal()
     return snapshot, snapshots
 
 
@@ -293,6 +401,11 @@ class SnapshotCache:
         for watcher in list(self._watchers):
             watcher()
         return True
+
+    def current(self) -> tuple[XdsSnapshot | None, dict[str, XdsSnapshot]]:
+        """The snapshots served: the default and the namespaces' own (`make_snapshots`'
+        `previous`)."""
+        return self._default, dict(self._by_namespace)
 
     def get(self, namespace: str = "") -> XdsSnapshot | None:
         """The snapshot for a node in `namespace` ("" or unknown: the default)."""

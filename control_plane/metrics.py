@@ -44,6 +44,14 @@ class ControlPlaneMetrics:
             "Mesh configuration changes published as a new snapshot",
             registry=self.registry,
         )
+        self.snapshot_build = Histogram(
+            "outrigger_snapshot_build_seconds",
+            "Time to translate a mesh update and encode its snapshots, by kind: endpoints (only "
+            "endpoints changed: the previous translation is reused) or full",
+            ["kind"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=self.registry,
+        )
         self.invalid_config_reloads = Counter(
             "outrigger_config_invalid_reloads",
             "Mesh configuration changes refused (the last good snapshot stays)",

@@ -12,7 +12,11 @@ and the last NACK. The rules, from the xDS protocol spec:
 - Empty `resource_names` (or "*") subscribes to everything only for LDS and CDS; for RDS and
   EDS only the named resources are sent.
 - When the snapshot changes, each subscribed type whose selected content changed is pushed,
-  clusters and endpoints before listeners and routes.
+  clusters and endpoints before listeners and routes. LDS and CDS responses carry every
+  resource; an RDS or EDS response need only carry the resources that changed (the xDS spec:
+  a client keeps the named resources a response leaves out), so a stream that ACKed the version
+  the change is counted from is sent just those: an endpoint change is one ClusterLoadAssignment
+  per stream, not all of them. Any other stream gets its whole subscription.
 
 Responses are assembled from the snapshot's pre-serialized resource bytes (see cache.py), so the
 method is registered with a bytes-passthrough response serializer.
@@ -42,6 +46,7 @@ log = logging.getLogger("outrigger.control_plane.ads")
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 CONTROL_PLANE_ID = "outrigger"
+NAME_SETS_KEPT = 1024
 
 
 @dataclass(slots=True)
@@ -51,7 +56,9 @@ class TypeState:
     names: frozenset[str] | None = None  # None: wildcard
     nonce_sent: str = ""
     version_sent: str = ""
-    sent_key: tuple[str, ...] | None = None  # content key of the last response
+    sent_key: str | None = None  # content key of what the client holds once it has it all
+    basis: str = ""  # the type version whose content (for `names`) that is
+    acked: bool = False  # the last response was ACKed (not NACKed, not unanswered)
     sent_at: float | None = None  # monotonic; cleared when ACKed or NACKed
     version_acked: str = ""
     last_nack: str = ""
@@ -134,6 +141,17 @@ class AdsServer:
         self.streams: dict[int, StreamState] = {}
         self._ids = itertools.count(1)
         self._nonces = itertools.count(1)
+        self._name_sets: dict[frozenset[str], frozenset[str]] = {}
+
+    def _intern(self, names: frozenset[str]) -> frozenset[str]:
+        """One shared object per distinct subscription: thousands of sidecars naming the same
+        resources hold one set, and the snapshots' selection memo finds it by identity."""
+        found = self._name_sets.get(names)
+        if found is None:
+            if len(self._name_sets) >= NAME_SETS_KEPT:
+                self._name_sets.clear()
+            found = self._name_sets[names] = names
+        return found
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         method = grpc.stream_stream_rpc_method_handler(
@@ -224,7 +242,7 @@ class AdsServer:
         if "*" in names_list or (not names_list and type_url in WILDCARD_TYPES):
             names: frozenset[str] | None = None
         else:
-            names = frozenset(names_list)
+            names = self._intern(frozenset(names_list))
         ts = stream.types.get(type_url)
         nonce = cast(str, request.response_nonce)
         snapshot = self.cache.get(stream.namespace)
@@ -255,11 +273,13 @@ class AdsServer:
             ts.last_nack = cast(str, req.error_detail.message) or f"code {req.error_detail.code}"
             ts.nacked_version = ts.version_sent
             ts.sent_at = None
+            ts.acked = False
             self.metrics.nacks.labels(label).inc()
             log.warning("node %s NACKed %s version %s: %s", stream.node_id, label,
                         ts.version_sent, ts.last_nack)  # fmt: skip
             return
         ts.version_acked = cast(str, req.version_info)
+        ts.acked = True
         if ts.sent_at is not None:
             self.metrics.push_latency.labels(label).observe(time.monotonic() - ts.sent_at)
             ts.sent_at = None
@@ -267,16 +287,32 @@ class AdsServer:
     def _respond_if_changed(
         self, stream: StreamState, type_url: str, ts: TypeState, snapshot: XdsSnapshot
     ) -> bytes | None:
-        _, key = snapshot.of(type_url).select(ts.names)
+        resources = snapshot.of(type_url)
+        _, key = resources.select(ts.names)
         if key == ts.sent_key:
+            ts.basis = resources.version  # nothing it holds changed
             return None
-        return self._respond(stream, type_url, ts, snapshot)
+        only_changes = (
+            ts.names is not None
+            and ts.acked
+            and resources.previous_version != ""
+            and ts.basis == resources.previous_version
+        )
+        return self._respond(stream, type_url, ts, snapshot, only_changes=only_changes)
 
     def _respond(
-        self, stream: StreamState, type_url: str, ts: TypeState, snapshot: XdsSnapshot
+        self,
+        stream: StreamState,
+        type_url: str,
+        ts: TypeState,
+        snapshot: XdsSnapshot,
+        *,
+        only_changes: bool = False,
     ) -> bytes:
         resources = snapshot.of(type_url)
         body, key = resources.select(ts.names)
+        if only_changes and ts.names is not None:
+            body = resources.changes(ts.names)
         nonce = str(next(self._nonces))
         head = discovery_pb2.DiscoveryResponse(
             version_info=resources.version, type_url=type_url, nonce=nonce
@@ -284,6 +320,8 @@ class AdsServer:
         ts.nonce_sent = nonce
         ts.version_sent = resources.version
         ts.sent_key = key
+        ts.basis = resources.version
+        ts.acked = False
         ts.sent_at = time.monotonic()
         self.metrics.pushes.labels(short_type(type_url)).inc()
         return cast(bytes, head) + body

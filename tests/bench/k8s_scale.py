@@ -123,12 +123,14 @@ def time_lists(base: str) -> float:
 
 
 def build_seconds(http: str) -> tuple[float, int] | None:
-    """The control plane's `outrigger_snapshot_build_seconds` sum and count (None: no metric)."""
+    """The control plane's `outrigger_snapshot_build_seconds` sum and count over its kinds
+    (None: a control plane without the metric)."""
     text = get(f"http://{http}/metrics").decode()
-    found = dict(re.findall(r"^outrigger_snapshot_build_seconds_(sum|count) (\S+)$", text, re.M))
-    if len(found) < 2:
+    found = re.findall(r"^outrigger_snapshot_build_seconds_(sum|count)\{[^}]*\} (\S+)$", text, re.M)
+    if not found:
         return None
-    return float(found["sum"]), int(float(found["count"]))
+    total = sum(float(v) for k, v in found if k == "sum")
+    return total, int(sum(float(v) for k, v in found if k == "count"))
 
 
 def harness(args: argparse.Namespace) -> int:

@@ -136,6 +136,31 @@ async def test_a_mesh_edit_is_applied(plane: ControlPlane, tmp_path: Path) -> No
         await sidecar.stop()
 
 
+async def test_an_endpoint_edit_sends_one_assignment_and_the_sidecar_keeps_the_others(
+    plane: ControlPlane,
+) -> None:
+    sidecar = Sidecar(f"127.0.0.1:{plane.xds_port}")
+    sidecar.start()
+    try:
+        async with asyncio.timeout(5):
+            await sidecar.client.ready.wait()
+        [stream] = plane.ads.streams.values()
+        await _wait_for(lambda: stream.types[ENDPOINT_TYPE].acked)
+        assert plane.mesh_path is not None
+        plane.mesh_path.write_text(mesh_text(9002))  # payments moves; orders stays
+        await _wait_for(lambda: _ports(sidecar.applied[-1]) == [9002])
+        snapshot = plane.cache.get("")
+        assert snapshot is not None
+        # The push carried only payments' assignment (the stream had ACKed the version before).
+        assert snapshot.of(ENDPOINT_TYPE).changed == {_cluster("payments")}
+        assert _ports(sidecar.applied[-1], "orders") == [9101]
+        await _wait_for(
+            lambda: stream.types[ENDPOINT_TYPE].version_acked == snapshot.of(ENDPOINT_TYPE).version
+        )
+    finally:
+        await sidecar.stop()
+
+
 async def test_a_config_it_cannot_apply_is_nacked_and_the_previous_snapshot_stays(
     plane: ControlPlane,
 ) -> None:
