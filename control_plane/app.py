@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import resource
 import signal
 import sys
 import time
@@ -39,7 +40,15 @@ from control_plane.cache import (
     make_snapshots,
 )
 from control_plane.metrics import CONTENT_TYPE, ControlPlaneMetrics
-from control_plane.server import ADS_SERVICE, AdsServer, CsdsServer, syncz, version_summary
+from control_plane.server import (
+    ADS_SERVICE,
+    DEFAULT_MAX_STREAMS,
+    AdsServer,
+    CsdsServer,
+    server_options,
+    syncz,
+    version_summary,
+)
 from control_plane.sources import Source, SourceError, SourceProblem, Update
 from control_plane.sources.file import FileSource
 from control_plane.status import PROBLEMS_METHOD, PROBLEMS_SERVICE
@@ -77,6 +86,7 @@ class ControlPlane:
         source: Source | None = None,
         poll_interval: float = 0.1,
         debounce: float = 0.2,
+        max_streams: int = DEFAULT_MAX_STREAMS,
     ) -> None:
         self.mesh_path = mesh_path
         if source is None and mesh_path is not None:
@@ -84,7 +94,7 @@ class ControlPlane:
         self.source = source
         self.cache = SnapshotCache()
         self.metrics = ControlPlaneMetrics()
-        self.ads = AdsServer(self.cache, self.metrics)
+        self.ads = AdsServer(self.cache, self.metrics, max_streams)
         self.health = health_aio.HealthServicer()
         self.xds_port = 0
         self.http_port = 0
@@ -203,7 +213,7 @@ class ControlPlane:
                 raise ControlPlaneError(str(exc)) from None
             if not await self.publish(first):
                 raise ControlPlaneError(f"{self.source.description}: {self.last_error}")
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=server_options(self.ads.max_streams))
         server.add_generic_rpc_handlers((self.ads.handler(),))
         csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(
             CsdsServer(self.ads), server
@@ -364,7 +374,13 @@ async def _main(args: argparse.Namespace) -> int:
     except ControlPlaneError as exc:
         print(f"outrigger control-plane: {exc}", file=sys.stderr)
         return 2
-    plane = ControlPlane(Path(args.mesh) if args.mesh else None, source=source)
+    if args.max_streams < 1:
+        print("outrigger control-plane: --max-streams must be 1 or more", file=sys.stderr)
+        return 2
+    open_files_limit(args.max_streams)
+    plane = ControlPlane(
+        Path(args.mesh) if args.mesh else None, source=source, max_streams=args.max_streams
+    )
     try:
         await plane.start(
             args.xds,
@@ -402,6 +418,31 @@ async def _main(args: argparse.Namespace) -> int:
 def run_control_plane(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     return asyncio.run(_main(args))
+
+
+FILES_BESIDE_STREAMS = 256  # descriptors the process needs besides one per sidecar connection
+
+
+def open_files_limit(max_streams: int) -> int:
+    """Raise the soft limit on open files to the hard one (each sidecar is a connection, a file
+    descriptor); warn when even that is short of `max_streams`. Returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, target, exc)
+    needed = max_streams + FILES_BESIDE_STREAMS
+    if soft < needed:
+        log.warning(
+            "the open files limit is %d, short of the %d that --max-streams %d needs (one "
+            "descriptor per sidecar): raise it (ulimit -n, LimitNOFILE, the container runtime's "
+            "nofile) or lower --max-streams; past it connections fail with no xDS refusal",
+            soft, needed, max_streams,
+        )  # fmt: skip
+    return soft
 
 
 def _snapshots(

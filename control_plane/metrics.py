@@ -20,6 +20,11 @@ class ControlPlaneMetrics:
             "ADS streams currently open",
             registry=self.registry,
         )
+        self.refused_streams = Counter(
+            "outrigger_xds_refused_streams",
+            "ADS streams refused with RESOURCE_EXHAUSTED: --max-streams were served already",
+            registry=self.registry,
+        )
         self.pushes = Counter(
             "outrigger_xds_pushes",
             "DiscoveryResponses sent, by type",

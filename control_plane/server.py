@@ -20,6 +20,11 @@ and the last NACK. The rules, from the xDS protocol spec:
 
 Responses are assembled from the snapshot's pre-serialized resource bytes (see cache.py), so the
 method is registered with a bytes-passthrough response serializer.
+
+At most `max_streams` streams are served at once: the first request of one more is answered
+with RESOURCE_EXHAUSTED and a message naming the limit, a refusal every xDS client (our
+sidecar, Envoy, gRPC) backs off from and retries, perhaps on another replica. `server_options`
+are the gRPC server settings that go with it (docs/architecture.md, "Control plane scale").
 """
 
 from __future__ import annotations
@@ -47,6 +52,31 @@ log = logging.getLogger("outrigger.control_plane.ads")
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 CONTROL_PLANE_ID = "outrigger"
 NAME_SETS_KEPT = 1024
+DEFAULT_MAX_STREAMS = 5000
+REFUSAL_LOG_INTERVAL = 10.0  # seconds between two warnings about refused streams
+
+
+def server_options(max_streams: int) -> list[tuple[str, int]]:
+    """gRPC server settings for `max_streams` sidecars.
+
+    - grpc-core queues new calls the application has not taken yet and, past 1,000 of them,
+      drops them at random (all past 3,000): a reconnect storm (a replica restarted) then fails
+      streams with a bare INTERNAL on the client. The queue may hold every allowed stream, so
+      they wait their turn (the event loop takes thousands a second) and the limit that
+      refuses is ours, with a message.
+    - Keepalive both ways: sidecars ping every 30 s (allowed from 10 s), and the server pings
+      idle connections every 60 s so the stream of a node that vanished without a FIN is freed
+      in about 80 s instead of the kernel's two hours.
+    """
+    backlog = max(max_streams, 1000)
+    return [
+        ("grpc.server.max_pending_requests", backlog),
+        ("grpc.server.max_pending_requests_hard_limit", backlog),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+    ]
 
 
 @dataclass(slots=True)
@@ -135,9 +165,17 @@ def _is_nack(request: Any) -> bool:
 class AdsServer:
     """StreamAggregatedResources over the snapshot cache; knows every open stream."""
 
-    def __init__(self, cache: SnapshotCache, metrics: ControlPlaneMetrics) -> None:
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        metrics: ControlPlaneMetrics,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+    ) -> None:
         self.cache = cache
         self.metrics = metrics
+        self.max_streams = max_streams
+        self.admitted = 0  # streams whose first request was accepted
+        self._last_refusal_log = -REFUSAL_LOG_INTERVAL
         self.streams: dict[int, StreamState] = {}
         self._ids = itertools.count(1)
         self._nonces = itertools.count(1)
@@ -219,6 +257,7 @@ class AdsServer:
             reader.cancel()
             unwatch()
             if stream.node is not None:
+                self.admitted -= 1
                 log.info("stream %d: node %s disconnected", stream.stream_id, stream.node_id)
             del self.streams[stream.stream_id]
             self.metrics.connected_proxies.dec()
@@ -231,6 +270,9 @@ class AdsServer:
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry node.id"
                 )
+            if self.admitted >= self.max_streams:
+                await self._refuse(request.node.id, stream.peer, context)
+            self.admitted += 1
             stream.node = base_pb2.Node()
             stream.node.CopyFrom(request.node)
             log.info("stream %d: node %s connected from %s", stream.stream_id,
@@ -263,6 +305,24 @@ class AdsServer:
             ts.names = names
             return self._respond(stream, type_url, ts, snapshot) if snapshot is not None else None
         return None
+
+    async def _refuse(
+        self, node_id: str, peer: str, context: grpc.aio.ServicerContext[Any, bytes]
+    ) -> None:
+        self.metrics.refused_streams.inc()
+        now = time.monotonic()
+        if now - self._last_refusal_log >= REFUSAL_LOG_INTERVAL:
+            self._last_refusal_log = now
+            log.warning(
+                "refusing xDS streams (node %s from %s and others): %d streams served, the "
+                "most --max-streams allows; outrigger_xds_refused_streams_total counts them",
+                node_id, peer, self.admitted,
+            )  # fmt: skip
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"this control plane serves {self.max_streams} xDS streams already (--max-streams); "
+            "retry with backoff, or connect to another replica",
+        )
 
     def _record_ack_or_nack(
         self, stream: StreamState, type_url: str, ts: TypeState, req: Any

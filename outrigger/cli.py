@@ -66,6 +66,13 @@ def _control_plane_parser(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--xds", default="127.0.0.1:15010", help="ADS gRPC listen address")
     p.add_argument("--http", default="127.0.0.1:15014", help="HTTP listen address (metrics)")
     p.add_argument(
+        "--max-streams",
+        type=int,
+        default=5000,
+        help="serve at most this many sidecars (ADS streams); more are refused with "
+        "RESOURCE_EXHAUSTED, which they retry with backoff (default 5000)",
+    )
+    p.add_argument(
         "--webhook",
         default=None,
         help="serve the admission webhooks (/inject) over HTTPS here, e.g. 0.0.0.0:15017",

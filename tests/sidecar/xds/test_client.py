@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -214,6 +215,41 @@ async def test_reconnects_and_resyncs_after_a_control_plane_restart(tmp_path: Pa
         if second is not None:
             async with asyncio.timeout(5):
                 await second.stop(0)
+
+
+async def test_a_control_plane_at_its_stream_limit_is_retried_until_it_has_room(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(mesh_text(9001))
+    plane = ControlPlane(mesh, max_streams=1)
+    async with asyncio.timeout(5):
+        await plane.start("127.0.0.1:0", None)
+    holder = Sidecar(f"127.0.0.1:{plane.xds_port}", node_id="orders~a")
+    waiting = Sidecar(f"127.0.0.1:{plane.xds_port}", node_id="payments~b")
+    try:
+        holder.start()
+        async with asyncio.timeout(5):
+            await holder.client.ready.wait()
+        with caplog.at_level(logging.WARNING, logger="outrigger.sidecar.xds.client"):
+            waiting.start()
+            registry = plane.metrics.registry
+            # Refused, backed off, refused again: it keeps trying.
+            await _wait_for(
+                lambda: (registry.get_sample_value("outrigger_xds_refused_streams_total") or 0) >= 2
+            )
+        assert "failed: RESOURCE_EXHAUSTED this control plane serves 1 xDS streams" in caplog.text
+        assert not waiting.client.ready.is_set()
+        await holder.stop()  # room for one: the waiting sidecar's next attempt is served
+        async with asyncio.timeout(5):
+            await waiting.client.ready.wait()
+        assert _ports(waiting.applied[-1]) == [9001]
+    finally:
+        for sidecar in (holder, waiting):
+            if sidecar.task is not None and not sidecar.task.done():
+                await sidecar.stop()
+        async with asyncio.timeout(5):
+            await plane.stop(0)
 
 
 async def test_cached_snapshot_is_applied_when_the_control_plane_is_down(
