@@ -54,6 +54,8 @@ CONTROL_PLANE_ID = "outrigger"
 NAME_SETS_KEPT = 1024
 DEFAULT_MAX_STREAMS = 5000
 REFUSAL_LOG_INTERVAL = 10.0  # seconds between two warnings about refused streams
+REFUSAL_SETTLE_QUIET = 0.05  # a refused client has sent its requests once it is this quiet
+REFUSAL_SETTLE_MAX = 0.5
 
 
 def server_options(max_streams: int) -> list[tuple[str, int]]:
@@ -250,6 +252,8 @@ class AdsServer:
                                 if response is not None:
                                     yield response
                     continue
+                if stream.node is None and self.admitted >= self.max_streams:
+                    await self._refuse(item, stream.peer, queue, context)
                 response = await self._on_request(stream, item, context)
                 if response is not None:
                     yield response
@@ -270,8 +274,6 @@ class AdsServer:
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry node.id"
                 )
-            if self.admitted >= self.max_streams:
-                await self._refuse(request.node.id, stream.peer, context)
             self.admitted += 1
             stream.node = base_pb2.Node()
             stream.node.CopyFrom(request.node)
@@ -307,8 +309,26 @@ class AdsServer:
         return None
 
     async def _refuse(
-        self, node_id: str, peer: str, context: grpc.aio.ServicerContext[Any, bytes]
+        self,
+        request: Any,
+        peer: str,
+        queue: asyncio.Queue[Any],
+        context: grpc.aio.ServicerContext[Any, bytes],
     ) -> None:
+        """RESOURCE_EXHAUSTED, once the client has sent what it sends before it reads: a
+        status that ends the call while the client still writes reaches it as a bare INTERNAL
+        (grpc.aio), not as this refusal."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REFUSAL_SETTLE_MAX
+        while loop.time() < deadline:
+            try:
+                async with asyncio.timeout(REFUSAL_SETTLE_QUIET):
+                    item = await queue.get()
+            except TimeoutError:
+                break
+            if isinstance(item, _Ended | BaseException):
+                break
+        node_id = request.node.id if request.HasField("node") else "?"
         self.metrics.refused_streams.inc()
         now = time.monotonic()
         if now - self._last_refusal_log >= REFUSAL_LOG_INTERVAL:
