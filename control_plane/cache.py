@@ -66,7 +66,6 @@ class TypeResources:
     messages: Mapping[str, Message]
     encoded: Mapping[str, bytes]  # name -> DiscoveryResponse `resources` field bytes
     digests: Mapping[str, str]  # name -> content hash
-    all_encoded: bytes  # every resource, in name order: the wildcard answer
     # History, not content (equality ignores it): the version `changed` is counted from ("":
     # none), and the names added or changed since.
     previous_version: str = field(default="", compare=False)
@@ -75,6 +74,15 @@ class TypeResources:
     _selected: dict[frozenset[str], tuple[bytes, str]] = field(
         default_factory=dict, compare=False, repr=False
     )
+    _all: list[bytes] = field(default_factory=list, compare=False, repr=False)
+
+    @property
+    def all_encoded(self) -> bytes:
+        """Every resource, in name order: the wildcard answer. Joined on first use, so the
+        always-named types (RDS, EDS) never hold a second copy of their bytes."""
+        if not self._all:
+            self._all.append(b"".join(self.encoded.values()))
+        return self._all[0]
 
     def select(self, names: frozenset[str] | None) -> tuple[bytes, str]:
         """The resources field bytes for a subscription (None: wildcard) and its content key.
@@ -181,7 +189,6 @@ def _encode_type(
         messages=dict(messages),
         encoded=encoded,
         digests=digests,
-        all_encoded=b"".join(encoded.values()),
         previous_version=previous.version if previous is not None else "",
         changed=changed,
     )
