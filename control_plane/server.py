@@ -54,8 +54,9 @@ CONTROL_PLANE_ID = "outrigger"
 NAME_SETS_KEPT = 1024
 DEFAULT_MAX_STREAMS = 5000
 REFUSAL_LOG_INTERVAL = 10.0  # seconds between two warnings about refused streams
-REFUSAL_SETTLE_QUIET = 0.05  # a refused client has sent its requests once it is this quiet
-REFUSAL_SETTLE_MAX = 0.5
+REFUSAL_SETTLE_QUIET = 0.25  # a refused client has sent its requests once it is this quiet
+REFUSAL_SETTLE_MAX = 2.0
+BACKLOG_PER_STREAM = 4  # new calls grpc-core may queue, per stream allowed (a storm's worth)
 
 
 def server_options(max_streams: int) -> list[tuple[str, int]]:
@@ -63,14 +64,15 @@ def server_options(max_streams: int) -> list[tuple[str, int]]:
 
     - grpc-core queues new calls the application has not taken yet and, past 1,000 of them,
       drops them at random (all past 3,000): a reconnect storm (a replica restarted) then fails
-      streams with a bare INTERNAL on the client. The queue may hold every allowed stream, so
-      they wait their turn (the event loop takes thousands a second) and the limit that
-      refuses is ours, with a message.
+      streams with a bare INTERNAL on the client. The queue may hold four times the streams
+      allowed (the sidecars of this replica and of others that went away), so they wait their
+      turn (the event loop takes thousands a second) and the limit that refuses is ours, with
+      a message.
     - Keepalive both ways: sidecars ping every 30 s (allowed from 10 s), and the server pings
       idle connections every 60 s so the stream of a node that vanished without a FIN is freed
       in about 80 s instead of the kernel's two hours.
     """
-    backlog = max(max_streams, 1000)
+    backlog = max(BACKLOG_PER_STREAM * max_streams, 1000)
     return [
         ("grpc.server.max_pending_requests", backlog),
         ("grpc.server.max_pending_requests_hard_limit", backlog),
@@ -205,7 +207,10 @@ class AdsServer:
 
     async def stream_aggregated_resources(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, bytes]
-    ) -> AsyncIterator[bytes]:
+    ) -> None:
+        """One ADS stream. Responses go out with `context.write`, and nothing of a request, a
+        response or a snapshot is kept between two of them: an idle stream holds only its
+        state (an async generator handler would keep its last response, often megabytes)."""
         stream = StreamState(stream_id=next(self._ids), peer=context.peer())
         # DiscoveryRequest (untyped protobuf), _CHANGED, _ENDED or the exception that broke it
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -239,24 +244,17 @@ class AdsServer:
                 if isinstance(item, BaseException):
                     log.debug("stream %d from %s broke: %s", stream.stream_id, stream.peer, item)
                     return
-                snapshot = self.cache.get(stream.namespace) if stream.node is not None else None
                 if isinstance(item, _Changed):
                     changed_pending = False
-                    if snapshot is not None:
-                        for type_url in PUSH_ORDER + tuple(
-                            t for t in stream.types if t not in PUSH_ORDER
-                        ):
-                            ts = stream.types.get(type_url)
-                            if ts is not None:
-                                response = self._respond_if_changed(stream, type_url, ts, snapshot)
-                                if response is not None:
-                                    yield response
+                    await self._push(stream, context)
                     continue
                 if stream.node is None and self.admitted >= self.max_streams:
                     await self._refuse(item, stream.peer, queue, context)
                 response = await self._on_request(stream, item, context)
+                item = None
                 if response is not None:
-                    yield response
+                    await context.write(response)
+                    response = None
         finally:
             reader.cancel()
             unwatch()
@@ -265,6 +263,20 @@ class AdsServer:
                 log.info("stream %d: node %s disconnected", stream.stream_id, stream.node_id)
             del self.streams[stream.stream_id]
             self.metrics.connected_proxies.dec()
+
+    async def _push(
+        self, stream: StreamState, context: grpc.aio.ServicerContext[Any, bytes]
+    ) -> None:
+        """The snapshot changed: send each subscribed type whose content changed, in order."""
+        snapshot = self.cache.get(stream.namespace) if stream.node is not None else None
+        if snapshot is None:
+            return
+        for type_url in PUSH_ORDER + tuple(t for t in stream.types if t not in PUSH_ORDER):
+            ts = stream.types.get(type_url)
+            if ts is not None:
+                response = self._respond_if_changed(stream, type_url, ts, snapshot)
+                if response is not None:
+                    await context.write(response)
 
     async def _on_request(
         self, stream: StreamState, request: Any, context: grpc.aio.ServicerContext[Any, bytes]
