@@ -1,7 +1,9 @@
 """`outrigger control-plane`: a source (the mesh file, or the Kubernetes API), the snapshot
 cache, ADS/CSDS/health over gRPC on the xDS port, `/metrics`, `/debug/syncz`,
-`/debug/problemz`, `/ready` on the HTTP port, and with `--webhook` the admission webhooks over
-HTTPS (`/inject`, with the current mesh's `injection:` section).
+`/debug/problemz`, `/ready` on the HTTP port, and with `--webhook` the admission
+webhooks over HTTPS (`/inject`, with the current mesh's `injection:` section), their certificate
+read from files (`--webhook-cert`, `--webhook-key`) or made and kept by the control plane itself
+(`--webhook-secret`: see `control_plane.webhooks.keeper`).
 
 `ControlPlane` assembles the pieces and is what tests start in process; `run_control_plane` is
 the command. Each update from the source is translated (one set of resources per namespace, see
@@ -19,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -42,7 +45,9 @@ from control_plane.server import ADS_SERVICE, AdsServer, CsdsServer, syncz, vers
 from control_plane.sources import Source, SourceError, SourceProblem, Update
 from control_plane.sources.file import FileSource
 from control_plane.status import PROBLEMS_METHOD, PROBLEMS_SERVICE
+from control_plane.webhooks.authority import TlsMaterial
 from control_plane.webhooks.inject import admit
+from control_plane.webhooks.keeper import CertificateKeeper, KeeperError, SelfCertificates
 from control_plane.webhooks.server import WebhookError, WebhookServer
 from mesh.injection import Injection
 from mesh.model import parse_call
@@ -57,6 +62,10 @@ HTTP_MAX_HEAD = 16 * 1024
 
 class ControlPlaneError(Exception):
     """The control plane cannot start (bad address, unusable first mesh)."""
+
+
+class UsageError(ControlPlaneError):
+    """The flags do not describe a control plane that can run (exit status 2)."""
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -97,6 +106,7 @@ class ControlPlane:
         self.injection = Injection()
         self.otlp_endpoint: str | None = None
         self.webhooks: WebhookServer | None = None
+        self.keeper: CertificateKeeper | None = None  # certificates=self
         self._grpc: grpc.aio.Server | None = None
         self._http: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -186,8 +196,12 @@ class ControlPlane:
         webhook: str | None = None,
         webhook_cert: Path | None = None,
         webhook_key: Path | None = None,
+        certificates: CertificateKeeper | None = None,
     ) -> None:
-        """Take the source's first state (it must be usable), bind the ports, follow it."""
+        """Take the source's first state (it must be usable), bind the ports, follow it.
+
+        With `certificates` (which `stop` then closes), the webhooks serve the pair it keeps."""
+        self.keeper = certificates
         if self.source is not None:
             try:
                 first = await self.source.first()
@@ -220,20 +234,41 @@ class ControlPlane:
                 raise ControlPlaneError(f"cannot bind HTTP address {http}: {exc}") from exc
             self.http_port = self._http.sockets[0].getsockname()[1]
         if webhook is not None:
-            if webhook_cert is None or webhook_key is None:
-                raise ControlPlaneError("--webhook needs --webhook-cert and --webhook-key")
             try:
-                self.webhooks = WebhookServer(
-                    webhook_cert, webhook_key, registry=self.metrics.registry
-                )
-                self.webhooks.add(
-                    "/inject", lambda request: admit(request, self.injection, self.otlp_endpoint)
-                )
-                await self.webhooks.start(*split_address(webhook))
+                await self._start_webhooks(webhook, webhook_cert, webhook_key)
             except WebhookError as exc:
                 raise ControlPlaneError(str(exc)) from exc
         if self.source is not None:
             self._tasks.append(asyncio.create_task(self.source.run(self.publish)))
+
+    async def _start_webhooks(self, address: str, cert: Path | None, key: Path | None) -> None:
+        keeper = self.keeper
+        if keeper is None and (cert is None or key is None):
+            raise ControlPlaneError(
+                "--webhook needs --webhook-cert and --webhook-key, or --webhook-secret"
+            )
+        server = WebhookServer(
+            cert if keeper is None else None,
+            key if keeper is None else None,
+            registry=self.metrics.registry,
+        )
+        self.webhooks = server
+        server.add("/inject", lambda request: admit(request, self.injection, self.otlp_endpoint))
+        if keeper is not None:
+
+            def use(material: TlsMaterial) -> None:
+                try:
+                    server.use_certificate(material.cert, material.key)
+                except WebhookError as exc:
+                    raise KeeperError(str(exc)) from None
+
+            keeper.on_material = use
+            try:
+                await keeper.settle()
+            except KeeperError as exc:
+                raise ControlPlaneError(f"webhook certificates (--webhook-secret): {exc}") from None
+            self._tasks.append(asyncio.create_task(keeper.run(), name="webhook certificates"))
+        await server.start(*split_address(address))
 
     async def stop(self, grace: float = 1.0) -> None:
         if self._expiry is not None:
@@ -249,6 +284,9 @@ class ControlPlane:
         if self.webhooks is not None:
             await self.webhooks.stop()
             self.webhooks = None
+        if self.keeper is not None:
+            await self.keeper.close()
+            self.keeper = None
         if self._http is not None:
             self._http.close()
             await self._http.wait_closed()
@@ -317,46 +355,84 @@ class ControlPlane:
         return "404 Not Found", "text/plain", b"not found\n"
 
 
-async def _source(args: argparse.Namespace) -> Source:
-    """The source the flags name (raises ControlPlaneError for a bad flag or configuration)."""
+async def _configuration(args: argparse.Namespace) -> Any:
+    """The Kubernetes client configuration, when a flag needs the API (else None)."""
+    if not (args.kubernetes or args.webhook_secret):
+        return None
+    from control_plane.sources.kubernetes import load_configuration
+
+    try:
+        return await load_configuration(Path(args.kubeconfig) if args.kubeconfig else None)
+    except SourceError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _source(args: argparse.Namespace, configuration: Any) -> Source:
+    """The source the flags name (raises UsageError for a bad flag or configuration)."""
     mesh = Path(args.mesh) if args.mesh else None
     if not args.kubernetes:
         if mesh is None:
-            raise ControlPlaneError("--mesh FILE is required (or --kubernetes)")
+            raise UsageError("--mesh FILE is required (or --kubernetes)")
         return FileSource(mesh)
-    from control_plane.sources.kubernetes import KubernetesSource, load_configuration
+    from control_plane.sources.kubernetes import KubernetesSource
 
     debounce = parse_duration(args.debounce)
     if debounce is None or debounce <= 0:
-        raise ControlPlaneError(
-            f"--debounce: expected a duration like 100ms or 1s, got {args.debounce!r}"
-        )
+        raise UsageError(f"--debounce: expected a duration like 100ms or 1s, got {args.debounce!r}")
     namespaces = tuple(n.strip() for n in (args.namespaces or "").split(",") if n.strip())
     for namespace in namespaces:
         if parse_call(namespace) != namespace or "." in namespace:
-            raise ControlPlaneError(
+            raise UsageError(
                 f"--namespaces: {namespace!r} is not a namespace name (a DNS label, e.g. shop)"
             )
-    try:
-        configuration = await load_configuration(Path(args.kubeconfig) if args.kubeconfig else None)
-    except SourceError as exc:
-        raise ControlPlaneError(str(exc)) from None
     return KubernetesSource(configuration, namespaces=namespaces, debounce=debounce, mesh_path=mesh)
 
 
-async def _main(args: argparse.Namespace) -> int:
-    if args.webhook and not (args.webhook_cert and args.webhook_key):
-        print(
-            "outrigger control-plane: --webhook needs --webhook-cert and --webhook-key (PEM files)",
-            file=sys.stderr,
+def _self_certificates(args: argparse.Namespace) -> SelfCertificates | None:
+    """What --webhook-secret and its companions describe (UsageError when they do not fit)."""
+    files = args.webhook_cert or args.webhook_key
+    if not args.webhook_secret:
+        if args.webhook and not (args.webhook_cert and args.webhook_key):
+            raise UsageError(
+                "--webhook needs --webhook-cert and --webhook-key (PEM files), or "
+                "--webhook-secret (the control plane makes and keeps its own)"
+            )
+        return None
+    if files:
+        raise UsageError("--webhook-secret and --webhook-cert/--webhook-key exclude each other")
+    if not args.webhook:
+        raise UsageError("--webhook-secret needs --webhook ADDRESS (where the webhooks listen)")
+    if not args.webhook_dns_name:
+        raise UsageError(
+            "--webhook-secret needs --webhook-dns-name, the name the API server calls "
+            "(the Service's <name>.<namespace>.svc)"
         )
-        return 2
-    try:
-        source = await _source(args)
-    except ControlPlaneError as exc:
-        print(f"outrigger control-plane: {exc}", file=sys.stderr)
-        return 2
-    plane = ControlPlane(Path(args.mesh) if args.mesh else None, source=source)
+    namespace = os.environ.get("POD_NAMESPACE", "")
+    if not namespace:
+        raise UsageError(
+            "--webhook-secret: the Secret's namespace comes from the POD_NAMESPACE environment "
+            "variable (the chart sets it from the pod's metadata.namespace); set it"
+        )
+    return SelfCertificates(
+        namespace=namespace,
+        secret=args.webhook_secret,
+        dns_name=args.webhook_dns_name,
+        mutating=args.mutating_webhook_configuration,
+        validating=args.validating_webhook_configuration,
+    )
+
+
+async def start_from_args(args: argparse.Namespace) -> ControlPlane:
+    """The control plane the command line describes, started. Raises UsageError for flags
+    that do not fit, ControlPlaneError when it cannot start."""
+    own = _self_certificates(args)
+    configuration = await _configuration(args)
+    plane = ControlPlane(
+        Path(args.mesh) if args.mesh else None, source=_source(args, configuration)
+    )
+    keeper = None
+    if own is not None:
+        keeper = CertificateKeeper(configuration, own, registry=plane.metrics.registry)
     try:
         await plane.start(
             args.xds,
@@ -364,11 +440,20 @@ async def _main(args: argparse.Namespace) -> int:
             webhook=args.webhook,
             webhook_cert=Path(args.webhook_cert) if args.webhook_cert else None,
             webhook_key=Path(args.webhook_key) if args.webhook_key else None,
+            certificates=keeper,
         )
+    except ControlPlaneError:
+        await plane.stop(0)
+        raise
+    return plane
+
+
+async def _main(args: argparse.Namespace) -> int:
+    try:
+        plane = await start_from_args(args)
     except ControlPlaneError as exc:
         print(f"outrigger control-plane: {exc}", file=sys.stderr)
-        await plane.stop(0)
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
     host = split_address(args.xds)[0]
     http_host = split_address(args.http)[0]
     print(

@@ -72,6 +72,28 @@ def _control_plane_parser(sub: argparse._SubParsersAction[argparse.ArgumentParse
     )
     p.add_argument("--webhook-cert", default=None, help="PEM certificate (chain) for --webhook")
     p.add_argument("--webhook-key", default=None, help="PEM private key for --webhook")
+    p.add_argument(
+        "--webhook-secret",
+        default=None,
+        help="instead of --webhook-cert/--webhook-key: make a CA and serving certificate and "
+        "keep them in this Secret (in $POD_NAMESPACE; it must exist), renewed before expiry",
+    )
+    p.add_argument(
+        "--webhook-dns-name",
+        default=None,
+        help="with --webhook-secret: the name the certificate is for, e.g. "
+        "outrigger.outrigger-system.svc",
+    )
+    p.add_argument(
+        "--mutating-webhook-configuration",
+        default=None,
+        help="with --webhook-secret: patch its CA into this MutatingWebhookConfiguration",
+    )
+    p.add_argument(
+        "--validating-webhook-configuration",
+        default=None,
+        help="with --webhook-secret: patch its CA into this ValidatingWebhookConfiguration",
+    )
 
 
 def _inject_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
