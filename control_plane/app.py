@@ -1,6 +1,6 @@
 """`outrigger control-plane`: a source (the mesh file, or the Kubernetes API), the snapshot
 cache, ADS/CSDS/health over gRPC on the xDS port, `/metrics`, `/debug/syncz`,
-`/debug/problemz`, `/ready` on the HTTP port, and with `--webhook` the admission
+`/debug/problemz`, `/ready`, `/live` on the HTTP port, and with `--webhook` the admission
 webhooks over HTTPS (`/inject`, with the current mesh's `injection:` section), their certificate
 read from files (`--webhook-cert`, `--webhook-key`) or made and kept by the control plane itself
 (`--webhook-secret`: see `control_plane.webhooks.keeper`).
@@ -348,6 +348,8 @@ class ControlPlane:
         if path == "/debug/problemz":
             body = json.dumps([p.as_json() for p in self.problems], indent=1).encode()
             return "200 OK", "application/json", body
+        if path == "/live":  # the process answers: the liveness probe's question, no more
+            return "200 OK", "text/plain", b"live\n"
         if path == "/ready":
             if self.ready:
                 return "200 OK", "text/plain", b"ready\n"
