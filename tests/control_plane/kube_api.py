@@ -56,6 +56,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -846,6 +847,18 @@ def endpoint_slice(
         "ports": [{"name": port_name, "port": port, "protocol": "TCP"}],
         "endpoints": endpoints,
     }
+
+
+def write_kubeconfig(path: Path, api: FakeKubeApi) -> Path:
+    """A kubeconfig for `api` (with its bearer token, if it has one), as kubectl writes them."""
+    user = f"{{token: {api.token}}}" if api.token is not None else "{}"
+    path.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: fake\n"
+        f"clusters:\n- name: fake\n  cluster: {{server: '{api.url}'}}\n"
+        f"users:\n- name: fake\n  user: {user}\n"
+        "contexts:\n- name: fake\n  context: {cluster: fake, user: fake}\n"
+    )
+    return path
 
 
 @contextlib.asynccontextmanager
