@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,11 @@ class ControlPlane:
         source: Source | None = None,
         poll_interval: float = 0.1,
         debounce: float = 0.2,
+        instance: str | None = None,
     ) -> None:
         self.mesh_path = mesh_path
+        # Which replica this is, in /debug/syncz: the pod's name (POD_NAME, else the hostname).
+        self.instance = instance or os.environ.get("POD_NAME") or socket.gethostname()
         if source is None and mesh_path is not None:
             source = FileSource(mesh_path, poll_interval=poll_interval, debounce=debounce)
         self.source = source
@@ -344,7 +348,11 @@ class ControlPlane:
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE, self.metrics.render()
         if path == "/debug/syncz":
-            return "200 OK", "application/json", json.dumps(syncz(self.ads), indent=1).encode()
+            return (
+                "200 OK",
+                "application/json",
+                json.dumps(syncz(self.ads, self.instance), indent=1).encode(),
+            )
         if path == "/debug/problemz":
             body = json.dumps([p.as_json() for p in self.problems], indent=1).encode()
             return "200 OK", "application/json", body

@@ -159,8 +159,34 @@ def _iptables_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _status_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("status", help="each connected sidecar and the config it ACKed")
-    p.add_argument("--control-plane", default="127.0.0.1:15010", help="xDS address")
+    p = sub.add_parser(
+        "status",
+        help="each connected sidecar, the config it ACKed and the replica it uses",
+        description="Ask every control plane replica for its sidecars (CSDS) and merge the "
+        "answers; a replica that does not answer is named, and the exit status is then 1.",
+    )
+    p.add_argument(
+        "--control-plane",
+        default=None,
+        help="xDS addresses of the replicas, HOST:PORT[,HOST:PORT...] (default 127.0.0.1:15010)",
+    )
+    p.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="find the replicas as the endpoints of the control plane's Service (its pod IPs "
+        "must be reachable from here: run it in the cluster, or port-forward and list them)",
+    )
+    p.add_argument("--kubeconfig", default=None, help="with --kubernetes: this kubeconfig")
+    p.add_argument(
+        "--namespace",
+        default="outrigger-system",
+        help="with --kubernetes: the control plane's namespace (default outrigger-system)",
+    )
+    p.add_argument(
+        "--service",
+        default="outrigger",
+        help="with --kubernetes: the control plane's Service (default outrigger)",
+    )
 
 
 def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
