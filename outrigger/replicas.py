@@ -71,6 +71,7 @@ async def from_service(kubeconfig: Path | None, namespace: str, service: str) ->
 
     from control_plane.sources import SourceError
     from control_plane.sources.kubernetes import load_configuration
+    from control_plane.sources.reflector import api_call
 
     where = f"Service {namespace}/{service}"
     try:
@@ -79,16 +80,12 @@ async def from_service(kubeconfig: Path | None, namespace: str, service: str) ->
         raise ReplicaError(str(exc)) from None
     async with kube_client.ApiClient(configuration) as api:
         try:
-            response = await kube_client.DiscoveryV1Api(api).list_namespaced_endpoint_slice(
+            status, body = await api_call(
+                kube_client.DiscoveryV1Api(api).list_namespaced_endpoint_slice,
                 namespace,
                 label_selector=f"{SERVICE_NAME_LABEL}={service}",
-                _preload_content=False,
-                _request_timeout=API_TIMEOUT,
+                timeout=API_TIMEOUT,
             )
-            try:
-                status, body = response.status, await response.read()
-            finally:
-                response.release()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise ReplicaError(f"cannot list the endpoints of {where}: {exc}") from None
     if status != 200:

@@ -42,7 +42,7 @@ import aiohttp
 from kubernetes_asyncio import client as kube_client
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from control_plane.sources.reflector import Backoff
+from control_plane.sources.reflector import Backoff, api_call
 from control_plane.webhooks.authority import (
     Lifetimes,
     MaterialError,
@@ -293,11 +293,7 @@ class CertificateKeeper:
     ) -> tuple[int, dict[str, Any]]:
         """(status, JSON body) for 2xx and 409; KeeperError for anything else."""
         try:
-            response = await method(*args, _preload_content=False, _request_timeout=TIMEOUT)
-            try:
-                status, body = response.status, await response.read()
-            finally:
-                response.release()
+            status, body = await api_call(method, *args, timeout=TIMEOUT)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise KeeperError(f"{what}: {exc or type(exc).__name__}") from None
         try:

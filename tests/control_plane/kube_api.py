@@ -861,6 +861,17 @@ def write_kubeconfig(path: Path, api: FakeKubeApi) -> Path:
     return path
 
 
+async def until(what: str, check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll `check` until it returns something true (returned), or fail naming `what`."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not (found := check()):
+                await asyncio.sleep(0.02)
+            return found
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
 @contextlib.asynccontextmanager
 async def running_api(**kwargs: Any) -> AsyncIterator[FakeKubeApi]:
     """A started fake API; fails the test if the client made a mistake."""

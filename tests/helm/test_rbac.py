@@ -32,9 +32,10 @@ from tests.control_plane.kube_api import (
     namespace,
     running_api,
     service,
+    until,
     write_kubeconfig,
 )
-from tests.control_plane.webhooks.self_certs import seed_chart_objects, until
+from tests.control_plane.webhooks.self_certs import seed_chart_objects
 from tests.helm.chart import NAMESPACE, SCENARIOS, find, objects
 
 # Where the chart mounts files, and the flags that name listen addresses.

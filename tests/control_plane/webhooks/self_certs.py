@@ -9,7 +9,7 @@ import base64
 import contextlib
 import datetime
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,13 +126,3 @@ async def served_certificate(
         with contextlib.suppress(OSError, ssl.SSLError):
             await writer.wait_closed()
     return x509.load_der_x509_certificate(der)
-
-
-async def until(what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
-    try:
-        async with asyncio.timeout(timeout):
-            while not (found := check()):
-                await asyncio.sleep(0.02)
-            return found
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None

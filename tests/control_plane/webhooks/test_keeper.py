@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from control_plane.app import ControlPlaneError, UsageError, start_from_args
 from control_plane.webhooks.authority import TlsMaterial
 from outrigger.cli import build_parser
-from tests.control_plane.kube_api import running_api
+from tests.control_plane.kube_api import running_api, until
 from tests.control_plane.webhooks.pods import pod
 from tests.control_plane.webhooks.reviews import admission_review, answer_of
 from tests.control_plane.webhooks.self_certs import (
@@ -34,7 +34,6 @@ from tests.control_plane.webhooks.self_certs import (
     secret_data,
     seed_chart_objects,
     served_certificate,
-    until,
     writes,
 )
 from tests.helm.chart import NAMESPACE
