@@ -261,7 +261,7 @@ class CertificateKeeper:
             await asyncio.sleep(delay)
             try:
                 await self.settle()
-            except KeeperError as exc:
+            except Exception as exc:  # KeeperError, or a bug: either way the loop must live on
                 self.metrics.failures.inc()
                 delay = min(self.interval, self.backoff.next_delay())
                 log.error(
@@ -269,6 +269,7 @@ class CertificateKeeper:
                     "again in %.0fs",
                     exc,
                     delay,
+                    exc_info=not isinstance(exc, KeeperError),
                 )
             else:
                 self.backoff.reset()
