@@ -1,7 +1,8 @@
 """`outrigger control-plane`: a source (the mesh file, or the Kubernetes API), the snapshot
 cache, ADS/CSDS/health over gRPC on the xDS port, `/metrics`, `/debug/syncz`,
 `/debug/problemz`, `/ready` on the HTTP port, and with `--webhook` the admission webhooks over
-HTTPS (`/inject`, with the current mesh's `injection:` section).
+HTTPS (`/inject`, with the current mesh's `injection:` section; `/validate`, the policy
+annotations of Services and Namespaces).
 
 `ControlPlane` assembles the pieces and is what tests start in process; `run_control_plane` is
 the command. Each update from the source is translated (one set of resources per namespace, see
@@ -42,7 +43,7 @@ from control_plane.server import ADS_SERVICE, AdsServer, CsdsServer, syncz, vers
 from control_plane.sources import Source, SourceError, SourceProblem, Update
 from control_plane.sources.file import FileSource
 from control_plane.status import PROBLEMS_METHOD, PROBLEMS_SERVICE
-from control_plane.webhooks.inject import admit
+from control_plane.webhooks import inject, validate
 from control_plane.webhooks.server import WebhookError, WebhookServer
 from mesh.injection import Injection
 from mesh.model import parse_call
@@ -227,8 +228,10 @@ class ControlPlane:
                     webhook_cert, webhook_key, registry=self.metrics.registry
                 )
                 self.webhooks.add(
-                    "/inject", lambda request: admit(request, self.injection, self.otlp_endpoint)
+                    "/inject",
+                    lambda request: inject.admit(request, self.injection, self.otlp_endpoint),
                 )
+                self.webhooks.add("/validate", validate.admit)
                 await self.webhooks.start(*split_address(webhook))
             except WebhookError as exc:
                 raise ControlPlaneError(str(exc)) from exc

@@ -7,9 +7,12 @@ same functions as the mesh file's, so a message reads the same wherever the valu
 
     outrigger.dev/retry-attempts: must be a whole number >= 0, got "two"
 
-Two entry points, both pure (no clock, no I/O), for the control plane, the validating webhook
-and `outrigger analyze`:
+Entry points, all pure (no clock, no I/O), for the control plane, the validating webhook and
+`outrigger analyze`:
 
+- `read_annotations(metadata)`: an object's `outrigger.dev/` annotations as text, and a problem
+  for each value that is not a string (the API server takes only strings: an unquoted `2` in
+  YAML is refused there, so the webhook and `analyze` refuse it here with the fix).
 - `check(annotations)`: every problem in one object's annotations: bad policy values, a
   backoff max shorter than its base, a malformed `outrigger.dev/calls`, and `outrigger.dev/`
   keys nobody knows (a typo would otherwise be ignored silently). Keys other parts of Outrigger
@@ -107,6 +110,37 @@ class Resolved:
     policy: Policy
     origins: Origins  # (setting key, origin) in SETTINGS order
     problems: tuple[Problem, ...]
+
+
+def read_annotations(metadata: object) -> tuple[dict[str, str], list[Problem]]:
+    """The `outrigger.dev/` annotations of an object's `metadata`, each as text, and the
+    problems with their shape (a value that is not a string is kept as its YAML spelling)."""
+    if not isinstance(metadata, Mapping):
+        return {}, []
+    annotations = metadata.get("annotations")
+    if annotations is None:
+        return {}, []
+    if not isinstance(annotations, Mapping):
+        message = (
+            f"metadata.annotations: must be a mapping of strings, got {show_value(annotations)}"
+        )
+        return {}, [
+            Problem(key="metadata.annotations", value=show_value(annotations), message=message)
+        ]
+    found: dict[str, str] = {}
+    problems: list[Problem] = []
+    for key, value in annotations.items():
+        if not isinstance(key, str) or not key.startswith(PREFIX):
+            continue
+        if isinstance(value, str):
+            found[key] = value
+            continue
+        text = "" if value is None else show_value(value).strip('"')
+        found[key] = text
+        quote = f' (quote it in YAML: "{text}")' if text else ""
+        message = f"{key}: must be a string{quote}, got {show_value(value)}"
+        problems.append(Problem(key=key, value=text, message=message))
+    return found, problems
 
 
 def _problem(key: str, value: str, problem: str, got: object) -> Problem:

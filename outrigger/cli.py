@@ -68,7 +68,7 @@ def _control_plane_parser(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument(
         "--webhook",
         default=None,
-        help="serve the admission webhooks (/inject) over HTTPS here, e.g. 0.0.0.0:15017",
+        help="serve the admission webhooks (/inject, /validate) over HTTPS, e.g. 0.0.0.0:15017",
     )
     p.add_argument("--webhook-cert", default=None, help="PEM certificate (chain) for --webhook")
     p.add_argument("--webhook-key", default=None, help="PEM private key for --webhook")
