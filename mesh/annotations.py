@@ -36,7 +36,6 @@ from typing import Any, Final
 
 from mesh.model import parse_call, show_value
 from mesh.policy import (
-    BY_KEY,
     ORIGINS,
     SETTINGS,
     FieldError,
@@ -175,11 +174,21 @@ def parse_calls(text: str) -> tuple[tuple[str, ...], Problem | None]:
     return tuple(dict.fromkeys(names)), None
 
 
+def is_known(key: str) -> bool:
+    """An `outrigger.dev/` key some part of Outrigger reads (policy, injection, calls)."""
+    return key in OTHER_KEYS or key in POLICY_KEYS
+
+
+def closest_key(key: str) -> str | None:
+    """The known `outrigger.dev/` key an unknown one was probably meant to be, if any."""
+    close = difflib.get_close_matches(key, [*POLICY_KEYS, *sorted(OTHER_KEYS)], n=1)
+    return close[0] if close else None
+
+
 def _unknown(key: str, value: str) -> Problem:
-    known = [*POLICY_KEYS, *sorted(OTHER_KEYS)]
-    close = difflib.get_close_matches(key, known, n=1)
+    close = closest_key(key)
     hint = (
-        f"did you mean {close[0]}?"
+        f"did you mean {close}?"
         if close
         else "the policy keys are " + ", ".join(s.key for s in SETTINGS)
     )
@@ -194,7 +203,7 @@ def _other_problems(annotations: Mapping[str, str]) -> list[Problem]:
         if calls_problem is not None:
             problems.append(calls_problem)
     for key, value in sorted(annotations.items()):
-        if key.startswith(PREFIX) and key not in OTHER_KEYS and key[len(PREFIX) :] not in BY_KEY:
+        if key.startswith(PREFIX) and not is_known(key):
             problems.append(_unknown(key, value))
     return problems
 
