@@ -250,8 +250,8 @@ def read_documents(paths: Sequence[str], stdin: TextIO) -> tuple[list[Document],
         names.append(name)
         try:
             parsed = _documents(text, name)
-        except yaml.YAMLError as exc:
-            detail = _yaml_problem(exc)
+        except (yaml.YAMLError, RecursionError) as exc:
+            detail = _yaml_problem(exc) if isinstance(exc, yaml.YAMLError) else "nested too deep"
             found.append(
                 finding("InvalidInput", _file_ref(name),
                         f"{name}: not valid YAML, nothing in it was analyzed: {detail}",
