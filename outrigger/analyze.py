@@ -17,7 +17,7 @@ and policy is resolved with the control plane's precedence (`outrigger.topology`
   one endpoint (`BreakerOnSingleEndpoint`; how endpoints are counted: `outrigger.topology`).
 
 Exit status 0, or 1 when an error-level finding was found (warnings do not fail); 2 for a usage
-error. The JSON output (`-o json`) is described in the README, "outrigger analyze"; its
+error. The JSON output (`-o json`) is described in README.md, "outrigger analyze"; its
 `apiVersion` changes if a field ever changes meaning.
 """
 

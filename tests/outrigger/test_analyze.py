@@ -520,6 +520,7 @@ def test_an_invalid_mesh_file_is_an_error_with_the_control_planes_message(
         ("services: []\n", "not a Kubernetes object (apiVersion and kind are required); it "
                            "looks like a mesh file"),
         ("\xff", "cannot read it"),
+        ("a: " + "[" * 5000 + "]" * 5000, "not valid YAML, nothing in it was analyzed: nested"),
     ],
 )  # fmt: skip
 def test_input_that_is_not_manifests_is_an_error(
@@ -644,3 +645,28 @@ def test_the_order_of_the_inputs_does_not_change_the_findings(tmp_path: Path) ->
     assert [chain_text(c) for c in forward.walk.chains] == [
         chain_text(c) for c in backward.walk.chains
     ]
+
+
+# -- the README says what the command does ----------------------------------------------------
+
+
+def _readme_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## `outrigger analyze`")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def test_the_readme_shows_the_real_output_for_the_shop() -> None:
+    section = _readme_section()
+    command = "$ outrigger analyze -f k8s/examples/\n"
+    shown = section[section.index(command) + len(command) :].split("```", 1)[0]
+    assert shown == cli("-f", "k8s/examples/").stdout
+
+
+def test_the_readme_lists_every_finding_code() -> None:
+    rows = [
+        [cell.strip().strip("`") for cell in line.strip("|").split("|")]
+        for line in _readme_section().splitlines()
+        if line.startswith("| OR")
+    ]
+    assert rows == [[c.code, c.name, c.level, c.what] for c in CODES.values()]
