@@ -153,6 +153,11 @@ def _file_ref(name: str) -> ObjectRef:
     return ObjectRef("File", name, source=name)
 
 
+def _bad_input(where: str, problem: str, fix: str) -> Finding:
+    """An InvalidInput finding about a file (or "file:line")."""
+    return finding("InvalidInput", _file_ref(where), f"{where}: {problem}", fix)
+
+
 def _files(paths: Sequence[str], found: list[Finding]) -> Iterator[Path | None]:
     """Each file to read (None: stdin), directories expanded (not recursively, as kubectl)."""
     for text in paths:
@@ -164,9 +169,8 @@ def _files(paths: Sequence[str], found: list[Finding]) -> Iterator[Path | None]:
             inside = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file())
             if not inside:
                 found.append(
-                    finding("InvalidInput", _file_ref(text),
-                            f"{text}: no {', '.join(SUFFIXES)} files in this directory",
-                            "name a directory of manifests, a file, or - for stdin")
+                    _bad_input(text, f"no {', '.join(SUFFIXES)} files in this directory",
+                               "name a directory of manifests, a file, or - for stdin")
                 )  # fmt: skip
             yield from inside
         else:
@@ -193,9 +197,8 @@ def _objects(doc: object, source: str, found: list[Finding]) -> Iterator[Documen
         return
     if not isinstance(doc, dict):
         found.append(
-            finding("InvalidInput", _file_ref(source),
-                    f"{source}: a {type(doc).__name__}, not a Kubernetes object",
-                    "each YAML document must be one object with apiVersion, kind and metadata")
+            _bad_input(source, f"a {type(doc).__name__}, not a Kubernetes object",
+                       "each YAML document must be one object with apiVersion, kind and metadata")
         )  # fmt: skip
         return
     kind = doc.get("kind")
@@ -207,10 +210,9 @@ def _objects(doc: object, source: str, found: list[Finding]) -> Iterator[Documen
     if not isinstance(kind, str) or not isinstance(doc.get("apiVersion"), str):
         looks_like_mesh = "services" in doc or "defaults" in doc
         found.append(
-            finding(
-                "InvalidInput",
-                _file_ref(source),
-                f"{source}: not a Kubernetes object (apiVersion and kind are required)"
+            _bad_input(
+                source,
+                "not a Kubernetes object (apiVersion and kind are required)"
                 + ("; it looks like a mesh file" if looks_like_mesh else ""),
                 "pass a mesh file with --mesh" if looks_like_mesh
                 else "give the object its apiVersion and kind, or leave it out of -f",
@@ -243,8 +245,8 @@ def read_documents(paths: Sequence[str], stdin: TextIO) -> tuple[list[Document],
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             found.append(
-                finding("InvalidInput", _file_ref(name), f"{name}: cannot read it: {reason}",
-                        "name an existing, readable UTF-8 file or directory")
+                _bad_input(name, f"cannot read it: {reason}",
+                           "name an existing, readable UTF-8 file or directory")
             )  # fmt: skip
             continue
         names.append(name)
@@ -253,9 +255,8 @@ def read_documents(paths: Sequence[str], stdin: TextIO) -> tuple[list[Document],
         except (yaml.YAMLError, RecursionError) as exc:
             detail = _yaml_problem(exc) if isinstance(exc, yaml.YAMLError) else "nested too deep"
             found.append(
-                finding("InvalidInput", _file_ref(name),
-                        f"{name}: not valid YAML, nothing in it was analyzed: {detail}",
-                        "fix the YAML at the line the message names")
+                _bad_input(name, f"not valid YAML, nothing in it was analyzed: {detail}",
+                           "fix the YAML at the line the message names")
             )  # fmt: skip
             continue
         for doc, line in parsed:
