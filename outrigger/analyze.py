@@ -305,9 +305,10 @@ def render_text(report: Report) -> str:
     counts = [
         _plural(report.count(level), _LEVEL_WORDS[level]) for level in LEVELS if report.count(level)
     ]
+    read = [_plural(len(topology.inputs), "file")] if topology.inputs or not report.mesh else []
+    read += [report.mesh] if report.mesh else []
     scope = (
-        f"{_plural(len(topology.inputs), 'file')}"
-        + (f" and {report.mesh}" if report.mesh else "")
+        " and ".join(read)
         + f": {_plural(topology.objects, 'object')}, {_plural(len(topology.services), 'service')}"
         + f", {_plural(len(report.walk.chains), 'call chain')}"
     )

@@ -499,6 +499,7 @@ def test_a_mesh_file_alone_is_analyzed_with_its_calls(tmp_path: Path) -> None:
     assert {f.name for f in report.findings} == {"RetryAmplification", "CalleeTimeoutLonger"}
     (late,) = named(report, "CalleeTimeoutLonger")
     assert late["fix"] == f'lower policy.timeout of service "db" in {mesh} below 1s'
+    assert render_text(report).endswith(f"in {mesh}: 0 objects, 3 services, 1 call chain.\n")
 
 
 def test_an_invalid_mesh_file_is_an_error_with_the_control_planes_message(
