@@ -8,7 +8,8 @@ and policy is resolved with the control plane's precedence (`outrigger.topology`
 - retry amplification along every call chain (`outrigger.chains`): the chain's deepest callee
   can receive the product of the attempts of every hop below the top for one request at the
   top; above `--max-amplification` (default 4) it is a `RetryAmplification` warning; loops are
-  `CallCycle` warnings;
+  `CallCycle` warnings; when there are too many chains to list, the worst chain into each
+  deepest service is still checked;
 - per call, a callee whose timeout is longer than its caller's, or that has none while its
   caller has one (`CalleeTimeoutLonger`);
 - per service: `per-try-timeout x (attempts + 1)` beyond `timeout` (`RetriesBeyondTimeout`),
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TextIO
 
 from mesh.policy import format_duration
-from outrigger.chains import MAX_CHAINS, Chain, Node, Walk, attempts, walk
+from outrigger.chains import MAX_CHAINS, Chain, Node, Walk, attempts, walk, worst_chains
 from outrigger.findings import LEVELS, Finding, ObjectRef, finding
 from outrigger.topology import Caller, Service, Topology, build, read_documents
 
@@ -245,9 +246,16 @@ def analyze(
         findings.append(
             finding("ChainsTruncated", (),
                     f"the calls form more than {max_chains} chains; the first {max_chains} are "
-                    "listed and checked",
-                    "analyze fewer services at a time (one namespace's manifests)")
+                    "listed, and the worst chain into each deepest service is checked",
+                    "analyze fewer services at a time (one namespace's manifests) to list them "
+                    "all")
         )  # fmt: skip
+        flagged = {c.deepest.key for c in result.chains if c.amplification > max_amplification}
+        findings += [
+            _amplification(chain, max_amplification)
+            for chain in worst_chains(topology)
+            if chain.amplification > max_amplification and chain.deepest.key not in flagged
+        ]
     findings += _timeouts(topology)
     for service in sorted(topology.services.values(), key=lambda s: s.key):
         for check in (_retries_beyond_timeout, _non_idempotent, _single_endpoint_breaker):

@@ -17,6 +17,12 @@ at most once per path:
 - the walk keeps its own stack (no recursion: a chain of thousands of services is fine) and
   stops after `limit` chains (`truncated`), so a dense call graph with exponentially many paths
   ends in bounded time.
+
+`worst_chains` does not list paths: it finds, for every service that calls nothing further, the
+chain into it with the most requests, in time linear in the calls (a longest path by product
+over the calls in topological order; services in or below a loop are left out, the loop is
+reported). `outrigger analyze` uses it when the walk was truncated, so no amplification above
+the limit goes unreported because its chain was not listed.
 """
 
 from __future__ import annotations
@@ -159,3 +165,38 @@ def walk(topology: Topology, limit: int = MAX_CHAINS) -> Walk:
         if _id(service) not in visited and not result.truncated:
             from_top(service)
     return result
+
+
+def worst_chains(topology: Topology) -> list[Chain]:
+    """For each service that calls nothing further, the chain from a top into it with the most
+    requests (see the module docstring); sorted by namespace and name of that service."""
+    graph = _Graph(topology)
+    nodes: list[Node] = [*topology.callers, *topology.services.values()]
+    waiting = {_id(n): 0 for n in nodes}
+    for node in nodes:
+        for target in graph.out(node):
+            waiting[_id(target)] += 1
+    best: dict[tuple[str, str, str], tuple[int, Node | None]] = {}
+    ready = [n for n in nodes if waiting[_id(n)] == 0]
+    for node in ready:
+        best[_id(node)] = (1, None)
+    while ready:  # Kahn's order: every call into a node is settled before the node is used
+        node = ready.pop()
+        requests = best[_id(node)][0]
+        for target in graph.out(node):
+            more = requests * attempts(target)
+            if more > best.get(_id(target), (0, None))[0]:
+                best[_id(target)] = (more, node)
+            waiting[_id(target)] -= 1
+            if waiting[_id(target)] == 0:
+                ready.append(target)
+    found = []
+    for _, service in sorted(topology.services.items()):
+        entry = best.get(_id(service))
+        if entry is None or entry[1] is None or waiting[_id(service)] or graph.edges[_id(service)]:
+            continue
+        path: list[Node] = [service]
+        while (previous := best[_id(path[-1])][1]) is not None:
+            path.append(previous)
+        found.append(_chain(path[::-1]))
+    return found

@@ -52,7 +52,8 @@ CODES: Final[dict[str, Code]] = {
         Code("OR0202", "CallCycle", "warning",
              "services that call each other in a loop: retries multiply on every turn"),
         Code("OR0203", "ChainsTruncated", "info",
-             "more call chains than analyze lists; the rest are not checked for amplification"),
+             "more call chains than analyze lists (1,000); the worst chain into each deepest "
+             "service is still checked"),
         Code("OR0301", "CalleeTimeoutLonger", "warning",
              "a callee whose timeout is longer than its caller's (or has none): the caller gives "
              "up while the callee still works"),
