@@ -1,8 +1,9 @@
 """`outrigger control-plane`: a source (the mesh file, or the Kubernetes API), the snapshot
 cache, ADS/CSDS/health over gRPC on the xDS port, `/metrics`, `/debug/syncz`,
 `/debug/problemz`, `/ready`, `/live` on the HTTP port, and with `--webhook` the admission
-webhooks over HTTPS (`/inject`, with the current mesh's `injection:` section), their certificate
-read from files (`--webhook-cert`, `--webhook-key`) or made and kept by the control plane itself
+webhooks over HTTPS (`/inject`, with the current mesh's `injection:` section; `/validate`, the
+policy annotations of Services and Namespaces), their certificate read from files
+(`--webhook-cert`, `--webhook-key`) or made and kept by the control plane itself
 (`--webhook-secret`: see `control_plane.webhooks.keeper`).
 
 `ControlPlane` assembles the pieces and is what tests start in process; `run_control_plane` is
@@ -46,8 +47,8 @@ from control_plane.server import ADS_SERVICE, AdsServer, CsdsServer, syncz, vers
 from control_plane.sources import Source, SourceError, SourceProblem, Update
 from control_plane.sources.file import FileSource
 from control_plane.status import PROBLEMS_METHOD, PROBLEMS_SERVICE
+from control_plane.webhooks import inject, validate
 from control_plane.webhooks.authority import TlsMaterial
-from control_plane.webhooks.inject import admit
 from control_plane.webhooks.keeper import CertificateKeeper, KeeperError, SelfCertificates
 from control_plane.webhooks.server import WebhookError, WebhookServer
 from mesh.injection import Injection
@@ -257,7 +258,10 @@ class ControlPlane:
             registry=self.metrics.registry,
         )
         self.webhooks = server
-        server.add("/inject", lambda request: admit(request, self.injection, self.otlp_endpoint))
+        server.add(
+            "/inject", lambda request: inject.admit(request, self.injection, self.otlp_endpoint)
+        )
+        server.add("/validate", validate.admit)
         if keeper is not None:
 
             def use(material: TlsMaterial) -> None:

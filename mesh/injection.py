@@ -63,6 +63,18 @@ def _package_version() -> str:
 
 
 VERSION: Final = _package_version()
+# Workload kinds and where their pod template is ( () : the object is the pod ), for the tools
+# that read manifests (`outrigger inject`, `outrigger analyze`).
+POD_TEMPLATES: Final[dict[str, tuple[str, ...]]] = {
+    "Pod": (),
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "ReplicationController": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+}
 DEFAULT_IMAGE: Final = f"outrigger:{VERSION}"
 
 # Kubernetes' quantity grammar (k8s.io/apimachinery resource.Quantity), without a sign.

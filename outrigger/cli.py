@@ -68,7 +68,7 @@ def _control_plane_parser(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument(
         "--webhook",
         default=None,
-        help="serve the admission webhooks (/inject) over HTTPS here, e.g. 0.0.0.0:15017",
+        help="serve the admission webhooks (/inject, /validate) over HTTPS, e.g. 0.0.0.0:15017",
     )
     p.add_argument("--webhook-cert", default=None, help="PEM certificate (chain) for --webhook")
     p.add_argument("--webhook-key", default=None, help="PEM private key for --webhook")
@@ -107,6 +107,38 @@ def _inject_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "-f", "--file", required=True, help="YAML manifests (one or many), or - for stdin"
     )
     p.add_argument("--mesh", default=None, help="mesh file whose injection: section applies")
+
+
+def _analyze_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from outrigger.analyze import DEFAULT_MAX_AMPLIFICATION, amplification_limit
+
+    p = sub.add_parser(
+        "analyze",
+        help="offline findings on manifests and a mesh file (retry amplification, timeouts, "
+        "invalid annotations, ...)",
+        description="Check Kubernetes manifests and/or a mesh file without a cluster: every "
+        "outrigger.dev/ annotation (the webhook's validator), retry amplification along call "
+        "chains (outrigger.dev/calls, calls:), timeouts, retries and breakers. Exit status 1 "
+        "when an error is found.",
+    )
+    p.add_argument(
+        "-f",
+        "--file",
+        action="append",
+        help="YAML or JSON manifests: a file, a directory (its .yaml, .yml and .json files), or "
+        "- for stdin; repeatable",
+    )
+    p.add_argument("--mesh", default=None, help="a mesh file: its defaults: and its services")
+    p.add_argument(
+        "-o", "--output", choices=("text", "json"), default="text", help="text (default) or json"
+    )
+    p.add_argument(
+        "--max-amplification",
+        type=amplification_limit,
+        default=DEFAULT_MAX_AMPLIFICATION,
+        help="warn about call chains whose deepest service can receive more requests than this "
+        f"for one request at the top (default {DEFAULT_MAX_AMPLIFICATION})",
+    )
 
 
 def _wait_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -220,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     _control_plane_parser(sub)
     _iptables_parser(sub)
     _inject_parser(sub)
+    _analyze_parser(sub)
     _wait_parser(sub)
     _status_parser(sub)
     _demo_parser(sub)
@@ -245,6 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from outrigger.inject import run_inject
 
         return run_inject(args)
+    if args.command == "analyze":
+        if not args.file and not args.mesh:
+            parser.error("outrigger analyze needs -f FILE|DIR|- (manifests), --mesh FILE, or both")
+        from outrigger.analyze import run_analyze
+
+        return run_analyze(args)
     if args.command == "wait":
         from outrigger.wait import run_wait
 
