@@ -27,6 +27,7 @@ from control_plane.cache import SnapshotCache, SnapshotError, make_snapshot
 from control_plane.metrics import CONTENT_TYPE, ControlPlaneMetrics
 from control_plane.server import ADS_SERVICE, AdsServer, CsdsServer, syncz, version_summary
 from control_plane.watch import FileWatcher
+from mesh.address import join_host_port, split_host_port
 
 log = logging.getLogger("outrigger.control_plane")
 
@@ -39,12 +40,11 @@ class ControlPlaneError(Exception):
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """`127.0.0.1:15010`, `[::1]:15010`, `:15010` -> (host, port)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    """`127.0.0.1:15010`, `[::1]:15010`, `:15010` (all interfaces) -> (host, port)."""
+    host, port = split_host_port(address) or ("", None)
+    if port is None:
         raise ControlPlaneError(f"address {address!r} is not HOST:PORT")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
+    return host or "0.0.0.0", port
 
 
 class ControlPlane:
@@ -114,7 +114,7 @@ class ControlPlane:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         host, port = split_address(xds)
-        bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        bound = server.add_insecure_port(join_host_port(host, port))
         if bound == 0:
             raise ControlPlaneError(f"cannot bind xDS address {xds}")
         self.xds_port = bound

@@ -43,6 +43,8 @@ from typing import Any, Final, Literal, NoReturn, TypeAlias, cast
 
 import yaml
 
+from mesh.address import join_host_port, split_host_port
+
 LoadBalancer: TypeAlias = Literal["round_robin", "least_request", "random"]
 OutboundPolicyName: TypeAlias = Literal["allow_any", "registry_only"]
 
@@ -125,7 +127,7 @@ class MeshEndpoint:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return join_host_port(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,18 +260,19 @@ def _endpoint(where: _Where, path: str, value: object) -> MeshEndpoint:
     form = 'must be "host:port" (an IP address or host name, port 1-65535, e.g. "10.0.0.7:8080")'
     if not isinstance(value, str):
         where.fail(path, form, value)
+    host, port = split_host_port(value) or ("", None)
+    if port is None or port < 1:
+        where.fail(path, form, value)
     if value.startswith("["):  # [IPv6]:port
-        host, sep, port_text = value[1:].partition("]:")
         try:
-            ok = bool(sep) and ipaddress.ip_address(host).version == 6
+            ok = ipaddress.ip_address(host).version == 6
         except ValueError:
             ok = False
     else:
-        host, sep, port_text = value.rpartition(":")
-        ok = bool(sep) and bool(_HOSTNAME.fullmatch(host))
-    if not ok or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        ok = bool(_HOSTNAME.fullmatch(host))
+    if not ok:
         where.fail(path, form, value)
-    return MeshEndpoint(host=host.lower(), port=int(port_text))
+    return MeshEndpoint(host=host.lower(), port=port)
 
 
 # -- sections ----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from mesh.address import split_host_port
 from mesh.model import Mesh, MeshError, load_mesh, parse_duration, parse_mesh
 from sidecar.admin import Admin
 from sidecar.config import ConfigError, Endpoint, OutboundPolicy, Snapshot
@@ -75,10 +76,10 @@ class SettingsError(ValueError):
 
 
 def parse_address(key: str, value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
+    host, port = split_host_port(value) or ("", None)
+    if not host or port is None:
         raise SettingsError(f"{key}: expected HOST:PORT (e.g. 127.0.0.1:15001), got {value!r}")
-    return host.strip("[]"), int(port)
+    return host, port
 
 
 def parse_url(key: str, value: object) -> str | None:
@@ -176,20 +177,11 @@ class Active:
 
 
 def authority_endpoint(authority: bytes) -> Endpoint | None:
-    """host[:port] of a passthrough authority (already validated by the codec)."""
-    if not authority:
+    """host[:port] of a passthrough authority (already validated by the codec); port 80 if none."""
+    host, port = split_host_port(authority.decode("ascii")) or ("", None)
+    if not host:
         return None
-    text = authority.decode("ascii")
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else "80"
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            host, port = text, "80"
-    if not host or not port.isdigit():
-        return None
-    return Endpoint(host, int(port))
+    return Endpoint(host, 80 if port is None else port)
 
 
 class Sidecar:

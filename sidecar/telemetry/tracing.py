@@ -44,6 +44,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, TraceState
 
+from mesh.address import split_host_port
 from sidecar.config import Endpoint
 from sidecar.exchange import EndpointHandler, Handler, Request, Response
 from sidecar.flags import Flag, ProxyError
@@ -162,18 +163,9 @@ class _Trace:
         target.append((time.time_ns(), name, attributes))
 
 
-def _split_authority(authority: bytes) -> tuple[str, int | None]:
-    text = authority.decode("ascii", "replace")
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:]
-    else:
-        host, _, port = text.partition(":")
-    return host, int(port) if port.isdigit() else None
-
-
 def _request_attributes(req: Request) -> Attributes:
-    host, port = _split_authority(req.authority)
+    authority = req.authority.decode("ascii", "replace")
+    host, port = split_host_port(authority) or (authority, None)
     attributes: Attributes = {
         "http.request.method": req.method.decode("ascii", "replace"),
         "url.path": req.path.partition(b"?")[0].decode("ascii", "replace"),
