@@ -28,6 +28,7 @@ from control_plane.metrics import CONTENT_TYPE, ControlPlaneMetrics
 from control_plane.server import ADS_SERVICE, AdsServer, CsdsServer, syncz, version_summary
 from control_plane.watch import FileWatcher
 from mesh.address import join_host_port, split_host_port
+from mesh.http import reason_phrase
 
 log = logging.getLogger("outrigger.control_plane")
 
@@ -162,10 +163,10 @@ class ControlPlane:
             method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
             status, ctype, body = self._http_route(method, target.split("?", 1)[0])
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            status, ctype, body = "400 Bad Request", "text/plain", b"bad request\n"
+            status, ctype, body = 400, "text/plain", b"bad request\n"
         try:
             writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"HTTP/1.1 {status} {reason_phrase(status)}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
                 + body
             )
@@ -176,18 +177,18 @@ class ControlPlane:
         finally:
             writer.close()
 
-    def _http_route(self, method: str, path: str) -> tuple[str, str, bytes]:
+    def _http_route(self, method: str, path: str) -> tuple[int, str, bytes]:
         if method not in ("GET", "HEAD"):
-            return "405 Method Not Allowed", "text/plain", b"GET only\n"
+            return 405, "text/plain", b"GET only\n"
         if path == "/metrics":
-            return "200 OK", CONTENT_TYPE, self.metrics.render()
+            return 200, CONTENT_TYPE, self.metrics.render()
         if path == "/debug/syncz":
-            return "200 OK", "application/json", json.dumps(syncz(self.ads), indent=1).encode()
+            return 200, "application/json", json.dumps(syncz(self.ads), indent=1).encode()
         if path == "/ready":
             if self.ready:
-                return "200 OK", "text/plain", b"ready\n"
-            return "503 Service Unavailable", "text/plain", b"not ready\n"
-        return "404 Not Found", "text/plain", b"not found\n"
+                return 200, "text/plain", b"ready\n"
+            return 503, "text/plain", b"not ready\n"
+        return 404, "text/plain", b"not found\n"
 
 
 async def _main(args: argparse.Namespace) -> int:

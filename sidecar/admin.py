@@ -15,7 +15,7 @@ from prometheus_client.registry import CollectorRegistry
 from sidecar.exchange import Request, Response
 from sidecar.protocol.events import RequestHead
 from sidecar.transport.body import BytesBody
-from sidecar.transport.server import Decision
+from sidecar.transport.server import REASONS, Decision
 
 Page = Callable[[], Awaitable[tuple[int, bytes, bytes]]]
 
@@ -67,15 +67,9 @@ class Admin:
             status, ctype, body = _text(405, f"{path.decode()} takes {entry[0].decode()}\n")
         else:
             status, ctype, body = await entry[1]()
-        reason = {
-            200: b"OK",
-            404: b"Not Found",
-            405: b"Method Not Allowed",
-            503: b"Service Unavailable",
-        }
         return Response(
             status,
-            reason.get(status, b"OK"),
+            REASONS.get(status, b""),
             [(b"content-type", ctype)],
             BytesBody(body),
             content_length=len(body),

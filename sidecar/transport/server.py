@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from random import getrandbits as _getrandbits
 from typing import Protocol, cast
 
+from mesh.http import REASON_PHRASES
 from sidecar.config import ServiceConfig
 from sidecar.exchange import Handler, Request, RequestBody, Response
 from sidecar.flags import Flag, ProxyError
@@ -38,23 +39,7 @@ FLAGS_HEADER = b"x-outrigger-flags"
 REQUEST_ID = b"x-request-id"
 _HEX = frozenset(b"0123456789abcdefABCDEF-")
 
-REASONS = {
-    101: b"Switching Protocols",
-    400: b"Bad Request",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    414: b"URI Too Long",
-    417: b"Expectation Failed",
-    431: b"Request Header Fields Too Large",
-    499: b"Client Closed Request",
-    500: b"Internal Server Error",
-    501: b"Not Implemented",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-}
+REASONS = {status: phrase.encode() for status, phrase in REASON_PHRASES.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -570,7 +555,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.transport.write(
             serialize.response_head(
                 status,
-                REASONS.get(status, b"Error"),
+                REASONS.get(status, b""),
                 headers,
                 version=version,
                 content_length=len(body),

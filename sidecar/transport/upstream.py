@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import cast
 
+from mesh.http import IDEMPOTENT_METHODS_BYTES
 from sidecar.config import Endpoint
 from sidecar.exchange import BodyNotReplayable, Request, Response, ResponseBody
 from sidecar.flags import Flag, ProxyError
@@ -24,10 +25,6 @@ from sidecar.protocol import serialize
 from sidecar.protocol.events import Data, EndOfMessage, ResponseEvent, ResponseHead
 from sidecar.protocol.response import ResponseParser
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream, BytesBody
-
-# Methods RFC 9110 §9.2.2 calls idempotent: a request on a reused connection that the peer
-# closed before answering may be sent again on a fresh one (RFC 9112 §9.3.1).
-IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 
 
 class UpstreamError(ProxyError):
@@ -401,7 +398,7 @@ class Upstreams:
                 reused
                 and error.flag is Flag.UPSTREAM_RESET
                 and not conn.got_bytes
-                and req.method in IDEMPOTENT
+                and req.method in IDEMPOTENT_METHODS_BYTES
                 and req.body.replayable
             ):
                 raise
