@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+# The same values in the mesh model and here (Envoy's defaults): one definition.
+from mesh.model import Backoff as Backoff
+from mesh.model import RetryBudget as RetryBudget
+
 
 class LbPolicy(StrEnum):
     ROUND_ROBIN = "round_robin"
@@ -30,18 +34,6 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    base: float = 0.025  # seconds
-    max: float = 0.250
-
-
-@dataclass(frozen=True, slots=True)
-class RetryBudget:
-    percent: float = 20.0
-    min_concurrency: int = 3
 
 
 @dataclass(frozen=True, slots=True)
