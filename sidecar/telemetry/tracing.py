@@ -549,9 +549,8 @@ class _AttemptLayer:
                 attributes["outrigger.outcome"] = "timeout"
                 attributes["error.type"] = Flag.UPSTREAM_TIMEOUT.value
                 attempt.error = "the attempt ran out of time"
-                attempt.events.append(
-                    (time.time_ns(), "outrigger.timeout", {"outrigger.response_flags": "UT"})
-                )
+                flag = {"outrigger.response_flags": Flag.UPSTREAM_TIMEOUT.value}
+                attempt.events.append((time.time_ns(), "outrigger.timeout", flag))
             else:
                 attributes["outrigger.outcome"] = "cancelled"
                 attempt.error = "cancelled"

@@ -52,19 +52,13 @@ class ServerSettings:
     retry_buffer: int = 64 * 1024  # request bodies up to this size are kept for retries
 
 
-class Route(Protocol):
+@dataclass(frozen=True, slots=True)
+class Decision:
     """What the sidecar decided for one request head."""
 
     handler: Handler
     service: ServiceConfig | None
     name: str  # the service name for logs and metrics ("passthrough", "inbound", ...)
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    handler: Handler
-    service: ServiceConfig | None
-    name: str
 
 
 Dispatch = Callable[[RequestHead], Decision]
@@ -150,10 +144,10 @@ def _request_id_ok(value: bytes) -> bool:
     return 0 < len(value) <= 128 and all(c in _HEX for c in value)
 
 
-def local_response(error: ProxyError) -> tuple[int, bytes, bytes]:
-    """Status, flags header value and body for a locally generated error."""
+def local_response(error: ProxyError) -> tuple[int, Flag, bytes]:
+    """Status, flag and body for a locally generated error."""
     body = f"{error.flag.value}: {error.detail}\n".encode("ascii", "replace")
-    return error.status, error.flag.value.encode(), body
+    return error.status, error.flag, body
 
 
 class DownstreamProtocol(asyncio.Protocol):
@@ -362,7 +356,7 @@ class DownstreamProtocol(asyncio.Protocol):
             return  # the in-flight response finishes, then the connection closes
         status = event.status
         body = f"{event.reason}\n".encode("ascii", "replace")
-        self._write_local(status, b"DPE", body, b"1.1", close=True)
+        self._write_local(status, Flag.DOWNSTREAM_PROTOCOL_ERROR, body, b"1.1", close=True)
         self._finish_connection()
 
     # --- one request cycle ---------------------------------------------------------------
@@ -377,7 +371,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 response = await decision.handler(request)
             except ProxyError as error:
                 status, flag, body = local_response(error)
-                flags = flag.decode()
+                flags = flag.value
                 self._write_local(status, flag, body, head.version, close=self.close_after)
                 return
             except BodyReset:
@@ -388,7 +382,9 @@ class DownstreamProtocol(asyncio.Protocol):
                 # The sidecar cut the request body (timeout, bad chunk): the client is told why.
                 status, flags = failure[0], Flag.DOWNSTREAM_PROTOCOL_ERROR.value
                 reason = f"{failure[1]}\n".encode("ascii", "replace")
-                self._write_local(status, b"DPE", reason, head.version, close=True)
+                self._write_local(
+                    status, Flag.DOWNSTREAM_PROTOCOL_ERROR, reason, head.version, close=True
+                )
                 return
             status = response.status
             flags = ",".join([f.value for f in response.flags]) if response.flags else ""
@@ -415,13 +411,16 @@ class DownstreamProtocol(asyncio.Protocol):
         except (ConnectionError, BodyReset) as exc:
             # Lost a side mid-response: the client saw a truncated message; close it.
             if not flags:
-                flags = Flag.UPSTREAM_RESET.value if isinstance(exc, BodyReset) else "DC"
+                reset = isinstance(exc, BodyReset)
+                flags = (Flag.UPSTREAM_RESET if reset else Flag.DOWNSTREAM_DISCONNECT).value
             self.abort()
         except Exception:
             log.exception("unexpected error serving %r", head.path)
-            status, flags = 500, "UPE"
+            status, flags = 500, Flag.UPSTREAM_PROTOCOL_ERROR.value
             if not self.response_started:
-                self._write_local(500, b"UPE", b"internal error\n", head.version, close=True)
+                self._write_local(
+                    500, Flag.UPSTREAM_PROTOCOL_ERROR, b"internal error\n", head.version, close=True
+                )
             else:
                 self.abort()
         finally:
@@ -435,7 +434,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self._write_local(status, flag, body, head.version, close=self.close_after)
         finally:
             if self.completed is not None:
-                self.completed(head, None, status, flag.decode(), start, None)
+                self.completed(head, None, status, flag.value, start, None)
             self._cycle_done()
 
     async def _write_response(self, head: RequestHead, response: Response) -> None:
@@ -542,7 +541,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._resume("rejected")
 
     def _write_local(
-        self, status: int, flag: bytes, body: bytes, version: bytes, *, close: bool
+        self, status: int, flag: Flag, body: bytes, version: bytes, *, close: bool
     ) -> None:
         if self.transport is None or self.closed:
             return
@@ -551,7 +550,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if close:
             self.close_after = True
         self.response_started = True
-        headers = [(b"content-type", b"text/plain"), (FLAGS_HEADER, flag)]
+        headers = [(b"content-type", b"text/plain"), (FLAGS_HEADER, flag.value.encode())]
         self.transport.write(
             serialize.response_head(
                 status,
@@ -639,7 +638,8 @@ class DownstreamProtocol(asyncio.Protocol):
             self.body.fail(BodyReset(reason))
             self.body = None
         if self.task is None:
-            self._write_local(status, b"DPE", f"{reason}\n".encode(), b"1.1", close=True)
+            body = f"{reason}\n".encode()
+            self._write_local(status, Flag.DOWNSTREAM_PROTOCOL_ERROR, body, b"1.1", close=True)
             self._finish_connection()
         else:
             self.close_after = True
