@@ -11,7 +11,7 @@ new trace, a random trace id against `TraceIdRatioBased(ratio).bound` (the SDK's
 arithmetic, evaluated inline). An unsampled new trace still gets a `sampled=0` context written
 into the request, so the next hops agree not to sample it. A sampled request keeps a small
 record (times, attempts, events) and, when it ends, turns it into plain span records (tuples of
-ints, strings and dicts: `exporter.Record`) with explicit start and end times. The span ids are
+ints, strings and dicts: `record.Record`) with explicit start and end times. The span ids are
 chosen up front, because the id written into the upstream request must be the id of the span that
 ends up its parent: the CLIENT span when there was one attempt, that attempt's span when there
 were several. Spans end when the response head is known (the body streams afterwards).
@@ -62,6 +62,7 @@ from sidecar.telemetry.handoff import (
     thread_starter,
 )
 from sidecar.telemetry.propagation import TRACE_HEADERS
+from sidecar.telemetry.record import Record
 
 log = logging.getLogger("outrigger.tracing")
 
@@ -310,19 +311,19 @@ class Tracing:
         attributes["outrigger.service"] = service
         status, failed = _result_attributes(attributes, req, resp, error, server=True)
         self._handoff.add(
-            (
-                trace.trace_id,
-                trace.span_id,
-                trace.parent_id,
-                True,
-                attributes["http.request.method"],
-                _SERVER,
-                trace.start,
-                time.time_ns(),
-                attributes,
-                trace.events,
-                status if failed else None,
-                trace.state,
+            Record(
+                trace_id=trace.trace_id,
+                span_id=trace.span_id,
+                parent_id=trace.parent_id,
+                remote=True,
+                name=attributes["http.request.method"],
+                kind=_SERVER,
+                start=trace.start,
+                end=time.time_ns(),
+                attributes=attributes,
+                events=trace.events,
+                error=status if failed else None,
+                state=trace.state,
             )
         )
 
@@ -355,36 +356,36 @@ class Tracing:
             client_id = _new_span_id()
             for attempt in attempts:
                 add(
-                    (
-                        trace.trace_id,
-                        attempt.span_id,
-                        client_id,
-                        False,
-                        f"attempt {attempt.number}",
-                        _INTERNAL,
-                        attempt.start,
-                        attempt.end or end,
-                        attempt.attributes,
-                        attempt.events,
-                        attempt.error,
-                        trace.state,
+                    Record(
+                        trace_id=trace.trace_id,
+                        span_id=attempt.span_id,
+                        parent_id=client_id,
+                        remote=False,
+                        name=f"attempt {attempt.number}",
+                        kind=_INTERNAL,
+                        start=attempt.start,
+                        end=attempt.end or end,
+                        attributes=attempt.attributes,
+                        events=attempt.events,
+                        error=attempt.error,
+                        state=trace.state,
                     )
                 )
             events = trace.events
         add(
-            (
-                trace.trace_id,
-                client_id,
-                trace.parent_id,
-                True,
-                name,
-                _CLIENT,
-                trace.start,
-                end,
-                attributes,
-                events,
-                status if failed else None,
-                trace.state,
+            Record(
+                trace_id=trace.trace_id,
+                span_id=client_id,
+                parent_id=trace.parent_id,
+                remote=True,
+                name=name,
+                kind=_CLIENT,
+                start=trace.start,
+                end=end,
+                attributes=attributes,
+                events=events,
+                error=status if failed else None,
+                state=trace.state,
             )
         )
 
