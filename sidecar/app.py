@@ -1,31 +1,36 @@
-"""`outrigger sidecar`: the listeners, snapshot application, routing and drain."""
+"""`outrigger sidecar`: the composition root. It wires the pieces and runs their lifecycle.
+
+What each piece does lives in its own module: settings (`settings`), routing and snapshot
+application (`routing`), the admin pages (`admin`), the metrics (`metrics`), the access log
+(`telemetry.access_log`), the listeners (`transport.server`), the pools (`transport.upstream`),
+the xDS client (`xds.client`). Here: build them from the settings, apply a snapshot and keep the
+books on it, start the listeners, sweep, drain.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import gc
-import json
 import logging
 import signal
 import sys
-import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mesh.address import split_host_port
 from mesh.model import Mesh, MeshError, load_mesh, parse_mesh
 from sidecar.admin import Admin
-from sidecar.config import ConfigError, Endpoint, OutboundPolicy, Snapshot
-from sidecar.exchange import EndpointHandler, Handler, Request, Response
-from sidecar.flags import Flag, ProxyError
+from sidecar.config import ConfigError, Endpoint, Snapshot
+from sidecar.exchange import Request
 from sidecar.metrics import Metrics
 from sidecar.policy.breaker import BreakerEvent
-from sidecar.policy.stack import ServiceRegistry, build_service_stack
+from sidecar.policy.stack import ServiceRegistry
 from sidecar.protocol.events import RequestHead
+from sidecar.routing import Active, Router
 from sidecar.settings import SettingsError, SidecarSettings
-from sidecar.telemetry import otlp_endpoint, trace_id
+from sidecar.telemetry import otlp_endpoint
+from sidecar.telemetry.access_log import AccessLog
 from sidecar.transport.server import (
+    Completed,
     Decision,
     DownstreamProtocol,
     ServerSettings,
@@ -40,57 +45,48 @@ if TYPE_CHECKING:
 log = logging.getLogger("outrigger.sidecar")
 
 
-@dataclass(frozen=True, slots=True)
-class Active:
-    """A snapshot and the stacks built from it; swapped whole, so requests see one or the other."""
-
-    snapshot: Snapshot
-    handlers: dict[str, Handler]  # by cluster name
-    routes: dict[bytes, Decision]  # by authority: the routing decision, made once per config
-
-
-def authority_endpoint(authority: bytes) -> Endpoint | None:
-    """host[:port] of a passthrough authority (already validated by the codec); port 80 if none."""
-    host, port = split_host_port(authority.decode("ascii")) or ("", None)
-    if not host:
-        return None
-    return Endpoint(host, 80 if port is None else port)
-
-
 class Sidecar:
     def __init__(self, settings: SidecarSettings, server: ServerSettings | None = None) -> None:
         self.settings = settings
         self.server_settings = server or ServerSettings()
         self.services = ServiceRegistry(on_event=self._policy_event)
-        self.tracing: Tracing | None = None  # enable_tracing(); None: no tracing layer at all
         self.upstreams = Upstreams(services=self.services)
-        self.metrics = Metrics(settings.service)
-        self.metrics.services = self.services
-        self.metrics.endpoints = self._service_endpoints
-        self.active: Active | None = None
-        self.app_endpoint = Endpoint(*settings.app)
+        self.router = Router(
+            self.services, self.upstreams.forward, Endpoint(*settings.app), settings.service
+        )
         self.outbound_state = ServerState(self.server_settings)
         self.inbound_state = ServerState(self.server_settings)
         self.admin_state = ServerState(self.server_settings)
-        self.admin = Admin(self, self.metrics.registry())
-        self.listening = False
-        self.draining = False
-        self.addresses: dict[str, tuple[str, int]] = {}
-        self._servers: list[asyncio.AbstractServer] = []
-        self._drain_requested: asyncio.Event | None = None
-        self._access_lines: list[str] = []
-        self._own: set[Endpoint] = set()
-        self.xds: Any = None  # the XdsClient in managed mode
-        self._settle_pending = False  # run() sets it: freeze the start-up heap once ready
+        self.metrics = Metrics(settings.service)
+        self.metrics.services = self.services
+        self.metrics.endpoints = self._service_endpoints
         self.metrics.active_connections = {
             "outbound": lambda: len(self.outbound_state.connections),
             "inbound": lambda: len(self.inbound_state.connections),
         }
+        self.access_log = AccessLog()
+        self.addresses: dict[str, tuple[str, int]] = {}  # bound listeners, by name
+        self.admin = Admin(self, self.metrics.registry())
+        self.xds: Any = None  # the XdsClient in managed mode
+        self.listening = False
+        self.draining = False
+        self._servers: list[asyncio.AbstractServer] = []
+        self._drain_requested: asyncio.Event | None = None
+        self._settle_pending = False  # run() sets it: freeze the start-up heap once ready
         endpoint = otlp_endpoint(settings.otlp_endpoint, None)
         if endpoint is not None:
             self.trace_to(endpoint)
 
     # --- configuration -------------------------------------------------------------------
+
+    @property
+    def tracing(self) -> Tracing | None:
+        """None: no tracing layer is built at all."""
+        return self.router.tracing
+
+    @property
+    def active(self) -> Active | None:
+        return self.router.active
 
     def trace_to(self, endpoint: str) -> None:
         """Turn tracing on, exporting OTLP to `endpoint` (imports the SDK only now)."""
@@ -100,37 +96,31 @@ class Sidecar:
 
     def enable_tracing(self, tracing: Tracing) -> None:
         """Trace from now on (before `apply` and `start`: the layers are built there)."""
-        self.tracing = tracing
+        self.router.trace(tracing)
         self.metrics.spans_dropped = tracing.drops  # the export pipeline counts into it
-        if self.active is not None:
-            tracing.set_sampling(self.active.snapshot.trace_sampling)
+        snapshot = self.router.snapshot()
+        if snapshot is not None:
+            tracing.set_sampling(snapshot.trace_sampling)
 
     def _policy_event(self, event: BreakerEvent) -> None:
-        if self.tracing is not None:
-            self.tracing.on_breaker_event(event)
+        tracing = self.router.tracing
+        if tracing is not None:
+            tracing.on_breaker_event(event)
 
     def apply(self, snapshot: Snapshot) -> None:
         """Build every service's stack, then swap them in at once (raises ConfigError)."""
-        handlers: dict[str, Handler] = {}
-        for cluster, cfg in snapshot.services.items():
-            try:
-                handlers[cluster] = build_service_stack(
-                    cfg, self.services.state(cfg.name), self.upstreams.forward, tracing=self.tracing
-                )
-            except ValueError as exc:
-                self.metrics.config_rejected += 1
-                raise ConfigError(f"Cluster {cluster}: {exc}") from exc
-        routes = {
-            authority: Decision(handlers[service.cluster], service, service.name)
-            for authority, service in snapshot.routes.items()
-        }
-        self.active = Active(snapshot, handlers, routes)
-        self.services.retain(cfg.name for cfg in snapshot.services.values())
+        try:
+            self.router.apply(snapshot)
+        except ConfigError:
+            self.metrics.config_rejected += 1
+            raise
         self.metrics.config_version = snapshot.version
         self.metrics.config_applied += 1
         if self.tracing is not None:
             self.tracing.set_sampling(snapshot.trace_sampling)
-        log.info("applied config version %s (%d services)", snapshot.version, len(handlers))
+        log.info(
+            "applied config version %s (%d services)", snapshot.version, len(snapshot.services)
+        )
         self._settle_heap()
 
     def not_ready_reason(self) -> str:
@@ -138,61 +128,20 @@ class Sidecar:
             return "draining"
         if not self.listening:
             return "listeners not up yet"
-        if self.active is None:
+        if self.router.active is None:
             return (
                 f"no config yet (waiting for the control plane at {self.settings.control_plane}; "
                 f"initial fetch timeout {self.settings.initial_fetch_timeout:g}s)"
             )
         return ""
 
-    # --- routing -------------------------------------------------------------------------
-
-    def dispatch_outbound(self, head: RequestHead) -> Decision:
-        active = self.active
-        if active is None:
-            raise ProxyError(Flag.NO_ROUTE, "no config applied yet", status=503)
-        decision = active.routes.get(head.authority)
-        if decision is not None:
-            return decision
-        authority = head.authority.decode("ascii", "replace")
-        if active.snapshot.outbound_policy is OutboundPolicy.REGISTRY_ONLY:
-            raise ProxyError(
-                Flag.NO_ROUTE, f"{authority!r} is not a service in the mesh (registry_only)"
-            )
-        endpoint = authority_endpoint(head.authority)
-        if endpoint is None:
-            raise ProxyError(Flag.NO_ROUTE, "the request names no host to pass through to")
-        if endpoint in self._own:
-            raise ProxyError(Flag.NO_ROUTE, f"{authority} is this sidecar: refusing to loop")
-        forward: EndpointHandler = self.upstreams.forward
-        tracing = self.tracing
-        if tracing is not None:
-            forward = tracing.attempt(forward)
-
-        async def passthrough(req: Request) -> Response:
-            req.tried.append(endpoint)  # no balancer here: count the one attempt for the log
-            req.attempts += 1
-            return await forward(req, endpoint)
-
-        if tracing is not None:
-            return Decision(tracing.client(passthrough, "passthrough"), None, "passthrough")
-        return Decision(passthrough, None, "passthrough")
-
-    def dispatch_inbound(self, head: RequestHead) -> Decision:
-        return self._inbound
-
-    async def _to_app(self, req: Request) -> Response:
-        req.tried.append(self.app_endpoint)  # as in passthrough: one attempt, for the log
-        req.attempts += 1
-        return await self.upstreams.forward(req, self.app_endpoint)
-
     # --- bookkeeping ---------------------------------------------------------------------
 
-    def _completed(self, direction: str) -> Any:
+    def _completed(self, direction: str) -> Completed:
+        """What a listener calls as each request cycle ends: metrics, and the access log."""
         metrics = self.metrics
         loop = asyncio.get_running_loop()
-        access_log = self.settings.access_log
-        lines = self._access_lines
+        access_log = self.access_log.record if self.settings.access_log else None
 
         def completed(
             head: RequestHead,
@@ -205,28 +154,8 @@ class Sidecar:
             duration = loop.time() - start
             destination = decision.name if decision is not None else "-"
             metrics.request(direction, destination, status, flags, duration)
-            if access_log:
-                # The last endpoint tried is the one that answered (or failed last).
-                tried = request.tried if request is not None else None
-                lines.append(
-                    json.dumps(
-                        {
-                            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                            "direction": direction,
-                            "method": head.method.decode("ascii", "replace"),
-                            "authority": head.authority.decode("ascii", "replace"),
-                            "path": head.path.decode("ascii", "replace"),
-                            "status": status,
-                            "flags": flags or "-",
-                            "duration_ms": round(duration * 1000, 3),
-                            "destination": destination,
-                            "upstream": str(tried[-1]) if tried else "-",
-                            "attempts": request.attempts if request is not None else 0,
-                            "trace_id": trace_id(request.headers) if request is not None else "-",
-                        },
-                        separators=(",", ":"),
-                    )
-                )
+            if access_log is not None:
+                access_log(direction, head, destination, status, flags, duration, request)
 
         return completed
 
@@ -240,7 +169,7 @@ class Sidecar:
         if timeout <= 0:
             return
         await asyncio.sleep(timeout)
-        if self.active is None:
+        if self.router.active is None:
             log.warning(
                 "no config from the control plane at %s within %gs: serving the embedded "
                 "default (allow_any passthrough, no services) until it answers",
@@ -253,22 +182,16 @@ class Sidecar:
         while True:
             await asyncio.sleep(1.0)
             self.upstreams.sweep()
-            self.flush_access_log()
-
-    def flush_access_log(self) -> None:
-        if self._access_lines:
-            lines, self._access_lines[:] = list(self._access_lines), []
-            sys.stdout.write("\n".join(lines) + "\n")
-            sys.stdout.flush()
+            self.access_log.flush()
 
     def _service_endpoints(self) -> list[tuple[str, tuple[Endpoint, ...]]]:
-        active = self.active
-        if active is None:
+        snapshot = self.router.snapshot()
+        if snapshot is None:
             return []
-        return [(cfg.name, cfg.endpoints) for _, cfg in sorted(active.snapshot.services.items())]
+        return [(cfg.name, cfg.endpoints) for _, cfg in sorted(snapshot.services.items())]
 
     def config_dump(self) -> dict[str, Any]:
-        active = self.active
+        snapshot = self.router.snapshot()
         return {
             "node": {
                 "id": self.settings.node_id,
@@ -276,19 +199,19 @@ class Sidecar:
                 "namespace": self.settings.namespace,
             },
             "source": str(self.settings.mesh or self.settings.control_plane or "embedded default"),
-            "version": active.snapshot.version if active else None,
-            "outbound_policy": active.snapshot.outbound_policy.value if active else None,
-            "trace_sampling": active.snapshot.trace_sampling if active else None,
+            "version": snapshot.version if snapshot else None,
+            "outbound_policy": snapshot.outbound_policy.value if snapshot else None,
+            "trace_sampling": snapshot.trace_sampling if snapshot else None,
             "listeners": {k: f"{h}:{p}" for k, (h, p) in self.addresses.items()},
-            "resources": active.snapshot.resources if active else {},
+            "resources": snapshot.resources if snapshot else {},
         }
 
     def clusters(self) -> dict[str, Any]:
-        active = self.active
+        snapshot = self.router.snapshot()
         out: dict[str, Any] = {}
-        if active is None:
+        if snapshot is None:
             return out
-        for cluster, cfg in sorted(active.snapshot.services.items()):
+        for cluster, cfg in sorted(snapshot.services.items()):
             state = self.services.get(cfg.name)
             endpoints = []
             for endpoint in cfg.endpoints:
@@ -323,13 +246,9 @@ class Sidecar:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._drain_requested = asyncio.Event()
-        to_app: Handler = self._to_app
-        if self.tracing is not None:
-            to_app = self.tracing.inbound(to_app, self.settings.service)
-        self._inbound = Decision(to_app, None, "inbound")
         listeners = (
-            ("outbound", self.settings.outbound, self.outbound_state, self.dispatch_outbound, True),
-            ("inbound", self.settings.inbound, self.inbound_state, self.dispatch_inbound, True),
+            ("outbound", self.settings.outbound, self.outbound_state, self.router.outbound, True),
+            ("inbound", self.settings.inbound, self.inbound_state, self.router.inbound, True),
             ("admin", self.settings.admin, self.admin_state, self.admin.dispatch, False),
         )
         for name, (host, port), state, dispatch, ids in listeners:
@@ -347,7 +266,7 @@ class Sidecar:
             self._servers.append(server)
             bound = server.sockets[0].getsockname()
             self.addresses[name] = (bound[0], bound[1])
-            self._own.add(Endpoint(bound[0], bound[1]))
+            self.router.own.add(Endpoint(bound[0], bound[1]))
             state.start()
         self.metrics.connections_total = _ConnectionTotals(
             {"outbound": self.outbound_state, "inbound": self.inbound_state}
@@ -369,7 +288,7 @@ class Sidecar:
         ~2 ms and p99 fell from 31 to 24-26 ms (+2% req/s). Refcounting still frees frozen
         objects; only a reference cycle among them would never be collected.
         """
-        if not self._settle_pending or not self.listening or self.active is None:
+        if not self._settle_pending or not self.listening or self.router.active is None:
             return
         self._settle_pending = False
         gc.collect()
@@ -391,7 +310,7 @@ class Sidecar:
         clean = await self.drain()
         for task in tasks:
             task.cancel()
-        self.flush_access_log()
+        self.access_log.flush()
         return 0 if clean else 1
 
     async def drain(self) -> bool:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.app import authority_endpoint
 from sidecar.config import Endpoint
+from sidecar.routing import authority_endpoint
 from sidecar.settings import SettingsError, SidecarSettings
 
 
