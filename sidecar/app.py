@@ -41,6 +41,7 @@ from sidecar.xds.interpret import snapshot_from_mesh
 
 if TYPE_CHECKING:
     from sidecar.telemetry.tracing import Tracing
+    from sidecar.xds.client import XdsClient
 
 log = logging.getLogger("outrigger.sidecar")
 
@@ -57,17 +58,28 @@ class Sidecar:
         self.outbound_state = ServerState(self.server_settings)
         self.inbound_state = ServerState(self.server_settings)
         self.admin_state = ServerState(self.server_settings)
-        self.metrics = Metrics(settings.service)
-        self.metrics.services = self.services
-        self.metrics.endpoints = self._service_endpoints
-        self.metrics.active_connections = {
-            "outbound": lambda: len(self.outbound_state.connections),
-            "inbound": lambda: len(self.inbound_state.connections),
-        }
+        self.metrics = Metrics(
+            settings.service,
+            listeners={"outbound": self.outbound_state, "inbound": self.inbound_state},
+            services=self.services,
+            snapshot=self.router.snapshot,
+            spans_dropped=self._spans_dropped,
+        )
         self.access_log = AccessLog()
         self.addresses: dict[str, tuple[str, int]] = {}  # bound listeners, by name
         self.admin = Admin(self, self.metrics.registry())
-        self.xds: Any = None  # the XdsClient in managed mode
+        self.xds: XdsClient | None = None  # managed mode: the control plane's client
+        if settings.control_plane is not None:
+            from sidecar.xds.client import XdsClient
+
+            self.xds = XdsClient(
+                settings.control_plane,
+                node_id=settings.node_id,
+                service=settings.service,
+                namespace=settings.namespace,
+                apply=self.apply,
+                snapshot_cache=settings.snapshot_cache,
+            )
         self.listening = False
         self.draining = False
         self._servers: list[asyncio.AbstractServer] = []
@@ -97,10 +109,13 @@ class Sidecar:
     def enable_tracing(self, tracing: Tracing) -> None:
         """Trace from now on (before `apply` and `start`: the layers are built there)."""
         self.router.trace(tracing)
-        self.metrics.spans_dropped = tracing.drops  # the export pipeline counts into it
         snapshot = self.router.snapshot()
         if snapshot is not None:
             tracing.set_sampling(snapshot.trace_sampling)
+
+    def _spans_dropped(self) -> dict[str, int]:
+        tracing = self.router.tracing
+        return tracing.drops if tracing is not None else {}
 
     def _policy_event(self, event: BreakerEvent) -> None:
         tracing = self.router.tracing
@@ -184,12 +199,6 @@ class Sidecar:
             self.upstreams.sweep()
             self.access_log.flush()
 
-    def _service_endpoints(self) -> list[tuple[str, tuple[Endpoint, ...]]]:
-        snapshot = self.router.snapshot()
-        if snapshot is None:
-            return []
-        return [(cfg.name, cfg.endpoints) for _, cfg in sorted(snapshot.services.items())]
-
     def config_dump(self) -> dict[str, Any]:
         snapshot = self.router.snapshot()
         return {
@@ -268,9 +277,6 @@ class Sidecar:
             self.addresses[name] = (bound[0], bound[1])
             self.router.own.add(Endpoint(bound[0], bound[1]))
             state.start()
-        self.metrics.connections_total = _ConnectionTotals(
-            {"outbound": self.outbound_state, "inbound": self.inbound_state}
-        )
         self.listening = True
         print(
             "outrigger sidecar listening "
@@ -334,17 +340,6 @@ class Sidecar:
         return all(results)
 
 
-class _ConnectionTotals(dict[str, int]):
-    """Live view of each listener's accepted-connection count for the metrics collector."""
-
-    def __init__(self, states: dict[str, ServerState]) -> None:
-        super().__init__()
-        self._states = states
-
-    def items(self) -> Any:
-        return [(name, state.total_connections) for name, state in self._states.items()]
-
-
 def _stats(state: Any) -> dict[str, int]:
     if state is None:
         return {}
@@ -364,17 +359,7 @@ def run_sidecar(args: argparse.Namespace) -> int:
     try:
         settings = SidecarSettings.from_args(args)
         sidecar = Sidecar(settings)
-        if settings.control_plane is not None:
-            from sidecar.xds.client import XdsClient
-
-            sidecar.xds = XdsClient(
-                settings.control_plane,
-                node_id=settings.node_id,
-                service=settings.service,
-                namespace=settings.namespace,
-                apply=sidecar.apply,
-                snapshot_cache=settings.snapshot_cache,
-            )
+        if sidecar.xds is not None:
             cached = sidecar.xds.load_cached()
             if cached is not None:
                 try:
