@@ -18,7 +18,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from mesh.model import Mesh, MeshError, load_mesh, parse_mesh
-from sidecar.admin import Admin
+from sidecar import admin
 from sidecar.config import ConfigError, Endpoint, Snapshot
 from sidecar.exchange import Request
 from sidecar.metrics import Metrics
@@ -67,7 +67,27 @@ class Sidecar:
         )
         self.access_log = AccessLog()
         self.addresses: dict[str, tuple[str, int]] = {}  # bound listeners, by name
-        self.admin = Admin(self, self.metrics.registry())
+        self.admin = admin.Admin(
+            {
+                b"/ready": admin.Ready(self.not_ready_reason),
+                b"/live": admin.Live(),
+                b"/stats/prometheus": admin.Prometheus(self.metrics.registry()),
+                b"/config_dump": admin.ConfigDump(
+                    {
+                        "id": settings.node_id,
+                        "service": settings.service,
+                        "namespace": settings.namespace,
+                    },
+                    str(settings.mesh or settings.control_plane or "embedded default"),
+                    self.router.snapshot,
+                    self.addresses,
+                ),
+                b"/clusters": admin.Clusters(
+                    self.router.snapshot, self.services, self.upstreams.pools
+                ),
+                b"/drain": admin.Drain(self.request_drain),
+            }
+        )
         self.xds: XdsClient | None = None  # managed mode: the control plane's client
         if settings.control_plane is not None:
             from sidecar.xds.client import XdsClient
@@ -199,52 +219,6 @@ class Sidecar:
             self.upstreams.sweep()
             self.access_log.flush()
 
-    def config_dump(self) -> dict[str, Any]:
-        snapshot = self.router.snapshot()
-        return {
-            "node": {
-                "id": self.settings.node_id,
-                "service": self.settings.service,
-                "namespace": self.settings.namespace,
-            },
-            "source": str(self.settings.mesh or self.settings.control_plane or "embedded default"),
-            "version": snapshot.version if snapshot else None,
-            "outbound_policy": snapshot.outbound_policy.value if snapshot else None,
-            "trace_sampling": snapshot.trace_sampling if snapshot else None,
-            "listeners": {k: f"{h}:{p}" for k, (h, p) in self.addresses.items()},
-            "resources": snapshot.resources if snapshot else {},
-        }
-
-    def clusters(self) -> dict[str, Any]:
-        snapshot = self.router.snapshot()
-        out: dict[str, Any] = {}
-        if snapshot is None:
-            return out
-        for cluster, cfg in sorted(snapshot.services.items()):
-            state = self.services.get(cfg.name)
-            endpoints = []
-            for endpoint in cfg.endpoints:
-                breaker = state.breakers.breaker(endpoint) if state else None
-                pool = self.upstreams.pools.get(endpoint)
-                endpoints.append(
-                    {
-                        "address": str(endpoint),
-                        "active_requests": state.active(endpoint) if state else 0,
-                        "breaker": breaker.state if breaker is not None else "none",
-                        "ejected": bool(state and state.breakers.is_ejected(endpoint)),
-                        "ejections": breaker.trips if breaker is not None else 0,
-                        "idle_connections": len(pool.idle) if pool else 0,
-                        "busy_connections": len(pool.in_use) if pool else 0,
-                    }
-                )
-            out[cfg.name] = {
-                "cluster": cluster,
-                "lb": cfg.lb.value,
-                "endpoints": endpoints,
-                "stats": _stats(state),
-            }
-        return out
-
     # --- lifecycle -----------------------------------------------------------------------
 
     def request_drain(self, reason: str) -> None:
@@ -338,13 +312,6 @@ class Sidecar:
             await self.tracing.shutdown(min(5.0, self.settings.drain_timeout))
         log.info("drained%s", "" if all(results) else " (timeout: some requests were cut)")
         return all(results)
-
-
-def _stats(state: Any) -> dict[str, int]:
-    if state is None:
-        return {}
-    stats = state.stats
-    return {name: getattr(stats, name) for name in stats.__slots__}
 
 
 def embedded_mesh() -> Mesh:
