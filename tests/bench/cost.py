@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=1, help="keep-alive connections, in turn")
     p.add_argument("--callgrind", action="store_true", help="instructions under callgrind")
     p.add_argument("--outrigger", type=Path, default=rows.OUTRIGGER)
+    p.add_argument("--keep-workdir", action="store_true", help="keep logs and callgrind dumps")
     args = p.parse_args(argv)
     if args.requests is None:
         args.requests = 2000 if args.callgrind else 20000
@@ -171,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         env.group.close()
+        if args.keep_workdir:
+            print(f"kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
