@@ -36,6 +36,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,8 @@ _EVENT_FLAGS = {
 
 Attributes = dict[str, Any]
 Event = tuple[int, str, Attributes]  # time (ns), name, attributes
+# Tracing.finish_server / finish_client: (trace, request, service, response, error)
+_Finish = Callable[["_Trace", Request, str, Response | None, BaseException | None], None]
 
 # The sampled request this task is serving (set by the client layer; the attempt layer and the
 # breaker's event hook read it). Each request cycle is its own task, so it never leaks.
@@ -228,13 +231,13 @@ class Tracing:
         self._bound = TraceIdRatioBased(ratio).bound
 
     def client(self, inner: Handler, service: str) -> Handler:
-        return _ClientLayer(self, inner, service)
+        return _SpanLayer(self, inner, service, self.finish_client)
 
     def attempt(self, inner: EndpointHandler) -> EndpointHandler:
         return _AttemptLayer(inner)
 
     def inbound(self, inner: Handler, service: str) -> Handler:
-        return _ServerLayer(self, inner, service)
+        return _SpanLayer(self, inner, service, self.finish_server)
 
     def on_breaker_event(self, event: BreakerEvent) -> None:
         """The policy layer's hook: an event on the span of the request that caused it."""
@@ -335,6 +338,8 @@ class Tracing:
         resp: Response | None,
         error: BaseException | None,
     ) -> None:
+        if isinstance(error, ProxyError) and (event := _error_event(error)) is not None:
+            trace.events.append(event)  # a timeout or an overflow, on the CLIENT span
         end = time.time_ns()
         attributes = _request_attributes(req)
         attributes["outrigger.service"] = service
@@ -446,57 +451,32 @@ def _result_attributes(
     return name, True
 
 
-class _ServerLayer:
-    """The SERVER span around the handler to the app."""
+class _SpanLayer:
+    """A request's own span: the SERVER span around the handler to the app, or the CLIENT span,
+    outermost in a service stack (its children: the attempts). It makes the sampling decision,
+    runs the inner handler with the trace current, and hands the result to `finish`."""
 
-    __slots__ = ("_inner", "_service", "_tracing")
+    __slots__ = ("_begin", "_finish", "_inner", "_service")
 
-    def __init__(self, tracing: Tracing, inner: Handler, service: str) -> None:
-        self._tracing = tracing
+    def __init__(self, tracing: Tracing, inner: Handler, service: str, finish: _Finish) -> None:
+        self._begin = tracing.begin
+        self._finish = finish
         self._inner = inner
         self._service = service
 
     async def __call__(self, req: Request) -> Response:
-        trace = self._tracing.begin(req)
+        trace = self._begin(req)
         if trace is None:
             return await self._inner(req)
         token = _current.set(trace)
         try:
             resp = await self._inner(req)
         except BaseException as error:
-            self._tracing.finish_server(trace, req, self._service, None, error)
+            self._finish(trace, req, self._service, None, error)
             raise
         finally:
             _current.reset(token)
-        self._tracing.finish_server(trace, req, self._service, resp, None)
-        return resp
-
-
-class _ClientLayer:
-    """The CLIENT span: outermost layer of a service stack (its children: the attempts)."""
-
-    __slots__ = ("_inner", "_service", "_tracing")
-
-    def __init__(self, tracing: Tracing, inner: Handler, service: str) -> None:
-        self._tracing = tracing
-        self._inner = inner
-        self._service = service
-
-    async def __call__(self, req: Request) -> Response:
-        trace = self._tracing.begin(req)
-        if trace is None:
-            return await self._inner(req)
-        token = _current.set(trace)
-        try:
-            resp = await self._inner(req)
-        except BaseException as error:
-            if isinstance(error, ProxyError) and (event := _error_event(error)) is not None:
-                trace.events.append(event)
-            self._tracing.finish_client(trace, req, self._service, None, error)
-            raise
-        finally:
-            _current.reset(token)
-        self._tracing.finish_client(trace, req, self._service, resp, None)
+        self._finish(trace, req, self._service, resp, None)
         return resp
 
 
