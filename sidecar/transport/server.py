@@ -30,6 +30,7 @@ from sidecar.protocol.events import Data, EndOfMessage, Reject, RequestEvent, Re
 from sidecar.protocol.limits import Limits
 from sidecar.protocol.request import RequestParser
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream
+from sidecar.transport.flow import WriteFlow
 
 log = logging.getLogger("outrigger.server")
 
@@ -150,7 +151,7 @@ def local_response(error: ProxyError) -> tuple[int, Flag, bytes]:
     return error.status, error.flag, body
 
 
-class DownstreamProtocol(asyncio.Protocol):
+class DownstreamProtocol(WriteFlow, asyncio.Protocol):
     """One client connection."""
 
     def __init__(
@@ -239,18 +240,8 @@ class DownstreamProtocol(asyncio.Protocol):
             self.tunnel_abort()
 
     def pause_writing(self) -> None:
-        self.write_paused = True
-        self.write_paused_at = self.loop.time()
-        if self.tunnel_flow is not None:
-            self.tunnel_flow[0]()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.tunnel_flow is not None:
-            self.tunnel_flow[1]()
-        waiter = self.drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self.write_paused_at = self.loop.time()  # for the send timeout
+        super().pause_writing()
 
     # --- parsing -------------------------------------------------------------------------
 
@@ -486,7 +477,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 first = False
             transport.write(out)
             if self.write_paused:
-                await self._drain()
+                await self.drain()
         if first:
             transport.write(head_bytes + serialize.LAST_CHUNK if chunked else head_bytes)
         elif chunked:
@@ -563,15 +554,6 @@ class DownstreamProtocol(asyncio.Protocol):
             )
             + body
         )
-
-    async def _drain(self) -> None:
-        if not self.write_paused or self.closed:
-            return
-        self.drain_waiter = self.loop.create_future()
-        try:
-            await self.drain_waiter
-        finally:
-            self.drain_waiter = None
 
     def _send_continue(self) -> None:
         if self.transport is not None and not self.response_started and not self.closed:
