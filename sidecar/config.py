@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-# The same values in the mesh model and here (Envoy's defaults): one definition.
-from mesh.model import Backoff as Backoff
-from mesh.model import RetryBudget as RetryBudget
+from mesh.model import Backoff, RetryBudget  # the mesh model's: the same values, one definition
 
 
 class LbPolicy(StrEnum):

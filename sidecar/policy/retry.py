@@ -41,7 +41,8 @@ from email.utils import parsedate_to_datetime
 from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt, wait_random_exponential
 
 from mesh.http import IDEMPOTENT_METHODS_BYTES
-from sidecar.config import RetryBudget, RetryPolicy
+from mesh.model import RetryBudget
+from sidecar.config import RetryPolicy
 from sidecar.exchange import Handler, Request, Response
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.classifier import Kind, Outcome, classify

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from random import getrandbits as _getrandbits
-from typing import Protocol, cast
+from typing import cast
 
 from mesh.http import REASON_PHRASES
 from sidecar.config import ServiceConfig
@@ -65,18 +65,9 @@ class Decision:
 Dispatch = Callable[[RequestHead], Decision]
 
 
-class Completed(Protocol):
-    """Told when a request cycle ends; `request` is None when none was built (no route)."""
-
-    def __call__(
-        self,
-        head: RequestHead,
-        decision: Decision | None,
-        status: int,
-        flags: str,
-        start: float,
-        request: Request | None,
-    ) -> None: ...
+# Told when a request cycle ends: (head, decision, status, flags, start on the loop's clock,
+# request); decision and request are None when there was no route.
+Completed = Callable[[RequestHead, Decision | None, int, str, float, Request | None], None]
 
 
 # Connection phases for the sweep.

@@ -29,7 +29,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf.json_format import MessageToDict
 
 from mesh.http import IDEMPOTENT_METHODS
-from mesh.model import Mesh
+from mesh.model import Backoff, Mesh, RetryBudget
 from mesh.translate import idempotent_request_headers, translate
 from mesh.xds import (
     CLUSTER_TYPE,
@@ -48,13 +48,11 @@ from mesh.xds import (
     resources_version,
 )
 from sidecar.config import (
-    Backoff,
     BreakerPolicy,
     ConfigError,
     Endpoint,
     LbPolicy,
     OutboundPolicy,
-    RetryBudget,
     RetryPolicy,
     ServiceConfig,
     Snapshot,

@@ -2,7 +2,8 @@ import asyncio
 
 import pytest
 
-from sidecar.config import Backoff, ServiceConfig
+from mesh.model import Backoff
+from sidecar.config import ServiceConfig
 from sidecar.exchange import Response
 from sidecar.flags import Flag
 from sidecar.policy.stack import ServiceState, build_service_stack
