@@ -1,7 +1,7 @@
 """The access log end to end: client -> in-process sidecar (--access-log) -> upstreams on loopback.
 
 Lines are taken from the sidecar's buffer (what `_housekeeping` flushes once a second) and, in
-one test, from stdout after `flush_access_log`. Every wait is bounded.
+one test, from stdout after `AccessLog.flush`. Every wait is bounded.
 """
 
 from __future__ import annotations
