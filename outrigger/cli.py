@@ -38,10 +38,102 @@ def _sidecar_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _control_plane_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("control-plane", help="run the xDS control plane")
-    p.add_argument("--mesh", help="mesh file to serve (reloaded when it changes)")
-    p.add_argument("--kubernetes", action="store_true", help="read the Kubernetes API")
+    p.add_argument(
+        "--mesh",
+        help="mesh file to serve (reloaded when it changes); with --kubernetes, the mesh-wide "
+        "settings (defaults, outbound_policy, tracing) and services outside the cluster",
+    )
+    p.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="read Services, EndpointSlices and Namespaces from the Kubernetes API",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        default=None,
+        help="with --kubernetes: this kubeconfig (default: in-cluster, else ~/.kube/config)",
+    )
+    p.add_argument(
+        "--namespaces",
+        default=None,
+        help="with --kubernetes: only these namespaces, comma-separated (default: all)",
+    )
+    p.add_argument(
+        "--debounce",
+        default="100ms",
+        help="with --kubernetes: wait this long for a burst of changes to end (default 100ms)",
+    )
     p.add_argument("--xds", default="127.0.0.1:15010", help="ADS gRPC listen address")
     p.add_argument("--http", default="127.0.0.1:15014", help="HTTP listen address (metrics)")
+    p.add_argument(
+        "--webhook",
+        default=None,
+        help="serve the admission webhooks (/inject) over HTTPS here, e.g. 0.0.0.0:15017",
+    )
+    p.add_argument("--webhook-cert", default=None, help="PEM certificate (chain) for --webhook")
+    p.add_argument("--webhook-key", default=None, help="PEM private key for --webhook")
+
+
+def _inject_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "inject",
+        help="print manifests with the sidecar injected (the webhook's code, offline)",
+        description="Inject the sidecar into the Pods and pod templates of YAML manifests: "
+        "outrigger inject -f app.yaml | kubectl apply -f -",
+    )
+    p.add_argument(
+        "-f", "--file", required=True, help="YAML manifests (one or many), or - for stdin"
+    )
+    p.add_argument("--mesh", default=None, help="mesh file whose injection: section applies")
+
+
+def _wait_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "wait", help="block until the local sidecar is ready (plain-container postStart hook)"
+    )
+    p.add_argument("--timeout", default="60s", help="give up after this long (default 60s)")
+    p.add_argument(
+        "--url",
+        default=None,
+        help="the sidecar's readiness URL (default http://127.0.0.1:15021/healthz/ready)",
+    )
+
+
+def _iptables_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "iptables",
+        help="install the pod's interception rules (the init container's command)",
+        description="Redirect the pod's TCP connections to the sidecar with nat-table rules in "
+        "the OUTRIGGER_* chains (IPv4, and IPv6 where the pod has it), applied atomically. "
+        "Needs root with NET_ADMIN and NET_RAW, except for --dry-run.",
+    )
+    p.add_argument("--proxy-uid", default="1337", help="the sidecar's uid; its traffic stays")
+    p.add_argument("--outbound-port", default="15001", help="outbound listener (default 15001)")
+    p.add_argument("--inbound-port", default="15006", help="inbound listener (default 15006)")
+    p.add_argument(
+        "--exclude-inbound-ports",
+        default="",
+        help="ports not redirected on the way in, e.g. 15000,15021,15090 (the inbound and "
+        "outbound ports always are)",
+    )
+    p.add_argument(
+        "--exclude-outbound-ports", default="", help="destination ports not redirected, e.g. 3306"
+    )
+    p.add_argument(
+        "--include-outbound-cidrs",
+        default="*",
+        help="destinations redirected: * (default, all) or CIDRs, e.g. 10.96.0.0/12; "
+        "empty: no outbound redirect",
+    )
+    p.add_argument(
+        "--exclude-outbound-cidrs",
+        default="",
+        help="destinations not redirected, e.g. 169.254.0.0/16",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the iptables-restore input, change nothing"
+    )
+    p.add_argument("--cleanup", action="store_true", help="remove the rules (and the chains)")
 
 
 def _status_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -72,13 +164,22 @@ def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and flag (tests check that what the chart runs is accepted here)."""
     parser = argparse.ArgumentParser(prog="outrigger", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _sidecar_parser(sub)
     _control_plane_parser(sub)
+    _iptables_parser(sub)
+    _inject_parser(sub)
+    _wait_parser(sub)
     _status_parser(sub)
     _demo_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "sidecar":
         from sidecar.app import run_sidecar
@@ -88,6 +189,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from control_plane.app import run_control_plane
 
         return run_control_plane(args)
+    if args.command == "iptables":
+        from sidecar.interception.iptables import run_iptables
+
+        return run_iptables(args)
+    if args.command == "inject":
+        from outrigger.inject import run_inject
+
+        return run_inject(args)
+    if args.command == "wait":
+        from outrigger.wait import run_wait
+
+        return run_wait(args)
     if args.command == "status":
         from outrigger.status import run_status
 

@@ -13,7 +13,13 @@ from typing import TextIO
 
 import grpc
 
-from control_plane.status import TYPE_COLUMNS, ProxyStatus, fetch_status
+from control_plane.status import (
+    TYPE_COLUMNS,
+    ProblemStatus,
+    ProxyStatus,
+    fetch_problems,
+    fetch_status,
+)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -47,9 +53,20 @@ def render(proxies: list[ProxyStatus], out: TextIO) -> None:
     out.write(table(header, rows))
 
 
+def render_problems(problems: list[ProblemStatus], out: TextIO) -> None:
+    """The problems the control plane works around, one per line, after the sidecars."""
+    if not problems:
+        return
+    out.write("\n" + table(
+        ["OBJECT", "REASON", "PROBLEM"],
+        [[p.object, p.reason, p.message] for p in problems],
+    ))  # fmt: skip
+
+
 def run_status(args: argparse.Namespace) -> int:
     try:
         proxies = fetch_status(args.control_plane)
+        problems = fetch_problems(args.control_plane)
     except grpc.RpcError as exc:
         code = exc.code() if isinstance(exc, grpc.Call) else None
         print(
@@ -59,4 +76,5 @@ def run_status(args: argparse.Namespace) -> int:
         )
         return 1
     render(proxies, sys.stdout)
+    render_problems(problems, sys.stdout)
     return 0

@@ -79,7 +79,8 @@ class Prometheus:
 
 class ConfigDump:
     """`/config_dump`: who this sidecar is, where its config comes from, and the config applied
-    (version, outbound policy, sampling, the xDS resources it was built from)."""
+    (version, outbound policy, sampling, each service with its effective policy and where each
+    value came from, the xDS resources it was built from)."""
 
     method = b"GET"
 
@@ -96,18 +97,40 @@ class ConfigDump:
         self.listeners = listeners  # bound addresses, by listener name
 
     def render(self) -> Rendered:
+        return _json(self.document())
+
+    def document(self) -> dict[str, Any]:
         snapshot = self.snapshot()
-        return _json(
-            {
-                "node": dict(self.node),
-                "source": self.source,
-                "version": snapshot.version if snapshot else None,
-                "outbound_policy": snapshot.outbound_policy.value if snapshot else None,
-                "trace_sampling": snapshot.trace_sampling if snapshot else None,
-                "listeners": {k: f"{h}:{p}" for k, (h, p) in self.listeners.items()},
-                "resources": snapshot.resources if snapshot else {},
-            }
-        )
+        return {
+            "node": dict(self.node),
+            "source": self.source,
+            "version": snapshot.version if snapshot else None,
+            "outbound_policy": snapshot.outbound_policy.value if snapshot else None,
+            "trace_sampling": snapshot.trace_sampling if snapshot else None,
+            "listeners": {k: f"{h}:{p}" for k, (h, p) in self.listeners.items()},
+            "services": _services(snapshot) if snapshot else {},
+            "resources": snapshot.resources if snapshot else {},
+        }
+
+
+def _services(snapshot: Snapshot) -> dict[str, Any]:
+    """Per cluster: the service, how requests reach it, and its effective policy with the origin
+    of each value (from the Cluster's outrigger.dev metadata)."""
+    return {
+        cluster: {
+            "service": f"{cfg.name}.{cfg.namespace}" if cfg.namespace else cfg.name,
+            "port": cfg.port,
+            "endpoints": (
+                "original destination"
+                if cfg.original_destination
+                else [str(e) for e in cfg.endpoints]
+            ),
+            "policy": {
+                key: {"value": value, "from": origin} for key, value, origin in cfg.policy_origins
+            },
+        }
+        for cluster, cfg in sorted(snapshot.services.items())
+    }
 
 
 class Clusters:
@@ -127,10 +150,13 @@ class Clusters:
         self.pools = pools
 
     def render(self) -> Rendered:
+        return _json(self.document())
+
+    def document(self) -> dict[str, Any]:
         snapshot = self.snapshot()
         out: dict[str, Any] = {}
         if snapshot is None:
-            return _json(out)
+            return out
         for cluster, cfg in sorted(snapshot.services.items()):
             state = self.services.get(cfg.name)
             out[cfg.name] = {
@@ -139,7 +165,7 @@ class Clusters:
                 "endpoints": [self._endpoint(endpoint, state) for endpoint in cfg.endpoints],
                 "stats": _stats(state),
             }
-        return _json(out)
+        return out
 
     def _endpoint(self, endpoint: Endpoint, state: ServiceState | None) -> dict[str, Any]:
         breaker = state.breakers.breaker(endpoint) if state else None

@@ -67,24 +67,20 @@ class Sidecar:
         )
         self.access_log = AccessLog()
         self.addresses: dict[str, tuple[str, int]] = {}  # bound listeners, by name
+        self.config_dump = admin.ConfigDump(
+            {"id": settings.node_id, "service": settings.service, "namespace": settings.namespace},
+            str(settings.mesh or settings.control_plane or "embedded default"),
+            self.router.snapshot,
+            self.addresses,
+        )
+        self.clusters = admin.Clusters(self.router.snapshot, self.services, self.upstreams.pools)
         self.admin = admin.Admin(
             {
                 b"/ready": admin.Ready(self.not_ready_reason),
                 b"/live": admin.Live(),
                 b"/stats/prometheus": admin.Prometheus(self.metrics.registry()),
-                b"/config_dump": admin.ConfigDump(
-                    {
-                        "id": settings.node_id,
-                        "service": settings.service,
-                        "namespace": settings.namespace,
-                    },
-                    str(settings.mesh or settings.control_plane or "embedded default"),
-                    self.router.snapshot,
-                    self.addresses,
-                ),
-                b"/clusters": admin.Clusters(
-                    self.router.snapshot, self.services, self.upstreams.pools
-                ),
+                b"/config_dump": self.config_dump,
+                b"/clusters": self.clusters,
                 b"/drain": admin.Drain(self.request_drain),
             }
         )
@@ -211,7 +207,7 @@ class Sidecar:
                 self.settings.control_plane,
                 timeout,
             )
-            self.apply(snapshot_from_mesh(embedded_mesh()))
+            self.apply(snapshot_from_mesh(embedded_mesh(), self.settings.namespace))
 
     async def _housekeeping(self) -> None:
         while True:
@@ -340,7 +336,7 @@ def run_sidecar(args: argparse.Namespace) -> int:
             endpoint = otlp_endpoint(None, mesh.tracing.otlp_endpoint)
             if sidecar.tracing is None and endpoint is not None:
                 sidecar.trace_to(endpoint)
-            sidecar.apply(snapshot_from_mesh(mesh))
+            sidecar.apply(snapshot_from_mesh(mesh, settings.namespace))
     except (SettingsError, MeshError, ConfigError) as exc:
         print(f"outrigger sidecar: {exc}", file=sys.stderr)
         return 2

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from mesh.model import Backoff, RetryBudget  # the mesh model's: the same values, one definition
+from mesh.address import split_host_port
+from mesh.policy import Backoff, RetryBudget  # the mesh policy's: one definition of each
 
 
 class LbPolicy(StrEnum):
@@ -32,6 +33,14 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+def authority_endpoint(authority: bytes) -> Endpoint | None:
+    """host[:port] of an authority the codec validated (port 80 when absent); None: no host."""
+    host, port = split_host_port(authority.decode("ascii")) or ("", None)
+    if not host:
+        return None
+    return Endpoint(host, 80 if port is None else port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +76,11 @@ class ServiceConfig:
     retry: RetryPolicy | None = None
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     lb: LbPolicy = LbPolicy.ROUND_ROBIN
+    # An ORIGINAL_DST cluster (a headless service): each request goes to the destination the
+    # caller chose (its authority), with this policy, no balancing and no endpoint list.
+    original_destination: bool = False
+    # From the Cluster's metadata: (policy key, effective value, origin), for /config_dump.
+    policy_origins: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,7 +69,20 @@ class ResponseBody(Protocol):
 class Tunnel(Protocol):
     """An upstream connection that answered 101 and now carries raw bytes both ways."""
 
+    @property
+    def closed(self) -> bool:
+        """The connection is gone: nothing more can be written to it."""
+        ...
+
     def write(self, data: bytes) -> None: ...
+
+    def write_eof(self) -> None:
+        """The client is done sending (a half-close); the upstream may still answer."""
+        ...
+
+    def close(self) -> None:
+        """Both ways are done: close once what was written has been sent."""
+        ...
 
     def set_receiver(
         self,
@@ -77,7 +90,8 @@ class Tunnel(Protocol):
         pause_peer: Callable[[], None],
         resume_peer: Callable[[], None],
     ) -> None:
-        """`receive(data)` gets every byte from upstream; b"" means upstream closed.
+        """`receive(data)` gets every byte from upstream; b"" means the upstream sent its EOF
+        or is gone (then `closed` is True).
 
         `pause_peer`/`resume_peer` are called when the upstream stops/starts taking our writes,
         so the client side stops reading meanwhile (flow control through the tunnel).

@@ -9,7 +9,7 @@ per request; a dict increment costs ~0.1 µs. So the client library renders, we 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Mapping, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Protocol
 
 from prometheus_client.core import (
@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from sidecar.config import Snapshot
 from sidecar.policy.stack import ServiceRegistry
+from sidecar.transport.tcp import TcpRecord
 
 # Seconds; Envoy-like spread from 0.5 ms to 60 s.
 BUCKETS = (
@@ -43,6 +44,7 @@ BUCKETS = (
 )
 
 RequestKey = tuple[str, str, str, str, str]  # direction, source, destination, code, flags
+TcpKey = tuple[str, str, str]  # direction, destination, sni ("-" when none)
 
 # outrigger_endpoint_breaker_state values (pybreaker's state names); no breaker yet: closed.
 BREAKER_STATES = {"closed": 0, "open": 1, "half-open": 2}
@@ -91,6 +93,13 @@ class Metrics:
         self.snapshot = snapshot  # the applied config, for the per-endpoint gauges
         # reason -> spans not exported (the tracing export pipeline counts; empty: tracing off)
         self.spans_dropped = spans_dropped
+        # Passed-through TCP connections (TcpObserver): closed ones are summed here, open ones
+        # are read at scrape time, so a long-lived connection's bytes show while it lasts.
+        self.tcp_closed_count: dict[tuple[str, str, str, str], int] = {}  # TcpKey + flags
+        self.tcp_bytes: dict[TcpKey, list[int]] = {}  # [received, sent] of closed connections
+        self.tcp_durations: dict[tuple[str, str], _Histogram] = {}
+        self.tcp_open: dict[int, TcpRecord] = {}
+        self.tcp_active: dict[str, int] = {}  # direction -> open now (0 once all closed)
 
     def request(
         self, direction: str, destination: str, code: int, flags: str, seconds: float
@@ -104,10 +113,59 @@ class Metrics:
         hist.counts[bisect_left(BUCKETS, seconds)] += 1
         hist.total += seconds
 
+    def tcp_opened(self, record: TcpRecord) -> None:
+        self.tcp_open[id(record)] = record
+        self.tcp_active[record.direction] = self.tcp_active.get(record.direction, 0) + 1
+
+    def tcp_closed(self, record: TcpRecord) -> None:
+        if self.tcp_open.pop(id(record), None) is not None:
+            self.tcp_active[record.direction] -= 1
+        key = _tcp_key(record)
+        counted = (*key, record.flags)
+        self.tcp_closed_count[counted] = self.tcp_closed_count.get(counted, 0) + 1
+        totals = self.tcp_bytes.get(key)
+        if totals is None:
+            totals = self.tcp_bytes[key] = [0, 0]
+        totals[0] += record.bytes_received
+        totals[1] += record.bytes_sent
+        hkey = (record.direction, record.destination)
+        hist = self.tcp_durations.get(hkey)
+        if hist is None:
+            hist = self.tcp_durations[hkey] = _Histogram()
+        hist.counts[bisect_left(BUCKETS, record.duration)] += 1
+        hist.total += record.duration
+
     def registry(self) -> CollectorRegistry:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_MetricsCollector(self))
         return registry
+
+
+def _tcp_key(record: TcpRecord) -> TcpKey:
+    return (record.direction, record.destination, record.server_name or "-")
+
+
+def _counter(
+    name: str, doc: str, labels: list[str], values: Iterable[tuple[tuple[str, ...], int]]
+) -> Metric:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, count in sorted(values):
+        family.add_metric(list(key), count)
+    return family
+
+
+def _histogram(name: str, doc: str, hists: dict[tuple[str, str], _Histogram]) -> Metric:
+    family = HistogramMetricFamily(name, doc, labels=["direction", "destination"])
+    for (direction, destination), hist in sorted(hists.items()):
+        running = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, count in zip(BUCKETS, hist.counts, strict=False):
+            running += count
+            buckets.append((repr(bound), running))
+        running += hist.counts[-1]
+        buckets.append(("+Inf", running))
+        family.add_metric([direction, destination], buckets, hist.total)
+    return family
 
 
 class _MetricsCollector(Collector):
@@ -116,30 +174,18 @@ class _MetricsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self.m
-        requests = CounterMetricFamily(
+        yield _counter(
             "outrigger_requests",
             "Requests handled, by direction, source and destination service, status and flags.",
-            labels=["direction", "source", "destination", "code", "flags"],
+            ["direction", "source", "destination", "code", "flags"],
+            m.requests.items(),
         )
-        for key, count in sorted(m.requests.items()):
-            requests.add_metric(list(key), count)
-        yield requests
 
-        durations = HistogramMetricFamily(
+        yield _histogram(
             "outrigger_request_duration_seconds",
             "Time from the request head to the end of the response.",
-            labels=["direction", "destination"],
+            m.durations,
         )
-        for (direction, destination), hist in sorted(m.durations.items()):
-            running = 0
-            buckets: list[tuple[str, float]] = []
-            for bound, count in zip(BUCKETS, hist.counts, strict=False):
-                running += count
-                buckets.append((repr(bound), running))
-            running += hist.counts[-1]
-            buckets.append(("+Inf", running))
-            durations.add_metric([direction, destination], buckets, hist.total)
-        yield durations
 
         conns = CounterMetricFamily(
             "outrigger_connections", "Downstream connections accepted.", labels=["listener"]
@@ -174,7 +220,50 @@ class _MetricsCollector(Collector):
         for reason, count in sorted(spans_dropped.items()):
             dropped.add_metric([reason], count)
         yield dropped
+        yield from self._tcp()
         yield from self._policy()
+
+    def _tcp(self) -> Iterator[Metric]:
+        m = self.m
+        labels = ["direction", "destination", "sni"]
+        yield _counter(
+            "outrigger_tcp_connections_closed",
+            "Passed-through TCP connections (TLS, HTTP/2, any non-HTTP/1) that ended, by flags "
+            "(UF: connect failed, DC: the client left first).",
+            [*labels, "flags"],
+            [((*key[:3], key[3] or "-"), count) for key, count in m.tcp_closed_count.items()],
+        )
+        received: dict[TcpKey, int] = {key: totals[0] for key, totals in m.tcp_bytes.items()}
+        sent: dict[TcpKey, int] = {key: totals[1] for key, totals in m.tcp_bytes.items()}
+        for record in m.tcp_open.values():
+            key = _tcp_key(record)
+            received[key] = received.get(key, 0) + record.bytes_received
+            sent[key] = sent.get(key, 0) + record.bytes_sent
+        active = GaugeMetricFamily(
+            "outrigger_tcp_connections_active",
+            "Passed-through TCP connections open now.",
+            labels=["direction"],
+        )
+        for direction, count in sorted(m.tcp_active.items()):
+            active.add_metric([direction], count)
+        yield active
+        yield _counter(
+            "outrigger_tcp_received_bytes",
+            "Bytes from the client of passed-through connections.",
+            labels,
+            received.items(),
+        )
+        yield _counter(
+            "outrigger_tcp_sent_bytes",
+            "Bytes to the client of passed-through connections.",
+            labels,
+            sent.items(),
+        )
+        yield _histogram(
+            "outrigger_tcp_connection_duration_seconds",
+            "Lifetime of passed-through TCP connections, from the relay's start to both closed.",
+            m.tcp_durations,
+        )
 
     def _policy(self) -> Iterator[Metric]:
         services = self.m.services

@@ -17,8 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mesh.address import split_host_port
-from sidecar.config import ConfigError, Endpoint, OutboundPolicy, Snapshot
+from sidecar.config import ConfigError, Endpoint, OutboundPolicy, Snapshot, authority_endpoint
 from sidecar.exchange import EndpointHandler, Handler, Request, Response
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.stack import ServiceRegistry, build_service_stack
@@ -36,14 +35,6 @@ class Active:
     snapshot: Snapshot
     handlers: dict[str, Handler]  # by cluster name
     routes: dict[bytes, Decision]  # by authority: the routing decision, made once per config
-
-
-def authority_endpoint(authority: bytes) -> Endpoint | None:
-    """host[:port] of a passthrough authority (already validated by the codec); port 80 if none."""
-    host, port = split_host_port(authority.decode("ascii")) or ("", None)
-    if not host:
-        return None
-    return Endpoint(host, 80 if port is None else port)
 
 
 class Router:

@@ -41,7 +41,7 @@ from email.utils import parsedate_to_datetime
 from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt, wait_random_exponential
 
 from mesh.http import IDEMPOTENT_METHODS_BYTES
-from mesh.model import RetryBudget
+from mesh.policy import RetryBudget
 from sidecar.config import RetryPolicy
 from sidecar.exchange import Handler, Request, Response
 from sidecar.flags import Flag, ProxyError

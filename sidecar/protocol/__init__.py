@@ -1,6 +1,6 @@
 """Sans-IO HTTP/1.1 codec: parsers turn bytes into events, serializers turn the model into bytes.
 
-Never imports asyncio; see HARDENING.md for the rules it enforces.
+Never imports asyncio; see docs/hardening.md for the rules it enforces.
 """
 
 from .events import (

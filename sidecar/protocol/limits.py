@@ -1,4 +1,4 @@
-"""Size limits the codec enforces (HARDENING rule 4). Every limit is configurable."""
+"""Size limits the codec enforces (docs/hardening.md rule 4). Every limit is configurable."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sans-IO HTTP/1.1 request parser: bytes in, `RequestEvent`s out (HARDENING rules 1-4, 6, 7, 11).
+"""Sans-IO HTTP/1.1 request parser: bytes in, events out (docs/hardening.md rules 1-4, 6, 7, 11).
 
 How the work is split:
 
@@ -239,9 +239,10 @@ class RequestParser:
     """Parses a client's byte stream into RequestHead / Data / EndOfMessage, or a final Reject.
 
     Pipelined requests in one feed produce all their events, in order. After a Reject the parser
-    is dead and returns [] (HARDENING rule 6). After a head with `upgrade` set it stops parsing
-    and keeps the raw bytes for `take_upgrade_rest()`. After a message that ends the connection
-    (Connection: close, HTTP/1.0) later bytes are ignored: the proxy closes after responding.
+    is dead and returns [] (docs/hardening.md rule 6). After a head with `upgrade` set it stops
+    parsing and keeps the raw bytes for `take_upgrade_rest()`. After a message that ends the
+    connection (Connection: close, HTTP/1.0) later bytes are ignored: the proxy closes after
+    responding.
     """
 
     __slots__ = (

@@ -1,4 +1,4 @@
-"""Sans-IO HTTP/1.1 response parser for one exchange (HARDENING rules 2, 3, 6, 7, 9).
+"""Sans-IO HTTP/1.1 response parser for one exchange (docs/hardening.md rules 2, 3, 6, 7, 9).
 
 One `ResponseParser` reads the upstream's answer to one request: any number of interim (1xx)
 responses, then the final one. Heads are cut at the first CRLFCRLF and validated by llhttp, like

@@ -1,4 +1,4 @@
-"""Writes HTTP/1.1 heads and chunks from the parsed model (HARDENING rules 2, 3 and 11).
+"""Writes HTTP/1.1 heads and chunks from the parsed model (docs/hardening.md rules 2, 3 and 11).
 
 Requests go upstream rebuilt, never as the client's raw bytes: always HTTP/1.1, origin-form,
 `host` first, then the headers, then exactly one framing header. Every name and value is

@@ -126,6 +126,11 @@ class BodyStream:
 
     def finish(self) -> None:
         self._finished = True
+        if self._paused:
+            # Nothing more comes for this body: a producer kept paused would only hold up what
+            # its connection carries next (a pooled upstream connection's next response).
+            self._paused = False
+            self._resume()
         self._wake()
         self._run_done_callbacks()
 

@@ -3,8 +3,8 @@
 The protocol feeds bytes to the sans-IO request parser, starts one request cycle per request
 (pipelined requests wait their turn, with reading paused), streams the request body to the
 policy stack and the response body back, with flow control both ways. `ServerState` knows every
-connection: it enforces the time limits of HARDENING.md rule 5 with one sweep a second (no timer
-per request) and drains them gracefully.
+connection: it enforces the time limits of docs/hardening.md rule 5 with one sweep a second (no
+timer per request) and drains them gracefully.
 
 This is also the one place that turns a `ProxyError` into a response: status from the flag, the
 flag in `x-outrigger-flags` and in the plain-text body.
@@ -34,7 +34,7 @@ from sidecar.transport.flow import WriteFlow
 
 log = logging.getLogger("outrigger.server")
 
-# Headers that steer the mesh; a client never gets to set them (HARDENING rule 8).
+# Headers that steer the mesh; a client never gets to set them (docs/hardening.md rule 8).
 MESH_HEADER_PREFIX = b"x-outrigger-"
 FLAGS_HEADER = b"x-outrigger-flags"
 REQUEST_ID = b"x-request-id"
@@ -222,8 +222,10 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
         self.state.remove(self)
         if self.body is not None:
             self.body.fail(BodyReset("client closed the connection"))
-        if self.task is not None and not self.task.done() and not self.response_started:
-            self.task.cancel()  # nobody is listening: stop the upstream exchange (flag DC)
+        if self.task is not None and not self.task.done():
+            # Nobody is listening: stop the exchange, mid-response too, so that the upstream
+            # connection closes now instead of being read into the void (flag DC).
+            self.task.cancel()
         waiter = self.drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError("client closed the connection"))
@@ -326,7 +328,7 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
         self.task = self.loop.create_task(self._run(head, decision, request, start))
 
     def _reject(self, event: Reject) -> None:
-        # HARDENING rule 6: after a rejected request nothing more is parsed or forwarded.
+        # docs/hardening.md rule 6: after a rejected request nothing more is parsed or forwarded.
         self.pending.clear()
         self.close_after = True
         self._pause("rejected")
@@ -388,7 +390,9 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
                     self.abort()
         except asyncio.CancelledError:
             if status == 0:
-                status, flags = 499, Flag.DOWNSTREAM_DISCONNECT.value
+                status = 499
+            dc = Flag.DOWNSTREAM_DISCONNECT.value
+            flags = f"{flags},{dc}" if flags else dc
             raise
         except (ConnectionError, BodyReset) as exc:
             # Lost a side mid-response: the client saw a truncated message; close it.
@@ -458,17 +462,21 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             return
         first = True
         body = response.body
-        while True:
-            data = await body.read()
-            if not data:
-                break
-            out = serialize.chunk(data) if chunked else data
-            if first:
-                out = head_bytes + out
-                first = False
-            transport.write(out)
-            if self.write_paused:
-                await self.drain()
+        try:
+            while True:
+                data = await body.read()
+                if not data:
+                    break
+                out = serialize.chunk(data) if chunked else data
+                if first:
+                    out = head_bytes + out
+                    first = False
+                transport.write(out)
+                if self.write_paused:
+                    await self.drain()
+        except BaseException:
+            response.discard()  # cut short: its upstream connection closes, never half-read
+            raise
         if first:
             transport.write(head_bytes + serialize.LAST_CHUNK if chunked else head_bytes)
         elif chunked:
@@ -493,21 +501,38 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
         )
         transport = self.transport
         self._set_phase(TUNNEL)
+        # Each side's EOF is passed on as a half-close; once both sides are done, or one is
+        # gone, both connections close after sending what they hold (neither closes by itself:
+        # an asyncio transport that returned True from eof_received stays open).
+        client_done = upstream_done = False
+
+        def end() -> None:
+            self.tunnel_abort = None  # a close, not a reset: what is buffered still goes out
+            tunnel.close()
+            transport.close()
 
         def from_upstream(data: bytes) -> None:
+            nonlocal upstream_done
             self.last_activity = self.loop.time()
             if data:
                 transport.write(data)
-            elif transport.can_write_eof():
+                return
+            if client_done or tunnel.closed or not transport.can_write_eof():
+                end()
+            elif not upstream_done:
                 transport.write_eof()
-            else:
-                transport.close()
+            upstream_done = True
 
         def to_upstream(data: bytes) -> None:
+            nonlocal client_done
             if data:
                 tunnel.write(data)
+                return
+            client_done = True
+            if upstream_done:
+                end()
             else:
-                tunnel.abort()
+                tunnel.write_eof()
 
         self.tunnel_upstream = to_upstream
         self.tunnel_abort = tunnel.abort
@@ -566,7 +591,9 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             pending, self.pending = self.pending, deque()
             self._set_phase(HEADERS)
             self._process(pending)
-            if self.task is None and not self.pending:
+            if not self.pending and (self.task is None or not self.request_complete):
+                # Nothing more queued; the request now in flight may still be receiving its
+                # body, which must be read (a request after it is held back on arrival).
                 self._resume("pipeline")
         else:
             self._resume("pipeline")

@@ -5,7 +5,7 @@ Envoy's words): it takes a connection from the endpoint's pool, writes the reque
 parsed model (never the client's raw bytes), streams the body with backpressure, and returns the
 response as soon as its head is parsed. The response body streams on; when it ends, the
 connection goes back to the pool if nothing about the exchange makes it unsafe to reuse
-(HARDENING rules 6 and 9).
+(docs/hardening.md rules 6 and 9).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 from mesh.http import IDEMPOTENT_METHODS_BYTES
@@ -98,8 +98,11 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
             self._on_event(event)
 
     def eof_received(self) -> bool | None:
+        if self.tunnel is not None:
+            self.tunnel(b"")
+            return True  # a half-close: the client may still send, the tunnel closes both
         parser = self._parser
-        if parser is not None and self.tunnel is None:
+        if parser is not None:
             head = self._head
             if head is not None and not head.done():
                 # Closed before the response head was complete: a reset (UC, retryable as
@@ -153,6 +156,18 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def write_eof(self) -> None:
+        if self.transport is not None and not self.closed:
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            else:
+                self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
     def set_receiver(
         self,
         receive: Callable[[bytes], None],
@@ -168,6 +183,8 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
             rest = parser.take_upgrade_rest()
             if rest:
                 receive(rest)
+        if self.closed:
+            receive(b"")  # the upstream closed right after its 101
 
     def _whole_response(self, events: list[ResponseEvent]) -> bool:
         """The common case, a final response whose head and body came in one read: hand them
@@ -243,14 +260,32 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
             self.transport.resume_reading()
 
 
+# Opens a connection for a protocol: `loop.create_connection`'s first three arguments. Tests pass
+# one that hands the protocol a transport without a socket.
+Connect = Callable[
+    [Callable[[], UpstreamConnection], str, int],
+    Awaitable[tuple[asyncio.BaseTransport, UpstreamConnection]],
+]
+
+
+async def open_connection(
+    factory: Callable[[], UpstreamConnection], host: str, port: int
+) -> tuple[asyncio.BaseTransport, UpstreamConnection]:
+    """A TCP connection on the running loop (the default `Connect`)."""
+    return await asyncio.get_running_loop().create_connection(factory, host, port)
+
+
 class EndpointPool:
     """Idle keep-alive connections to one endpoint (most recently used first)."""
 
-    __slots__ = ("clock", "connecting", "endpoint", "idle", "in_use")
+    __slots__ = ("clock", "connect", "connecting", "endpoint", "idle", "in_use")
 
-    def __init__(self, endpoint: Endpoint, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, endpoint: Endpoint, clock: Callable[[], float], connect: Connect = open_connection
+    ) -> None:
         self.endpoint = endpoint
         self.clock = clock
+        self.connect = connect
         self.idle: list[UpstreamConnection] = []
         self.in_use: set[UpstreamConnection] = set()
         self.connecting = 0
@@ -269,11 +304,10 @@ class EndpointPool:
         conn = self.take_idle()
         if conn is not None:
             return conn, True
-        loop = asyncio.get_running_loop()
         self.connecting += 1
         try:
             async with asyncio.timeout(connect_timeout):
-                _, protocol = await loop.create_connection(
+                _, protocol = await self.connect(
                     lambda: UpstreamConnection(self), self.endpoint.host, self.endpoint.port
                 )
         except TimeoutError:
@@ -324,8 +358,10 @@ class Upstreams:
         stream_idle_timeout: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         services: ServiceRegistry | None = None,
+        connect: Connect = open_connection,
     ) -> None:
         self.services = services  # for max_pending while connecting
+        self.connect = connect
         self.pools: dict[Endpoint, EndpointPool] = {}
         self.default_connect_timeout = default_connect_timeout
         self.idle_timeout = idle_timeout
@@ -335,7 +371,7 @@ class Upstreams:
     def pool(self, endpoint: Endpoint) -> EndpointPool:
         pool = self.pools.get(endpoint)
         if pool is None:
-            pool = self.pools[endpoint] = EndpointPool(endpoint, self.clock)
+            pool = self.pools[endpoint] = EndpointPool(endpoint, self.clock, self.connect)
         return pool
 
     def sweep(self) -> None:
@@ -392,7 +428,7 @@ class Upstreams:
         headers = req.headers
         if req.upgrade is not None:
             # The parser removed the hop-by-hop pair; the upstream must see the offer to
-            # answer 101 (HARDENING rule 7: a tunnel only after a matching 101).
+            # answer 101 (docs/hardening.md rule 7: a tunnel only after a matching 101).
             headers = [*headers, (b"connection", b"upgrade"), (b"upgrade", req.upgrade)]
         conn.write(
             serialize.request_head(

@@ -267,7 +267,7 @@ def mesh_document(
     policy: Mapping[str, Any] | None,
     tracing: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
-    """The mesh file (ARCHITECTURE.md, "Mesh file"): one service `upstream` on the nginx."""
+    """The mesh file (README.md, "Mesh file"): one service `upstream` on the nginx."""
     service: dict[str, Any] = {
         "name": MESH_SERVICE,
         "namespace": "default",

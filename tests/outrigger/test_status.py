@@ -9,7 +9,9 @@ import pytest
 
 from control_plane.app import ControlPlane
 from control_plane.cache import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE
-from control_plane.status import fetch_status
+from control_plane.sources import ObjectRef, SourceProblem, Update
+from control_plane.status import fetch_problems, fetch_status
+from mesh.model import parse_mesh
 from outrigger.status import run_status
 from tests.control_plane.ads_fixtures import AdsTestClient
 
@@ -61,3 +63,25 @@ async def test_status_against_no_control_plane_fails_with_a_message(
     args = argparse.Namespace(control_plane="127.0.0.1:1")
     assert await asyncio.wait_for(asyncio.to_thread(run_status, args), 10) == 1
     assert "cannot ask the control plane at 127.0.0.1:1: UNAVAILABLE" in capsys.readouterr().err
+
+
+async def test_status_shows_the_invalid_annotations_the_control_plane_works_around(
+    plane: ControlPlane, capsys: pytest.CaptureFixture[str]
+) -> None:
+    problem = SourceProblem(
+        reason="InvalidPolicy",
+        message='outrigger.dev/timeout: must be a duration like "250ms", "1.5s", "2s" or "1m", '
+        'got "soon"; using 5s (namespace) instead',
+        regarding=ObjectRef("Service", "payments", "shop"),
+        key="outrigger.dev/timeout",
+        value="soon",
+    )
+    await plane.publish(Update(parse_mesh({"services": []}, "m"), (problem,)))
+    address = f"127.0.0.1:{plane.xds_port}"
+    (found,) = await asyncio.wait_for(asyncio.to_thread(fetch_problems, address), 5)
+    assert (found.object, found.key, found.value) == ("Service shop/payments", problem.key, "soon")
+    args = argparse.Namespace(control_plane=address)
+    assert await asyncio.wait_for(asyncio.to_thread(run_status, args), 5) == 0
+    out = capsys.readouterr().out
+    assert "Service shop/payments  InvalidPolicy  outrigger.dev/timeout: must be a duration" in out
+    assert out.rstrip().endswith("using 5s (namespace) instead")

@@ -1,4 +1,4 @@
-"""End to end: HARDENING.md through the real proxy, and the flags on locally generated errors."""
+"""End to end: docs/hardening.md through the real proxy, and the flags on local errors."""
 
 from __future__ import annotations
 
@@ -408,3 +408,66 @@ async def test_connect_is_refused_and_never_forwarded() -> None:
     assert 400 <= response.status < 600
     assert response.status not in (200, 502, 503)
     assert payments.connections == 0
+
+
+async def test_a_malformed_request_id_from_the_client_is_replaced() -> None:
+    async with (
+        upstream(serve(answer)) as payments,
+        running_sidecar(mesh_doc({"payments": [payments.address]})) as sidecar,
+        raw_client(sidecar.addresses["outbound"]) as client,
+    ):
+        await client.send(b"GET / HTTP/1.1\r\nHost: payments\r\nX-Request-Id: not{an}id\r\n\r\n")
+        response = await client.response()
+    assert response.status == 200
+    ids = [value for name, value in payments.requests[0].headers if name == b"x-request-id"]
+    assert len(ids) == 1 and ids[0] != b"not{an}id"
+    assert len(ids[0]) == 32 and all(c in b"0123456789abcdef" for c in ids[0])
+
+
+async def test_a_client_cannot_nominate_away_the_request_id_the_sidecar_sets() -> None:
+    async with (
+        upstream(serve(answer)) as payments,
+        running_sidecar(mesh_doc({"payments": [payments.address]})) as sidecar,
+        raw_client(sidecar.addresses["outbound"]) as client,
+    ):
+        await client.send(
+            b"GET / HTTP/1.1\r\nHost: payments\r\nConnection: x-request-id\r\n"
+            b"X-Request-Id: 0af7651916cd43dd\r\n\r\n"
+        )
+        response = await client.response()
+    assert response.status == 200
+    # Connection named the client's request id, so it went; the sidecar's own is still sent.
+    ids = [value for name, value in payments.requests[0].headers if name == b"x-request-id"]
+    assert len(ids) == 1 and ids[0] != b"0af7651916cd43dd"
+
+
+async def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout() -> None:
+    declared = 256 * 1024 * 1024  # far more than every socket buffer on the way can hold
+
+    async def firehose(conn: UpstreamConn) -> None:
+        await conn.read_request()
+        conn.writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % declared)
+        block = b"x" * 65536
+        for _ in range(declared // len(block)):
+            await conn.send(block)
+
+    async with (
+        upstream(firehose) as payments,
+        running_sidecar(
+            mesh_doc({"payments": [payments.address]}), server=ServerSettings(send_timeout=0.5)
+        ) as sidecar,
+    ):
+        loop = asyncio.get_running_loop()
+        with socket.socket() as sock:
+            # A small receive window, so the sidecar's writes back up at once.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            async with asyncio.timeout(WAIT):
+                await loop.sock_connect(sock, sidecar.addresses["outbound"])
+                await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nHost: payments\r\n\r\n")
+            await asyncio.sleep(2.5)  # read nothing: 0.5 s send timeout, 0.5 s sweeps
+            received = 0
+            async with asyncio.timeout(WAIT):
+                while data := await loop.sock_recv(sock, 1 << 20):
+                    received += len(data)
+    assert 0 < received < declared

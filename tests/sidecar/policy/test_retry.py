@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tenacity import RetryCallState
 
-from mesh.model import Backoff, RetryBudget
+from mesh.policy import Backoff, RetryBudget
 from sidecar.config import LbPolicy, RetryPolicy, ServiceConfig
 from sidecar.exchange import Request, Response
 from sidecar.flags import Flag, ProxyError

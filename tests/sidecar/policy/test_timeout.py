@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from mesh.model import Backoff
+from mesh.policy import Backoff
 from sidecar.config import ServiceConfig
 from sidecar.exchange import Response
 from sidecar.flags import Flag

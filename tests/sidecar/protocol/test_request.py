@@ -1,4 +1,4 @@
-"""RequestParser: bytes in, events out. One test per HARDENING rule the codec enforces."""
+"""RequestParser: bytes in, events out. One test per docs/hardening.md rule the codec enforces."""
 
 from __future__ import annotations
 

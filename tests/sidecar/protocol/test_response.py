@@ -1,4 +1,4 @@
-"""ResponseParser: one exchange, upstream bytes in, events out (HARDENING rules 2, 3, 6, 7, 9)."""
+"""ResponseParser: upstream bytes in, events out (docs/hardening.md rules 2, 3, 6, 7, 9)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
-from mesh.model import Backoff, RetryBudget, load_mesh, parse_mesh
+from mesh.model import load_mesh, parse_mesh
+from mesh.policy import Backoff, RetryBudget
 from mesh.translate import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
