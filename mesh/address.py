@@ -4,13 +4,21 @@ through.
 
 `split_host_port` only splits: `host:port`, `[IPv6]:port`, and either without a port. Whether a
 port is required, which hosts are allowed and what an empty host means is the caller's rule (the
-mesh file wants a host name or IP and a port from 1; the control plane binds an empty host as
-0.0.0.0; an authority without a port means port 80).
+control plane binds an empty host as 0.0.0.0; an authority without a port means port 80).
+`parse_endpoint` is the strict form the mesh file's endpoints and the injection's control-plane
+address take: a DNS name, an IPv4 address or a bracketed IPv6 address, and a port from 1.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
+
 MAX_PORT = 65535
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)*",
+    re.IGNORECASE,
+)
 
 
 def split_host_port(text: str) -> tuple[str, int | None] | None:
@@ -36,6 +44,22 @@ def split_host_port(text: str) -> tuple[str, int | None] | None:
     if not port.isascii() or not port.isdigit() or int(port) > MAX_PORT:
         return None
     return host, int(port)
+
+
+def parse_endpoint(text: str) -> tuple[str, int] | None:
+    """(host, port) of `name:port`, `IPv4:port` or `[IPv6]:port` with a port from 1 to 65535;
+    None when the text is anything else (an IPv6 address must be in brackets)."""
+    host, port = split_host_port(text) or ("", None)
+    if port is None or port < 1:
+        return None
+    if text.startswith("["):
+        try:
+            ok = ipaddress.ip_address(host).version == 6
+        except ValueError:
+            ok = False
+    else:
+        ok = _HOST_NAME.fullmatch(host) is not None
+    return (host, port) if ok else None
 
 
 def join_host_port(host: str, port: int) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mesh.address import join_host_port, split_host_port
+from mesh.address import join_host_port, parse_endpoint, split_host_port
 
 
 @pytest.mark.parametrize(
@@ -33,3 +33,22 @@ def test_a_port_that_is_not_0_to_65535_in_digits_is_refused(text: str) -> None:
 def test_ipv6_hosts_are_written_in_brackets() -> None:
     assert join_host_port("::1", 15010) == "[::1]:15010"
     assert join_host_port("10.0.0.7", 80) == "10.0.0.7:80"
+
+
+@pytest.mark.parametrize(
+    ("text", "parts"),
+    [
+        ("payments.default.svc:15010", ("payments.default.svc", 15010)),
+        ("10.0.0.7:8080", ("10.0.0.7", 8080)),
+        ("[fd00::7]:8080", ("fd00::7", 8080)),
+        ("fd00::7:8080", None),  # an IPv6 endpoint needs its brackets
+        ("[10.0.0.7]:8080", None),  # brackets hold IPv6 only
+        ("payments:0", None),
+        ("payments", None),
+        ("pay_ments:80", None),
+    ],
+)
+def test_an_endpoint_is_a_dns_name_or_ip_and_a_port_from_1(
+    text: str, parts: tuple[str, int] | None
+) -> None:
+    assert parse_endpoint(text) == parts
