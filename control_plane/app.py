@@ -51,6 +51,8 @@ from control_plane.webhooks import inject, validate
 from control_plane.webhooks.authority import TlsMaterial
 from control_plane.webhooks.keeper import CertificateKeeper, KeeperError, SelfCertificates
 from control_plane.webhooks.server import WebhookError, WebhookServer
+from mesh.address import join_host_port, split_host_port
+from mesh.http import reason_phrase
 from mesh.injection import Injection
 from mesh.model import parse_call
 from mesh.policy import parse_duration
@@ -71,12 +73,11 @@ class UsageError(ControlPlaneError):
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """`127.0.0.1:15010`, `[::1]:15010`, `:15010` -> (host, port)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    """`127.0.0.1:15010`, `[::1]:15010`, `:15010` (all interfaces) -> (host, port)."""
+    host, port = split_host_port(address) or ("", None)
+    if port is None:
         raise ControlPlaneError(f"address {address!r} is not HOST:PORT")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
+    return host or "0.0.0.0", port
 
 
 class ControlPlane:
@@ -222,7 +223,7 @@ class ControlPlane:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.add_generic_rpc_handlers((self._problems_handler(),))
         host, port = split_address(xds)
-        bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        bound = server.add_insecure_port(join_host_port(host, port))
         if bound == 0:
             raise ControlPlaneError(f"cannot bind xDS address {xds}")
         self.xds_port = bound
@@ -332,10 +333,10 @@ class ControlPlane:
             method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
             status, ctype, body = self._http_route(method, target.split("?", 1)[0])
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            status, ctype, body = "400 Bad Request", "text/plain", b"bad request\n"
+            status, ctype, body = 400, "text/plain", b"bad request\n"
         try:
             writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"HTTP/1.1 {status} {reason_phrase(status)}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
                 + body
             )
@@ -346,27 +347,24 @@ class ControlPlane:
         finally:
             writer.close()
 
-    def _http_route(self, method: str, path: str) -> tuple[str, str, bytes]:
+    def _http_route(self, method: str, path: str) -> tuple[int, str, bytes]:
         if method not in ("GET", "HEAD"):
-            return "405 Method Not Allowed", "text/plain", b"GET only\n"
+            return 405, "text/plain", b"GET only\n"
         if path == "/metrics":
-            return "200 OK", CONTENT_TYPE, self.metrics.render()
+            return 200, CONTENT_TYPE, self.metrics.render()
         if path == "/debug/syncz":
-            return (
-                "200 OK",
-                "application/json",
-                json.dumps(syncz(self.ads, self.instance), indent=1).encode(),
-            )
+            body = json.dumps(syncz(self.ads, self.instance), indent=1).encode()
+            return 200, "application/json", body
         if path == "/debug/problemz":
             body = json.dumps([p.as_json() for p in self.problems], indent=1).encode()
-            return "200 OK", "application/json", body
+            return 200, "application/json", body
         if path == "/live":  # the process answers: the liveness probe's question, no more
-            return "200 OK", "text/plain", b"live\n"
+            return 200, "text/plain", b"live\n"
         if path == "/ready":
             if self.ready:
-                return "200 OK", "text/plain", b"ready\n"
-            return "503 Service Unavailable", "text/plain", b"not ready\n"
-        return "404 Not Found", "text/plain", b"not found\n"
+                return 200, "text/plain", b"ready\n"
+            return 503, "text/plain", b"not ready\n"
+        return 404, "text/plain", b"not found\n"
 
 
 async def _configuration(args: argparse.Namespace) -> Any:

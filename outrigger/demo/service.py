@@ -24,6 +24,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
+from mesh.http import reason_phrase
+
 TRACE_HEADERS = (
     "traceparent",
     "tracestate",
@@ -35,8 +37,6 @@ TRACE_HEADERS = (
     "x-b3-flags",
     "x-request-id",
 )
-
-_REASONS = {200: "OK", 400: "Bad Request", 503: "Service Unavailable"}
 
 
 class DemoService:
@@ -97,7 +97,7 @@ class DemoService:
                     status, body = await self.answer(method, target, headers)
                 close = headers.get("connection", "").lower() == "close" or status == 400
                 writer.write(
-                    f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\n"
+                    f"HTTP/1.1 {status} {reason_phrase(status)}\r\n"
                     f"content-type: text/plain\r\ncontent-length: {len(body)}\r\n"
                     f"x-demo-service: {self.name}\r\n"
                     f"{'connection: close' + chr(13) + chr(10) if close else ''}\r\n".encode()
