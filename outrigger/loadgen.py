@@ -3,8 +3,9 @@ request timed from when it was due, and the generator's own event-loop lag repor
 
 `python -m outrigger.loadgen URL --rate 1000 --connections 16 --duration 10` prints one JSON
 object per line; the last is `{"summary": ...}` (latency percentiles in ms, statuses, errors, loop
-lag, CPU). With `--interval S` it first prints `{"interval": ...}` lines holding every outcome and
-lag sample of the last S seconds, for a caller that cuts its own windows (`outrigger demo`).
+lag, CPU). With `--interval S` it first prints `{"interval": ...}` lines holding every outcome
+([due, latency, status, error]) and lag sample ([due, how late]) of the last S seconds, for a
+caller that cuts its own windows (`outrigger demo`).
 In code: `await measure(url, rate, duration, ...)` returns a `Summary`; `LoadGenerator` with a
 `Recorder` gives the parts (`connect`, `send`, the outcomes as they come).
 
@@ -192,7 +193,7 @@ class Recorder:
         self.latencies = array("d")  # seconds, answered requests
         self.lags = array("d")
         self._new: list[Outcome] = []
-        self._new_lags: list[float] = []
+        self._new_lags: list[tuple[float, float]] = []  # (when the timer was due, how late)
 
     def outcome(self, outcome: Outcome) -> None:
         if outcome.intended < self.since:
@@ -211,9 +212,9 @@ class Recorder:
             return
         self.lags.append(seconds)
         if self.stream:
-            self._new_lags.append(seconds)
+            self._new_lags.append((at, seconds))
 
-    def take(self) -> tuple[list[Outcome], list[float]]:
+    def take(self) -> tuple[list[Outcome], list[tuple[float, float]]]:
         new, self._new = self._new, []
         lags, self._new_lags = self._new_lags, []
         return new, lags
@@ -622,7 +623,7 @@ async def _command(args: argparse.Namespace) -> Summary:
         line = {
             "interval": {
                 "outcomes": [_outcome_json(o) for o in outcomes],
-                "lags": [round(lag, 6) for lag in lags],
+                "lags": [[round(at, 6), round(lag, 6)] for at, lag in lags],
             }
         }
         sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")

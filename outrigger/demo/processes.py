@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 ADDRESS = re.compile(r"(\w+)=([\d.]+):(\d+)")
@@ -23,8 +23,12 @@ class DemoError(Exception):
     """A process of the demo did not start, or a step could not be run."""
 
 
+FIRST_LINES = 1000  # what `wait_line` searches: start-up lines
+
+
 class Process:
-    """One child process; a thread keeps its last output lines (for error messages)."""
+    """One child process; a thread keeps its first and last output lines (for `wait_line` and
+    error messages) and hands every line to `on_line`, if given (in that thread)."""
 
     def __init__(
         self,
@@ -32,8 +36,10 @@ class Process:
         argv: list[str],
         pass_fds: tuple[int, ...] = (),
         env: Mapping[str, str] | None = None,  # added to this process's environment
+        on_line: Callable[[str], None] | None = None,
     ) -> None:
         self.name = name
+        self.on_line = on_line
         self.lines: deque[str] = deque(maxlen=200)
         self._first: list[str] = []
         self._seen = threading.Condition()
@@ -52,10 +58,14 @@ class Process:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
+        for raw in self.proc.stdout:
+            line = raw.rstrip()
+            if self.on_line is not None:
+                self.on_line(line)
             with self._seen:
-                self.lines.append(line.rstrip())
-                self._first.append(line.rstrip())
+                self.lines.append(line)
+                if len(self._first) < FIRST_LINES:
+                    self._first.append(line)
                 self._seen.notify_all()
         with self._seen:
             self._seen.notify_all()
@@ -79,6 +89,10 @@ class Process:
     def addresses(self, pattern: str, timeout: float = 20.0) -> dict[str, tuple[str, int]]:
         line = self.wait_line(pattern, timeout)
         return {m[1]: (m[2], int(m[3])) for m in ADDRESS.finditer(line)}
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def signal_group(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -162,7 +162,8 @@ class Scraper:
     async def close(self) -> None:
         await self.client.aclose()
 
-    async def _read(self, name: str) -> Reading:
+    async def read(self, name: str) -> Reading:
+        """One sidecar's admin state now (not kept in the history)."""
         host, port = self.admins[name]
         base = f"http://{host}:{port}"
         reading = Reading(at=time.monotonic())
@@ -183,7 +184,7 @@ class Scraper:
 
     async def poll(self) -> dict[str, Reading]:
         names = list(self.admins)
-        readings = await asyncio.gather(*(self._read(n) for n in names))
+        readings = await asyncio.gather(*(self.read(n) for n in names))
         for name, reading in zip(names, readings, strict=True):
             history = self.history[name]
             history.append(reading)

@@ -119,7 +119,7 @@ def test_recorder_skips_the_warm_up_and_counts_by_status_and_cause() -> None:
     document = summary.to_json()
     assert document["latency_ms"]["max"] == 250.0 and document["rate"] == 3.0
     new, lags = rec.take()
-    assert [o.status for o in new] == [200, 503, 0] and lags == [0.2]
+    assert [o.status for o in new] == [200, 503, 0] and lags == [(10.0, 0.2)]
     assert rec.take() == ([], [])
 
 
