@@ -18,8 +18,10 @@ The rules (wrk2's), so that the figures are what a user of the server would see:
 - Latency is measured from the time a request was *due*, not from when it was written: a late
   send (a stalled loop, no free connection, a slow answer to the one before) is counted, not
   hidden. This is what "coordinated omission" names.
-- Loop lag: how late the send timer fired. It is part of the latencies above; when it is large the
-  generator, not the server, made them.
+- Loop lag: for each request, how late the send timer fired for it (its due time to the moment
+  the generator's loop got to it). One sample per request, so it weighs as the latencies do:
+  after a stall every request it held up counts. It is part of the latencies above; when it is
+  large the generator, not the server, made them.
 - The timer is a Linux timerfd, armed at absolute CLOCK_MONOTONIC times (the clock of
   `time.monotonic`), so requests go out within microseconds of when they are due; the event
   loop's own timers round to 1 ms, which would add up to 1 ms to every latency. Where timerfd is
@@ -193,7 +195,7 @@ class Recorder:
         self.latencies = array("d")  # seconds, answered requests
         self.lags = array("d")
         self._new: list[Outcome] = []
-        self._new_lags: list[tuple[float, float]] = []  # (when the timer was due, how late)
+        self._new_lags: list[tuple[float, float]] = []  # (when a request was due, how late)
 
     def outcome(self, outcome: Outcome) -> None:
         if outcome.intended < self.since:
@@ -241,7 +243,7 @@ class Summary:
     statuses: dict[str, int]
     errors: dict[str, int]  # cause -> requests without an answer
     latency: Latency | None  # from when each was due
-    loop_lag: Latency | None  # how late the send timer fired
+    loop_lag: Latency | None  # how late the send timer fired, per request
     cpu_seconds: float  # the generator's own
     timer: str  # "timerfd" | "loop"
 
@@ -428,7 +430,6 @@ class LoadGenerator:
         self.connecting = 0
         self.pacer: Pacer | None = None
         self.timer: TimerFd | LoopTimer | None = None
-        self._armed_at = 0.0
         self._sweeper: asyncio.TimerHandle | None = None
         self._done: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -483,14 +484,15 @@ class LoadGenerator:
 
     def _arm(self, when: float) -> None:
         assert self.timer is not None
-        self._armed_at = when
         self.timer.arm(when)
 
     def _tick(self) -> None:
         assert self.pacer is not None
         now = clock()
-        self.recorder.lag(self._armed_at, max(0.0, now - self._armed_at))
-        self.waiting.add(self.pacer.due(now))
+        due = self.pacer.due(now)
+        for at in due:
+            self.recorder.lag(at, now - at)
+        self.waiting.add(due)
         self._pump()
         following = self.pacer.next_at()
         if following is not None:

@@ -222,7 +222,7 @@ async def test_every_due_request_is_sent_over_keep_alive_connections_and_answere
     gaps = {round(b - a, 6) for a, b in itertools.pairwise(due)}
     assert gaps == {0.005}
     assert all(o.sent >= o.intended and o.done >= o.sent for o in outcomes)
-    assert rec.lags, "every send timer firing is a lag sample"
+    assert len(rec.lags) == 100  # one sample per request
 
 
 async def test_answers_held_back_count_from_when_each_request_was_due() -> None:
@@ -259,7 +259,8 @@ async def test_a_stall_of_the_generators_own_loop_is_lag_and_latency() -> None:
             site.url, 100.0, 0.6, during=lambda: time.sleep(0.2), at=0.2
         )  # blocks the loop both share: nothing is sent or read for 0.2 s
     assert len(outcomes) == 60
-    assert max(rec.lags) >= 0.15
+    # every request held up by the stall is a late timer, and late in its latency
+    assert sum(1 for lag in rec.lags if lag >= 0.1) >= 8
     assert sum(1 for o in outcomes if o.latency >= 0.1) >= 8
 
 
