@@ -72,9 +72,9 @@ def judge(
             False,
             bound,
             f"{over}; cause: the demo's own lag: its load generator's timer fired "
-            f"p50 {_ms(lag50)} / p99 {_ms(lag99)} late, so requests went out late. The machine "
-            "is short of CPU for the demo (see its CPU line): these latencies are the demo's, "
-            "not the mesh's",
+            f"p50 {_ms(lag50)} / p99 {_ms(lag99)} late, so its requests went out late: the demo "
+            "could not keep time, as on a machine short of CPU (see the CPU lines). These "
+            "latencies are the demo's, not the mesh's",
             own_lag=True,
         )
     return Verdict(
