@@ -103,8 +103,8 @@ def _starved(load: Window) -> bool:
 def render(frame: Frame, story: Story) -> Group:
     services = Table(
         title="services (last 2 s)",
-        caption="p50/p99: load exact, from each request's due time; "
-        "services interpolated in their sidecars' inbound histogram buckets",
+        caption="p50/p99: load exact (from each request's due time); "
+        "services interpolated in histogram buckets",
         expand=True,
     )
     for col in ("service", "req/s", "success", "p50", "p99", "retries to it"):
