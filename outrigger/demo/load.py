@@ -8,11 +8,11 @@ due, so a window's figures are those of the requests the generator owed in it.""
 
 from __future__ import annotations
 
-import json
 import math
 from collections import deque
 from dataclasses import dataclass
 
+from outrigger.demo.processes import json_message
 from outrigger.loadgen import Outcome, outcome_from_json, percentile
 
 REPORT_EVERY = 0.25  # seconds between the generator's interval lines
@@ -57,11 +57,8 @@ class LoadFeed:
 
     def feed(self, line: str) -> None:
         """One output line of the generator (called from the thread reading its output)."""
-        if not line.startswith("{"):
-            return
-        try:
-            message = json.loads(line)
-        except ValueError:
+        message = json_message(line)
+        if message is None:
             return
         if "interval" in message:
             got = message["interval"]

@@ -4,6 +4,7 @@ line it prints, and all of them stopped (SIGTERM, then SIGKILL) within bounded w
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 ADDRESS = re.compile(r"(\w+)=([\d.]+):(\d+)")
 
@@ -97,6 +99,18 @@ class Process:
     def signal_group(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
+
+
+def json_message(line: str) -> dict[str, Any] | None:
+    """A JSON object a helper process printed as one line (the load generator, the trace
+    receiver), or None for any other line."""
+    if not line.startswith("{"):
+        return None
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
 
 
 def stop_all(processes: list[Process], grace: float = 5.0) -> None:

@@ -32,6 +32,8 @@ from typing import Any
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from outrigger.demo.processes import json_message
+
 # OTLP enum values (opentelemetry/proto/trace/v1/trace.proto)
 INTERNAL, SERVER, CLIENT = 1, 2, 3
 KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
@@ -334,11 +336,8 @@ class TraceFeed:
         self.updated = 0  # lines taken
 
     def feed(self, line: str) -> None:
-        if not line.startswith("{"):
-            return
-        try:
-            message = json.loads(line)
-        except ValueError:
+        message = json_message(line)
+        if message is None:
             return
         if "trace" in message:
             got = message["trace"]
