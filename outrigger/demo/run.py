@@ -734,6 +734,7 @@ class Demo:
             for bound, count in h.before.buckets("inbound").items():
                 before[bound] = before.get(bound, 0.0) + count
         frontend_p50 = quantile(0.5, now, before)
+        frontend_p99 = quantile(0.99, now, before)
         seconds = sum(end - start for start, end in spans)
         out(
             f"  latency while nothing failed ({seconds:.1f}s, {w.requests} requests):",
@@ -745,7 +746,7 @@ class Demo:
             highlight=False,
         )
         out(
-            f"    frontend sidecar inbound: p50 {_ms(frontend_p50)}"
+            f"    frontend sidecar inbound: p50 {_ms(frontend_p50)}  p99 {_ms(frontend_p99)}"
             "  (interpolated in its histogram's buckets)",
             highlight=False,
         )

@@ -14,8 +14,9 @@ parser per connection, a task per request) and one shared httpx client that call
 downstream through its sidecar. Kept cheap so that on a small machine the demo shows the mesh,
 not its apps. Measured with callgrind on orders (server and client, through a stand-in proxy):
 5.33 M instructions per request on asyncio streams without sniffio (see pyproject.toml), 3.30 M
-now, of which httpx's call is 2.18 M (in a tight loop) and the server 0.05 M; in CPU time at 100 req/s on the
-2-core demo machine, 1.1-1.3 ms before, 0.7-1.0 ms now (more at lower rates: colder caches).
+now, of which httpx's call is 2.18 M (in a tight loop) and the server 0.05 M; in CPU time at
+100 req/s on the 2-core demo machine, 1.1-1.3 ms before, 0.7-1.0 ms now (more at lower rates:
+colder caches).
 """
 
 from __future__ import annotations
