@@ -1,4 +1,4 @@
-"""Reading the sidecars' admin endpoints (`/stats/prometheus`, `/clusters`, `/config_dump`) and
+"""Reading the sidecars' admin endpoints (`/stats/prometheus`, `/clusters`) and
 turning two readings into per-service figures: requests/s, success %, p50/p99, retries.
 
 The per-service percentiles come from the sidecars' duration histograms, interpolated within
@@ -38,6 +38,17 @@ def parse_prometheus(text: str) -> dict[str, dict[Labels, float]]:
             continue
         out.setdefault(m[1], {})[labels] = value
     return out
+
+
+def config_version(metrics: dict[str, dict[Labels, float]]) -> str | None:
+    """The config version the sidecar applied, from `outrigger_config_info{version=...} 1` (the
+    same as /config_dump's, which costs the sidecar ~0.8 ms to render; this read is every
+    second); None before any."""
+    for labels, value in metrics.get("outrigger_config_info", {}).items():
+        version = dict(labels).get("version")
+        if value == 1 and version:
+            return version
+    return None
 
 
 @dataclass
@@ -168,15 +179,13 @@ class Scraper:
         base = f"http://{host}:{port}"
         reading = Reading(at=time.monotonic())
         try:
-            stats, clusters, dump = await asyncio.gather(
+            stats, clusters = await asyncio.gather(
                 self.client.get(base + "/stats/prometheus"),
                 self.client.get(base + "/clusters"),
-                self.client.get(base + "/config_dump"),
             )
             reading.metrics = parse_prometheus(stats.text)
             reading.clusters = clusters.json()
-            version = dump.json().get("version")
-            reading.version = version if isinstance(version, str) else None
+            reading.version = config_version(reading.metrics)
             reading.ok = True
         except (httpx.HTTPError, ValueError):
             reading.ok = False

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from outrigger.demo.scrape import Reading, figures, parse_prometheus, quantile
+from outrigger.demo.scrape import Reading, config_version, figures, parse_prometheus, quantile
 
 INF = math.inf
 
@@ -69,3 +69,10 @@ def test_service_figures_come_from_the_sidecars_exposition() -> None:
     assert f.rate == pytest.approx(50.0) and f.success == 100.0
     assert f.p50 == pytest.approx(0.001 + 0.0015 * 50 / 80)
     assert f.p99 == pytest.approx(0.0025 + 0.0025 * 19 / 20)
+
+
+def test_the_config_version_is_read_from_the_metrics() -> None:
+    text = 'outrigger_config_info{version="9dee127f84c9"} 1.0\n'
+    assert config_version(parse_prometheus(text)) == "9dee127f84c9"
+    assert config_version(parse_prometheus('outrigger_config_info{version=""} 1.0\n')) is None
+    assert config_version({}) is None
