@@ -140,6 +140,8 @@ class Demo:
         self.scraper: Scraper | None = None
         self.load = LoadFeed()
         self.load_url = ""
+        self.load_process: Process | None = None
+        self.failure: str | None = None  # what stopped the demo before its end
         self.healthy: list[Healthy] = []
         self.cpu = CpuMeter()
         self.cpu.watch(os.getpid(), DEMO, "view")
@@ -197,6 +199,15 @@ class Demo:
         argv = python_module("outrigger.loadgen", *loadgen_args(self.load_url, self.args.rate))
         load = self._start("load", argv, role=DEMO, part="load", on_line=self.load.feed)
         load.wait_line('{"started"', STARTUP_TIMEOUT)
+        self.load_process = load
+
+    def load_gone(self) -> str | None:
+        """Why the figures stopped, if the load generator exited."""
+        load = self.load_process
+        if load is None or load.proc.poll() is None:
+            return None
+        tail = "\n  ".join(list(load.lines)[-5:])
+        return f"the load generator exited (status {load.proc.returncode}); its output:\n  {tail}"
 
     def start_processes(self) -> None:
         sockets = {name: listening_socket() for name in TOPOLOGY}
@@ -615,6 +626,11 @@ class Demo:
         """Scrape, measure CPU, redraw: once every REFRESH seconds."""
         assert self.scraper is not None
         while not self.stop.is_set():
+            gone = self.load_gone()
+            if gone is not None:
+                self.failure = gone
+                self.stop.set()
+                return
             await self.scraper.poll()
             self.cpu.sample()
             show(self.frame())
@@ -657,6 +673,8 @@ class Demo:
             await _first(story, self.stop)
             if story.done() and not story.cancelled() and story.exception() is not None:
                 raise story.exception()  # type: ignore[misc]
+            if self.failure is not None:
+                raise DemoError(self.failure)
             end = self.started_at + (self.args.duration or float("inf"))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), max(0.0, end - time.monotonic()))

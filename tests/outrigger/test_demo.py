@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from io import StringIO
 from pathlib import Path
 
@@ -320,3 +321,56 @@ def test_waterfall_draws_the_tree_from_parent_ids_with_attempts_and_endpoints() 
     assert tree[4][1]["details"] == "→ 127.0.0.1:7002 success"  # no name known: the address
     assert [f["start"] for _, f in tree] == ["0.0", "1.0", "1.0", "2.0", "6.0", "7.0"]
     assert [f["duration"] for _, f in tree] == ["20.0", "18.0", "4.0", "2.0", "12.0", "10.0"]
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """pid -> command line of the processes whose parent is `pid`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+            found[int(entry.name)] = cmdline
+    return found
+
+
+@pytest.mark.timeout(120)
+def test_the_demo_stops_and_says_so_when_its_load_generator_dies(tmp_path: Path) -> None:
+    out = tmp_path / "demo.out"
+    with out.open("w") as sink:
+        proc = subprocess.Popen(
+            [str(OUTRIGGER), "demo", "--duration", "60"],
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            load = None
+            while load is None and time.monotonic() < deadline and proc.poll() is None:
+                if "▶ traffic flows" in out.read_text():  # the load runs
+                    load = next(
+                        (
+                            p
+                            for p, cmd in children_of(proc.pid).items()
+                            if "outrigger.loadgen" in cmd
+                        ),
+                        None,
+                    )
+                time.sleep(0.2)
+            assert load is not None, out.read_text()
+            os.kill(load, signal.SIGKILL)
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+    text = out.read_text()
+    assert code == 1, text
+    assert "outrigger demo: the load generator exited (status -9)" in text, text
