@@ -32,7 +32,8 @@ The rules (wrk2's), so that the figures are what a user of the server would see:
   once, no object per request but its `Outcome`.
 
 Limits: plain http:// only; GET without a body; a response whose body ends with the connection
-(no Content-Length, not chunked) counts as answered when its headers had arrived.
+(no Content-Length, not chunked) counts as answered when its headers had arrived; a run stopped
+early (SIGTERM, `stop`) leaves out the requests still unanswered then.
 """
 
 from __future__ import annotations
