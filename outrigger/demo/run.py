@@ -69,7 +69,7 @@ from outrigger.demo.view import (
     Frame,
     ServiceRow,
     SidecarRow,
-    cpu_lines,
+    latency_lines,
     render,
     status_line,
     waterfall,
@@ -93,7 +93,7 @@ _CONTROL_PLANE = re.compile(r"on ([\d.]+):(\d+), HTTP on ([\d.]+):(\d+)")
 STARTUP_TIMEOUT = 30.0
 STEP_TIMEOUT = 8.0  # how long a check may wait for what it looks for
 TRACE_SETTLE = 2.0  # at the end: how long to wait for the spans of a retried request
-# With the in-process receiver: export every 250 ms (the SDK's default is 5 s), so the story's
+# With the demo's own receiver: export every 250 ms (the SDK's default is 5 s), so the story's
 # trace step and an early Ctrl-C find the spans. An operator's own setting wins.
 LOCAL_TRACE_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "250"}
 REFRESH = 1.0  # seconds between scrapes, and between redraws of the view
@@ -739,7 +739,6 @@ class Demo:
     def latency_summary(self) -> Verdict:
         """The load's and frontend's latencies while nothing failed, the demo's own CPU and lag,
         and the guard's verdict on them."""
-        out = self.console.print
         spans = [(h.start, h.end) for h in self.healthy if h.end is not None]
         w = self.load.windows(spans)
         now: dict[float, float] = {}
@@ -751,37 +750,11 @@ class Demo:
                 now[bound] = now.get(bound, 0.0) + count
             for bound, count in h.before.buckets("inbound").items():
                 before[bound] = before.get(bound, 0.0) + count
-        frontend_p50 = quantile(0.5, now, before)
-        frontend_p99 = quantile(0.99, now, before)
+        frontend = (quantile(0.5, now, before), quantile(0.99, now, before))
+        verdict = judge(w.requests, w.success, w.p50, frontend[0], w.lag_p50, w.lag_p99)
         seconds = sum(end - start for start, end in spans)
-        out(
-            f"  latency while nothing failed ({seconds:.1f}s, {w.requests} requests):",
-            highlight=False,
-        )
-        out(
-            f"    load → frontend: p50 {_ms(w.p50)}  p99 {_ms(w.p99)}"
-            "  (exact, from each request's due time)",
-            highlight=False,
-        )
-        out(
-            f"    frontend sidecar inbound: p50 {_ms(frontend_p50)}  p99 {_ms(frontend_p99)}"
-            "  (interpolated in its histogram's buckets)",
-            highlight=False,
-        )
-        out(
-            f"    load generator's timer lag: p50 {_ms(w.lag_p50)}  p99 {_ms(w.lag_p99)}",
-            highlight=False,
-        )
-        out("    CPU over the whole run (% of one core):", highlight=False)
-        for line in cpu_lines(self.whole_run_usage()):
-            out(f"      {line}", highlight=False)
-        verdict = judge(w.requests, w.success, w.p50, frontend_p50, w.lag_p50, w.lag_p99)
-        if not verdict.judged:
-            out(f"  latency guard: not judged: {verdict.reason}", highlight=False)
-        elif verdict.ok:
-            out(f"  latency guard: ok: {verdict.reason}", highlight=False)
-        else:
-            out(f"  latency guard: FAILED: {verdict.reason}", style="red", highlight=False)
+        for line, style in latency_lines(seconds, w, frontend, self.whole_run_usage(), verdict):
+            self.console.print(line, style=style, highlight=False)
         return verdict
 
     def trace_summary(self) -> None:
@@ -830,12 +803,6 @@ async def _first(task: asyncio.Task[None], stop: asyncio.Event) -> None:
     if not task.done():
         task.cancel()
         await asyncio.wait({task}, timeout=2.0)
-
-
-def _ms(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds * 1000:.1f} ms" if seconds >= 0.001 else f"{seconds * 1000:.2f} ms"
 
 
 async def _main(args: argparse.Namespace, console: Console) -> int:

@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from outrigger.demo.guard import Verdict
 from outrigger.demo.load import Window
 from outrigger.demo.scrape import Figures
 from outrigger.demo.story import Story
@@ -94,6 +95,42 @@ def cpu_lines(usage: Usage | None) -> list[str]:
 
 
 _OWN = ("view", "load", "traces")  # the demo's own processes, as CpuMeter names them
+
+
+def _summary_ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.1f} ms" if seconds >= 0.001 else f"{seconds * 1000:.2f} ms"
+
+
+def latency_lines(
+    seconds: float,
+    load: Window,
+    frontend: tuple[float | None, float | None],
+    usage: Usage | None,
+    verdict: Verdict,
+) -> list[tuple[str, str]]:
+    """The summary's latency block: (line, style) for the time nothing failed (`seconds`), the
+    load's and frontend's sidecar's p50/p99, the demo's own lag and CPU, the guard's verdict."""
+    ms = _summary_ms
+    lines = [
+        f"  latency while nothing failed ({seconds:.1f}s, {load.requests} requests):",
+        f"    load → frontend: p50 {ms(load.p50)}  p99 {ms(load.p99)}"
+        "  (exact, from each request's due time)",
+        f"    frontend sidecar inbound: p50 {ms(frontend[0])}  p99 {ms(frontend[1])}"
+        "  (interpolated in its histogram's buckets)",
+        f"    load generator's timer lag: p50 {ms(load.lag_p50)}  p99 {ms(load.lag_p99)}",
+        "    CPU over the whole run (% of one core):",
+        *(f"      {line}" for line in cpu_lines(usage)),
+    ]
+    out = [(line, "") for line in lines]
+    if not verdict.judged:
+        out.append((f"  latency guard: not judged: {verdict.reason}", ""))
+    elif verdict.ok:
+        out.append((f"  latency guard: ok: {verdict.reason}", ""))
+    else:
+        out.append((f"  latency guard: FAILED: {verdict.reason}", "red"))
+    return out
 
 
 def _starved(load: Window) -> bool:
