@@ -295,8 +295,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_status(args)
     if args.command == "demo":
-        from outrigger.demo.run import run_demo
-
+        try:
+            from outrigger.demo.run import run_demo
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] != "rich":
+                raise
+            print(
+                "outrigger demo: its live view needs the `demo` extra: "
+                "pip install 'outrigger[demo]' (make demo installs it)",
+                file=sys.stderr,
+            )
+            return 2
         return run_demo(args)
     parser.error(f"unknown command {args.command}")
     return 2

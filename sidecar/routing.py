@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from sidecar.config import ConfigError, Endpoint, OutboundPolicy, Snapshot, authority_endpoint
 from sidecar.exchange import EndpointHandler, Handler, Request, Response
 from sidecar.flags import Flag, ProxyError
-from sidecar.policy.stack import ServiceRegistry, build_service_stack
+from sidecar.policy.stack import ServiceRegistry, build_service_stack, check_service
 from sidecar.protocol.events import RequestHead
 from sidecar.transport.server import Decision
 
@@ -63,7 +63,13 @@ class Router:
         self._inbound = self._inbound_decision()
 
     def apply(self, snapshot: Snapshot) -> None:
-        """Build every service's stack, then swap them in at once (raises ConfigError)."""
+        """Check every service, build every stack, then swap them in at once (raises ConfigError,
+        and then no service's limits or breakers have changed)."""
+        for cluster, cfg in snapshot.services.items():
+            try:
+                check_service(cfg)
+            except ValueError as exc:
+                raise ConfigError(f"Cluster {cluster}: {exc}") from exc
         handlers: dict[str, Handler] = {}
         for cluster, cfg in snapshot.services.items():
             try:

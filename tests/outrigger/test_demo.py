@@ -374,3 +374,19 @@ def test_the_demo_stops_and_says_so_when_its_load_generator_dies(tmp_path: Path)
     text = out.read_text()
     assert code == 1, text
     assert "outrigger demo: the load generator exited (status -9)" in text, text
+
+
+def test_demo_without_its_extra_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    from outrigger.cli import main
+
+    for name in [
+        m for m in sys.modules if m == "rich" or m.startswith(("rich.", "outrigger.demo"))
+    ]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "rich", None)  # import rich -> ModuleNotFoundError
+    assert main(["demo", "--duration", "1"]) == 2
+    assert "pip install 'outrigger[demo]'" in capsys.readouterr().err
