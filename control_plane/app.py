@@ -1,7 +1,10 @@
 """`outrigger control-plane`: a source (the mesh file, or the Kubernetes API), the snapshot
 cache, ADS/CSDS/health over gRPC on the xDS port, `/metrics`, `/debug/syncz`,
-`/debug/problemz`, `/ready` on the HTTP port, and with `--webhook` the admission webhooks over
-HTTPS (`/inject`, with the current mesh's `injection:` section).
+`/debug/problemz`, `/ready`, `/live` on the HTTP port, and with `--webhook` the admission
+webhooks over HTTPS (`/inject`, with the current mesh's `injection:` section; `/validate`, the
+policy annotations of Services and Namespaces), their certificate read from files
+(`--webhook-cert`, `--webhook-key`) or made and kept by the control plane itself
+(`--webhook-secret`: see `control_plane.webhooks.keeper`).
 
 `ControlPlane` assembles the pieces and is what tests start in process; `run_control_plane` is
 the command. Each update from the source is translated (one set of resources per namespace, see
@@ -19,8 +22,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import resource
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -52,8 +57,12 @@ from control_plane.server import (
 from control_plane.sources import Source, SourceError, SourceProblem, Update
 from control_plane.sources.file import FileSource
 from control_plane.status import PROBLEMS_METHOD, PROBLEMS_SERVICE
-from control_plane.webhooks.inject import admit
+from control_plane.webhooks import inject, validate
+from control_plane.webhooks.authority import TlsMaterial
+from control_plane.webhooks.keeper import CertificateKeeper, KeeperError, SelfCertificates
 from control_plane.webhooks.server import WebhookError, WebhookServer
+from mesh.address import join_host_port, split_host_port
+from mesh.http import reason_phrase
 from mesh.injection import Injection
 from mesh.model import parse_call
 from mesh.policy import parse_duration
@@ -69,13 +78,16 @@ class ControlPlaneError(Exception):
     """The control plane cannot start (bad address, unusable first mesh)."""
 
 
+class UsageError(ControlPlaneError):
+    """The flags do not describe a control plane that can run (exit status 2)."""
+
+
 def split_address(address: str) -> tuple[str, int]:
-    """`127.0.0.1:15010`, `[::1]:15010`, `:15010` -> (host, port)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    """`127.0.0.1:15010`, `[::1]:15010`, `:15010` (all interfaces) -> (host, port)."""
+    host, port = split_host_port(address) or ("", None)
+    if port is None:
         raise ControlPlaneError(f"address {address!r} is not HOST:PORT")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
+    return host or "0.0.0.0", port
 
 
 class ControlPlane:
@@ -86,9 +98,12 @@ class ControlPlane:
         source: Source | None = None,
         poll_interval: float = 0.1,
         debounce: float = 0.2,
+        instance: str | None = None,
         max_streams: int = DEFAULT_MAX_STREAMS,
     ) -> None:
         self.mesh_path = mesh_path
+        # Which replica this is, in /debug/syncz: the pod's name (POD_NAME, else the hostname).
+        self.instance = instance or os.environ.get("POD_NAME") or socket.gethostname()
         if source is None and mesh_path is not None:
             source = FileSource(mesh_path, poll_interval=poll_interval, debounce=debounce)
         self.source = source
@@ -109,6 +124,7 @@ class ControlPlane:
         self.injection = Injection()
         self.otlp_endpoint: str | None = None
         self.webhooks: WebhookServer | None = None
+        self.keeper: CertificateKeeper | None = None  # certificates=self
         self._grpc: grpc.aio.Server | None = None
         self._http: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -204,8 +220,12 @@ class ControlPlane:
         webhook: str | None = None,
         webhook_cert: Path | None = None,
         webhook_key: Path | None = None,
+        certificates: CertificateKeeper | None = None,
     ) -> None:
-        """Take the source's first state (it must be usable), bind the ports, follow it."""
+        """Take the source's first state (it must be usable), bind the ports, follow it.
+
+        With `certificates` (which `stop` then closes), the webhooks serve the pair it keeps."""
+        self.keeper = certificates
         if self.source is not None:
             try:
                 first = await self.source.first()
@@ -221,7 +241,7 @@ class ControlPlane:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.add_generic_rpc_handlers((self._problems_handler(),))
         host, port = split_address(xds)
-        bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        bound = server.add_insecure_port(join_host_port(host, port))
         if bound == 0:
             raise ControlPlaneError(f"cannot bind xDS address {xds}")
         self.xds_port = bound
@@ -238,20 +258,44 @@ class ControlPlane:
                 raise ControlPlaneError(f"cannot bind HTTP address {http}: {exc}") from exc
             self.http_port = self._http.sockets[0].getsockname()[1]
         if webhook is not None:
-            if webhook_cert is None or webhook_key is None:
-                raise ControlPlaneError("--webhook needs --webhook-cert and --webhook-key")
             try:
-                self.webhooks = WebhookServer(
-                    webhook_cert, webhook_key, registry=self.metrics.registry
-                )
-                self.webhooks.add(
-                    "/inject", lambda request: admit(request, self.injection, self.otlp_endpoint)
-                )
-                await self.webhooks.start(*split_address(webhook))
+                await self._start_webhooks(webhook, webhook_cert, webhook_key)
             except WebhookError as exc:
                 raise ControlPlaneError(str(exc)) from exc
         if self.source is not None:
             self._tasks.append(asyncio.create_task(self.source.run(self.publish)))
+
+    async def _start_webhooks(self, address: str, cert: Path | None, key: Path | None) -> None:
+        keeper = self.keeper
+        if keeper is None and (cert is None or key is None):
+            raise ControlPlaneError(
+                "--webhook needs --webhook-cert and --webhook-key, or --webhook-secret"
+            )
+        server = WebhookServer(
+            cert if keeper is None else None,
+            key if keeper is None else None,
+            registry=self.metrics.registry,
+        )
+        self.webhooks = server
+        server.add(
+            "/inject", lambda request: inject.admit(request, self.injection, self.otlp_endpoint)
+        )
+        server.add("/validate", validate.admit)
+        if keeper is not None:
+
+            def use(material: TlsMaterial) -> None:
+                try:
+                    server.use_certificate(material.cert, material.key)
+                except WebhookError as exc:
+                    raise KeeperError(str(exc)) from None
+
+            keeper.on_material = use
+            try:
+                await keeper.settle()
+            except KeeperError as exc:
+                raise ControlPlaneError(f"webhook certificates (--webhook-secret): {exc}") from None
+            self._tasks.append(asyncio.create_task(keeper.run(), name="webhook certificates"))
+        await server.start(*split_address(address))
 
     async def stop(self, grace: float = 1.0) -> None:
         if self._expiry is not None:
@@ -267,6 +311,9 @@ class ControlPlane:
         if self.webhooks is not None:
             await self.webhooks.stop()
             self.webhooks = None
+        if self.keeper is not None:
+            await self.keeper.close()
+            self.keeper = None
         if self._http is not None:
             self._http.close()
             await self._http.wait_closed()
@@ -304,10 +351,10 @@ class ControlPlane:
             method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
             status, ctype, body = self._http_route(method, target.split("?", 1)[0])
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            status, ctype, body = "400 Bad Request", "text/plain", b"bad request\n"
+            status, ctype, body = 400, "text/plain", b"bad request\n"
         try:
             writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"HTTP/1.1 {status} {reason_phrase(status)}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
                 + body
             )
@@ -318,69 +365,109 @@ class ControlPlane:
         finally:
             writer.close()
 
-    def _http_route(self, method: str, path: str) -> tuple[str, str, bytes]:
+    def _http_route(self, method: str, path: str) -> tuple[int, str, bytes]:
         if method not in ("GET", "HEAD"):
-            return "405 Method Not Allowed", "text/plain", b"GET only\n"
+            return 405, "text/plain", b"GET only\n"
         if path == "/metrics":
-            return "200 OK", CONTENT_TYPE, self.metrics.render()
+            return 200, CONTENT_TYPE, self.metrics.render()
         if path == "/debug/syncz":
-            return "200 OK", "application/json", json.dumps(syncz(self.ads), indent=1).encode()
+            body = json.dumps(syncz(self.ads, self.instance), indent=1).encode()
+            return 200, "application/json", body
         if path == "/debug/problemz":
             body = json.dumps([p.as_json() for p in self.problems], indent=1).encode()
-            return "200 OK", "application/json", body
+            return 200, "application/json", body
+        if path == "/live":  # the process answers: the liveness probe's question, no more
+            return 200, "text/plain", b"live\n"
         if path == "/ready":
             if self.ready:
-                return "200 OK", "text/plain", b"ready\n"
-            return "503 Service Unavailable", "text/plain", b"not ready\n"
-        return "404 Not Found", "text/plain", b"not found\n"
+                return 200, "text/plain", b"ready\n"
+            return 503, "text/plain", b"not ready\n"
+        return 404, "text/plain", b"not found\n"
 
 
-async def _source(args: argparse.Namespace) -> Source:
-    """The source the flags name (raises ControlPlaneError for a bad flag or configuration)."""
+async def _configuration(args: argparse.Namespace) -> Any:
+    """The Kubernetes client configuration, when a flag needs the API (else None)."""
+    if not (args.kubernetes or args.webhook_secret):
+        return None
+    from control_plane.sources.kubernetes import load_configuration
+
+    try:
+        return await load_configuration(Path(args.kubeconfig) if args.kubeconfig else None)
+    except SourceError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _source(args: argparse.Namespace, configuration: Any) -> Source:
+    """The source the flags name (raises UsageError for a bad flag or configuration)."""
     mesh = Path(args.mesh) if args.mesh else None
     if not args.kubernetes:
         if mesh is None:
-            raise ControlPlaneError("--mesh FILE is required (or --kubernetes)")
+            raise UsageError("--mesh FILE is required (or --kubernetes)")
         return FileSource(mesh)
-    from control_plane.sources.kubernetes import KubernetesSource, load_configuration
+    from control_plane.sources.kubernetes import KubernetesSource
 
     debounce = parse_duration(args.debounce)
     if debounce is None or debounce <= 0:
-        raise ControlPlaneError(
-            f"--debounce: expected a duration like 100ms or 1s, got {args.debounce!r}"
-        )
+        raise UsageError(f"--debounce: expected a duration like 100ms or 1s, got {args.debounce!r}")
     namespaces = tuple(n.strip() for n in (args.namespaces or "").split(",") if n.strip())
     for namespace in namespaces:
         if parse_call(namespace) != namespace or "." in namespace:
-            raise ControlPlaneError(
+            raise UsageError(
                 f"--namespaces: {namespace!r} is not a namespace name (a DNS label, e.g. shop)"
             )
-    try:
-        configuration = await load_configuration(Path(args.kubeconfig) if args.kubeconfig else None)
-    except SourceError as exc:
-        raise ControlPlaneError(str(exc)) from None
     return KubernetesSource(configuration, namespaces=namespaces, debounce=debounce, mesh_path=mesh)
 
 
-async def _main(args: argparse.Namespace) -> int:
-    if args.webhook and not (args.webhook_cert and args.webhook_key):
-        print(
-            "outrigger control-plane: --webhook needs --webhook-cert and --webhook-key (PEM files)",
-            file=sys.stderr,
+def _self_certificates(args: argparse.Namespace) -> SelfCertificates | None:
+    """What --webhook-secret and its companions describe (UsageError when they do not fit)."""
+    files = args.webhook_cert or args.webhook_key
+    if not args.webhook_secret:
+        if args.webhook and not (args.webhook_cert and args.webhook_key):
+            raise UsageError(
+                "--webhook needs --webhook-cert and --webhook-key (PEM files), or "
+                "--webhook-secret (the control plane makes and keeps its own)"
+            )
+        return None
+    if files:
+        raise UsageError("--webhook-secret and --webhook-cert/--webhook-key exclude each other")
+    if not args.webhook:
+        raise UsageError("--webhook-secret needs --webhook ADDRESS (where the webhooks listen)")
+    if not args.webhook_dns_name:
+        raise UsageError(
+            "--webhook-secret needs --webhook-dns-name, the name the API server calls "
+            "(the Service's <name>.<namespace>.svc)"
         )
-        return 2
-    try:
-        source = await _source(args)
-    except ControlPlaneError as exc:
-        print(f"outrigger control-plane: {exc}", file=sys.stderr)
-        return 2
+    namespace = os.environ.get("POD_NAMESPACE", "")
+    if not namespace:
+        raise UsageError(
+            "--webhook-secret: the Secret's namespace comes from the POD_NAMESPACE environment "
+            "variable (the chart sets it from the pod's metadata.namespace); set it"
+        )
+    return SelfCertificates(
+        namespace=namespace,
+        secret=args.webhook_secret,
+        dns_name=args.webhook_dns_name,
+        mutating=args.mutating_webhook_configuration,
+        validating=args.validating_webhook_configuration,
+    )
+
+
+async def start_from_args(args: argparse.Namespace) -> ControlPlane:
+    """The control plane the command line describes, started. Raises UsageError for flags
+    that do not fit, ControlPlaneError when it cannot start."""
+    own = _self_certificates(args)
     if args.max_streams < 1:
-        print("outrigger control-plane: --max-streams must be 1 or more", file=sys.stderr)
-        return 2
+        raise UsageError("--max-streams must be 1 or more")
+    configuration = await _configuration(args)
     open_files_limit(args.max_streams)
     plane = ControlPlane(
-        Path(args.mesh) if args.mesh else None, source=source, max_streams=args.max_streams
+        Path(args.mesh) if args.mesh else None,
+        source=_source(args, configuration),
+        max_streams=args.max_streams,
     )
+    keeper = None
+    if own is not None:
+        keeper = CertificateKeeper(configuration, own, registry=plane.metrics.registry)
     try:
         await plane.start(
             args.xds,
@@ -388,11 +475,20 @@ async def _main(args: argparse.Namespace) -> int:
             webhook=args.webhook,
             webhook_cert=Path(args.webhook_cert) if args.webhook_cert else None,
             webhook_key=Path(args.webhook_key) if args.webhook_key else None,
+            certificates=keeper,
         )
+    except ControlPlaneError:
+        await plane.stop(0)
+        raise
+    return plane
+
+
+async def _main(args: argparse.Namespace) -> int:
+    try:
+        plane = await start_from_args(args)
     except ControlPlaneError as exc:
         print(f"outrigger control-plane: {exc}", file=sys.stderr)
-        await plane.stop(0)
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
     host = split_address(args.xds)[0]
     http_host = split_address(args.http)[0]
     print(

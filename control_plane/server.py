@@ -495,9 +495,15 @@ def _timestamp(seconds: float) -> Any:
     return ts
 
 
-def syncz(ads: AdsServer) -> list[dict[str, Any]]:
-    """The `/debug/syncz` body: every connected node and its per-type sync state."""
-    return [s.as_json() for s in ads.streams.values() if s.node is not None]
+def syncz(ads: AdsServer, instance: str) -> list[dict[str, Any]]:
+    """The `/debug/syncz` body: every node connected to this replica (`instance`, its pod's
+    name) and its per-type sync state. Other replicas hold the other nodes: `outrigger status`
+    asks them all."""
+    return [
+        {**s.as_json(), "control_plane": instance}
+        for s in ads.streams.values()
+        if s.node is not None
+    ]
 
 
 def version_summary(snapshot: XdsSnapshot | None) -> Mapping[str, str]:

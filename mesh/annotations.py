@@ -7,9 +7,12 @@ same functions as the mesh file's, so a message reads the same wherever the valu
 
     outrigger.dev/retry-attempts: must be a whole number >= 0, got "two"
 
-Two entry points, both pure (no clock, no I/O), for the control plane, the validating webhook
-and `outrigger analyze`:
+Entry points, all pure (no clock, no I/O), for the control plane, the validating webhook and
+`outrigger analyze`:
 
+- `read_annotations(metadata)`: an object's `outrigger.dev/` annotations as text, and a problem
+  for each value that is not a string (the API server takes only strings: an unquoted `2` in
+  YAML is refused there, so the webhook and `analyze` refuse it here with the fix).
 - `check(annotations)`: every problem in one object's annotations: bad policy values, a
   backoff max shorter than its base, a malformed `outrigger.dev/calls`, and `outrigger.dev/`
   keys nobody knows (a typo would otherwise be ignored silently). Keys other parts of Outrigger
@@ -33,7 +36,6 @@ from typing import Any, Final
 
 from mesh.model import parse_call, show_value
 from mesh.policy import (
-    BY_KEY,
     ORIGINS,
     SETTINGS,
     FieldError,
@@ -109,6 +111,37 @@ class Resolved:
     problems: tuple[Problem, ...]
 
 
+def read_annotations(metadata: object) -> tuple[dict[str, str], list[Problem]]:
+    """The `outrigger.dev/` annotations of an object's `metadata`, each as text, and the
+    problems with their shape (a value that is not a string is kept as its YAML spelling)."""
+    if not isinstance(metadata, Mapping):
+        return {}, []
+    annotations = metadata.get("annotations")
+    if annotations is None:
+        return {}, []
+    if not isinstance(annotations, Mapping):
+        message = (
+            f"metadata.annotations: must be a mapping of strings, got {show_value(annotations)}"
+        )
+        return {}, [
+            Problem(key="metadata.annotations", value=show_value(annotations), message=message)
+        ]
+    found: dict[str, str] = {}
+    problems: list[Problem] = []
+    for key, value in annotations.items():
+        if not isinstance(key, str) or not key.startswith(PREFIX):
+            continue
+        if isinstance(value, str):
+            found[key] = value
+            continue
+        text = "" if value is None else show_value(value).strip('"')
+        found[key] = text
+        quote = f' (quote it in YAML: "{text}")' if text else ""
+        message = f"{key}: must be a string{quote}, got {show_value(value)}"
+        problems.append(Problem(key=key, value=text, message=message))
+    return found, problems
+
+
 def _problem(key: str, value: str, problem: str, got: object) -> Problem:
     return Problem(key=key, value=value, message=f"{key}: {problem}, got {show_value(got)}")
 
@@ -141,11 +174,21 @@ def parse_calls(text: str) -> tuple[tuple[str, ...], Problem | None]:
     return tuple(dict.fromkeys(names)), None
 
 
+def is_known(key: str) -> bool:
+    """An `outrigger.dev/` key some part of Outrigger reads (policy, injection, calls)."""
+    return key in OTHER_KEYS or key in POLICY_KEYS
+
+
+def closest_key(key: str) -> str | None:
+    """The known `outrigger.dev/` key an unknown one was probably meant to be, if any."""
+    close = difflib.get_close_matches(key, [*POLICY_KEYS, *sorted(OTHER_KEYS)], n=1)
+    return close[0] if close else None
+
+
 def _unknown(key: str, value: str) -> Problem:
-    known = [*POLICY_KEYS, *sorted(OTHER_KEYS)]
-    close = difflib.get_close_matches(key, known, n=1)
+    close = closest_key(key)
     hint = (
-        f"did you mean {close[0]}?"
+        f"did you mean {close}?"
         if close
         else "the policy keys are " + ", ".join(s.key for s in SETTINGS)
     )
@@ -160,7 +203,7 @@ def _other_problems(annotations: Mapping[str, str]) -> list[Problem]:
         if calls_problem is not None:
             problems.append(calls_problem)
     for key, value in sorted(annotations.items()):
-        if key.startswith(PREFIX) and key not in OTHER_KEYS and key[len(PREFIX) :] not in BY_KEY:
+        if key.startswith(PREFIX) and not is_known(key):
             problems.append(_unknown(key, value))
     return problems
 

@@ -48,6 +48,8 @@ from decimal import Decimal
 from importlib import metadata
 from typing import Any, Final, Literal, TypeAlias, cast
 
+from mesh.address import parse_endpoint
+
 LogLevel: TypeAlias = Literal["debug", "info", "warning", "error"]
 PullPolicy: TypeAlias = Literal["Always", "IfNotPresent", "Never"]
 
@@ -63,6 +65,18 @@ def _package_version() -> str:
 
 
 VERSION: Final = _package_version()
+# Workload kinds and where their pod template is ( () : the object is the pod ), for the tools
+# that read manifests (`outrigger inject`, `outrigger analyze`).
+POD_TEMPLATES: Final[dict[str, tuple[str, ...]]] = {
+    "Pod": (),
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "ReplicationController": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+}
 DEFAULT_IMAGE: Final = f"outrigger:{VERSION}"
 
 # Kubernetes' quantity grammar (k8s.io/apimachinery resource.Quantity), without a sign.
@@ -73,10 +87,6 @@ _QUANTITY = re.compile(
 _BINARY: Final = {"Ki": 1, "Mi": 2, "Gi": 3, "Ti": 4, "Pi": 5, "Ei": 6}
 _DECIMAL: Final = {"m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
 _FRACTION = re.compile(r"[0-9]+(?:\.[0-9]+)?|\.[0-9]+")
-_HOST = re.compile(
-    r"(?=.{1,253}$)[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)*",
-    re.IGNORECASE,
-)
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
 
 QUANTITY_FORM: Final = 'a Kubernetes quantity greater than zero, like "100m", "0.5" or "2"'
@@ -309,17 +319,7 @@ def _mapping(key: str, value: object, allowed: tuple[str, ...]) -> dict[str, Any
 
 def _address(key: str, value: object) -> str:
     form = 'HOST:PORT, e.g. "outrigger.outrigger-system.svc:15010"'
-    if not isinstance(value, str):
-        raise fail(key, form, value)
-    host, sep, port = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            ok = ipaddress.ip_address(host[1:-1]).version == 6
-        except ValueError:
-            ok = False
-    else:
-        ok = bool(_HOST.fullmatch(host))
-    if not (ok and sep and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+    if not isinstance(value, str) or parse_endpoint(value) is None:
         raise fail(key, form, value)
     return value
 

@@ -38,6 +38,7 @@ from typing import Any, Final, Literal, NoReturn, TypeAlias, TypeVar, cast
 
 import yaml
 
+from mesh.address import join_host_port, parse_endpoint
 from mesh.injection import Injection, InjectionError, parse_injection
 from mesh.policy import (
     BY_PATH,
@@ -91,10 +92,6 @@ OUTBOUND_POLICIES: Final[tuple[OutboundPolicyName, ...]] = ("allow_any", "regist
 RESERVED_NAMES: Final[frozenset[str]] = frozenset({"outbound"})
 
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
-_HOSTNAME = re.compile(
-    r"(?=.{1,253}$)[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)*",
-    re.IGNORECASE,
-)
 _DNS_FORM = "a DNS label (lower-case letters, digits and '-', at most 63, e.g. \"payments\")"
 _CALL_FORM = 'a service name, "name" or "name.namespace" (e.g. "payments.shop")'
 
@@ -116,7 +113,7 @@ class MeshEndpoint:
     hostname: str | None = None  # a headless Service's per-pod DNS label (StatefulSet pods)
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return join_host_port(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,20 +247,11 @@ def _distinct(
 
 def _endpoint(where: _Where, path: str, value: object) -> MeshEndpoint:
     form = 'must be "host:port" (an IP address or host name, port 1-65535, e.g. "10.0.0.7:8080")'
-    if not isinstance(value, str):
+    parsed = parse_endpoint(value) if isinstance(value, str) else None
+    if parsed is None:
         where.fail(path, form, value)
-    if value.startswith("["):  # [IPv6]:port
-        host, sep, port_text = value[1:].partition("]:")
-        try:
-            ok = bool(sep) and ipaddress.ip_address(host).version == 6
-        except ValueError:
-            ok = False
-    else:
-        host, sep, port_text = value.rpartition(":")
-        ok = bool(sep) and bool(_HOSTNAME.fullmatch(host))
-    if not ok or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        where.fail(path, form, value)
-    return MeshEndpoint(host=host.lower(), port=int(port_text))
+    host, port = parsed
+    return MeshEndpoint(host=host.lower(), port=port)
 
 
 def _address(where: _Where, path: str, value: object) -> str:

@@ -105,6 +105,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
+from mesh.http import IDEMPOTENT_METHODS
 from mesh.model import Mesh, MeshService, Retries
 from mesh.policy import effective_values
 from mesh.xds import (
@@ -130,9 +131,8 @@ from mesh.xds import (
 
 OUTLIER_INTERVAL: Final = 10.0  # Envoy's default sweep interval
 
-# The idempotency rule as retriable_request_headers: a request whose method is one of these, or
-# that carries an Idempotency-Key header, may be retried (RFC 9110 idempotent methods).
-IDEMPOTENT_METHODS: Final = ("DELETE", "GET", "HEAD", "OPTIONS", "PUT", "TRACE")
+# The idempotency rule as retriable_request_headers: a request whose method is one of
+# IDEMPOTENT_METHODS, or that carries an Idempotency-Key header, may be retried.
 IDEMPOTENCY_KEY_HEADER: Final = "idempotency-key"
 
 # gRPC clients retry only on gRPC status names; these of our conditions map to UNAVAILABLE.

@@ -75,10 +75,32 @@ def _control_plane_parser(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument(
         "--webhook",
         default=None,
-        help="serve the admission webhooks (/inject) over HTTPS here, e.g. 0.0.0.0:15017",
+        help="serve the admission webhooks (/inject, /validate) over HTTPS, e.g. 0.0.0.0:15017",
     )
     p.add_argument("--webhook-cert", default=None, help="PEM certificate (chain) for --webhook")
     p.add_argument("--webhook-key", default=None, help="PEM private key for --webhook")
+    p.add_argument(
+        "--webhook-secret",
+        default=None,
+        help="instead of --webhook-cert/--webhook-key: make a CA and serving certificate and "
+        "keep them in this Secret (in $POD_NAMESPACE; it must exist), renewed before expiry",
+    )
+    p.add_argument(
+        "--webhook-dns-name",
+        default=None,
+        help="with --webhook-secret: the name the certificate is for, e.g. "
+        "outrigger.outrigger-system.svc",
+    )
+    p.add_argument(
+        "--mutating-webhook-configuration",
+        default=None,
+        help="with --webhook-secret: patch its CA into this MutatingWebhookConfiguration",
+    )
+    p.add_argument(
+        "--validating-webhook-configuration",
+        default=None,
+        help="with --webhook-secret: patch its CA into this ValidatingWebhookConfiguration",
+    )
 
 
 def _inject_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -92,6 +114,38 @@ def _inject_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "-f", "--file", required=True, help="YAML manifests (one or many), or - for stdin"
     )
     p.add_argument("--mesh", default=None, help="mesh file whose injection: section applies")
+
+
+def _analyze_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from outrigger.analyze import DEFAULT_MAX_AMPLIFICATION, amplification_limit
+
+    p = sub.add_parser(
+        "analyze",
+        help="offline findings on manifests and a mesh file (retry amplification, timeouts, "
+        "invalid annotations, ...)",
+        description="Check Kubernetes manifests and/or a mesh file without a cluster: every "
+        "outrigger.dev/ annotation (the webhook's validator), retry amplification along call "
+        "chains (outrigger.dev/calls, calls:), timeouts, retries and breakers. Exit status 1 "
+        "when an error is found.",
+    )
+    p.add_argument(
+        "-f",
+        "--file",
+        action="append",
+        help="YAML or JSON manifests: a file, a directory (its .yaml, .yml and .json files), or "
+        "- for stdin; repeatable",
+    )
+    p.add_argument("--mesh", default=None, help="a mesh file: its defaults: and its services")
+    p.add_argument(
+        "-o", "--output", choices=("text", "json"), default="text", help="text (default) or json"
+    )
+    p.add_argument(
+        "--max-amplification",
+        type=amplification_limit,
+        default=DEFAULT_MAX_AMPLIFICATION,
+        help="warn about call chains whose deepest service can receive more requests than this "
+        f"for one request at the top (default {DEFAULT_MAX_AMPLIFICATION})",
+    )
 
 
 def _wait_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -144,8 +198,34 @@ def _iptables_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _status_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("status", help="each connected sidecar and the config it ACKed")
-    p.add_argument("--control-plane", default="127.0.0.1:15010", help="xDS address")
+    p = sub.add_parser(
+        "status",
+        help="each connected sidecar, the config it ACKed and the replica it uses",
+        description="Ask every control plane replica for its sidecars (CSDS) and merge the "
+        "answers; a replica that does not answer is named, and the exit status is then 1.",
+    )
+    p.add_argument(
+        "--control-plane",
+        default=None,
+        help="xDS addresses of the replicas, HOST:PORT[,HOST:PORT...] (default 127.0.0.1:15010)",
+    )
+    p.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="find the replicas as the endpoints of the control plane's Service (its pod IPs "
+        "must be reachable from here: run it in the cluster, or port-forward and list them)",
+    )
+    p.add_argument("--kubeconfig", default=None, help="with --kubernetes: this kubeconfig")
+    p.add_argument(
+        "--namespace",
+        default="outrigger-system",
+        help="with --kubernetes: the control plane's namespace (default outrigger-system)",
+    )
+    p.add_argument(
+        "--service",
+        default="outrigger",
+        help="with --kubernetes: the control plane's Service (default outrigger)",
+    )
 
 
 def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -157,7 +237,9 @@ def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         type=float,
         default=None,
         help="run N seconds without the live view (at least as long as the story, ~20s), print "
-        "a summary, exit non-zero if a step of the story did not happen",
+        "a summary: exit 1 if a step of the story did not happen, 3 if the latency guard "
+        "failed (while nothing failed, the load's p50 was above 2x frontend's sidecar's + 5ms: "
+        "the demo's own delays, e.g. a machine short of CPU, not the mesh's)",
     )
     p.add_argument(
         "--otlp-endpoint",
@@ -179,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     _control_plane_parser(sub)
     _iptables_parser(sub)
     _inject_parser(sub)
+    _analyze_parser(sub)
     _wait_parser(sub)
     _status_parser(sub)
     _demo_parser(sub)
@@ -204,6 +287,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from outrigger.inject import run_inject
 
         return run_inject(args)
+    if args.command == "analyze":
+        if not args.file and not args.mesh:
+            parser.error("outrigger analyze needs -f FILE|DIR|- (manifests), --mesh FILE, or both")
+        from outrigger.analyze import run_analyze
+
+        return run_analyze(args)
     if args.command == "wait":
         from outrigger.wait import run_wait
 
@@ -213,8 +302,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_status(args)
     if args.command == "demo":
-        from outrigger.demo.run import run_demo
-
+        try:
+            from outrigger.demo.run import run_demo
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] != "rich":
+                raise
+            print(
+                "outrigger demo: its live view needs the `demo` extra: "
+                "pip install 'outrigger[demo]' (make demo installs it)",
+                file=sys.stderr,
+            )
+            return 2
         return run_demo(args)
     parser.error(f"unknown command {args.command}")
     return 2

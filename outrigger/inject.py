@@ -20,27 +20,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import yaml
 
 from control_plane.webhooks.inject import inject_pod
-from mesh.injection import Injection, InjectionError
+from mesh.injection import POD_TEMPLATES, Injection, InjectionError
 from mesh.model import MeshError, load_mesh
 
 Json = dict[str, Any]
-
-# kind -> where its pod template is ( () : the object is the pod )
-TEMPLATES: Final[dict[str, tuple[str, ...]]] = {
-    "Pod": (),
-    "Deployment": ("spec", "template"),
-    "StatefulSet": ("spec", "template"),
-    "DaemonSet": ("spec", "template"),
-    "ReplicaSet": ("spec", "template"),
-    "ReplicationController": ("spec", "template"),
-    "Job": ("spec", "template"),
-    "CronJob": ("spec", "jobTemplate", "spec", "template"),
-}
 
 
 class ManifestError(Exception):
@@ -83,9 +71,9 @@ class Injector:
         items = document.get("items")
         if isinstance(kind, str) and kind.endswith("List") and isinstance(items, list):
             return {**document, "items": [self.document(item) for item in items]}
-        if kind not in TEMPLATES:
+        if kind not in POD_TEMPLATES:
             return document
-        path = TEMPLATES[kind]
+        path = POD_TEMPLATES[kind]
         what = _describe(document)
         template: object = document
         for key in path:

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from mesh.address import split_host_port
+from mesh.policy import Backoff, RetryBudget  # the mesh policy's: one definition of each
+
 
 class LbPolicy(StrEnum):
     ROUND_ROBIN = "round_robin"
@@ -34,31 +37,10 @@ class Endpoint:
 
 def authority_endpoint(authority: bytes) -> Endpoint | None:
     """host[:port] of an authority the codec validated (port 80 when absent); None: no host."""
-    if not authority:
+    host, port = split_host_port(authority.decode("ascii")) or ("", None)
+    if not host:
         return None
-    text = authority.decode("ascii")
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else "80"
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            host, port = text, "80"
-    if not host or not port.isdigit():
-        return None
-    return Endpoint(host, int(port))
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    base: float = 0.025  # seconds
-    max: float = 0.250
-
-
-@dataclass(frozen=True, slots=True)
-class RetryBudget:
-    percent: float = 20.0
-    min_concurrency: int = 3
+    return Endpoint(host, 80 if port is None else port)
 
 
 @dataclass(frozen=True, slots=True)

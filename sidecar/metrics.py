@@ -9,7 +9,8 @@ per request; a dict increment costs ~0.1 µs. So the client library renders, we 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from typing import Protocol
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -19,7 +20,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from sidecar.config import Endpoint
+from sidecar.config import Snapshot
 from sidecar.policy.stack import ServiceRegistry
 from sidecar.transport.tcp import TcpRecord
 
@@ -49,6 +50,16 @@ TcpKey = tuple[str, str, str]  # direction, destination, sni ("-" when none)
 BREAKER_STATES = {"closed": 0, "open": 1, "half-open": 2}
 
 
+class Listener(Protocol):
+    """What the connection metrics read of a listener (`transport.server.ServerState`)."""
+
+    @property
+    def connections(self) -> Sized: ...  # open now
+
+    @property
+    def total_connections(self) -> int: ...  # accepted since start
+
+
 class _Histogram:
     __slots__ = ("counts", "total")
 
@@ -58,20 +69,30 @@ class _Histogram:
 
 
 class Metrics:
-    def __init__(self, source: str) -> None:
+    """The counters the request path bumps, and what the collector reads from elsewhere at
+    scrape time: each listener's connections, each service's policy state and the applied
+    snapshot's endpoints, the spans the tracing export dropped."""
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        listeners: Mapping[str, Listener] | None = None,
+        services: ServiceRegistry | None = None,
+        snapshot: Callable[[], Snapshot | None] | None = None,
+        spans_dropped: Callable[[], Mapping[str, int]] | None = None,
+    ) -> None:
         self.source = source
         self.requests: dict[RequestKey, int] = {}
         self.durations: dict[tuple[str, str], _Histogram] = {}
-        self.connections_total: dict[str, int] = {}
-        self.active_connections: dict[str, Callable[[], int]] = {}
         self.config_version = ""
         self.config_applied = 0
         self.config_rejected = 0
-        self.services: ServiceRegistry | None = None
-        # (service name, its endpoints) of the applied config, for the per-endpoint gauges
-        self.endpoints: Callable[[], Iterable[tuple[str, Sequence[Endpoint]]]] | None = None
+        self.listeners = listeners or {}
+        self.services = services
+        self.snapshot = snapshot  # the applied config, for the per-endpoint gauges
         # reason -> spans not exported (the tracing export pipeline counts; empty: tracing off)
-        self.spans_dropped: dict[str, int] = {}
+        self.spans_dropped = spans_dropped
         # Passed-through TCP connections (TcpObserver): closed ones are summed here, open ones
         # are read at scrape time, so a long-lived connection's bytes show while it lasts.
         self.tcp_closed_count: dict[tuple[str, str, str, str], int] = {}  # TcpKey + flags
@@ -169,14 +190,13 @@ class _MetricsCollector(Collector):
         conns = CounterMetricFamily(
             "outrigger_connections", "Downstream connections accepted.", labels=["listener"]
         )
-        for listener, count in sorted(m.connections_total.items()):
-            conns.add_metric([listener], count)
-        yield conns
         active = GaugeMetricFamily(
             "outrigger_connections_active", "Open downstream connections.", labels=["listener"]
         )
-        for listener, get in sorted(m.active_connections.items()):
-            active.add_metric([listener], get())
+        for name, listener in sorted(m.listeners.items()):
+            conns.add_metric([name], listener.total_connections)
+            active.add_metric([name], len(listener.connections))
+        yield conns
         yield active
 
         version = GaugeMetricFamily(
@@ -196,7 +216,8 @@ class _MetricsCollector(Collector):
             " them), exporter_busy (the exporter process fell behind), exporter_down (it died).",
             labels=["reason"],
         )
-        for reason, count in sorted(m.spans_dropped.items()):
+        spans_dropped = m.spans_dropped() if m.spans_dropped is not None else {}
+        for reason, count in sorted(spans_dropped.items()):
             dropped.add_metric([reason], count)
         yield dropped
         yield from self._tcp()
@@ -270,8 +291,9 @@ class _MetricsCollector(Collector):
         for state in states:
             ejected.add_metric([state.name], state.breakers.ejected_count())
         yield ejected
-        if self.m.endpoints is None:
+        if self.m.snapshot is None:
             return
+        snapshot = self.m.snapshot()
         breaker_state = GaugeMetricFamily(
             "outrigger_endpoint_breaker_state",
             "Circuit breaker per endpoint: 0 closed, 1 open (ejected), 2 half-open (probing).",
@@ -282,10 +304,10 @@ class _MetricsCollector(Collector):
             "Attempts in flight to the endpoint.",
             labels=["destination", "endpoint"],
         )
-        for name, endpoints in self.m.endpoints():
-            service = services.get(name)
-            for endpoint in endpoints:
-                labels = [name, str(endpoint)]
+        for _, cfg in sorted(snapshot.services.items()) if snapshot is not None else ():
+            service = services.get(cfg.name)
+            for endpoint in cfg.endpoints:
+                labels = [cfg.name, str(endpoint)]
                 breaker = service.breakers.breaker(endpoint) if service is not None else None
                 breaker_state.add_metric(
                     labels, BREAKER_STATES.get(breaker.state, 1) if breaker is not None else 0

@@ -163,16 +163,12 @@ class Reflector:
         log.debug("%s: listed %d at resourceVersion %s", self.name, len(items), version)
 
     async def _get(self, params: Mapping[str, Any], timeout: tuple[float, float]) -> bytes:
-        response = await self.call(**params, _preload_content=False, _request_timeout=timeout)
-        try:
-            body: bytes = await response.read()
-            if response.status == 410:
-                raise WatchExpired()
-            if response.status != 200:
-                raise ApiFailure(_api_error(response.status, body))
-            return body
-        finally:
-            response.release()
+        status, body = await api_call(self.call, timeout=timeout, **params)
+        if status == 410:
+            raise WatchExpired()
+        if status != 200:
+            raise ApiFailure(_api_error(status, body))
+        return body
 
     async def _watch(self) -> None:
         low, high = self.watch_timeout
@@ -235,6 +231,19 @@ class Reflector:
             raise ApiFailure(f"unknown watch event type {kind!r}")
         if version:
             self.resource_version = version
+
+
+async def api_call(
+    method: Call, *args: Any, timeout: tuple[float, float], **params: Any
+) -> tuple[int, bytes]:
+    """(status, body) of one request by a generated API method, whatever the status (the
+    caller judges it). Raises aiohttp.ClientError, TimeoutError or OSError when no answer."""
+    response = await method(*args, **params, _preload_content=False, _request_timeout=timeout)
+    try:
+        body: bytes = await response.read()
+        return int(response.status), body
+    finally:
+        response.release()
 
 
 def _api_error(status: int, body: bytes) -> str:

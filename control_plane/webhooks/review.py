@@ -10,8 +10,8 @@ but whose request is malformed raises `ReviewError` with the uid, and is answere
 `allowed`, for a mutation `patchType: JSONPatch` and the RFC 6902 patch base64-encoded, the
 warnings, and for a denial a `status` with the code and message.
 
-Only the fields Outrigger reads are checked; the rest of the request (userInfo, options,
-oldObject, ...) passes unread. The checked-in schema tests/control_plane/webhooks/
+Only the fields Outrigger reads are checked; the rest of the request (userInfo, options, ...)
+passes unread. The checked-in schema tests/control_plane/webhooks/
 admission-review-v1.schema.json describes the same fields.
 """
 
@@ -61,6 +61,7 @@ class AdmissionRequest:
     name: str  # may be "" on CREATE (generateName)
     object: Any  # the object as JSON; None on DELETE
     dry_run: bool
+    old_object: Any = None  # the object before an UPDATE (or a DELETE) as JSON; else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +130,7 @@ def read_review(body: bytes) -> AdmissionRequest:
         name=_text(request.get("name"), "name", uid, required=False),
         object=request.get("object"),
         dry_run=dry_run,
+        old_object=request.get("oldObject"),
     )
 
 

@@ -25,7 +25,9 @@ client gets the answer rather than a reset.
 Certificates: the certificate and key files are checked when a connection is accepted (one
 stat each) and reloaded when either changed, so a rotated Secret takes effect without a
 restart. A pair that does not load (a half-written rotation) is logged once and counted, and
-the last good pair keeps serving.
+the last good pair keeps serving. Or, with no files (`webhook.certificates: self`), the control
+plane hands the pair over (`use_certificate`) whenever it makes or reads a new one; until the
+first, connections are refused.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,11 +127,7 @@ class Certificates:
         )
 
     def _load(self) -> ssl.SSLContext:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.set_alpn_protocols(["http/1.1"])
-        context.load_cert_chain(self.cert, self.key)
-        return context
+        return _server_context(self.cert, self.key)
 
     def context(self) -> ssl.SSLContext:
         """The current pair's context, after reloading it if the files changed."""
@@ -148,6 +148,36 @@ class Certificates:
             else:
                 self._metrics.certificate_reloads.labels("loaded").inc()
                 log.info("webhook certificate %s reloaded", self.cert)
+        return self._context
+
+
+def _server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    context.load_cert_chain(cert, key)
+    return context
+
+
+class HeldCertificate:
+    """A pair handed over in memory. The ssl module loads chains from files only, so the pair
+    is written to a private temporary directory, loaded, and removed at once."""
+
+    def __init__(self, cert: bytes, key: bytes) -> None:
+        try:
+            with tempfile.TemporaryDirectory(prefix="outrigger-webhook-") as tmp:
+                cert_path, key_path = Path(tmp, "tls.crt"), Path(tmp, "tls.key")
+                cert_path.write_bytes(cert)
+                fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    out.write(key)
+                self._context = _server_context(cert_path, key_path)
+        except (OSError, ssl.SSLError) as exc:
+            raise WebhookError(
+                f"the webhook certificate handed over does not load: {exc}"
+            ) from None
+
+    def context(self) -> ssl.SSLContext:
         return self._context
 
 
@@ -173,13 +203,17 @@ def _result(response: AdmissionResponse) -> str:
 class WebhookServer:
     def __init__(
         self,
-        cert: Path,
-        key: Path,
+        cert: Path | None = None,
+        key: Path | None = None,
         *,
         registry: CollectorRegistry | None = None,
     ) -> None:
+        """Serve `cert` and `key` (files, reloaded when they change), or, without them, the
+        pairs handed over with `use_certificate`."""
         self.metrics = WebhookMetrics(registry if registry is not None else CollectorRegistry())
-        self.certificates = Certificates(cert, key, self.metrics)
+        self.certificates: Certificates | HeldCertificate | None = None
+        if cert is not None and key is not None:
+            self.certificates = Certificates(cert, key, self.metrics)
         self.handlers: dict[str, Handler] = {}
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -187,6 +221,16 @@ class WebhookServer:
 
     def add(self, path: str, handler: Handler) -> None:
         self.handlers[path] = handler
+
+    def use_certificate(self, cert: bytes, key: bytes) -> None:
+        """Serve this PEM pair to new connections from now on. WebhookError (and counted) when
+        it does not load; the pair served so far stays."""
+        try:
+            self.certificates = HeldCertificate(cert, key)
+        except WebhookError:
+            self.metrics.certificate_reloads.labels("failed").inc()
+            raise
+        self.metrics.certificate_reloads.labels("loaded").inc()
 
     async def start(self, host: str, port: int) -> None:
         try:
@@ -208,6 +252,9 @@ class WebhookServer:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._connections) >= MAX_CONNECTIONS:
+            writer.transport.abort()
+            return
+        if self.certificates is None:  # certificates=self, before the first pair
             writer.transport.abort()
             return
         self._connections.add(writer)

@@ -96,6 +96,17 @@ class ServiceRegistry:
         return iter(list(self._states.values()))
 
 
+def check_service(cfg: ServiceConfig) -> None:
+    """Raise ValueError naming the setting when a policy value cannot be applied, touching no
+    state: a snapshot is checked whole before any service's limits or breakers change."""
+    TimeoutConfig.from_service(cfg)
+    if cfg.retry is not None:
+        RetryConfig.from_policy(cfg.retry)
+    BreakerConfig.from_policy(cfg.breaker)
+    ConcurrencyConfig.from_service(cfg)
+    BalancerConfig.from_service(cfg)
+
+
 def build_service_stack(
     cfg: ServiceConfig,
     state: ServiceState,

@@ -28,7 +28,9 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf.json_format import MessageToDict
 
+from mesh.http import IDEMPOTENT_METHODS
 from mesh.model import Mesh
+from mesh.policy import Backoff, RetryBudget
 from mesh.translate import idempotent_request_headers, translate
 from mesh.xds import (
     CLUSTER_TYPE,
@@ -48,13 +50,11 @@ from mesh.xds import (
     resources_version,
 )
 from sidecar.config import (
-    Backoff,
     BreakerPolicy,
     ConfigError,
     Endpoint,
     LbPolicy,
     OutboundPolicy,
-    RetryBudget,
     RetryPolicy,
     ServiceConfig,
     Snapshot,
@@ -386,8 +386,8 @@ def _non_idempotent(policy: Any, kind: str, name: str, field: str) -> bool:
         kind,
         name,
         f"{field}.retriable_request_headers",
-        "only the idempotency rule is supported (`:method` exact GET, HEAD, OPTIONS, PUT, DELETE, "
-        "TRACE, and `idempotency-key` present) or an empty list",
+        f"only the idempotency rule is supported (`:method` exact {', '.join(IDEMPOTENT_METHODS)}, "
+        "and `idempotency-key` present) or an empty list",
     )
 
 

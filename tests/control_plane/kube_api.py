@@ -12,6 +12,15 @@ Kubernetes API reference ("API Concepts": efficient detection of changes, watch 
   `watch=true` a chunked stream of `{"type": ..., "object": ...}` lines: ADDED, MODIFIED,
   DELETED, BOOKMARK (with `allowWatchBookmarks`), ERROR (a Status).
 - `POST /apis/events.k8s.io/v1/namespaces/{ns}/events`: an Event, validated, stored.
+- `GET`, `PUT` and `PATCH` of one named Secret (`/api/v1/namespaces/{ns}/secrets/{name}`) or
+  webhook configuration (`/apis/admissionregistration.k8s.io/v1/{mutating,validating}
+  webhookconfigurations/{name}`), what `webhook.certificates: self` uses. Optimistic
+  concurrency as the API server has it: a PUT or a PATCH carrying a `metadata.resourceVersion`
+  other than the stored one gets 409 Conflict. PATCH is a strategic merge (webhooks merge by
+  `name`) or a JSON merge patch. These kinds are never listed or watched (RBAC grants them by
+  name only), and there is no create: the chart makes them.
+- `labelSelector=kubernetes.io/service-name=NAME` on EndpointSlice lists (`outrigger status`
+  finds the control plane's replicas so).
 
 Objects get what the API server adds (uid, resourceVersion, creationTimestamp, a Service's
 defaults and ClusterIP, a Namespace's finalizers and status) and every stored object is checked
@@ -25,7 +34,12 @@ Strict: a request the real client should never make is recorded in `mistakes` (a
 the API would: 404, 400, 410), and the `kube_api` fixture fails the test if any was made: an
 unknown path or query parameter, a watch without a resourceVersion or without bookmarks, a
 resourceVersion the server never issued, a watch again from an expired version without listing
-first, a malformed Event, a missing bearer token (when the server has one).
+first, a malformed Event, a missing bearer token (when the server has one), an update without a
+resourceVersion (it would overwrite blindly what another writer put there), a Secret whose data
+is not base64, a patch that leaves an object the schema refuses.
+
+`access()` names what each recorded request needs from RBAC (the API server's RequestInfo):
+(group, resource, verb, namespace, name), for comparing with the chart's rules.
 """
 
 from __future__ import annotations
@@ -42,6 +56,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -82,7 +97,26 @@ class Resource:
 SERVICES = Resource("v1", "services", "Service", True)
 SLICES = Resource("discovery.k8s.io/v1", "endpointslices", "EndpointSlice", True)
 NAMESPACES = Resource("v1", "namespaces", "Namespace", False)
-RESOURCES = {r.kind: r for r in (SERVICES, SLICES, NAMESPACES)}
+RESOURCES = {r.kind: r for r in (SERVICES, SLICES, NAMESPACES)}  # listed and watched
+SECRETS = Resource("v1", "secrets", "Secret", True)
+MUTATING = Resource(
+    "admissionregistration.k8s.io/v1",
+    "mutatingwebhookconfigurations",
+    "MutatingWebhookConfiguration",
+    False,
+)
+VALIDATING = Resource(
+    "admissionregistration.k8s.io/v1",
+    "validatingwebhookconfigurations",
+    "ValidatingWebhookConfiguration",
+    False,
+)
+NAMED = {r.kind: r for r in (SECRETS, MUTATING, VALIDATING)}  # read, updated, patched by name
+KINDS = {**RESOURCES, **NAMED}
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+# Lists whose items merge by a key under a strategic merge patch (the Go types' patchMergeKey).
+MERGE_KEYS = {"webhooks": "name"}
+MERGE_PATCHES = ("application/strategic-merge-patch+json", "application/merge-patch+json")
 
 
 def _now() -> str:
@@ -101,18 +135,75 @@ def status(code: int, reason: str, message: str) -> dict[str, Any]:
     }
 
 
+def conflict(resource: Resource, name: str) -> dict[str, Any]:
+    body = status(
+        409,
+        "Conflict",
+        f'Operation cannot be fulfilled on {resource.plural} "{name}": the object has been '
+        "modified; please apply your changes to the latest version and try again",
+    )
+    body["details"] = {"name": name, "kind": resource.plural}
+    return body
+
+
 @dataclass(eq=False)
 class _Watch:
     resource: Resource
     namespace: str | None
     name: str | None  # fieldSelector metadata.name
+    service: str | None = None  # labelSelector kubernetes.io/service-name=
     queue: asyncio.Queue[tuple[str, dict[str, Any]] | None] = field(default_factory=asyncio.Queue)
 
     def wants(self, obj: dict[str, Any]) -> bool:
         meta = obj["metadata"]
         if self.namespace is not None and meta.get("namespace") != self.namespace:
             return False
+        if self.service is not None and (
+            (meta.get("labels") or {}).get(SERVICE_NAME_LABEL) != self.service
+        ):
+            return False
         return self.name is None or meta["name"] == self.name
+
+
+@dataclass(frozen=True)
+class Access:
+    """What a request needs from RBAC, as the API server's RequestInfo names it."""
+
+    group: str
+    resource: str
+    verb: str
+    namespace: str = ""  # "" for cluster-scoped objects and requests across all namespaces
+    name: str = ""  # "" for collections (or the name a list's fieldSelector pins)
+
+
+_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+def access(method: str, path: str, query: dict[str, str]) -> Access:
+    """The RBAC attributes of a resource request (k8s.io/apiserver's RequestInfoFactory)."""
+    parts = path.strip("/").split("/")
+    if parts[0] == "api":
+        group, rest = "", parts[2:]
+    elif parts[0] == "apis":
+        group, rest = parts[1], parts[3:]
+    else:
+        raise ValueError(f"not a resource request: {path}")
+    namespace = ""
+    if len(rest) >= 2 and rest[0] == "namespaces":
+        namespace = rest[1]
+        if len(rest) > 2:
+            rest = rest[2:]
+    resource, name = rest[0], rest[1] if len(rest) > 1 else ""
+    if resource == "namespaces":
+        namespace = ""  # a Namespace is cluster-scoped
+    if method == "GET" and not name:
+        verb = "watch" if query.get("watch") in _TRUE else "list"
+        selector = query.get("fieldSelector", "")
+        if selector.startswith("metadata.name=") and "," not in selector:
+            name = selector.removeprefix("metadata.name=")
+    else:
+        verb = "get" if method == "GET" else _VERBS[method]
+    return Access(group, resource, verb, namespace, name)
 
 
 class FakeKubeApi:
@@ -127,13 +218,14 @@ class FakeKubeApi:
         self.token = token  # when set, every request must carry "Authorization: Bearer TOKEN"
         self.max_watch = max_watch  # upper bound on a watch's life, whatever timeoutSeconds says
         self.revision = 1000
-        self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {k: {} for k in RESOURCES}
-        self.history: dict[str, list[tuple[int, str, dict[str, Any]]]] = {k: [] for k in RESOURCES}
+        self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {k: {} for k in KINDS}
+        self.history: dict[str, list[tuple[int, str, dict[str, Any]]]] = {k: [] for k in KINDS}
         self.compacted: dict[str, int] = dict.fromkeys(RESOURCES, 0)
         self.mistakes: list[str] = []
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path, query)
         self.events: list[dict[str, Any]] = []  # Events POSTed
         self.port = 0
+        self._held: dict[str, asyncio.Barrier] = {}  # kind -> GETs answered together
         self._must_relist: set[tuple[str, str | None]] = set()
         self._watches: set[_Watch] = set()
         self._pages: dict[str, list[dict[str, Any]]] = {}
@@ -186,6 +278,15 @@ class FakeKubeApi:
         for watch in list(self._watches):
             watch.queue.put_nowait(None)
 
+    def hold_reads(self, kind: str, parties: int = 2) -> None:
+        """Answer the next `parties` GETs of a `kind` object together, once all have arrived
+        (within 5 s): replicas that start at once read the same version, as in a real race."""
+        self._held[kind] = asyncio.Barrier(parties)
+
+    def accesses(self) -> list[Access]:
+        """What every request so far needed from RBAC, in order."""
+        return [access(method, path, query) for method, path, query in self.requests]
+
     def requests_to(self, path: str, *, watch: bool | None = None) -> list[dict[str, str]]:
         return [
             q
@@ -196,7 +297,7 @@ class FakeKubeApi:
     # -- objects ------------------------------------------------------------------------------
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
-        resource = RESOURCES[obj["kind"]]
+        resource = KINDS[obj["kind"]]
         obj = copy.deepcopy(obj)
         meta = obj.setdefault("metadata", {})
         key = (meta.get("namespace", ""), meta["name"])
@@ -207,7 +308,7 @@ class FakeKubeApi:
         return self._store("ADDED", resource, key, obj)
 
     def update(self, obj: dict[str, Any]) -> dict[str, Any]:
-        resource = RESOURCES[obj["kind"]]
+        resource = KINDS[obj["kind"]]
         obj = copy.deepcopy(obj)
         meta = obj["metadata"]
         key = (meta.get("namespace", ""), meta["name"])
@@ -268,8 +369,11 @@ class FakeKubeApi:
         parts = request.path.strip("/").split("/")
         if request.method == "POST":
             return await self._post_event(request, parts)
+        named = self._route_named(parts)
+        if named is not None:
+            return await self._named(request, *named)
         if request.method != "GET":
-            self._mistake(request, "the source only reads (and posts Events)")
+            self._mistake(request, f"{request.method} of a collection or an unknown object")
             return self._reply(405, "MethodNotAllowed", "method not allowed")
         found = self._route(parts)
         if found is None:
@@ -287,16 +391,22 @@ class FakeKubeApi:
                 self._mistake(request, f"fieldSelector {selector!r} is not used by the source")
                 return self._reply(400, "BadRequest", "unsupported field selector")
             name = selector.removeprefix("metadata.name=")
-        if "labelSelector" in query:
-            self._mistake(request, "labelSelector is not used by the source")
-            return self._reply(400, "BadRequest", "unsupported label selector")
+        service = None
+        labels = query.get("labelSelector")
+        if labels is not None:
+            if resource is not SLICES or not labels.startswith(f"{SERVICE_NAME_LABEL}="):
+                self._mistake(request, f"labelSelector {labels!r} is not used by Outrigger")
+                return self._reply(400, "BadRequest", "unsupported label selector")
+            service = labels.removeprefix(f"{SERVICE_NAME_LABEL}=")
         watch = query.get("watch", "false")
         if watch not in _TRUE | _FALSE:
             self._mistake(request, f"watch={watch!r} is not a boolean")
             return self._reply(400, "BadRequest", "bad watch")
         if watch in _TRUE:
+            if service is not None:
+                self._mistake(request, "a watch with a labelSelector is not used by Outrigger")
             return await self._watch(request, resource, namespace, name, query)
-        return self._list(request, resource, namespace, name, query)
+        return self._list(request, resource, namespace, name, query, service)
 
     def _route(self, parts: list[str]) -> tuple[Resource, str | None] | None:
         for resource in RESOURCES.values():
@@ -311,10 +421,28 @@ class FakeKubeApi:
                 return resource, rest[1]
         return None
 
+    def _route_named(self, parts: list[str]) -> tuple[Resource, str, str] | None:
+        """(resource, namespace, name) of a Secret or webhook configuration path."""
+        for resource in NAMED.values():
+            prefix = resource.prefix.strip("/").split("/")
+            if parts[: len(prefix)] != prefix:
+                continue
+            rest = parts[len(prefix) :]
+            namespaced = len(rest) == 4 and rest[0] == "namespaces" and rest[2] == resource.plural
+            if resource.namespaced and namespaced:
+                return resource, rest[1], rest[3]
+            if not resource.namespaced and len(rest) == 2 and rest[0] == resource.plural:
+                return resource, "", rest[1]
+        return None
+
     def _matching(
-        self, resource: Resource, namespace: str | None, name: str | None
+        self,
+        resource: Resource,
+        namespace: str | None,
+        name: str | None,
+        service: str | None = None,
     ) -> list[dict[str, Any]]:
-        probe = _Watch(resource, namespace, name)
+        probe = _Watch(resource, namespace, name, service)
         objects = self.objects[resource.kind]
         return [objects[k] for k in sorted(objects) if probe.wants(objects[k])]
 
@@ -325,6 +453,7 @@ class FakeKubeApi:
         namespace: str | None,
         name: str | None,
         query: dict[str, str],
+        service: str | None,
     ) -> web.Response:
         if query.get("resourceVersion", "") not in ("", "0"):
             self._mistake(request, "a list from a past resourceVersion is not used by the source")
@@ -339,7 +468,7 @@ class FakeKubeApi:
                 return self._reply(410, "Expired", "the continue token is not valid")
             items, version = self._pages.pop(token), token.split(":")[0]
         else:
-            items = [_without_type(o) for o in self._matching(resource, namespace, name)]
+            items = [_without_type(o) for o in self._matching(resource, namespace, name, service)]
             version = str(self.revision)
         limit = int(query.get("limit", "0") or 0)
         meta: dict[str, Any] = {"resourceVersion": version}
@@ -421,6 +550,67 @@ class FakeKubeApi:
             await response.write_eof()
         return response
 
+    async def _named(
+        self, request: web.Request, resource: Resource, namespace: str, name: str
+    ) -> web.Response:
+        """GET, PUT (update) or PATCH of one Secret or webhook configuration."""
+        if request.query:
+            self._mistake(request, f"query parameters {sorted(request.query)} are not used")
+        stored = self.objects[resource.kind].get((namespace, name))
+        if request.method not in ("GET", "PUT", "PATCH"):
+            self._mistake(request, f"{request.method} of a {resource.kind}: only get/update/patch")
+            return self._reply(405, "MethodNotAllowed", "method not allowed")
+        if stored is None:
+            return self._reply(404, "NotFound", f'{resource.plural} "{name}" not found')
+        if request.method == "PATCH" and request.content_type not in MERGE_PATCHES:
+            kind = request.content_type
+            self._mistake(request, f"a patch of type {kind} (the fake applies merge patches only)")
+            return self._reply(415, "UnsupportedMediaType", f"unsupported {kind}")
+        if request.method == "GET":
+            barrier = self._held.get(resource.kind)
+            if barrier is not None:
+                with contextlib.suppress(TimeoutError, asyncio.BrokenBarrierError):
+                    async with asyncio.timeout(5):
+                        if await barrier.wait() == 0:
+                            del self._held[resource.kind]
+                stored = self.objects[resource.kind][(namespace, name)]
+            return web.json_response(stored)
+        try:
+            body = await request.json(loads=json.loads)
+        except ValueError:
+            self._mistake(request, "a body that is not JSON")
+            return self._reply(400, "BadRequest", "not JSON")
+        if not isinstance(body, dict):
+            self._mistake(request, "a body that is not a JSON object")
+            return self._reply(400, "BadRequest", "not a JSON object")
+        version = (body.get("metadata") or {}).get("resourceVersion")
+        if request.method == "PUT":
+            if version is None:
+                self._mistake(
+                    request,
+                    "an update without metadata.resourceVersion (overwrites blindly what "
+                    "another writer put there)",
+                )
+            wanted = copy.deepcopy(body)
+        else:
+            strategic = request.content_type == "application/strategic-merge-patch+json"
+            wanted = _merge(stored, body, strategic=strategic)
+        if version is not None and version != stored["metadata"]["resourceVersion"]:
+            return web.json_response(conflict(resource, name), status=409)
+        problems = _named_problems(resource, namespace, name, stored, wanted)
+        if not problems:
+            wanted["metadata"].pop("managedFields", None)
+            for kept in ("uid", "creationTimestamp"):
+                wanted["metadata"][kept] = stored["metadata"][kept]
+            try:
+                updated = self._store("MODIFIED", resource, (namespace, name), wanted)
+                return web.json_response(updated)
+            except kubernetes_validate.ValidationError as exc:
+                problems = [f"not a valid {resource.kind}: {exc.message}"]
+        for problem in problems:
+            self._mistake(request, problem)
+        return self._reply(422, "Invalid", "; ".join(problems))
+
     async def _post_event(self, request: web.Request, parts: list[str]) -> web.Response:
         if (
             len(parts) != 6
@@ -488,6 +678,50 @@ def _event_problems(body: Any, namespace: str) -> list[str]:
     return problems
 
 
+def _merge(target: Any, patch: Any, *, strategic: bool) -> Any:
+    """RFC 7386 JSON merge patch; `strategic` also merges the lists in MERGE_KEYS by their key
+    (Kubernetes' strategic merge patch, for the fields this fake serves)."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        elif strategic and key in MERGE_KEYS and isinstance(value, list):
+            merge_key = MERGE_KEYS[key]
+            items = copy.deepcopy(result.get(key) or [])
+            for item in value:
+                at = [i for i, old in enumerate(items) if old.get(merge_key) == item[merge_key]]
+                if at:
+                    items[at[0]] = _merge(items[at[0]], item, strategic=True)
+                else:
+                    items.append(copy.deepcopy(item))
+            result[key] = items
+        else:
+            result[key] = _merge(result.get(key), value, strategic=strategic)
+    return result
+
+
+def _named_problems(
+    resource: Resource, namespace: str, name: str, stored: dict[str, Any], wanted: dict[str, Any]
+) -> list[str]:
+    problems = []
+    if (wanted.get("apiVersion"), wanted.get("kind")) != (resource.group_version, resource.kind):
+        problems.append(f"apiVersion/kind must be {resource.group_version} {resource.kind}")
+    meta = wanted.get("metadata") or {}
+    if meta.get("name") != name or meta.get("namespace", "") != namespace:
+        problems.append("metadata.name/namespace differ from the path's")
+    if resource is SECRETS:
+        if wanted.get("type", "Opaque") != stored.get("type", "Opaque"):
+            problems.append("a Secret's type is immutable")
+        for key, value in (wanted.get("data") or {}).items():
+            try:
+                base64.b64decode(value, validate=True)
+            except (ValueError, TypeError):
+                problems.append(f"data[{key!r}] is not base64")
+    return problems
+
+
 # -- what the API server fills in (defaulting and allocation) ---------------------------------
 
 
@@ -526,10 +760,21 @@ def _namespace_defaults(api: FakeKubeApi, obj: dict[str, Any]) -> None:
     obj.setdefault("status", {"phase": "Active"})
 
 
+def _secret_defaults(api: FakeKubeApi, obj: dict[str, Any]) -> None:
+    obj.setdefault("type", "Opaque")
+
+
+def _no_defaults(api: FakeKubeApi, obj: dict[str, Any]) -> None:
+    pass
+
+
 _DEFAULTS: dict[str, Callable[[FakeKubeApi, dict[str, Any]], None]] = {
     "Service": _service_defaults,
     "EndpointSlice": _slice_defaults,
     "Namespace": _namespace_defaults,
+    "Secret": _secret_defaults,
+    "MutatingWebhookConfiguration": _no_defaults,
+    "ValidatingWebhookConfiguration": _no_defaults,
 }
 
 
@@ -602,6 +847,29 @@ def endpoint_slice(
         "ports": [{"name": port_name, "port": port, "protocol": "TCP"}],
         "endpoints": endpoints,
     }
+
+
+def write_kubeconfig(path: Path, api: FakeKubeApi) -> Path:
+    """A kubeconfig for `api` (with its bearer token, if it has one), as kubectl writes them."""
+    user = f"{{token: {api.token}}}" if api.token is not None else "{}"
+    path.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: fake\n"
+        f"clusters:\n- name: fake\n  cluster: {{server: '{api.url}'}}\n"
+        f"users:\n- name: fake\n  user: {user}\n"
+        "contexts:\n- name: fake\n  context: {cluster: fake, user: fake}\n"
+    )
+    return path
+
+
+async def until(what: str, check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll `check` until it returns something true (returned), or fail naming `what`."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not (found := check()):
+                await asyncio.sleep(0.02)
+            return found
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 @contextlib.asynccontextmanager

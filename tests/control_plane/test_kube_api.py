@@ -132,3 +132,68 @@ async def test_watching_again_after_410_without_a_list_is_caught() -> None:
     finally:
         await api_client.close()
         await api.stop()
+
+
+async def test_named_objects_have_optimistic_concurrency_and_strategic_merge() -> None:
+    api = await started()
+    secret_path = f"{api.url}/api/v1/namespaces/ns/secrets/tls"
+    config_path = f"{api.url}/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/m"
+    hook = {
+        "clientConfig": {"service": {"name": "cp", "namespace": "ns", "path": "/inject"}},
+        "sideEffects": "None",
+        "admissionReviewVersions": ["v1"],
+    }
+    try:
+        api.create(
+            {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tls", "namespace": "ns"}}
+        )
+        api.create(
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "MutatingWebhookConfiguration",
+                "metadata": {"name": "m"},
+                "webhooks": [{"name": "a.x.dev", **hook}, {"name": "b.x.dev", **hook}],
+            }
+        )
+        async with httpx.AsyncClient(timeout=5) as client:
+            secret = (await client.get(secret_path)).json()
+            read = secret["metadata"]["resourceVersion"]
+            secret["data"] = {"tls.crt": "Y2VydA=="}
+            assert (await client.put(secret_path, json=secret)).status_code == 200
+            stale = await client.put(secret_path, json=secret)  # the version read is gone
+            assert stale.status_code == 409 and stale.json()["reason"] == "Conflict"
+            assert api.get("Secret", "ns", "tls")["metadata"]["resourceVersion"] != read
+            patch = {"webhooks": [{"name": "b.x.dev", "clientConfig": {"caBundle": "Q0E="}}]}
+            merged = await client.patch(
+                config_path,
+                json=patch,
+                headers={"Content-Type": "application/strategic-merge-patch+json"},
+            )
+            assert merged.status_code == 200
+            first, second = merged.json()["webhooks"]
+            assert "caBundle" not in first["clientConfig"]
+            assert second["clientConfig"] == {**hook["clientConfig"], "caBundle": "Q0E="}
+            patch["metadata"] = {"resourceVersion": read}
+            late = await client.patch(
+                config_path,
+                json=patch,
+                headers={"Content-Type": "application/strategic-merge-patch+json"},
+            )
+            assert late.status_code == 409
+            assert api.mistakes == []
+            del secret["metadata"]["resourceVersion"]
+            await client.put(secret_path, json=secret)
+            assert (await client.get(f"{api.url}/api/v1/namespaces/ns/secrets")).status_code == 404
+            await client.patch(
+                config_path,
+                json=[{"op": "add", "path": "/x", "value": 1}],
+                headers={"Content-Type": "application/json-patch+json"},
+            )
+        assert [m.split(": ", 1)[1] for m in api.mistakes] == [
+            "an update without metadata.resourceVersion (overwrites blindly what another "
+            "writer put there)",
+            "no such collection",
+            "a patch of type application/json-patch+json (the fake applies merge patches only)",
+        ]
+    finally:
+        await api.stop()

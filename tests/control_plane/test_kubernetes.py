@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from tests.control_plane.kube_api import (
     namespace,
     running_api,
     service,
+    until,
 )
 
 PAYMENTS = "outbound|80||payments.shop.svc.cluster.local"
@@ -73,16 +74,6 @@ def endpoints_of(plane: ControlPlane, cluster: str = PAYMENTS) -> list[tuple[str
         for locality in assignment.endpoints
         for e in locality.lb_endpoints
     ]
-
-
-async def until(what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
-    try:
-        async with asyncio.timeout(timeout):
-            while not (found := check()):
-                await asyncio.sleep(0.02)
-            return found
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 def versions(plane: ControlPlane, ns: str = "shop") -> dict[str, str]:

@@ -24,6 +24,7 @@ from tests.control_plane.kube_api import (
     namespace,
     running_api,
     service,
+    write_kubeconfig,
 )
 from tests.e2e.mesh_processes import (
     ControlPlaneProc,
@@ -38,16 +39,6 @@ from tests.sidecar.proxy_fixtures import Received, Upstream, ok, serve, upstream
 
 TOKEN = "e2e-token"
 NODE = "frontend~e2e"
-
-
-def kubeconfig(path: Path, api: FakeKubeApi) -> Path:
-    path.write_text(
-        "apiVersion: v1\nkind: Config\ncurrent-context: fake\n"
-        f"clusters:\n- name: fake\n  cluster: {{server: '{api.url}'}}\n"
-        f"users:\n- name: fake\n  user: {{token: {TOKEN}}}\n"
-        "contexts:\n- name: fake\n  context: {cluster: fake, user: fake}\n"
-    )
-    return path
 
 
 @pytest.fixture
@@ -132,7 +123,7 @@ async def test_a_cluster_drives_a_real_sidecar(tmp_path: Path, procs: Processes)
         cp = await start_control_plane(
             procs,
             mesh,
-            extra=("--kubernetes", "--kubeconfig", str(kubeconfig(tmp_path / "kc", api)),
+            extra=("--kubernetes", "--kubeconfig", str(write_kubeconfig(tmp_path / "kc", api)),
                    "--debounce", "50ms"),
         )  # fmt: skip
         sidecar = await start_sidecar(

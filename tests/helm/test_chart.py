@@ -210,6 +210,7 @@ def test_the_control_plane_runs_as_uid_1337_and_stops_gracefully() -> None:
     }
     assert {p["port"] for p in probes.values()} == {"http-monitoring"}
     assert probes["readinessProbe"]["path"] == probes["startupProbe"]["path"] == "/ready"
+    assert probes["livenessProbe"]["path"] == "/live"
 
 
 def test_replicas_spread_over_nodes_and_a_disruption_budget_keeps_one() -> None:

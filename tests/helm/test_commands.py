@@ -20,11 +20,6 @@ from tests.helm.chart import SCENARIOS, find, objects
 
 # (command, flag) -> issue; (command, "") means the subcommand itself.
 PENDING: dict[tuple[str, str], int] = {
-    # certificates=self: the control plane makes its CA (issue 17's control-plane half).
-    ("control-plane", "--webhook-secret"): 17,
-    ("control-plane", "--webhook-dns-name"): 17,
-    ("control-plane", "--mutating-webhook-configuration"): 17,
-    ("control-plane", "--validating-webhook-configuration"): 17,
     ("sidecar", "--health"): 16,
     ("sidecar", "--metrics"): 16,
     ("sidecar", "--log-level"): 16,

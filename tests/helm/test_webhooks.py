@@ -224,7 +224,7 @@ def test_rbac_is_least_privilege_and_secrets_only_in_self_mode_by_name() -> None
         "resources": ["endpointslices"],
         "verbs": ["list", "watch"],
     }
-    events = {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]}
+    events = {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]}
     default = objects()
     assert rules(default, "ClusterRole") == [reads, slices, events]
     assert rules(default, "Role") == []
@@ -251,7 +251,7 @@ def test_rbac_is_least_privilege_and_secrets_only_in_self_mode_by_name() -> None
             "apiGroups": [""],
             "resources": ["secrets"],
             "resourceNames": ["outrigger-webhook-tls"],
-            "verbs": ["get", "update", "patch"],
+            "verbs": ["get", "update"],
         }
     ]
     for scenario, values in SCENARIOS.items():
@@ -283,6 +283,14 @@ def test_self_mode_tells_the_control_plane_which_secret_and_webhooks_are_its_own
     assert not any(a.startswith(("--webhook-cert", "--webhook-key")) for a in args)
     env = {e["name"]: e.get("valueFrom") for e in container["env"]}
     assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    # A configuration the chart does not render is neither named nor granted.
+    alone = objects({"webhook": {"certificates": "self", "validate": {"enabled": False}}})
+    args = find(alone, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not any(a.startswith("--validating-webhook-configuration") for a in args)
+    assert flag(args, "--mutating-webhook-configuration") == "outrigger-inject"
+    kinds = {r for rule in rules(alone, "ClusterRole") for r in rule["resources"]}
+    assert "validatingwebhookconfigurations" not in kinds
+    assert "mutatingwebhookconfigurations" in kinds
 
 
 def test_the_helm_test_pod_checks_readiness_and_both_webhooks_with_the_webhook_ca() -> None:

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from control_plane.webhooks.inject import IPTABLES_FLAGS, SIDECAR_FLAGS
-from mesh.injection import Injection
+from mesh.injection import POD_TEMPLATES, Injection
 from outrigger.cli import main
-from outrigger.inject import TEMPLATES, inject_text
+from outrigger.inject import inject_text
 from tests.control_plane.webhooks.pods import assert_valid, pod
 from tests.control_plane.webhooks.reviews import admission_review, inject_in_process, patched
 
@@ -45,7 +45,7 @@ def run(
 
 def template_of(document: Json) -> Json:
     found: Any = document
-    for key in TEMPLATES[document["kind"]]:
+    for key in POD_TEMPLATES[document["kind"]]:
         found = found[key]
     assert isinstance(found, dict)
     return found
@@ -75,7 +75,7 @@ def test_every_workload_kind_is_injected_and_everything_else_passes_through(
     assert after.keys() == before.keys()
     for name, document in after.items():
         assert_valid(document)
-        if document["kind"] not in TEMPLATES or name == "Deployment/legacy":
+        if document["kind"] not in POD_TEMPLATES or name == "Deployment/legacy":
             assert document == before[name], name
             continue
         inits, main = containers(template_of(document))

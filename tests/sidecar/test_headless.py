@@ -8,7 +8,8 @@ import httpx
 
 from mesh.model import Mesh, MeshEndpoint, MeshService
 from mesh.policy import Policy, Retries
-from sidecar.app import Sidecar, SidecarSettings
+from sidecar.app import Sidecar
+from sidecar.settings import SidecarSettings
 from sidecar.xds.interpret import snapshot_from_mesh
 from tests.sidecar.proxy_fixtures import (
     WAIT,
@@ -40,9 +41,9 @@ async def test_a_pod_ip_of_a_headless_service_is_reached_directly_and_retried() 
         sidecar = Sidecar(SidecarSettings.from_args(settings_namespace()))
         sidecar.apply(snapshot_from_mesh(Mesh(services=(service,))))
         assert (
-            sidecar.config_dump()["services"][f"outbound|{port}||db.default.svc.cluster.local"][
-                "endpoints"
-            ]
+            sidecar.config_dump.document()["services"][
+                f"outbound|{port}||db.default.svc.cluster.local"
+            ]["endpoints"]
             == "original destination"
         )
         async with asyncio.timeout(WAIT):

@@ -1,4 +1,4 @@
-"""The /inject webhook over real HTTPS on 127.0.0.1, as the API server calls it."""
+"""The webhook server and /inject over real HTTPS on 127.0.0.1, as the API server calls it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import asyncio
 import json
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,66 +20,9 @@ from control_plane.webhooks.server import MAX_BODY, WebhookServer
 from mesh.model import load_mesh
 from tests.control_plane.webhooks.pods import assert_valid, large_pod, pod
 from tests.control_plane.webhooks.reviews import admission_review, answer_of, patched
+from tests.control_plane.webhooks.serving import MESH, Webhook, issue
 
 Json = dict[str, Any]
-MESH = """
-services: []
-tracing:
-  otlp_endpoint: "http://jaeger.tracing.svc:4317"
-injection:
-  image: registry.example/outrigger:{tag}
-  control_plane: outrigger.mesh.svc:15010
-"""
-
-
-@dataclass
-class Webhook:
-    plane: ControlPlane
-    ca: trustme.CA
-    cert: Path
-    key: Path
-    mesh: Path
-
-    @property
-    def url(self) -> str:
-        assert self.plane.webhooks is not None
-        return f"https://127.0.0.1:{self.plane.webhooks.port}"
-
-    def client(self, ca: trustme.CA | None = None) -> httpx.AsyncClient:
-        context = ssl.create_default_context()
-        (ca or self.ca).configure_trust(context)
-        return httpx.AsyncClient(base_url=self.url, verify=context, timeout=5.0)
-
-    async def review(self, review: Json) -> Json:
-        async with self.client() as client:
-            reply = await client.post("/inject", json=review)
-        assert reply.status_code == 200, reply.text
-        assert reply.headers["content-type"] == "application/json"
-        return answer_of(review, reply.content)
-
-
-def issue(ca: trustme.CA, cert: Path, key: Path) -> None:
-    server = ca.issue_cert("127.0.0.1", "outrigger.outrigger-system.svc")
-    server.cert_chain_pems[0].write_to_path(cert)
-    for blob in server.cert_chain_pems[1:]:
-        blob.write_to_path(cert, append=True)
-    server.private_key_pem.write_to_path(key)
-
-
-@pytest.fixture
-async def webhook(tmp_path: Path) -> AsyncIterator[Webhook]:
-    ca = trustme.CA()
-    cert, key, mesh = tmp_path / "tls.crt", tmp_path / "tls.key", tmp_path / "mesh.yaml"
-    issue(ca, cert, key)
-    mesh.write_text(MESH.format(tag="1.0"))
-    plane = ControlPlane(mesh, poll_interval=3600)  # reloads are explicit here
-    async with asyncio.timeout(5):
-        await plane.start(
-            "127.0.0.1:0", None, webhook="127.0.0.1:0", webhook_cert=cert, webhook_key=key
-        )
-    yield Webhook(plane, ca, cert, key, mesh)
-    async with asyncio.timeout(5):
-        await plane.stop(0)
 
 
 async def test_a_pod_review_gets_the_patch_that_injects_it(webhook: Webhook) -> None:
