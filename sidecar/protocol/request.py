@@ -80,7 +80,8 @@ K_TE: Final = 3
 K_CONNECTION: Final = 4
 K_UPGRADE: Final = 5
 K_EXPECT: Final = 6
-K_DROP: Final = 7  # plain hop-by-hop: keep-alive, proxy-connection, te
+K_DROP: Final = 7  # plain hop-by-hop: keep-alive, te
+K_PROXY_CONNECTION: Final = 8  # hop-by-hop too, but llhttp reads it as Connection
 SPECIAL: Final[dict[bytes, int]] = {
     b"host": K_HOST,
     b"content-length": K_CL,
@@ -89,7 +90,7 @@ SPECIAL: Final[dict[bytes, int]] = {
     b"upgrade": K_UPGRADE,
     b"expect": K_EXPECT,
     b"keep-alive": K_DROP,
-    b"proxy-connection": K_DROP,
+    b"proxy-connection": K_PROXY_CONNECTION,
     b"te": K_DROP,
 }
 
@@ -493,6 +494,7 @@ class RequestParser:
         connection: list[bytes] = []
         upgrade: bytes | None = None
         expect_continue = False
+        last_for_llhttp = version == V10
         for kind, value in special:
             if kind == K_HOST:
                 hosts += 1
@@ -505,12 +507,20 @@ class RequestParser:
                 te += list_tokens(value)
             elif kind == K_CONNECTION:
                 connection += list_tokens(value)
+                last_for_llhttp = True
+            elif kind == K_PROXY_CONNECTION:
+                last_for_llhttp = True
             elif kind == K_UPGRADE:
                 upgrade = value if upgrade is None else upgrade + b", " + value
             elif kind == K_EXPECT:
                 if value.lower() != b"100-continue":
                     raise HeadError(417, "unsupported Expect value")
                 expect_continue = True
+        if last_for_llhttp:
+            # llhttp may take this message as the connection's last (HTTP/1.0, or a close as it
+            # reads Connection or Proxy-Connection) and then refuse every byte after it, the next
+            # head included: that head gets a fresh llhttp parser.
+            self._ll_clean = False
 
         # Framing (rule 2): one of no body, one Content-Length, or chunked alone.
         chunked = False

@@ -22,6 +22,7 @@ from .request import (
     K_DROP,
     K_EXPECT,
     K_HOST,
+    K_PROXY_CONNECTION,
     K_TE,
     K_UPGRADE,
     OWS,
@@ -289,6 +290,7 @@ class ResponseParser:
         te: list[bytes] | None = None
         connection: list[bytes] = []
         upgrade: bytes | None = None
+        last_for_llhttp = version == V10
         for kind, value in special:
             if kind == K_CL:
                 try:
@@ -301,8 +303,13 @@ class ResponseParser:
                 te += list_tokens(value)
             elif kind == K_CONNECTION:
                 connection += list_tokens(value)
+                last_for_llhttp = True
+            elif kind == K_PROXY_CONNECTION:
+                last_for_llhttp = True
             elif kind == K_UPGRADE:
                 upgrade = value if upgrade is None else upgrade + b", " + value
+        if last_for_llhttp:
+            self._ll_clean = False  # see RequestParser._parse_head
 
         chunked = False
         if te is not None:

@@ -365,6 +365,14 @@ def test_hop_by_hop_and_connection_named_headers_are_removed() -> None:
     assert h.keep_alive
 
 
+@pytest.mark.parametrize("value", [b"close", b"keep-alive"])
+def test_proxy_connection_is_removed_without_ending_the_connection(value: bytes) -> None:
+    data = b"GET / HTTP/1.1\r\nHost: a\r\nProxy-Connection: " + value + b"\r\n\r\n" + GET
+    events = RequestParser().feed(data)
+    assert [type(e) for e in events] == [RequestHead, EndOfMessage, RequestHead, EndOfMessage]
+    assert isinstance(events[0], RequestHead) and events[0].headers == []
+
+
 def test_connection_close_turns_keep_alive_off_and_ends_parsing() -> None:
     parser = RequestParser()
     events = parser.feed(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" + GET)

@@ -97,6 +97,22 @@ def test_100_continue_then_final_response() -> None:
     assert parser.reusable
 
 
+@pytest.mark.parametrize(
+    "interim",
+    [b"HTTP/1.1 100 Continue\r\nConnection: close\r\n\r\n", b"HTTP/1.0 100 Continue\r\n\r\n"],
+)
+def test_an_interim_response_that_says_close_does_not_refuse_the_final_one(interim: bytes) -> None:
+    events, parser = parse(interim + OK)
+    assert [type(e) for e in events] == [
+        ResponseHead,
+        EndOfMessage,
+        ResponseHead,
+        Data,
+        EndOfMessage,
+    ]
+    assert parser.reusable
+
+
 def test_101_switching_protocols_keeps_the_rest_raw() -> None:
     data = (
         b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
