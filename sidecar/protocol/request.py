@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import httptools
 
+from . import implementation
 from .events import Data, EndOfMessage, Headers, Reject, RequestEvent, RequestHead
 from .limits import Limits
 
-__all__ = ["ChunkError", "ChunkedDecoder", "RequestParser"]
+__all__ = ["ChunkError", "ChunkedDecoder", "PyRequestParser", "RequestParser"]
 
 # --- byte-level building blocks (shared with response.py) -------------------------------------
 
@@ -615,3 +616,10 @@ class RequestParser:
             upgrade,
             absolute_form,
         )
+
+
+# The compiled twin takes the public name when it is built (implementation.py); this module's
+# parser stays the reference, under its own name, and decides every head the twin leaves to it.
+PyRequestParser: Final = RequestParser
+if not TYPE_CHECKING and implementation.NATIVE is not None:
+    RequestParser = implementation.NATIVE.RequestParser

@@ -10,10 +10,11 @@ response) are never returned as data: they only make `reusable` False.
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import httptools
 
+from . import implementation
 from .events import Data, EndOfMessage, Headers, Reject, ResponseEvent, ResponseHead
 from .limits import Limits
 from .request import (
@@ -37,7 +38,7 @@ from .request import (
     parse_content_length,
 )
 
-__all__ = ["ResponseParser"]
+__all__ = ["PyResponseParser", "ResponseParser"]
 
 # Host and Expect are end-to-end on a response; the rest of the request table applies.
 _SPECIAL: Final = {name: kind for name, kind in SPECIAL.items() if kind not in (K_HOST, K_EXPECT)}
@@ -358,3 +359,9 @@ class ResponseParser:
             has_body,
             upgrade,
         )
+
+
+# The compiled twin takes the public name when it is built (implementation.py); see request.py.
+PyResponseParser: Final = ResponseParser
+if not TYPE_CHECKING and implementation.NATIVE is not None:
+    ResponseParser = implementation.NATIVE.ResponseParser
