@@ -14,6 +14,9 @@ from sidecar.protocol import (
     RequestParser,
 )
 
+# Every test here runs on the compiled codec and on the pure-Python reference (conftest.py).
+pytestmark = pytest.mark.usefixtures("implementation")
+
 GET = b"GET /x?y=1 HTTP/1.1\r\nHost: Payments:8080\r\nAccept: */*\r\nX-Trace: t1\r\n\r\n"
 
 
