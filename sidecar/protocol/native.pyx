@@ -27,6 +27,8 @@ How it stays identical while being fast:
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.object cimport PyObject, PyTypeObject
+from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.string cimport memchr, memcmp, memcpy
 
@@ -208,6 +210,93 @@ class _Refusal(Exception):
 
 cdef object _EOM = EndOfMessage()  # no fields: one instance serves every message
 
+# --- events, built without their dataclass __init__ --------------------------------------------
+#
+# RequestHead(...) through its generated __init__ costs a Python frame and eleven attribute
+# stores, about a fifth of a whole request head's parse. The events are slotted dataclasses:
+# allocate one and fill its slots directly, which is all that __init__ does. The layout is read
+# from the classes when this module loads, and a class that gains a field, loses its slots or
+# grows a __post_init__ stops the import with a message (tests then fail loudly).
+
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDef:
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef* d_member
+    object _alloc "PyType_GenericAlloc" (PyTypeObject* type, Py_ssize_t nitems)
+
+cdef PyTypeObject* _REQUEST_HEAD_TYPE = <PyTypeObject*>RequestHead
+cdef PyTypeObject* _RESPONSE_HEAD_TYPE = <PyTypeObject*>ResponseHead
+cdef PyTypeObject* _DATA_TYPE = <PyTypeObject*>Data
+
+cdef Py_ssize_t _REQUEST_HEAD[11]
+cdef Py_ssize_t _RESPONSE_HEAD[9]
+cdef Py_ssize_t _DATA_SLOT[1]
+
+
+cdef int _slots(object cls, tuple names, Py_ssize_t* offsets) except -1:
+    import dataclasses
+
+    fields = tuple(field.name for field in dataclasses.fields(cls))
+    if fields != names or hasattr(cls, "__post_init__"):
+        raise ImportError(
+            f"native.pyx builds {cls.__name__} with the fields {names} and no __post_init__, "
+            f"but events.py now gives it {fields}: update native.pyx with events.py"
+        )
+    for i, name in enumerate(names):
+        descriptor = cls.__dict__.get(name)
+        if type(descriptor).__name__ != "member_descriptor":
+            raise ImportError(f"native.pyx needs events.py's {cls.__name__} to keep __slots__")
+        offsets[i] = (<PyMemberDescrObject*><PyObject*>descriptor).d_member.offset
+    return 0
+
+
+_slots(
+    RequestHead,
+    (
+        "method",
+        "path",
+        "authority",
+        "version",
+        "headers",
+        "keep_alive",
+        "content_length",
+        "chunked",
+        "expect_continue",
+        "upgrade",
+        "absolute_form",
+    ),
+    _REQUEST_HEAD,
+)
+_slots(
+    ResponseHead,
+    (
+        "status",
+        "reason",
+        "version",
+        "headers",
+        "keep_alive",
+        "content_length",
+        "chunked",
+        "has_body",
+        "upgrade",
+    ),
+    _RESPONSE_HEAD,
+)
+_slots(Data, ("data",), _DATA_SLOT)
+
+
+cdef inline void _fill(object event, Py_ssize_t offset, object value) noexcept:
+    """Set a slot of a new event (still NULL, so nothing to release)."""
+    Py_INCREF(value)
+    (<PyObject**>((<char*><PyObject*>event) + offset))[0] = <PyObject*>value
+
+
+cdef object _data(object data):
+    event = _alloc(_DATA_TYPE, 0)
+    _fill(event, _DATA_SLOT[0], data)
+    return event
+
 # --- chunked bodies ----------------------------------------------------------------------------
 
 cdef enum:
@@ -282,7 +371,7 @@ cdef class _Chunked:
                 take = end - pos
                 if <unsigned long long>take > self.remaining:
                     take = <Py_ssize_t>self.remaining
-                events.append(Data(_slice(buf, pos, pos + take)))
+                events.append(_data(_slice(buf, pos, pos + take)))
                 pos += take
                 self.remaining -= take
                 if not self.remaining:
@@ -586,6 +675,10 @@ cdef class RequestParser:
     cdef bytearray _rest
     cdef bint _ka  # keep-alive decision of the message whose body is being read
     cdef object _fallback  # request.py's parser, for heads the fast path leaves to it
+    # the framing of the head just parsed, so that _run reads no attributes
+    cdef bint _head_upgrade
+    cdef bint _head_chunked
+    cdef unsigned long long _head_length  # 0 when there is no Content-Length body
 
     def __init__(self, limits=_DEFAULT_LIMITS):
         self._limits = limits
@@ -708,27 +801,26 @@ cdef class RequestParser:
                     self._stash(buf, pos, _CRLFCRLF)
                     return 0
                 stop += 4
-                head = self._parse_head(buf, pos, stop)
-                events.append(head)
+                events.append(self._parse_head(buf, pos, stop))
                 pos = stop
-                if head.upgrade is not None:
+                if self._head_upgrade:
                     events.append(_EOM)
                     self._state = _UPGRADED
                     self._rest[:] = memoryview(buf)[pos:]
                     return 0
-                if head.chunked:
+                if self._head_chunked:
                     self._chunked = _Chunked(self._max_chunk_ext_bytes, self._max_header_bytes)
                     self._state = _CHUNKED
-                elif head.content_length:
-                    self._remaining = head.content_length
+                elif self._head_length:
+                    self._remaining = self._head_length
                     self._state = _BODY
                 else:
-                    self._end_message(head.keep_alive, events)
+                    self._end_message(self._ka, events)
             elif state == _BODY:
                 take = end - pos
                 if <unsigned long long>take > self._remaining:
                     take = <Py_ssize_t>self._remaining
-                events.append(Data(_slice(buf, pos, pos + take)))
+                events.append(_data(_slice(buf, pos, pos + take)))
                 pos += take
                 self._remaining -= take
                 if not self._remaining:
@@ -756,15 +848,20 @@ cdef class RequestParser:
         return 0
 
     cdef object _parse_head(self, bytes buf, Py_ssize_t start, Py_ssize_t stop):
+        """The head in buf[start:stop]; sets _ka and the _head_* framing fields."""
         head = self._fast_head(buf, start, stop)
-        if head is None:
-            if self._fallback is None:
-                self._fallback = _reference()[0].PyRequestParser(self._limits)
-            try:
-                head = self._fallback._parse_head(buf, start, stop)
-            except _reference()[0].HeadError as exc:
-                raise _Refusal(exc.status, exc.reason) from None
+        if head is not None:
+            return head
+        if self._fallback is None:
+            self._fallback = _reference()[0].PyRequestParser(self._limits)
+        try:
+            head = self._fallback._parse_head(buf, start, stop)
+        except _reference()[0].HeadError as exc:
+            raise _Refusal(exc.status, exc.reason) from None
         self._ka = head.keep_alive
+        self._head_upgrade = head.upgrade is not None
+        self._head_chunked = head.chunked
+        self._head_length = head.content_length or 0
         return head
 
     cdef object _fast_head(self, bytes buf, Py_ssize_t start, Py_ssize_t stop):
@@ -773,6 +870,7 @@ cdef class RequestParser:
         cdef Py_ssize_t pos = start, target, target_end, line_end
         cdef Fields f
         cdef bint v11
+        cdef Py_ssize_t* slot = _REQUEST_HEAD
         while CLS[p[pos]] & C_TOKEN:
             pos += 1
         method = _method(p + start, pos - start)
@@ -821,21 +919,27 @@ cdef class RequestParser:
             authority = _lower(p + f.host_start, f.host_end - f.host_start)
         else:
             return None
-        keep_alive = v11 and not f.close
-        return RequestHead(
-            method,
-            STAR if target_end - target == 1 and p[target] == 0x2A
-            else PyBytes_FromStringAndSize(<const char*>p + target, target_end - target),
-            authority,
-            V11 if v11 else V10,
-            headers,
-            keep_alive,
-            None if f.chunked or not f.has_length else f.content_length,
-            f.chunked,
-            f.expect_continue,
-            None,
-            False,
-        )
+        self._ka = v11 and not f.close
+        self._head_upgrade = False
+        self._head_chunked = f.chunked
+        self._head_length = 0 if f.chunked else f.content_length
+        head = _alloc(_REQUEST_HEAD_TYPE, 0)
+        _fill(head, slot[0], method)
+        if target_end - target == 1 and p[target] == 0x2A:
+            _fill(head, slot[1], STAR)
+        else:
+            path = PyBytes_FromStringAndSize(<const char*>p + target, target_end - target)
+            _fill(head, slot[1], path)
+        _fill(head, slot[2], authority)
+        _fill(head, slot[3], V11 if v11 else V10)
+        _fill(head, slot[4], headers)
+        _fill(head, slot[5], self._ka)
+        _fill(head, slot[6], None if f.chunked or not f.has_length else f.content_length)
+        _fill(head, slot[7], f.chunked)
+        _fill(head, slot[8], f.expect_continue)
+        _fill(head, slot[9], None)
+        _fill(head, slot[10], False)
+        return head
 
 
 # --- the response parser -----------------------------------------------------------------------
@@ -869,6 +973,13 @@ cdef class ResponseParser:
     cdef bint _extra  # bytes arrived after the response ended
     cdef bint _seen  # any byte at all arrived
     cdef object _fallback  # response.py's parser, for heads the fast path leaves to it
+    # the framing of the head just parsed, so that _run reads no attributes
+    cdef bint _head_interim  # a 1xx
+    cdef bint _head_upgrade
+    cdef bint _head_has_body
+    cdef bint _head_chunked
+    cdef bint _head_has_length
+    cdef unsigned long long _head_length
 
     def __init__(self, request_method, limits=_DEFAULT_LIMITS):
         self._limits = limits
@@ -986,25 +1097,24 @@ cdef class ResponseParser:
                 stop += 4
                 if stop - pos > self._max_response_header_bytes:
                     raise _Refusal(502, "response head too large")
-                head = self._parse_head(buf, pos, stop)
-                events.append(head)
+                events.append(self._parse_head(buf, pos, stop))
                 pos = stop
-                if head.status < 200:
+                if self._head_interim:
                     events.append(_EOM)
-                    if head.upgrade is not None:
+                    if self._head_upgrade:
                         self._state = _R_UPGRADED
                         self._keep_alive = False
                         self._rest[:] = memoryview(buf)[pos:]
                         return 0
-                elif not head.has_body:
+                elif not self._head_has_body:
                     self._finish(events)
-                elif head.chunked:
+                elif self._head_chunked:
                     self._chunked = _Chunked(self._max_chunk_ext_bytes, self._max_header_bytes)
                     self._state = _R_CHUNKED
-                elif head.content_length is not None:
-                    self._remaining = head.content_length
+                elif self._head_has_length:
+                    self._remaining = self._head_length
                     self._state = _R_BODY
-                    if not head.content_length:
+                    if not self._head_length:
                         self._finish(events)
                 else:
                     self._state = _R_UNTIL_EOF
@@ -1012,7 +1122,7 @@ cdef class ResponseParser:
                 take = end - pos
                 if <unsigned long long>take > self._remaining:
                     take = <Py_ssize_t>self._remaining
-                events.append(Data(_slice(buf, pos, pos + take)))
+                events.append(_data(_slice(buf, pos, pos + take)))
                 pos += take
                 self._remaining -= take
                 if not self._remaining:
@@ -1027,7 +1137,7 @@ cdef class ResponseParser:
                     self._buf[:] = memoryview(buf)[pos:]
                     return 0
             elif state == _R_UNTIL_EOF:
-                events.append(Data(_slice(buf, pos, end)))
+                events.append(_data(_slice(buf, pos, end)))
                 return 0
             else:  # _R_DONE: whatever follows a complete response poisons the connection
                 self._extra = True
@@ -1035,16 +1145,24 @@ cdef class ResponseParser:
         return 0
 
     cdef object _parse_head(self, bytes buf, Py_ssize_t start, Py_ssize_t stop):
+        """The head in buf[start:stop]; sets _keep_alive and the _head_* framing fields."""
         head = self._fast_head(buf, start, stop)
-        if head is None:
-            if self._fallback is None:
-                self._fallback = _reference()[1].PyResponseParser(b"GET", self._limits)
-            self._fallback.reset(b"HEAD" if self._head_request else b"GET")
-            try:
-                head = self._fallback._parse_head(_slice(buf, start, stop))
-            except _reference()[0].HeadError as exc:
-                raise _Refusal(exc.status, exc.reason) from None
+        if head is not None:
+            return head
+        if self._fallback is None:
+            self._fallback = _reference()[1].PyResponseParser(b"GET", self._limits)
+        self._fallback.reset(b"HEAD" if self._head_request else b"GET")
+        try:
+            head = self._fallback._parse_head(_slice(buf, start, stop))
+        except _reference()[0].HeadError as exc:
+            raise _Refusal(exc.status, exc.reason) from None
         self._keep_alive = head.keep_alive
+        self._head_interim = head.status < 200
+        self._head_upgrade = head.upgrade is not None
+        self._head_has_body = head.has_body
+        self._head_chunked = head.chunked
+        self._head_has_length = head.content_length is not None
+        self._head_length = head.content_length or 0
         return head
 
     cdef object _fast_head(self, bytes buf, Py_ssize_t start, Py_ssize_t stop):
@@ -1054,6 +1172,7 @@ cdef class ResponseParser:
         cdef Fields f
         cdef int status
         cdef bint v11, keep_alive, has_body
+        cdef Py_ssize_t* slot = _RESPONSE_HEAD
         if stop - start < 16:  # "HTTP/1.1 200\r\n\r\n": the reads below stay inside the head
             return None
         if not (
@@ -1094,17 +1213,24 @@ cdef class ResponseParser:
         has_body = not (self._head_request or status == 204 or status == 304)
         if has_body and not f.chunked and not f.has_length:
             keep_alive = False  # close-delimited
-        return ResponseHead(
-            status,
-            reason_phrase,
-            V11 if v11 else V10,
-            headers,
-            keep_alive,
-            None if f.chunked or not f.has_length else f.content_length,
-            f.chunked,
-            has_body,
-            None,
-        )
+        self._keep_alive = keep_alive
+        self._head_interim = False
+        self._head_upgrade = False
+        self._head_has_body = has_body
+        self._head_chunked = f.chunked
+        self._head_has_length = f.has_length and not f.chunked
+        self._head_length = f.content_length
+        head = _alloc(_RESPONSE_HEAD_TYPE, 0)
+        _fill(head, slot[0], status)
+        _fill(head, slot[1], reason_phrase)
+        _fill(head, slot[2], V11 if v11 else V10)
+        _fill(head, slot[3], headers)
+        _fill(head, slot[4], keep_alive)
+        _fill(head, slot[5], f.content_length if self._head_has_length else None)
+        _fill(head, slot[6], f.chunked)
+        _fill(head, slot[7], has_body)
+        _fill(head, slot[8], None)
+        return head
 
 
 # --- serializers -------------------------------------------------------------------------------
