@@ -452,6 +452,7 @@ class RequestParser:
         # llhttp validates the head; on_header sorts the fields into _headers and _special.
         if not self._ll_clean:
             self._ll = httptools.HttpRequestParser(self)
+        self._ll_clean = False  # until this head is accepted (see the end of this method)
         headers: Headers = []
         special: list[tuple[int, bytes]] = []
         self._headers = headers
@@ -466,12 +467,11 @@ class RequestParser:
             self._message_done = False  # llhttp is left in tunnel mode: replace it
         except httptools.HttpParserError as exc:
             if not self._head_done:
-                self._ll_clean = False
                 raise HeadError(400, f"malformed request head: {exc}") from None
             # llhttp objected after the head (e.g. an unknown transfer coding): our checks
             # below answer with the more precise status; if they do not, this error stands.
             late_error = exc
-        self._ll_clean = self._message_done and late_error is None
+        ll_done = self._message_done and late_error is None
         if not self._head_done:
             raise HeadError(400, "malformed request head")
 
@@ -517,11 +517,6 @@ class RequestParser:
                 if value.lower() != b"100-continue":
                     raise HeadError(417, "unsupported Expect value")
                 expect_continue = True
-        if last_for_llhttp:
-            # llhttp may take this message as the connection's last (HTTP/1.0, or a close as it
-            # reads Connection or Proxy-Connection) and then refuse every byte after it, the next
-            # head included: that head gets a fresh llhttp parser.
-            self._ll_clean = False
 
         # Framing (rule 2): one of no body, one Content-Length, or chunked alone.
         chunked = False
@@ -603,6 +598,10 @@ class RequestParser:
         if late_error is not None:
             raise HeadError(400, f"malformed request head: {late_error}")
         self._ka = keep_alive
+        # llhttp reads the next head only if it finished this one and cannot have taken it as
+        # the connection's last (HTTP/1.0, or a close as it reads Connection or
+        # Proxy-Connection): after such a message it refuses every byte, the next head included.
+        self._ll_clean = ll_done and not last_for_llhttp
         return RequestHead(
             method,
             path,

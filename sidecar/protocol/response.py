@@ -263,6 +263,7 @@ class ResponseParser:
 
         if not self._ll_clean:
             self._ll = httptools.HttpResponseParser(self)
+        self._ll_clean = False  # until this head is accepted (see the end of this method)
         headers: Headers = []
         special: list[tuple[int, bytes]] = []
         self._headers = headers
@@ -273,9 +274,8 @@ class ResponseParser:
         except httptools.HttpParserUpgrade:
             self._message_done = False
         except httptools.HttpParserError as exc:
-            self._ll_clean = False
             raise HeadError(502, f"malformed response head: {exc}") from None
-        self._ll_clean = self._message_done
+        ll_done = self._message_done
         if not self._head_done:
             raise HeadError(502, "malformed response head")
 
@@ -309,8 +309,6 @@ class ResponseParser:
                 last_for_llhttp = True
             elif kind == K_UPGRADE:
                 upgrade = value if upgrade is None else upgrade + b", " + value
-        if last_for_llhttp:
-            self._ll_clean = False  # see RequestParser._parse_head
 
         chunked = False
         if te is not None:
@@ -348,6 +346,7 @@ class ResponseParser:
             if has_body and not chunked and content_length is None:
                 keep_alive = False  # close-delimited
         self._keep_alive = keep_alive
+        self._ll_clean = ll_done and not last_for_llhttp  # see RequestParser._parse_head
         return ResponseHead(
             status,
             reason,

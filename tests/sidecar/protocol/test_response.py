@@ -116,6 +116,15 @@ def test_an_interim_response_that_says_close_does_not_refuse_the_final_one(inter
     assert parser.reusable
 
 
+def test_a_reset_parser_reads_the_next_response_whatever_the_last_one_was() -> None:
+    parser = ResponseParser(b"GET")
+    refused = parser.feed(b"HTTP/1.1 204 No Content\r\nConnection: close\r\nX_A: 1\r\n\r\n")
+    assert isinstance(refused[-1], Reject) and refused[-1].status == 502
+    parser.reset(b"GET")
+    assert [type(e) for e in parser.feed(OK)] == [ResponseHead, Data, EndOfMessage]
+    assert parser.reusable
+
+
 def test_101_switching_protocols_keeps_the_rest_raw() -> None:
     data = (
         b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
