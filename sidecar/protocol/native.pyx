@@ -236,6 +236,7 @@ cdef Py_ssize_t _DATA_SLOT[1]
 
 cdef int _slots(object cls, tuple names, Py_ssize_t* offsets) except -1:
     import dataclasses
+    import types
 
     fields = tuple(field.name for field in dataclasses.fields(cls))
     if fields != names or hasattr(cls, "__post_init__"):
@@ -245,7 +246,7 @@ cdef int _slots(object cls, tuple names, Py_ssize_t* offsets) except -1:
         )
     for i, name in enumerate(names):
         descriptor = cls.__dict__.get(name)
-        if type(descriptor).__name__ != "member_descriptor":
+        if type(descriptor) is not types.MemberDescriptorType:
             raise ImportError(f"native.pyx needs events.py's {cls.__name__} to keep __slots__")
         offsets[i] = (<PyMemberDescrObject*><PyObject*>descriptor).d_member.offset
     return 0

@@ -17,8 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.protocol import Data, Limits
+from sidecar.protocol import Limits
 from tests.sidecar.protocol.implementations import PYTHON, Codec, native
+from tests.sidecar.protocol.test_fuzz import split
 
 # OUTRIGGER_DIFFERENTIAL_EXAMPLES=20000 for a long local run.
 EXAMPLES = int(os.environ.get("OUTRIGGER_DIFFERENTIAL_EXAMPLES", "300"))
@@ -172,22 +173,6 @@ def responses(draw: st.DrawFn) -> bytes:
 # --- running both ------------------------------------------------------------------------------
 
 
-def _split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
-
-
-def _merged(events: list[Any]) -> list[Any]:
-    """Data merged: where a feed ends legitimately moves the Data boundaries, nothing else."""
-    out: list[Any] = []
-    for event in events:
-        if isinstance(event, Data) and out and isinstance(out[-1], Data):
-            out[-1] = Data(out[-1].data + event.data)
-        else:
-            out.append(event)
-    return out
-
-
 def run_request(codec: Codec, chunks: list[bytes], limits: Limits) -> tuple[Any, ...]:
     parser = codec.RequestParser(limits)
     per_feed = [parser.feed(piece) for piece in chunks]
@@ -212,14 +197,14 @@ def run_response(
 
 
 def assert_same_requests(compiled: Codec, data: bytes, cuts: list[int], limits: Limits) -> None:
-    chunks = _split(data, cuts)
+    chunks = split(data, cuts)
     assert run_request(compiled, chunks, limits) == run_request(PYTHON, chunks, limits), data
 
 
 def assert_same_responses(
     compiled: Codec, data: bytes, cuts: list[int], method: bytes, limits: Limits
 ) -> None:
-    chunks = _split(data, cuts)
+    chunks = split(data, cuts)
     expected = run_response(PYTHON, chunks, method, limits)
     assert run_response(compiled, chunks, method, limits) == expected, data
 
