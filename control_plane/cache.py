@@ -8,10 +8,14 @@ DiscoveryResponse (field 2, an `Any`), so the ADS transport answers any number o
 joining bytes, never by re-serializing messages.
 
 Versions are content hashes: a type's version changes exactly when one of its resources does,
-so a stream is pushed only the types whose content changed.
+so a stream is pushed only the types whose content changed, and two control planes given the
+same configuration compute the same versions.
 
-The cache keeps one snapshot for every node today; `set_snapshot(..., node_id=...)` and
-`get(node_id)` keep the node in the interface so per-node snapshots can follow.
+RouteConfigurations depend on the sidecar's namespace (the bare service name reaches only its
+own namespace's service), so the cache holds one snapshot per namespace that has services and a
+default for every other node; a stream is served the snapshot of the namespace its node's
+metadata names. `make_snapshots` encodes a type's resources once when every namespace shares
+them (the Clusters and ClusterLoadAssignments), so their versions are identical everywhere.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from mesh.xds import (
     ROUTE_TYPE,
     Resources,
     eds_name_of,
+    resource_name,
     route_names_of,
 )
 
@@ -90,16 +95,26 @@ def _hash(parts: Iterable[bytes]) -> str:
     return h.hexdigest()[:16]
 
 
-def _encode_type(type_url: str, messages: Mapping[str, Message]) -> TypeResources:
+def _encode_type(
+    type_url: str,
+    messages: Mapping[str, Message],
+    by_message: dict[int, tuple[bytes, str]] | None = None,
+) -> TypeResources:
+    """Serialize every resource once; `by_message` (by the id of a message alive for the whole
+    call) reuses the bytes of a message several sets share."""
     encoded: dict[str, bytes] = {}
     digests: dict[str, str] = {}
     for name in sorted(messages):
         message = messages[name]
-        payload = message.SerializeToString(deterministic=True)
-        wrapped = any_pb2.Any(type_url=type_url, value=payload)
-        field = discovery_pb2.DiscoveryResponse(resources=[wrapped]).SerializeToString()
-        encoded[name] = cast(bytes, field)
-        digests[name] = _hash([name.encode(), payload])
+        done = by_message.get(id(message)) if by_message is not None else None
+        if done is None:
+            payload = message.SerializeToString(deterministic=True)
+            wrapped = any_pb2.Any(type_url=type_url, value=payload)
+            field = discovery_pb2.DiscoveryResponse(resources=[wrapped]).SerializeToString()
+            done = (cast(bytes, field), _hash([name.encode(), payload]))
+            if by_message is not None:
+                by_message[id(message)] = done
+        encoded[name], digests[name] = done
     version = _hash(f"{n}={d}".encode() for n, d in digests.items())
     return TypeResources(
         version=version,
@@ -148,7 +163,12 @@ def check_consistency(resources: Resources) -> None:
 
 
 def make_snapshot(
-    resources: Resources, version: str | None = None, *, check: bool = True
+    resources: Resources,
+    version: str | None = None,
+    *,
+    check: bool = True,
+    _encoded: dict[int, TypeResources] | None = None,
+    _by_message: dict[int, tuple[bytes, str]] | None = None,
 ) -> XdsSnapshot:
     """Check `resources` (unless `check` is False: tests injecting bad config) and encode them.
 
@@ -156,43 +176,135 @@ def make_snapshot(
     """
     if check:
         check_consistency(resources)
-    types = {t: _encode_type(t, resources.get(t, {})) for t in PUSH_ORDER}
+    memo = _encoded if _encoded is not None else {}
+
+    def encode(type_url: str, messages: Mapping[str, Message]) -> TypeResources:
+        found = memo.get(id(messages))
+        if found is None:
+            found = memo[id(messages)] = _encode_type(type_url, messages, _by_message)
+        return found
+
+    types = {t: encode(t, resources.get(t, {})) for t in PUSH_ORDER}
     for type_url, messages in resources.items():
         if type_url not in types:
-            types[type_url] = _encode_type(type_url, messages)
+            types[type_url] = encode(type_url, messages)
     if version is None:
         version = _hash(f"{t}={r.version}".encode() for t, r in sorted(types.items()))
     return XdsSnapshot(version=version, types=types)
+
+
+def make_snapshots(
+    default: Resources, by_namespace: Mapping[str, Resources]
+) -> tuple[XdsSnapshot, dict[str, XdsSnapshot]]:
+    """Snapshots for `mesh.translate.translate_namespaces`'s output; a type dict shared by
+    several namespaces (the same object) is encoded once."""
+    memo: dict[int, TypeResources] = {}
+    by_message: dict[int, tuple[bytes, str]] = {}  # the messages stay alive: ids are stable
+    snapshot = make_snapshot(default, _encoded=memo, _by_message=by_message)
+    snapshots = {
+        ns: make_snapshot(r, _encoded=memo, _by_message=by_message)
+        for ns, r in sorted(by_namespace.items())
+    }
+    return snapshot, snapshots
+
+
+class Lingering:
+    """Removed Clusters (and their ClusterLoadAssignments) stay served, unreferenced, for `grace`
+    seconds after the routes stop using them.
+
+    A push sends CDS before RDS (make before break, for additions); for a removal that order
+    would leave a client, between the two responses, with routes to a cluster it no longer has
+    (our sidecar NACKs that; Envoy answers 503 NC). The xDS spec's answer is to remove stale
+    clusters only once nothing refers to them: the first snapshot without the service keeps its
+    cluster, a later one (after `grace`) drops it. The lingering entries depend on the previous
+    snapshot, so two replicas may differ for `grace` seconds after a removal, never after.
+    """
+
+    def __init__(self, grace: float = 2.0) -> None:
+        self.grace = grace
+        self._held: dict[str, tuple[float, Message, Message | None]] = {}  # name -> (until, ...)
+
+    def hold(
+        self,
+        previous: XdsSnapshot | None,
+        default: Resources,
+        by_namespace: Mapping[str, Resources],
+        now: float,
+    ) -> float | None:
+        """Add the clusters `previous` had and the new resources lack to every set (in place,
+        one shared dict per type); returns when the earliest of them expires (None: none)."""
+        clusters = default.get(CLUSTER_TYPE, {})
+        if previous is not None:
+            old_clusters = previous.of(CLUSTER_TYPE).messages
+            old_endpoints = previous.of(ENDPOINT_TYPE).messages
+            for name, cluster in old_clusters.items():
+                if name not in clusters and name not in self._held:
+                    eds = eds_name_of(cluster)
+                    assignment = old_endpoints.get(eds) if eds is not None else None
+                    self._held[name] = (now + self.grace, cluster, assignment)
+        self._held = {
+            name: held
+            for name, held in self._held.items()
+            if held[0] > now and name not in clusters
+        }
+        if not self._held:
+            return None
+        merged_clusters = dict(clusters)
+        merged_endpoints = dict(default.get(ENDPOINT_TYPE, {}))
+        for name, (_, cluster, assignment) in self._held.items():
+            merged_clusters[name] = cluster
+            if assignment is not None:
+                merged_endpoints[resource_name(ENDPOINT_TYPE, assignment)] = assignment
+        merged_clusters = dict(sorted(merged_clusters.items()))
+        merged_endpoints = dict(sorted(merged_endpoints.items()))
+        for resources in (default, *by_namespace.values()):
+            resources[CLUSTER_TYPE] = merged_clusters
+            resources[ENDPOINT_TYPE] = merged_endpoints
+        return min(until for until, _, _ in self._held.values())
 
 
 Watcher = Callable[[], None]
 
 
 class SnapshotCache:
-    """The snapshot to serve; watchers are called (synchronously) whenever it changes."""
+    """The snapshots to serve; watchers are called (synchronously) whenever they change."""
 
     def __init__(self) -> None:
         self._default: XdsSnapshot | None = None
-        self._per_node: dict[str, XdsSnapshot] = {}
+        self._by_namespace: dict[str, XdsSnapshot] = {}
         self._watchers: set[Watcher] = set()
 
-    def set_snapshot(self, snapshot: XdsSnapshot, node_id: str | None = None) -> bool:
-        """Publish `snapshot` for `node_id` (None: every node). False when nothing changed."""
-        if node_id is None:
-            if self._default is not None and self._default.version == snapshot.version:
-                return False
-            self._default = snapshot
-        else:
-            previous = self._per_node.get(node_id)
-            if previous is not None and previous.version == snapshot.version:
-                return False
-            self._per_node[node_id] = snapshot
+    def set_snapshot(
+        self, snapshot: XdsSnapshot, by_namespace: Mapping[str, XdsSnapshot] | None = None
+    ) -> bool:
+        """Publish `snapshot` for every node, or the namespace's own where `by_namespace` has
+        one. False when nothing changed."""
+        namespaces = dict(by_namespace or {})
+        unchanged = (
+            self._default is not None
+            and self._default.version == snapshot.version
+            and {ns: s.version for ns, s in self._by_namespace.items()}
+            == {ns: s.version for ns, s in namespaces.items()}
+        )
+        if unchanged:
+            return False
+        self._default = snapshot
+        self._by_namespace = namespaces
         for watcher in list(self._watchers):
             watcher()
         return True
 
-    def get(self, node_id: str) -> XdsSnapshot | None:
-        return self._per_node.get(node_id, self._default)
+    def get(self, namespace: str = "") -> XdsSnapshot | None:
+        """The snapshot for a node in `namespace` ("" or unknown: the default)."""
+        return self._by_namespace.get(namespace, self._default)
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """The snapshot version per namespace ("" for the default)."""
+        out = {ns: s.version for ns, s in sorted(self._by_namespace.items())}
+        if self._default is not None:
+            out[""] = self._default.version
+        return out
 
     def watch(self, watcher: Watcher) -> Callable[[], None]:
         """Call `watcher` on every change; returns the function that stops it."""

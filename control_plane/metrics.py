@@ -50,5 +50,18 @@ class ControlPlaneMetrics:
             registry=self.registry,
         )
 
+        self.invalid_annotations = Gauge(
+            "outrigger_invalid_annotations_current",
+            "Problems the source currently works around (invalid outrigger.dev/ annotations, a "
+            "service in both the mesh file and the cluster), by the kind of object they are on",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.invalid_annotations_seen = Counter(
+            "outrigger_invalid_annotations",
+            "Problems the source worked around, counted when each first appeared",
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

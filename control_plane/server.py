@@ -72,6 +72,13 @@ class StreamState:
         return cast(str, self.node.id) if self.node is not None else ""
 
     @property
+    def namespace(self) -> str:
+        """The namespace the node's metadata names ("": none): it picks the snapshot."""
+        if self.node is None or "namespace" not in self.node.metadata.fields:
+            return ""
+        return cast(str, self.node.metadata.fields["namespace"].string_value)
+
+    @property
     def service(self) -> str:
         if self.node is None:
             return ""
@@ -84,6 +91,7 @@ class StreamState:
         return {
             "node_id": self.node_id,
             "service": self.service,
+            "namespace": self.namespace,
             "peer": self.peer,
             "user_agent": self.node.user_agent_name if self.node is not None else "",
             "connected_at": self.connected_at,
@@ -173,7 +181,7 @@ class AdsServer:
                 if isinstance(item, BaseException):
                     log.debug("stream %d from %s broke: %s", stream.stream_id, stream.peer, item)
                     return
-                snapshot = self.cache.get(stream.node_id) if stream.node is not None else None
+                snapshot = self.cache.get(stream.namespace) if stream.node is not None else None
                 if isinstance(item, _Changed):
                     changed_pending = False
                     if snapshot is not None:
@@ -219,7 +227,7 @@ class AdsServer:
             names = frozenset(names_list)
         ts = stream.types.get(type_url)
         nonce = cast(str, request.response_nonce)
-        snapshot = self.cache.get(stream.node_id)
+        snapshot = self.cache.get(stream.namespace)
         if ts is None or not nonce:
             # A new subscription, or a client that reconnected: answer with the current state.
             ts = ts if ts is not None else TypeState()
@@ -357,9 +365,15 @@ def _timestamp(seconds: float) -> Any:
     return ts
 
 
-def syncz(ads: AdsServer) -> list[dict[str, Any]]:
-    """The `/debug/syncz` body: every connected node and its per-type sync state."""
-    return [s.as_json() for s in ads.streams.values() if s.node is not None]
+def syncz(ads: AdsServer, instance: str) -> list[dict[str, Any]]:
+    """The `/debug/syncz` body: every node connected to this replica (`instance`, its pod's
+    name) and its per-type sync state. Other replicas hold the other nodes: `outrigger status`
+    asks them all."""
+    return [
+        {**s.as_json(), "control_plane": instance}
+        for s in ads.streams.values()
+        if s.node is not None
+    ]
 
 
 def version_summary(snapshot: XdsSnapshot | None) -> Mapping[str, str]:

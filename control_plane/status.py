@@ -1,7 +1,10 @@
-"""What `outrigger status` shows: each connected sidecar and the config it ACKed or NACKed.
+"""What `outrigger status` shows: each connected sidecar and the config it ACKed or NACKed, and
+the problems the control plane's source works around (invalid annotations).
 
 Asks the control plane's CSDS (FetchClientStatus) on the xDS port, like `istioctl
-proxy-status`; see control_plane.server.CsdsServer for how the per-type state is encoded.
+proxy-status`; see control_plane.server.CsdsServer for how the per-type state is encoded. The
+problems come from `/outrigger.v1.ControlPlane/Problems` on the same port: an empty request, a
+`google.protobuf.Struct` `{"problems": [{reason, object, key, value, message}, ...]}` back.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from google.protobuf import struct_pb2
 from mesh.xds import CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE
 
 FETCH_METHOD = "/envoy.service.status.v3.ClientStatusDiscoveryService/FetchClientStatus"
+PROBLEMS_SERVICE = "outrigger.v1.ControlPlane"
+PROBLEMS_METHOD = "Problems"
 TIMEOUT = 5.0
 TYPE_COLUMNS = (
     ("LDS", LISTENER_TYPE),
@@ -76,3 +81,38 @@ def _proxy(config: Any) -> ProxyStatus:
     fields = config.node.metadata.fields
     service = fields["service"].string_value if "service" in fields else config.node.cluster
     return ProxyStatus(node_id=config.node.id, service=cast(str, service), types=types)
+
+
+@dataclass(frozen=True, slots=True)
+class ProblemStatus:
+    reason: str
+    object: str
+    key: str
+    value: str
+    message: str
+
+
+def fetch_problems(address: str, timeout: float = TIMEOUT) -> list[ProblemStatus]:
+    """The problems the control plane at `address` works around ([] from a control plane that
+    does not say). Raises grpc.RpcError."""
+    with grpc.insecure_channel(address) as channel:
+        ask = channel.unary_unary(
+            f"/{PROBLEMS_SERVICE}/{PROBLEMS_METHOD}",
+            request_serializer=lambda data: data,
+            response_deserializer=struct_pb2.Struct.FromString,
+        )
+        try:
+            response: Any = ask(b"", timeout=timeout)
+        except grpc.RpcError as exc:
+            if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return []
+            raise
+    found = []
+    for item in (
+        response.fields["problems"].list_value.values if "problems" in response.fields else []
+    ):
+        fields = item.struct_value.fields
+        text = {k: fields[k].string_value if k in fields else "" for k in
+                ("reason", "object", "key", "value", "message")}  # fmt: skip
+        found.append(ProblemStatus(**text))
+    return found

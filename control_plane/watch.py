@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,8 @@ def fingerprint(path: Path) -> Fingerprint:
 
 
 class FileWatcher:
-    """Calls `on_change()` once per debounced burst of changes to `path`."""
+    """Calls `on_change()` once per debounced burst of changes to `path` (and awaits it when it
+    returns an awaitable)."""
 
     def __init__(
         self,
@@ -46,7 +48,7 @@ class FileWatcher:
         self.poll_interval = poll_interval
         self.debounce = debounce
         self.max_delay = max_delay
-        self._seen: Fingerprint = fingerprint(path)
+        self._seen: Fingerprint = fingerprint(path)  # as loaded before run() starts
 
     def mark_current(self) -> None:
         """Take the file as it is now as already loaded (call after the initial load)."""
@@ -76,4 +78,6 @@ class FileWatcher:
                 if current is None:
                     log.warning("mesh file %s is missing; keeping the last good config", self.path)
                     continue
-                self.on_change()
+                result = self.on_change()
+                if inspect.isawaitable(result):
+                    await result

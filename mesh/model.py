@@ -6,66 +6,94 @@ and the allowed form, e.g.::
 
     mesh.yaml: service "payments": policy.retries.attempts: must be a whole number >= 0, got "two"
 
-Durations are strings like "250ms", "1.5s", "2s", "1m", "1h" (a bare number is refused: the unit
-must be explicit).
+Policy values are checked by `mesh.policy`, the validator the Kubernetes annotations use too, so
+the part after the field's name is the same wherever a value was written. Durations are strings
+like "250ms", "1.5s", "2s", "1m", "1h" (a bare number is refused: the unit must be explicit).
 
-Defaults (Envoy's and Istio's, so an SRE's intuition carries over):
+`defaults:` holds policy for every service, key by key: a service's own `policy:` wins for the
+keys it sets, `defaults:` supplies the others, the built-in defaults (see `mesh.policy`) the
+rest. Each service records where each value came from (`MeshService.origins`: service, mesh,
+built-in; the Kubernetes source adds namespace).
 
-- `namespace` "default", `port` 80.
-- `policy.timeout`: none (no total timeout). `policy.connect_timeout`: 1s.
-- `policy.retries`: none. When the block is present, `attempts` is required (as in Istio's
-  HTTPRetry); `retry_on` defaults to connect-failure, reset and 503; `per_try_timeout` to none
-  (the total timeout bounds every attempt); `backoff` to base 25ms, max 10 x base (Envoy);
-  `budget` to none (when present: percent 20, min_concurrency 3, Envoy's retry budget defaults);
-  `non_idempotent` to false (POST/PATCH are retried only with an Idempotency-Key header).
-- `policy.circuit_breaker`: no per-endpoint breaker unless `consecutive_failures` is set;
-  `open_for` 30s (Envoy's base_ejection_time); `max_ejection_percent` 10 (Envoy's and Istio's
-  default; at least one endpoint may always be ejected); `max_requests` and `max_pending` 1024
-  (Envoy's circuit breaker thresholds).
-- `policy.load_balancer`: round_robin.
-- `outbound_policy`: allow_any (Istio's ALLOW_ANY).
-- `tracing.sampling`: 0.01; `tracing.otlp_endpoint`: none (OTEL_* variables apply).
+Other defaults: `namespace` "default", `port` 80, `outbound_policy` allow_any (Istio's
+ALLOW_ANY), `tracing.sampling` 0.01, `tracing.otlp_endpoint` none (OTEL_* variables apply).
 
-Service names are unique across the mesh (callers address a service by its bare name), and the
-name "outbound" is reserved for the sidecars' own listener and route configuration.
+Names follow Kubernetes: a service is unique by name and namespace (the same name may be used in
+two namespaces), and the name "outbound" is reserved for the sidecars' own listener and route
+configuration. `addresses:` are a service's virtual IPs (a Kubernetes ClusterIP): a request sent
+to one of them, on the service's port, reaches the service. `calls:` names the services it calls
+(`name` in its own namespace, or `name.namespace`), for `outrigger analyze`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, NoReturn, TypeAlias, cast
+from types import MappingProxyType
+from typing import Any, Final, Literal, NoReturn, TypeAlias, TypeVar, cast
 
 import yaml
 
-LoadBalancer: TypeAlias = Literal["round_robin", "least_request", "random"]
+from mesh.address import join_host_port, parse_endpoint
+from mesh.injection import Injection, InjectionError, parse_injection
+from mesh.policy import (
+    BY_PATH,
+    LOAD_BALANCERS,
+    RETRY_CONDITIONS,
+    SETTINGS,
+    Backoff,
+    CircuitBreaker,
+    FieldError,
+    LoadBalancer,
+    Origin,
+    Origins,
+    Policy,
+    PolicyValues,
+    Retries,
+    RetryBudget,
+    backoff_problem,
+    build_policy,
+    check_choice,
+    check_number,
+    check_whole,
+    format_duration,
+    origins_of,
+    parse_duration,
+)
+
+__all__ = [
+    "LOAD_BALANCERS",
+    "OUTBOUND_POLICIES",
+    "RESERVED_NAMES",
+    "RETRY_CONDITIONS",
+    "Backoff",
+    "CircuitBreaker",
+    "LoadBalancer",
+    "Mesh",
+    "MeshEndpoint",
+    "MeshError",
+    "MeshService",
+    "Policy",
+    "Retries",
+    "RetryBudget",
+    "Tracing",
+    "load_mesh",
+    "parse_duration",
+    "parse_mesh",
+]
+
 OutboundPolicyName: TypeAlias = Literal["allow_any", "registry_only"]
 
-LOAD_BALANCERS: Final[tuple[LoadBalancer, ...]] = ("round_robin", "least_request", "random")
 OUTBOUND_POLICIES: Final[tuple[OutboundPolicyName, ...]] = ("allow_any", "registry_only")
-RETRY_CONDITIONS: Final[tuple[str, ...]] = (
-    "connect-failure",
-    "reset",
-    "gateway-error",
-    "5xx",
-    "retriable-4xx",
-)
 RESERVED_NAMES: Final[frozenset[str]] = frozenset({"outbound"})
 
-_DURATION = re.compile(r"(?P<value>[0-9]+(?:\.[0-9]+)?)(?P<unit>ms|s|m|h)")
-_UNIT_SECONDS: Final[dict[str, float]] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
-_HOSTNAME = re.compile(
-    r"(?=.{1,253}$)[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)*",
-    re.IGNORECASE,
-)
-_DURATION_FORM = 'a duration like "250ms", "1.5s", "2s" or "1m"'
 _DNS_FORM = "a DNS label (lower-case letters, digits and '-', at most 63, e.g. \"payments\")"
+_CALL_FORM = 'a service name, "name" or "name.namespace" (e.g. "payments.shop")'
 
 
 class MeshError(ValueError):
@@ -79,53 +107,13 @@ class Tracing:
 
 
 @dataclass(frozen=True, slots=True)
-class Backoff:
-    base: float = 0.025  # seconds
-    max: float = 0.250
-
-
-@dataclass(frozen=True, slots=True)
-class RetryBudget:
-    percent: float = 20.0  # retries in flight as a share of requests in flight
-    min_concurrency: int = 3  # retries always allowed in flight regardless of the percentage
-
-
-@dataclass(frozen=True, slots=True)
-class Retries:
-    attempts: int  # retries after the first try
-    retry_on: tuple[str, ...] = ("connect-failure", "reset")  # sorted members of RETRY_CONDITIONS
-    status_codes: tuple[int, ...] = (503,)  # sorted
-    per_try_timeout: float | None = None
-    backoff: Backoff = field(default_factory=Backoff)
-    budget: RetryBudget | None = None
-    non_idempotent: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class CircuitBreaker:
-    consecutive_failures: int | None = None  # None: no per-endpoint breaker (outlier detection)
-    open_for: float = 30.0
-    max_ejection_percent: int = 10
-    max_requests: int = 1024
-    max_pending: int = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    timeout: float | None = None
-    connect_timeout: float = 1.0
-    retries: Retries | None = None
-    circuit_breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
-    load_balancer: LoadBalancer = "round_robin"
-
-
-@dataclass(frozen=True, slots=True)
 class MeshEndpoint:
     host: str  # an IP literal (IPv6 without brackets) or a host name
     port: int
+    hostname: str | None = None  # a headless Service's per-pod DNS label (StatefulSet pods)
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return join_host_port(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +123,21 @@ class MeshService:
     port: int = 80
     endpoints: tuple[MeshEndpoint, ...] = ()
     policy: Policy = field(default_factory=Policy)
+    addresses: tuple[str, ...] = ()  # virtual IPs (a Kubernetes ClusterIP), canonical form
+    calls: tuple[str, ...] = ()  # services it calls ("name" or "name.namespace"), for analyze
+    # This is the service's only port, so its bare names answer without ":port" too.
+    sole_port: bool = True
+    # Headless (a Kubernetes Service with clusterIP None): requests keep their original
+    # destination (a pod the caller chose) and get the service's policy, without balancing.
+    headless: bool = False
+    origins: Origins = field(default_factory=lambda: origins_of({}))
+
+    @property
+    def fqdn(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.cluster.local"
+
+    def origin(self, key: str) -> Origin:
+        return dict(self.origins)[key]
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +146,9 @@ class Mesh:
     outbound_policy: OutboundPolicyName = "allow_any"
     tracing: Tracing = field(default_factory=Tracing)
     source: str = "<mesh>"
+    injection: Injection = field(default_factory=Injection)  # mesh/injection.py
+    # `defaults:`, checked, by setting key (mesh.policy); under every service's own settings
+    defaults: PolicyValues = field(default_factory=lambda: MappingProxyType({}))
 
 
 # -- error reporting ---------------------------------------------------------------------------
@@ -150,7 +156,7 @@ class Mesh:
 _MISSING: Final = object()
 
 
-def _show(value: object) -> str:
+def show_value(value: object) -> str:
     """A value as the user wrote it (YAML/JSON spelling), shortened."""
     try:
         text = json.dumps(value, default=str)
@@ -172,8 +178,21 @@ class _Where:
             parts.append(path)
         message = ": ".join(parts) + ": " + problem
         if got is not _MISSING:
-            message += f", got {_show(got)}"
+            message += f", got {show_value(got)}"
         raise MeshError(message)
+
+    def checked(self, path: str, check: Any, value: object) -> Any:
+        """`check(value)`, a FieldError from it reported at `path`."""
+        try:
+            return check(value)
+        except FieldError as exc:
+            if exc.index is not None:
+                path = f"{path}[{exc.index}]"
+            raise MeshError(
+                ": ".join([self.source, *([self.service] if self.service else []), path])
+                + ": "
+                + exc.message(show_value)
+            ) from None
 
 
 def _join(path: str, key: str) -> str:
@@ -194,108 +213,93 @@ def _mapping(where: _Where, path: str, value: object, allowed: tuple[str, ...]) 
     return out
 
 
-def _whole(
-    where: _Where, path: str, value: object, minimum: int, maximum: int | None = None
-) -> int:
-    in_range = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-    if in_range and maximum is not None:
-        in_range = cast(int, value) <= maximum
-    if not in_range:
-        bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
-        where.fail(path, f"must be a whole number {bound}", value)
-    return cast(int, value)
-
-
-def _number(where: _Where, path: str, value: object, low: float, high: float, form: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or not low <= value <= high
-    ):
-        where.fail(path, f"must be {form}", value)
-    return float(value)
-
-
-def parse_duration(value: object) -> float | None:
-    """Seconds for "250ms", "1.5s", "2s", "1m", "1h"; None when the text is not of that form."""
-    match = _DURATION.fullmatch(value) if isinstance(value, str) else None
-    if match is None:
-        return None
-    return float(match["value"]) * _UNIT_SECONDS[match["unit"]]
-
-
-def _duration(where: _Where, path: str, value: object) -> float:
-    """A strictly positive duration in seconds."""
-    seconds = parse_duration(value)
-    if seconds is None:
-        where.fail(path, f"must be {_DURATION_FORM}", value)
-    if seconds <= 0:
-        where.fail(path, "must be a duration greater than zero", value)
-    # Round to whole nanoseconds so xDS Durations (seconds + nanos) carry it exactly.
-    return round(seconds, 9)
-
-
-def _bool(where: _Where, path: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        where.fail(path, "must be true or false", value)
-    return value
-
-
-def _choice(where: _Where, path: str, value: object, allowed: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        where.fail(path, f"must be one of {', '.join(allowed)}", value)
-    return value
-
-
 def _dns_label(where: _Where, path: str, value: object) -> str:
     if not isinstance(value, str) or not _DNS_LABEL.fullmatch(value):
         where.fail(path, f"must be {_DNS_FORM}", value)
     return value
 
 
+def _list(where: _Where, path: str, value: object, form: str) -> list[Any]:
+    if not isinstance(value, list):
+        where.fail(path, f"must be a list of {form}", value)
+    return value
+
+
+_T = TypeVar("_T")
+
+
+def _distinct(
+    where: _Where,
+    path: str,
+    value: object,
+    form: str,
+    read: Callable[[_Where, str, object], _T],
+) -> tuple[_T, ...]:
+    """A list whose items `read` checks, each at most once."""
+    found: list[_T] = []
+    for i, item in enumerate(_list(where, path, value, form)):
+        checked = read(where, f"{path}[{i}]", item)
+        if checked in found:
+            where.fail(f"{path}[{i}]", "is listed twice", item)
+        found.append(checked)
+    return tuple(found)
+
+
 def _endpoint(where: _Where, path: str, value: object) -> MeshEndpoint:
     form = 'must be "host:port" (an IP address or host name, port 1-65535, e.g. "10.0.0.7:8080")'
+    parsed = parse_endpoint(value) if isinstance(value, str) else None
+    if parsed is None:
+        where.fail(path, form, value)
+    host, port = parsed
+    return MeshEndpoint(host=host.lower(), port=port)
+
+
+def _address(where: _Where, path: str, value: object) -> str:
+    try:
+        return str(ipaddress.ip_address(value if isinstance(value, str) else ""))
+    except ValueError:
+        where.fail(path, 'must be an IP address (e.g. "10.96.0.12")', value)
+
+
+def parse_call(value: object) -> str | None:
+    """A `calls` entry ("name" or "name.namespace"), or None when it is not of that form."""
     if not isinstance(value, str):
-        where.fail(path, form, value)
-    if value.startswith("["):  # [IPv6]:port
-        host, sep, port_text = value[1:].partition("]:")
-        try:
-            ok = bool(sep) and ipaddress.ip_address(host).version == 6
-        except ValueError:
-            ok = False
-    else:
-        host, sep, port_text = value.rpartition(":")
-        ok = bool(sep) and bool(_HOSTNAME.fullmatch(host))
-    if not ok or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        where.fail(path, form, value)
-    return MeshEndpoint(host=host.lower(), port=int(port_text))
+        return None
+    parts = value.split(".")
+    if len(parts) > 2 or not all(_DNS_LABEL.fullmatch(part) for part in parts):
+        return None
+    return value
 
 
 # -- sections ----------------------------------------------------------------------------------
 
-_TOP_KEYS = ("tracing", "outbound_policy", "services")
+_TOP_KEYS = ("tracing", "outbound_policy", "defaults", "services", "injection")
 _TRACING_KEYS = ("sampling", "otlp_endpoint")
-_SERVICE_KEYS = ("name", "namespace", "port", "endpoints", "policy")
-_POLICY_KEYS = ("timeout", "connect_timeout", "retries", "circuit_breaker", "load_balancer")
-_RETRY_KEYS = ("attempts", "per_try_timeout", "retry_on", "backoff", "budget", "non_idempotent")
-_BACKOFF_KEYS = ("base", "max")
-_BUDGET_KEYS = ("percent", "min_concurrency")
-_BREAKER_KEYS = (
-    "consecutive_failures",
-    "open_for",
-    "max_ejection_percent",
-    "max_requests",
-    "max_pending",
-)
+_SERVICE_KEYS = ("name", "namespace", "port", "endpoints", "addresses", "calls", "policy")
+
+
+def _policy_tree() -> dict[str, Any]:
+    """The nested keys of a `policy:` block, in SETTINGS order: {key: subtree | None}."""
+    tree: dict[str, Any] = {}
+    for setting in SETTINGS:
+        node = tree
+        for part in setting.path[:-1]:
+            node = node.setdefault(part, {})
+        node[setting.path[-1]] = None
+    return tree
+
+
+_POLICY_TREE: Final = _policy_tree()
 
 
 def _tracing(where: _Where, value: object) -> Tracing:
     raw = _mapping(where, "tracing", value, _TRACING_KEYS)
     sampling = Tracing().sampling
     if "sampling" in raw:
-        sampling = _number(
-            where, "tracing.sampling", raw["sampling"], 0.0, 1.0, "a fraction from 0 to 1"
+        sampling = where.checked(
+            "tracing.sampling",
+            lambda v: check_number(v, 0.0, 1.0, "a fraction from 0 to 1"),
+            raw["sampling"],
         )
     endpoint = raw.get("otlp_endpoint")
     if endpoint is not None and (
@@ -305,138 +309,67 @@ def _tracing(where: _Where, value: object) -> Tracing:
     return Tracing(sampling=sampling, otlp_endpoint=endpoint)
 
 
-def _retry_on(where: _Where, path: str, value: object) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    form = (
-        f"must be a list of {', '.join(RETRY_CONDITIONS)} or 3-digit HTTP status codes "
-        '(e.g. [connect-failure, "503"])'
+@dataclass(slots=True)
+class _PolicyBlock:
+    """A `policy:` or `defaults:` block: its checked values and where each was written."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)  # setting key -> path in the file
+    retries_path: str | None = None  # where a `retries:` block was written, if one was
+
+
+def _policy_block(where: _Where, path: str, value: object) -> _PolicyBlock:
+    block = _PolicyBlock()
+
+    def walk(node_path: str, parts: tuple[str, ...], tree: dict[str, Any], raw: object) -> None:
+        items = _mapping(where, node_path, raw, tuple(tree))
+        for key, item in items.items():
+            item_path = _join(node_path, key)
+            if (*parts, key) == ("retries",):
+                block.retries_path = item_path
+            subtree = tree[key]
+            if subtree is not None:
+                walk(item_path, (*parts, key), subtree, item)
+                continue
+            setting = BY_PATH[(*parts, key)]
+            block.values[setting.key] = where.checked(item_path, setting.check, item)
+            block.paths[setting.key] = item_path
+
+    walk(path, (), _POLICY_TREE, value)
+    return block
+
+
+def _check_backoff(where: _Where, own: _PolicyBlock, merged: dict[str, Any]) -> None:
+    """Refuse a backoff whose max is shorter than its base, at the key this block wrote."""
+    found = backoff_problem(
+        merged, "retry-backoff-max" if "retry-backoff-max" in own.paths else "retry-backoff-base"
     )
-    if not isinstance(value, list) or not value:
-        where.fail(path, form, value)
-    conditions: set[str] = set()
-    codes: set[int] = set()
-    for i, item in enumerate(value):
-        item_path = f"{path}[{i}]"
-        if isinstance(item, str) and item in RETRY_CONDITIONS:
-            conditions.add(item)
-        elif isinstance(item, str) and re.fullmatch(r"[1-5][0-9][0-9]", item):
-            codes.add(int(item))
-        elif isinstance(item, int) and not isinstance(item, bool) and 100 <= item <= 599:
-            codes.add(item)
-        else:
-            where.fail(item_path, form, item)
-    return tuple(sorted(conditions)), tuple(sorted(codes))
+    if found is not None:
+        key, problem = found
+        where.fail(own.paths[key], problem, format_duration(merged[key]))
 
 
-_DEFAULT_RETRIES: Final = Retries(attempts=0)
+def _defaults(where: _Where, value: object) -> PolicyValues:
+    block = _policy_block(where, "defaults", value)
+    _check_backoff(where, block, block.values)
+    return MappingProxyType(dict(block.values))
 
 
-def _retries(where: _Where, path: str, value: object) -> Retries:
-    raw = _mapping(where, path, value, _RETRY_KEYS)
-    if "attempts" not in raw:
-        where.fail(_join(path, "attempts"), "is required: retries after the first try, e.g. 2")
-    attempts = _whole(where, _join(path, "attempts"), raw["attempts"], 0)
-    retry_on, status_codes = _DEFAULT_RETRIES.retry_on, _DEFAULT_RETRIES.status_codes
-    if "retry_on" in raw:
-        retry_on, status_codes = _retry_on(where, _join(path, "retry_on"), raw["retry_on"])
-    per_try = None
-    if "per_try_timeout" in raw:
-        per_try = _duration(where, _join(path, "per_try_timeout"), raw["per_try_timeout"])
-    backoff = Backoff()
-    if "backoff" in raw:
-        bpath = _join(path, "backoff")
-        braw = _mapping(where, bpath, raw["backoff"], _BACKOFF_KEYS)
-        base = _duration(where, f"{bpath}.base", braw["base"]) if "base" in braw else Backoff().base
-        # Envoy's default max_interval is 10 x base_interval.
-        top = _duration(where, f"{bpath}.max", braw["max"]) if "max" in braw else 10 * base
-        if top < base:
-            where.fail(f"{bpath}.max", "must not be shorter than backoff.base", braw.get("max"))
-        backoff = Backoff(base=base, max=round(top, 9))
-    budget = None
-    if "budget" in raw:
-        bpath = _join(path, "budget")
-        braw = _mapping(where, bpath, raw["budget"], _BUDGET_KEYS)
-        percent = RetryBudget().percent
-        if "percent" in braw:
-            percent = _number(
-                where, f"{bpath}.percent", braw["percent"], 0.0, 100.0, "a percentage from 0 to 100"
-            )
-        concurrency = RetryBudget().min_concurrency
-        if "min_concurrency" in braw:
-            concurrency = _whole(where, f"{bpath}.min_concurrency", braw["min_concurrency"], 0)
-        budget = RetryBudget(percent=percent, min_concurrency=concurrency)
-    non_idempotent = False
-    if "non_idempotent" in raw:
-        non_idempotent = _bool(where, _join(path, "non_idempotent"), raw["non_idempotent"])
-    return Retries(
-        attempts=attempts,
-        retry_on=retry_on,
-        status_codes=status_codes,
-        per_try_timeout=per_try,
-        backoff=backoff,
-        budget=budget,
-        non_idempotent=non_idempotent,
-    )
-
-
-def _breaker(where: _Where, path: str, value: object) -> CircuitBreaker:
-    raw = _mapping(where, path, value, _BREAKER_KEYS)
-    defaults = CircuitBreaker()
-    consecutive = None
-    if "consecutive_failures" in raw:
-        p = _join(path, "consecutive_failures")
-        consecutive = _whole(where, p, raw["consecutive_failures"], 1)
-    open_for = defaults.open_for
-    if "open_for" in raw:
-        open_for = _duration(where, _join(path, "open_for"), raw["open_for"])
-    ejection = defaults.max_ejection_percent
-    if "max_ejection_percent" in raw:
-        p = _join(path, "max_ejection_percent")
-        ejection = _whole(where, p, raw["max_ejection_percent"], 0, 100)
-    max_requests = defaults.max_requests
-    if "max_requests" in raw:
-        max_requests = _whole(where, _join(path, "max_requests"), raw["max_requests"], 1)
-    max_pending = defaults.max_pending
-    if "max_pending" in raw:
-        max_pending = _whole(where, _join(path, "max_pending"), raw["max_pending"], 1)
-    return CircuitBreaker(
-        consecutive_failures=consecutive,
-        open_for=open_for,
-        max_ejection_percent=ejection,
-        max_requests=max_requests,
-        max_pending=max_pending,
-    )
-
-
-def _policy(where: _Where, value: object) -> Policy:
-    raw = _mapping(where, "policy", value, _POLICY_KEYS)
-    timeout = None
-    if "timeout" in raw:
-        timeout = _duration(where, "policy.timeout", raw["timeout"])
-    connect_timeout = Policy().connect_timeout
-    if "connect_timeout" in raw:
-        connect_timeout = _duration(where, "policy.connect_timeout", raw["connect_timeout"])
-    retries = None
-    if "retries" in raw:
-        retries = _retries(where, "policy.retries", raw["retries"])
-    breaker = CircuitBreaker()
-    if "circuit_breaker" in raw:
-        breaker = _breaker(where, "policy.circuit_breaker", raw["circuit_breaker"])
-    lb: LoadBalancer = "round_robin"
-    if "load_balancer" in raw:
-        lb = cast(
-            LoadBalancer,
-            _choice(where, "policy.load_balancer", raw["load_balancer"], LOAD_BALANCERS),
+def _service_policy(where: _Where, value: object, defaults: PolicyValues) -> tuple[Policy, Origins]:
+    block = _policy_block(where, "policy", value) if value is not None else _PolicyBlock()
+    merged = {**defaults, **block.values}
+    if block.retries_path is not None and "retry-attempts" not in merged:
+        where.fail(
+            _join(block.retries_path, "attempts"),
+            "is required: retries after the first try, e.g. 2",
         )
-    return Policy(
-        timeout=timeout,
-        connect_timeout=connect_timeout,
-        retries=retries,
-        circuit_breaker=breaker,
-        load_balancer=lb,
-    )
+    _check_backoff(where, block, merged)
+    levels: dict[str, Origin] = {key: "mesh" for key in defaults}
+    levels.update((key, "service") for key in block.values)
+    return build_policy(merged), origins_of(levels)
 
 
-def _service(source: str, index: int, value: object) -> MeshService:
+def _service(source: str, index: int, value: object, defaults: PolicyValues) -> MeshService:
     where = _Where(source, f"services[{index}]")
     if not isinstance(value, Mapping):
         where.fail("", f"must be a mapping with keys {', '.join(_SERVICE_KEYS)}", value)
@@ -452,22 +385,52 @@ def _service(source: str, index: int, value: object) -> MeshService:
         namespace = _dns_label(where, "namespace", raw["namespace"])
     port = 80
     if "port" in raw:
-        port = _whole(where, "port", raw["port"], 1, 65535)
+        port = where.checked("port", lambda v: check_whole(v, 1, 65535), raw["port"])
     if "endpoints" not in raw:
         where.fail("endpoints", 'is required: a list of "host:port" (may be empty)')
-    endpoints_raw = raw["endpoints"]
-    if not isinstance(endpoints_raw, list):
-        where.fail("endpoints", 'must be a list of "host:port"', endpoints_raw)
-    endpoints: list[MeshEndpoint] = []
-    for i, item in enumerate(endpoints_raw):
-        endpoint = _endpoint(where, f"endpoints[{i}]", item)
-        if endpoint in endpoints:
-            where.fail(f"endpoints[{i}]", "is listed twice", item)
-        endpoints.append(endpoint)
-    policy = _policy(where, raw["policy"]) if "policy" in raw else Policy()
+    endpoints = _distinct(where, "endpoints", raw["endpoints"], '"host:port"', _endpoint)
+    addresses = _distinct(where, "addresses", raw.get("addresses", []), "IP addresses", _address)
+    calls: list[str] = []
+    for i, item in enumerate(_list(where, "calls", raw.get("calls", []), "service names")):
+        call = parse_call(item)
+        if call is None:
+            where.fail(f"calls[{i}]", f"must be {_CALL_FORM}", item)
+        calls.append(call)
+    policy, origins = _service_policy(where, raw.get("policy"), defaults)
     return MeshService(
-        name=name, namespace=namespace, port=port, endpoints=tuple(endpoints), policy=policy
+        name=name,
+        namespace=namespace,
+        port=port,
+        endpoints=endpoints,
+        policy=policy,
+        addresses=addresses,
+        calls=tuple(calls),
+        origins=origins,
     )
+
+
+def _unique(source: str, services: list[MeshService]) -> None:
+    """Names are unique per namespace; a virtual address and port reach one service."""
+    seen: dict[tuple[str, str], int] = {}
+    owners: dict[tuple[str, int], MeshService] = {}
+    for i, service in enumerate(services):
+        where = _Where(source, f'service "{service.name}"')
+        key = (service.name, service.namespace)
+        if key in seen:
+            where.fail(
+                "name",
+                f"is defined twice in namespace {service.namespace!r} (services[{seen[key]}] and "
+                f"services[{i}]); a name may be reused only in another namespace",
+            )
+        seen[key] = i
+        for address in service.addresses:
+            other = owners.setdefault((address, service.port), service)
+            if other is not service:
+                where.fail(
+                    "addresses",
+                    f"{address}:{service.port} is already service "
+                    f'"{other.name}.{other.namespace}"\'s address',
+                )
 
 
 # -- entry points ------------------------------------------------------------------------------
@@ -513,24 +476,30 @@ def parse_mesh(text_or_dict: str | Mapping[str, Any], source: str) -> Mesh:
     if "outbound_policy" in raw:
         outbound = cast(
             OutboundPolicyName,
-            _choice(where, "outbound_policy", raw["outbound_policy"], OUTBOUND_POLICIES),
+            where.checked(
+                "outbound_policy",
+                lambda v: check_choice(v, OUTBOUND_POLICIES),
+                raw["outbound_policy"],
+            ),
         )
+    defaults = _defaults(where, raw["defaults"]) if "defaults" in raw else MappingProxyType({})
     services_raw = raw.get("services", [])
     if not isinstance(services_raw, list):
         where.fail("services", "must be a list of services", services_raw)
-    services: list[MeshService] = []
-    seen: dict[str, int] = {}
-    for i, item in enumerate(services_raw):
-        service = _service(source, i, item)
-        if service.name in seen:
-            _Where(source, f'service "{service.name}"').fail(
-                "name",
-                f"is defined twice (services[{seen[service.name]}] and services[{i}]); "
-                "service names must be unique across namespaces",
-            )
-        seen[service.name] = i
-        services.append(service)
-    return Mesh(services=tuple(services), outbound_policy=outbound, tracing=tracing, source=source)
+    services = [_service(source, i, item, defaults) for i, item in enumerate(services_raw)]
+    _unique(source, services)
+    try:
+        injection = parse_injection(raw["injection"]) if "injection" in raw else Injection()
+    except InjectionError as exc:
+        raise MeshError(f"{source}: {exc}") from None
+    return Mesh(
+        services=tuple(services),
+        outbound_policy=outbound,
+        tracing=tracing,
+        source=source,
+        injection=injection,
+        defaults=defaults,
+    )
 
 
 def load_mesh(path: str | Path) -> Mesh:

@@ -3,19 +3,41 @@
 Policy is written in the standard xDS fields so that our sidecars, Envoy and gRPC's proxyless
 clients read the same resources. Naming scheme (Istio-like):
 
-- Cluster and ClusterLoadAssignment per service:
+- Cluster and ClusterLoadAssignment per service and port:
   ``outbound|{port}||{name}.{namespace}.svc.cluster.local`` (type EDS over ADS; the EDS
-  service_name is the cluster name).
+  service_name is the cluster name). A headless service's cluster is ORIGINAL_DST (requests keep
+  the destination the caller chose, with the service's policy; no ClusterLoadAssignment). An
+  ExternalName service is an EDS cluster whose one endpoint is the external host name.
 - Listener ``outbound`` (0.0.0.0:15001, one HTTP connection manager with RDS ``outbound``) and
-  RouteConfiguration ``outbound``: one virtual host per service, named
-  ``{name}.{namespace}.svc.cluster.local:{port}``, whose domains are every spelling of the service
-  (see `service_domains`), then a catch-all virtual host ``*``:
+  RouteConfiguration ``outbound``: one virtual host per service and port, named
+  ``{name}.{namespace}.svc.cluster.local:{port}``, whose domains are the names that reach it (see
+  `service_domains`), then a catch-all virtual host ``*``:
   - allow_any: virtual host ``allow_any`` routes to cluster ``PassthroughCluster`` (ORIGINAL_DST);
   - registry_only: virtual host ``block_all`` answers with a direct_response 502, body "NR"
     (Istio's block_all).
-- For gRPC proxyless clients dialing ``xds:///{name}`` or ``xds:///{name}:{port}``: Listeners
-  ``{name}`` and ``{name}:{port}`` with an api_listener HTTP connection manager whose RDS names
-  RouteConfiguration ``{name}`` (one virtual host for the service).
+- For gRPC proxyless clients dialing ``xds:///{target}``: Listeners named
+  ``{name}.{namespace}.svc.cluster.local:{port}`` (and without the port where a port-less name
+  reaches the service), plus ``{name}`` and ``{name}:{port}`` for clients in the service's own
+  namespace; each is an api_listener HTTP connection manager whose RDS names the service's own
+  RouteConfiguration ``{name}.{namespace}.svc.cluster.local:{port}`` (its one virtual host).
+
+Names resolve as Kubernetes DNS does (docs/architecture.md, "Names"):
+``name.ns``, ``name.ns.svc``, ``name.ns.svc.cluster.local`` and the service's virtual addresses
+(a ClusterIP) reach it from any namespace; the bare ``name`` only from its own namespace. Each
+spelling is listed with ``:port``; without a port it means port 80, except that a name (not an
+address) of a service with a single port answers without one too. A headless service adds the
+per-pod names (``{hostname}.{name}.{namespace}...``) and pod IPs of its endpoints.
+
+Where the bare name matters, the RouteConfiguration differs by the caller's namespace, so
+`translate_namespaces` gives one set of resources per namespace that has services (and one for
+every other namespace); their Clusters and ClusterLoadAssignments are the very same messages,
+so their versions are equal in every set, and the names (``outbound``) are the same everywhere,
+as Envoy and gRPC expect. A domain two services would both claim (a pod behind two headless
+services, a virtual address listed twice) goes to the first in (namespace, name, port) order.
+
+Each Cluster carries the service's effective policy and where each value came from (service,
+namespace, mesh, built-in) in ``metadata.filter_metadata["outrigger.dev"]``:
+``{"service": "payments.shop", "policy": {"timeout": {"value": "2s", "origin": "service"}, ...}}``.
 
 Encodings:
 
@@ -49,6 +71,9 @@ Output is deterministic: the same mesh gives byte-identical resources and the sa
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Final
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
@@ -71,9 +96,11 @@ from envoy.extensions.load_balancing_policies.random.v3 import random_pb2
 from envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
+from mesh.http import IDEMPOTENT_METHODS
 from mesh.model import Mesh, MeshService, Retries
+from mesh.policy import effective_values
 from mesh.xds import (
     ALLOW_ANY_VHOST,
     BLOCK_ALL_VHOST,
@@ -87,6 +114,7 @@ from mesh.xds import (
     OUTBOUND,
     OUTBOUND_PORT,
     PASSTHROUGH_CLUSTER,
+    POLICY_METADATA,
     ROUTE_TYPE,
     ROUTER_FILTER,
     UPSTREAM_IDLE_TIMEOUT,
@@ -96,9 +124,8 @@ from mesh.xds import (
 
 OUTLIER_INTERVAL: Final = 10.0  # Envoy's default sweep interval
 
-# The idempotency rule as retriable_request_headers: a request whose method is one of these, or
-# that carries an Idempotency-Key header, may be retried (RFC 9110 idempotent methods).
-IDEMPOTENT_METHODS: Final = ("DELETE", "GET", "HEAD", "OPTIONS", "PUT", "TRACE")
+# The idempotency rule as retriable_request_headers: a request whose method is one of
+# IDEMPOTENT_METHODS, or that carries an Idempotency-Key header, may be retried.
 IDEMPOTENCY_KEY_HEADER: Final = "idempotency-key"
 
 # gRPC clients retry only on gRPC status names; these of our conditions map to UNAVAILABLE.
@@ -110,32 +137,72 @@ _MAX_UINT32: Final = 2**32 - 1
 
 
 def cluster_name(service: MeshService) -> str:
-    return f"outbound|{service.port}||{service.name}.{service.namespace}.svc.cluster.local"
+    return f"outbound|{service.port}||{service.fqdn}"
 
 
 def virtual_host_name(service: MeshService) -> str:
-    return f"{service.name}.{service.namespace}.svc.cluster.local:{service.port}"
+    return f"{service.fqdn}:{service.port}"
 
 
-def service_domains(service: MeshService) -> list[str]:
-    """Every authority that reaches the service, each with and without ":port".
-
-    Names are unique in a mesh, so the bare names route whatever the port (Istio also lists the
-    port-less names in a port's virtual host).
-    """
-    fqdn = f"{service.name}.{service.namespace}.svc.cluster.local"
-    names = [
-        service.name,
-        f"{service.name}.{service.namespace}",
-        f"{service.name}.{service.namespace}.svc",
-        fqdn,
-    ]
-    return [domain for name in names for domain in (name, f"{name}:{service.port}")]
+def _portless(service: MeshService) -> bool:
+    """Whether a name without ":port" reaches this service: port 80, or its only port."""
+    return service.port == 80 or service.sole_port
 
 
-def grpc_listener_names(service: MeshService) -> list[str]:
-    """LDS names gRPC clients ask for when dialing xds:///name or xds:///name:port."""
-    return [service.name, f"{service.name}:{service.port}"]
+def _with_ports(names: Iterable[str], ports: Iterable[int], portless: bool) -> list[str]:
+    out: list[str] = []
+    for name in names:
+        if portless:
+            out.append(name)
+        out.extend(f"{name}:{port}" for port in ports)
+    return out
+
+
+def _address_domains(addresses: Iterable[str], ports: Iterable[int]) -> list[str]:
+    """IP authorities: "10.0.0.1" (port 80 only) and "10.0.0.1:8080"; IPv6 in brackets."""
+    out: list[str] = []
+    for address in addresses:
+        host = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
+        for port in ports:
+            if port == 80:
+                out.append(host)
+            out.append(f"{host}:{port}")
+    return out
+
+
+def service_domains(service: MeshService, caller_namespace: str | None) -> list[str]:
+    """Every authority that reaches `service` from a caller in `caller_namespace` (None: from
+    a namespace other than the service's), per the module docstring's DNS rules."""
+    name, ns = service.name, service.namespace
+    names = [f"{name}.{ns}", f"{name}.{ns}.svc", service.fqdn]
+    own = caller_namespace == ns
+    if own:
+        names.insert(0, name)
+    ports = [service.port]
+    domains = _with_ports(names, ports, _portless(service))
+    domains += _address_domains(service.addresses, ports)
+    if service.headless:
+        for endpoint in service.endpoints:
+            pod_ports = sorted({service.port, endpoint.port})
+            if endpoint.hostname:
+                pod = f"{endpoint.hostname}.{name}"
+                pod_names = [f"{pod}.{ns}", f"{pod}.{ns}.svc", f"{pod}.{ns}.svc.cluster.local"]
+                if own:
+                    pod_names.insert(0, pod)
+                domains += _with_ports(pod_names, pod_ports, _portless(service))
+            try:
+                domains += _address_domains([endpoint.host], pod_ports)
+            except ValueError:  # a host name, not a pod IP
+                continue
+    return list(dict.fromkeys(domains))
+
+
+def grpc_listener_names(service: MeshService, caller_namespace: str | None) -> list[str]:
+    """LDS names gRPC clients in `caller_namespace` ask for when dialing xds:///target."""
+    names = [service.fqdn]
+    if caller_namespace == service.namespace:
+        names.insert(0, service.name)
+    return _with_ports(names, [service.port], _portless(service))
 
 
 # -- small builders ----------------------------------------------------------------------------
@@ -235,9 +302,9 @@ def _route(service: MeshService) -> Any:
     )
 
 
-def _virtual_host(service: MeshService) -> Any:
+def _virtual_host(service: MeshService, domains: list[str], route: Any) -> Any:
     return route_components_pb2.VirtualHost(
-        name=virtual_host_name(service), domains=service_domains(service), routes=[_route(service)]
+        name=virtual_host_name(service), domains=domains, routes=[route]
     )
 
 
@@ -285,19 +352,40 @@ def _load_balancing_policy(name: str) -> Any:
     )
 
 
+def policy_metadata(service: MeshService) -> Any:
+    """The Cluster's `filter_metadata["outrigger.dev"]`: the service and, per policy key, its
+    effective value (annotation spelling) and origin."""
+    values = effective_values(service.policy)
+    metadata = struct_pb2.Struct()
+    metadata.update(
+        {
+            "service": f"{service.name}.{service.namespace}",
+            "policy": {
+                key: {"value": values[key], "origin": origin} for key, origin in service.origins
+            },
+        }
+    )
+    return metadata
+
+
 def _cluster(service: MeshService) -> Any:
     policy = service.policy
     name = cluster_name(service)
     cluster = cluster_pb2.Cluster(
         name=name,
-        type=cluster_pb2.Cluster.DiscoveryType.EDS,
-        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(
-            eds_config=_ads(), service_name=name
-        ),
         connect_timeout=_duration(policy.connect_timeout),
         lb_policy=cluster_pb2.Cluster.LbPolicy.ROUND_ROBIN,
     )
-    if policy.load_balancer != "round_robin":
+    cluster.metadata.filter_metadata[POLICY_METADATA].CopyFrom(policy_metadata(service))
+    if service.headless:
+        # The caller picked the pod: keep its destination (no balancing, no endpoints).
+        cluster.type = cluster_pb2.Cluster.DiscoveryType.ORIGINAL_DST
+        cluster.lb_policy = cluster_pb2.Cluster.LbPolicy.CLUSTER_PROVIDED
+    else:
+        cluster.type = cluster_pb2.Cluster.DiscoveryType.EDS
+        cluster.eds_cluster_config.eds_config.CopyFrom(_ads())
+        cluster.eds_cluster_config.service_name = name
+    if policy.load_balancer != "round_robin" and not service.headless:
         cluster.load_balancing_policy.CopyFrom(_load_balancing_policy(policy.load_balancer))
 
     breaker = policy.circuit_breaker
@@ -314,7 +402,7 @@ def _cluster(service: MeshService) -> Any:
         thresholds.max_retries.value = _MAX_UINT32
     cluster.circuit_breakers.thresholds.append(thresholds)
 
-    if breaker.consecutive_failures is not None:
+    if breaker.consecutive_failures is not None and not service.headless:
         n = breaker.consecutive_failures
         cluster.outlier_detection.CopyFrom(
             outlier_detection_pb2.OutlierDetection(
@@ -392,7 +480,8 @@ def _outbound_listener(mesh: Mesh) -> Any:
 
 
 def _grpc_listener(name: str, service: MeshService) -> Any:
-    hcm = _hcm(service.name, service.name, None)
+    route_config = virtual_host_name(service)
+    hcm = _hcm(route_config, route_config, None)
     return listener_pb2.Listener(
         name=name, api_listener=api_listener_pb2.ApiListener(api_listener=_pack(hcm))
     )
@@ -401,30 +490,98 @@ def _grpc_listener(name: str, service: MeshService) -> Any:
 # -- entry points ------------------------------------------------------------------------------
 
 
-def translate(mesh: Mesh) -> Resources:
-    """The xDS resources for a mesh: {type URL: {resource name: message}}, sorted by name."""
-    listeners: dict[str, Message] = {OUTBOUND: _outbound_listener(mesh)}
-    routes: dict[str, Message] = {}
+@dataclass(frozen=True, slots=True)
+class _Translated:
+    """One service and port: what every namespace sees, and what only its own namespace sees."""
+
+    service: MeshService
+    route: Any
+    global_domains: list[str]  # reach it from any namespace
+    own_domains: list[str]  # reach it from its own namespace (the bare names added)
+
+
+def _claim(claimed: set[str], domains: list[str]) -> list[str]:
+    """The domains not claimed by an earlier service; claims them."""
+    free = [d for d in domains if d not in claimed]
+    claimed.update(free)
+    return free
+
+
+def _sorted_services(mesh: Mesh) -> list[MeshService]:
+    return sorted(mesh.services, key=lambda s: (s.namespace, s.name, s.port))
+
+
+def translate_namespaces(mesh: Mesh) -> tuple[Resources, dict[str, Resources]]:
+    """The resources for sidecars in each namespace that has services, and for any other
+    namespace: (others, {namespace: resources}). Every set holds the same Cluster and
+    ClusterLoadAssignment messages; the RouteConfigurations and gRPC listeners differ."""
+    services = _sorted_services(mesh)
     clusters: dict[str, Message] = {}
     endpoints: dict[str, Message] = {}
-    services = sorted(mesh.services, key=lambda s: s.name)
+    translated: list[_Translated] = []
+    claimed: set[str] = set()
     for service in services:
-        for name in grpc_listener_names(service):
-            listeners[name] = _grpc_listener(name, service)
-        routes[service.name] = route_pb2.RouteConfiguration(
-            name=service.name, virtual_hosts=[_virtual_host(service)]
-        )
-        clusters[cluster_name(service)] = _cluster(service)
-        endpoints[cluster_name(service)] = _load_assignment(service)
-    routes[OUTBOUND] = route_pb2.RouteConfiguration(
-        name=OUTBOUND,
-        virtual_hosts=[*(_virtual_host(s) for s in services), _catch_all(mesh)],
-    )
+        everywhere = _claim(claimed, service_domains(service, None))
+        translated.append(_Translated(service, _route(service), everywhere, []))
+    # Bare names next, so that none hides a qualified one; they are claimed per namespace (a
+    # bare name is only ever seen from its own namespace).
+    claimed_in: dict[str, set[str]] = {}
+    for item in translated:
+        ns = item.service.namespace
+        own = [d for d in service_domains(item.service, ns) if d not in claimed]
+        item.own_domains.extend(_claim(claimed_in.setdefault(ns, set()), own))
+    for item in translated:
+        name = cluster_name(item.service)
+        clusters[name] = _cluster(item.service)
+        if not item.service.headless:
+            endpoints[name] = _load_assignment(item.service)
     if mesh.outbound_policy == "allow_any":
         clusters[PASSTHROUGH_CLUSTER] = _passthrough_cluster()
-    return {
-        LISTENER_TYPE: dict(sorted(listeners.items())),
-        ROUTE_TYPE: dict(sorted(routes.items())),
-        CLUSTER_TYPE: dict(sorted(clusters.items())),
-        ENDPOINT_TYPE: dict(sorted(endpoints.items())),
+    clusters = dict(sorted(clusters.items()))
+    endpoints = dict(sorted(endpoints.items()))
+    outbound = _outbound_listener(mesh)
+    catch_all = _catch_all(mesh)
+    service_routes = {
+        virtual_host_name(t.service): route_pb2.RouteConfiguration(
+            name=virtual_host_name(t.service),
+            virtual_hosts=[_virtual_host(t.service, t.own_domains + t.global_domains, t.route)],
+        )
+        for t in translated
     }
+    global_hosts = [_virtual_host(t.service, t.global_domains, t.route) for t in translated]
+    global_listeners = {
+        name: _grpc_listener(name, t.service)
+        for t in translated
+        for name in grpc_listener_names(t.service, None)
+    }
+
+    def for_namespace(namespace: str | None) -> Resources:
+        listeners: dict[str, Message] = {OUTBOUND: outbound, **global_listeners}
+        hosts = list(global_hosts)
+        for i, t in enumerate(translated):
+            if t.service.namespace != namespace:
+                continue
+            hosts[i] = _virtual_host(t.service, t.own_domains + t.global_domains, t.route)
+            for name in grpc_listener_names(t.service, namespace):
+                listeners.setdefault(name, _grpc_listener(name, t.service))
+        routes: dict[str, Message] = {
+            **service_routes,
+            OUTBOUND: route_pb2.RouteConfiguration(
+                name=OUTBOUND, virtual_hosts=[*hosts, catch_all]
+            ),
+        }
+        return {
+            LISTENER_TYPE: dict(sorted(listeners.items())),
+            ROUTE_TYPE: dict(sorted(routes.items())),
+            CLUSTER_TYPE: clusters,
+            ENDPOINT_TYPE: endpoints,
+        }
+
+    namespaces = sorted({s.namespace for s in services})
+    return for_namespace(None), {ns: for_namespace(ns) for ns in namespaces}
+
+
+def translate(mesh: Mesh, namespace: str = "default") -> Resources:
+    """The xDS resources a sidecar in `namespace` is sent: {type URL: {name: message}}."""
+    others, by_namespace = translate_namespaces(mesh)
+    return by_namespace.get(namespace, others)

@@ -63,6 +63,7 @@ NO_ROUTE_BODY: Final = "NR"
 HCM_FILTER: Final = "envoy.filters.network.http_connection_manager"
 ROUTER_FILTER: Final = "envoy.filters.http.router"
 HTTP_PROTOCOL_OPTIONS: Final = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+POLICY_METADATA: Final = "outrigger.dev"  # Cluster filter_metadata key: policy and origins
 UPSTREAM_IDLE_TIMEOUT: Final = 60.0  # seconds; sidecar.config.ServiceConfig.idle_timeout's default
 
 

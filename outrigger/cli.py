@@ -38,15 +38,187 @@ def _sidecar_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _control_plane_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("control-plane", help="run the xDS control plane")
-    p.add_argument("--mesh", help="mesh file to serve (reloaded when it changes)")
-    p.add_argument("--kubernetes", action="store_true", help="read the Kubernetes API")
+    p.add_argument(
+        "--mesh",
+        help="mesh file to serve (reloaded when it changes); with --kubernetes, the mesh-wide "
+        "settings (defaults, outbound_policy, tracing) and services outside the cluster",
+    )
+    p.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="read Services, EndpointSlices and Namespaces from the Kubernetes API",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        default=None,
+        help="with --kubernetes: this kubeconfig (default: in-cluster, else ~/.kube/config)",
+    )
+    p.add_argument(
+        "--namespaces",
+        default=None,
+        help="with --kubernetes: only these namespaces, comma-separated (default: all)",
+    )
+    p.add_argument(
+        "--debounce",
+        default="100ms",
+        help="with --kubernetes: wait this long for a burst of changes to end (default 100ms)",
+    )
     p.add_argument("--xds", default="127.0.0.1:15010", help="ADS gRPC listen address")
     p.add_argument("--http", default="127.0.0.1:15014", help="HTTP listen address (metrics)")
+    p.add_argument(
+        "--webhook",
+        default=None,
+        help="serve the admission webhooks (/inject, /validate) over HTTPS, e.g. 0.0.0.0:15017",
+    )
+    p.add_argument("--webhook-cert", default=None, help="PEM certificate (chain) for --webhook")
+    p.add_argument("--webhook-key", default=None, help="PEM private key for --webhook")
+    p.add_argument(
+        "--webhook-secret",
+        default=None,
+        help="instead of --webhook-cert/--webhook-key: make a CA and serving certificate and "
+        "keep them in this Secret (in $POD_NAMESPACE; it must exist), renewed before expiry",
+    )
+    p.add_argument(
+        "--webhook-dns-name",
+        default=None,
+        help="with --webhook-secret: the name the certificate is for, e.g. "
+        "outrigger.outrigger-system.svc",
+    )
+    p.add_argument(
+        "--mutating-webhook-configuration",
+        default=None,
+        help="with --webhook-secret: patch its CA into this MutatingWebhookConfiguration",
+    )
+    p.add_argument(
+        "--validating-webhook-configuration",
+        default=None,
+        help="with --webhook-secret: patch its CA into this ValidatingWebhookConfiguration",
+    )
+
+
+def _inject_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "inject",
+        help="print manifests with the sidecar injected (the webhook's code, offline)",
+        description="Inject the sidecar into the Pods and pod templates of YAML manifests: "
+        "outrigger inject -f app.yaml | kubectl apply -f -",
+    )
+    p.add_argument(
+        "-f", "--file", required=True, help="YAML manifests (one or many), or - for stdin"
+    )
+    p.add_argument("--mesh", default=None, help="mesh file whose injection: section applies")
+
+
+def _analyze_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from outrigger.analyze import DEFAULT_MAX_AMPLIFICATION, amplification_limit
+
+    p = sub.add_parser(
+        "analyze",
+        help="offline findings on manifests and a mesh file (retry amplification, timeouts, "
+        "invalid annotations, ...)",
+        description="Check Kubernetes manifests and/or a mesh file without a cluster: every "
+        "outrigger.dev/ annotation (the webhook's validator), retry amplification along call "
+        "chains (outrigger.dev/calls, calls:), timeouts, retries and breakers. Exit status 1 "
+        "when an error is found.",
+    )
+    p.add_argument(
+        "-f",
+        "--file",
+        action="append",
+        help="YAML or JSON manifests: a file, a directory (its .yaml, .yml and .json files), or "
+        "- for stdin; repeatable",
+    )
+    p.add_argument("--mesh", default=None, help="a mesh file: its defaults: and its services")
+    p.add_argument(
+        "-o", "--output", choices=("text", "json"), default="text", help="text (default) or json"
+    )
+    p.add_argument(
+        "--max-amplification",
+        type=amplification_limit,
+        default=DEFAULT_MAX_AMPLIFICATION,
+        help="warn about call chains whose deepest service can receive more requests than this "
+        f"for one request at the top (default {DEFAULT_MAX_AMPLIFICATION})",
+    )
+
+
+def _wait_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "wait", help="block until the local sidecar is ready (plain-container postStart hook)"
+    )
+    p.add_argument("--timeout", default="60s", help="give up after this long (default 60s)")
+    p.add_argument(
+        "--url",
+        default=None,
+        help="the sidecar's readiness URL (default http://127.0.0.1:15021/healthz/ready)",
+    )
+
+
+def _iptables_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "iptables",
+        help="install the pod's interception rules (the init container's command)",
+        description="Redirect the pod's TCP connections to the sidecar with nat-table rules in "
+        "the OUTRIGGER_* chains (IPv4, and IPv6 where the pod has it), applied atomically. "
+        "Needs root with NET_ADMIN and NET_RAW, except for --dry-run.",
+    )
+    p.add_argument("--proxy-uid", default="1337", help="the sidecar's uid; its traffic stays")
+    p.add_argument("--outbound-port", default="15001", help="outbound listener (default 15001)")
+    p.add_argument("--inbound-port", default="15006", help="inbound listener (default 15006)")
+    p.add_argument(
+        "--exclude-inbound-ports",
+        default="",
+        help="ports not redirected on the way in, e.g. 15000,15021,15090 (the inbound and "
+        "outbound ports always are)",
+    )
+    p.add_argument(
+        "--exclude-outbound-ports", default="", help="destination ports not redirected, e.g. 3306"
+    )
+    p.add_argument(
+        "--include-outbound-cidrs",
+        default="*",
+        help="destinations redirected: * (default, all) or CIDRs, e.g. 10.96.0.0/12; "
+        "empty: no outbound redirect",
+    )
+    p.add_argument(
+        "--exclude-outbound-cidrs",
+        default="",
+        help="destinations not redirected, e.g. 169.254.0.0/16",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the iptables-restore input, change nothing"
+    )
+    p.add_argument("--cleanup", action="store_true", help="remove the rules (and the chains)")
 
 
 def _status_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("status", help="each connected sidecar and the config it ACKed")
-    p.add_argument("--control-plane", default="127.0.0.1:15010", help="xDS address")
+    p = sub.add_parser(
+        "status",
+        help="each connected sidecar, the config it ACKed and the replica it uses",
+        description="Ask every control plane replica for its sidecars (CSDS) and merge the "
+        "answers; a replica that does not answer is named, and the exit status is then 1.",
+    )
+    p.add_argument(
+        "--control-plane",
+        default=None,
+        help="xDS addresses of the replicas, HOST:PORT[,HOST:PORT...] (default 127.0.0.1:15010)",
+    )
+    p.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="find the replicas as the endpoints of the control plane's Service (its pod IPs "
+        "must be reachable from here: run it in the cluster, or port-forward and list them)",
+    )
+    p.add_argument("--kubeconfig", default=None, help="with --kubernetes: this kubeconfig")
+    p.add_argument(
+        "--namespace",
+        default="outrigger-system",
+        help="with --kubernetes: the control plane's namespace (default outrigger-system)",
+    )
+    p.add_argument(
+        "--service",
+        default="outrigger",
+        help="with --kubernetes: the control plane's Service (default outrigger)",
+    )
 
 
 def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -58,7 +230,9 @@ def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         type=float,
         default=None,
         help="run N seconds without the live view (at least as long as the story, ~20s), print "
-        "a summary, exit non-zero if a step of the story did not happen",
+        "a summary: exit 1 if a step of the story did not happen, 3 if the latency guard "
+        "failed (while nothing failed, the load's p50 was above 2x frontend's sidecar's + 5ms: "
+        "the demo's own delays, e.g. a machine short of CPU, not the mesh's)",
     )
     p.add_argument(
         "--otlp-endpoint",
@@ -72,13 +246,23 @@ def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and flag (tests check that what the chart runs is accepted here)."""
     parser = argparse.ArgumentParser(prog="outrigger", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _sidecar_parser(sub)
     _control_plane_parser(sub)
+    _iptables_parser(sub)
+    _inject_parser(sub)
+    _analyze_parser(sub)
+    _wait_parser(sub)
     _status_parser(sub)
     _demo_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "sidecar":
         from sidecar.app import run_sidecar
@@ -88,13 +272,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         from control_plane.app import run_control_plane
 
         return run_control_plane(args)
+    if args.command == "iptables":
+        from sidecar.interception.iptables import run_iptables
+
+        return run_iptables(args)
+    if args.command == "inject":
+        from outrigger.inject import run_inject
+
+        return run_inject(args)
+    if args.command == "analyze":
+        if not args.file and not args.mesh:
+            parser.error("outrigger analyze needs -f FILE|DIR|- (manifests), --mesh FILE, or both")
+        from outrigger.analyze import run_analyze
+
+        return run_analyze(args)
+    if args.command == "wait":
+        from outrigger.wait import run_wait
+
+        return run_wait(args)
     if args.command == "status":
         from outrigger.status import run_status
 
         return run_status(args)
     if args.command == "demo":
-        from outrigger.demo.run import run_demo
-
+        try:
+            from outrigger.demo.run import run_demo
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] != "rich":
+                raise
+            print(
+                "outrigger demo: its live view needs the `demo` extra: "
+                "pip install 'outrigger[demo]' (make demo installs it)",
+                file=sys.stderr,
+            )
+            return 2
         return run_demo(args)
     parser.error(f"unknown command {args.command}")
     return 2

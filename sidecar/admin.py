@@ -1,104 +1,230 @@
 """The admin listener (127.0.0.1:15000 by default), served by the same hardened HTTP server.
 
-`/ready`, `/live`, `/stats/prometheus`, `/config_dump`, `/clusters`, `POST /drain`.
+`/ready`, `/live`, `/stats/prometheus`, `/config_dump`, `/clusters`, `POST /drain`: one page
+each, as Envoy's admin has one handler per page, and each page is given only what it reads (the
+readiness reason, the metrics registry, the applied snapshot, the service registry and the
+connection pools, the drain callback). `Admin` maps paths to pages and answers 404 and 405.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from sidecar.config import Endpoint, Snapshot
 from sidecar.exchange import Request, Response
+from sidecar.policy.stack import ServiceRegistry, ServiceState
 from sidecar.protocol.events import RequestHead
 from sidecar.transport.body import BytesBody
-from sidecar.transport.server import Decision
+from sidecar.transport.server import REASONS, Decision
+from sidecar.transport.upstream import EndpointPool
 
-Page = Callable[[], Awaitable[tuple[int, bytes, bytes]]]
+Rendered = tuple[int, bytes, bytes]  # status, content type, body
 
 
-def _text(status: int, text: str) -> tuple[int, bytes, bytes]:
+def _text(status: int, text: str) -> Rendered:
     return status, b"text/plain; charset=utf-8", text.encode()
 
 
-def _json(doc: Any) -> tuple[int, bytes, bytes]:
+def _json(doc: Any) -> Rendered:
     return 200, b"application/json", json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
 
 
-class AdminSource(Protocol):
-    """What the admin pages read from the sidecar, and the one thing they ask of it."""
+class Page(Protocol):
+    @property
+    def method(self) -> bytes: ...  # GET (which also answers HEAD) or POST
 
-    def not_ready_reason(self) -> str: ...
+    def render(self) -> Rendered: ...
 
-    def config_dump(self) -> dict[str, Any]: ...
 
-    def clusters(self) -> dict[str, Any]: ...
+class Ready:
+    """`/ready`: 200, or 503 with the reason (listeners not up, no config yet, draining)."""
 
-    def request_drain(self, reason: str) -> None: ...
+    method = b"GET"
+
+    def __init__(self, not_ready_reason: Callable[[], str]) -> None:
+        self.not_ready_reason = not_ready_reason
+
+    def render(self) -> Rendered:
+        problem = self.not_ready_reason()
+        if problem:
+            return _text(503, f"not ready: {problem}\n")
+        return _text(200, "ready\n")
+
+
+class Live:
+    """`/live`: 200 while the process serves at all."""
+
+    method = b"GET"
+
+    def render(self) -> Rendered:
+        return _text(200, "live\n")
+
+
+class Prometheus:
+    """`/stats/prometheus`: the registry in Prometheus' text format."""
+
+    method = b"GET"
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def render(self) -> Rendered:
+        return 200, CONTENT_TYPE_LATEST.encode(), generate_latest(self.registry)
+
+
+class ConfigDump:
+    """`/config_dump`: who this sidecar is, where its config comes from, and the config applied
+    (version, outbound policy, sampling, each service with its effective policy and where each
+    value came from, the xDS resources it was built from)."""
+
+    method = b"GET"
+
+    def __init__(
+        self,
+        node: Mapping[str, str],
+        source: str,
+        snapshot: Callable[[], Snapshot | None],
+        listeners: Mapping[str, tuple[str, int]],
+    ) -> None:
+        self.node = node  # id, service, namespace
+        self.source = source  # the mesh file, the control plane, or the embedded default
+        self.snapshot = snapshot
+        self.listeners = listeners  # bound addresses, by listener name
+
+    def render(self) -> Rendered:
+        return _json(self.document())
+
+    def document(self) -> dict[str, Any]:
+        snapshot = self.snapshot()
+        return {
+            "node": dict(self.node),
+            "source": self.source,
+            "version": snapshot.version if snapshot else None,
+            "outbound_policy": snapshot.outbound_policy.value if snapshot else None,
+            "trace_sampling": snapshot.trace_sampling if snapshot else None,
+            "listeners": {k: f"{h}:{p}" for k, (h, p) in self.listeners.items()},
+            "services": _services(snapshot) if snapshot else {},
+            "resources": snapshot.resources if snapshot else {},
+        }
+
+
+def _services(snapshot: Snapshot) -> dict[str, Any]:
+    """Per cluster: the service, how requests reach it, and its effective policy with the origin
+    of each value (from the Cluster's outrigger.dev metadata)."""
+    return {
+        cluster: {
+            "service": f"{cfg.name}.{cfg.namespace}" if cfg.namespace else cfg.name,
+            "port": cfg.port,
+            "endpoints": (
+                "original destination"
+                if cfg.original_destination
+                else [str(e) for e in cfg.endpoints]
+            ),
+            "policy": {
+                key: {"value": value, "from": origin} for key, value, origin in cfg.policy_origins
+            },
+        }
+        for cluster, cfg in sorted(snapshot.services.items())
+    }
+
+
+class Clusters:
+    """`/clusters`: each service of the applied config, its balancer, its counters, and per
+    endpoint the load, the breaker and the pooled connections."""
+
+    method = b"GET"
+
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot | None],
+        services: ServiceRegistry,
+        pools: Mapping[Endpoint, EndpointPool],
+    ) -> None:
+        self.snapshot = snapshot
+        self.services = services
+        self.pools = pools
+
+    def render(self) -> Rendered:
+        return _json(self.document())
+
+    def document(self) -> dict[str, Any]:
+        snapshot = self.snapshot()
+        out: dict[str, Any] = {}
+        if snapshot is None:
+            return out
+        for cluster, cfg in sorted(snapshot.services.items()):
+            state = self.services.get(cfg.name)
+            out[cfg.name] = {
+                "cluster": cluster,
+                "lb": cfg.lb.value,
+                "endpoints": [self._endpoint(endpoint, state) for endpoint in cfg.endpoints],
+                "stats": _stats(state),
+            }
+        return out
+
+    def _endpoint(self, endpoint: Endpoint, state: ServiceState | None) -> dict[str, Any]:
+        breaker = state.breakers.breaker(endpoint) if state else None
+        pool = self.pools.get(endpoint)
+        return {
+            "address": str(endpoint),
+            "active_requests": state.active(endpoint) if state else 0,
+            "breaker": breaker.state if breaker is not None else "none",
+            "ejected": bool(state and state.breakers.is_ejected(endpoint)),
+            "ejections": breaker.trips if breaker is not None else 0,
+            "idle_connections": len(pool.idle) if pool else 0,
+            "busy_connections": len(pool.in_use) if pool else 0,
+        }
+
+
+def _stats(state: ServiceState | None) -> dict[str, int]:
+    if state is None:
+        return {}
+    stats = state.stats
+    return {name: getattr(stats, name) for name in stats.__slots__}
+
+
+class Drain:
+    """`POST /drain`: start a graceful drain, as SIGTERM does."""
+
+    method = b"POST"
+
+    def __init__(self, drain: Callable[[str], None]) -> None:
+        self.drain = drain
+
+    def render(self) -> Rendered:
+        self.drain("POST /drain")
+        return _text(200, "draining\n")
 
 
 class Admin:
-    def __init__(self, sidecar: AdminSource, registry: CollectorRegistry) -> None:
-        self.sidecar = sidecar
-        self.registry = registry
+    """The admin listener's one handler: a path picks its page."""
+
+    def __init__(self, pages: Mapping[bytes, Page]) -> None:
+        self.pages = pages
 
     def dispatch(self, head: RequestHead) -> Decision:
         return Decision(self.handle, None, "admin")
 
     async def handle(self, req: Request) -> Response:
         path = req.path.split(b"?", 1)[0]
-        pages: dict[bytes, tuple[bytes, Page]] = {
-            b"/ready": (b"GET", self._ready),
-            b"/live": (b"GET", self._live),
-            b"/stats/prometheus": (b"GET", self._prometheus),
-            b"/config_dump": (b"GET", self._config_dump),
-            b"/clusters": (b"GET", self._clusters),
-            b"/drain": (b"POST", self._drain),
-        }
-        entry = pages.get(path)
-        if entry is None:
+        page = self.pages.get(path)
+        if page is None:
             status, ctype, body = _text(
-                404, "not found; try " + ", ".join(p.decode() for p in pages) + "\n"
+                404, "not found; try " + ", ".join(p.decode() for p in self.pages) + "\n"
             )
-        elif req.method != entry[0] and not (entry[0] == b"GET" and req.method == b"HEAD"):
-            status, ctype, body = _text(405, f"{path.decode()} takes {entry[0].decode()}\n")
+        elif req.method != page.method and not (page.method == b"GET" and req.method == b"HEAD"):
+            status, ctype, body = _text(405, f"{path.decode()} takes {page.method.decode()}\n")
         else:
-            status, ctype, body = await entry[1]()
-        reason = {
-            200: b"OK",
-            404: b"Not Found",
-            405: b"Method Not Allowed",
-            503: b"Service Unavailable",
-        }
+            status, ctype, body = page.render()
         return Response(
             status,
-            reason.get(status, b"OK"),
+            REASONS.get(status, b""),
             [(b"content-type", ctype)],
             BytesBody(body),
             content_length=len(body),
         )
-
-    async def _ready(self) -> tuple[int, bytes, bytes]:
-        problem = self.sidecar.not_ready_reason()
-        if problem:
-            return _text(503, f"not ready: {problem}\n")
-        return _text(200, "ready\n")
-
-    async def _live(self) -> tuple[int, bytes, bytes]:
-        return _text(200, "live\n")
-
-    async def _prometheus(self) -> tuple[int, bytes, bytes]:
-        return 200, CONTENT_TYPE_LATEST.encode(), generate_latest(self.registry)
-
-    async def _config_dump(self) -> tuple[int, bytes, bytes]:
-        return _json(self.sidecar.config_dump())
-
-    async def _clusters(self) -> tuple[int, bytes, bytes]:
-        return _json(self.sidecar.clusters())
-
-    async def _drain(self) -> tuple[int, bytes, bytes]:
-        self.sidecar.request_drain("POST /drain")
-        return _text(200, "draining\n")

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from mesh.address import split_host_port
+from mesh.policy import Backoff, RetryBudget  # the mesh policy's: one definition of each
+
 
 class LbPolicy(StrEnum):
     ROUND_ROBIN = "round_robin"
@@ -32,16 +35,12 @@ class Endpoint:
         return f"{self.host}:{self.port}"
 
 
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    base: float = 0.025  # seconds
-    max: float = 0.250
-
-
-@dataclass(frozen=True, slots=True)
-class RetryBudget:
-    percent: float = 20.0
-    min_concurrency: int = 3
+def authority_endpoint(authority: bytes) -> Endpoint | None:
+    """host[:port] of an authority the codec validated (port 80 when absent); None: no host."""
+    host, port = split_host_port(authority.decode("ascii")) or ("", None)
+    if not host:
+        return None
+    return Endpoint(host, 80 if port is None else port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +76,11 @@ class ServiceConfig:
     retry: RetryPolicy | None = None
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     lb: LbPolicy = LbPolicy.ROUND_ROBIN
+    # An ORIGINAL_DST cluster (a headless service): each request goes to the destination the
+    # caller chose (its authority), with this policy, no balancing and no endpoint list.
+    original_destination: bool = False
+    # From the Cluster's metadata: (policy key, effective value, origin), for /config_dump.
+    policy_origins: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,8 @@ per request; a dict increment costs ~0.1 µs. So the client library renders, we 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from typing import Protocol
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -19,8 +20,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from sidecar.config import Endpoint
+from sidecar.config import Snapshot
 from sidecar.policy.stack import ServiceRegistry
+from sidecar.transport.tcp import TcpRecord
 
 # Seconds; Envoy-like spread from 0.5 ms to 60 s.
 BUCKETS = (
@@ -42,9 +44,20 @@ BUCKETS = (
 )
 
 RequestKey = tuple[str, str, str, str, str]  # direction, source, destination, code, flags
+TcpKey = tuple[str, str, str]  # direction, destination, sni ("-" when none)
 
 # outrigger_endpoint_breaker_state values (pybreaker's state names); no breaker yet: closed.
 BREAKER_STATES = {"closed": 0, "open": 1, "half-open": 2}
+
+
+class Listener(Protocol):
+    """What the connection metrics read of a listener (`transport.server.ServerState`)."""
+
+    @property
+    def connections(self) -> Sized: ...  # open now
+
+    @property
+    def total_connections(self) -> int: ...  # accepted since start
 
 
 class _Histogram:
@@ -56,20 +69,37 @@ class _Histogram:
 
 
 class Metrics:
-    def __init__(self, source: str) -> None:
+    """The counters the request path bumps, and what the collector reads from elsewhere at
+    scrape time: each listener's connections, each service's policy state and the applied
+    snapshot's endpoints, the spans the tracing export dropped."""
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        listeners: Mapping[str, Listener] | None = None,
+        services: ServiceRegistry | None = None,
+        snapshot: Callable[[], Snapshot | None] | None = None,
+        spans_dropped: Callable[[], Mapping[str, int]] | None = None,
+    ) -> None:
         self.source = source
         self.requests: dict[RequestKey, int] = {}
         self.durations: dict[tuple[str, str], _Histogram] = {}
-        self.connections_total: dict[str, int] = {}
-        self.active_connections: dict[str, Callable[[], int]] = {}
         self.config_version = ""
         self.config_applied = 0
         self.config_rejected = 0
-        self.services: ServiceRegistry | None = None
-        # (service name, its endpoints) of the applied config, for the per-endpoint gauges
-        self.endpoints: Callable[[], Iterable[tuple[str, Sequence[Endpoint]]]] | None = None
+        self.listeners = listeners or {}
+        self.services = services
+        self.snapshot = snapshot  # the applied config, for the per-endpoint gauges
         # reason -> spans not exported (the tracing export pipeline counts; empty: tracing off)
-        self.spans_dropped: dict[str, int] = {}
+        self.spans_dropped = spans_dropped
+        # Passed-through TCP connections (TcpObserver): closed ones are summed here, open ones
+        # are read at scrape time, so a long-lived connection's bytes show while it lasts.
+        self.tcp_closed_count: dict[tuple[str, str, str, str], int] = {}  # TcpKey + flags
+        self.tcp_bytes: dict[TcpKey, list[int]] = {}  # [received, sent] of closed connections
+        self.tcp_durations: dict[tuple[str, str], _Histogram] = {}
+        self.tcp_open: dict[int, TcpRecord] = {}
+        self.tcp_active: dict[str, int] = {}  # direction -> open now (0 once all closed)
 
     def request(
         self, direction: str, destination: str, code: int, flags: str, seconds: float
@@ -83,10 +113,59 @@ class Metrics:
         hist.counts[bisect_left(BUCKETS, seconds)] += 1
         hist.total += seconds
 
+    def tcp_opened(self, record: TcpRecord) -> None:
+        self.tcp_open[id(record)] = record
+        self.tcp_active[record.direction] = self.tcp_active.get(record.direction, 0) + 1
+
+    def tcp_closed(self, record: TcpRecord) -> None:
+        if self.tcp_open.pop(id(record), None) is not None:
+            self.tcp_active[record.direction] -= 1
+        key = _tcp_key(record)
+        counted = (*key, record.flags)
+        self.tcp_closed_count[counted] = self.tcp_closed_count.get(counted, 0) + 1
+        totals = self.tcp_bytes.get(key)
+        if totals is None:
+            totals = self.tcp_bytes[key] = [0, 0]
+        totals[0] += record.bytes_received
+        totals[1] += record.bytes_sent
+        hkey = (record.direction, record.destination)
+        hist = self.tcp_durations.get(hkey)
+        if hist is None:
+            hist = self.tcp_durations[hkey] = _Histogram()
+        hist.counts[bisect_left(BUCKETS, record.duration)] += 1
+        hist.total += record.duration
+
     def registry(self) -> CollectorRegistry:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_MetricsCollector(self))
         return registry
+
+
+def _tcp_key(record: TcpRecord) -> TcpKey:
+    return (record.direction, record.destination, record.server_name or "-")
+
+
+def _counter(
+    name: str, doc: str, labels: list[str], values: Iterable[tuple[tuple[str, ...], int]]
+) -> Metric:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, count in sorted(values):
+        family.add_metric(list(key), count)
+    return family
+
+
+def _histogram(name: str, doc: str, hists: dict[tuple[str, str], _Histogram]) -> Metric:
+    family = HistogramMetricFamily(name, doc, labels=["direction", "destination"])
+    for (direction, destination), hist in sorted(hists.items()):
+        running = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, count in zip(BUCKETS, hist.counts, strict=False):
+            running += count
+            buckets.append((repr(bound), running))
+        running += hist.counts[-1]
+        buckets.append(("+Inf", running))
+        family.add_metric([direction, destination], buckets, hist.total)
+    return family
 
 
 class _MetricsCollector(Collector):
@@ -95,42 +174,29 @@ class _MetricsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self.m
-        requests = CounterMetricFamily(
+        yield _counter(
             "outrigger_requests",
             "Requests handled, by direction, source and destination service, status and flags.",
-            labels=["direction", "source", "destination", "code", "flags"],
+            ["direction", "source", "destination", "code", "flags"],
+            m.requests.items(),
         )
-        for key, count in sorted(m.requests.items()):
-            requests.add_metric(list(key), count)
-        yield requests
 
-        durations = HistogramMetricFamily(
+        yield _histogram(
             "outrigger_request_duration_seconds",
             "Time from the request head to the end of the response.",
-            labels=["direction", "destination"],
+            m.durations,
         )
-        for (direction, destination), hist in sorted(m.durations.items()):
-            running = 0
-            buckets: list[tuple[str, float]] = []
-            for bound, count in zip(BUCKETS, hist.counts, strict=False):
-                running += count
-                buckets.append((repr(bound), running))
-            running += hist.counts[-1]
-            buckets.append(("+Inf", running))
-            durations.add_metric([direction, destination], buckets, hist.total)
-        yield durations
 
         conns = CounterMetricFamily(
             "outrigger_connections", "Downstream connections accepted.", labels=["listener"]
         )
-        for listener, count in sorted(m.connections_total.items()):
-            conns.add_metric([listener], count)
-        yield conns
         active = GaugeMetricFamily(
             "outrigger_connections_active", "Open downstream connections.", labels=["listener"]
         )
-        for listener, get in sorted(m.active_connections.items()):
-            active.add_metric([listener], get())
+        for name, listener in sorted(m.listeners.items()):
+            conns.add_metric([name], listener.total_connections)
+            active.add_metric([name], len(listener.connections))
+        yield conns
         yield active
 
         version = GaugeMetricFamily(
@@ -150,10 +216,54 @@ class _MetricsCollector(Collector):
             " them), exporter_busy (the exporter process fell behind), exporter_down (it died).",
             labels=["reason"],
         )
-        for reason, count in sorted(m.spans_dropped.items()):
+        spans_dropped = m.spans_dropped() if m.spans_dropped is not None else {}
+        for reason, count in sorted(spans_dropped.items()):
             dropped.add_metric([reason], count)
         yield dropped
+        yield from self._tcp()
         yield from self._policy()
+
+    def _tcp(self) -> Iterator[Metric]:
+        m = self.m
+        labels = ["direction", "destination", "sni"]
+        yield _counter(
+            "outrigger_tcp_connections_closed",
+            "Passed-through TCP connections (TLS, HTTP/2, any non-HTTP/1) that ended, by flags "
+            "(UF: connect failed, DC: the client left first).",
+            [*labels, "flags"],
+            [((*key[:3], key[3] or "-"), count) for key, count in m.tcp_closed_count.items()],
+        )
+        received: dict[TcpKey, int] = {key: totals[0] for key, totals in m.tcp_bytes.items()}
+        sent: dict[TcpKey, int] = {key: totals[1] for key, totals in m.tcp_bytes.items()}
+        for record in m.tcp_open.values():
+            key = _tcp_key(record)
+            received[key] = received.get(key, 0) + record.bytes_received
+            sent[key] = sent.get(key, 0) + record.bytes_sent
+        active = GaugeMetricFamily(
+            "outrigger_tcp_connections_active",
+            "Passed-through TCP connections open now.",
+            labels=["direction"],
+        )
+        for direction, count in sorted(m.tcp_active.items()):
+            active.add_metric([direction], count)
+        yield active
+        yield _counter(
+            "outrigger_tcp_received_bytes",
+            "Bytes from the client of passed-through connections.",
+            labels,
+            received.items(),
+        )
+        yield _counter(
+            "outrigger_tcp_sent_bytes",
+            "Bytes to the client of passed-through connections.",
+            labels,
+            sent.items(),
+        )
+        yield _histogram(
+            "outrigger_tcp_connection_duration_seconds",
+            "Lifetime of passed-through TCP connections, from the relay's start to both closed.",
+            m.tcp_durations,
+        )
 
     def _policy(self) -> Iterator[Metric]:
         services = self.m.services
@@ -181,8 +291,9 @@ class _MetricsCollector(Collector):
         for state in states:
             ejected.add_metric([state.name], state.breakers.ejected_count())
         yield ejected
-        if self.m.endpoints is None:
+        if self.m.snapshot is None:
             return
+        snapshot = self.m.snapshot()
         breaker_state = GaugeMetricFamily(
             "outrigger_endpoint_breaker_state",
             "Circuit breaker per endpoint: 0 closed, 1 open (ejected), 2 half-open (probing).",
@@ -193,10 +304,10 @@ class _MetricsCollector(Collector):
             "Attempts in flight to the endpoint.",
             labels=["destination", "endpoint"],
         )
-        for name, endpoints in self.m.endpoints():
-            service = services.get(name)
-            for endpoint in endpoints:
-                labels = [name, str(endpoint)]
+        for _, cfg in sorted(snapshot.services.items()) if snapshot is not None else ():
+            service = services.get(cfg.name)
+            for endpoint in cfg.endpoints:
+                labels = [cfg.name, str(endpoint)]
                 breaker = service.breakers.breaker(endpoint) if service is not None else None
                 breaker_state.add_metric(
                     labels, BREAKER_STATES.get(breaker.state, 1) if breaker is not None else 0

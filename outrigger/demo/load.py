@@ -1,104 +1,102 @@
-"""The load generator: GET frontend at a steady rate through frontend's sidecar inbound, and keep
-what it saw (status, latency) for the view, the story's checks and the summary."""
+"""The demo's load: `python -m outrigger.loadgen` in a process of its own, sending GET to
+frontend's sidecar inbound at a fixed rate, open loop, each request timed from when it was due.
+`LoadFeed` keeps what it reports every quarter second (every outcome, the lateness of its send
+timer) for the view, the story's checks, the summary and the latency guard.
+
+Its latencies are exact (every request, nearest rank); a window is cut by when requests were
+due, so a window's figures are those of the requests the generator owed in it."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
+import math
 from collections import deque
 from dataclasses import dataclass
 
-import httpx
+from outrigger.demo.processes import json_message
+from outrigger.loadgen import Outcome, outcome_from_json, percentile
+
+REPORT_EVERY = 0.25  # seconds between the generator's interval lines
+CONNECTIONS = 16
 
 
-@dataclass(frozen=True)
-class Outcome:
-    at: float  # monotonic time of the answer
-    status: int  # 0: no answer (connection error, client timeout)
-    seconds: float
+def loadgen_args(url: str, rate: float) -> list[str]:
+    """The generator's arguments (after `python -m outrigger.loadgen`)."""
+    return [
+        url,
+        "--rate",
+        str(rate),
+        "--connections",
+        str(CONNECTIONS),
+        "--interval",
+        str(REPORT_EVERY),
+    ]
 
 
 @dataclass(frozen=True)
 class Window:
     requests: int
     ok: int
-    statuses: dict[int, int]
-    p50: float | None
+    statuses: dict[int, int]  # 0: no answer (timeout, connect, closed)
+    p50: float | None  # seconds from due to answered, of the answered requests
     p99: float | None
+    lag_p50: float | None  # how late the generator's send timer fired
+    lag_p99: float | None
 
     @property
     def success(self) -> float | None:
         return 100.0 * self.ok / self.requests if self.requests else None
 
 
-class LoadGenerator:
-    def __init__(self, url: str, rate: float, max_in_flight: int = 256) -> None:
-        self.url = url
-        self.rate = rate
-        self.max_in_flight = max_in_flight
-        self.outcomes: deque[Outcome] = deque(maxlen=100_000)
-        self.sent = 0
-        self.ok = 0
-        self.skipped = 0  # not sent: max_in_flight reached
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(5.0),
-            trust_env=False,
-            limits=httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=64),
+class LoadFeed:
+    """The generator's reports, bounded (at the default 50 req/s, the last ~1.1 hours)."""
+
+    def __init__(self, keep: int = 200_000) -> None:
+        self.outcomes: deque[Outcome] = deque(maxlen=keep)
+        self.lags: deque[tuple[float, float]] = deque(maxlen=keep)
+        self.started = False
+
+    def feed(self, line: str) -> None:
+        """One output line of the generator (called from the thread reading its output)."""
+        message = json_message(line)
+        if message is None:
+            return
+        if "interval" in message:
+            got = message["interval"]
+            self.outcomes.extend(outcome_from_json(item) for item in got["outcomes"])
+            self.lags.extend((float(at), float(lag)) for at, lag in got["lags"])
+        elif "started" in message:
+            self.started = True
+
+    def window(self, since: float, until: float = math.inf) -> Window:
+        """The requests due in [since, until) that have been reported."""
+        picked = [o for o in list(self.outcomes) if since <= o.intended < until]
+        lags = sorted(lag for at, lag in list(self.lags) if since <= at < until)
+        return summarize(picked, lags)
+
+    def windows(self, spans: list[tuple[float, float]]) -> Window:
+        """The requests due in any of `spans` ([start, end) each)."""
+        outcomes, lags = list(self.outcomes), list(self.lags)
+
+        def inside(t: float) -> bool:
+            return any(start <= t < end for start, end in spans)
+
+        return summarize(
+            [o for o in outcomes if inside(o.intended)],
+            sorted(lag for at, lag in lags if inside(at)),
         )
 
-    async def _one(self) -> None:
-        start = time.monotonic()
-        try:
-            reply = await self.client.get(self.url)
-            status = reply.status_code
-        except httpx.HTTPError:
-            status = 0
-        end = time.monotonic()
-        self.outcomes.append(Outcome(end, status, end - start))
-        if 0 < status < 500:
-            self.ok += 1
 
-    async def run(self, stop: asyncio.Event) -> None:
-        interval = 1.0 / self.rate
-        next_at = time.monotonic()
-        while not stop.is_set():
-            if len(self._tasks) < self.max_in_flight:
-                task = asyncio.create_task(self._one())
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-                self.sent += 1
-            else:
-                self.skipped += 1
-            next_at += interval
-            delay = next_at - time.monotonic()
-            if delay < -1.0:  # fell far behind (a stalled loop): do not burst to catch up
-                next_at = time.monotonic()
-            elif delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=2.0)
-        await self.client.aclose()
-
-    def window(self, since: float, until: float | None = None) -> Window:
-        """What was answered in [since, until)."""
-        end = until if until is not None else float("inf")
-        picked = [o for o in self.outcomes if since <= o.at < end]
-        statuses: dict[int, int] = {}
-        for o in picked:
-            statuses[o.status] = statuses.get(o.status, 0) + 1
-        ok = sum(1 for o in picked if 0 < o.status < 500)
-        lat = sorted(o.seconds for o in picked)
-        return Window(
-            requests=len(picked),
-            ok=ok,
-            statuses=statuses,
-            p50=lat[len(lat) // 2] if lat else None,
-            p99=lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
-        )
+def summarize(outcomes: list[Outcome], lags: list[float]) -> Window:
+    statuses: dict[int, int] = {}
+    for o in outcomes:
+        statuses[o.status] = statuses.get(o.status, 0) + 1
+    answered = sorted(o.latency for o in outcomes if o.status)
+    return Window(
+        requests=len(outcomes),
+        ok=sum(1 for o in outcomes if o.ok),
+        statuses=statuses,
+        p50=percentile(answered, 0.5) if answered else None,
+        p99=percentile(answered, 0.99) if answered else None,
+        lag_p50=percentile(lags, 0.5) if lags else None,
+        lag_p99=percentile(lags, 0.99) if lags else None,
+    )

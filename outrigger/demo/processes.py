@@ -4,6 +4,7 @@ line it prints, and all of them stopped (SIGTERM, then SIGKILL) within bounded w
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -13,8 +14,9 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 ADDRESS = re.compile(r"(\w+)=([\d.]+):(\d+)")
 
@@ -23,8 +25,12 @@ class DemoError(Exception):
     """A process of the demo did not start, or a step could not be run."""
 
 
+FIRST_LINES = 1000  # what `wait_line` searches: start-up lines
+
+
 class Process:
-    """One child process; a thread keeps its last output lines (for error messages)."""
+    """One child process; a thread keeps its first and last output lines (for `wait_line` and
+    error messages) and hands every line to `on_line`, if given (in that thread)."""
 
     def __init__(
         self,
@@ -32,8 +38,10 @@ class Process:
         argv: list[str],
         pass_fds: tuple[int, ...] = (),
         env: Mapping[str, str] | None = None,  # added to this process's environment
+        on_line: Callable[[str], None] | None = None,
     ) -> None:
         self.name = name
+        self.on_line = on_line
         self.lines: deque[str] = deque(maxlen=200)
         self._first: list[str] = []
         self._seen = threading.Condition()
@@ -52,10 +60,14 @@ class Process:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
+        for raw in self.proc.stdout:
+            line = raw.rstrip()
+            if self.on_line is not None:
+                self.on_line(line)
             with self._seen:
-                self.lines.append(line.rstrip())
-                self._first.append(line.rstrip())
+                self.lines.append(line)
+                if len(self._first) < FIRST_LINES:
+                    self._first.append(line)
                 self._seen.notify_all()
         with self._seen:
             self._seen.notify_all()
@@ -80,9 +92,25 @@ class Process:
         line = self.wait_line(pattern, timeout)
         return {m[1]: (m[2], int(m[3])) for m in ADDRESS.finditer(line)}
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
     def signal_group(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
+
+
+def json_message(line: str) -> dict[str, Any] | None:
+    """A JSON object a helper process printed as one line (the load generator, the trace
+    receiver), or None for any other line."""
+    if not line.startswith("{"):
+        return None
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
 
 
 def stop_all(processes: list[Process], grace: float = 5.0) -> None:

@@ -12,14 +12,21 @@ Start-up order (each listener on port 0, so nothing clashes with what runs on th
 5. the mesh copy rewritten with the sidecars' inbound addresses as endpoints; the control plane
    reloads it and pushes; we wait until every sidecar is ready and routes to every endpoint.
 
-Every process runs in its own process group; `finally` stops them all (SIGTERM, bounded wait,
-SIGKILL of the group).
+Then the load generator (`outrigger.loadgen`, a process of its own) sends to frontend's sidecar,
+and the story plays. Every process runs in its own process group; `finally` stops them all
+(SIGTERM, bounded wait, SIGKILL of the group).
 
 Traces. With `--otlp-endpoint` (or the standard OTEL_EXPORTER_OTLP_* variables, which the
 sidecars inherit) the sidecars send their spans there. Without, the demo first starts its own
-OTLP/gRPC trace receiver on 127.0.0.1 (`traces`) and points every sidecar at it; the story then
-has one more step (a retried request's trace arrived, with a span per attempt) and the end
-prints that trace as a waterfall. The receiver stops after the sidecars, which flush on SIGTERM.
+OTLP/gRPC trace receiver on 127.0.0.1 (`traces`, a process of its own) and points every sidecar
+at it; the story then has one more step (a retried request's trace arrived, with a span per
+attempt) and the end prints that trace as a waterfall. The receiver stops after the sidecars,
+which flush on SIGTERM.
+
+The demo's own work stays off the measured path: the load and the trace receiver run in their
+own processes, this one scrapes the sidecars and redraws the view once a second. The view and the
+summary show the demo's own CPU use and its load generator's lag, and the summary ends with the
+latency guard (`guard`): exit status 3 when the load's latencies are not the mesh's.
 """
 
 from __future__ import annotations
@@ -42,7 +49,8 @@ import httpx
 from rich.console import Console
 from rich.live import Live
 
-from outrigger.demo.load import LoadGenerator
+from outrigger.demo.guard import Verdict, judge
+from outrigger.demo.load import LoadFeed, loadgen_args
 from outrigger.demo.meshfile import TEMPLATE, MeshFile
 from outrigger.demo.processes import (
     DemoError,
@@ -52,14 +60,16 @@ from outrigger.demo.processes import (
     python_module,
     stop_all,
 )
-from outrigger.demo.scrape import Reading, Scraper
+from outrigger.demo.scrape import Reading, Scraper, quantile
 from outrigger.demo.story import Step, Story
-from outrigger.demo.traces import Trace, TraceReceiver, receive
+from outrigger.demo.traces import Trace, TraceFeed
+from outrigger.demo.usage import DEMO, CpuMeter, Sample, Usage, between
 from outrigger.demo.view import (
     EndpointRow,
     Frame,
     ServiceRow,
     SidecarRow,
+    latency_lines,
     render,
     status_line,
     waterfall,
@@ -83,9 +93,21 @@ _CONTROL_PLANE = re.compile(r"on ([\d.]+):(\d+), HTTP on ([\d.]+):(\d+)")
 STARTUP_TIMEOUT = 30.0
 STEP_TIMEOUT = 8.0  # how long a check may wait for what it looks for
 TRACE_SETTLE = 2.0  # at the end: how long to wait for the spans of a retried request
-# With the in-process receiver: export every 250 ms (the SDK's default is 5 s), so the story's
+# With the demo's own receiver: export every 250 ms (the SDK's default is 5 s), so the story's
 # trace step and an early Ctrl-C find the spans. An operator's own setting wins.
 LOCAL_TRACE_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "250"}
+REFRESH = 1.0  # seconds between scrapes, and between redraws of the view
+
+
+@dataclass
+class Healthy:
+    """A stretch of the story in which nothing is made to fail, with frontend's sidecar read at
+    both ends (its inbound histogram over the stretch)."""
+
+    start: float
+    before: Reading
+    end: float | None = None
+    after: Reading | None = None
 
 
 @dataclass
@@ -116,7 +138,14 @@ class Demo:
             raise DemoError(f"mesh template: {exc}") from exc
         self.story = Story()
         self.scraper: Scraper | None = None
-        self.load: LoadGenerator | None = None
+        self.load = LoadFeed()
+        self.load_url = ""
+        self.load_process: Process | None = None
+        self.failure: str | None = None  # what stopped the demo before its end
+        self.healthy: list[Healthy] = []
+        self.cpu = CpuMeter()
+        self.cpu.watch(os.getpid(), DEMO, "view")
+        self.cpu_from: Sample | None = None  # when the load started
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(3.0), trust_env=False)
         self.pushes_acked = 0
         self.started_at = time.monotonic()
@@ -125,9 +154,9 @@ class Demo:
         # OTEL_TRACES_EXPORTER=none: the sidecars would not trace), or in process.
         self.traces_to = otlp_endpoint(args.otlp_endpoint, None)
         self.traces_off = otlp_endpoint("in-process", None) is None
-        self.traces: TraceReceiver | None = None  # the in-process receiver, once started
+        self.traces: TraceFeed | None = None  # what the demo's own receiver holds, if it runs
+        self.receiver: Process | None = None
         self.local_traces = ""  # its OTLP URL
-        self._receiver = contextlib.AsyncExitStack()
         self.retry_step: Step | None = None
 
     # --- start-up ------------------------------------------------------------------------
@@ -138,18 +167,47 @@ class Demo:
         argv: list[str],
         pass_fds: tuple[int, ...] = (),
         env: dict[str, str] | None = None,
+        role: str | None = None,
+        part: str | None = None,
+        on_line: Callable[[str], None] | None = None,
     ) -> Process:
-        p = Process(name, argv, pass_fds, env)
+        p = Process(name, argv, pass_fds, env, on_line)
         self.processes.append(p)
+        if role is not None:
+            self.cpu.watch(p.pid, role, part or name)
         return p
 
-    async def start_traces(self) -> None:
-        """The in-process trace receiver, unless traces go elsewhere (or nowhere)."""
-        if self.traces_to is None and not self.traces_off:
-            self.traces, self.local_traces = await self._receiver.enter_async_context(receive())
+    def start_traces(self) -> None:
+        """The demo's trace receiver process, unless traces go elsewhere (or nowhere)."""
+        if self.traces_to is not None or self.traces_off:
+            return
+        feed = TraceFeed()
+        receiver = Process(
+            "trace receiver",
+            python_module("outrigger.demo.traces"),
+            on_line=feed.feed,
+        )
+        self.receiver = receiver  # stopped last, after the sidecars (not in self.processes)
+        self.cpu.watch(receiver.pid, DEMO, "traces")
+        line = receiver.wait_line("outrigger demo traces listening", STARTUP_TIMEOUT)
+        self.local_traces = "http://" + line.rsplit(" ", 1)[-1]
+        self.traces = feed
 
-    async def stop_traces(self) -> None:
-        await self._receiver.aclose()
+    def start_load(self) -> None:
+        """The load generator's process, once it has its connections open."""
+        self.load_url = f"http://{_fmt(self.members['frontend'].inbound)}/"
+        argv = python_module("outrigger.loadgen", *loadgen_args(self.load_url, self.args.rate))
+        load = self._start("load", argv, role=DEMO, part="load", on_line=self.load.feed)
+        load.wait_line('{"started"', STARTUP_TIMEOUT)
+        self.load_process = load
+
+    def load_gone(self) -> str | None:
+        """Why the figures stopped, if the load generator exited."""
+        load = self.load_process
+        if load is None or load.proc.poll() is None:
+            return None
+        tail = "\n  ".join(list(load.lines)[-5:])
+        return f"the load generator exited (status {load.proc.returncode}); its output:\n  {tail}"
 
     def start_processes(self) -> None:
         sockets = {name: listening_socket() for name in TOPOLOGY}
@@ -168,6 +226,7 @@ class Demo:
                     "--http",
                     "127.0.0.1:0",
                 ),
+                role="control plane",
             )
             m = _CONTROL_PLANE.search(cp.wait_line("outrigger control-plane: xDS", STARTUP_TIMEOUT))
             if m is None:
@@ -200,7 +259,9 @@ class Demo:
                 elif self.traces is not None:
                     argv += ["--otlp-endpoint", self.local_traces]
                     env = {k: v for k, v in LOCAL_TRACE_ENV.items() if k not in os.environ}
-                sidecars[name] = self._start(f"sidecar {name}", outrigger(*argv), env=env)
+                sidecars[name] = self._start(
+                    f"sidecar {name}", outrigger(*argv), env=env, role="sidecars"
+                )
             for name, proc in sidecars.items():
                 addrs = proc.addresses("outrigger sidecar listening", STARTUP_TIMEOUT)
                 service = TOPOLOGY[name][0]
@@ -225,7 +286,9 @@ class Demo:
                         "--proxy",
                         f"http://{_fmt(self.members[name].outbound)}",
                     ]
-                apps.append(self._start(f"app {name}", argv, pass_fds=(sock.fileno(),)))
+                apps.append(
+                    self._start(f"app {name}", argv, pass_fds=(sock.fileno(),), role="apps")
+                )
             for app_proc in apps:
                 app_proc.wait_line("outrigger demo app", STARTUP_TIMEOUT)
         finally:
@@ -279,7 +342,7 @@ class Demo:
     # --- figures -------------------------------------------------------------------------
 
     def frame(self) -> Frame:
-        assert self.scraper is not None and self.load is not None
+        assert self.scraper is not None
         scraper = self.scraper
         now = time.monotonic()
         services = []
@@ -309,13 +372,15 @@ class Demo:
         sidecars = [
             SidecarRow(n, scraper.latest(n).version, scraper.latest(n).ok) for n in self.members
         ]
+        # the last 2 s of requests due whose answers are in (reports come every 0.25 s)
         return Frame(
             elapsed=now - self.started_at,
-            load=self.load.window(now - 2.0),
+            load=self.load.window(now - 2.5, now - 0.5),
             services=services,
             endpoints=endpoints,
             sidecars=sidecars,
             mesh_edits=self.mesh.writes,
+            usage=self.cpu.usage(2.0),
         )
 
     def total(self, metric: str, **match: str) -> float:
@@ -371,9 +436,21 @@ class Demo:
         return False, f"not ACKed by all sidecars: {[scraper.latest(n).version for n in before]}"
 
     def success_since(self, since: float) -> tuple[float | None, int]:
-        assert self.load is not None
         w = self.load.window(since)
         return w.success, w.requests
+
+    async def open_healthy(self) -> None:
+        """From now on nothing is made to fail (until `close_healthy`)."""
+        assert self.scraper is not None
+        start = time.monotonic()
+        self.healthy.append(Healthy(start, await self.scraper.read("frontend")))
+
+    async def close_healthy(self) -> None:
+        assert self.scraper is not None
+        if self.healthy and self.healthy[-1].end is None:
+            window = self.healthy[-1]
+            window.end = time.monotonic()
+            window.after = await self.scraper.read("frontend")
 
     async def hold_success(self, step: Step, seconds: float, bound: float) -> None:
         since = time.monotonic()
@@ -396,12 +473,14 @@ class Demo:
         if self.traces is not None:
             traced = s.add("a retried request's trace arrived: a span per attempt", "its spans")
         self.retry_step = fail
-        assert self.scraper is not None and self.load is not None
+        assert self.scraper is not None
 
         self.announce(baseline)
+        await self.open_healthy()
         await self.hold_success(baseline, 2.0, 99.0)
 
         self.announce(fail)
+        await self.close_healthy()
         retries0 = self.total("outrigger_retries_total", destination="payments")
         await self.app_call("payments-2", "/fail?on=1")
         fail_at = time.monotonic()
@@ -472,8 +551,10 @@ class Demo:
         for name in ("payments-1", "payments-2"):
             await self.app_call(name, "/delay?ms=0")
         ok, evidence = await self.push(lambda: self.mesh.policy("orders").update(timeout="2s"))
-        since = time.monotonic() + 0.5  # answers in flight under the old timeout may still land
-        await asyncio.sleep(2.5)
+        await asyncio.sleep(0.5)  # answers in flight under the old timeout may still land
+        since = time.monotonic()
+        await self.open_healthy()  # until the end of the run
+        await asyncio.sleep(2.0)
         success, n = self.success_since(since)
         healthy = success is not None and success >= 99.0
         self.conclude(
@@ -486,10 +567,10 @@ class Demo:
             self.announce(traced)
             await self.check_traced(traced)
 
-    # --- traces (in process) -------------------------------------------------------------
+    # --- traces (the demo's own receiver) ------------------------------------------------
 
     def retried_trace(self) -> Trace | None:
-        return self.traces.store.retried() if self.traces is not None else None
+        return self.traces.trace if self.traces is not None else None
 
     def endpoint_names(self) -> dict[str, str]:
         """A sidecar's inbound "host:port" (an attempt's endpoint) -> its name."""
@@ -500,11 +581,12 @@ class Demo:
         if self.traces is None or self.retry_step is None or not self.retry_step.happened:
             return
 
-        def settled() -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             trace = self.retried_trace()
-            return trace is not None and trace.complete
-
-        await self.traces.until(settled, timeout)
+            if trace is not None and trace.complete:
+                return
+            await asyncio.sleep(0.1)
 
     async def check_traced(self, step: Step) -> None:
         assert self.traces is not None and self.retry_step is not None
@@ -515,12 +597,11 @@ class Demo:
             self.console.print(f"[{self.story.elapsed():5.1f}s]   skipped: {step.evidence}")
             return
         await self.settle_traces(STEP_TIMEOUT)
-        store = self.traces.store
         trace = self.retried_trace()
         span = trace.retried() if trace is not None else None
         if trace is None or span is None:
             self.conclude(
-                step, False, f"no retried request among the {store.received} spans received"
+                step, False, f"no retried request among the {self.traces.received} spans received"
             )
             return
         names = self.endpoint_names()
@@ -542,41 +623,49 @@ class Demo:
     # --- the run -------------------------------------------------------------------------
 
     async def refresh(self, show: Callable[[Frame], None]) -> None:
+        """Scrape, measure CPU, redraw: once every REFRESH seconds."""
         assert self.scraper is not None
         while not self.stop.is_set():
+            gone = self.load_gone()
+            if gone is not None:
+                self.failure = gone
+                self.stop.set()
+                return
             await self.scraper.poll()
+            self.cpu.sample()
             show(self.frame())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), 1.0)
+                await asyncio.wait_for(self.stop.wait(), REFRESH)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop.set)
         self.console.print(f"outrigger demo: starting the mesh in {self.tmp}")
-        await self.start_traces()
+        await asyncio.to_thread(self.start_traces)
         await asyncio.to_thread(self.start_processes)
         await self.wait_ready()
         self._print_members()
-        frontend = self.members["frontend"]
-        self.load = LoadGenerator(f"http://{_fmt(frontend.inbound)}/", rate=self.args.rate)
+        await asyncio.to_thread(self.start_load)
+        self.cpu_from = self.cpu.sample()
         self.started_at = time.monotonic()
         self.story = Story()
-        tasks: list[asyncio.Task[None]] = [asyncio.create_task(self.load.run(self.stop))]
+        tasks: list[asyncio.Task[None]] = []
         interactive = self.args.duration is None
         live: Live | None = None
         last_line = [0.0]
 
         def show(frame: Frame) -> None:
             if live is not None:
-                live.update(render(frame, self.story))
+                live.update(render(frame, self.story), refresh=True)
             elif time.monotonic() - last_line[0] >= 5.0:
                 last_line[0] = time.monotonic()
                 self.console.print(status_line(frame), highlight=False)
 
         try:
             if interactive:
-                live = Live(console=self.console, refresh_per_second=2, transient=False)
+                # redrawn only when a frame is ready (once a second), never by a thread of its own
+                live = Live(console=self.console, auto_refresh=False, transient=False)
                 live.start()
             tasks.append(asyncio.create_task(self.refresh(show)))
             await asyncio.sleep(1.0)  # one scrape window before the story starts
@@ -584,26 +673,32 @@ class Demo:
             await _first(story, self.stop)
             if story.done() and not story.cancelled() and story.exception() is not None:
                 raise story.exception()  # type: ignore[misc]
+            if self.failure is not None:
+                raise DemoError(self.failure)
             end = self.started_at + (self.args.duration or float("inf"))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), max(0.0, end - time.monotonic()))
+            await self.close_healthy()
+            await asyncio.sleep(0.6)  # the load's last report (every 0.25 s) of that window
         finally:
             self.stop.set()
             if live is not None:
                 live.stop()
             for task in tasks:
                 task.cancel()
-            await asyncio.wait(tasks, timeout=3.0)
-            await self.load.close()
+            if tasks:
+                await asyncio.wait(tasks, timeout=3.0)
         await self.settle_traces(TRACE_SETTLE)  # stopped early: spans may still be on their way
-        self.summary()
-        return 0 if self.story.all_happened else 1
+        verdict = self.summary()
+        if not self.story.all_happened:
+            return 1
+        return 3 if verdict.judged and not verdict.ok else 0
 
     def _print_members(self) -> None:
         self.console.print(f"  control plane  xDS {_fmt(self.xds)}  HTTP {_fmt(self.cp_http)}")
         if self.traces is not None:
             otlp = self.local_traces.removeprefix("http://")
-            self.console.print(f"  traces         OTLP {otlp} (gRPC, in this process)")
+            self.console.print(f"  traces         OTLP {otlp} (gRPC, the demo's receiver process)")
         for m in self.members.values():
             self.console.print(
                 f"  {m.name:<11} app {_fmt(m.app)}  sidecar inbound {_fmt(m.inbound)}"
@@ -611,8 +706,7 @@ class Demo:
                 highlight=False,
             )
 
-    def summary(self) -> None:
-        assert self.load is not None
+    def summary(self) -> Verdict:
         w = self.load.window(0.0)
         statuses = " ".join(f"{k}x{v}" for k, v in sorted(w.statuses.items()))
         out = self.console.print
@@ -631,9 +725,37 @@ class Demo:
         )
         for i, step in enumerate(self.story.steps, 1):
             out(f"  step {i}: {step.title}: {step.mark} ({step.evidence})", highlight=False)
-        verdict = "every step happened" if self.story.all_happened else "some steps did not happen"
-        out(f"  result: {verdict}", highlight=False)
+        result = "every step happened" if self.story.all_happened else "some steps did not happen"
+        out(f"  result: {result}", highlight=False)
+        verdict = self.latency_summary()
         self.trace_summary()
+        return verdict
+
+    def whole_run_usage(self) -> Usage | None:
+        if self.cpu_from is None:
+            return None
+        return between(self.cpu_from, self.cpu.sample(), self.cpu.cores)
+
+    def latency_summary(self) -> Verdict:
+        """The load's and frontend's latencies while nothing failed, the demo's own CPU and lag,
+        and the guard's verdict on them."""
+        spans = [(h.start, h.end) for h in self.healthy if h.end is not None]
+        w = self.load.windows(spans)
+        now: dict[float, float] = {}
+        before: dict[float, float] = {}
+        for h in self.healthy:
+            if h.after is None or not (h.before.ok and h.after.ok):
+                continue
+            for bound, count in h.after.buckets("inbound").items():
+                now[bound] = now.get(bound, 0.0) + count
+            for bound, count in h.before.buckets("inbound").items():
+                before[bound] = before.get(bound, 0.0) + count
+        frontend = (quantile(0.5, now, before), quantile(0.99, now, before))
+        verdict = judge(w.requests, w.success, w.p50, frontend[0], w.lag_p50, w.lag_p99)
+        seconds = sum(end - start for start, end in spans)
+        for line, style in latency_lines(seconds, w, frontend, self.whole_run_usage(), verdict):
+            self.console.print(line, style=style, highlight=False)
+        return verdict
 
     def trace_summary(self) -> None:
         out = self.console.print
@@ -647,11 +769,10 @@ class Demo:
                 highlight=False,
             )
             return
-        store = self.traces.store
         trace = self.retried_trace()
         if trace is None:
             out(
-                f"  traces: no retried request was traced ({store.received} spans received)",
+                f"  traces: no retried request was traced ({self.traces.received} spans received)",
                 highlight=False,
             )
             return
@@ -691,7 +812,8 @@ async def _main(args: argparse.Namespace, console: Console) -> int:
     finally:
         await demo.close()
         await asyncio.to_thread(stop_all, demo.processes)
-        await demo.stop_traces()  # after the sidecars: they flush their last spans on SIGTERM
+        if demo.receiver is not None:  # after the sidecars: they flush their last spans
+            await asyncio.to_thread(stop_all, [demo.receiver])
 
 
 def run_demo(args: argparse.Namespace) -> int:

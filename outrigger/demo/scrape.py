@@ -1,5 +1,9 @@
-"""Reading the sidecars' admin endpoints (`/stats/prometheus`, `/clusters`, `/config_dump`) and
-turning two readings into per-service figures: requests/s, success %, p50/p99, retries."""
+"""Reading the sidecars' admin endpoints (`/stats/prometheus`, `/clusters`) and
+turning two readings into per-service figures: requests/s, success %, p50/p99, retries.
+
+The per-service percentiles come from the sidecars' duration histograms, interpolated within
+their buckets as Prometheus' `histogram_quantile` does: estimates, as good as the buckets are
+narrow (0.5, 1, 2.5, 5, 10, 25 ms ...), and the view says so."""
 
 from __future__ import annotations
 
@@ -34,6 +38,17 @@ def parse_prometheus(text: str) -> dict[str, dict[Labels, float]]:
             continue
         out.setdefault(m[1], {})[labels] = value
     return out
+
+
+def config_version(metrics: dict[str, dict[Labels, float]]) -> str | None:
+    """The config version the sidecar applied, from `outrigger_config_info{version=...} 1` (the
+    same as /config_dump's, which costs the sidecar ~0.8 ms to render; this read is every
+    second); None before any."""
+    for labels, value in metrics.get("outrigger_config_info", {}).items():
+        version = dict(labels).get("version")
+        if value == 1 and version:
+            return version
+    return None
 
 
 @dataclass
@@ -87,16 +102,27 @@ class Reading:
 
 
 def quantile(q: float, now: dict[float, float], before: dict[float, float]) -> float | None:
-    """The q-quantile (seconds, bucket upper bound) of the observations between two readings."""
+    """The q-quantile (seconds) of the observations between two readings of a cumulative
+    histogram, as Prometheus' `histogram_quantile` computes it: find the bucket holding the
+    rank, then interpolate linearly within it, as if its observations were spread evenly between
+    the bucket's lower and upper bounds (the first bucket starts at 0). A rank in the +Inf bucket
+    gives the highest finite bound. None when nothing was observed."""
     bounds = sorted(now)
     counts = [now[b] - before.get(b, 0.0) for b in bounds]
-    if not counts or counts[-1] <= 0:
+    if not counts or counts[-1] <= 0 or bounds[-1] != math.inf:
         return None
     rank = q * counts[-1]
-    for bound, count in zip(bounds, counts, strict=True):
-        if count >= rank:
+    for i, (bound, count) in enumerate(zip(bounds, counts, strict=True)):
+        if count < rank:
+            continue
+        if bound == math.inf:
+            return bounds[i - 1] if i > 0 else None
+        lower, below = (bounds[i - 1], counts[i - 1]) if i > 0 else (0.0, 0.0)
+        inside = count - below
+        if inside <= 0:
             return bound
-    return bounds[-1]
+        return lower + (bound - lower) * (rank - below) / inside
+    return None
 
 
 @dataclass(frozen=True)
@@ -147,20 +173,19 @@ class Scraper:
     async def close(self) -> None:
         await self.client.aclose()
 
-    async def _read(self, name: str) -> Reading:
+    async def read(self, name: str) -> Reading:
+        """One sidecar's admin state now (not kept in the history)."""
         host, port = self.admins[name]
         base = f"http://{host}:{port}"
         reading = Reading(at=time.monotonic())
         try:
-            stats, clusters, dump = await asyncio.gather(
+            stats, clusters = await asyncio.gather(
                 self.client.get(base + "/stats/prometheus"),
                 self.client.get(base + "/clusters"),
-                self.client.get(base + "/config_dump"),
             )
             reading.metrics = parse_prometheus(stats.text)
             reading.clusters = clusters.json()
-            version = dump.json().get("version")
-            reading.version = version if isinstance(version, str) else None
+            reading.version = config_version(reading.metrics)
             reading.ok = True
         except (httpx.HTTPError, ValueError):
             reading.ok = False
@@ -168,7 +193,7 @@ class Scraper:
 
     async def poll(self) -> dict[str, Reading]:
         names = list(self.admins)
-        readings = await asyncio.gather(*(self._read(n) for n in names))
+        readings = await asyncio.gather(*(self.read(n) for n in names))
         for name, reading in zip(names, readings, strict=True):
             history = self.history[name]
             history.append(reading)

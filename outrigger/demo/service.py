@@ -1,4 +1,4 @@
-"""A demo service: a tiny asyncio HTTP/1.1 app that may call one downstream through its sidecar.
+"""A demo service: a small HTTP/1.1 app that may call one downstream through its sidecar.
 
 Run as `python -m outrigger.demo.service --name orders --fd N [--downstream http://payments/
 --proxy http://127.0.0.1:P]`. It serves on the listening socket it inherits (fd N, bound by the
@@ -9,20 +9,32 @@ orchestrator on port 0, so there is no "find a free port" race), and:
 - `POST /fail?on=1|0`: from now on answer 503 (a switch for the story);
 - `POST /delay?ms=N`: add N ms of latency to every answer.
 
-It is not the product: it parses just enough HTTP/1.1 for the sidecar's well-formed requests.
+It is not the product, but it is what an app in a mesh is: a server (uvloop, an httptools
+parser per connection, a task per request) and one shared httpx client that calls its
+downstream through its sidecar. Kept cheap so that on a small machine the demo shows the mesh,
+not its apps. Measured with callgrind on orders (server and client, through a stand-in proxy):
+5.33 M instructions per request on asyncio streams without sniffio (see pyproject.toml), 3.30 M
+now, of which httpx's call is 2.18 M (in a tight loop) and the server 0.05 M; in CPU time at
+100 req/s on the 2-core demo machine, 1.1-1.3 ms before, 0.7-1.0 ms now (more at lower rates:
+colder caches).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import signal
 import socket
 import sys
+from collections import deque
+from typing import cast
 from urllib.parse import parse_qs, urlsplit
 
+import httptools
 import httpx
+import uvloop
+
+from mesh.http import reason_phrase
 
 TRACE_HEADERS = (
     "traceparent",
@@ -36,8 +48,6 @@ TRACE_HEADERS = (
     "x-request-id",
 )
 
-_REASONS = {200: "OK", 400: "Bad Request", 503: "Service Unavailable"}
-
 
 class DemoService:
     def __init__(self, name: str, downstream: str | None, proxy: str | None) -> None:
@@ -46,6 +56,7 @@ class DemoService:
         self.failing = False
         self.delay = 0.0
         self.served = 0
+        self.via = f"{name} <- ".encode()
         self.client: httpx.AsyncClient | None = None
         if downstream is not None:
             self.client = httpx.AsyncClient(
@@ -55,14 +66,8 @@ class DemoService:
             )
 
     async def answer(self, method: str, target: str, headers: dict[str, str]) -> tuple[int, bytes]:
-        url = urlsplit(target)
-        query = parse_qs(url.query)
-        if method == "POST" and url.path == "/fail":
-            self.failing = query.get("on", ["1"])[0] == "1"
-            return 200, f"{self.name} failing={self.failing}\n".encode()
-        if method == "POST" and url.path == "/delay":
-            self.delay = float(query.get("ms", ["0"])[0]) / 1000.0
-            return 200, f"{self.name} delay={self.delay}s\n".encode()
+        if method == "POST":
+            return self.control(target)
         self.served += 1
         if self.delay:
             await asyncio.sleep(self.delay)
@@ -75,51 +80,93 @@ class DemoService:
             reply = await self.client.get(self.downstream, headers=forward)
         except httpx.HTTPError as exc:
             return 503, f"{self.name}: downstream error {type(exc).__name__}\n".encode()
-        return reply.status_code, f"{self.name} <- {reply.text}".encode()
+        return reply.status_code, self.via + reply.content
 
-    async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def control(self, target: str) -> tuple[int, bytes]:
+        """The story's switches: POST /fail?on=1|0, POST /delay?ms=N."""
+        url = urlsplit(target)
+        query = parse_qs(url.query)
+        if url.path == "/fail":
+            self.failing = query.get("on", ["1"])[0] == "1"
+            return 200, f"{self.name} failing={self.failing}\n".encode()
+        if url.path == "/delay":
+            try:
+                self.delay = float(query.get("ms", ["0"])[0]) / 1000.0
+            except ValueError:
+                return 400, b"delay: ms must be a number, e.g. /delay?ms=100\n"
+            return 200, f"{self.name} delay={self.delay}s\n".encode()
+        return 400, b"POST /fail?on=1|0 or /delay?ms=N\n"
+
+    def respond(self, status: int, body: bytes, close: bool) -> bytes:
+        return (
+            f"HTTP/1.1 {status} {reason_phrase(status)}\r\n"
+            f"content-type: text/plain\r\ncontent-length: {len(body)}\r\n"
+            f"x-demo-service: {self.name}\r\n"
+            f"{'connection: close' + chr(13) + chr(10) if close else ''}\r\n"
+        ).encode() + body
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: httptools parses the requests, each is answered in turn by a
+    task (it may wait for the downstream), in the order they came."""
+
+    def __init__(self, service: DemoService) -> None:
+        self.service = service
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.target = b""
+        self.headers: dict[str, str] = {}
+        self.queue: deque[tuple[str, str, dict[str, str], bool]] = deque()
+        self.task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
         try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                method, target, _ = lines[0].split(" ", 2)
-                headers: dict[str, str] = {}
-                for line in lines[1:]:
-                    if ":" in line:
-                        key, value = line.split(":", 1)
-                        headers[key.strip().lower()] = value.strip()
-                length = int(headers.get("content-length", "0") or "0")
-                if length:
-                    await reader.readexactly(length)
-                if "chunked" in headers.get("transfer-encoding", ""):
-                    status, body = 400, b"chunked bodies are not supported by the demo app\n"
-                else:
-                    status, body = await self.answer(method, target, headers)
-                close = headers.get("connection", "").lower() == "close" or status == 400
-                writer.write(
-                    f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\n"
-                    f"content-type: text/plain\r\ncontent-length: {len(body)}\r\n"
-                    f"x-demo-service: {self.name}\r\n"
-                    f"{'connection: close' + chr(13) + chr(10) if close else ''}\r\n".encode()
-                    + body
-                )
-                await writer.drain()
-                if close:
-                    break
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass
-        except ValueError:
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            assert self.transport is not None
+            self.transport.write(self.service.respond(400, b"bad request\n", close=True))
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.queue.clear()
+        if self.task is not None:
+            self.task.cancel()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.target = b""
+        self.headers = {}
+
+    def on_url(self, url: bytes) -> None:
+        self.target += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_message_complete(self) -> None:
+        method = self.parser.get_method().decode("latin-1")
+        keep = self.parser.should_keep_alive()
+        self.queue.append((method, self.target.decode("latin-1"), self.headers, keep))
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._answer_all())
+
+    async def _answer_all(self) -> None:
+        while self.queue and self.transport is not None and not self.transport.is_closing():
+            method, target, headers, keep = self.queue.popleft()
+            status, body = await self.service.answer(method, target, headers)
+            self.transport.write(self.service.respond(status, body, close=not keep))
+            if not keep:
+                self.transport.close()
+        self.task = None
 
 
 async def serve(args: argparse.Namespace) -> int:
     sock = socket.socket(fileno=args.fd)
     service = DemoService(args.name, args.downstream, args.proxy)
-    server = await asyncio.start_server(service.connection, sock=sock)
+    server = await asyncio.get_running_loop().create_server(lambda: Connection(service), sock=sock)
     host, port = sock.getsockname()[:2]
     print(f"outrigger demo app {args.name} listening {host}:{port}", flush=True)
     stop = asyncio.Event()
@@ -139,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fd", type=int, required=True, help="an inherited listening socket")
     p.add_argument("--downstream", default=None, help="URL to call for each request")
     p.add_argument("--proxy", default=None, help="the sidecar's outbound listener, as a URL")
-    return asyncio.run(serve(p.parse_args(argv)))
+    return uvloop.run(serve(p.parse_args(argv)))
 
 
 if __name__ == "__main__":

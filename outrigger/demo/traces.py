@@ -1,25 +1,38 @@
-"""The demo's own trace collector: an OTLP/gRPC TraceService on 127.0.0.1 in the demo process,
-so that, without Jaeger, the demo can end with the waterfall of one retried request.
+"""The demo's own trace collector: an OTLP/gRPC TraceService on 127.0.0.1, so that, without
+Jaeger, the demo can end with the waterfall of one retried request.
 
-The sidecars export to it exactly as to any collector (`--otlp-endpoint http://127.0.0.1:PORT`,
-the port picked by the kernel). `TraceStore` is plain bookkeeping (no gRPC, no loop); memory is
-bounded: the last `max_traces` traces, plus up to `max_kept` traces that hold a retried request,
-kept to the end (the story's retries happen early, the waterfall is printed last), each at most
-`max_spans` spans. Spans over a bound are dropped and counted.
+It runs in a process of its own (`python -m outrigger.demo.traces`), so that decoding every span
+(the demo samples 100%) takes nothing from the demo's event loop. The sidecars export to it
+exactly as to any collector (`--otlp-endpoint http://127.0.0.1:PORT`, the port picked by the
+kernel, printed on its first line). It tells the demo what it holds in JSON lines on stdout:
+`{"trace": ...}` whenever the retried request it would show changed (at most a few dozen times:
+the retried traces are few and bounded), and `{"stats": ...}` (spans received and dropped) every
+second. `TraceFeed` is the demo's side: it reads those lines.
+
+`TraceStore` is plain bookkeeping (no gRPC, no loop); memory is bounded: the last `max_traces`
+traces, plus up to `max_kept` traces that hold a retried request, kept to the end (the story's
+retries happen early, the waterfall is printed last), each at most `max_spans` spans. Spans over
+a bound are dropped and counted.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import json
+import signal
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from outrigger.demo.processes import json_message
 
 # OTLP enum values (opentelemetry/proto/trace/v1/trace.proto)
 INTERNAL, SERVER, CLIENT = 1, 2, 3
@@ -70,6 +83,8 @@ def _value(value: Any) -> Any:
         return [_value(v) for v in value.array_value.values]
     if kind == "kvlist_value":
         return _attributes(value.kvlist_value.values)
+    if kind == "bytes_value":
+        return bytes(value.bytes_value).hex()
     return getattr(value, kind) if kind else None
 
 
@@ -165,11 +180,14 @@ class TraceStore:
         self._kept: OrderedDict[str, Trace] = OrderedDict()
         self.received = 0
         self.dropped = 0
+        self.kept_changes = 0  # spans added to a kept trace: the one to show may have changed
 
     def add(self, span: SpanRecord) -> None:
         self.received += 1
         trace_id = span.trace_id
         trace = self._kept.get(trace_id)
+        if trace is not None or span.retried:
+            self.kept_changes += 1
         if trace is None and span.retried:
             # Keep it, with whatever of it arrived already from the other sidecars.
             trace = self._recent.pop(trace_id, None) or Trace(trace_id)
@@ -222,6 +240,11 @@ class TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         self._arrived.set()
         return trace_service_pb2.ExportTraceServiceResponse()
 
+    async def arrived(self) -> None:
+        """Until an export arrived since the last call."""
+        await self._arrived.wait()
+        self._arrived.clear()
+
     async def until(self, check: Callable[[], bool], timeout: float) -> bool:
         """Wait until `check()` holds after some export, at most `timeout` seconds."""
         deadline = time.monotonic() + timeout
@@ -248,3 +271,82 @@ async def receive(store: TraceStore | None = None) -> AsyncIterator[tuple[TraceR
         yield receiver, f"http://127.0.0.1:{port}"
     finally:
         await server.stop(None)
+
+
+# --- the receiver as a process, and the demo's side of it --------------------------------------
+
+
+def span_json(span: SpanRecord) -> dict[str, Any]:
+    return asdict(span)
+
+
+def span_from_json(d: dict[str, Any]) -> SpanRecord:
+    return SpanRecord(**{**d, "events": [(name, attrs) for name, attrs in d["events"]]})
+
+
+def _emit(line: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+async def _serve() -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with receive() as (receiver, url):
+        print(f"outrigger demo traces listening {url.removeprefix('http://')}", flush=True)
+        store = receiver.store
+        seen_changes = 0
+        shown: tuple[str, int] | None = None
+        counted = 0.0
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(receiver.arrived(), 1.0)
+            if store.kept_changes != seen_changes:
+                seen_changes = store.kept_changes
+                trace = store.retried()
+                if trace is not None and (trace.trace_id, len(trace.spans)) != shown:
+                    shown = (trace.trace_id, len(trace.spans))
+                    spans = [span_json(span) for span in trace.spans]
+                    _emit({"trace": {"trace_id": trace.trace_id, "spans": spans}})
+            if time.monotonic() - counted >= 1.0:
+                counted = time.monotonic()
+                _emit({"stats": {"received": store.received, "dropped": store.dropped}})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(
+        prog="python -m outrigger.demo.traces",
+        description="the demo's OTLP/gRPC trace receiver on 127.0.0.1 (a kernel-picked port)",
+    ).parse_args(argv)
+    return asyncio.run(_serve())
+
+
+class TraceFeed:
+    """What the receiver process said, as the demo keeps it: the retried request's trace to
+    show, and the span counts. `feed` takes its output lines (from another thread: each update
+    is one assignment)."""
+
+    def __init__(self) -> None:
+        self.trace: Trace | None = None
+        self.received = 0
+        self.dropped = 0
+        self.updated = 0  # lines taken
+
+    def feed(self, line: str) -> None:
+        message = json_message(line)
+        if message is None:
+            return
+        if "trace" in message:
+            got = message["trace"]
+            self.trace = Trace(got["trace_id"], [span_from_json(d) for d in got["spans"]])
+        elif "stats" in message:
+            self.received = int(message["stats"]["received"])
+            self.dropped = int(message["stats"]["dropped"])
+        self.updated += 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

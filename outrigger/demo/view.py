@@ -1,5 +1,10 @@
 """What the demo shows: the live view (rich), the one-line status for a non-interactive run, and
-the waterfall of a trace for the end."""
+the waterfall of a trace for the end.
+
+Whose latencies are whose, on screen: the load's p50/p99 are exact (every request, timed from
+when it was due); the services' are estimates interpolated in their sidecars' histogram buckets.
+Beside them, the demo's own CPU use and its load generator's timer lag, so that a demo starved of
+CPU is seen as such and not read as a slow mesh."""
 
 from __future__ import annotations
 
@@ -12,10 +17,14 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from outrigger.demo.guard import Verdict
 from outrigger.demo.load import Window
 from outrigger.demo.scrape import Figures
 from outrigger.demo.story import Story
 from outrigger.demo.traces import CLIENT, KINDS, STATUS_ERROR, SpanRecord, Trace
+from outrigger.demo.usage import DEMO, ROLES, Usage
+
+STARVED_LAG = 0.02  # seconds of timer lag (p99) past which the view says the demo is starved
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,7 @@ class Frame:
     endpoints: list[EndpointRow]
     sidecars: list[SidecarRow]
     mesh_edits: int
+    usage: Usage | None = None  # CPU over the last 2 s
 
 
 def _ms(seconds: float | None) -> str:
@@ -58,15 +68,82 @@ def _ms(seconds: float | None) -> str:
         return "-"
     if seconds == float("inf"):
         return ">60s"
-    return f"{seconds * 1000:.0f}ms" if seconds >= 0.001 else f"{seconds * 1e6:.0f}µs"
+    if seconds >= 0.01:
+        return f"{seconds * 1000:.0f}ms"
+    return f"{seconds * 1000:.1f}ms" if seconds >= 0.001 else f"{seconds * 1e6:.0f}µs"
 
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}%"
 
 
+def cpu_lines(usage: Usage | None) -> list[str]:
+    """The demo's own CPU use, then the machine's by role (% of one core)."""
+    if usage is None:
+        return ["CPU: not measured (no /proc)"]
+    parts = ", ".join(f"{name} {pct:.0f}%" for name, pct in usage.parts.items() if name in _OWN)
+    own = f"demo itself: {usage.roles.get(DEMO, 0.0):.0f}% of a core ({parts})"
+    if usage.machine is None:
+        return [own]
+    roles = ", ".join(f"{role} {usage.roles.get(role, 0.0):.0f}%" for role in ROLES if role != DEMO)
+    others = usage.others or 0.0
+    return [
+        own,
+        f"machine: {usage.cores} cores, {usage.machine:.0f}% busy: {roles}, "
+        f"demo {usage.roles.get(DEMO, 0.0):.0f}%, other work {others:.0f}%",
+    ]
+
+
+_OWN = ("view", "load", "traces")  # the demo's own processes, as CpuMeter names them
+
+
+def _summary_ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.1f} ms" if seconds >= 0.001 else f"{seconds * 1000:.2f} ms"
+
+
+def latency_lines(
+    seconds: float,
+    load: Window,
+    frontend: tuple[float | None, float | None],
+    usage: Usage | None,
+    verdict: Verdict,
+) -> list[tuple[str, str]]:
+    """The summary's latency block: (line, style) for the time nothing failed (`seconds`), the
+    load's and frontend's sidecar's p50/p99, the demo's own lag and CPU, the guard's verdict."""
+    ms = _summary_ms
+    lines = [
+        f"  latency while nothing failed ({seconds:.1f}s, {load.requests} requests):",
+        f"    load → frontend: p50 {ms(load.p50)}  p99 {ms(load.p99)}"
+        "  (exact, from each request's due time)",
+        f"    frontend sidecar inbound: p50 {ms(frontend[0])}  p99 {ms(frontend[1])}"
+        "  (interpolated in its histogram's buckets)",
+        f"    load generator's timer lag: p50 {ms(load.lag_p50)}  p99 {ms(load.lag_p99)}",
+        "    CPU over the whole run (% of one core):",
+        *(f"      {line}" for line in cpu_lines(usage)),
+    ]
+    out = [(line, "") for line in lines]
+    if not verdict.judged:
+        out.append((f"  latency guard: not judged: {verdict.reason}", ""))
+    elif verdict.ok:
+        out.append((f"  latency guard: ok: {verdict.reason}", ""))
+    else:
+        out.append((f"  latency guard: FAILED: {verdict.reason}", "red"))
+    return out
+
+
+def _starved(load: Window) -> bool:
+    return load.lag_p99 is not None and load.lag_p99 > STARVED_LAG
+
+
 def render(frame: Frame, story: Story) -> Group:
-    services = Table(title="services (inbound, last 2 s)", expand=True)
+    services = Table(
+        title="services (last 2 s)",
+        caption="p50/p99: load exact (from each request's due time); "
+        "services interpolated in histogram buckets",
+        expand=True,
+    )
     for col in ("service", "req/s", "success", "p50", "p99", "retries to it"):
         services.add_column(col, justify="left" if col == "service" else "right")
     load = frame.load
@@ -105,6 +182,20 @@ def render(frame: Frame, story: Story) -> Group:
             str(e.ejections),
         )
 
+    own = Text()
+    for line in cpu_lines(frame.usage):
+        own.append(line + "\n")
+    own.append(
+        f"load generator's timer lag: p50 {_ms(load.lag_p50)}  p99 {_ms(load.lag_p99)}",
+        style="bold red" if _starved(load) else "",
+    )
+    if _starved(load):
+        own.append(
+            "\nthe demo is short of CPU: its requests go out late, and the load's latencies "
+            "above include that delay (not the mesh's)",
+            style="bold red",
+        )
+
     sidecars = Table(title=f"config (mesh file edits: {frame.mesh_edits})", expand=True)
     for col in ("sidecar", "ready", "version ACKed"):
         sidecars.add_column(col)
@@ -124,13 +215,18 @@ def render(frame: Frame, story: Story) -> Group:
     return Group(
         Panel(lines, title=f"outrigger demo — story ({frame.elapsed:.0f}s)"),
         services,
+        Panel(own, title="the demo's own cost (last 2 s, % of one core)"),
         endpoints,
         sidecars,
     )
 
 
 def status_line(frame: Frame) -> str:
-    parts = [f"[{frame.elapsed:5.1f}s] load {_pct(frame.load.success)} p99 {_ms(frame.load.p99)}"]
+    load = frame.load
+    parts = [
+        f"[{frame.elapsed:5.1f}s] load {_pct(load.success)} p50 {_ms(load.p50)}"
+        f" p99 {_ms(load.p99)} (its lag p99 {_ms(load.lag_p99)})"
+    ]
     for row in frame.services:
         f = row.figures
         parts.append(f"{row.name} {f.rate:.0f}/s {_pct(f.success)}")
@@ -138,6 +234,12 @@ def status_line(frame: Frame) -> str:
     parts.append("ejected: " + (",".join(ejected) or "none"))
     versions = {s.version for s in frame.sidecars}
     parts.append(f"versions: {len(versions)}")
+    if frame.usage is not None:
+        u = frame.usage
+        parts.append(
+            f"cpu: demo {u.roles.get(DEMO, 0.0):.0f}%"
+            + (f" machine {u.machine:.0f}%/{100 * u.cores}%" if u.machine is not None else "")
+        )
     return " | ".join(parts)
 
 

@@ -13,6 +13,9 @@ Picking: endpoints the breaker registry calls ejected are skipped; among the res
   active requests wins (the first on a tie).
 
 No endpoint left: 503 flag UH.
+
+`OriginalDestination` is the bridge for a headless service: no balancing, each attempt goes to
+the destination the caller chose (the request's authority), admitted and counted the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sidecar.config import Endpoint, LbPolicy, ServiceConfig
+from sidecar.config import Endpoint, LbPolicy, ServiceConfig, authority_endpoint
 from sidecar.exchange import EndpointHandler, Request, Response
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.concurrency import ServiceLoad
@@ -166,3 +169,31 @@ class Balancer:
                 self._next = (index + 1) % n
                 return loads[index]
         raise AssertionError("round-robin pool is not a subset of the endpoints")
+
+
+class OriginalDestination:
+    """Each attempt to the request's own destination (its authority), counted like a pick."""
+
+    __slots__ = ("_inner", "_service")
+
+    def __init__(self, service: ServiceLoad, inner: EndpointHandler) -> None:
+        self._service = service
+        self._inner = inner
+
+    async def __call__(self, req: Request) -> Response:
+        endpoint = authority_endpoint(req.authority)
+        if endpoint is None:
+            raise BalancerError("the request names no destination")
+        service = self._service
+        service.admit()
+        req.tried.append(endpoint)
+        req.attempts += 1
+        try:
+            resp = await self._inner(req, endpoint)
+        except BaseException:
+            service.release()
+            raise
+        resp.body.when_done(service.release)
+        if resp.endpoint is None:
+            resp.endpoint = endpoint
+        return resp

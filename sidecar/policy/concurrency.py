@@ -9,7 +9,7 @@ Both refuse at once with 503 flag UO; nothing here queues.
 - `max_pending` bounds requests waiting for an upstream connection. Only the connection pool
   knows when a request waits (no idle connection, a connect in progress or the per-endpoint
   connection cap reached), so the pool wraps that wait in `with load.pending_slot(): ...`;
-  entering a full slot raises `OverflowError_`. The pool finds the service's `ServiceLoad` through
+  entering a full slot raises `ConcurrencyError`. The pool finds the service's `ServiceLoad` through
   the `ServiceRegistry` by `Request.service.name`.
 
 `ServiceLoad` also carries the retry layer's `retries_active` for the retry budget, because the
@@ -26,7 +26,7 @@ from sidecar.flags import Flag, ProxyError
 from sidecar.policy.stats import ServiceStats
 
 
-class OverflowError_(ProxyError):  # trailing underscore: not the builtin
+class ConcurrencyError(ProxyError):
     """The service is at `max_requests` or `max_pending`: 503 UO, answered at once."""
 
     def __init__(self, detail: str) -> None:
@@ -73,7 +73,7 @@ class ServiceLoad:
         """Count one more active attempt, or refuse it (503 UO) at `max_requests`."""
         if self.active >= self.max_requests:
             self.stats.overflows += 1
-            raise OverflowError_(f"max_requests {self.max_requests} reached")
+            raise ConcurrencyError(f"max_requests {self.max_requests} reached")
         self.active += 1
 
     def release(self) -> None:
@@ -85,7 +85,7 @@ class ServiceLoad:
 
 
 class PendingSlot:
-    """One request waiting for a connection; entering raises `OverflowError_` when full."""
+    """One request waiting for a connection; entering raises `ConcurrencyError` when full."""
 
     __slots__ = ("_entered", "_load")
 
@@ -97,7 +97,7 @@ class PendingSlot:
         load = self._load
         if load.pending >= load.max_pending:
             load.stats.overflows += 1
-            raise OverflowError_(f"max_pending {load.max_pending} reached")
+            raise ConcurrencyError(f"max_pending {load.max_pending} reached")
         load.pending += 1
         self._entered = True
         return self

@@ -40,15 +40,15 @@ from email.utils import parsedate_to_datetime
 
 from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt, wait_random_exponential
 
-from sidecar.config import RetryBudget, RetryPolicy
+from mesh.http import IDEMPOTENT_METHODS_BYTES
+from mesh.policy import RetryBudget
+from sidecar.config import RetryPolicy
 from sidecar.exchange import Handler, Request, Response
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.classifier import Kind, Outcome, classify
 from sidecar.policy.clock import Clock, Sleep
 from sidecar.policy.concurrency import ServiceLoad
 from sidecar.policy.stats import ServiceStats
-
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 _NO_RESPONSE = frozenset({Kind.CONNECT_FAILURE, Kind.RESET, Kind.TIMEOUT})
 
@@ -169,7 +169,7 @@ class Retry:
             return False
         if outcome.kind is Kind.CONNECT_FAILURE or self._config.non_idempotent:
             return True
-        return req.method in IDEMPOTENT_METHODS or req.header(b"idempotency-key") is not None
+        return req.method in IDEMPOTENT_METHODS_BYTES or req.header(b"idempotency-key") is not None
 
     def _retry_after(self, req: Request, resp: Response) -> float | None:
         """Retry-After as the wait, or -1.0 when it does not fit (do not retry)."""

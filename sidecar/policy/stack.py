@@ -27,7 +27,7 @@ from typing import Protocol
 
 from sidecar.config import Endpoint, ServiceConfig
 from sidecar.exchange import EndpointHandler, Handler
-from sidecar.policy.balancer import Balancer, BalancerConfig, EndpointLoad
+from sidecar.policy.balancer import Balancer, BalancerConfig, EndpointLoad, OriginalDestination
 from sidecar.policy.breaker import Breaker, BreakerConfig, BreakerRegistry, EventHook
 from sidecar.policy.clock import Clock, Sleep, loop_time
 from sidecar.policy.concurrency import ConcurrencyConfig, ServiceLoad
@@ -96,6 +96,17 @@ class ServiceRegistry:
         return iter(list(self._states.values()))
 
 
+def check_service(cfg: ServiceConfig) -> None:
+    """Raise ValueError naming the setting when a policy value cannot be applied, touching no
+    state: a snapshot is checked whole before any service's limits or breakers change."""
+    TimeoutConfig.from_service(cfg)
+    if cfg.retry is not None:
+        RetryConfig.from_policy(cfg.retry)
+    BreakerConfig.from_policy(cfg.breaker)
+    ConcurrencyConfig.from_service(cfg)
+    BalancerConfig.from_service(cfg)
+
+
 def build_service_stack(
     cfg: ServiceConfig,
     state: ServiceState,
@@ -129,15 +140,20 @@ def build_service_stack(
         endpoint_handler = tracing.attempt(endpoint_handler)
 
     # Balancer: one pick per attempt, so a retry picks again; skips ejected endpoints; owns the
-    # active counts (max_requests, least_request, retry budget) until the body is done.
-    handler: Handler = Balancer(
-        BalancerConfig.from_service(cfg),
-        loads,
-        state.load,
-        endpoint_handler,
-        ejected=state.breakers.is_ejected if breaker is not None else None,
-        rng=rng,
-    )
+    # active counts (max_requests, least_request, retry budget) until the body is done. A headless
+    # service's requests keep their own destination instead (same counts, nothing to pick).
+    handler: Handler
+    if cfg.original_destination:
+        handler = OriginalDestination(state.load, endpoint_handler)
+    else:
+        handler = Balancer(
+            BalancerConfig.from_service(cfg),
+            loads,
+            state.load,
+            endpoint_handler,
+            ejected=state.breakers.is_ejected if breaker is not None else None,
+            rng=rng,
+        )
     if timeouts.per_try is not None:
         # Per-try timeout inside retry: it bounds one attempt, and its timeout is retryable.
         handler = PerTryTimeout(timeouts.per_try, handler, clock, state.stats)

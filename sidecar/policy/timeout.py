@@ -6,8 +6,8 @@
   504 flag UT.
 - `PerTryTimeout` sits inside the retry layer and bounds one attempt; the attempt's deadline is
   visible to the forwarder as `Request.deadline` for the duration of the attempt. A fired
-  per-try timeout is a `TimeoutError_`, which the classifier calls a timeout, so retry may try
-  again.
+  per-try timeout is an `UpstreamTimeoutError`, which the classifier calls a timeout, so retry
+  may try again.
 
 Only the response head is bounded here; the deadline stays on the request for whoever streams the
 body. No layer is built when no timeout is configured.
@@ -26,7 +26,7 @@ from sidecar.policy.deadline import deadline_at
 from sidecar.policy.stats import ServiceStats
 
 
-class TimeoutError_(ProxyError):  # trailing underscore: not the builtin
+class UpstreamTimeoutError(ProxyError):  # named for its flag: TimeoutError is the builtin
     """The request or the attempt ran out of time: 504 UT."""
 
     def __init__(self, detail: str) -> None:
@@ -47,7 +47,9 @@ class TimeoutConfig:
         return cls(cfg.timeout, per_try)
 
 
-class TotalTimeout:
+class _Bounded:
+    """A layer that bounds its inner handler by `timeout` seconds."""
+
     __slots__ = ("_clock", "_inner", "_stats", "_timeout")
 
     def __init__(self, timeout: float, inner: Handler, clock: Clock, stats: ServiceStats) -> None:
@@ -55,6 +57,10 @@ class TotalTimeout:
         self._inner = inner
         self._clock = clock
         self._stats = stats
+
+
+class TotalTimeout(_Bounded):
+    __slots__ = ()
 
     async def __call__(self, req: Request) -> Response:
         now = self._clock()
@@ -65,7 +71,7 @@ class TotalTimeout:
         remaining = deadline - now
         if remaining <= 0:
             self._stats.timeouts += 1
-            raise TimeoutError_("deadline passed before the request started")
+            raise UpstreamTimeoutError("deadline passed before the request started")
         # Armed relative to the loop's clock, like asyncio.timeout, for a fraction of its cost.
         cm = deadline_at(asyncio.get_running_loop().time() + remaining)
         try:
@@ -75,17 +81,11 @@ class TotalTimeout:
             if not cm.expired:
                 raise
             self._stats.timeouts += 1
-            raise TimeoutError_(f"request timeout of {self._timeout:g}s exceeded") from None
+            raise UpstreamTimeoutError(f"request timeout of {self._timeout:g}s exceeded") from None
 
 
-class PerTryTimeout:
-    __slots__ = ("_clock", "_inner", "_stats", "_timeout")
-
-    def __init__(self, timeout: float, inner: Handler, clock: Clock, stats: ServiceStats) -> None:
-        self._timeout = timeout
-        self._inner = inner
-        self._clock = clock
-        self._stats = stats
+class PerTryTimeout(_Bounded):
+    __slots__ = ()
 
     async def __call__(self, req: Request) -> Response:
         outer = req.deadline
@@ -102,6 +102,6 @@ class PerTryTimeout:
             if not cm.expired:
                 raise
             self._stats.per_try_timeouts += 1
-            raise TimeoutError_(f"per-try timeout of {self._timeout:g}s exceeded") from None
+            raise UpstreamTimeoutError(f"per-try timeout of {self._timeout:g}s exceeded") from None
         finally:
             req.deadline = outer

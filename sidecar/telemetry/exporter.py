@@ -15,7 +15,7 @@ Wire format, both ways: frames of a 4-byte big-endian length and a `marshal`led 
     exporter -> sidecar   (SETTLED, exported, failed, dropped)   running totals, after each change
                           (FLUSHED, token, ok)
 
-A record is a tuple of plain values (see `Record`). The sidecar counts how many records it sent
+A record is a tuple of plain values (`record.Record`). The sidecar counts how many records it sent
 and the totals tell it how many the exporter has finished with, so the two processes together
 never hold more than the queue size (`handoff.py`).
 
@@ -49,12 +49,9 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-log = logging.getLogger("outrigger.exporter")
+from sidecar.telemetry.record import Record
 
-# (trace id, span id, parent span id or 0, parent is remote, name, SpanKind value, start ns,
-#  end ns, attributes, events [(time ns, name, attributes)], error description or None,
-#  W3C tracestate header or "")
-Record = tuple[int, int, int, bool, str, int, int, int, dict[str, Any], list[Any], str | None, str]
+log = logging.getLogger("outrigger.exporter")
 
 SPANS, FLUSH, SETTLED, FLUSHED = 1, 2, 3, 4
 _HEADER = struct.Struct("!I")
@@ -176,37 +173,24 @@ def resource(service: str, env: Mapping[str, str] = os.environ) -> Resource:
 
 def span(record: Sequence[Any], res: Resource) -> ReadableSpan:
     """The SDK span a record describes (what `Tracer.start_span` + `end` made in-process)."""
-    (
-        trace_id,
-        span_id,
-        parent_id,
-        remote,
-        name,
-        kind,
-        start,
-        end,
-        attributes,
-        events,
-        error,
-        state,
-    ) = record
-    trace_state = TraceState.from_header([state]) if state else _NO_STATE
+    r = Record._make(record)
+    trace_state = TraceState.from_header([r.state]) if r.state else _NO_STATE
     parent = None
-    if parent_id:
-        parent = SpanContext(trace_id, parent_id, remote, _FLAGS, trace_state)
+    if r.parent_id:
+        parent = SpanContext(r.trace_id, r.parent_id, r.remote, _FLAGS, trace_state)
     return ReadableSpan(
-        name,
-        SpanContext(trace_id, span_id, False, _FLAGS, trace_state),
+        r.name,
+        SpanContext(r.trace_id, r.span_id, False, _FLAGS, trace_state),
         parent,
         res,
-        attributes,
-        [Event(event_name, event_attributes, at) for at, event_name, event_attributes in events],
+        r.attributes,
+        [Event(event_name, event_attributes, at) for at, event_name, event_attributes in r.events],
         (),
-        SpanKind(kind),
+        SpanKind(r.kind),
         None,
-        _UNSET if error is None else Status(StatusCode.ERROR, error),
-        start,
-        end,
+        _UNSET if r.error is None else Status(StatusCode.ERROR, r.error),
+        r.start,
+        r.end,
         _SCOPE,
     )
 

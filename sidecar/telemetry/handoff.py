@@ -1,7 +1,7 @@
 """The sidecar's end of the exporter: span records wait in a list, a loop callback hands them over.
 
-A sampled request ends by appending one record (plain tuples, see `exporter.Record`) to
-`Handoff.pending`; nothing else happens on the request path. A timer armed by the first record
+A sampled request ends by appending one record (`record.Record`) to `Handoff.pending`; nothing
+else happens on the request path. A timer armed by the first record
 (every `HANDOFF_INTERVAL` at most, sooner when a batch is full) marshals the list and writes it
 to a non-blocking socket whose other end is the exporter process (`exporter.py`), started on
 first use with `sys.executable -m sidecar.telemetry.exporter` and the sidecar's environment.
@@ -47,10 +47,10 @@ from sidecar.telemetry.exporter import (
     SPANS,
     ExportLimits,
     FrameReader,
-    Record,
     frame,
     serve,
 )
+from sidecar.telemetry.record import Record
 
 log = logging.getLogger("outrigger.tracing")
 
@@ -252,7 +252,7 @@ class Handoff:
                 self.drops[reason] += len(chunk)
                 continue
             try:
-                data = frame((SPANS, chunk))
+                data = frame((SPANS, [tuple(record) for record in chunk]))
             except ValueError:  # a value marshal cannot carry: a bug in the record
                 log.exception("tracing: cannot encode %d span records", len(chunk))
                 self.drops["export_failed"] += len(chunk)

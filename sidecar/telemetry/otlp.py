@@ -24,6 +24,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import SpanExportResult
 
+from sidecar.telemetry.record import Record
+
 _Q = struct.Struct("<Q").pack
 _I = struct.Struct("<I").pack
 _D = struct.Struct("<d").pack
@@ -69,7 +71,7 @@ def _any_value(value: Any) -> bytes:
 
 
 class Encoder:
-    """Encodes span records (see `exporter.Record`) for one resource."""
+    """Encodes span records (`record.Record`) for one resource."""
 
     def __init__(self, resource: Resource, scope: str) -> None:
         self._cache: dict[tuple[bytes, str, type, Any], bytes] = {}
@@ -98,42 +100,29 @@ class Encoder:
 
     def span(self, record: Sequence[Any]) -> bytes:
         """A record as a ScopeSpans.spans field."""
-        (
-            trace_id,
-            span_id,
-            parent_id,
-            remote,
-            name,
-            kind,
-            start,
-            end,
-            attributes,
-            events,
-            error,
-            state,
-        ) = record
+        r = Record._make(record)
         parts = [
-            b"\x0a\x10" + trace_id.to_bytes(16, "big"),
-            b"\x12\x08" + span_id.to_bytes(8, "big"),
+            b"\x0a\x10" + r.trace_id.to_bytes(16, "big"),
+            b"\x12\x08" + r.span_id.to_bytes(8, "big"),
         ]
-        if state:
-            parts.append(_field(b"\x1a", state.encode()))
-        if parent_id:
-            parts.append(b"\x22\x08" + parent_id.to_bytes(8, "big"))
-        parts.append(_field(b"\x2a", name.encode()))
-        parts.append(b"\x30" + _varint(kind + 1))  # OTLP's SpanKind is the API's plus one
-        parts.append(b"\x39" + _Q(start))
-        parts.append(b"\x41" + _Q(end))
-        parts += self._attributes(b"\x4a", attributes)
-        for at, event_name, event_attributes in events:
+        if r.state:
+            parts.append(_field(b"\x1a", r.state.encode()))
+        if r.parent_id:
+            parts.append(b"\x22\x08" + r.parent_id.to_bytes(8, "big"))
+        parts.append(_field(b"\x2a", r.name.encode()))
+        parts.append(b"\x30" + _varint(r.kind + 1))  # OTLP's SpanKind is the API's plus one
+        parts.append(b"\x39" + _Q(r.start))
+        parts.append(b"\x41" + _Q(r.end))
+        parts += self._attributes(b"\x4a", r.attributes)
+        for at, event_name, event_attributes in r.events:
             event = [b"\x09" + _Q(at), _field(b"\x12", event_name.encode())]
             event += self._attributes(b"\x1a", event_attributes)
             parts.append(_field(b"\x5a", b"".join(event)))
-        if error is None:
+        if r.error is None:
             parts.append(_UNSET_STATUS)
         else:
-            parts.append(_field(b"\x7a", _field(b"\x12", error.encode()) + b"\x18\x02"))
-        parts.append(_REMOTE_FLAGS if parent_id and remote else _LOCAL_FLAGS)
+            parts.append(_field(b"\x7a", _field(b"\x12", r.error.encode()) + b"\x18\x02"))
+        parts.append(_REMOTE_FLAGS if r.parent_id and r.remote else _LOCAL_FLAGS)
         return _field(b"\x12", b"".join(parts))
 
     def request(self, spans: Sequence[bytes]) -> bytes:

@@ -11,7 +11,7 @@ new trace, a random trace id against `TraceIdRatioBased(ratio).bound` (the SDK's
 arithmetic, evaluated inline). An unsampled new trace still gets a `sampled=0` context written
 into the request, so the next hops agree not to sample it. A sampled request keeps a small
 record (times, attempts, events) and, when it ends, turns it into plain span records (tuples of
-ints, strings and dicts: `exporter.Record`) with explicit start and end times. The span ids are
+ints, strings and dicts: `record.Record`) with explicit start and end times. The span ids are
 chosen up front, because the id written into the upstream request must be the id of the span that
 ends up its parent: the CLIENT span when there was one attempt, that attempt's span when there
 were several. Spans end when the response head is known (the body streams afterwards).
@@ -36,6 +36,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, TraceState
 
+from mesh.address import split_host_port
 from sidecar.config import Endpoint
 from sidecar.exchange import EndpointHandler, Handler, Request, Response
 from sidecar.flags import Flag, ProxyError
@@ -61,6 +63,7 @@ from sidecar.telemetry.handoff import (
     thread_starter,
 )
 from sidecar.telemetry.propagation import TRACE_HEADERS
+from sidecar.telemetry.record import Record
 
 log = logging.getLogger("outrigger.tracing")
 
@@ -77,6 +80,8 @@ _EVENT_FLAGS = {
 
 Attributes = dict[str, Any]
 Event = tuple[int, str, Attributes]  # time (ns), name, attributes
+# Tracing.finish_server / finish_client: (trace, request, service, response, error)
+_Finish = Callable[["_Trace", Request, str, Response | None, BaseException | None], None]
 
 # The sampled request this task is serving (set by the client layer; the attempt layer and the
 # breaker's event hook read it). Each request cycle is its own task, so it never leaks.
@@ -162,18 +167,9 @@ class _Trace:
         target.append((time.time_ns(), name, attributes))
 
 
-def _split_authority(authority: bytes) -> tuple[str, int | None]:
-    text = authority.decode("ascii", "replace")
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:]
-    else:
-        host, _, port = text.partition(":")
-    return host, int(port) if port.isdigit() else None
-
-
 def _request_attributes(req: Request) -> Attributes:
-    host, port = _split_authority(req.authority)
+    authority = req.authority.decode("ascii", "replace")
+    host, port = split_host_port(authority) or (authority, None)
     attributes: Attributes = {
         "http.request.method": req.method.decode("ascii", "replace"),
         "url.path": req.path.partition(b"?")[0].decode("ascii", "replace"),
@@ -235,13 +231,13 @@ class Tracing:
         self._bound = TraceIdRatioBased(ratio).bound
 
     def client(self, inner: Handler, service: str) -> Handler:
-        return _ClientLayer(self, inner, service)
+        return _SpanLayer(self, inner, service, self.finish_client)
 
     def attempt(self, inner: EndpointHandler) -> EndpointHandler:
         return _AttemptLayer(inner)
 
     def inbound(self, inner: Handler, service: str) -> Handler:
-        return _ServerLayer(self, inner, service)
+        return _SpanLayer(self, inner, service, self.finish_server)
 
     def on_breaker_event(self, event: BreakerEvent) -> None:
         """The policy layer's hook: an event on the span of the request that caused it."""
@@ -318,19 +314,19 @@ class Tracing:
         attributes["outrigger.service"] = service
         status, failed = _result_attributes(attributes, req, resp, error, server=True)
         self._handoff.add(
-            (
-                trace.trace_id,
-                trace.span_id,
-                trace.parent_id,
-                True,
-                attributes["http.request.method"],
-                _SERVER,
-                trace.start,
-                time.time_ns(),
-                attributes,
-                trace.events,
-                status if failed else None,
-                trace.state,
+            Record(
+                trace_id=trace.trace_id,
+                span_id=trace.span_id,
+                parent_id=trace.parent_id,
+                remote=True,
+                name=attributes["http.request.method"],
+                kind=_SERVER,
+                start=trace.start,
+                end=time.time_ns(),
+                attributes=attributes,
+                events=trace.events,
+                error=status if failed else None,
+                state=trace.state,
             )
         )
 
@@ -342,6 +338,8 @@ class Tracing:
         resp: Response | None,
         error: BaseException | None,
     ) -> None:
+        if isinstance(error, ProxyError) and (event := _error_event(error)) is not None:
+            trace.events.append(event)  # a timeout or an overflow, on the CLIENT span
         end = time.time_ns()
         attributes = _request_attributes(req)
         attributes["outrigger.service"] = service
@@ -363,36 +361,36 @@ class Tracing:
             client_id = _new_span_id()
             for attempt in attempts:
                 add(
-                    (
-                        trace.trace_id,
-                        attempt.span_id,
-                        client_id,
-                        False,
-                        f"attempt {attempt.number}",
-                        _INTERNAL,
-                        attempt.start,
-                        attempt.end or end,
-                        attempt.attributes,
-                        attempt.events,
-                        attempt.error,
-                        trace.state,
+                    Record(
+                        trace_id=trace.trace_id,
+                        span_id=attempt.span_id,
+                        parent_id=client_id,
+                        remote=False,
+                        name=f"attempt {attempt.number}",
+                        kind=_INTERNAL,
+                        start=attempt.start,
+                        end=attempt.end or end,
+                        attributes=attempt.attributes,
+                        events=attempt.events,
+                        error=attempt.error,
+                        state=trace.state,
                     )
                 )
             events = trace.events
         add(
-            (
-                trace.trace_id,
-                client_id,
-                trace.parent_id,
-                True,
-                name,
-                _CLIENT,
-                trace.start,
-                end,
-                attributes,
-                events,
-                status if failed else None,
-                trace.state,
+            Record(
+                trace_id=trace.trace_id,
+                span_id=client_id,
+                parent_id=trace.parent_id,
+                remote=True,
+                name=name,
+                kind=_CLIENT,
+                start=trace.start,
+                end=end,
+                attributes=attributes,
+                events=events,
+                error=status if failed else None,
+                state=trace.state,
             )
         )
 
@@ -453,57 +451,32 @@ def _result_attributes(
     return name, True
 
 
-class _ServerLayer:
-    """The SERVER span around the handler to the app."""
+class _SpanLayer:
+    """A request's own span: the SERVER span around the handler to the app, or the CLIENT span,
+    outermost in a service stack (its children: the attempts). It makes the sampling decision,
+    runs the inner handler with the trace current, and hands the result to `finish`."""
 
-    __slots__ = ("_inner", "_service", "_tracing")
+    __slots__ = ("_begin", "_finish", "_inner", "_service")
 
-    def __init__(self, tracing: Tracing, inner: Handler, service: str) -> None:
-        self._tracing = tracing
+    def __init__(self, tracing: Tracing, inner: Handler, service: str, finish: _Finish) -> None:
+        self._begin = tracing.begin
+        self._finish = finish
         self._inner = inner
         self._service = service
 
     async def __call__(self, req: Request) -> Response:
-        trace = self._tracing.begin(req)
+        trace = self._begin(req)
         if trace is None:
             return await self._inner(req)
         token = _current.set(trace)
         try:
             resp = await self._inner(req)
         except BaseException as error:
-            self._tracing.finish_server(trace, req, self._service, None, error)
+            self._finish(trace, req, self._service, None, error)
             raise
         finally:
             _current.reset(token)
-        self._tracing.finish_server(trace, req, self._service, resp, None)
-        return resp
-
-
-class _ClientLayer:
-    """The CLIENT span: outermost layer of a service stack (its children: the attempts)."""
-
-    __slots__ = ("_inner", "_service", "_tracing")
-
-    def __init__(self, tracing: Tracing, inner: Handler, service: str) -> None:
-        self._tracing = tracing
-        self._inner = inner
-        self._service = service
-
-    async def __call__(self, req: Request) -> Response:
-        trace = self._tracing.begin(req)
-        if trace is None:
-            return await self._inner(req)
-        token = _current.set(trace)
-        try:
-            resp = await self._inner(req)
-        except BaseException as error:
-            if isinstance(error, ProxyError) and (event := _error_event(error)) is not None:
-                trace.events.append(event)
-            self._tracing.finish_client(trace, req, self._service, None, error)
-            raise
-        finally:
-            _current.reset(token)
-        self._tracing.finish_client(trace, req, self._service, resp, None)
+        self._finish(trace, req, self._service, resp, None)
         return resp
 
 
@@ -557,9 +530,8 @@ class _AttemptLayer:
                 attributes["outrigger.outcome"] = "timeout"
                 attributes["error.type"] = Flag.UPSTREAM_TIMEOUT.value
                 attempt.error = "the attempt ran out of time"
-                attempt.events.append(
-                    (time.time_ns(), "outrigger.timeout", {"outrigger.response_flags": "UT"})
-                )
+                flag = {"outrigger.response_flags": Flag.UPSTREAM_TIMEOUT.value}
+                attempt.events.append((time.time_ns(), "outrigger.timeout", flag))
             else:
                 attributes["outrigger.outcome"] = "cancelled"
                 attempt.error = "cancelled"

@@ -18,8 +18,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from random import getrandbits as _getrandbits
-from typing import Protocol, cast
+from typing import cast
 
+from mesh.http import REASON_PHRASES
 from sidecar.config import ServiceConfig
 from sidecar.exchange import Handler, Request, RequestBody, Response
 from sidecar.flags import Flag, ProxyError
@@ -29,6 +30,7 @@ from sidecar.protocol.events import Data, EndOfMessage, Reject, RequestEvent, Re
 from sidecar.protocol.limits import Limits
 from sidecar.protocol.request import RequestParser
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream
+from sidecar.transport.flow import WriteFlow
 
 log = logging.getLogger("outrigger.server")
 
@@ -38,23 +40,7 @@ FLAGS_HEADER = b"x-outrigger-flags"
 REQUEST_ID = b"x-request-id"
 _HEX = frozenset(b"0123456789abcdefABCDEF-")
 
-REASONS = {
-    101: b"Switching Protocols",
-    400: b"Bad Request",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    414: b"URI Too Long",
-    417: b"Expectation Failed",
-    431: b"Request Header Fields Too Large",
-    499: b"Client Closed Request",
-    500: b"Internal Server Error",
-    501: b"Not Implemented",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-}
+REASONS = {status: phrase.encode() for status, phrase in REASON_PHRASES.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +53,8 @@ class ServerSettings:
     retry_buffer: int = 64 * 1024  # request bodies up to this size are kept for retries
 
 
-class Route(Protocol):
+@dataclass(frozen=True, slots=True)
+class Decision:
     """What the sidecar decided for one request head."""
 
     handler: Handler
@@ -75,28 +62,12 @@ class Route(Protocol):
     name: str  # the service name for logs and metrics ("passthrough", "inbound", ...)
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    handler: Handler
-    service: ServiceConfig | None
-    name: str
-
-
 Dispatch = Callable[[RequestHead], Decision]
 
 
-class Completed(Protocol):
-    """Told when a request cycle ends; `request` is None when none was built (no route)."""
-
-    def __call__(
-        self,
-        head: RequestHead,
-        decision: Decision | None,
-        status: int,
-        flags: str,
-        start: float,
-        request: Request | None,
-    ) -> None: ...
+# Told when a request cycle ends: (head, decision, status, flags, start on the loop's clock,
+# request); decision and request are None when there was no route.
+Completed = Callable[[RequestHead, Decision | None, int, str, float, Request | None], None]
 
 
 # Connection phases for the sweep.
@@ -165,13 +136,13 @@ def _request_id_ok(value: bytes) -> bool:
     return 0 < len(value) <= 128 and all(c in _HEX for c in value)
 
 
-def local_response(error: ProxyError) -> tuple[int, bytes, bytes]:
-    """Status, flags header value and body for a locally generated error."""
+def local_response(error: ProxyError) -> tuple[int, Flag, bytes]:
+    """Status, flag and body for a locally generated error."""
     body = f"{error.flag.value}: {error.detail}\n".encode("ascii", "replace")
-    return error.status, error.flag.value.encode(), body
+    return error.status, error.flag, body
 
 
-class DownstreamProtocol(asyncio.Protocol):
+class DownstreamProtocol(WriteFlow, asyncio.Protocol):
     """One client connection."""
 
     def __init__(
@@ -262,18 +233,8 @@ class DownstreamProtocol(asyncio.Protocol):
             self.tunnel_abort()
 
     def pause_writing(self) -> None:
-        self.write_paused = True
-        self.write_paused_at = self.loop.time()
-        if self.tunnel_flow is not None:
-            self.tunnel_flow[0]()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.tunnel_flow is not None:
-            self.tunnel_flow[1]()
-        waiter = self.drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self.write_paused_at = self.loop.time()  # for the send timeout
+        super().pause_writing()
 
     # --- parsing -------------------------------------------------------------------------
 
@@ -379,7 +340,7 @@ class DownstreamProtocol(asyncio.Protocol):
             return  # the in-flight response finishes, then the connection closes
         status = event.status
         body = f"{event.reason}\n".encode("ascii", "replace")
-        self._write_local(status, b"DPE", body, b"1.1", close=True)
+        self._write_local(status, Flag.DOWNSTREAM_PROTOCOL_ERROR, body, b"1.1", close=True)
         self._finish_connection()
 
     # --- one request cycle ---------------------------------------------------------------
@@ -394,7 +355,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 response = await decision.handler(request)
             except ProxyError as error:
                 status, flag, body = local_response(error)
-                flags = flag.decode()
+                flags = flag.value
                 self._write_local(status, flag, body, head.version, close=self.close_after)
                 return
             except BodyReset:
@@ -405,7 +366,9 @@ class DownstreamProtocol(asyncio.Protocol):
                 # The sidecar cut the request body (timeout, bad chunk): the client is told why.
                 status, flags = failure[0], Flag.DOWNSTREAM_PROTOCOL_ERROR.value
                 reason = f"{failure[1]}\n".encode("ascii", "replace")
-                self._write_local(status, b"DPE", reason, head.version, close=True)
+                self._write_local(
+                    status, Flag.DOWNSTREAM_PROTOCOL_ERROR, reason, head.version, close=True
+                )
                 return
             status = response.status
             flags = ",".join([f.value for f in response.flags]) if response.flags else ""
@@ -434,13 +397,16 @@ class DownstreamProtocol(asyncio.Protocol):
         except (ConnectionError, BodyReset) as exc:
             # Lost a side mid-response: the client saw a truncated message; close it.
             if not flags:
-                flags = Flag.UPSTREAM_RESET.value if isinstance(exc, BodyReset) else "DC"
+                reset = isinstance(exc, BodyReset)
+                flags = (Flag.UPSTREAM_RESET if reset else Flag.DOWNSTREAM_DISCONNECT).value
             self.abort()
         except Exception:
             log.exception("unexpected error serving %r", head.path)
-            status, flags = 500, "UPE"
+            status, flags = 500, Flag.UPSTREAM_PROTOCOL_ERROR.value
             if not self.response_started:
-                self._write_local(500, b"UPE", b"internal error\n", head.version, close=True)
+                self._write_local(
+                    500, Flag.UPSTREAM_PROTOCOL_ERROR, b"internal error\n", head.version, close=True
+                )
             else:
                 self.abort()
         finally:
@@ -454,7 +420,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self._write_local(status, flag, body, head.version, close=self.close_after)
         finally:
             if self.completed is not None:
-                self.completed(head, None, status, flag.decode(), start, None)
+                self.completed(head, None, status, flag.value, start, None)
             self._cycle_done()
 
     async def _write_response(self, head: RequestHead, response: Response) -> None:
@@ -507,7 +473,7 @@ class DownstreamProtocol(asyncio.Protocol):
                     first = False
                 transport.write(out)
                 if self.write_paused:
-                    await self._drain()
+                    await self.drain()
         except BaseException:
             response.discard()  # cut short: its upstream connection closes, never half-read
             raise
@@ -582,7 +548,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self._resume("rejected")
 
     def _write_local(
-        self, status: int, flag: bytes, body: bytes, version: bytes, *, close: bool
+        self, status: int, flag: Flag, body: bytes, version: bytes, *, close: bool
     ) -> None:
         if self.transport is None or self.closed:
             return
@@ -591,11 +557,11 @@ class DownstreamProtocol(asyncio.Protocol):
         if close:
             self.close_after = True
         self.response_started = True
-        headers = [(b"content-type", b"text/plain"), (FLAGS_HEADER, flag)]
+        headers = [(b"content-type", b"text/plain"), (FLAGS_HEADER, flag.value.encode())]
         self.transport.write(
             serialize.response_head(
                 status,
-                REASONS.get(status, b"Error"),
+                REASONS.get(status, b""),
                 headers,
                 version=version,
                 content_length=len(body),
@@ -604,15 +570,6 @@ class DownstreamProtocol(asyncio.Protocol):
             )
             + body
         )
-
-    async def _drain(self) -> None:
-        if not self.write_paused or self.closed:
-            return
-        self.drain_waiter = self.loop.create_future()
-        try:
-            await self.drain_waiter
-        finally:
-            self.drain_waiter = None
 
     def _send_continue(self) -> None:
         if self.transport is not None and not self.response_started and not self.closed:
@@ -681,7 +638,8 @@ class DownstreamProtocol(asyncio.Protocol):
             self.body.fail(BodyReset(reason))
             self.body = None
         if self.task is None:
-            self._write_local(status, b"DPE", f"{reason}\n".encode(), b"1.1", close=True)
+            body = f"{reason}\n".encode()
+            self._write_local(status, Flag.DOWNSTREAM_PROTOCOL_ERROR, body, b"1.1", close=True)
             self._finish_connection()
         else:
             self.close_after = True

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import cast
 
+from mesh.http import IDEMPOTENT_METHODS_BYTES
 from sidecar.config import Endpoint
 from sidecar.exchange import BodyNotReplayable, Request, Response, ResponseBody
 from sidecar.flags import Flag, ProxyError
@@ -24,21 +25,17 @@ from sidecar.protocol import serialize
 from sidecar.protocol.events import Data, EndOfMessage, ResponseEvent, ResponseHead
 from sidecar.protocol.response import ResponseParser
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream, BytesBody
-
-# Methods RFC 9110 §9.2.2 calls idempotent: a request on a reused connection that the peer
-# closed before answering may be sent again on a fresh one (RFC 9112 §9.3.1).
-IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+from sidecar.transport.flow import WriteFlow
 
 
 class UpstreamError(ProxyError):
     """Connecting to, or exchanging with, an upstream endpoint failed."""
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(WriteFlow, asyncio.Protocol):
     """One HTTP/1.1 connection to an endpoint; at most one exchange at a time."""
 
     __slots__ = (
-        "_drain_waiter",
         "_head",
         "_idle_parser",
         "_parser",
@@ -53,8 +50,6 @@ class UpstreamConnection(asyncio.Protocol):
         "request_sent",
         "transport",
         "tunnel",
-        "tunnel_flow",
-        "write_paused",
     )
 
     def __init__(self, pool: EndpointPool) -> None:
@@ -72,7 +67,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.request_sent = False
         self.got_bytes = False
         self.write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
+        self.drain_waiter: asyncio.Future[None] | None = None
         self.idle_since = 0.0
         self.last_activity = 0.0
         # Set on a 101: bytes from upstream go here instead of the parser.
@@ -129,24 +124,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._head.set_exception(UpstreamError(Flag.UPSTREAM_RESET, reason))
         if self.body is not None:
             self.body.fail(BodyReset(reason))
-        waiter = self._drain_waiter
+        waiter = self.drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(UpstreamError(Flag.UPSTREAM_RESET, reason))
         if self.tunnel is not None:
             self.tunnel(b"")
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        if self.tunnel_flow is not None:
-            self.tunnel_flow[0]()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.tunnel_flow is not None:
-            self.tunnel_flow[1]()
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     # --- exchange ------------------------------------------------------------------------
 
@@ -164,14 +146,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._head = asyncio.get_running_loop().create_future()
         self.last_activity = self.pool.clock()
         return self._head
-
-    async def drain(self) -> None:
-        if self.write_paused and not self.closed:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._drain_waiter
-            finally:
-                self._drain_waiter = None
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
@@ -437,7 +411,7 @@ class Upstreams:
                 reused
                 and error.flag is Flag.UPSTREAM_RESET
                 and not conn.got_bytes
-                and req.method in IDEMPOTENT
+                and req.method in IDEMPOTENT_METHODS_BYTES
                 and req.body.replayable
             ):
                 raise

@@ -28,7 +28,9 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf.json_format import MessageToDict
 
+from mesh.http import IDEMPOTENT_METHODS
 from mesh.model import Mesh
+from mesh.policy import Backoff, RetryBudget
 from mesh.translate import idempotent_request_headers, translate
 from mesh.xds import (
     CLUSTER_TYPE,
@@ -38,6 +40,7 @@ from mesh.xds import (
     LISTENER_TYPE,
     NO_ROUTE_STATUS,
     OUTBOUND,
+    POLICY_METADATA,
     ROUTE_TYPE,
     ROUTER_TYPE,
     TYPE_NAMES,
@@ -47,13 +50,11 @@ from mesh.xds import (
     resources_version,
 )
 from sidecar.config import (
-    Backoff,
     BreakerPolicy,
     ConfigError,
     Endpoint,
     LbPolicy,
     OutboundPolicy,
-    RetryBudget,
     RetryPolicy,
     ServiceConfig,
     Snapshot,
@@ -131,7 +132,15 @@ HONOURED_FIELDS: Final[tuple[tuple[str, str, str], ...]] = (
         "Cluster",
         "type",
         "EDS (endpoints from the ClusterLoadAssignment named by eds_cluster_config.service_name, "
-        "or the cluster name), STATIC (inline load_assignment), ORIGINAL_DST (passthrough only)",
+        "or the cluster name), STATIC (inline load_assignment), ORIGINAL_DST (on the * virtual "
+        "host: passthrough; on a service's route: a headless service, each request to its own "
+        "authority with the service's policy, no balancing)",
+    ),
+    (
+        "Cluster",
+        'metadata.filter_metadata["outrigger.dev"].policy',
+        "each policy key's effective value and origin (service, namespace, mesh, built-in), "
+        "shown per service in /config_dump; never changes behaviour",
     ),
     ("Cluster", "connect_timeout", "upstream TCP connect timeout (absent: 5s)"),
     (
@@ -377,8 +386,8 @@ def _non_idempotent(policy: Any, kind: str, name: str, field: str) -> bool:
         kind,
         name,
         f"{field}.retriable_request_headers",
-        "only the idempotency rule is supported (`:method` exact GET, HEAD, OPTIONS, PUT, DELETE, "
-        "TRACE, and `idempotency-key` present) or an empty list",
+        f"only the idempotency rule is supported (`:method` exact {', '.join(IDEMPOTENT_METHODS)}, "
+        "and `idempotency-key` present) or an empty list",
     )
 
 
@@ -412,6 +421,8 @@ def _only_route(config_name: str, index: int, vhost: Any) -> tuple[Any, str]:
 
 
 def _lb_policy(cluster: Any) -> LbPolicy:
+    if cluster.type == cluster_pb2.Cluster.DiscoveryType.ORIGINAL_DST:
+        return LbPolicy.ROUND_ROBIN  # nothing to balance: CLUSTER_PROVIDED is the norm here
     if cluster.HasField("load_balancing_policy"):
         for policy in cluster.load_balancing_policy.policies:
             found = _LB_TYPES.get(policy.typed_extension_config.typed_config.type_url)
@@ -528,8 +539,25 @@ def _breaker(cluster: Any) -> BreakerPolicy:
     )
 
 
+def _policy_origins(cluster: Any) -> tuple[tuple[str, str, str], ...]:
+    """(key, value, origin) from the Cluster's outrigger.dev metadata; () when absent."""
+    metadata = cluster.metadata.filter_metadata.get(POLICY_METADATA)
+    if metadata is None or "policy" not in metadata.fields:
+        return ()
+    policy = metadata.fields["policy"].struct_value.fields
+    out = []
+    for key, entry in sorted(policy.items()):
+        fields = entry.struct_value.fields
+        value = fields["value"].string_value if "value" in fields else ""
+        origin = fields["origin"].string_value if "origin" in fields else ""
+        out.append((key, value, origin))
+    return tuple(out)
+
+
 def _endpoints(resources: Resources, cluster: Any) -> tuple[Endpoint, ...]:
     kind_name = cluster_pb2.Cluster.DiscoveryType.Name(cluster.type)
+    if cluster.type == cluster_pb2.Cluster.DiscoveryType.ORIGINAL_DST:
+        return ()  # a headless service: each request keeps its own destination
     if cluster.type == cluster_pb2.Cluster.DiscoveryType.EDS:
         service_name = cluster.eds_cluster_config.service_name or cluster.name
         assignment = _lookup(resources, ENDPOINT_TYPE, service_name, f'Cluster "{cluster.name}"')
@@ -542,7 +570,7 @@ def _endpoints(resources: Resources, cluster: Any) -> tuple[Endpoint, ...]:
             "Cluster",
             cluster.name,
             "type",
-            f"{kind_name} is not supported for a service (EDS or STATIC; ORIGINAL_DST only on *)",
+            f"{kind_name} is not supported for a service (EDS, STATIC or ORIGINAL_DST)",
         )
     localities = list(assignment.endpoints)
     if not localities:
@@ -601,6 +629,8 @@ def _service(
         retry=retry,
         breaker=_breaker(cluster),
         lb=_lb_policy(cluster),
+        original_destination=cluster.type == cluster_pb2.Cluster.DiscoveryType.ORIGINAL_DST,
+        policy_origins=_policy_origins(cluster),
     )
 
 
@@ -724,7 +754,7 @@ def build_snapshot(resources: Resources, version: str) -> Snapshot:
     )
 
 
-def snapshot_from_mesh(mesh: Mesh) -> Snapshot:
-    """Standalone mode: one translation, one interpretation, in process."""
-    resources = translate(mesh)
+def snapshot_from_mesh(mesh: Mesh, namespace: str = "default") -> Snapshot:
+    """Standalone mode: one translation (for a sidecar in `namespace`), one interpretation."""
+    resources = translate(mesh, namespace)
     return build_snapshot(resources, resources_version(resources))

@@ -62,6 +62,9 @@ class Env:
     upstream_port: int = 0
     nginx_keepalive: int = NGINX_UPSTREAM_KEEPALIVE
     outrigger: Path = OUTRIGGER
+    # argv put before the sidecar's (cost.py runs it under `valgrind --tool=callgrind python`)
+    sidecar_wrapper: tuple[str, ...] = ()
+    sidecar_ready_timeout_s: float = SIDECAR_READY_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -305,6 +308,7 @@ def outrigger_row(
             )
         )
         argv = [
+            *env.sidecar_wrapper,
             str(env.outrigger),
             "sidecar",
             "--mesh",
@@ -327,7 +331,7 @@ def outrigger_row(
             return None if r.status == 200 else f"/ready answered {r.status}"
 
         try:
-            wait_until(proc, ready, timeout_s=SIDECAR_READY_TIMEOUT_S, what="sidecar readiness")
+            wait_until(proc, ready, timeout_s=env.sidecar_ready_timeout_s, what="sidecar readiness")
         except BenchError as exc:
             raise BenchError(f"sidecar failed to become ready: {exc}") from exc
         url = f"http://127.0.0.1:{outbound}/"

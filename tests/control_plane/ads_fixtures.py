@@ -141,7 +141,13 @@ def mesh_resources(services: Mapping[str, Sequence[tuple[str, int]]]) -> dict[st
 class AdsTestClient:
     """One raw ADS stream: exact requests out, responses in, every wait bounded."""
 
-    def __init__(self, address: str, node_id: str = "test-node", service: str = "web") -> None:
+    def __init__(
+        self,
+        address: str,
+        node_id: str = "test-node",
+        service: str = "web",
+        namespace: str = "default",
+    ) -> None:
         self.channel = grpc.aio.insecure_channel(address)
         method: Any = self.channel.stream_stream(
             ADS_METHOD,
@@ -150,7 +156,7 @@ class AdsTestClient:
         )
         self.call = method()
         self.node = base_pb2.Node(id=node_id, cluster=service, user_agent_name="test")
-        self.node.metadata.update({"service": service, "namespace": "default"})
+        self.node.metadata.update({"service": service, "namespace": namespace})
         self._sent_node = False
 
     async def send(

@@ -234,6 +234,18 @@ async def test_ready_endpoint(plane: ControlPlane) -> None:
     assert (await _http_get(plane.http_port, "/nope"))[0] == 404
 
 
+async def test_live_answers_while_not_ready_so_the_liveness_probe_never_restarts_it() -> None:
+    cp = ControlPlane(None)  # no source and no snapshot: not ready
+    async with asyncio.timeout(5):
+        await cp.start("127.0.0.1:0", "127.0.0.1:0")
+    try:
+        assert (await _http_get(cp.http_port, "/ready"))[0] == 503
+        assert await _http_get(cp.http_port, "/live") == (200, b"live\n")
+    finally:
+        async with asyncio.timeout(5):
+            await cp.stop(0)
+
+
 def test_snapshot_with_a_route_to_a_missing_cluster_is_refused() -> None:
     resources = mesh_resources(_services())
     del resources[CLUSTER_TYPE]["orders"]

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.route.v3 import route_pb2
 
 from control_plane.app import ControlPlane, ControlPlaneError
-from control_plane.cache import ENDPOINT_TYPE
+from control_plane.cache import CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE
 from tests.control_plane.ads_fixtures import AdsTestClient
 
 PAYMENTS = "outbound|80||payments.default.svc.cluster.local"  # the cluster / assignment name
@@ -95,3 +96,35 @@ async def test_an_invalid_mesh_at_start_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ControlPlaneError, match="name"):
         await plane.start("127.0.0.1:0", None)
     await plane.stop(0)
+
+
+async def test_a_removed_service_keeps_its_cluster_until_routes_stop_using_it(
+    tmp_path: Path,
+) -> None:
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(mesh_text(9000) + '  - name: orders\n    endpoints: ["127.0.0.1:9100"]\n')
+    plane = ControlPlane(mesh)
+    plane.lingering.grace = 0.5
+    async with asyncio.timeout(5):
+        await plane.start("127.0.0.1:0", None)
+    client = AdsTestClient(f"127.0.0.1:{plane.xds_port}")
+    orders = "outbound|80||orders.default.svc.cluster.local"
+    try:
+        await client.send(CLUSTER_TYPE)
+        await client.ack(await client.recv())
+        await client.send(ROUTE_TYPE, ["outbound"])
+        await client.ack(await client.recv())
+        mesh.write_text(mesh_text(9000))  # orders removed
+        first = await client.recv(timeout=3)
+        await client.ack(first)
+        assert first.type_url == ROUTE_TYPE  # the routes stop using orders; CDS is unchanged
+        routes = route_pb2.RouteConfiguration()
+        first.resources[0].Unpack(routes)
+        assert all("orders" not in v.domains for v in routes.virtual_hosts)
+        assert orders in plane.cache.get("").of(CLUSTER_TYPE).messages
+        final = await client.recv(timeout=3)  # after the grace period: the cluster goes
+        assert final.type_url == CLUSTER_TYPE
+        assert orders not in AdsTestClient.names_of(final)
+    finally:
+        await client.close()
+        await plane.stop(0)

@@ -108,10 +108,15 @@ class ControlPlaneProc:
 
 
 async def start_control_plane(
-    procs: Processes, mesh: Path, xds: str = "127.0.0.1:0", http: str = "127.0.0.1:0"
+    procs: Processes,
+    mesh: Path | None,
+    xds: str = "127.0.0.1:0",
+    http: str = "127.0.0.1:0",
+    extra: tuple[str, ...] = (),
 ) -> ControlPlaneProc:
-    child = procs.start("control-plane", "control-plane", "--mesh", str(mesh),
-                        "--xds", xds, "--http", http)  # fmt: skip
+    mesh_args = ("--mesh", str(mesh)) if mesh is not None else ()
+    child = procs.start("control-plane", "control-plane", *mesh_args,
+                        "--xds", xds, "--http", http, *extra)  # fmt: skip
     match = await child.wait_for_output(_CONTROL_PLANE_LINE, START_TIMEOUT)
     return ControlPlaneProc(child, match["xds"], match["http"])
 

@@ -16,7 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.model import parse_mesh
-from sidecar.app import Sidecar, SidecarSettings
+from sidecar.app import Sidecar
+from sidecar.settings import SidecarSettings
 from sidecar.xds.interpret import snapshot_from_mesh
 
 pytestmark = pytest.mark.timeout(30)

@@ -163,11 +163,13 @@ def test_unknown_top_level_key() -> None:
         ),
         (
             with_policy(retries={"attempts": 1, "retry_on": ["connect-failure", "teapot"]}),
-            'mesh.yaml: service "payments": policy.retries.retry_on[1]: must be a list of',
+            'mesh.yaml: service "payments": policy.retries.retry_on[1]: must be one of '
+            "connect-failure, reset, gateway-error, 5xx, retriable-4xx or a 3-digit HTTP status "
+            'code (e.g. "503"), got "teapot"',
         ),
         (
             with_policy(retries={"attempts": 1, "retry_on": [99]}),
-            'mesh.yaml: service "payments": policy.retries.retry_on[0]: must be a list of',
+            'mesh.yaml: service "payments": policy.retries.retry_on[0]: must be one of',
         ),
         (
             with_policy(retries={"per_try_timeout": "1s"}),
@@ -228,15 +230,112 @@ def test_retry_on_accepts_codes_as_strings_and_ints() -> None:
     assert retries.status_codes == (503, 504)
 
 
-def test_duplicate_service_names_are_refused_across_namespaces() -> None:
+def test_the_same_name_in_two_namespaces_is_two_services() -> None:
     data = {
         "services": [
             {"name": "payments", "endpoints": []},
             {"name": "payments", "namespace": "other", "endpoints": []},
         ]
     }
+    mesh = parse_mesh(data, "mesh.yaml")
+    assert [(s.name, s.namespace) for s in mesh.services] == [
+        ("payments", "default"),
+        ("payments", "other"),
+    ]
+
+
+def test_a_name_twice_in_one_namespace_is_refused() -> None:
+    data = {
+        "services": [
+            {"name": "payments", "namespace": "shop", "endpoints": []},
+            {"name": "payments", "namespace": "shop", "endpoints": []},
+        ]
+    }
     assert error_of(data).startswith(
-        'mesh.yaml: service "payments": name: is defined twice (services[0] and services[1])'
+        "mesh.yaml: service \"payments\": name: is defined twice in namespace 'shop' "
+        "(services[0] and services[1])"
+    )
+
+
+def test_defaults_apply_key_by_key_under_each_services_own_policy() -> None:
+    data = {
+        "defaults": {"timeout": "3s", "retries": {"attempts": 1, "per_try_timeout": "1s"}},
+        "services": [
+            {"name": "payments", "endpoints": [], "policy": {"retries": {"attempts": 4}}},
+            {"name": "orders", "endpoints": []},
+        ],
+    }
+    payments, orders = parse_mesh(data, "mesh.yaml").services
+    assert payments.policy.timeout == 3.0
+    assert payments.policy.retries is not None
+    assert (payments.policy.retries.attempts, payments.policy.retries.per_try_timeout) == (4, 1.0)
+    assert orders.policy.retries is not None and orders.policy.retries.attempts == 1
+    assert payments.origin("retry-attempts") == "service"
+    assert payments.origin("timeout") == "mesh"
+    assert payments.origin("load-balancer") == "built-in"
+    assert orders.origin("retry-attempts") == "mesh"
+
+
+def test_defaults_are_checked_like_a_policy() -> None:
+    assert error_of({"defaults": {"timeout": "soon"}}).startswith(
+        'mesh.yaml: defaults.timeout: must be a duration like "250ms"'
+    )
+    assert error_of({"defaults": {"retries": {"attempt": 1}}}).startswith(
+        "mesh.yaml: defaults.retries.attempt: unknown key"
+    )
+
+
+def test_a_service_backoff_that_contradicts_the_defaults_is_refused() -> None:
+    data = {
+        "defaults": {"retries": {"backoff": {"max": "50ms"}}},
+        "services": [
+            {
+                "name": "payments",
+                "endpoints": [],
+                "policy": {"retries": {"attempts": 1, "backoff": {"base": "100ms"}}},
+            }
+        ],
+    }
+    assert error_of(data) == (
+        'mesh.yaml: service "payments": policy.retries.backoff.base: must not be longer than '
+        'the backoff max (50ms), got "100ms"'
+    )
+
+
+def test_a_retries_block_may_leave_attempts_to_the_defaults() -> None:
+    data = {
+        "defaults": {"retries": {"attempts": 2}},
+        "services": [
+            {"name": "payments", "endpoints": [], "policy": {"retries": {"retry_on": ["5xx"]}}}
+        ],
+    }
+    retries = parse_mesh(data, "m.yaml").services[0].policy.retries
+    assert retries is not None and (retries.attempts, retries.retry_on) == (2, ("5xx",))
+
+
+def test_addresses_and_calls() -> None:
+    data = one_service(addresses=["10.96.0.12", "FD00::C"], calls=["orders", "ledger.finance"])
+    service = parse_mesh(data, "m.yaml").services[0]
+    assert service.addresses == ("10.96.0.12", "fd00::c")
+    assert service.calls == ("orders", "ledger.finance")
+    assert error_of(one_service(addresses=["10.96.0"])).startswith(
+        'mesh.yaml: service "payments": addresses[0]: must be an IP address'
+    )
+    assert error_of(one_service(calls=["Orders"])).startswith(
+        'mesh.yaml: service "payments": calls[0]: must be a service name'
+    )
+
+
+def test_one_virtual_address_and_port_reach_one_service() -> None:
+    data = {
+        "services": [
+            {"name": "a", "endpoints": [], "addresses": ["10.96.0.1"]},
+            {"name": "b", "endpoints": [], "addresses": ["10.96.0.1"]},
+            {"name": "c", "port": 8080, "endpoints": [], "addresses": ["10.96.0.1"]},
+        ]
+    }
+    assert error_of(data) == (
+        'mesh.yaml: service "b": addresses: 10.96.0.1:80 is already service "a.default"\'s address'
     )
 
 

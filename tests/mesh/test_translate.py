@@ -8,8 +8,9 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf.json_format import MessageToDict
 
-from mesh.model import load_mesh, parse_mesh
+from mesh.model import Mesh, MeshEndpoint, MeshService, Policy, load_mesh, parse_mesh
 from mesh.translate import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
@@ -18,8 +19,9 @@ from mesh.translate import (
     PASSTHROUGH_CLUSTER,
     ROUTE_TYPE,
     translate,
+    translate_namespaces,
 )
-from mesh.xds import resources_version
+from mesh.xds import POLICY_METADATA, resources_version
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mesh.yaml"
 PAYMENTS = "outbound|80||payments.default.svc.cluster.local"
@@ -40,16 +42,26 @@ def payments_route(resources: dict[str, dict[str, Any]], config: str = "outbound
 def test_resource_names_follow_the_scheme() -> None:
     resources = translate(load_mesh(EXAMPLE))
     assert list(resources) == [LISTENER_TYPE, ROUTE_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE]
+    # From namespace "default": frontend (namespace web) has no bare-name gRPC listeners.
     assert sorted(resources[LISTENER_TYPE]) == [
-        "frontend",
-        "frontend:80",
+        "frontend.web.svc.cluster.local",
+        "frontend.web.svc.cluster.local:80",
         "orders",
+        "orders.default.svc.cluster.local",
+        "orders.default.svc.cluster.local:8080",
         "orders:8080",
         "outbound",
         "payments",
+        "payments.default.svc.cluster.local",
+        "payments.default.svc.cluster.local:80",
         "payments:80",
     ]
-    assert sorted(resources[ROUTE_TYPE]) == ["frontend", "orders", "outbound", "payments"]
+    assert sorted(resources[ROUTE_TYPE]) == [
+        "frontend.web.svc.cluster.local:80",
+        "orders.default.svc.cluster.local:8080",
+        "outbound",
+        "payments.default.svc.cluster.local:80",
+    ]
     assert sorted(resources[CLUSTER_TYPE]) == [
         "PassthroughCluster",
         "outbound|8080||orders.default.svc.cluster.local",
@@ -114,7 +126,8 @@ def test_no_timeout_is_an_explicit_zero_and_no_retries_no_policy() -> None:
 
 
 def test_timeout_also_reaches_grpc_clients() -> None:
-    route = payments_route(translate(mesh_with({"timeout": "1.5s"})), "payments").route
+    resources = translate(mesh_with({"timeout": "1.5s"}))
+    route = payments_route(resources, "payments.default.svc.cluster.local:80").route
     assert route.timeout.ToMilliseconds() == 1500
     assert route.max_stream_duration.max_stream_duration.ToMilliseconds() == 1500
     assert route.max_stream_duration.grpc_timeout_header_max.ToMilliseconds() == 1500
@@ -215,10 +228,10 @@ def test_outbound_listener_samples_traces_and_uses_rds() -> None:
 
 def test_grpc_listener_is_an_api_listener_naming_the_service_route() -> None:
     resources = translate(mesh_with({}))
-    for name in ("payments", "payments:80"):
+    for name in ("payments", "payments:80", "payments.default.svc.cluster.local:80"):
         hcm = hcm_pb2.HttpConnectionManager()
         assert resources[LISTENER_TYPE][name].api_listener.api_listener.Unpack(hcm)
-        assert hcm.rds.route_config_name == "payments"
+        assert hcm.rds.route_config_name == "payments.default.svc.cluster.local:80"
         assert hcm.rds.config_source.HasField("ads")
         assert hcm.http_filters[-1].name == "envoy.filters.http.router"
 
@@ -263,3 +276,134 @@ def test_translation_is_deterministic_and_versions_follow_content() -> None:
     assert len(resources_version(first)) == 16
     changed = translate(mesh_with({"timeout": "3s"}))
     assert resources_version(changed) != resources_version(translate(mesh_with({"timeout": "2s"})))
+
+
+# -- Kubernetes DNS rules, per namespace --------------------------------------------------------
+
+
+def vhost_domains(resources: dict[str, dict[str, Any]], fqdn_port: str) -> set[str]:
+    for vhost in resources[ROUTE_TYPE]["outbound"].virtual_hosts:
+        if vhost.name == fqdn_port:
+            return set(vhost.domains)
+    raise AssertionError(f"no virtual host {fqdn_port}")
+
+
+def two_namespaces() -> Any:
+    return parse_mesh(
+        {
+            "services": [
+                {"name": "payments", "namespace": "shop", "endpoints": ["10.0.0.1:8080"],
+                 "addresses": ["10.96.0.10"]},
+                {"name": "payments", "namespace": "bank", "port": 8443, "endpoints": []},
+            ]
+        },
+        "mesh.yaml",
+    )  # fmt: skip
+
+
+def test_the_bare_name_reaches_only_the_callers_own_namespace() -> None:
+    others, by_namespace = translate_namespaces(two_namespaces())
+    assert sorted(by_namespace) == ["bank", "shop"]
+    shop = vhost_domains(by_namespace["shop"], "payments.shop.svc.cluster.local:80")
+    assert {
+        "payments",
+        "payments:80",
+        "payments.shop",
+        "payments.shop.svc.cluster.local:80",
+    } <= shop
+    assert {"10.96.0.10", "10.96.0.10:80"} <= shop  # the ClusterIP, from anywhere
+    bank_from_shop = vhost_domains(by_namespace["shop"], "payments.bank.svc.cluster.local:8443")
+    assert "payments" not in bank_from_shop and "payments:8443" not in bank_from_shop
+    assert {"payments.bank", "payments.bank:8443"} <= bank_from_shop
+    # A one-port service answers without a port too (a qualified name; not its address).
+    assert "payments.bank.svc" in bank_from_shop
+    bank = vhost_domains(by_namespace["bank"], "payments.bank.svc.cluster.local:8443")
+    assert {"payments", "payments:8443"} <= bank
+    elsewhere = vhost_domains(others, "payments.shop.svc.cluster.local:80")
+    assert "payments" not in elsewhere and "payments.shop" in elsewhere
+    assert translate(two_namespaces(), "shop") is not translate(two_namespaces(), "bank")
+
+
+def test_clusters_and_endpoints_are_the_same_in_every_namespace() -> None:
+    others, by_namespace = translate_namespaces(two_namespaces())
+    versions = {
+        resources_version({t: r[t] for t in (CLUSTER_TYPE, ENDPOINT_TYPE)})
+        for r in [others, *by_namespace.values()]
+    }
+    assert len(versions) == 1
+    routes = {resources_version({ROUTE_TYPE: r[ROUTE_TYPE]}) for r in by_namespace.values()}
+    assert len(routes) == 2
+    assert all(
+        "outbound" in r[LISTENER_TYPE] and "outbound" in r[ROUTE_TYPE]
+        for r in [others, *by_namespace.values()]
+    )
+
+
+def test_a_multi_port_service_answers_without_a_port_only_on_port_80() -> None:
+    mesh = Mesh(
+        services=(
+            MeshService("web", "shop", 80, sole_port=False, addresses=("fd00::1",)),
+            MeshService("web", "shop", 8080, sole_port=False, addresses=("fd00::1",)),
+        )
+    )
+    resources = translate(mesh, "shop")
+    web80 = vhost_domains(resources, "web.shop.svc.cluster.local:80")
+    web8080 = vhost_domains(resources, "web.shop.svc.cluster.local:8080")
+    assert {"web", "web.shop", "[fd00::1]", "[fd00::1]:80"} <= web80
+    assert web8080 & {"web", "web.shop", "[fd00::1]"} == set()
+    assert {"web:8080", "web.shop:8080", "[fd00::1]:8080"} <= web8080
+
+
+def test_a_headless_service_keeps_the_original_destination_with_its_policy() -> None:
+    service = MeshService(
+        "db",
+        "shop",
+        5432,
+        endpoints=(MeshEndpoint("10.1.0.7", 5432, hostname="db-0"), MeshEndpoint("10.1.0.8", 5432)),
+        policy=Policy(timeout=2.0),
+        headless=True,
+    )
+    resources = translate(Mesh(services=(service,)), "shop")
+    name = "outbound|5432||db.shop.svc.cluster.local"
+    cluster = resources[CLUSTER_TYPE][name]
+    assert cluster.type == cluster_pb2.Cluster.DiscoveryType.ORIGINAL_DST
+    assert name not in resources[ENDPOINT_TYPE]
+    domains = vhost_domains(resources, "db.shop.svc.cluster.local:5432")
+    assert {
+        "db-0.db:5432",
+        "db-0.db.shop.svc.cluster.local",
+        "10.1.0.7:5432",
+        "10.1.0.8:5432",
+    } <= domains
+    route = payments_like(resources, "db.shop.svc.cluster.local:5432")
+    assert route.route.cluster == name and route.route.timeout.ToSeconds() == 2
+
+
+def payments_like(resources: dict[str, dict[str, Any]], vhost_name: str) -> Any:
+    for vhost in resources[ROUTE_TYPE]["outbound"].virtual_hosts:
+        if vhost.name == vhost_name:
+            return vhost.routes[0]
+    raise AssertionError(vhost_name)
+
+
+def test_a_domain_two_services_claim_goes_to_the_first() -> None:
+    mesh = Mesh(
+        services=(
+            MeshService("a", "shop", endpoints=(MeshEndpoint("10.1.0.7", 80),), headless=True),
+            MeshService("b", "shop", endpoints=(MeshEndpoint("10.1.0.7", 80),), headless=True),
+        )
+    )
+    resources = translate(mesh, "shop")
+    assert "10.1.0.7" in vhost_domains(resources, "a.shop.svc.cluster.local:80")
+    assert "10.1.0.7" not in vhost_domains(resources, "b.shop.svc.cluster.local:80")
+
+
+def test_each_cluster_carries_its_policy_and_where_each_value_came_from() -> None:
+    service = {"name": "payments", "endpoints": [], "policy": {"retries": {"attempts": 2}}}
+    mesh = parse_mesh({"defaults": {"timeout": "3s"}, "services": [service]}, "mesh.yaml")
+    cluster = translate(mesh)[CLUSTER_TYPE][PAYMENTS]
+    metadata = MessageToDict(cluster.metadata.filter_metadata[POLICY_METADATA])
+    assert metadata["service"] == "payments.default"
+    assert metadata["policy"]["timeout"] == {"value": "3s", "origin": "mesh"}
+    assert metadata["policy"]["retry-attempts"] == {"value": "2", "origin": "service"}
+    assert metadata["policy"]["load-balancer"] == {"value": "round_robin", "origin": "built-in"}

@@ -35,5 +35,5 @@ def test_sidecars_follow_filter_chains_and_grpc_clients_follow_api_listeners() -
     listeners = translate(MESH)[LISTENER_TYPE]
     assert route_names_of(listeners["outbound"], api_listener=False) == ["outbound"]
     assert route_names_of(listeners["payments"], api_listener=False) == []
-    assert route_names_of(listeners["payments"]) == ["payments"]
-    assert set(translate(MESH)[ROUTE_TYPE]) == {"outbound", "payments"}
+    assert route_names_of(listeners["payments"]) == ["payments.default.svc.cluster.local:80"]
+    assert set(translate(MESH)[ROUTE_TYPE]) == {"outbound", "payments.default.svc.cluster.local:80"}

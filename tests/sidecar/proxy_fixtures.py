@@ -29,7 +29,8 @@ from typing import Any
 import yaml
 
 from mesh.model import parse_mesh
-from sidecar.app import Sidecar, SidecarSettings
+from sidecar.app import Sidecar
+from sidecar.settings import SidecarSettings
 from sidecar.transport.server import ServerSettings
 from sidecar.xds.interpret import snapshot_from_mesh
 

@@ -22,7 +22,8 @@ from typing import Any
 import httpx
 
 from mesh.model import parse_mesh
-from sidecar.app import Sidecar, SidecarSettings
+from sidecar.app import Sidecar
+from sidecar.settings import SidecarSettings
 from sidecar.xds.interpret import snapshot_from_mesh
 
 # Every await on the network is bounded by this unless a test says otherwise.

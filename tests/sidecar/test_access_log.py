@@ -1,7 +1,7 @@
 """The access log end to end: client -> in-process sidecar (--access-log) -> upstreams on loopback.
 
 Lines are taken from the sidecar's buffer (what `_housekeeping` flushes once a second) and, in
-one test, from stdout after `flush_access_log`. Every wait is bounded.
+one test, from stdout after `AccessLog.flush`. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ async def logging_sidecar(doc: dict[str, Any], *, tracing: bool = False) -> Asyn
 
 async def lines(proxy: Proxy, count: int) -> list[dict[str, Any]]:
     """The first `count` access-log lines (a line is written when the response has been sent)."""
-    buffered = proxy.sidecar._access_lines
+    buffered = proxy.sidecar.access_log.lines
     await wait_for(lambda: len(buffered) >= count)
     return [json.loads(line) for line in buffered[:count]]
 
@@ -146,13 +146,13 @@ async def test_local_error_logs_no_upstream(capsys: pytest.CaptureFixture[str]) 
         assert resp.status_code == 502
         await lines(proxy, 1)
         capsys.readouterr()
-        proxy.sidecar.flush_access_log()
+        proxy.sidecar.access_log.flush()
         [text] = capsys.readouterr().out.splitlines()
         line = json.loads(text)
         assert line["flags"] == "NR"
         assert line["destination"] == "-"
         assert (line["upstream"], line["attempts"], line["trace_id"]) == ("-", 0, "-")
-        assert proxy.sidecar._access_lines == []
+        assert proxy.sidecar.access_log.lines == []
 
 
 @pytest.mark.parametrize(

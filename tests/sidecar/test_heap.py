@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from mesh.model import parse_mesh
-from sidecar.app import Sidecar, SidecarSettings
+from sidecar.app import Sidecar
+from sidecar.settings import SidecarSettings
 from sidecar.xds.interpret import snapshot_from_mesh
 from tests.sidecar.proxy_fixtures import (
     WAIT,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.app import SETTING_KEYS, SettingsError, SidecarSettings
+from sidecar.settings import SETTING_KEYS, SettingsError, SidecarSettings
 
 
 def _args(**flags: Any) -> argparse.Namespace:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.app import SettingsError, SidecarSettings, authority_endpoint
 from sidecar.config import Endpoint
+from sidecar.routing import authority_endpoint
+from sidecar.settings import SettingsError, SidecarSettings
 
 
 def _args(**overrides: object) -> argparse.Namespace:

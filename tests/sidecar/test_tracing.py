@@ -33,7 +33,8 @@ from opentelemetry.trace import (
 
 from mesh.model import parse_mesh
 from outrigger.demo.traces import CLIENT, INTERNAL, SERVER, SpanRecord, TraceReceiver, receive
-from sidecar.app import Sidecar, SidecarSettings
+from sidecar.app import Sidecar
+from sidecar.settings import SidecarSettings
 from sidecar.telemetry import propagation
 from sidecar.telemetry.tracing import Tracing, TracingSettings, otlp_endpoint, resource
 from sidecar.xds.interpret import snapshot_from_mesh

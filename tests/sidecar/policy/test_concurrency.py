@@ -4,7 +4,7 @@ import pytest
 
 from sidecar.exchange import Response
 from sidecar.flags import Flag
-from sidecar.policy.concurrency import ConcurrencyConfig, OverflowError_, ServiceLoad
+from sidecar.policy.concurrency import ConcurrencyConfig, ConcurrencyError, ServiceLoad
 from sidecar.policy.stack import ServiceState, build_service_stack
 from sidecar.policy.stats import ServiceStats
 from tests.sidecar.policy.fakes import FakeUpstream, drain, outcome_of, request, service
@@ -18,7 +18,7 @@ async def test_overflow_answers_immediately_with_uo() -> None:
     held = [await handler(request()), await handler(request())]  # bodies unread: still active
     start = loop.time()
     err = await outcome_of(handler, request())
-    assert isinstance(err, OverflowError_)
+    assert isinstance(err, ConcurrencyError)
     assert (err.flag, err.status) == (Flag.UPSTREAM_OVERFLOW, 503)
     assert loop.time() == start
     assert len(upstream.calls) == 2
@@ -35,7 +35,7 @@ async def test_overflow_is_not_retried() -> None:
     handler = build_service_stack(cfg, state, upstream)
     held = await handler(request())
     err = await outcome_of(handler, request())
-    assert isinstance(err, OverflowError_)
+    assert isinstance(err, ConcurrencyError)
     assert state.stats.retries == 0
     held.discard()
     assert state.load.active == 0
@@ -46,7 +46,7 @@ def test_pending_slots_are_bounded_and_released() -> None:
     load = ServiceLoad(stats, ConcurrencyConfig(max_requests=10, max_pending=1))
     with load.pending_slot():
         assert load.pending == 1
-        with pytest.raises(OverflowError_), load.pending_slot():
+        with pytest.raises(ConcurrencyError), load.pending_slot():
             pass
         assert load.pending == 1
     assert load.pending == 0

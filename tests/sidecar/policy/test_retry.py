@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tenacity import RetryCallState
 
-from sidecar.config import Backoff, LbPolicy, RetryBudget, RetryPolicy, ServiceConfig
+from mesh.policy import Backoff, RetryBudget
+from sidecar.config import LbPolicy, RetryPolicy, ServiceConfig
 from sidecar.exchange import Request, Response
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.retry import RetryConfig, RetryError, parse_retry_after

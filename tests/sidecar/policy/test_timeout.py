@@ -2,11 +2,12 @@ import asyncio
 
 import pytest
 
-from sidecar.config import Backoff, ServiceConfig
+from mesh.policy import Backoff
+from sidecar.config import ServiceConfig
 from sidecar.exchange import Response
 from sidecar.flags import Flag
 from sidecar.policy.stack import ServiceState, build_service_stack
-from sidecar.policy.timeout import TimeoutError_
+from sidecar.policy.timeout import UpstreamTimeoutError
 from tests.sidecar.policy.fakes import EP, FakeUpstream, Hang, Reply, outcome_of, request, service
 
 
@@ -47,7 +48,7 @@ async def test_total_timeout_answers_504_ut_and_cancels_the_attempt() -> None:
     handler, state = stack(service(timeout=1.0), upstream)
     start = loop.time()
     err = await outcome_of(handler, request())
-    assert isinstance(err, TimeoutError_)
+    assert isinstance(err, UpstreamTimeoutError)
     assert (err.flag, err.status) == (Flag.UPSTREAM_TIMEOUT, 504)
     assert loop.time() - start == pytest.approx(1.0)
     assert upstream.calls[0].cancelled
@@ -63,7 +64,7 @@ async def test_total_timeout_holds_across_retries_and_backoff() -> None:
     handler, state = stack(cfg, upstream)
     start = loop.time()
     err = await outcome_of(handler, request())
-    assert isinstance(err, TimeoutError_) and err.status == 504
+    assert isinstance(err, UpstreamTimeoutError) and err.status == 504
     assert loop.time() - start == pytest.approx(1.0)
     assert 2 <= len(upstream.calls) < 6
     assert state.load.retries_active == 0 and state.load.active == 0
@@ -90,7 +91,7 @@ async def test_per_try_timeout_is_not_retried_when_retry_on_excludes_timeouts() 
     cfg = service(attempts=2, per_try_timeout=0.5, retry_on=["connect-failure"])
     handler, _ = stack(cfg, upstream)
     err = await outcome_of(handler, request())
-    assert isinstance(err, TimeoutError_) and err.status == 504
+    assert isinstance(err, UpstreamTimeoutError) and err.status == 504
     assert len(upstream.calls) == 1
 
 
@@ -98,7 +99,7 @@ async def test_post_is_not_retried_after_a_per_try_timeout() -> None:
     upstream = FakeUpstream(default=Hang())
     handler, _ = stack(service(attempts=2, per_try_timeout=0.5), upstream)
     err = await outcome_of(handler, request(b"POST"))
-    assert isinstance(err, TimeoutError_)
+    assert isinstance(err, UpstreamTimeoutError)
     assert len(upstream.calls) == 1
 
 

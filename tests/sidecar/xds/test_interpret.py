@@ -9,6 +9,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
 from mesh.model import load_mesh, parse_mesh
+from mesh.policy import Backoff, RetryBudget
 from mesh.translate import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
@@ -19,13 +20,11 @@ from mesh.translate import (
 )
 from mesh.xds import pack_resources, resources_from_any, resources_version
 from sidecar.config import (
-    Backoff,
     BreakerPolicy,
     ConfigError,
     Endpoint,
     LbPolicy,
     OutboundPolicy,
-    RetryBudget,
     RetryPolicy,
 )
 from sidecar.xds.interpret import HONOURED_FIELDS, build_snapshot, snapshot_from_mesh

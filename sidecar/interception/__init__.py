@@ -1,0 +1,1 @@
+"""Transparent interception: the pod's redirect rules and the original destination they hide."""

@@ -1,0 +1,64 @@
+"""The access log: one JSON line per request on stdout (off by default; `access_log: true`).
+
+A line is built when its request cycle ends and kept in `lines`; `flush` writes them all at once
+(the sidecar's housekeeping does every second, and once more at exit), so a request never waits
+on stdout. Fields: time, direction, method, authority, path, status, flags ("-" for none),
+duration_ms, destination (the service, "passthrough" or "inbound"; "-" when no route), upstream
+(the endpoint tried last, the one that answered or failed last), attempts, trace_id.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from sidecar.exchange import Request
+from sidecar.protocol.events import RequestHead
+from sidecar.telemetry import trace_id
+
+
+class AccessLog:
+    __slots__ = ("lines",)
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []  # built, not written yet
+
+    def record(
+        self,
+        direction: str,
+        head: RequestHead,
+        destination: str,
+        status: int,
+        flags: str,
+        duration: float,
+        request: Request | None,
+    ) -> None:
+        """One request's line; `request` is None when none was built (no route)."""
+        tried = request.tried if request is not None else None
+        self.lines.append(
+            json.dumps(
+                {
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "direction": direction,
+                    "method": head.method.decode("ascii", "replace"),
+                    "authority": head.authority.decode("ascii", "replace"),
+                    "path": head.path.decode("ascii", "replace"),
+                    "status": status,
+                    "flags": flags or "-",
+                    "duration_ms": round(duration * 1000, 3),
+                    "destination": destination,
+                    "upstream": str(tried[-1]) if tried else "-",
+                    "attempts": request.attempts if request is not None else 0,
+                    "trace_id": trace_id(request.headers) if request is not None else "-",
+                },
+                separators=(",", ":"),
+            )
+        )
+
+    def flush(self) -> None:
+        """Write the lines built so far to stdout (the list is emptied in place)."""
+        if self.lines:
+            lines, self.lines[:] = list(self.lines), []
+            sys.stdout.write("\n".join(lines) + "\n")
+            sys.stdout.flush()

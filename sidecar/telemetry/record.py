@@ -1,0 +1,25 @@
+"""The span record: one finished span as the data plane hands it to the exporter process.
+
+`tracing.py` builds it, `handoff.py` sends it, `exporter.py` and `otlp.py` read it. It crosses the
+socket as a plain tuple (marshal takes no tuple subclass, so the hand-off sends
+`tuple(record)`); the exporter's side reads it back with `Record._make`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+
+class Record(NamedTuple):
+    trace_id: int
+    span_id: int
+    parent_id: int  # 0: no parent
+    remote: bool  # the parent is another process's span
+    name: str
+    kind: int  # SpanKind value
+    start: int  # ns since the epoch
+    end: int
+    attributes: dict[str, Any]
+    events: list[Any]  # [(time ns, name, attributes)]
+    error: str | None  # the ERROR status description; None: status unset
+    state: str  # W3C tracestate header, or ""

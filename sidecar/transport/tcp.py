@@ -1,0 +1,269 @@
+"""Opaque TCP pass-through: a client connection and its destination, bytes untouched both ways.
+
+Everything that is not HTTP/1.x (TLS, the HTTP/2 preface, databases, server-first protocols)
+is relayed by a `TcpProxy`. Its rules:
+
+- Bytes are never parsed or changed. The bytes read while detecting the protocol are written
+  upstream first (`replay`), then the stream follows.
+- Half-close is honoured: an EOF from one side is passed on (write_eof) and the other direction
+  stays open until it ends too; only then are both connections closed (after their buffers
+  drain). A client that half-closed during detection (`client_ended`) gets its EOF passed on
+  right after the replay.
+- Backpressure both ways: when one side's write buffer passes its high-water mark
+  (pause_writing), the other side stops being read until it drains (resume_writing). Memory per
+  connection stays bounded by the transports' buffer limits.
+- A reset or error on one side aborts the other (the app sees a reset, as it would have seen
+  it without the sidecar). A failed or timed-out connect (bounded by `connect_timeout`) aborts
+  the client with flag UF, as the HTTP path flags a connect failure.
+- One `TcpRecord` per connection: the observer hears when it opens and when it closes (bytes
+  each way, duration, flags), and `log_line()` is its JSON access-log line.
+
+The client transport is handed over with `set_protocol` (asyncio and uvloop transports support
+it), so the protocol that read the first bytes does not stay in the path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
+
+from sidecar.flags import Flag
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSettings:
+    connect_timeout: float = 5.0  # Envoy's default for a cluster that names none
+
+
+@dataclass(slots=True)
+class TcpRecord:
+    """What happened to one passed-through connection; Envoy's names where it has them."""
+
+    direction: str  # "outbound" | "inbound"
+    downstream: str  # the client, host:port
+    upstream: str  # where the bytes went (the original destination), host:port
+    destination: str = "passthrough"  # the service, when the address is one
+    protocol: str = "tcp"  # what detection saw: tcp | tls | h2
+    server_name: str = ""  # TLS SNI, when the ClientHello named one
+    flags: str = ""  # UF: connect failed; DC: the client left before the upstream answered
+    bytes_received: int = 0  # from the client (Envoy: bytes_received), replayed bytes included
+    bytes_sent: int = 0  # to the client (Envoy: bytes_sent)
+    start: float = 0.0  # loop time
+    duration: float = 0.0  # seconds, set when the connection is over
+    started_at: float = field(default_factory=time.time)  # wall clock, for the log
+
+    def log_line(self) -> str:
+        return json.dumps(
+            {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
+                "direction": self.direction,
+                "protocol": self.protocol,
+                "downstream": self.downstream,
+                "upstream": self.upstream,
+                "destination": self.destination,
+                "sni": self.server_name or "-",
+                "flags": self.flags or "-",
+                "bytes_received": self.bytes_received,
+                "bytes_sent": self.bytes_sent,
+                "duration_ms": round(self.duration * 1000, 3),
+            },
+            separators=(",", ":"),
+        )
+
+
+# loop.create_connection's shape: how the upstream connection is made.
+Connect = Callable[[Callable[[], asyncio.Protocol], str, int], Awaitable[Any]]
+
+
+class TcpObserver(Protocol):
+    """Metrics and logs: told once when a connection opens and once when it is over."""
+
+    def tcp_opened(self, record: TcpRecord) -> None: ...
+
+    def tcp_closed(self, record: TcpRecord) -> None: ...
+
+
+class _Side(asyncio.Protocol):
+    """One of the two connections; what it reads is written to the other."""
+
+    __slots__ = ("closed", "ended", "is_client", "peer", "proxy", "transport")
+
+    def __init__(self, proxy: TcpProxy, transport: asyncio.Transport | None) -> None:
+        self.proxy = proxy
+        self.transport = transport
+        self.is_client = transport is not None
+        self.peer: _Side | None = None
+        self.ended = False  # this side sent EOF
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        record = self.proxy.record
+        if self.is_client:
+            record.bytes_received += len(data)
+        else:
+            record.bytes_sent += len(data)
+        peer = self.peer
+        if peer is None or peer.transport is None:
+            self.proxy.replay += data  # not connected yet (reading is paused: only a race)
+        elif not peer.closed:
+            peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.ended = True
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.closed:
+            _pass_eof(peer.transport)
+        self.proxy.ended()
+        return True  # keep writing to this side until the other direction ends
+
+    def pause_writing(self) -> None:
+        # Our buffer towards this side is full: stop reading what fills it.
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.proxy.lost(self, exc)
+
+
+def _pass_eof(transport: asyncio.Transport) -> None:
+    if transport.can_write_eof():
+        transport.write_eof()
+    else:
+        transport.close()
+
+
+class TcpProxy:
+    """One passed-through connection: `start()` connects upstream and relays until both end."""
+
+    __slots__ = (
+        "client",
+        "client_ended",
+        "connect",
+        "connecting",
+        "destination",
+        "done",
+        "loop",
+        "observer",
+        "record",
+        "replay",
+        "server",
+        "settings",
+    )
+
+    def __init__(
+        self,
+        client: asyncio.Transport,
+        destination: tuple[str, int],
+        record: TcpRecord,
+        *,
+        replay: bytes = b"",
+        client_ended: bool = False,
+        settings: TcpSettings | None = None,
+        observer: TcpObserver | None = None,
+        connect: Connect | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.connect = connect or self.loop.create_connection
+        self.destination = destination
+        self.record = record
+        self.replay = replay
+        self.client_ended = client_ended
+        self.settings = settings or TcpSettings()
+        self.observer = observer
+        self.client = _Side(self, client)
+        self.server = _Side(self, None)
+        self.client.peer, self.server.peer = self.server, self.client
+        self.client.ended = client_ended
+        self.connecting: asyncio.Task[None] | None = None
+        self.done: asyncio.Future[None] = self.loop.create_future()  # set when both are closed
+
+    def start(self) -> None:
+        client = self.client.transport
+        assert client is not None
+        client.set_protocol(self.client)
+        client.pause_reading()  # until the upstream connection is there
+        self.record.start = self.loop.time()
+        self.record.bytes_received += len(self.replay)
+        if self.observer is not None:
+            self.observer.tcp_opened(self.record)
+        self.connecting = self.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        host, port = self.destination
+        timeout = self.settings.connect_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await self.connect(lambda: self.server, host, port)
+        except TimeoutError:
+            self._fail(Flag.UPSTREAM_CONNECT_FAILURE)
+            return
+        except OSError:
+            self._fail(Flag.UPSTREAM_CONNECT_FAILURE)
+            return
+        finally:
+            self.connecting = None
+        client, server = self.client.transport, self.server.transport
+        assert client is not None and server is not None
+        if self.client.closed:  # the client left while we connected
+            server.abort()
+            return
+        replay, self.replay = self.replay, b""
+        if replay:
+            server.write(replay)
+        if self.client_ended:
+            _pass_eof(server)
+        else:
+            client.resume_reading()
+
+    def _fail(self, flag: Flag) -> None:
+        self.record.flags = flag.value
+        self.server.closed = True
+        client = self.client.transport
+        if client is not None and not self.client.closed:
+            client.abort()  # connection_lost -> lost() -> finished
+        else:
+            self._finish()
+
+    def ended(self) -> None:
+        """One side sent EOF; once both have, close both (their buffers drain first)."""
+        if self.client.ended and self.server.ended:
+            for side in (self.client, self.server):
+                if side.transport is not None and not side.closed:
+                    side.transport.close()
+
+    def lost(self, side: _Side, exc: Exception | None) -> None:
+        other = self.server if side is self.client else self.client
+        if side is self.client and self.connecting is not None:
+            self.record.flags = self.record.flags or Flag.DOWNSTREAM_DISCONNECT.value
+            self.connecting.cancel()
+            self.connecting = None
+            other.closed = True
+        if not other.closed and other.transport is not None:
+            if exc is None:
+                other.transport.close()
+            else:
+                other.transport.abort()
+        if other.closed or other.transport is None:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.done.done():
+            return
+        self.record.duration = self.loop.time() - self.record.start
+        if self.observer is not None:
+            self.observer.tcp_closed(self.record)
+        self.done.set_result(None)

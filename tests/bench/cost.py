@@ -1,0 +1,183 @@
+"""What one request costs the sidecar: CPU-µs, or instructions under callgrind, per request.
+
+    .venv/bin/python tests/bench/cost.py [--rows outrigger,outrigger-policy]
+                                         [--requests 20000] [--repeat 3]
+    .venv/bin/python tests/bench/cost.py --callgrind [--requests 2000]
+
+For comparing two versions of the code on a busy machine, where req/s from `run.py` is noise:
+a fixed number of requests, not a fixed duration, so the figure does not depend on how fast
+the machine is right now. Same upstream and rows as run.py (rows.py). For each row the harness
+starts the sidecar, sends `--warmup` requests, then `--requests` sequential GETs (`Host:
+upstream`, keep-alive) over `--connections` connections, one after another, and reads
+
+- CPU time: utime + stime of the sidecar from /proc before and after (10 ms ticks, so use
+  enough requests), `--repeat` times on the same process; the table shows the least and the
+  median. Other processes on the machine still disturb caches, so compare medians of repeats.
+- `--callgrind`: the sidecar runs under `valgrind --tool=callgrind`; the counters are zeroed
+  after the warm-up (`callgrind_control -z`) and dumped after the requests (`-d`), and the
+  figure is instructions executed (Ir) per request. Deterministic up to the 0.5 s sweeps and
+  the 1 s housekeeping that run while the counters are open, which is why it is reported per
+  request over a few thousand. `PYTHONHASHSEED=0` for both modes.
+
+Nothing here is a pass/fail check; the numbers go into a branch's report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import rows
+from processes import BenchError, ProcessGroup, cpu_seconds
+
+DEFAULT_ROWS = ("outrigger", "outrigger-policy")
+CONTROL_TIMEOUT_S = 60.0
+CALLGRIND_READY_TIMEOUT_S = 300.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="sidecar rows from rows.py")
+    p.add_argument("--requests", type=int, default=None, help="measured requests per repeat")
+    p.add_argument("--warmup", type=int, default=None, help="unmeasured requests first")
+    p.add_argument("--repeat", type=int, default=3, help="measurements per row (CPU mode)")
+    p.add_argument("--connections", type=int, default=1, help="keep-alive connections, in turn")
+    p.add_argument("--callgrind", action="store_true", help="instructions under callgrind")
+    p.add_argument("--outrigger", type=Path, default=rows.OUTRIGGER)
+    p.add_argument("--keep-workdir", action="store_true", help="keep logs and callgrind dumps")
+    args = p.parse_args(argv)
+    if args.requests is None:
+        args.requests = 2000 if args.callgrind else 20000
+    if args.warmup is None:
+        args.warmup = 200 if args.callgrind else 2000
+    if args.callgrind:
+        args.repeat = 1
+    return args
+
+
+def send(target: rows.Target, count: int, connections: int, body: bytes) -> None:
+    """`count` GETs, spread over `connections` keep-alive connections used one after another."""
+    host, port = target.listen
+    per = [count // connections + (1 if i < count % connections else 0) for i in range(connections)]
+    headers = {"Host": target.host} if target.host else {}
+    for n in per:
+        conn = http.client.HTTPConnection(host, port, timeout=CONTROL_TIMEOUT_S)
+        try:
+            for _ in range(n):
+                conn.request("GET", "/", headers=headers)
+                resp = conn.getresponse()
+                got = resp.read()
+                if resp.status != 200 or got != body:
+                    raise BenchError(f"GET / answered {resp.status} with {len(got)} bytes")
+        finally:
+            conn.close()
+
+
+def callgrind_control(option: str, pid: int) -> None:
+    # The sidecar wakes at least every 0.5 s (its connection sweep), which is when callgrind
+    # reads the command; so this returns within about half a second.
+    subprocess.run(
+        ["callgrind_control", option, str(pid)],
+        check=True,
+        capture_output=True,
+        timeout=CONTROL_TIMEOUT_S,
+    )
+
+
+def dumped_instructions(out_dir: Path, pid: int) -> int:
+    """Ir of the last dump callgrind wrote for `pid` (its `totals:` line)."""
+    dumps = sorted(out_dir.glob(f"callgrind.out.{pid}*"), key=lambda p: p.stat().st_mtime)
+    if not dumps:
+        raise BenchError(f"callgrind wrote no dump for pid {pid} in {out_dir}")
+    match = re.search(r"^(?:totals|summary): (\d+)", dumps[-1].read_text(), re.MULTILINE)
+    if match is None:
+        raise BenchError(f"{dumps[-1]}: no totals line")
+    return int(match.group(1))
+
+
+def measure(row: rows.Row, env: rows.Env, args: argparse.Namespace) -> str:
+    started = len(env.group.procs)
+    target = row.start(env)
+    try:
+        if target.measured is None:
+            raise BenchError(f"{row.name}: no process to measure")
+        pid = target.measured.pid
+        send(target, args.warmup, args.connections, env.body)
+        if args.callgrind:
+            callgrind_control("-z", pid)
+            send(target, args.requests, args.connections, env.body)
+            callgrind_control("-d", pid)
+            ir = dumped_instructions(env.workdir, pid)
+            return f"{row.name:20} {ir / args.requests:12,.0f} instructions/request"
+        figures = []
+        for _ in range(args.repeat):
+            before = cpu_seconds(pid)
+            send(target, args.requests, args.connections, env.body)
+            figures.append((cpu_seconds(pid) - before) * 1e6 / args.requests)
+        shown = " ".join(f"{f:.1f}" for f in figures)
+        return (
+            f"{row.name:20} CPU-µs/request min {min(figures):.1f}"
+            f" median {statistics.median(figures):.1f}  ({shown})"
+        )
+    finally:
+        for proc in env.group.procs[started:][::-1]:
+            env.group.stop(proc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    needed = ["nginx"] + (["valgrind", "callgrind_control"] if args.callgrind else [])
+    missing = [tool for tool in needed if shutil.which(tool) is None]
+    if missing:
+        print(f"missing tools: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    os.environ["PYTHONHASHSEED"] = "0"  # the children inherit it
+    workdir = Path(tempfile.mkdtemp(prefix="outrigger-cost-"))
+    env = rows.Env(
+        group=ProcessGroup(workdir=workdir),
+        workdir=workdir,
+        pins=rows.Pins(wrk=None, proxy=None, upstream=None),
+        body=rows.make_body(),
+        outrigger=args.outrigger,
+    )
+    if args.callgrind:
+        python = args.outrigger.with_name("python")
+        env.sidecar_wrapper = (
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={workdir}/callgrind.out.%p",
+            str(python),
+        )
+        env.sidecar_ready_timeout_s = CALLGRIND_READY_TIMEOUT_S
+    print(
+        f"{args.requests} requests after {args.warmup} warm-up, {args.connections} connection(s)"
+        f" in turn, {time.strftime('%Y-%m-%d %H:%M')}",
+        flush=True,
+    )
+    try:
+        _, env.upstream_port = rows.start_upstream(env)
+        for name in args.rows.split(","):
+            print(measure(rows.by_name()[name], env, args), flush=True)
+    except BenchError as exc:
+        print(f"failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        env.group.close()
+        if args.keep_workdir:
+            print(f"kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
