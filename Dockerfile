@@ -12,13 +12,18 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY scripts/install.sh scripts/install.sh
-COPY requirements.lock pyproject.toml README.md ./
+COPY requirements.lock pyproject.toml setup.py README.md ./
 COPY mesh mesh
 COPY sidecar sidecar
 COPY control_plane control_plane
 COPY outrigger outrigger
-RUN python -m venv /opt/outrigger \
+# gcc and libc6-dev compile the HTTP codec (sidecar/protocol/native.pyx; the slim image has the
+# Python headers); the build fails unless the compiled codec loads. The final stage needs neither.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && python -m venv /opt/outrigger \
  && scripts/install.sh /opt/outrigger/bin/python -c requirements.lock '.[demo]' \
+ && OUTRIGGER_CODEC=native /opt/outrigger/bin/python -c "import sidecar.protocol" \
  && /opt/outrigger/bin/outrigger --help >/dev/null
 
 FROM ${PYTHON_IMAGE}

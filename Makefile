@@ -3,18 +3,26 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The compiled codec (sidecar/protocol/native.pyx); `make install` builds it, and every target
+# that runs the code rebuilds it in place when the .pyx changed.
+NATIVE := sidecar/protocol/native$(shell $(PY) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 
 .PHONY: install check lint typecheck test run demo bench clean lock manifests golden image-venv
 
 # Every dependency at the version in requirements.lock (the versions the tests pass with; the
 # image installs the same), by the install script the Dockerfile uses too.
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock setup.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	scripts/install.sh $(BIN)/python -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# (pip builds it as `make install` does: Cython and setuptools come from the build requirements.)
+$(NATIVE): sidecar/protocol/native.pyx setup.py | $(STAMP)
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(NATIVE)
+
+install: $(STAMP) $(NATIVE)
 
 lint: $(STAMP)
 	$(BIN)/ruff check mesh sidecar control_plane outrigger tests
@@ -23,20 +31,20 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-check: lint typecheck
+check: lint typecheck $(NATIVE)
 	$(BIN)/pytest -q
 
 test: check
 
 # A sidecar in front of the example mesh (standalone), on the default ports.
-run: $(STAMP)
+run: $(STAMP) $(NATIVE)
 	$(BIN)/outrigger sidecar --mesh examples/mesh.yaml --service frontend
 
 # The whole mesh on this machine: control plane, frontend -> orders -> payments, traffic, live view.
-demo: $(STAMP)
+demo: $(STAMP) $(NATIVE)
 	$(BIN)/outrigger demo
 
-bench: $(STAMP)
+bench: $(STAMP) $(NATIVE)
 	$(BIN)/python tests/bench/run.py
 
 # Re-resolve every dependency at its newest allowed version into a fresh venv and pin the result.
@@ -62,6 +70,7 @@ image-venv:
 	cd /tmp && /tmp/outrigger-image-venv/bin/outrigger --help >/dev/null
 	cd /tmp && /tmp/outrigger-image-venv/bin/outrigger control-plane --help >/dev/null
 	cd /tmp && /tmp/outrigger-image-venv/bin/python -c "import sidecar.app, control_plane.app, outrigger.demo.run"
+	cd /tmp && OUTRIGGER_CODEC=native /tmp/outrigger-image-venv/bin/python -c "import sidecar.protocol"
 	rm -rf /tmp/outrigger-image-venv
 
 # k8s/outrigger.yaml: the chart rendered with webhook.certificates=self (tests fail when stale).
@@ -73,4 +82,4 @@ golden: $(STAMP)
 	$(BIN)/python -m tests.helm.golden
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build sidecar/protocol/native*.so

@@ -1,6 +1,8 @@
 """Sans-IO HTTP/1.1 codec: parsers turn bytes into events, serializers turn the model into bytes.
 
-Never imports asyncio; see docs/hardening.md for the rules it enforces.
+Never imports asyncio; see docs/hardening.md for the rules it enforces. The parsers and the
+head serializers run compiled (native.pyx) when it is built, with the .py modules as the reference
+(implementation.py says which runs).
 """
 
 from .events import (

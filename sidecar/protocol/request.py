@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import httptools
 
+from . import implementation
 from .events import Data, EndOfMessage, Headers, Reject, RequestEvent, RequestHead
 from .limits import Limits
 
-__all__ = ["ChunkError", "ChunkedDecoder", "RequestParser"]
+__all__ = ["ChunkError", "ChunkedDecoder", "PyRequestParser", "RequestParser"]
 
 # --- byte-level building blocks (shared with response.py) -------------------------------------
 
@@ -80,7 +81,8 @@ K_TE: Final = 3
 K_CONNECTION: Final = 4
 K_UPGRADE: Final = 5
 K_EXPECT: Final = 6
-K_DROP: Final = 7  # plain hop-by-hop: keep-alive, proxy-connection, te
+K_DROP: Final = 7  # plain hop-by-hop: keep-alive, te
+K_PROXY_CONNECTION: Final = 8  # hop-by-hop too, but llhttp reads it as Connection
 SPECIAL: Final[dict[bytes, int]] = {
     b"host": K_HOST,
     b"content-length": K_CL,
@@ -89,7 +91,7 @@ SPECIAL: Final[dict[bytes, int]] = {
     b"upgrade": K_UPGRADE,
     b"expect": K_EXPECT,
     b"keep-alive": K_DROP,
-    b"proxy-connection": K_DROP,
+    b"proxy-connection": K_PROXY_CONNECTION,
     b"te": K_DROP,
 }
 
@@ -450,6 +452,7 @@ class RequestParser:
         # llhttp validates the head; on_header sorts the fields into _headers and _special.
         if not self._ll_clean:
             self._ll = httptools.HttpRequestParser(self)
+        self._ll_clean = False  # until this head is accepted (see the end of this method)
         headers: Headers = []
         special: list[tuple[int, bytes]] = []
         self._headers = headers
@@ -464,12 +467,11 @@ class RequestParser:
             self._message_done = False  # llhttp is left in tunnel mode: replace it
         except httptools.HttpParserError as exc:
             if not self._head_done:
-                self._ll_clean = False
                 raise HeadError(400, f"malformed request head: {exc}") from None
             # llhttp objected after the head (e.g. an unknown transfer coding): our checks
             # below answer with the more precise status; if they do not, this error stands.
             late_error = exc
-        self._ll_clean = self._message_done and late_error is None
+        ll_done = self._message_done and late_error is None
         if not self._head_done:
             raise HeadError(400, "malformed request head")
 
@@ -493,6 +495,7 @@ class RequestParser:
         connection: list[bytes] = []
         upgrade: bytes | None = None
         expect_continue = False
+        last_for_llhttp = version == V10
         for kind, value in special:
             if kind == K_HOST:
                 hosts += 1
@@ -505,6 +508,9 @@ class RequestParser:
                 te += list_tokens(value)
             elif kind == K_CONNECTION:
                 connection += list_tokens(value)
+                last_for_llhttp = True
+            elif kind == K_PROXY_CONNECTION:
+                last_for_llhttp = True
             elif kind == K_UPGRADE:
                 upgrade = value if upgrade is None else upgrade + b", " + value
             elif kind == K_EXPECT:
@@ -592,6 +598,10 @@ class RequestParser:
         if late_error is not None:
             raise HeadError(400, f"malformed request head: {late_error}")
         self._ka = keep_alive
+        # llhttp reads the next head only if it finished this one and cannot have taken it as
+        # the connection's last (HTTP/1.0, or a close as it reads Connection or
+        # Proxy-Connection): after such a message it refuses every byte, the next head included.
+        self._ll_clean = ll_done and not last_for_llhttp
         return RequestHead(
             method,
             path,
@@ -605,3 +615,10 @@ class RequestParser:
             upgrade,
             absolute_form,
         )
+
+
+# The compiled twin takes the public name when it is built (implementation.py); this module's
+# parser stays the reference, under its own name, and decides every head the twin leaves to it.
+PyRequestParser: Final = RequestParser
+if not TYPE_CHECKING and implementation.NATIVE is not None:
+    RequestParser = implementation.NATIVE.RequestParser

@@ -10,10 +10,11 @@ response) are never returned as data: they only make `reusable` False.
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import httptools
 
+from . import implementation
 from .events import Data, EndOfMessage, Headers, Reject, ResponseEvent, ResponseHead
 from .limits import Limits
 from .request import (
@@ -22,6 +23,7 @@ from .request import (
     K_DROP,
     K_EXPECT,
     K_HOST,
+    K_PROXY_CONNECTION,
     K_TE,
     K_UPGRADE,
     OWS,
@@ -36,7 +38,7 @@ from .request import (
     parse_content_length,
 )
 
-__all__ = ["ResponseParser"]
+__all__ = ["PyResponseParser", "ResponseParser"]
 
 # Host and Expect are end-to-end on a response; the rest of the request table applies.
 _SPECIAL: Final = {name: kind for name, kind in SPECIAL.items() if kind not in (K_HOST, K_EXPECT)}
@@ -261,6 +263,7 @@ class ResponseParser:
 
         if not self._ll_clean:
             self._ll = httptools.HttpResponseParser(self)
+        self._ll_clean = False  # until this head is accepted (see the end of this method)
         headers: Headers = []
         special: list[tuple[int, bytes]] = []
         self._headers = headers
@@ -271,9 +274,8 @@ class ResponseParser:
         except httptools.HttpParserUpgrade:
             self._message_done = False
         except httptools.HttpParserError as exc:
-            self._ll_clean = False
             raise HeadError(502, f"malformed response head: {exc}") from None
-        self._ll_clean = self._message_done
+        ll_done = self._message_done
         if not self._head_done:
             raise HeadError(502, "malformed response head")
 
@@ -289,6 +291,7 @@ class ResponseParser:
         te: list[bytes] | None = None
         connection: list[bytes] = []
         upgrade: bytes | None = None
+        last_for_llhttp = version == V10
         for kind, value in special:
             if kind == K_CL:
                 try:
@@ -301,6 +304,9 @@ class ResponseParser:
                 te += list_tokens(value)
             elif kind == K_CONNECTION:
                 connection += list_tokens(value)
+                last_for_llhttp = True
+            elif kind == K_PROXY_CONNECTION:
+                last_for_llhttp = True
             elif kind == K_UPGRADE:
                 upgrade = value if upgrade is None else upgrade + b", " + value
 
@@ -340,6 +346,7 @@ class ResponseParser:
             if has_body and not chunked and content_length is None:
                 keep_alive = False  # close-delimited
         self._keep_alive = keep_alive
+        self._ll_clean = ll_done and not last_for_llhttp  # see RequestParser._parse_head
         return ResponseHead(
             status,
             reason,
@@ -351,3 +358,9 @@ class ResponseParser:
             has_body,
             upgrade,
         )
+
+
+# The compiled twin takes the public name when it is built (implementation.py); see request.py.
+PyResponseParser: Final = ResponseParser
+if not TYPE_CHECKING and implementation.NATIVE is not None:
+    ResponseParser = implementation.NATIVE.ResponseParser

@@ -12,12 +12,22 @@ translate()/search passes), then one bytes join for the whole head.
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
+from . import implementation
 from .events import Headers
 from .request import valid_host
 
-__all__ = ["LAST_CHUNK", "chunk", "informational", "request_head", "response_head"]
+__all__ = [
+    "LAST_CHUNK",
+    "chunk",
+    "informational",
+    "py_chunk",
+    "py_request_head",
+    "py_response_head",
+    "request_head",
+    "response_head",
+]
 
 LAST_CHUNK: Final = b"0\r\n\r\n"
 
@@ -133,3 +143,14 @@ def informational(status: int, reason: bytes) -> bytes:
     if _REASON.fullmatch(reason) is None:
         raise ValueError(f"invalid reason phrase {reason!r}")
     return b"HTTP/1.1 %d %b\r\n\r\n" % (status, reason)
+
+
+# The compiled twins take the public names when they are built (implementation.py); these
+# functions stay the reference, under their own names, and write whatever the twins leave to them.
+py_request_head: Final = request_head
+py_response_head: Final = response_head
+py_chunk: Final = chunk
+if not TYPE_CHECKING and implementation.NATIVE is not None:
+    request_head = implementation.NATIVE.request_head
+    response_head = implementation.NATIVE.response_head
+    chunk = implementation.NATIVE.chunk

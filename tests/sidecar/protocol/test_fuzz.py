@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 
 from sidecar.protocol import Data, Reject, RequestEvent, RequestParser
 
+# Every test here runs on the compiled codec and on the pure-Python reference (conftest.py).
+pytestmark = pytest.mark.usefixtures("implementation")
+
 CORPUS = sorted((Path(__file__).parent / "corpus").glob("*.http"))
 
 VALID = [

@@ -14,6 +14,9 @@ from sidecar.protocol import (
     RequestParser,
 )
 
+# Every test here runs on the compiled codec and on the pure-Python reference (conftest.py).
+pytestmark = pytest.mark.usefixtures("implementation")
+
 GET = b"GET /x?y=1 HTTP/1.1\r\nHost: Payments:8080\r\nAccept: */*\r\nX-Trace: t1\r\n\r\n"
 
 
@@ -363,6 +366,14 @@ def test_hop_by_hop_and_connection_named_headers_are_removed() -> None:
     )
     assert h.headers == [(b"x-kept", b"k")]
     assert h.keep_alive
+
+
+@pytest.mark.parametrize("value", [b"close", b"keep-alive"])
+def test_proxy_connection_is_removed_without_ending_the_connection(value: bytes) -> None:
+    data = b"GET / HTTP/1.1\r\nHost: a\r\nProxy-Connection: " + value + b"\r\n\r\n" + GET
+    events = RequestParser().feed(data)
+    assert [type(e) for e in events] == [RequestHead, EndOfMessage, RequestHead, EndOfMessage]
+    assert isinstance(events[0], RequestHead) and events[0].headers == []
 
 
 def test_connection_close_turns_keep_alive_off_and_ends_parsing() -> None:

@@ -14,6 +14,9 @@ from sidecar.protocol import (
     ResponseParser,
 )
 
+# Every test here runs on the compiled codec and on the pure-Python reference (conftest.py).
+pytestmark = pytest.mark.usefixtures("implementation")
+
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
 
 
@@ -94,6 +97,31 @@ def test_100_continue_then_final_response() -> None:
     assert events[1] == EndOfMessage()
     assert isinstance(events[2], ResponseHead) and events[2].status == 200
     assert events[3:] == [Data(b"hello"), EndOfMessage()]
+    assert parser.reusable
+
+
+@pytest.mark.parametrize(
+    "interim",
+    [b"HTTP/1.1 100 Continue\r\nConnection: close\r\n\r\n", b"HTTP/1.0 100 Continue\r\n\r\n"],
+)
+def test_an_interim_response_that_says_close_does_not_refuse_the_final_one(interim: bytes) -> None:
+    events, parser = parse(interim + OK)
+    assert [type(e) for e in events] == [
+        ResponseHead,
+        EndOfMessage,
+        ResponseHead,
+        Data,
+        EndOfMessage,
+    ]
+    assert parser.reusable
+
+
+def test_a_reset_parser_reads_the_next_response_whatever_the_last_one_was() -> None:
+    parser = ResponseParser(b"GET")
+    refused = parser.feed(b"HTTP/1.1 204 No Content\r\nConnection: close\r\nX_A: 1\r\n\r\n")
+    assert isinstance(refused[-1], Reject) and refused[-1].status == 502
+    parser.reset(b"GET")
+    assert [type(e) for e in parser.feed(OK)] == [ResponseHead, Data, EndOfMessage]
     assert parser.reusable
 
 

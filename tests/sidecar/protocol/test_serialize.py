@@ -14,6 +14,9 @@ from sidecar.protocol import (
     response_head,
 )
 
+# Every test here runs on the compiled codec and on the pure-Python reference (conftest.py).
+pytestmark = pytest.mark.usefixtures("implementation")
+
 
 def test_request_head_writes_host_first_and_framing_last() -> None:
     out = request_head(
