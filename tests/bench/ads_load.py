@@ -27,6 +27,7 @@ import json
 import os
 import queue
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -405,6 +406,20 @@ class LoadFleet:
     def close(self) -> None:
         for proc in self.procs:
             proc.stop()
+
+
+def stop_all(
+    fleet: LoadFleet | None, children: list[Child | None], work: Path, keep_workdir: bool
+) -> None:
+    """The harnesses' `finally`: the load generators, then the other children in order, then
+    the work folder unless kept."""
+    if fleet is not None:
+        fleet.close()
+    for child in children:
+        if child is not None:
+            child.stop()
+    if not keep_workdir:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> int:

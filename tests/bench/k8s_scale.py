@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import json
 import re
-import shutil
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ads_load import REPO, Child, LoadFleet, loadavg, pct
+from ads_load import REPO, Child, LoadFleet, loadavg, pct, stop_all
 
 CHANGE_QUIET_S = 1.0  # a push is over when no stream got a response for this long
 
@@ -270,14 +269,8 @@ def harness(args: argparse.Namespace) -> int:
             print(f"the fake API server saw client mistakes: {mistakes[:5]}")
         return 0
     finally:
-        if fleet is not None:
-            fleet.close()
-        for child in (cp, api):
-            if child is not None:
-                child.stop()
+        stop_all(fleet, [cp, api], work, args.keep_workdir)
         cp_log.close()
-        if not args.keep_workdir:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> int:

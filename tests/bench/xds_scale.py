@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from ads_load import Child, LoadFleet, loadavg, pct
+from ads_load import Child, LoadFleet, loadavg, pct, stop_all
 
 QUIET_S = 1.0  # a push is over when no stream got a response for this long
 
@@ -127,13 +126,8 @@ def harness(args: argparse.Namespace) -> int:
         print(f"control plane RSS after the pushes: {cp.rss_mib():.0f} MiB")
         return 0
     finally:
-        if fleet is not None:
-            fleet.close()
-        if cp is not None:
-            cp.stop()
+        stop_all(fleet, [cp], work, args.keep_workdir)
         cp_log.close()
-        if not args.keep_workdir:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> int:
