@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import re
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,10 +12,8 @@ import httpx
 import pytest
 
 from outrigger.demo.service import TRACE_HEADERS, build_parser
-from tests.e2e.mesh_processes import START_TIMEOUT, Child, Processes
+from tests.e2e.mesh_processes import Processes, start_demo_app
 from tests.sidecar.proxy_fixtures import Received, ok, serve, upstream
-
-_LISTENING = re.compile(r"outrigger demo app (?P<name>\S+) listening (?P<address>\S+:\d+)")
 
 
 @pytest.fixture
@@ -35,18 +31,6 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-async def start_app(procs: Processes, name: str, *flags: str) -> str:
-    """`python -m outrigger.demo.service --name NAME --listen 127.0.0.1:0 FLAGS`; its address."""
-    argv = [sys.executable, "-m", "outrigger.demo.service", "--name", name, *flags]
-    if "--listen" not in flags:
-        argv += ["--listen", "127.0.0.1:0"]
-    child = Child(name, argv, procs.workdir / f"{name}.{len(procs.children)}.log")
-    procs.children.append(child)
-    match = await child.wait_for_output(_LISTENING, START_TIMEOUT)
-    assert match["name"] == name
-    return match["address"]
-
-
 async def statuses(http: httpx.AsyncClient, url: str, count: int) -> list[int]:
     return [(await http.get(url)).status_code for _ in range(count)]
 
@@ -54,7 +38,7 @@ async def statuses(http: httpx.AsyncClient, url: str, count: int) -> list[int]:
 async def test_it_binds_the_listen_address_itself_and_answers(
     procs: Processes, http: httpx.AsyncClient
 ) -> None:
-    address = await start_app(procs, "payments", "--listen", "127.0.0.1:0")
+    address = await start_demo_app(procs, "payments", "--listen", "127.0.0.1:0")
     host, port = address.rsplit(":", 1)
     assert host == "127.0.0.1" and int(port) > 0  # port 0: the one it bound, printed
     reply = await http.get(f"http://{address}/charge")
@@ -68,7 +52,7 @@ async def test_it_binds_the_listen_address_itself_and_answers(
 async def test_a_failure_rate_answers_503_to_about_that_share_of_requests(
     procs: Processes, http: httpx.AsyncClient
 ) -> None:
-    address = await start_app(procs, "payments", "--failure-rate", "0.25")
+    address = await start_demo_app(procs, "payments", "--failure-rate", "0.25")
     count = 400
     seen = await statuses(http, f"http://{address}/", count)
     assert set(seen) <= {200, 503}
@@ -79,7 +63,7 @@ async def test_a_failure_rate_answers_503_to_about_that_share_of_requests(
 async def test_a_failure_rate_of_one_fails_every_request_but_never_the_health_check(
     procs: Processes, http: httpx.AsyncClient
 ) -> None:
-    address = await start_app(procs, "payments-flaky", "--failure-rate", "1")
+    address = await start_demo_app(procs, "payments-flaky", "--failure-rate", "1")
     failed = await http.get(f"http://{address}/")
     assert (failed.status_code, failed.text) == (503, "payments-flaky: failing on purpose\n")
     assert await statuses(http, f"http://{address}/", 50) == [503] * 50
@@ -97,7 +81,7 @@ async def test_the_downstream_is_called_with_plain_http_and_the_trace_headers_pa
         return ok(b"payments: ok\n")
 
     async with upstream(serve(payments)) as downstream:
-        address = await start_app(
+        address = await start_demo_app(
             procs, "orders", "--downstream", f"http://{downstream.address}/charge"
         )
         trace = {
@@ -124,8 +108,8 @@ async def test_the_downstream_is_called_with_plain_http_and_the_trace_headers_pa
 async def test_a_failing_downstream_is_passed_on_and_a_failing_app_does_not_call_it(
     procs: Processes, http: httpx.AsyncClient
 ) -> None:
-    payments = await start_app(procs, "payments", "--failure-rate", "1")
-    orders = await start_app(procs, "orders", "--downstream", f"http://{payments}/")
+    payments = await start_demo_app(procs, "payments", "--failure-rate", "1")
+    orders = await start_demo_app(procs, "orders", "--downstream", f"http://{payments}/")
     reply = await http.get(f"http://{orders}/")
     assert (reply.status_code, reply.text) == (503, "orders <- payments: failing on purpose\n")
 
@@ -136,7 +120,7 @@ async def test_a_failing_downstream_is_passed_on_and_a_failing_app_does_not_call
         return ok()
 
     async with upstream(serve(record)) as downstream:
-        failing = await start_app(
+        failing = await start_demo_app(
             procs, "frontend", "--downstream", f"http://{downstream.address}/",
             "--failure-rate", "1",
         )  # fmt: skip
@@ -147,7 +131,7 @@ async def test_a_failing_downstream_is_passed_on_and_a_failing_app_does_not_call
 async def test_the_delay_holds_every_answer_and_the_switches_change_what_it_does(
     procs: Processes, http: httpx.AsyncClient
 ) -> None:
-    address = await start_app(procs, "payments", "--delay", "300ms")
+    address = await start_demo_app(procs, "payments", "--delay", "300ms")
     started = time.monotonic()
     assert (await http.get(f"http://{address}/")).status_code == 200
     assert time.monotonic() - started >= 0.3
