@@ -99,6 +99,12 @@ class Processes:
         for child in self.children:
             child.kill()
 
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def logs(self) -> str:
         return "\n".join(f"--- {c.name} ---\n{c.output()[-2000:]}" for c in self.children)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +52,6 @@ from tests.e2e.mesh_processes import (
 SHOP = Path(__file__).resolve().parents[2] / "k8s" / "examples" / "shop.yaml"
 REQUESTS = 60  # the failing replica is picked 1 time in 3: its breaker trips within them
 WAIT = 15.0
-
-
-@pytest.fixture
-async def procs(tmp_path: Path) -> AsyncIterator[Processes]:
-    processes = Processes(tmp_path)
-    try:
-        yield processes
-    finally:
-        processes.close()
 
 
 def manifests() -> dict[str, dict[str, Any]]:

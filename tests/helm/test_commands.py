@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -22,6 +21,7 @@ import yaml
 from control_plane.webhooks.inject import inject_pod
 from mesh.injection import POD_TEMPLATES, parse_injection
 from outrigger.cli import build_parser
+from tests.control_plane.webhooks.pods import template_of
 from tests.helm.chart import SCENARIOS, find, objects
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "k8s" / "examples"
@@ -130,10 +130,7 @@ def example_command_lines() -> list[tuple[str, list[str]]]:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc is None or doc["kind"] not in POD_TEMPLATES:
                 continue
-            found: Any = doc
-            for key in POD_TEMPLATES[doc["kind"]]:
-                found = found[key]
-            spec = found["spec"]
+            spec = template_of(doc)["spec"]
             for container in spec.get("initContainers", []) + spec["containers"]:
                 command = container.get("command", ["outrigger"])
                 if command == ["outrigger"]:

@@ -22,6 +22,7 @@ from mesh.annotations import CALLS, check, parse_calls
 from mesh.injection import POD_TEMPLATES, VERSION, parse_injection
 from outrigger.inject import inject_text
 from sidecar.settings import DEFAULTS as SIDECAR_DEFAULTS
+from tests.control_plane.webhooks.pods import template_of
 from tests.helm.chart import KUBE_VERSIONS, find, objects
 
 Json = dict[str, Any]
@@ -49,20 +50,12 @@ def shop() -> dict[str, Json]:
     return {f"{d['kind']}/{d['metadata']['name']}": d for d in yaml.safe_load_all(SHOP.read_text())}
 
 
-def template(doc: Json) -> Json:
-    found: Any = doc
-    for key in POD_TEMPLATES[doc["kind"]]:
-        found = found[key]
-    assert isinstance(found, dict)
-    return found
-
-
 def workloads(docs: dict[str, Json]) -> dict[str, Json]:
     return {name: d for name, d in docs.items() if d["kind"] in POD_TEMPLATES}
 
 
 def app_container(doc: Json) -> Json:
-    (container,) = template(doc)["spec"]["containers"]
+    (container,) = template_of(doc)["spec"]["containers"]
     assert isinstance(container, dict)
     return container
 
@@ -100,7 +93,7 @@ def test_the_payments_service_selects_a_healthy_deployment_and_a_failing_one() -
     selected = {
         name: app_container(d)["args"]
         for name, d in workloads(docs).items()
-        if selector.items() <= template(d)["metadata"]["labels"].items()
+        if selector.items() <= template_of(d)["metadata"]["labels"].items()
     }
     assert set(selected) == {"Deployment/payments", "Deployment/payments-flaky"}
     assert "--failure-rate" not in selected["Deployment/payments"]
@@ -110,13 +103,13 @@ def test_the_payments_service_selects_a_healthy_deployment_and_a_failing_one() -
     deployments = [d for d in docs.values() if d["kind"] == "Deployment"]
     for d in deployments:
         mine = d["spec"]["selector"]["matchLabels"].items()
-        owners = [o for o in deployments if mine <= template(o)["metadata"]["labels"].items()]
+        owners = [o for o in deployments if mine <= template_of(o)["metadata"]["labels"].items()]
         assert owners == [d], d["metadata"]["name"]
 
 
 def test_every_container_runs_the_image_as_a_user_its_sidecar_intercepts() -> None:
     for name, doc in workloads(shop()).items():
-        container, pod = app_container(doc), template(doc)["spec"]
+        container, pod = app_container(doc), template_of(doc)["spec"]
         assert container["image"] == IMAGE, name  # one sed replaces the registry everywhere
         assert container["command"][:2] == ["python", "-m"], name
         # The image's default user is the sidecar's, whose traffic the rules never redirect.
@@ -159,7 +152,7 @@ def test_the_injected_shop_is_valid_and_every_pod_gets_the_sidecar_of_the_same_i
             kubernetes_validate.validate(doc, version, strict=True)
         if doc["kind"] not in POD_TEMPLATES:
             continue
-        spec = template(doc)["spec"]
+        spec = template_of(doc)["spec"]
         added = {c["name"]: c for c in spec["initContainers"]}
         assert list(added) == ["outrigger-init", "outrigger-proxy"], name  # native sidecar
         assert {c["image"] for c in added.values()} == {IMAGE}, name
@@ -167,7 +160,7 @@ def test_the_injected_shop_is_valid_and_every_pod_gets_the_sidecar_of_the_same_i
         assert args[args.index("--otlp-endpoint") + 1] == endpoint, name
     assert endpoint is not None and "jaeger" in endpoint
     proxy = {
-        name: template(d)["spec"]["initContainers"][1]["args"]
+        name: template_of(d)["spec"]["initContainers"][1]["args"]
         for name, d in workloads(injected).items()
     }
     # The failing replica's sidecar is a payments sidecar: the Service is what callers see.

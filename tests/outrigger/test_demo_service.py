@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -17,12 +17,9 @@ from tests.sidecar.proxy_fixtures import Received, ok, serve, upstream
 
 
 @pytest.fixture
-async def procs(tmp_path: Path) -> AsyncIterator[Processes]:
-    processes = Processes(tmp_path)
-    try:
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    with Processes(tmp_path) as processes:
         yield processes
-    finally:
-        processes.close()
 
 
 @pytest.fixture
