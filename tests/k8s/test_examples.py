@@ -10,6 +10,8 @@ real control plane and sidecar on one machine."""
 from __future__ import annotations
 
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +21,13 @@ import yaml
 
 from control_plane.webhooks.inject import PROXY_UID
 from mesh.annotations import CALLS, check, parse_calls
-from mesh.injection import POD_TEMPLATES, VERSION, parse_injection
-from outrigger.inject import inject_text
+from mesh.injection import POD_TEMPLATES, VERSION
 from sidecar.settings import DEFAULTS as SIDECAR_DEFAULTS
 from tests.control_plane.webhooks.pods import template_of
 from tests.helm.chart import KUBE_VERSIONS, find, objects
 
 Json = dict[str, Any]
+OUTRIGGER = Path(sys.executable).with_name("outrigger")
 EXAMPLES = Path(__file__).resolve().parents[2] / "k8s" / "examples"
 SHOP = EXAMPLES / "shop.yaml"
 IMAGE = f"registry.example/outrigger:{VERSION}"  # the README's `sed` replaces registry.example
@@ -130,22 +132,26 @@ def test_every_app_listens_on_the_port_its_sidecar_forwards_to() -> None:
         assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
 
 
-def injected_shop() -> tuple[dict[str, Json], str | None]:
-    """shop.yaml as `outrigger inject` (the webhook's code) injects it with the mesh file of
-    the README's install; and that install's OTLP endpoint."""
-    mesh = yaml.safe_load(
-        find(objects(INSTALL), "ConfigMap", "outrigger-mesh")["data"]["mesh.yaml"]
-    )
-    endpoint = mesh["tracing"]["otlp_endpoint"]
-    text, notes = inject_text(SHOP.read_text(), parse_injection(mesh["injection"]), str(SHOP),
-                              endpoint)  # fmt: skip
-    assert notes == []
-    docs = [d for d in yaml.safe_load_all(text) if d is not None]
+def injected_shop(tmp_path: Path) -> tuple[dict[str, Json], str | None]:
+    """`outrigger inject -f k8s/examples/shop.yaml --mesh FILE` (the webhook's code, offline)
+    with the mesh file of the README's install; and that install's OTLP endpoint."""
+    text = find(objects(INSTALL), "ConfigMap", "outrigger-mesh")["data"]["mesh.yaml"]
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(text)
+    done = subprocess.run(
+        [str(OUTRIGGER), "inject", "-f", str(SHOP), "--mesh", str(mesh)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert (done.returncode, done.stderr) == (0, "")
+    docs = [d for d in yaml.safe_load_all(done.stdout) if d is not None]
+    endpoint = yaml.safe_load(text)["tracing"]["otlp_endpoint"]
     return {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}, endpoint
 
 
-def test_the_injected_shop_is_valid_and_every_pod_gets_the_sidecar_of_the_same_image() -> None:
-    injected, endpoint = injected_shop()
+def test_the_injected_shop_is_valid_and_every_pod_gets_the_sidecar_of_the_same_image(
+    tmp_path: Path,
+) -> None:
+    injected, endpoint = injected_shop(tmp_path)
     assert injected.keys() == shop().keys()
     for name, doc in injected.items():
         for version in KUBE_VERSIONS:
