@@ -650,7 +650,8 @@ async def _command(args: argparse.Namespace) -> Summary:
     return recorder.summary(seconds, time.process_time() - cpu, gen.timer_name)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag (tests check that what k8s/examples runs is accepted here)."""
     p = argparse.ArgumentParser(
         prog="python -m outrigger.loadgen",
         description="Open-loop HTTP/1.1 load at a fixed rate; latency from each request's due "
@@ -671,7 +672,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="every S seconds print the outcomes and lag samples of that interval",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         summary = uvloop.run(_command(args))
     except ValueError as exc:

@@ -1,7 +1,8 @@
 """The project's documents agree with its code.
 
 - Every `file::name` that docs/ cites (the tests holding each hardening rule, the functions on the
-  walk of a request) exists, and so does every file or folder that docs/ and the README name.
+  walk of a request) exists, and so does every file or folder that docs/ and the READMEs (the
+  top one, k8s/examples') name.
 - Every hardening rule names at least one test.
 - Every document the code and the docs cite is in this repository, and so is every rule and
   section they cite in it.
@@ -26,6 +27,7 @@ DOCS = sorted((ROOT / "docs").glob("*.md"))
 HARDENING = ROOT / "docs" / "hardening.md"
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 README = ROOT / "README.md"
+EXAMPLES_README = ROOT / "k8s" / "examples" / "README.md"
 
 # `sidecar/app.py::Sidecar.apply`, `tests/test_docs.py`, `sidecar/protocol/`
 _REFERENCE = re.compile(
@@ -96,8 +98,9 @@ def _defined(path: Path, name: str) -> bool:
 
 
 def _references() -> Iterator[tuple[str, str, str | None, bool]]:
-    """(document, path, name or None, planned) for every code reference in docs/ and README."""
-    for doc in [*DOCS, README]:
+    """(document, path, name or None, planned) for every code reference in docs/, the README
+    and the examples' README."""
+    for doc in [*DOCS, README, EXAMPLES_README]:
         for heading, text in _sections(doc).items():
             for match in _REFERENCE.finditer(text):
                 planned = heading == _PLANNED_SECTION

@@ -1,12 +1,25 @@
 """A demo service: a small HTTP/1.1 app that may call one downstream through its sidecar.
 
-Run as `python -m outrigger.demo.service --name orders --fd N [--downstream http://payments/
---proxy http://127.0.0.1:P]`. It serves on the listening socket it inherits (fd N, bound by the
-orchestrator on port 0, so there is no "find a free port" race), and:
+Two ways to run it, one app:
 
-- `GET /...`: calls the downstream (if any) through the sidecar's outbound listener as an
-  explicit proxy, copying the trace headers, and answers with the downstream's status;
-- `POST /fail?on=1|0`: from now on answer 503 (a switch for the story);
+- in `outrigger demo`: `python -m outrigger.demo.service --name orders --fd N [--downstream
+  http://payments/ --proxy http://127.0.0.1:P]`. It serves on the listening socket it inherits
+  (fd N, bound by the orchestrator on port 0, so there is no "find a free port" race) and calls
+  its downstream through the sidecar's outbound listener as an explicit proxy;
+- standalone, as a container (k8s/examples/shop.yaml): `python -m outrigger.demo.service --name
+  orders --listen 0.0.0.0:8080 --downstream http://payments/ [--failure-rate F] [--delay D]`. It
+  binds the address itself (port 0: any free port; the line it prints names the one bound) and
+  calls its downstream with plain HTTP: in a pod the iptables rules take the call to the sidecar.
+
+What it answers:
+
+- `GET /healthz`: 200 at once, whatever it is set to do (the kubelet's probe: a replica that
+  fails its requests but passes its probe stays in the Service, which is what a mesh's breaker
+  is for);
+- `GET /...`: after the delay, 503 for a `--failure-rate` share of requests (drawn at random per
+  request), else the downstream's answer (if any; called with the request's trace headers, so
+  the sidecars' spans join up in one trace), else 200;
+- `POST /fail?on=1|0` (`?rate=F` for a share): change the failure rate (a switch for the story);
 - `POST /delay?ms=N`: add N ms of latency to every answer.
 
 It is not the product, but it is what an app in a mesh is: a server (uvloop, an httptools
@@ -23,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import signal
 import socket
 import sys
@@ -34,8 +48,11 @@ import httptools
 import httpx
 import uvloop
 
+from mesh.address import join_host_port, split_host_port
 from mesh.http import reason_phrase
+from mesh.policy import parse_duration
 
+HEALTH_PATH = "/healthz"
 TRACE_HEADERS = (
     "traceparent",
     "tracestate",
@@ -50,11 +67,18 @@ TRACE_HEADERS = (
 
 
 class DemoService:
-    def __init__(self, name: str, downstream: str | None, proxy: str | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        downstream: str | None,
+        proxy: str | None = None,
+        failure_rate: float = 0.0,
+        delay: float = 0.0,
+    ) -> None:
         self.name = name
         self.downstream = downstream
-        self.failing = False
-        self.delay = 0.0
+        self.failure_rate = failure_rate
+        self.delay = delay
         self.served = 0
         self.via = f"{name} <- ".encode()
         self.client: httpx.AsyncClient | None = None
@@ -68,10 +92,12 @@ class DemoService:
     async def answer(self, method: str, target: str, headers: dict[str, str]) -> tuple[int, bytes]:
         if method == "POST":
             return self.control(target)
+        if target == HEALTH_PATH:
+            return 200, f"{self.name}: ok\n".encode()
         self.served += 1
         if self.delay:
             await asyncio.sleep(self.delay)
-        if self.failing:
+        if self.failure_rate and random.random() < self.failure_rate:  # [0, 1): 1.0 always
             return 503, f"{self.name}: failing on purpose\n".encode()
         if self.client is None or self.downstream is None:
             return 200, f"{self.name}: ok\n".encode()
@@ -83,19 +109,25 @@ class DemoService:
         return reply.status_code, self.via + reply.content
 
     def control(self, target: str) -> tuple[int, bytes]:
-        """The story's switches: POST /fail?on=1|0, POST /delay?ms=N."""
+        """The story's switches: POST /fail?on=1|0 (or ?rate=F), POST /delay?ms=N."""
         url = urlsplit(target)
         query = parse_qs(url.query)
         if url.path == "/fail":
-            self.failing = query.get("on", ["1"])[0] == "1"
-            return 200, f"{self.name} failing={self.failing}\n".encode()
+            if "rate" in query:
+                rate = parse_rate(query["rate"][0])
+                if rate is None:
+                    return 400, b"fail: rate must be a number from 0 to 1, e.g. /fail?rate=0.5\n"
+                self.failure_rate = rate
+            else:
+                self.failure_rate = 1.0 if query.get("on", ["1"])[0] == "1" else 0.0
+            return 200, f"{self.name} failure_rate={self.failure_rate:g}\n".encode()
         if url.path == "/delay":
             try:
                 self.delay = float(query.get("ms", ["0"])[0]) / 1000.0
             except ValueError:
                 return 400, b"delay: ms must be a number, e.g. /delay?ms=100\n"
             return 200, f"{self.name} delay={self.delay}s\n".encode()
-        return 400, b"POST /fail?on=1|0 or /delay?ms=N\n"
+        return 400, b"POST /fail?on=1|0, /fail?rate=F or /delay?ms=N\n"
 
     def respond(self, status: int, body: bytes, close: bool) -> bytes:
         return (
@@ -164,13 +196,17 @@ class Connection(asyncio.Protocol):
 
 
 async def serve(args: argparse.Namespace) -> int:
-    sock = socket.socket(fileno=args.fd)
-    service = DemoService(args.name, args.downstream, args.proxy)
-    server = await asyncio.get_running_loop().create_server(lambda: Connection(service), sock=sock)
-    host, port = sock.getsockname()[:2]
-    print(f"outrigger demo app {args.name} listening {host}:{port}", flush=True)
-    stop = asyncio.Event()
+    service = DemoService(args.name, args.downstream, args.proxy, args.failure_rate, args.delay)
     loop = asyncio.get_running_loop()
+    if args.fd is not None:
+        sock = socket.socket(fileno=args.fd)
+        server = await loop.create_server(lambda: Connection(service), sock=sock)
+    else:
+        host, port = args.listen
+        server = await loop.create_server(lambda: Connection(service), host or None, port)
+    host, port = server.sockets[0].getsockname()[:2]
+    print(f"outrigger demo app {args.name} listening {join_host_port(host, port)}", flush=True)
+    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with server:
@@ -180,13 +216,85 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the command line ---------------------------------------------------------------------------
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """--listen: HOST:PORT, [IPv6]:PORT or :PORT (every address); port 0 picks a free one."""
+    host, port = split_host_port(text) or ("", None)
+    if port is None:
+        raise argparse.ArgumentTypeError(
+            f"must be HOST:PORT, e.g. 0.0.0.0:8080 or 127.0.0.1:0, got {text!r}"
+        )
+    return host, port
+
+
+def parse_rate(text: str) -> float | None:
+    """A share from 0 to 1 (`--failure-rate`, `POST /fail?rate=`); None when it is not one."""
+    try:
+        rate = float(text)
+    except ValueError:
+        return None
+    return rate if 0.0 <= rate <= 1.0 else None  # NaN is not in range either
+
+
+def failure_rate(text: str) -> float:
+    """--failure-rate: the share of requests answered 503."""
+    rate = parse_rate(text)
+    if rate is None:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, e.g. 0.25, got {text!r}")
+    return rate
+
+
+def delay(text: str) -> float:
+    """--delay: a duration such as 100ms or 1.5s; 0s for none."""
+    seconds = parse_duration(text)
+    if seconds is None:
+        raise argparse.ArgumentTypeError(f"must be a duration such as 100ms or 1.5s, got {text!r}")
+    return seconds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag (tests check that what k8s/examples runs is accepted here)."""
+    p = argparse.ArgumentParser(
+        prog="python -m outrigger.demo.service",
+        description="The demo's app: answers GET (calling --downstream, if any, with the "
+        "request's trace headers), fails a share of requests with 503, GET /healthz always 200.",
+    )
+    p.add_argument("--name", required=True, help="named in its answers and its start-up line")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--listen",
+        type=listen_address,
+        help="bind HOST:PORT itself, e.g. 0.0.0.0:8080 in a container (port 0: any free port)",
+    )
+    where.add_argument("--fd", type=int, help="serve on this inherited listening socket")
+    p.add_argument(
+        "--downstream",
+        default=None,
+        help="URL to GET for each request, e.g. http://payments/ (in a pod, plain HTTP: the "
+        "iptables rules take it to the sidecar)",
+    )
+    p.add_argument(
+        "--proxy",
+        default=None,
+        help="call the downstream through this proxy, the sidecar's outbound listener as a URL "
+        "(outrigger demo; not needed in a pod)",
+    )
+    p.add_argument(
+        "--failure-rate",
+        type=failure_rate,
+        default=0.0,
+        help="answer 503 to this share of requests, from 0 (default) to 1 (all)",
+    )
+    p.add_argument(
+        "--delay", type=delay, default=0.0, help="add this latency to every answer, e.g. 100ms"
+    )
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m outrigger.demo.service")
-    p.add_argument("--name", required=True)
-    p.add_argument("--fd", type=int, required=True, help="an inherited listening socket")
-    p.add_argument("--downstream", default=None, help="URL to call for each request")
-    p.add_argument("--proxy", default=None, help="the sidecar's outbound listener, as a URL")
-    return uvloop.run(serve(p.parse_args(argv)))
+    return uvloop.run(serve(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from typing import Any
 import yaml
 
 from control_plane.sources.cluster import ClusterState, cluster_mesh
-from mesh.model import Mesh, MeshService
+from mesh.model import Mesh, MeshService, load_mesh
+from outrigger.demo.meshfile import TEMPLATE as DEMO_MESH
 from tests.control_plane.kube_api import (
     RESOURCES,
     FakeKubeApi,
@@ -164,7 +165,9 @@ def test_the_example_shop_becomes_the_policies_it_annotates() -> None:
     assert (shop["frontend"].policy.timeout, shop["frontend"].origin("timeout")) == (5.0, "service")
     assert shop["frontend"].origin("connect-timeout") == "namespace"
     assert shop["frontend"].calls == ("orders",)
-    orders = shop["orders"].policy
-    assert orders.retries is not None and orders.retries.attempts == 2
-    assert orders.retries.budget is not None and orders.load_balancer == "least_request"
-    assert shop["payments"].policy.circuit_breaker.consecutive_failures == 5
+    assert (shop["orders"].policy.timeout, shop["orders"].policy.retries) == (3.0, None)
+    # payments is annotated with the demo's policy (make demo's mesh file), to the last field.
+    demo = {s.name: s for s in load_mesh(DEMO_MESH).services}
+    assert shop["payments"].policy == demo["payments"].policy
+    assert shop["payments"].policy.retries is not None
+    assert shop["payments"].policy.circuit_breaker.consecutive_failures == 3

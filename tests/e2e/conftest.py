@@ -11,8 +11,5 @@ from tests.e2e.mesh_processes import Processes
 @pytest.fixture
 def procs(tmp_path: Path) -> Iterator[Processes]:
     """Processes started by the test, every one killed at its end."""
-    group = Processes(tmp_path)
-    try:
+    with Processes(tmp_path) as group:
         yield group
-    finally:
-        group.close()

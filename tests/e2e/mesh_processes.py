@@ -1,7 +1,9 @@
-"""Real `outrigger` processes on loopback for the end-to-end tests, and a tiny upstream app.
+"""Real `outrigger` processes on loopback for the end-to-end tests, the demo's app, and a tiny
+upstream app.
 
 Every process binds port 0 and reports the addresses it bound on one line of its output
-(`outrigger control-plane: xDS ... on H:P, HTTP on H:P`, `outrigger sidecar listening ...`);
+(`outrigger control-plane: xDS ... on H:P, HTTP on H:P`, `outrigger sidecar listening ...`,
+`outrigger demo app NAME listening H:P`);
 nothing here picks "free" ports. Output goes to a log file per process, so a failing test can
 show it and a chatty process never blocks on a full pipe. `Processes.close()` kills every
 process it started, by its own pid.
@@ -30,6 +32,7 @@ POLL = 0.02
 _CONTROL_PLANE_LINE = re.compile(
     r"xDS \(ADS, CSDS, health\) on (?P<xds>\S+:\d+), HTTP on (?P<http>\S+:\d+)"
 )
+_DEMO_APP_LINE = re.compile(r"outrigger demo app (?P<name>\S+) listening (?P<address>\S+:\d+)")
 _SIDECAR_LINE = re.compile(
     r"outrigger sidecar listening outbound=(?P<outbound>\S+) "
     r"inbound=(?P<inbound>\S+) admin=(?P<admin>\S+)"
@@ -96,6 +99,12 @@ class Processes:
         for child in self.children:
             child.kill()
 
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def logs(self) -> str:
         return "\n".join(f"--- {c.name} ---\n{c.output()[-2000:]}" for c in self.children)
 
@@ -148,6 +157,19 @@ async def start_sidecar(
     )  # fmt: skip
     match = await child.wait_for_output(_SIDECAR_LINE, START_TIMEOUT)
     return SidecarProc(child, node_id, match["outbound"], match["inbound"], match["admin"])
+
+
+async def start_demo_app(procs: Processes, name: str, *args: str) -> str:
+    """`python -m outrigger.demo.service --name NAME ARGS`, on `--listen 127.0.0.1:0` unless
+    ARGS say where; the address it bound."""
+    argv = [sys.executable, "-m", "outrigger.demo.service", "--name", name, *args]
+    if "--listen" not in args and "--fd" not in args:
+        argv += ["--listen", "127.0.0.1:0"]
+    child = Child(f"app-{name}", argv, procs.workdir / f"app-{name}.{len(procs.children)}.log")
+    procs.children.append(child)
+    match = await child.wait_for_output(_DEMO_APP_LINE, START_TIMEOUT)
+    assert match["name"] == name, match.group()
+    return match["address"]
 
 
 def write_mesh(path: Path, services: dict[str, tuple[list[str], str]]) -> None:

@@ -1,5 +1,7 @@
 """Every command line the chart runs in the image (ENTRYPOINT ["outrigger"]), and the ones the
-injector runs in a pod, is accepted by `outrigger`'s own argument parser, flags and values.
+injector runs in a pod, is accepted by `outrigger`'s own argument parser, flags and values; and
+every command line k8s/examples runs in that image (`python -m MODULE ...`: the demo's app and
+the load generator) by that module's parser.
 
 Some flags belong to work that lands separately. They are listed in PENDING with the issue that
 adds them: while such a flag is missing the test passes, but any other missing flag fails it, and
@@ -10,13 +12,21 @@ rest). That keeps main green while the issues land in any order, and strict once
 from __future__ import annotations
 
 import argparse
+import importlib
+from pathlib import Path
 
+import pytest
 import yaml
 
 from control_plane.webhooks.inject import inject_pod
-from mesh.injection import parse_injection
+from mesh.injection import POD_TEMPLATES, parse_injection
 from outrigger.cli import build_parser
+from tests.control_plane.webhooks.pods import template_of
 from tests.helm.chart import SCENARIOS, find, objects
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "k8s" / "examples"
+# What k8s/examples may run besides `outrigger`: the modules the image ships for the demo.
+EXAMPLE_MODULES = ("outrigger.demo.service", "outrigger.loadgen")
 
 # (command, flag) -> issue; (command, "") means the subcommand itself.
 PENDING: dict[tuple[str, str], int] = {
@@ -110,3 +120,37 @@ def test_the_check_refuses_an_unknown_flag_and_a_bad_value() -> None:
     ]
     assert refusals(["no-such-command"]) == [("no-such-command", "")]
     assert refusals(["status", "--control-plane=127.0.0.1:15010"]) == []
+
+
+def example_command_lines() -> list[tuple[str, list[str]]]:
+    """(module, args) of every container in k8s/examples: `python -m MODULE`, or the image's
+    entrypoint (`outrigger`) when the container sets no command."""
+    lines = []
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc is None or doc["kind"] not in POD_TEMPLATES:
+                continue
+            spec = template_of(doc)["spec"]
+            for container in spec.get("initContainers", []) + spec["containers"]:
+                command = container.get("command", ["outrigger"])
+                if command == ["outrigger"]:
+                    lines.append(("outrigger.cli", container.get("args", [])))
+                    continue
+                assert command[:2] == ["python", "-m"] and len(command) == 3, command
+                lines.append((command[2], container.get("args", [])))
+    return lines
+
+
+@pytest.mark.parametrize(
+    ("module", "argv"), example_command_lines(), ids=[m for m, _ in example_command_lines()]
+)
+def test_every_command_line_the_examples_run_is_accepted_by_its_module(
+    module: str, argv: list[str]
+) -> None:
+    assert module in (*EXAMPLE_MODULES, "outrigger.cli"), f"{module}: not a module the image runs"
+    parser: argparse.ArgumentParser = importlib.import_module(module).build_parser()
+    parser.parse_args(argv)  # exits (fails the test) on an unknown flag or a bad value
+
+
+def test_the_examples_run_the_demo_app_and_the_load_generator() -> None:
+    assert {module for module, _ in example_command_lines()} == set(EXAMPLE_MODULES)

@@ -16,7 +16,7 @@ from control_plane.webhooks.inject import IPTABLES_FLAGS, SIDECAR_FLAGS
 from mesh.injection import POD_TEMPLATES, Injection
 from outrigger.cli import main
 from outrigger.inject import inject_text
-from tests.control_plane.webhooks.pods import assert_valid, pod
+from tests.control_plane.webhooks.pods import assert_valid, pod, template_of
 from tests.control_plane.webhooks.reviews import admission_review, inject_in_process, patched
 
 Json = dict[str, Any]
@@ -41,14 +41,6 @@ def run(
         sys.stdin = sys.__stdin__
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def template_of(document: Json) -> Json:
-    found: Any = document
-    for key in POD_TEMPLATES[document["kind"]]:
-        found = found[key]
-    assert isinstance(found, dict)
-    return found
 
 
 def by_name(documents: list[Json]) -> dict[str, Json]:

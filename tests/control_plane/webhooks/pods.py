@@ -8,6 +8,8 @@ from typing import Any
 import jsonpatch
 import kubernetes_validate
 
+from mesh.injection import POD_TEMPLATES
+
 Json = dict[str, Any]
 
 # Native sidecars (init containers with restartPolicy Always) are in the schema from 1.29.
@@ -61,6 +63,15 @@ def large_pod(containers: int = 20, env: int = 60) -> Json:
 def apply(document: Json, patch: list[Json]) -> Json:
     """The document with an RFC 6902 patch applied by an independent implementation."""
     return jsonpatch.apply_patch(copy.deepcopy(document), patch)
+
+
+def template_of(document: Json) -> Json:
+    """The pod template of a workload (the Pod itself for a Pod)."""
+    found: Any = document
+    for key in POD_TEMPLATES[document["kind"]]:
+        found = found[key]
+    assert isinstance(found, dict)
+    return found
 
 
 def assert_valid(document: Json) -> None:
