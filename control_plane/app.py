@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.service.status.v3 import csds_pb2_grpc
@@ -58,8 +58,10 @@ from control_plane.sources import Source, SourceError, SourceProblem, Update
 from control_plane.sources.file import FileSource
 from control_plane.status import PROBLEMS_METHOD, PROBLEMS_SERVICE
 from control_plane.webhooks import inject, validate
-from control_plane.webhooks.authority import TlsMaterial
-from control_plane.webhooks.keeper import CertificateKeeper, KeeperError, SelfCertificates
+
+if TYPE_CHECKING:  # keeper imports the Kubernetes client (~60 MiB): only when it is used
+    from control_plane.webhooks.authority import TlsMaterial
+    from control_plane.webhooks.keeper import CertificateKeeper, SelfCertificates
 from control_plane.webhooks.server import WebhookError, WebhookServer
 from mesh.address import join_host_port, split_host_port
 from mesh.http import reason_phrase
@@ -282,6 +284,7 @@ class ControlPlane:
         )
         server.add("/validate", validate.admit)
         if keeper is not None:
+            from control_plane.webhooks.keeper import KeeperError
 
             def use(material: TlsMaterial) -> None:
                 try:
@@ -443,6 +446,8 @@ def _self_certificates(args: argparse.Namespace) -> SelfCertificates | None:
             "--webhook-secret: the Secret's namespace comes from the POD_NAMESPACE environment "
             "variable (the chart sets it from the pod's metadata.namespace); set it"
         )
+    from control_plane.webhooks.keeper import SelfCertificates
+
     return SelfCertificates(
         namespace=namespace,
         secret=args.webhook_secret,
@@ -467,6 +472,8 @@ async def start_from_args(args: argparse.Namespace) -> ControlPlane:
     )
     keeper = None
     if own is not None:
+        from control_plane.webhooks.keeper import CertificateKeeper
+
         keeper = CertificateKeeper(configuration, own, registry=plane.metrics.registry)
     try:
         await plane.start(
