@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from envoy.service.discovery.v3 import discovery_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from control_plane.app import ControlPlane
@@ -176,6 +178,32 @@ async def test_ack_feeds_the_push_latency_histogram(
     _, metrics = await _http_get(plane.http_port, "/metrics")
     assert b'outrigger_xds_push_ack_seconds_count{type="Cluster"} 1.0' in metrics
     assert b'outrigger_xds_pushes_total{type="Cluster"} 1.0' in metrics
+
+
+def _requests_naming(name: str) -> int:
+    """DiscoveryRequests alive in this process whose resource_names include `name`."""
+    gc.collect()
+    return sum(
+        1
+        for o in gc.get_objects()
+        if isinstance(o, discovery_pb2.DiscoveryRequest) and name in o.resource_names
+    )
+
+
+async def test_an_idle_stream_keeps_no_request_alive(
+    plane: ControlPlane, client: AdsTestClient
+) -> None:
+    # A sidecar's EDS ACK names every cluster it uses (~80 KiB of protobuf at 1,000): kept by
+    # each idle stream until the next request, it was most of the control plane's memory.
+    await client.send(ENDPOINT_TYPE, ["payments"])
+    eds = await client.recv()
+    # The last request: an ACK that adds names, answered with them.
+    names = ["payments", "orders", "marker"]
+    await client.send(ENDPOINT_TYPE, names, nonce=eds.nonce, version=eds.version_info)
+    assert client.names_of(await client.recv()) == ["orders", "payments"]
+    [stream] = plane.ads.streams.values()
+    assert stream.types[ENDPOINT_TYPE].version_acked == eds.version_info
+    assert _requests_naming("marker") == 0
 
 
 async def test_node_is_kept_from_the_first_request(
