@@ -43,6 +43,7 @@ from control_plane.cache import (
     SnapshotError,
     XdsSnapshot,
     make_snapshots,
+    settled,
 )
 from control_plane.metrics import CONTENT_TYPE, ControlPlaneMetrics
 from control_plane.server import (
@@ -556,11 +557,12 @@ def _snapshots(
     now: float,
 ) -> tuple[Translation, XdsSnapshot, dict[str, XdsSnapshot], float | None]:
     """Translate (from the previous translation: see `mesh.translate.translate_update`), add
-    the lingering clusters and encode (reusing what the served snapshots encoded)."""
+    the lingering clusters and encode; the translation kept is `settled`: encodings, not
+    messages, which the next update reuses."""
     translation = translate_update(update.mesh, translation)
     default = dict(translation.default)  # copies: lingering adds to them
     by_namespace = {ns: dict(r) for ns, r in translation.by_namespace.items()}
     previous = cache.current()
     expires = lingering.hold(previous[0], default, by_namespace, now)
     snapshot, snapshots = make_snapshots(default, by_namespace, previous)
-    return translation, snapshot, snapshots, expires
+    return settled(translation, snapshot, snapshots), snapshot, snapshots, expires

@@ -3,9 +3,12 @@
 A `XdsSnapshot` is built once per configuration change by `make_snapshot`, which refuses an
 inconsistent set (a route to a missing cluster, an EDS cluster without a ClusterLoadAssignment,
 a listener naming a missing route configuration) with a `SnapshotError`. Building it serializes
-every resource exactly once: each resource is kept as the bytes of one `resources` entry of a
-DiscoveryResponse (field 2, an `Any`), so the ADS transport answers any number of streams by
-joining bytes, never by re-serializing messages.
+every resource exactly once: each resource is kept as an `Encoded`, the bytes of one `resources`
+entry of a DiscoveryResponse (field 2, an `Any`) with its content hash and the names it refers
+to, so the ADS transport answers any number of streams by joining bytes, never by
+re-serializing messages. A snapshot keeps no message: at 1,000 services the messages of every
+namespace's resources took ~50 MiB, their bytes a tenth of that (`TypeResources.decoded` reads
+them back, for tests and tools).
 
 Versions are content hashes: a type's version changes exactly when one of its resources does,
 so a stream is pushed only the types whose content changed, and two control planes given the
@@ -17,11 +20,13 @@ default for every other node; a stream is served the snapshot of the namespace i
 metadata names. `make_snapshots` encodes a type's resources once when every namespace shares
 them (the Clusters and ClusterLoadAssignments), so their versions are identical everywhere.
 
-Given the snapshots being replaced, `make_snapshots` serializes only the messages that are not
-the very objects the previous snapshot holds (`mesh.translate.translate_update` reuses every
-unchanged message), and records per type which resources changed since (`TypeResources.changed`):
-the ADS server sends a stream that ACKed the previous version only those, where the protocol
-allows it (RouteConfigurations and ClusterLoadAssignments).
+Resources given to `make_snapshots` may be messages or `Encoded` ones: an `Encoded` is used as it
+is. Once served, the control plane swaps the translation's messages for the snapshots' encodings
+(`settled`), so the next translation (`mesh.translate.translate_update` reuses every unchanged
+resource) is encoded only where it is new. `make_snapshots`, given the snapshots being replaced,
+records per type which resources changed since (`TypeResources.changed`): the ADS server sends a
+stream that ACKed the previous version only those, where the protocol allows it
+(RouteConfigurations and ClusterLoadAssignments).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from mesh.translate import Translation
 from mesh.xds import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
@@ -44,7 +50,7 @@ from mesh.xds import (
     ROUTE_TYPE,
     Resources,
     eds_name_of,
-    resource_name,
+    resources_from_any,
     route_names_of,
 )
 
@@ -58,14 +64,24 @@ class SnapshotError(Exception):
     """A set of resources that is not consistent; the message names the resource."""
 
 
+Refs = tuple[tuple[str, str], ...]  # (where in the message, the name it refers to)
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One resource as a snapshot keeps it: serialized once, the message not kept."""
+
+    field: bytes  # the DiscoveryResponse `resources` entry (an Any holding the resource)
+    digest: str  # content hash of its name and serialization
+    refs: Refs  # the names it refers to (route configurations, clusters, assignments)
+
+
 @dataclass(frozen=True, slots=True)
 class TypeResources:
     """One type's resources in a snapshot, serialized once."""
 
     version: str
-    messages: Mapping[str, Message]
-    encoded: Mapping[str, bytes]  # name -> DiscoveryResponse `resources` field bytes
-    digests: Mapping[str, str]  # name -> content hash
+    resources: Mapping[str, Encoded]
     # History, not content (equality ignores it): the version `changed` is counted from ("":
     # none), and the names added or changed since.
     previous_version: str = field(default="", compare=False)
@@ -81,7 +97,7 @@ class TypeResources:
         """Every resource, in name order: the wildcard answer. Joined on first use, so the
         always-named types (RDS, EDS) never hold a second copy of their bytes."""
         if not self._all:
-            self._all.append(b"".join(self.encoded.values()))
+            self._all.append(b"".join(e.field for e in self.resources.values()))
         return self._all[0]
 
     def select(self, names: frozenset[str] | None) -> tuple[bytes, str]:
@@ -94,9 +110,9 @@ class TypeResources:
             return self.all_encoded, self.version
         found = self._selected.get(names)
         if found is None:
-            present = sorted(n for n in names if n in self.encoded)
-            key = _hash(f"{n}={self.digests[n]}".encode() for n in present)
-            found = (b"".join(self.encoded[n] for n in present), key)
+            present = [self.resources[n] for n in sorted(names) if n in self.resources]
+            key = _hash(e.digest.encode() for e in present)
+            found = (b"".join(e.field for e in present), key)
             if len(self._selected) >= SELECTIONS_KEPT:
                 self._selected.clear()
             self._selected[names] = found
@@ -104,32 +120,34 @@ class TypeResources:
 
     def changes(self, names: frozenset[str]) -> bytes:
         """The resources field bytes of the subscribed names changed since previous_version."""
-        return b"".join(self.encoded[n] for n in sorted(self.changed.intersection(names)))
+        return b"".join(self.resources[n].field for n in sorted(self.changed.intersection(names)))
 
-
-Refs = tuple[tuple[str, str], ...]  # (where in the message, the name it refers to)
+    def decoded(self) -> dict[str, Message]:
+        """The resources as messages, decoded from their bytes (for tests and tools)."""
+        packed = discovery_pb2.DiscoveryResponse.FromString(
+            b"".join(e.field for e in self.resources.values())
+        ).resources
+        return {n: m for found in resources_from_any(packed).values() for n, m in found.items()}
 
 
 class References:
     """What each message refers to (route configurations, clusters, assignments), worked out
-    once per message object and reused: by every namespace's check, and by the next snapshots'
-    for the messages they share (messages are never changed once translated). `seal()` drops
-    what only the previous snapshots used."""
+    once per message object in a build (every namespace's set shares most of them) and kept
+    in its `Encoded` after."""
 
-    def __init__(self, previous: References | None = None) -> None:
-        self._previous = previous._found if previous is not None else {}
+    def __init__(self) -> None:
         self._found: dict[int, tuple[Message, Refs]] = {}  # id -> (message kept alive, refs)
 
-    def of(self, message: Message, extract: Callable[[Any], Refs]) -> Refs:
-        key = id(message)
-        hit = self._found.get(key) or self._previous.get(key)
-        if hit is None or hit[0] is not message:
-            hit = (message, extract(message))
-        self._found[key] = hit
+    def of(self, type_url: str, item: Message | Encoded) -> Refs:
+        if isinstance(item, Encoded):
+            return item.refs
+        extract = _EXTRACT_REFS.get(type_url)
+        if extract is None:
+            return ()
+        hit = self._found.get(id(item))
+        if hit is None or hit[0] is not item:
+            hit = self._found[id(item)] = (item, extract(item))
         return hit[1]
-
-    def seal(self) -> None:
-        self._previous = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +156,6 @@ class XdsSnapshot:
 
     version: str
     types: Mapping[str, TypeResources]
-    references: References = field(default_factory=References, compare=False, repr=False)
 
     def of(self, type_url: str) -> TypeResources:
         found = self.types.get(type_url)
@@ -155,50 +172,49 @@ def _hash(parts: Iterable[bytes]) -> str:
 
 def _encode_type(
     type_url: str,
-    messages: Mapping[str, Message],
-    by_message: dict[int, tuple[bytes, str]] | None = None,
+    items: Mapping[str, Message | Encoded],
+    references: References,
+    by_message: dict[int, Encoded] | None = None,
     previous: TypeResources | None = None,
 ) -> TypeResources:
-    """Serialize every resource once; `by_message` (by the id of a message alive for the whole
-    call) reuses the bytes of a message several sets share, `previous` those of a message it
-    holds (the same object: messages are never changed once translated)."""
-    if previous is not None and _same_messages(previous.messages, messages):
+    """Serialize every message once; an `Encoded` is kept as it is, and `by_message` (by the
+    id of a message alive for the whole call) reuses the encoding of a message several sets
+    share. `previous` is the type in the snapshot this one replaces: the history."""
+    if previous is not None and _same_resources(previous.resources, items):
         return dataclasses.replace(previous, previous_version=previous.version, changed=frozenset())
-    encoded: dict[str, bytes] = {}
-    digests: dict[str, str] = {}
-    for name in sorted(messages):
-        message = messages[name]
-        done = by_message.get(id(message)) if by_message is not None else None
-        if done is None and previous is not None and previous.messages.get(name) is message:
-            done = (previous.encoded[name], previous.digests[name])
+    encoded: dict[str, Encoded] = {}
+    for name in sorted(items):
+        item = items[name]
+        if isinstance(item, Encoded):
+            encoded[name] = item
+            continue
+        done = by_message.get(id(item)) if by_message is not None else None
         if done is None:
-            payload = message.SerializeToString(deterministic=True)
+            payload = item.SerializeToString(deterministic=True)
             wrapped = any_pb2.Any(type_url=type_url, value=payload)
             field = discovery_pb2.DiscoveryResponse(resources=[wrapped]).SerializeToString()
-            done = (cast(bytes, field), _hash([name.encode(), payload]))
+            refs = references.of(type_url, item)
+            done = Encoded(cast(bytes, field), _hash([name.encode(), payload]), refs)
             if by_message is not None:
-                by_message[id(message)] = done
-        encoded[name], digests[name] = done
-    version = _hash(f"{n}={d}".encode() for n, d in digests.items())
+                by_message[id(item)] = done
+        encoded[name] = done
+    version = _hash(f"{n}={e.digest}".encode() for n, e in encoded.items())
     changed: frozenset[str] = frozenset()
     if previous is not None:
-        old = previous.digests
-        changed = frozenset(n for n, d in digests.items() if old.get(n) != d)
+        old = previous.resources
+        changed = frozenset(
+            n for n, e in encoded.items() if n not in old or old[n].digest != e.digest
+        )
     return TypeResources(
         version=version,
-        messages=dict(messages),
-        encoded=encoded,
-        digests=digests,
+        resources=encoded,
         previous_version=previous.version if previous is not None else "",
         changed=changed,
     )
 
 
-def _same_messages(old: Mapping[str, Message], new: Mapping[str, Message]) -> bool:
-    return len(old) == len(new) and all(old.get(name) is m for name, m in new.items())
-
-
-_EMPTY = _encode_type("", {})
+def _same_resources(old: Mapping[str, Encoded], new: Mapping[str, Message | Encoded]) -> bool:
+    return len(old) == len(new) and all(old.get(name) is e for name, e in new.items())
 
 
 def _listener_refs(listener: Any) -> Refs:
@@ -223,6 +239,14 @@ def _cluster_refs(cluster: Any) -> Refs:
     return (("", eds_name),) if eds_name is not None else ()
 
 
+_EXTRACT_REFS: dict[str, Callable[[Any], Refs]] = {
+    LISTENER_TYPE: _listener_refs,
+    ROUTE_TYPE: _route_refs,
+    CLUSTER_TYPE: _cluster_refs,
+}
+_EMPTY = _encode_type("", {}, References())
+
+
 def check_consistency(resources: Resources, references: References | None = None) -> None:
     """Raise SnapshotError unless every reference between the resources resolves."""
     refs = references if references is not None else References()
@@ -231,22 +255,22 @@ def check_consistency(resources: Resources, references: References | None = None
     clusters = resources.get(CLUSTER_TYPE, {})
     endpoints = resources.get(ENDPOINT_TYPE, {})
     for name, listener in listeners.items():
-        if not isinstance(listener, listener_pb2.Listener):
+        if not isinstance(listener, listener_pb2.Listener | Encoded):
             raise SnapshotError(f"listener {name!r} is a {type(listener).__name__}")
-        for _, route_name in refs.of(listener, _listener_refs):
+        for _, route_name in refs.of(LISTENER_TYPE, listener):
             if route_name not in routes:
                 raise SnapshotError(
                     f"listener {name!r} refers to missing route configuration {route_name!r}"
                 )
     for name, config in routes.items():
-        for vhost, target in refs.of(config, _route_refs):
+        for vhost, target in refs.of(ROUTE_TYPE, config):
             if target not in clusters:
                 raise SnapshotError(
                     f"route configuration {name!r} virtual host {vhost!r} "
                     f"routes to missing cluster {target!r}"
                 )
     for name, cluster in clusters.items():
-        for _, eds_name in refs.of(cluster, _cluster_refs):
+        for _, eds_name in refs.of(CLUSTER_TYPE, cluster):
             if eds_name not in endpoints:
                 raise SnapshotError(
                     f"EDS cluster {name!r} has no ClusterLoadAssignment {eds_name!r}"
@@ -260,37 +284,34 @@ def make_snapshot(
     check: bool = True,
     previous: XdsSnapshot | None = None,
     _encoded: dict[int, TypeResources] | None = None,
-    _by_message: dict[int, tuple[bytes, str]] | None = None,
+    _by_message: dict[int, Encoded] | None = None,
     _references: References | None = None,
 ) -> XdsSnapshot:
-    """Check `resources` (unless `check` is False: tests injecting bad config) and encode them,
-    reusing what `previous` (the snapshot this one replaces) already encoded.
+    """Check `resources` (messages, or `Encoded` ones: unless `check` is False, for tests
+    injecting bad config) and encode them; `previous` is the snapshot this one replaces.
 
     `version` defaults to a hash of every type's version.
     """
-    references = _references
-    if references is None:
-        references = References(previous.references if previous is not None else None)
+    references = _references if _references is not None else References()
     if check:
         check_consistency(resources, references)
     memo = _encoded if _encoded is not None else {}
 
-    def encode(type_url: str, messages: Mapping[str, Message]) -> TypeResources:
-        found = memo.get(id(messages))
+    def encode(type_url: str, items: Mapping[str, Message | Encoded]) -> TypeResources:
+        found = memo.get(id(items))
         if found is None:
             before = previous.types.get(type_url) if previous is not None else None
-            found = memo[id(messages)] = _encode_type(type_url, messages, _by_message, before)
+            found = _encode_type(type_url, items, references, _by_message, before)
+            memo[id(items)] = found
         return found
 
     types = {t: encode(t, resources.get(t, {})) for t in PUSH_ORDER}
-    for type_url, messages in resources.items():
+    for type_url, items in resources.items():
         if type_url not in types:
-            types[type_url] = encode(type_url, messages)
+            types[type_url] = encode(type_url, items)
     if version is None:
         version = _hash(f"{t}={r.version}".encode() for t, r in sorted(types.items()))
-    if _references is None:
-        references.seal()
-    return XdsSnapshot(version=version, types=types, references=references)
+    return XdsSnapshot(version=version, types=types)
 
 
 def make_snapshots(
@@ -298,13 +319,13 @@ def make_snapshots(
     by_namespace: Mapping[str, Resources],
     previous: tuple[XdsSnapshot | None, Mapping[str, XdsSnapshot]] = (None, {}),
 ) -> tuple[XdsSnapshot, dict[str, XdsSnapshot]]:
-    """Snapshots for `mesh.translate.translate_namespaces`'s output; a type dict shared by
-    several namespaces (the same object) is encoded once, and a message the `previous`
-    snapshots (default, by namespace) hold is not encoded again."""
+    """Snapshots for `mesh.translate.translate_namespaces`'s output (or `settled`'s, built
+    on); a type dict or a message shared by several namespaces (the same object) is encoded
+    once. `previous` (default, by namespace) are the snapshots being replaced."""
     memo: dict[int, TypeResources] = {}
-    by_message: dict[int, tuple[bytes, str]] = {}  # the messages stay alive: ids are stable
+    by_message: dict[int, Encoded] = {}  # the messages stay alive: ids are stable
+    references = References()
     old_default, old_by_namespace = previous
-    references = References(old_default.references if old_default is not None else None)
 
     def make(resources: Resources, before: XdsSnapshot | None) -> XdsSnapshot:
         return make_snapshot(
@@ -319,8 +340,33 @@ def make_snapshots(
     snapshots = {
         ns: make(r, old_by_namespace.get(ns, old_default)) for ns, r in sorted(by_namespace.items())
     }
-    references.seal()
     return snapshot, snapshots
+
+
+def settled(
+    translation: Translation, default: XdsSnapshot, by_namespace: Mapping[str, XdsSnapshot]
+) -> Translation:
+    """`translation` with every message replaced by its `Encoded` in the snapshots made of it
+    (`make_snapshots`): what the control plane keeps between updates. No message stays alive,
+    the next `translate_update` reuses the encodings, and a type dict shared by several
+    namespaces stays shared."""
+    swapped: dict[int, dict[str, Message | Encoded]] = {}
+
+    def swap(resources: Resources, snapshot: XdsSnapshot) -> Resources:
+        out: Resources = {}
+        for type_url, items in resources.items():
+            found = swapped.get(id(items))
+            if found is None:
+                encoded = snapshot.of(type_url).resources
+                found = swapped[id(items)] = {name: encoded[name] for name in items}
+            out[type_url] = found
+        return out
+
+    return dataclasses.replace(
+        translation,
+        default=swap(translation.default, default),
+        by_namespace={ns: swap(r, by_namespace[ns]) for ns, r in translation.by_namespace.items()},
+    )
 
 
 class Lingering:
@@ -337,7 +383,8 @@ class Lingering:
 
     def __init__(self, grace: float = 2.0) -> None:
         self.grace = grace
-        self._held: dict[str, tuple[float, Message, Message | None]] = {}  # name -> (until, ...)
+        # cluster name -> (until, the cluster, its assignment's name and assignment, if any)
+        self._held: dict[str, tuple[float, Encoded, tuple[str, Encoded] | None]] = {}
 
     def hold(
         self,
@@ -350,12 +397,11 @@ class Lingering:
         one shared dict per type); returns when the earliest of them expires (None: none)."""
         clusters = default.get(CLUSTER_TYPE, {})
         if previous is not None:
-            old_clusters = previous.of(CLUSTER_TYPE).messages
-            old_endpoints = previous.of(ENDPOINT_TYPE).messages
-            for name, cluster in old_clusters.items():
+            old_endpoints = previous.of(ENDPOINT_TYPE).resources
+            for name, cluster in previous.of(CLUSTER_TYPE).resources.items():
                 if name not in clusters and name not in self._held:
-                    eds = eds_name_of(cluster)
-                    assignment = old_endpoints.get(eds) if eds is not None else None
+                    eds = [ref for _, ref in cluster.refs if ref in old_endpoints]
+                    assignment = (eds[0], old_endpoints[eds[0]]) if eds else None
                     self._held[name] = (now + self.grace, cluster, assignment)
         self._held = {
             name: held
@@ -369,7 +415,7 @@ class Lingering:
         for name, (_, cluster, assignment) in self._held.items():
             merged_clusters[name] = cluster
             if assignment is not None:
-                merged_endpoints[resource_name(ENDPOINT_TYPE, assignment)] = assignment
+                merged_endpoints[assignment[0]] = assignment[1]
         merged_clusters = dict(sorted(merged_clusters.items()))
         merged_endpoints = dict(sorted(merged_endpoints.items()))
         for resources in (default, *by_namespace.values()):

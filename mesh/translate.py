@@ -593,7 +593,9 @@ class Translation:
     """A mesh and what `translate_namespaces` makes of it; `translate_update` reuses it.
 
     Nothing here is ever changed in place: a caller that adds to a set of resources (the control
-    plane's lingering clusters) copies the set first."""
+    plane's lingering clusters) copies the set first. `translate_update` only carries the
+    previous resources over, so a caller may keep them in another form than messages (the
+    control plane keeps their encodings: `control_plane/cache.py::settled`)."""
 
     mesh: Mesh
     default: Resources

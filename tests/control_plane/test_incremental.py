@@ -4,11 +4,14 @@ that carry only what changed to a stream that ACKed the version before."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 
 from control_plane.app import ControlPlane
 from control_plane.cache import (
@@ -16,14 +19,18 @@ from control_plane.cache import (
     ENDPOINT_TYPE,
     LISTENER_TYPE,
     ROUTE_TYPE,
+    Encoded,
     SnapshotError,
+    XdsSnapshot,
     make_snapshot,
     make_snapshots,
+    settled,
 )
 from mesh.model import parse_mesh
 from mesh.translate import translate_namespaces, translate_update
 from tests.control_plane.ads_fixtures import AdsTestClient, assignment, mesh_resources
 
+PAYMENTS = "outbound|80||payments.default.svc.cluster.local"
 SERVICES = {"payments": [("127.0.0.1", 9001)], "orders": [("127.0.0.1", 9101)]}
 
 
@@ -34,12 +41,18 @@ def with_payments_on(resources: dict[str, dict[str, Any]], port: int) -> dict[st
     return changed
 
 
+def served(snapshot: XdsSnapshot) -> dict[str, dict[str, Any]]:
+    """A snapshot's resources as the control plane keeps them: encoded, not messages."""
+    return {t: dict(r.resources) for t, r in snapshot.types.items()}
+
+
 def test_a_snapshot_built_from_the_previous_one_reuses_its_encodings() -> None:
     resources = mesh_resources(SERVICES)
     before = make_snapshot(resources)
-    after = make_snapshot(with_payments_on(resources, 9002), previous=before)
+    after = make_snapshot(with_payments_on(served(before), 9002), previous=before)
     assert after == make_snapshot(with_payments_on(resources, 9002))  # the same versions
-    assert after.of(ENDPOINT_TYPE).encoded["orders"] is before.of(ENDPOINT_TYPE).encoded["orders"]
+    orders = after.of(ENDPOINT_TYPE).resources["orders"]
+    assert orders is before.of(ENDPOINT_TYPE).resources["orders"]
     assert after.of(ENDPOINT_TYPE).changed == {"payments"}
     assert after.of(ENDPOINT_TYPE).previous_version == before.of(ENDPOINT_TYPE).version
     for type_url in (LISTENER_TYPE, ROUTE_TYPE, CLUSTER_TYPE):
@@ -47,13 +60,19 @@ def test_a_snapshot_built_from_the_previous_one_reuses_its_encodings() -> None:
         assert after.of(type_url).all_encoded is before.of(type_url).all_encoded
 
 
-def test_a_reused_message_is_still_checked_against_the_new_resources() -> None:
-    resources = mesh_resources(SERVICES)
-    before = make_snapshot(resources)
-    broken = {t: dict(r) for t, r in resources.items()}
-    del broken[ROUTE_TYPE]["payments"]  # the payments listener (the same object) still names it
+def test_a_reused_encoding_is_still_checked_against_the_new_resources() -> None:
+    before = make_snapshot(mesh_resources(SERVICES))
+    broken = served(before)
+    del broken[ROUTE_TYPE]["payments"]  # the payments listener (reused as it is) still names it
     with pytest.raises(SnapshotError, match="missing route configuration 'payments'"):
         make_snapshot(broken, previous=before)
+
+
+def test_a_snapshot_decodes_to_the_messages_it_was_made_of() -> None:
+    resources = mesh_resources(SERVICES)
+    snapshot = make_snapshot(resources)
+    for type_url, messages in resources.items():
+        assert snapshot.of(type_url).decoded() == messages
 
 
 def test_incremental_snapshots_of_a_mesh_equal_full_ones() -> None:
@@ -69,14 +88,23 @@ def test_incremental_snapshots_of_a_mesh_equal_full_ones() -> None:
         )
 
     first = translate_update(mesh(8080))
-    served = make_snapshots(first.default, first.by_namespace)
-    second = translate_update(mesh(8081), first)
-    incremental = make_snapshots(second.default, second.by_namespace, served)
+    before = make_snapshots(first.default, first.by_namespace)
+    kept = settled(first, *before)  # encodings, not messages
+    for resources in (kept.default, *kept.by_namespace.values()):
+        assert all(isinstance(e, Encoded) for r in resources.values() for e in r.values())
+    # A type the namespaces share stays one dict.
+    assert kept.by_namespace["bank"][CLUSTER_TYPE] is kept.default[CLUSTER_TYPE]
+    second = translate_update(mesh(8081), kept)
+    incremental = make_snapshots(second.default, second.by_namespace, before)
     full = make_snapshots(*translate_namespaces(mesh(8081)))
     assert incremental == full  # every namespace's snapshot: the same version, type by type
     payments = "outbound|80||payments.bank.svc.cluster.local"
-    for snapshot in (incremental[0], *incremental[1].values()):
+    pairs = [(incremental[0], before[0])]
+    pairs += [(incremental[1][ns], before[1][ns]) for ns in ("bank", "shop")]
+    for snapshot, old in pairs:
         assert snapshot.of(ENDPOINT_TYPE).changed == {payments}
+        for type_url in (LISTENER_TYPE, ROUTE_TYPE, CLUSTER_TYPE):  # reused, not encoded again
+            assert snapshot.of(type_url).resources is old.of(type_url).resources
 
 
 # -- the ADS server: only what changed, to a stream that has the rest ------------------------
@@ -92,7 +120,7 @@ async def client(plane: ControlPlane) -> AsyncIterator[AdsTestClient]:
 def publish_payments_on(plane: ControlPlane, port: int) -> None:
     current = plane.cache.get("")
     assert current is not None
-    resources = {t: dict(r.messages) for t, r in current.types.items()}
+    resources = served(current)
     plane.cache.set_snapshot(make_snapshot(with_payments_on(resources, port), previous=current))
 
 
@@ -161,7 +189,7 @@ async def test_a_push_it_missed_makes_the_next_one_whole(
     # Not ACKed yet when orders changes: what it holds is not known, so all of it is sent.
     current = plane.cache.get("")
     assert current is not None
-    resources = {t: dict(r.messages) for t, r in current.types.items()}
+    resources = served(current)
     resources[ENDPOINT_TYPE]["orders"] = assignment("orders", [("127.0.0.1", 9102)])
     plane.cache.set_snapshot(make_snapshot(resources, previous=current))
     second = await client.recv()
@@ -191,7 +219,17 @@ async def test_an_endpoint_edit_is_built_from_the_previous_translation(tmp_path:
         assert now is not None and first is not None
         for type_url in (LISTENER_TYPE, ROUTE_TYPE, CLUSTER_TYPE):
             assert now.of(type_url).version == first.of(type_url).version
-        assert now.of(ENDPOINT_TYPE).changed == {"outbound|80||payments.default.svc.cluster.local"}
+            assert now.of(type_url).resources is first.of(type_url).resources  # not re-encoded
+        assert now.of(ENDPOINT_TYPE).changed == {PAYMENTS}
+        # What it keeps between updates is bytes: no message of its resources stays alive.
+        gc.collect()
+        kept = [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, cluster_pb2.Cluster | endpoint_pb2.ClusterLoadAssignment)
+            and PAYMENTS in (getattr(o, "name", ""), getattr(o, "cluster_name", ""))
+        ]
+        assert kept == []
     finally:
         async with asyncio.timeout(5):
             await plane.stop(0)

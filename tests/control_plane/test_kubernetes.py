@@ -62,13 +62,13 @@ def shop(api: FakeKubeApi, *, endpoints: tuple[str, ...] = ("10.1.0.2", "10.1.0.
 def services_of(plane: ControlPlane) -> dict[str, Any]:
     snapshot = plane.cache.get("shop")
     assert snapshot is not None
-    return dict(snapshot.of(CLUSTER_TYPE).messages)
+    return snapshot.of(CLUSTER_TYPE).decoded()
 
 
 def endpoints_of(plane: ControlPlane, cluster: str = PAYMENTS) -> list[tuple[str, int]]:
     snapshot = plane.cache.get("shop")
     assert snapshot is not None
-    assignment = snapshot.of(ENDPOINT_TYPE).messages[cluster]
+    assignment = snapshot.of(ENDPOINT_TYPE).decoded()[cluster]
     return [
         (e.endpoint.address.socket_address.address, e.endpoint.address.socket_address.port_value)
         for locality in assignment.endpoints

@@ -121,7 +121,7 @@ async def test_a_removed_service_keeps_its_cluster_until_routes_stop_using_it(
         routes = route_pb2.RouteConfiguration()
         first.resources[0].Unpack(routes)
         assert all("orders" not in v.domains for v in routes.virtual_hosts)
-        assert orders in plane.cache.get("").of(CLUSTER_TYPE).messages
+        assert orders in plane.cache.get("").of(CLUSTER_TYPE).resources
         final = await client.recv(timeout=3)  # after the grace period: the cluster goes
         assert final.type_url == CLUSTER_TYPE
         assert orders not in AdsTestClient.names_of(final)

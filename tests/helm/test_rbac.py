@@ -128,7 +128,7 @@ async def test_the_roles_grant_exactly_what_the_control_plane_asks(
         try:
             clusters = "outbound|80||orders.shop.svc.cluster.local"
             snapshot = plane.cache.get("shop")
-            assert snapshot is not None and clusters in snapshot.of(CLUSTER_TYPE).messages
+            assert snapshot is not None and clusters in snapshot.of(CLUSTER_TYPE).resources
             await until("the Events", lambda: len(api.events) == 2)
             await until("every watch", lambda: sum(a.verb == "watch" for a in api.accesses()) >= 3)
         finally:
