@@ -133,10 +133,12 @@ class TypeResources:
 class References:
     """What each message refers to (route configurations, clusters, assignments), worked out
     once per message object in a build (every namespace's set shares most of them) and kept
-    in its `Encoded` after."""
+    in its `Encoded` after. Equal references are one object: every namespace's `outbound`
+    RouteConfiguration names every cluster (21 x 1,000 pairs at 1,000 services)."""
 
     def __init__(self) -> None:
         self._found: dict[int, tuple[Message, Refs]] = {}  # id -> (message kept alive, refs)
+        self._pairs: dict[tuple[str, str], tuple[str, str]] = {}
 
     def of(self, type_url: str, item: Message | Encoded) -> Refs:
         if isinstance(item, Encoded):
@@ -146,7 +148,8 @@ class References:
             return ()
         hit = self._found.get(id(item))
         if hit is None or hit[0] is not item:
-            hit = self._found[id(item)] = (item, extract(item))
+            refs = tuple(self._pairs.setdefault(pair, pair) for pair in extract(item))
+            hit = self._found[id(item)] = (item, refs)
         return hit[1]
 
 
