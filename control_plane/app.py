@@ -45,6 +45,7 @@ from control_plane.cache import (
     make_snapshots,
     settled,
 )
+from control_plane.heap import HeapTrimmer
 from control_plane.metrics import CONTENT_TYPE, ControlPlaneMetrics
 from control_plane.server import (
     ADS_SERVICE,
@@ -112,7 +113,8 @@ class ControlPlane:
         self.source = source
         self.cache = SnapshotCache()
         self.metrics = ControlPlaneMetrics()
-        self.ads = AdsServer(self.cache, self.metrics, max_streams)
+        self.heap = HeapTrimmer()
+        self.ads = AdsServer(self.cache, self.metrics, max_streams, self.heap)
         self.health = health_aio.HealthServicer()
         self.xds_port = 0
         self.http_port = 0
@@ -171,6 +173,7 @@ class ControlPlane:
         )
         self._schedule_expiry(expires)
         self._note_problems(update.problems)
+        self.heap.poke()  # the build's garbage, and the push it starts
         if self.cache.set_snapshot(default, by_namespace):
             self.metrics.config_reloads.inc()
             log.info(
@@ -304,6 +307,7 @@ class ControlPlane:
     async def stop(self, grace: float = 1.0) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
+        self.heap.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

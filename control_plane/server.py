@@ -21,6 +21,9 @@ and the last NACK. The rules, from the xDS protocol spec:
 Responses are assembled from the snapshot's pre-serialized resource bytes (see cache.py), so the
 method is registered with a bytes-passthrough response serializer.
 
+Requests and ended streams poke the `HeapTrimmer`, which gives the memory a burst of them
+freed back to the operating system once they stop (see heap.py).
+
 At most `max_streams` streams are served at once: the first request of one more is answered
 with RESOURCE_EXHAUSTED and a message naming the limit, a refusal every xDS client (our
 sidecar, Envoy, gRPC) backs off from and retries, perhaps on another replica. `server_options`
@@ -44,6 +47,7 @@ from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 from google.protobuf import any_pb2, struct_pb2, timestamp_pb2
 
 from control_plane.cache import PUSH_ORDER, SnapshotCache, XdsSnapshot
+from control_plane.heap import HeapTrimmer
 from control_plane.metrics import ControlPlaneMetrics
 from mesh.xds import WILDCARD_TYPES, short_type
 
@@ -175,10 +179,12 @@ class AdsServer:
         cache: SnapshotCache,
         metrics: ControlPlaneMetrics,
         max_streams: int = DEFAULT_MAX_STREAMS,
+        heap: HeapTrimmer | None = None,
     ) -> None:
         self.cache = cache
         self.metrics = metrics
         self.max_streams = max_streams
+        self.heap = heap if heap is not None else HeapTrimmer()
         self.admitted = 0  # streams whose first request was accepted
         self._last_refusal_log = -REFUSAL_LOG_INTERVAL
         self.streams: dict[int, StreamState] = {}
@@ -257,6 +263,7 @@ class AdsServer:
                     await self._refuse(item, stream.peer, queue, context)
                 response = await self._on_request(stream, item, context)
                 item = None
+                self.heap.poke()
                 if response is not None:
                     await context.write(response)
                     response = None
@@ -268,6 +275,7 @@ class AdsServer:
                 log.info("stream %d: node %s disconnected", stream.stream_id, stream.node_id)
             del self.streams[stream.stream_id]
             self.metrics.connected_proxies.dec()
+            self.heap.poke()
 
     async def _push(
         self, stream: StreamState, context: grpc.aio.ServicerContext[Any, bytes]
