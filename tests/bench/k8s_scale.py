@@ -18,7 +18,8 @@ Three kinds of process, each its own:
 Then `--changes` times: one EndpointSlice gets a new pod IP in place of an old one (a pod
 restarted), and per stream the time from the API server storing the change to the stream's ACK
 of the EDS push is taken (p50, p99, max), with a check that no Listener, Cluster or
-RouteConfiguration was pushed. Each figure is printed with the load average beside it. Every
+RouteConfiguration was pushed; the control plane's RSS is read after the last change and again
+5 s later (settled). Each figure is printed with the load average beside it. Every
 wait is bounded; every process is stopped in a `finally`.
 """
 
@@ -40,6 +41,7 @@ from typing import Any
 from ads_load import REPO, Child, LoadFleet, loadavg, pct, stop_all
 
 CHANGE_QUIET_S = 1.0  # a push is over when no stream got a response for this long
+SETTLE_S = 5.0  # then the RSS is read again: what the process keeps once idle
 
 # -- the fake API server process ---------------------------------------------------------------
 
@@ -263,6 +265,8 @@ def harness(args: argparse.Namespace) -> int:
                 f"p99 {pct(every, 0.99) * 1000:.0f} ms, max {every[-1] * 1000:.0f} ms"
             )
         print(f"control plane RSS after the changes: {cp.rss_mib():.0f} MiB")
+        time.sleep(SETTLE_S)
+        print(f"control plane RSS {SETTLE_S:.0f} s later (settled): {cp.rss_mib():.0f} MiB")
         api.send("mistakes")
         mistakes = api.json(10)["mistakes"]
         if mistakes:

@@ -9,7 +9,8 @@ N ADS streams between them, each behaving like a sidecar (LDS and CDS wildcard, 
 "outbound", EDS for every cluster, ACK everything). It reports how many streams synced and how
 the others ended (the gRPC status code and message), the control plane's RSS and its CPU over
 5 s of rest, then changes a policy in the mesh file (`--pushes` times) and measures, per stream,
-the time from the edit to the ACK of the last response the change caused (p50, p99, max).
+the time from the edit to the ACK of the last response the change caused (p50, p99, max), and
+the RSS after the pushes and again 5 s later (settled).
 Every figure is printed with the load average beside it. Every wait is bounded; every process
 is stopped in a `finally`.
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 from ads_load import Child, LoadFleet, loadavg, pct, stop_all
 
 QUIET_S = 1.0  # a push is over when no stream got a response for this long
+SETTLE_S = 5.0  # then the RSS is read again: what the process keeps once idle
 
 
 def mesh_yaml(services: int, endpoints: int, timeout: str) -> str:
@@ -124,6 +126,8 @@ def harness(args: argparse.Namespace) -> int:
                 + (f"; streams ended: {push.errors}" if push.errors else "")
             )
         print(f"control plane RSS after the pushes: {cp.rss_mib():.0f} MiB")
+        time.sleep(SETTLE_S)
+        print(f"control plane RSS {SETTLE_S:.0f} s later (settled): {cp.rss_mib():.0f} MiB")
         return 0
     finally:
         stop_all(fleet, [cp], work, args.keep_workdir)
