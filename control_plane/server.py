@@ -415,9 +415,9 @@ class AdsServer:
         only_changes: bool = False,
     ) -> bytes:
         resources = snapshot.of(type_url)
-        body, key = resources.select(ts.names)
+        parts, key = resources.select(ts.names)
         if only_changes and ts.names is not None:
-            body = resources.changes(ts.names)
+            parts = resources.changes(ts.names)
         nonce = str(next(self._nonces))
         head = discovery_pb2.DiscoveryResponse(
             version_info=resources.version, type_url=type_url, nonce=nonce
@@ -429,7 +429,7 @@ class AdsServer:
         ts.acked = False
         ts.sent_at = time.monotonic()
         self.metrics.pushes.labels(short_type(type_url)).inc()
-        return cast(bytes, head) + body
+        return b"".join((cast(bytes, head), *parts))
 
 
 class CsdsServer(csds_pb2_grpc.ClientStatusDiscoveryServiceServicer):  # type: ignore[misc]
