@@ -72,6 +72,7 @@ class Sidecar:
             str(settings.mesh or settings.control_plane or "embedded default"),
             self.router.snapshot,
             self.addresses,
+            settings.trace_sampling,
         )
         self.clusters = admin.Clusters(self.router.snapshot, self.services, self.upstreams.pools)
         self.admin = admin.Admin(
@@ -83,6 +84,11 @@ class Sidecar:
                 b"/clusters": self.clusters,
                 b"/drain": admin.Drain(self.request_drain),
             }
+        )
+        # The pod IP's two ports: one page each (the admin port stays on loopback).
+        self.health = admin.Admin({b"/healthz/ready": admin.Ready(self.health_reason)})
+        self.metrics_page = admin.Admin(
+            {b"/stats/prometheus": admin.Prometheus(self.metrics.registry())}
         )
         self.xds: XdsClient | None = None  # managed mode: the control plane's client
         if settings.control_plane is not None:
@@ -98,6 +104,9 @@ class Sidecar:
             )
         self.listening = False
         self.draining = False
+        # A config from the control plane, the snapshot cache or --mesh was applied (the
+        # embedded default does not count for /healthz/ready).
+        self.configured = False
         self._servers: list[asyncio.AbstractServer] = []
         self._drain_requested: asyncio.Event | None = None
         self._settle_pending = False  # run() sets it: freeze the start-up heap once ready
@@ -126,8 +135,14 @@ class Sidecar:
         """Trace from now on (before `apply` and `start`: the layers are built there)."""
         self.router.trace(tracing)
         snapshot = self.router.snapshot()
-        if snapshot is not None:
-            tracing.set_sampling(snapshot.trace_sampling)
+        if snapshot is not None or self.settings.trace_sampling is not None:
+            tracing.set_sampling(self._sampling(snapshot))
+
+    def _sampling(self, snapshot: Snapshot | None) -> float:
+        """--trace-sampling when given, else the snapshot's (xDS) value."""
+        if self.settings.trace_sampling is not None:
+            return self.settings.trace_sampling
+        return snapshot.trace_sampling if snapshot is not None else 0.01
 
     def _spans_dropped(self) -> dict[str, int]:
         tracing = self.router.tracing
@@ -138,17 +153,21 @@ class Sidecar:
         if tracing is not None:
             tracing.on_breaker_event(event)
 
-    def apply(self, snapshot: Snapshot) -> None:
-        """Build every service's stack, then swap them in at once (raises ConfigError)."""
+    def apply(self, snapshot: Snapshot, *, embedded: bool = False) -> None:
+        """Build every service's stack, then swap them in at once (raises ConfigError).
+
+        `embedded`: the embedded default, which serves but does not make the pod ready."""
         try:
             self.router.apply(snapshot)
         except ConfigError:
             self.metrics.config_rejected += 1
             raise
+        if not embedded:
+            self.configured = True
         self.metrics.config_version = snapshot.version
         self.metrics.config_applied += 1
         if self.tracing is not None:
-            self.tracing.set_sampling(snapshot.trace_sampling)
+            self.tracing.set_sampling(self._sampling(snapshot))
         log.info(
             "applied config version %s (%d services)", snapshot.version, len(snapshot.services)
         )
@@ -165,6 +184,18 @@ class Sidecar:
                 f"initial fetch timeout {self.settings.initial_fetch_timeout:g}s)"
             )
         return ""
+
+    def health_reason(self) -> str:
+        """/healthz/ready: as /ready, and only once a real config is applied."""
+        problem = self.not_ready_reason()
+        if problem or self.configured:
+            return problem
+        source = self.settings.control_plane or self.settings.mesh
+        return (
+            f"serving the embedded default only; no config from {source} yet"
+            if source
+            else "serving the embedded default only (give --control-plane or --mesh)"
+        )
 
     # --- bookkeeping ---------------------------------------------------------------------
 
@@ -207,7 +238,7 @@ class Sidecar:
                 self.settings.control_plane,
                 timeout,
             )
-            self.apply(snapshot_from_mesh(embedded_mesh(), self.settings.namespace))
+            self.apply(snapshot_from_mesh(embedded_mesh(), self.settings.namespace), embedded=True)
 
     async def _housekeeping(self) -> None:
         while True:
@@ -225,13 +256,19 @@ class Sidecar:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._drain_requested = asyncio.Event()
-        listeners = (
+        listeners = [
             ("outbound", self.settings.outbound, self.outbound_state, self.router.outbound, True),
             ("inbound", self.settings.inbound, self.inbound_state, self.router.inbound, True),
             ("admin", self.settings.admin, self.admin_state, self.admin.dispatch, False),
-        )
+        ]
+        if self.settings.health is not None:
+            health = ("health", self.settings.health, self.admin_state, self.health.dispatch, False)
+            listeners.append(health)
+        if self.settings.metrics is not None:
+            page = self.metrics_page.dispatch
+            listeners.append(("metrics", self.settings.metrics, self.admin_state, page, False))
         for name, (host, port), state, dispatch, ids in listeners:
-            completed = self._completed(name) if name != "admin" else None
+            completed = self._completed(name) if ids else None
 
             def factory(
                 state: ServerState = state,
@@ -246,7 +283,8 @@ class Sidecar:
             bound = server.sockets[0].getsockname()
             self.addresses[name] = (bound[0], bound[1])
             self.router.own.add(Endpoint(bound[0], bound[1]))
-            state.start()
+            if name in ("outbound", "inbound", "admin"):
+                state.start()
         self.listening = True
         print(
             "outrigger sidecar listening "
@@ -316,11 +354,15 @@ def embedded_mesh() -> Mesh:
 
 
 def run_sidecar(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         settings = SidecarSettings.from_args(args)
+    except SettingsError as exc:
+        print(f"outrigger sidecar: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
         sidecar = Sidecar(settings)
         if sidecar.xds is not None:
             cached = sidecar.xds.load_cached()
@@ -336,7 +378,8 @@ def run_sidecar(args: argparse.Namespace) -> int:
             endpoint = otlp_endpoint(None, mesh.tracing.otlp_endpoint)
             if sidecar.tracing is None and endpoint is not None:
                 sidecar.trace_to(endpoint)
-            sidecar.apply(snapshot_from_mesh(mesh, settings.namespace))
+            embedded = settings.mesh is None
+            sidecar.apply(snapshot_from_mesh(mesh, settings.namespace), embedded=embedded)
     except (SettingsError, MeshError, ConfigError) as exc:
         print(f"outrigger sidecar: {exc}", file=sys.stderr)
         return 2
