@@ -39,6 +39,7 @@ from mesh.xds import (
     eds_name_of,
     resource_name,
     route_names_of,
+    tcp_proxies_of,
 )
 
 # Make-before-break order for pushes (the xDS spec's ADS ordering): clusters and their
@@ -141,6 +142,11 @@ def check_consistency(resources: Resources) -> None:
             if route_name not in routes:
                 raise SnapshotError(
                     f"listener {name!r} refers to missing route configuration {route_name!r}"
+                )
+        for proxy in tcp_proxies_of(listener):
+            if proxy.cluster and proxy.cluster not in clusters:
+                raise SnapshotError(
+                    f"listener {name!r} passes TCP to missing cluster {proxy.cluster!r}"
                 )
     for name, config in routes.items():
         for vhost in cast(Any, config).virtual_hosts:

@@ -7,10 +7,11 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf.json_format import MessageToDict
 
-from mesh.model import Mesh, MeshEndpoint, MeshService, Policy, load_mesh, parse_mesh
+from mesh.model import Mesh, MeshEndpoint, MeshService, Policy, Protocol, load_mesh, parse_mesh
 from mesh.translate import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
@@ -407,3 +408,89 @@ def test_each_cluster_carries_its_policy_and_where_each_value_came_from() -> Non
     assert metadata["policy"]["timeout"] == {"value": "3s", "origin": "mesh"}
     assert metadata["policy"]["retry-attempts"] == {"value": "2", "origin": "service"}
     assert metadata["policy"]["load-balancer"] == {"value": "round_robin", "origin": "built-in"}
+
+
+def chains_by_name(resources: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {chain.name: chain for chain in resources[LISTENER_TYPE]["outbound"].filter_chains}
+
+
+def test_the_outbound_listener_matches_connections_as_envoy_does() -> None:
+    web = MeshService("web", "shop", addresses=("10.96.0.10",))
+    db = MeshService("db", "shop", 5432, addresses=("fd00::12",), protocol=Protocol.TCP)
+    resources = translate(Mesh(services=(web, db)), "shop")
+    listener = resources[LISTENER_TYPE]["outbound"]
+    assert [f.name for f in listener.listener_filters] == [
+        "envoy.filters.listener.original_dst",
+        "envoy.filters.listener.tls_inspector",
+        "envoy.filters.listener.http_inspector",
+    ]
+    chains = chains_by_name(resources)
+    assert list(chains) == [
+        "db.shop.svc.cluster.local:5432|tcp",
+        "web.shop.svc.cluster.local:80|http",
+        "web.shop.svc.cluster.local:80|tcp",
+        "http",
+    ]
+    # undeclared: HTTP/1.x to the HTTP connection manager, the rest to the service as TCP
+    http = chains["web.shop.svc.cluster.local:80|http"]
+    assert MessageToDict(http.filter_chain_match) == {
+        "destinationPort": 80,
+        "prefixRanges": [{"addressPrefix": "10.96.0.10", "prefixLen": 32}],
+        "applicationProtocols": ["http/1.0", "http/1.1"],
+    }
+    assert http.filters[0].name == "envoy.filters.network.http_connection_manager"
+    tcp = chains["web.shop.svc.cluster.local:80|tcp"]
+    proxy = tcp_proxy_pb2.TcpProxy()
+    tcp.filters[0].typed_config.Unpack(proxy)
+    assert (tcp.filters[0].name, proxy.cluster) == (
+        "envoy.filters.network.tcp_proxy",
+        "outbound|80||web.shop.svc.cluster.local",
+    )
+    assert MessageToDict(chains["db.shop.svc.cluster.local:5432|tcp"].filter_chain_match) == {
+        "destinationPort": 5432,
+        "prefixRanges": [{"addressPrefix": "fd00::12", "prefixLen": 128}],
+    }
+    assert MessageToDict(chains["http"].filter_chain_match) == {
+        "applicationProtocols": ["http/1.0", "http/1.1"]
+    }
+    listener.default_filter_chain.filters[0].typed_config.Unpack(proxy)
+    assert proxy.cluster == PASSTHROUGH_CLUSTER
+
+
+def test_a_tls_service_is_matched_by_address_and_by_its_names_as_server_names() -> None:
+    secure = MeshService("secure", "shop", 443, addresses=("10.96.0.13",), protocol=Protocol.TLS)
+    chains = chains_by_name(translate(Mesh(services=(secure,)), "shop"))
+    assert MessageToDict(chains["secure.shop.svc.cluster.local:443|tls"].filter_chain_match) == {
+        "destinationPort": 443,
+        "prefixRanges": [{"addressPrefix": "10.96.0.13", "prefixLen": 32}],
+        "transportProtocol": "tls",
+    }
+    assert MessageToDict(chains["secure.shop.svc.cluster.local:443|sni"].filter_chain_match) == {
+        "destinationPort": 443,
+        "serverNames": ["secure.shop", "secure.shop.svc", "secure.shop.svc.cluster.local"],
+        "transportProtocol": "tls",
+    }
+
+
+def test_registry_only_sends_other_tcp_to_a_cluster_without_endpoints() -> None:
+    resources = translate(parse_mesh({"outbound_policy": "registry_only"}, "m.yaml"))
+    proxy = tcp_proxy_pb2.TcpProxy()
+    resources[LISTENER_TYPE]["outbound"].default_filter_chain.filters[0].typed_config.Unpack(proxy)
+    blackhole = resources[CLUSTER_TYPE][proxy.cluster]
+    assert (proxy.cluster, blackhole.type) == ("BlackHoleCluster", cluster_pb2.Cluster.STATIC)
+    assert len(blackhole.load_assignment.endpoints) == 0
+    assert PASSTHROUGH_CLUSTER not in resources[CLUSTER_TYPE]
+
+
+def test_an_address_and_port_two_services_claim_is_matched_for_the_first_only() -> None:
+    pods = (MeshEndpoint("10.1.0.7", 80),)
+    mesh = Mesh(
+        services=(
+            MeshService("a", "shop", endpoints=pods, headless=True, protocol=Protocol.TCP),
+            MeshService("b", "shop", endpoints=pods, headless=True, protocol=Protocol.TCP),
+        )
+    )
+    assert list(chains_by_name(translate(mesh, "shop"))) == [
+        "a.shop.svc.cluster.local:80|tcp",
+        "http",
+    ]
