@@ -15,8 +15,11 @@ is relayed by a `TcpProxy`. Its rules:
 - A reset or error on one side aborts the other (the app sees a reset, as it would have seen
   it without the sidecar). A failed or timed-out connect (bounded by `connect_timeout`) aborts
   the client with flag UF, as the HTTP path flags a connect failure.
+- Idle connections end: when no byte moved either way for `idle_timeout` (Envoy's tcp_proxy
+  default, 1 h), both sides are closed, flag SI. One timer per connection, re-armed only when it
+  fires (a byte does not touch it).
 - One `TcpRecord` per connection: the observer hears when it opens and when it closes (bytes
-  each way, duration, flags), and `log_line()` is its JSON access-log line.
+  each way, duration, flags); the access log (`sidecar/telemetry/access_log.py`) writes it.
 
 The client transport is handed over with `set_protocol` (asyncio and uvloop transports support
 it), so the protocol that read the first bytes does not stay in the path.
@@ -25,7 +28,6 @@ it), so the protocol that read the first bytes does not stay in the path.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ from sidecar.flags import Flag
 @dataclass(frozen=True, slots=True)
 class TcpSettings:
     connect_timeout: float = 5.0  # Envoy's default for a cluster that names none
+    idle_timeout: float = 3600.0  # no byte either way for this long: closed (0: never)
 
 
 @dataclass(slots=True)
@@ -49,30 +52,14 @@ class TcpRecord:
     destination: str = "passthrough"  # the service, when the address is one
     protocol: str = "tcp"  # what detection saw: tcp | tls | h2
     server_name: str = ""  # TLS SNI, when the ClientHello named one
-    flags: str = ""  # UF: connect failed; DC: the client left before the upstream answered
+    # UF: connect failed; DC: the client left before the upstream answered; SI: idle timeout;
+    # NR: refused (registry_only, or a loop to the sidecar itself); UH: a service without endpoints
+    flags: str = ""
     bytes_received: int = 0  # from the client (Envoy: bytes_received), replayed bytes included
     bytes_sent: int = 0  # to the client (Envoy: bytes_sent)
     start: float = 0.0  # loop time
     duration: float = 0.0  # seconds, set when the connection is over
     started_at: float = field(default_factory=time.time)  # wall clock, for the log
-
-    def log_line(self) -> str:
-        return json.dumps(
-            {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
-                "direction": self.direction,
-                "protocol": self.protocol,
-                "downstream": self.downstream,
-                "upstream": self.upstream,
-                "destination": self.destination,
-                "sni": self.server_name or "-",
-                "flags": self.flags or "-",
-                "bytes_received": self.bytes_received,
-                "bytes_sent": self.bytes_sent,
-                "duration_ms": round(self.duration * 1000, 3),
-            },
-            separators=(",", ":"),
-        )
 
 
 # loop.create_connection's shape: how the upstream connection is made.
@@ -104,7 +91,9 @@ class _Side(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
-        record = self.proxy.record
+        proxy = self.proxy
+        proxy.last_activity = proxy.loop.time()
+        record = proxy.record
         if self.is_client:
             record.bytes_received += len(data)
         else:
@@ -156,6 +145,8 @@ class TcpProxy:
         "connecting",
         "destination",
         "done",
+        "idle_timer",
+        "last_activity",
         "loop",
         "observer",
         "record",
@@ -190,17 +181,52 @@ class TcpProxy:
         self.client.ended = client_ended
         self.connecting: asyncio.Task[None] | None = None
         self.done: asyncio.Future[None] = self.loop.create_future()  # set when both are closed
+        self.last_activity = 0.0
+        self.idle_timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         client = self.client.transport
         assert client is not None
         client.set_protocol(self.client)
         client.pause_reading()  # until the upstream connection is there
-        self.record.start = self.loop.time()
+        self.record.start = self.last_activity = self.loop.time()
         self.record.bytes_received += len(self.replay)
         if self.observer is not None:
             self.observer.tcp_opened(self.record)
+        if self.settings.idle_timeout > 0:
+            self.idle_timer = self.loop.call_later(self.settings.idle_timeout, self._idle)
         self.connecting = self.loop.create_task(self._connect())
+
+    def _idle(self) -> None:
+        self.idle_timer = None
+        if self.done.done():
+            return
+        deadline = self.last_activity + self.settings.idle_timeout
+        if self.loop.time() < deadline:  # bytes moved since: wait for the rest of the window
+            self.idle_timer = self.loop.call_at(deadline, self._idle)
+            return
+        self.record.flags = self.record.flags or Flag.STREAM_IDLE_TIMEOUT.value
+        self.close()
+
+    def close(self) -> None:
+        """End both sides now: what they hold is still sent (the idle timeout, a drain)."""
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+            self.server.closed = True
+        for side in (self.client, self.server):
+            if side.transport is not None and not side.closed:
+                side.transport.close()
+
+    def abort(self) -> None:
+        """Reset both sides (a drain that ran out of time)."""
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+            self.server.closed = True
+        for side in (self.client, self.server):
+            if side.transport is not None and not side.closed:
+                side.transport.abort()
 
     async def _connect(self) -> None:
         host, port = self.destination
@@ -263,6 +289,9 @@ class TcpProxy:
     def _finish(self) -> None:
         if self.done.done():
             return
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
         self.record.duration = self.loop.time() - self.record.start
         if self.observer is not None:
             self.observer.tcp_closed(self.record)

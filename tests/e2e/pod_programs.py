@@ -24,6 +24,7 @@ from typing import Any
 import uvloop
 
 from sidecar.interception.original_dst import original_destination
+from sidecar.telemetry.access_log import AccessLog
 from sidecar.transport.tcp import TcpRecord
 from tests.sidecar.transport.relay_fixtures import echo_until_eof, relay_listener
 
@@ -89,13 +90,17 @@ async def client(args: argparse.Namespace) -> None:
 
 
 class Printed:
-    """The relay's observer: one JSON line per connection, when it is over."""
+    """The relay's observer: one access-log line per connection, when it is over."""
+
+    def __init__(self) -> None:
+        self.log = AccessLog()
 
     def tcp_opened(self, record: TcpRecord) -> None:
         pass
 
     def tcp_closed(self, record: TcpRecord) -> None:
-        print(record.log_line(), flush=True)
+        self.log.tcp(record)
+        self.log.flush()
 
 
 async def relay(args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import trustme
 
+from sidecar.telemetry.access_log import AccessLog
 from sidecar.transport.sniffer import SniffSettings
 from sidecar.transport.tcp import TcpProxy, TcpRecord, TcpSettings
 from tests.sidecar.transport.relay_fixtures import (
@@ -177,17 +178,35 @@ async def test_a_client_gone_while_connecting_stops_the_connect_with_flag_dc() -
     assert proxy.connecting is None
 
 
+async def test_a_connection_idle_past_its_timeout_is_closed_with_flag_si() -> None:
+    upstream = Upstream()
+    _, client, observed = await started(upstream, settings=TcpSettings(idle_timeout=0.2))
+    await asyncio.sleep(0.12)
+    client.proto.data_received(b"still here")  # a byte moves the window
+    await asyncio.sleep(0.12)
+    assert not client.closed  # 0.24 s since the start, 0.12 s since the last byte
+    [closed] = await observed.wait_closed()
+    assert closed.flags == "SI"
+    assert client.closed and upstream.transport.closed
+    assert not client.aborted  # closed, so what was buffered still goes out
+    assert 0.3 <= closed.duration < 2.0
+
+
 def test_the_access_log_line_names_the_connection() -> None:
-    line = TcpRecord(
-        "outbound",
-        "10.0.0.1:40000",
-        "10.0.0.9:443",
-        protocol="tls",
-        server_name="api.example.com",
-        bytes_received=517,
-        bytes_sent=4096,
-        duration=0.25,
-    ).log_line()
+    log = AccessLog()
+    log.tcp(
+        TcpRecord(
+            "outbound",
+            "10.0.0.1:40000",
+            "10.0.0.9:443",
+            protocol="tls",
+            server_name="api.example.com",
+            bytes_received=517,
+            bytes_sent=4096,
+            duration=0.25,
+        )
+    )
+    [line] = log.lines
     fields = json.loads(line)
     assert fields["sni"] == "api.example.com"
     assert fields["upstream"] == "10.0.0.9:443"
