@@ -15,8 +15,10 @@ import gc
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from mesh.address import join_host_port
 from mesh.model import Mesh, MeshError, load_mesh, parse_mesh
 from sidecar import admin
 from sidecar.config import ConfigError, Endpoint, Snapshot
@@ -29,6 +31,13 @@ from sidecar.routing import Active, Router
 from sidecar.settings import SettingsError, SidecarSettings
 from sidecar.telemetry import otlp_endpoint
 from sidecar.telemetry.access_log import AccessLog
+from sidecar.transport.listener import (
+    Listener,
+    ListenerSettings,
+    OriginalDestination,
+    addresses_to_bind,
+    kernel_destination,
+)
 from sidecar.transport.server import (
     Completed,
     Decision,
@@ -36,6 +45,8 @@ from sidecar.transport.server import (
     ServerSettings,
     ServerState,
 )
+from sidecar.transport.sniffer import SniffSettings
+from sidecar.transport.tcp import TcpRecord
 from sidecar.transport.upstream import Upstreams
 from sidecar.xds.interpret import snapshot_from_mesh
 
@@ -47,9 +58,18 @@ log = logging.getLogger("outrigger.sidecar")
 
 
 class Sidecar:
-    def __init__(self, settings: SidecarSettings, server: ServerSettings | None = None) -> None:
+    def __init__(
+        self,
+        settings: SidecarSettings,
+        server: ServerSettings | None = None,
+        *,
+        destination_of: OriginalDestination = kernel_destination,
+    ) -> None:
         self.settings = settings
         self.server_settings = server or ServerSettings()
+        # How a connection's original destination is read: the kernel's SO_ORIGINAL_DST (tests
+        # without iptables give a stand-in).
+        self.destination_of = destination_of
         self.services = ServiceRegistry(on_event=self._policy_event)
         self.upstreams = Upstreams(services=self.services)
         self.router = Router(
@@ -107,7 +127,8 @@ class Sidecar:
         # A config from the control plane, the snapshot cache or --mesh was applied (the
         # embedded default does not count for /healthz/ready).
         self.configured = False
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: dict[str, list[asyncio.AbstractServer]] = {}  # by listener name
+        self.listeners: dict[str, Listener] = {}  # outbound, inbound: where connections enter
         self._drain_requested: asyncio.Event | None = None
         self._settle_pending = False  # run() sets it: freeze the start-up heap once ready
         endpoint = otlp_endpoint(settings.otlp_endpoint, None)
@@ -254,37 +275,39 @@ class Sidecar:
             self._drain_requested.set()
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         self._drain_requested = asyncio.Event()
-        listeners = [
-            ("outbound", self.settings.outbound, self.outbound_state, self.router.outbound, True),
-            ("inbound", self.settings.inbound, self.inbound_state, self.router.inbound, True),
-            ("admin", self.settings.admin, self.admin_state, self.admin.dispatch, False),
-        ]
+        books = TcpBooks(self.metrics, self.access_log if self.settings.access_log else None)
+        sniff = SniffSettings(detect_timeout=self.settings.detect_timeout)
+        traffic = (
+            ("outbound", self.settings.outbound, self.outbound_state, self.router.outbound),
+            ("inbound", self.settings.inbound, self.inbound_state, self.router.inbound),
+        )
+        for name, (host, port), state, route in traffic:
+            listener = Listener(
+                ListenerSettings(name, sniff, self.settings.tcp_idle_timeout),
+                state,
+                route,
+                self.router.snapshot,
+                self.router.is_own,
+                completed=self._completed(name),
+                observer=books,
+                destination_of=self.destination_of,
+            )
+            self.listeners[name] = listener
+            await self._listen(name, addresses_to_bind(host, port), port, listener)
+            state.start()
+        local = [("admin", self.settings.admin, self.admin.dispatch)]
         if self.settings.health is not None:
-            health = ("health", self.settings.health, self.admin_state, self.health.dispatch, False)
-            listeners.append(health)
+            local.append(("health", self.settings.health, self.health.dispatch))
         if self.settings.metrics is not None:
-            page = self.metrics_page.dispatch
-            listeners.append(("metrics", self.settings.metrics, self.admin_state, page, False))
-        for name, (host, port), state, dispatch, ids in listeners:
-            completed = self._completed(name) if ids else None
+            local.append(("metrics", self.settings.metrics, self.metrics_page.dispatch))
+        for name, (host, port), dispatch in local:
 
-            def factory(
-                state: ServerState = state,
-                dispatch: Any = dispatch,
-                completed: Any = completed,
-                ids: bool = ids,
-            ) -> DownstreamProtocol:
-                return DownstreamProtocol(state, dispatch, completed, request_ids=ids)
+            def pages(dispatch: Any = dispatch) -> DownstreamProtocol:
+                return DownstreamProtocol(self.admin_state, dispatch, None, request_ids=False)
 
-            server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
-            self._servers.append(server)
-            bound = server.sockets[0].getsockname()
-            self.addresses[name] = (bound[0], bound[1])
-            self.router.own.add(Endpoint(bound[0], bound[1]))
-            if name in ("outbound", "inbound", "admin"):
-                state.start()
+            await self._listen(name, [host], port, pages)
+        self.admin_state.start()
         self.listening = True
         print(
             "outrigger sidecar listening "
@@ -292,6 +315,29 @@ class Sidecar:
             flush=True,
         )
         self._settle_heap()
+
+    async def _listen(
+        self, name: str, hosts: list[str], port: int, factory: Callable[[], asyncio.Protocol]
+    ) -> None:
+        """Bind `hosts[0]` (its address is the listener's), then the others on the same port
+        (the IPv6 twin of a redirect target: where the pod has no IPv6, it is skipped)."""
+        loop = asyncio.get_running_loop()
+        for i, host in enumerate(hosts):
+            try:
+                server = await loop.create_server(
+                    factory, host, port, reuse_address=True, backlog=1024
+                )
+            except OSError as exc:
+                if i == 0:
+                    raise
+                log.info("%s listener: not on %s (%s)", name, join_host_port(host, port), exc)
+                continue
+            self._servers.setdefault(name, []).append(server)
+            address = server.sockets[0].getsockname()
+            self.router.own.add(Endpoint(address[0], address[1]))
+            if i == 0:
+                self.addresses[name] = (address[0], address[1])
+                port = address[1]
 
     def _settle_heap(self) -> None:
         """Once listening with a config (in `run` only), take start-up objects out of the GC.
@@ -328,17 +374,23 @@ class Sidecar:
         return 0 if clean else 1
 
     async def drain(self) -> bool:
-        """Stop accepting, let in-flight requests finish (bounded), close the rest."""
+        """Stop accepting, let in-flight requests and connections finish (bounded), close the
+        rest; the admin, health and metrics ports last."""
         self.draining = True
-        for server in self._servers[:2]:
-            server.close()
+        for name in ("outbound", "inbound"):
+            for server in self._servers.get(name, []):
+                server.close()
+        timeout = self.settings.drain_timeout
         results = await asyncio.gather(
-            self.outbound_state.drain(self.settings.drain_timeout),
-            self.inbound_state.drain(self.settings.drain_timeout),
+            self.outbound_state.drain(timeout),
+            self.inbound_state.drain(timeout),
+            *(listener.drain(timeout) for listener in self.listeners.values()),
         )
         self.upstreams.close_idle()
-        for server in self._servers[2:]:
-            server.close()
+        for name, servers in self._servers.items():
+            if name not in ("outbound", "inbound"):
+                for server in servers:
+                    server.close()
         await self.admin_state.drain(1.0)
         for state in (self.outbound_state, self.inbound_state, self.admin_state):
             state.stop()
@@ -346,6 +398,24 @@ class Sidecar:
             await self.tracing.shutdown(min(5.0, self.settings.drain_timeout))
         log.info("drained%s", "" if all(results) else " (timeout: some requests were cut)")
         return all(results)
+
+
+class TcpBooks:
+    """The passed-through connections' books: metrics always, the access log when it is on."""
+
+    __slots__ = ("access_log", "metrics")
+
+    def __init__(self, metrics: Metrics, access_log: AccessLog | None) -> None:
+        self.metrics = metrics
+        self.access_log = access_log
+
+    def tcp_opened(self, record: TcpRecord) -> None:
+        self.metrics.tcp_opened(record)
+
+    def tcp_closed(self, record: TcpRecord) -> None:
+        self.metrics.tcp_closed(record)
+        if self.access_log is not None:
+            self.access_log.tcp(record)
 
 
 def embedded_mesh() -> Mesh:
