@@ -203,25 +203,17 @@ class Listener:
                 self._refuse(transport, destination, target.name, flag, detected, server_name)
                 return
             upstream, name = picked, target.name
-        peer = transport.get_extra_info("peername")
-        record = TcpRecord(
-            direction=self.settings.direction,
-            downstream=join_host_port(peer[0], peer[1]) if peer else "-",
-            upstream=join_host_port(upstream.host, upstream.port),
-            destination=name,
-            protocol=detected,
-            server_name=server_name,
-        )
-        idle = self.settings.tcp_idle_timeout
-        if target is not None and target.idle_timeout is not None:
-            idle = target.idle_timeout
-        settings = TcpSettings(idle_timeout=idle)
+        settings = TcpSettings(idle_timeout=self.settings.tcp_idle_timeout)
         if target is not None:
-            settings = TcpSettings(connect_timeout=target.connect_timeout, idle_timeout=idle)
+            idle = target.idle_timeout
+            settings = TcpSettings(
+                connect_timeout=target.connect_timeout,
+                idle_timeout=settings.idle_timeout if idle is None else idle,
+            )
         proxy = TcpProxy(
             transport,
             (upstream.host, upstream.port),
-            record,
+            self._record(transport, upstream, name, detected, server_name),
             replay=data,
             client_ended=ended,
             settings=settings,
@@ -265,20 +257,30 @@ class Listener:
         server_name: str = "",
     ) -> None:
         """Close the connection, and count it and log it like a passed-through one."""
-        peer = transport.get_extra_info("peername")
-        record = TcpRecord(
-            direction=self.settings.direction,
-            downstream=join_host_port(peer[0], peer[1]) if peer else "-",
-            upstream=join_host_port(destination.host, destination.port),
-            destination=name,
-            protocol=detected,
-            server_name=server_name,
-            flags=flag.value,
-        )
+        record = self._record(transport, destination, name, detected, server_name)
+        record.flags = flag.value
         if self.observer is not None:
             self.observer.tcp_opened(record)
             self.observer.tcp_closed(record)
         transport.close()
+
+    def _record(
+        self,
+        transport: asyncio.Transport,
+        upstream: Endpoint,
+        name: str,
+        detected: str,
+        server_name: str,
+    ) -> TcpRecord:
+        peer = transport.get_extra_info("peername")
+        return TcpRecord(
+            direction=self.settings.direction,
+            downstream=join_host_port(peer[0], peer[1]) if peer else "-",
+            upstream=join_host_port(upstream.host, upstream.port),
+            destination=name,
+            protocol=detected,
+            server_name=server_name,
+        )
 
     # --- drain -----------------------------------------------------------------------------
 

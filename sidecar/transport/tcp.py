@@ -209,24 +209,24 @@ class TcpProxy:
         self.close()
 
     def close(self) -> None:
-        """End both sides now: what they hold is still sent (the idle timeout, a drain)."""
-        if self.connecting is not None:
-            self.connecting.cancel()
-            self.connecting = None
-            self.server.closed = True
-        for side in (self.client, self.server):
-            if side.transport is not None and not side.closed:
-                side.transport.close()
+        """End both sides now: what they hold is still sent (the idle timeout)."""
+        self._end(reset=False)
 
     def abort(self) -> None:
         """Reset both sides (a drain that ran out of time)."""
+        self._end(reset=True)
+
+    def _end(self, *, reset: bool) -> None:
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
             self.server.closed = True
         for side in (self.client, self.server):
             if side.transport is not None and not side.closed:
-                side.transport.abort()
+                if reset:
+                    side.transport.abort()
+                else:
+                    side.transport.close()
 
     async def _connect(self) -> None:
         host, port = self.destination

@@ -12,20 +12,18 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-import trustme
 
 from mesh.model import parse_mesh
 from sidecar.app import Sidecar
 from sidecar.transport.listener import addresses_to_bind
 from sidecar.xds.interpret import snapshot_from_mesh
 from tests.sidecar.resilience_fixtures import WAIT, sidecar_settings, wait_for
-from tests.sidecar.transport.relay_fixtures import echo_until_eof
+from tests.sidecar.transport.relay_fixtures import echo_until_eof, tls_contexts
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -182,12 +180,7 @@ async def test_a_declared_tcp_port_is_not_detected_so_a_server_speaking_first_ne
 
 
 async def test_tls_passes_through_and_its_server_name_is_logged_and_labelled() -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("secure.shop.svc.cluster.local")
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(server_context)
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
+    server_context, client_context = tls_contexts("secure.shop.svc.cluster.local")
 
     async def tls_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"tls:" + await reader.readline())

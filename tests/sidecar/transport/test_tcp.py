@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import trustme
 
 from sidecar.telemetry.access_log import AccessLog
 from sidecar.transport.sniffer import SniffSettings
@@ -20,6 +18,7 @@ from tests.sidecar.transport.relay_fixtures import (
     Observed,
     echo_until_eof,
     relay_listener,
+    tls_contexts,
 )
 
 
@@ -301,12 +300,7 @@ async def test_a_server_that_speaks_first_is_relayed_after_the_detection_window(
 
 
 async def test_a_tls_handshake_passes_through_untouched_and_its_sni_is_read() -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("payments.example")
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(server_context)
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
+    server_context, client_context = tls_contexts("payments.example")
 
     async def tls_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"secret: " + await reader.readline())
