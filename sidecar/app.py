@@ -2,9 +2,11 @@
 
 What each piece does lives in its own module: settings (`settings`), routing and snapshot
 application (`routing`), the admin pages (`admin`), the metrics (`metrics`), the access log
-(`telemetry.access_log`), the listeners (`transport.server`), the pools (`transport.upstream`),
-the xDS client (`xds.client`). Here: build them from the settings, apply a snapshot and keep the
-books on it, start the listeners, sweep, drain.
+(`telemetry.access_log`), where connections enter (`transport.listener`: the original
+destination, then HTTP or TCP), the HTTP connections (`transport.server`), the pools
+(`transport.upstream`), the xDS client (`xds.client`). Here: build them from the settings, apply
+a snapshot and keep the books on it, start the listeners (the admin port, and in a pod the health
+and metrics ports, each a page or two), sweep, drain.
 """
 
 from __future__ import annotations
