@@ -42,13 +42,17 @@ then server name and transport protocol, then application protocol), per service
 virtual addresses (a headless service: its pods' IPs and ports), each address and port claimed
 by the first service in (namespace, name, port) order:
 
-- ``protocol`` absent: a chain matching the addresses and port with application_protocols
-  http/1.0, http/1.1 (HTTP: the HTTP connection manager, RDS ``outbound``) and one matching
-  them without (anything else: ``tcp_proxy`` to the service's cluster);
+- ``protocol`` absent: HTTP/1.x to the addresses and port (application_protocols http/1.0,
+  http/1.1) takes the HTTP connection manager (RDS ``outbound``), and a chain matching them
+  without application_protocols passes anything else to the service's cluster (``tcp_proxy``);
 - ``http``: the HTTP connection manager for every connection to them; ``tcp``: ``tcp_proxy``
   for every connection; ``tls``: ``tcp_proxy`` for TLS connections (transport_protocol tls), and
   a chain matching the port and the service's names as TLS server names (SNI), for clients that
   reach it through an address the mesh does not know.
+
+The HTTP connection manager chains are one per port and kind (``http1|80``: HTTP/1.x to any of
+the addresses on port 80 of the undeclared services; ``http|8080``: declared http), since they
+all route alike; the ``tcp_proxy`` chains are one per service (each names its cluster).
 
 Then one chain for HTTP/1.x to any other destination (the HTTP connection manager: routes by
 Host, the catch-all virtual host decides the rest), and the ``default_filter_chain`` for
@@ -93,7 +97,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
@@ -542,46 +546,62 @@ def _chain(name: str, match: Any, network_filter: Any) -> Any:
     )
 
 
-def _service_chains(
-    service: MeshService, http: Any, claimed: set[tuple[str, int]], names: set[tuple[str, int]]
-) -> list[Any]:
-    """The service's filter chains (see the module docstring); addresses, and TLS server names,
-    another service claimed first are left out."""
-    chains: list[Any] = []
-    tcp = _tcp_proxy(cluster_name(service))
-    prefix = virtual_host_name(service)
-    for port, addresses in service_destinations(service):
-        free = [a for a in addresses if (a, port) not in claimed]
-        claimed.update((a, port) for a in free)
-        if not free:
-            continue
-        if service.protocol is Protocol.HTTP:
-            chains.append(_chain(f"{prefix}|http", _chain_match(port, free), http))
-        elif service.protocol is Protocol.TCP:
-            chains.append(_chain(f"{prefix}|tcp", _chain_match(port, free), tcp))
-        elif service.protocol is Protocol.TLS:
-            match = _chain_match(port, free, transport_protocol=TLS_TRANSPORT)
-            chains.append(_chain(f"{prefix}|tls", match, tcp))
-        else:  # detected: HTTP/1.x to the routes, anything else to the service as TCP
-            match = _chain_match(port, free, application_protocols=HTTP1_PROTOCOLS)
-            chains.append(_chain(f"{prefix}|http", match, http))
-            chains.append(_chain(f"{prefix}|tcp", _chain_match(port, free), tcp))
-    if service.protocol is Protocol.TLS and not service.headless:
-        # The service's DNS names as TLS server names: a client that reached it through an
-        # address the mesh does not know is still known by the name it asked for.
-        qualified = f"{service.name}.{service.namespace}"
-        server_names = [
-            name
-            for name in (qualified, f"{qualified}.svc", service.fqdn)
-            if (name, service.port) not in names
-        ]
-        names.update((name, service.port) for name in server_names)
-        if server_names:
-            match = _chain_match(
-                service.port, server_names=server_names, transport_protocol=TLS_TRANSPORT
-            )
-            chains.append(_chain(f"{prefix}|sni", match, tcp))
-    return chains
+@dataclass(slots=True)
+class _Chains:
+    """The outbound listener's chains as they are collected, service by service."""
+
+    tcp: list[Any] = field(default_factory=list)  # per service: tcp_proxy to its cluster
+    # (port, "http1" | "http") -> addresses: one HTTP connection manager chain per port, since
+    # they all route alike (RDS "outbound"): a chain per service would repeat it a thousand times
+    http: dict[tuple[int, str], list[str]] = field(default_factory=dict)
+    claimed: set[tuple[str, int]] = field(default_factory=set)  # (address, port)
+    names: set[tuple[str, int]] = field(default_factory=set)  # (TLS server name, port)
+
+    def add(self, service: MeshService) -> None:
+        """The service's chains (see the module docstring); addresses and TLS server names
+        another service claimed first are left out."""
+        tcp = _tcp_proxy(cluster_name(service))
+        prefix = virtual_host_name(service)
+        for port, addresses in service_destinations(service):
+            free = [a for a in addresses if (a, port) not in self.claimed]
+            self.claimed.update((a, port) for a in free)
+            if not free:
+                continue
+            if service.protocol is Protocol.HTTP:
+                self.http.setdefault((port, "http"), []).extend(free)
+            elif service.protocol is Protocol.TCP:
+                self.tcp.append(_chain(f"{prefix}|tcp", _chain_match(port, free), tcp))
+            elif service.protocol is Protocol.TLS:
+                match = _chain_match(port, free, transport_protocol=TLS_TRANSPORT)
+                self.tcp.append(_chain(f"{prefix}|tls", match, tcp))
+            else:  # detected: HTTP/1.x to the routes, anything else to the service as TCP
+                self.http.setdefault((port, "http1"), []).extend(free)
+                self.tcp.append(_chain(f"{prefix}|tcp", _chain_match(port, free), tcp))
+        if service.protocol is Protocol.TLS and not service.headless:
+            # The service's DNS names as TLS server names: a client that reached it through an
+            # address the mesh does not know is still known by the name it asked for.
+            qualified = f"{service.name}.{service.namespace}"
+            server_names = [
+                name
+                for name in (qualified, f"{qualified}.svc", service.fqdn)
+                if (name, service.port) not in self.names
+            ]
+            self.names.update((name, service.port) for name in server_names)
+            if server_names:
+                match = _chain_match(
+                    service.port, server_names=server_names, transport_protocol=TLS_TRANSPORT
+                )
+                self.tcp.append(_chain(f"{prefix}|sni", match, tcp))
+
+    def chains(self, http: Any) -> list[Any]:
+        """The TCP chains, the HTTP chains per port, then HTTP/1.x to any other destination."""
+        out = list(self.tcp)
+        for (port, kind), addresses in sorted(self.http.items()):
+            protocols = HTTP1_PROTOCOLS if kind == "http1" else ()
+            match = _chain_match(port, addresses, application_protocols=protocols)
+            out.append(_chain(f"{kind}|{port}", match, http))
+        out.append(_chain("http", _chain_match(application_protocols=HTTP1_PROTOCOLS), http))
+        return out
 
 
 def _listener_filter(name: str, config: Message) -> Any:
@@ -591,10 +611,9 @@ def _listener_filter(name: str, config: Message) -> Any:
 def _outbound_listener(mesh: Mesh, services: list[MeshService]) -> Any:
     hcm = _hcm(OUTBOUND, OUTBOUND, mesh.tracing.sampling)
     http = listener_components_pb2.Filter(name=HCM_FILTER, typed_config=_pack(hcm))
-    claimed: set[tuple[str, int]] = set()
-    names: set[tuple[str, int]] = set()
-    chains = [chain for s in services for chain in _service_chains(s, http, claimed, names)]
-    chains.append(_chain("http", _chain_match(application_protocols=HTTP1_PROTOCOLS), http))
+    collected = _Chains()
+    for service in services:
+        collected.add(service)
     allow_any = mesh.outbound_policy == "allow_any"
     default = listener_components_pb2.FilterChain(
         name=ALLOW_ANY_VHOST if allow_any else BLOCK_ALL_VHOST,
@@ -610,7 +629,7 @@ def _outbound_listener(mesh: Mesh, services: list[MeshService]) -> Any:
             _listener_filter(TLS_INSPECTOR_FILTER, tls_inspector_pb2.TlsInspector()),
             _listener_filter(HTTP_INSPECTOR_FILTER, http_inspector_pb2.HttpInspector()),
         ],
-        filter_chains=chains,
+        filter_chains=collected.chains(http),
         default_filter_chain=default,
     )
 

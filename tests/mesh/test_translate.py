@@ -416,8 +416,9 @@ def chains_by_name(resources: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def test_the_outbound_listener_matches_connections_as_envoy_does() -> None:
     web = MeshService("web", "shop", addresses=("10.96.0.10",))
+    api = MeshService("api", "shop", addresses=("10.96.0.11",))
     db = MeshService("db", "shop", 5432, addresses=("fd00::12",), protocol=Protocol.TCP)
-    resources = translate(Mesh(services=(web, db)), "shop")
+    resources = translate(Mesh(services=(web, api, db)), "shop")
     listener = resources[LISTENER_TYPE]["outbound"]
     assert [f.name for f in listener.listener_filters] == [
         "envoy.filters.listener.original_dst",
@@ -426,16 +427,21 @@ def test_the_outbound_listener_matches_connections_as_envoy_does() -> None:
     ]
     chains = chains_by_name(resources)
     assert list(chains) == [
+        "api.shop.svc.cluster.local:80|tcp",
         "db.shop.svc.cluster.local:5432|tcp",
-        "web.shop.svc.cluster.local:80|http",
         "web.shop.svc.cluster.local:80|tcp",
+        "http1|80",
         "http",
     ]
-    # undeclared: HTTP/1.x to the HTTP connection manager, the rest to the service as TCP
-    http = chains["web.shop.svc.cluster.local:80|http"]
+    # undeclared: HTTP/1.x to the HTTP connection manager (one chain for the port's
+    # addresses), the rest to each service's cluster as TCP
+    http = chains["http1|80"]
     assert MessageToDict(http.filter_chain_match) == {
         "destinationPort": 80,
-        "prefixRanges": [{"addressPrefix": "10.96.0.10", "prefixLen": 32}],
+        "prefixRanges": [
+            {"addressPrefix": "10.96.0.11", "prefixLen": 32},
+            {"addressPrefix": "10.96.0.10", "prefixLen": 32},
+        ],
         "applicationProtocols": ["http/1.0", "http/1.1"],
     }
     assert http.filters[0].name == "envoy.filters.network.http_connection_manager"
@@ -455,6 +461,16 @@ def test_the_outbound_listener_matches_connections_as_envoy_does() -> None:
     }
     listener.default_filter_chain.filters[0].typed_config.Unpack(proxy)
     assert proxy.cluster == PASSTHROUGH_CLUSTER
+
+
+def test_a_declared_http_service_is_always_http() -> None:
+    api = MeshService("api", "shop", 8080, addresses=("10.96.0.11",), protocol=Protocol.HTTP)
+    chains = chains_by_name(translate(Mesh(services=(api,)), "shop"))
+    assert list(chains) == ["http|8080", "http"]
+    assert MessageToDict(chains["http|8080"].filter_chain_match) == {
+        "destinationPort": 8080,
+        "prefixRanges": [{"addressPrefix": "10.96.0.11", "prefixLen": 32}],
+    }
 
 
 def test_a_tls_service_is_matched_by_address_and_by_its_names_as_server_names() -> None:

@@ -124,8 +124,13 @@ def _listener(resources: Resources) -> Any:
 
 
 def _chain_named(resources: Resources, suffix: str, service: str = "db") -> Any:
+    """A service's tcp_proxy chain, or (suffix "|http") the HTTP chain of its port."""
     for chain in _listener(resources).filter_chains:
         if chain.name.startswith(f"{service}.") and chain.name.endswith(suffix):
+            return chain
+    ports = {"web": 80, "api": 8080}
+    for chain in _listener(resources).filter_chains:
+        if suffix == "|http" and chain.name.endswith(f"|{ports.get(service)}"):
             return chain
     raise AssertionError(f"no chain {service}...{suffix}")
 
