@@ -4,7 +4,10 @@ Everything that is not HTTP/1.x (TLS, the HTTP/2 preface, databases, server-firs
 is relayed by a `TcpProxy`. Its rules:
 
 - Bytes are never parsed or changed. The bytes read while detecting the protocol are written
-  upstream first (`replay`), then the stream follows.
+  upstream first (`replay`), then the stream follows: the replay is written in the upstream's
+  own connection_made, so bytes and an EOF that arrive as it connects come after it, in order.
+  Bytes read before the upstream is there join the replay and pause reading (uvloop starts
+  reading after connection_made even when the protocol paused it there).
 - Half-close is honoured: an EOF from one side is passed on (write_eof) and the other direction
   stays open until it ends too; only then are both connections closed (after their buffers
   drain). A client that half-closed during detection (`client_ended`) gets its EOF passed on
@@ -89,6 +92,8 @@ class _Side(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if not self.is_client:
+            self.proxy.connected()
 
     def data_received(self, data: bytes) -> None:
         proxy = self.proxy
@@ -100,7 +105,11 @@ class _Side(asyncio.Protocol):
             record.bytes_sent += len(data)
         peer = self.peer
         if peer is None or peer.transport is None:
-            self.proxy.replay += data  # not connected yet (reading is paused: only a race)
+            # Not connected yet: kept for the replay, and nothing more is read meanwhile (uvloop
+            # starts reading after connection_made even when it paused reading).
+            proxy.replay += data
+            if self.transport is not None:
+                self.transport.pause_reading()
         elif not peer.closed:
             peer.transport.write(data)
 
@@ -140,7 +149,6 @@ class TcpProxy:
 
     __slots__ = (
         "client",
-        "client_ended",
         "connect",
         "connecting",
         "destination",
@@ -172,7 +180,6 @@ class TcpProxy:
         self.destination = destination
         self.record = record
         self.replay = replay
-        self.client_ended = client_ended
         self.settings = settings or TcpSettings()
         self.observer = observer
         self.client = _Side(self, client)
@@ -220,7 +227,8 @@ class TcpProxy:
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
-            self.server.closed = True
+            if self.server.transport is None:
+                self.server.closed = True
         for side in (self.client, self.server):
             if side.transport is not None and not side.closed:
                 if reset:
@@ -242,6 +250,10 @@ class TcpProxy:
             return
         finally:
             self.connecting = None
+
+    def connected(self) -> None:
+        """The upstream's connection_made: the replay goes first, then the stream (from here on
+        the client's bytes and EOF go straight to the upstream, in order)."""
         client, server = self.client.transport, self.server.transport
         assert client is not None and server is not None
         if self.client.closed:  # the client left while we connected
@@ -250,7 +262,7 @@ class TcpProxy:
         replay, self.replay = self.replay, b""
         if replay:
             server.write(replay)
-        if self.client_ended:
+        if self.client.ended:  # before the start (detection) or while connecting
             _pass_eof(server)
         else:
             client.resume_reading()
@@ -277,7 +289,8 @@ class TcpProxy:
             self.record.flags = self.record.flags or Flag.DOWNSTREAM_DISCONNECT.value
             self.connecting.cancel()
             self.connecting = None
-            other.closed = True
+            if other.transport is None:  # not connected: nothing to close
+                other.closed = True
         if not other.closed and other.transport is not None:
             if exc is None:
                 other.transport.close()

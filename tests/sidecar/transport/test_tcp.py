@@ -29,9 +29,17 @@ def record() -> TcpRecord:
 class Upstream:
     """Hands out FakeTransports as upstream connections, or fails or hangs as told."""
 
-    def __init__(self, fail: Exception | None = None, hang: bool = False) -> None:
+    def __init__(
+        self,
+        fail: Exception | None = None,
+        hang: bool = False,
+        returns: asyncio.Event | None = None,
+    ) -> None:
         self.fail = fail
         self.hang = hang
+        # Set: the connect returns only once this is set, after connection_made (uvloop's
+        # create_connection returns a loop turn or more after the protocol heard of it).
+        self.returns = returns
         self.transport = FakeTransport(("10.0.0.9", 5432))
         self.asked: list[tuple[str, int]] = []
         self.connected = asyncio.Event()
@@ -48,6 +56,8 @@ class Upstream:
         self.transport.set_protocol(protocol)
         protocol.connection_made(self.transport)
         self.connected.set()
+        if self.returns is not None:
+            await self.returns.wait()
         return self.transport, protocol
 
 
@@ -156,6 +166,36 @@ async def test_a_connect_that_never_completes_is_bounded_by_the_connect_timeout(
     [closed] = await observed.wait_closed()
     assert closed.flags == "UF"
     assert client.aborted
+
+
+async def test_bytes_and_eof_arriving_as_the_upstream_connects_follow_the_replay_in_order() -> None:
+    returns = asyncio.Event()
+    upstream = Upstream(returns=returns)
+    client = FakeTransport()
+    proxy = TcpProxy(client, ("10.0.0.9", 5432), record(), replay=b"first", connect=upstream)
+    proxy.start()
+    async with asyncio.timeout(WAIT):
+        await upstream.connected.wait()
+    # the upstream is connected, the connect call has not returned yet: the client goes on
+    client.proto.data_received(b" second")
+    client.proto.eof_received()
+    returns.set()
+    async with asyncio.timeout(WAIT):
+        while not upstream.transport.eof_written:
+            await asyncio.sleep(0)
+    assert bytes(upstream.transport.written) == b"first second"  # the EOF came after them
+
+
+async def test_bytes_read_before_the_upstream_is_there_are_kept_and_reading_pauses() -> None:
+    upstream = Upstream(hang=True)
+    client = FakeTransport()
+    proxy = TcpProxy(client, ("10.0.0.9", 5432), record(), connect=upstream)
+    proxy.start()
+    client.resume_reading()  # uvloop starts reading after connection_made, paused or not
+    client.proto.data_received(b"early")
+    assert proxy.replay == b"early"
+    assert not client.reading  # bounded: nothing more is read until the upstream is there
+    proxy.abort()
 
 
 async def test_a_client_that_half_closed_during_detection_has_its_eof_passed_on() -> None:
