@@ -52,6 +52,7 @@ from mesh.xds import (
     eds_name_of,
     resources_from_any,
     route_names_of,
+    tcp_proxies_of,
 )
 
 # Make-before-break order for pushes (the xDS spec's ADS ordering): clusters and their
@@ -224,7 +225,9 @@ def _same_resources(old: Mapping[str, Encoded], new: Mapping[str, Message | Enco
 
 
 def _listener_refs(listener: Any) -> Refs:
-    return tuple(("", name) for name in route_names_of(listener))
+    """("", route configuration) for each HCM, ("tcp", cluster) for each tcp_proxy chain."""
+    routes = tuple(("", name) for name in route_names_of(listener))
+    return routes + tuple(("tcp", p.cluster) for p in tcp_proxies_of(listener) if p.cluster)
 
 
 def _route_refs(config: Any) -> Refs:
@@ -263,10 +266,12 @@ def check_consistency(resources: Resources, references: References | None = None
     for name, listener in listeners.items():
         if not isinstance(listener, listener_pb2.Listener | Encoded):
             raise SnapshotError(f"listener {name!r} is a {type(listener).__name__}")
-        for _, route_name in refs.of(LISTENER_TYPE, listener):
-            if route_name not in routes:
+        for kind, target in refs.of(LISTENER_TYPE, listener):
+            if kind == "tcp" and target not in clusters:
+                raise SnapshotError(f"listener {name!r} passes TCP to missing cluster {target!r}")
+            if kind != "tcp" and target not in routes:
                 raise SnapshotError(
-                    f"listener {name!r} refers to missing route configuration {route_name!r}"
+                    f"listener {name!r} refers to missing route configuration {target!r}"
                 )
     for name, config in routes.items():
         for vhost, target in refs.of(ROUTE_TYPE, config):

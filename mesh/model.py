@@ -21,8 +21,15 @@ ALLOW_ANY), `tracing.sampling` 0.01, `tracing.otlp_endpoint` none (OTEL_* variab
 Names follow Kubernetes: a service is unique by name and namespace (the same name may be used in
 two namespaces), and the name "outbound" is reserved for the sidecars' own listener and route
 configuration. `addresses:` are a service's virtual IPs (a Kubernetes ClusterIP): a request sent
-to one of them, on the service's port, reaches the service. `calls:` names the services it calls
-(`name` in its own namespace, or `name.namespace`), for `outrigger analyze`.
+to one of them, on the service's port, reaches the service, and so does any TCP connection an
+intercepted app opens to one of them. `calls:` names the services it calls (`name` in its own
+namespace, or `name.namespace`), for `outrigger analyze`.
+
+`protocol:` declares what the service's port speaks: `http`, `tcp` or `tls` (`Protocol`; HTTP/2
+and gRPC join it with their own work). Absent, an intercepted connection's first bytes decide
+(HTTP/1.x takes the HTTP path, anything else is TCP). Declared `tcp` skips that detection (so a
+protocol where the server speaks first never waits for the detection window); `tls` is passed
+through as TCP with its ClientHello read for the server name; `http` is always parsed as HTTP.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Literal, NoReturn, TypeAlias, TypeVar, cast
@@ -68,6 +76,7 @@ from mesh.policy import (
 __all__ = [
     "LOAD_BALANCERS",
     "OUTBOUND_POLICIES",
+    "PROTOCOLS",
     "RESERVED_NAMES",
     "RETRY_CONDITIONS",
     "Backoff",
@@ -78,6 +87,7 @@ __all__ = [
     "MeshError",
     "MeshService",
     "Policy",
+    "Protocol",
     "Retries",
     "RetryBudget",
     "Tracing",
@@ -98,6 +108,17 @@ _CALL_FORM = 'a service name, "name" or "name.namespace" (e.g. "payments.shop")'
 
 class MeshError(ValueError):
     """A mesh file that cannot be used; the message names the file, service, field and form."""
+
+
+class Protocol(StrEnum):
+    """What a service's port is declared to speak (None where it is not: the bytes decide)."""
+
+    HTTP = "http"
+    TCP = "tcp"
+    TLS = "tls"
+
+
+PROTOCOLS: Final[tuple[str, ...]] = tuple(protocol.value for protocol in Protocol)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +151,9 @@ class MeshService:
     # Headless (a Kubernetes Service with clusterIP None): requests keep their original
     # destination (a pod the caller chose) and get the service's policy, without balancing.
     headless: bool = False
+    # What the port speaks when declared (`protocol:`, a port's appProtocol or name); None:
+    # detected per connection from the first bytes.
+    protocol: Protocol | None = None
     origins: Origins = field(default_factory=lambda: origins_of({}))
 
     @property
@@ -275,7 +299,16 @@ def parse_call(value: object) -> str | None:
 
 _TOP_KEYS = ("tracing", "outbound_policy", "defaults", "services", "injection")
 _TRACING_KEYS = ("sampling", "otlp_endpoint")
-_SERVICE_KEYS = ("name", "namespace", "port", "endpoints", "addresses", "calls", "policy")
+_SERVICE_KEYS = (
+    "name",
+    "namespace",
+    "port",
+    "protocol",
+    "endpoints",
+    "addresses",
+    "calls",
+    "policy",
+)
 
 
 def _policy_tree() -> dict[str, Any]:
@@ -386,6 +419,11 @@ def _service(source: str, index: int, value: object, defaults: PolicyValues) -> 
     port = 80
     if "port" in raw:
         port = where.checked("port", lambda v: check_whole(v, 1, 65535), raw["port"])
+    protocol = None
+    if "protocol" in raw:
+        protocol = Protocol(
+            where.checked("protocol", lambda v: check_choice(v, PROTOCOLS), raw["protocol"])
+        )
     if "endpoints" not in raw:
         where.fail("endpoints", 'is required: a list of "host:port" (may be empty)')
     endpoints = _distinct(where, "endpoints", raw["endpoints"], '"host:port"', _endpoint)
@@ -405,6 +443,7 @@ def _service(source: str, index: int, value: object, defaults: PolicyValues) -> 
         policy=policy,
         addresses=addresses,
         calls=tuple(calls),
+        protocol=protocol,
         origins=origins,
     )
 

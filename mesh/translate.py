@@ -8,8 +8,10 @@ clients read the same resources. Naming scheme (Istio-like):
   service_name is the cluster name). A headless service's cluster is ORIGINAL_DST (requests keep
   the destination the caller chose, with the service's policy; no ClusterLoadAssignment). An
   ExternalName service is an EDS cluster whose one endpoint is the external host name.
-- Listener ``outbound`` (0.0.0.0:15001, one HTTP connection manager with RDS ``outbound``) and
-  RouteConfiguration ``outbound``: one virtual host per service and port, named
+- Listener ``outbound`` (0.0.0.0:15001; listener filters original_dst, tls_inspector and
+  http_inspector), whose filter chains say what an intercepted connection is, by its original
+  destination (see "Filter chains" below), and RouteConfiguration ``outbound``: one virtual
+  host per service and port, named
   ``{name}.{namespace}.svc.cluster.local:{port}``, whose domains are the names that reach it (see
   `service_domains`), then a catch-all virtual host ``*``:
   - allow_any: virtual host ``allow_any`` routes to cluster ``PassthroughCluster`` (ORIGINAL_DST);
@@ -34,6 +36,28 @@ every other namespace); their Clusters and ClusterLoadAssignments are the very s
 so their versions are equal in every set, and the names (``outbound``) are the same everywhere,
 as Envoy and gRPC expect. A domain two services would both claim (a pod behind two headless
 services, a virtual address listed twice) goes to the first in (namespace, name, port) order.
+
+Filter chains of the ``outbound`` listener (Envoy's matching: destination port, then address,
+then server name and transport protocol, then application protocol), per service and port with
+virtual addresses (a headless service: its pods' IPs and ports), each address and port claimed
+by the first service in (namespace, name, port) order:
+
+- ``protocol`` absent: HTTP/1.x to the addresses and port (application_protocols http/1.0,
+  http/1.1) takes the HTTP connection manager (RDS ``outbound``), and a chain matching them
+  without application_protocols passes anything else to the service's cluster (``tcp_proxy``);
+- ``http``: the HTTP connection manager for every connection to them; ``tcp``: ``tcp_proxy``
+  for every connection; ``tls``: ``tcp_proxy`` for TLS connections (transport_protocol tls), and
+  a chain matching the port and the service's names as TLS server names (SNI), for clients that
+  reach it through an address the mesh does not know.
+
+The HTTP connection manager chains are one per port and kind (``http1|80``: HTTP/1.x to any of
+the addresses on port 80 of the undeclared services; ``http|8080``: declared http), since they
+all route alike; the ``tcp_proxy`` chains are one per service (each names its cluster).
+
+Then one chain for HTTP/1.x to any other destination (the HTTP connection manager: routes by
+Host, the catch-all virtual host decides the rest), and the ``default_filter_chain`` for
+anything else: ``tcp_proxy`` to ``PassthroughCluster`` (allow_any) or to ``BlackHoleCluster``
+(registry_only: a STATIC cluster without endpoints, so the connection is closed).
 
 Each Cluster carries the service's effective policy and where each value came from (service,
 namespace, mesh, built-in) in ``metadata.filter_metadata["outrigger.dev"]``:
@@ -80,7 +104,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
@@ -95,9 +119,13 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.load_balancing_policies.least_request.v3 import least_request_pb2
 from envoy.extensions.load_balancing_policies.random.v3 import random_pb2
 from envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2
@@ -106,24 +134,31 @@ from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
 from mesh.http import IDEMPOTENT_METHODS
-from mesh.model import Mesh, MeshService, Retries
+from mesh.model import Mesh, MeshService, Protocol, Retries
 from mesh.policy import effective_values
 from mesh.xds import (
     ALLOW_ANY_VHOST,
+    BLACKHOLE_CLUSTER,
     BLOCK_ALL_VHOST,
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
     HCM_FILTER,
+    HTTP1_PROTOCOLS,
+    HTTP_INSPECTOR_FILTER,
     HTTP_PROTOCOL_OPTIONS,
     LISTENER_TYPE,
     NO_ROUTE_BODY,
     NO_ROUTE_STATUS,
+    ORIGINAL_DST_FILTER,
     OUTBOUND,
     OUTBOUND_PORT,
     PASSTHROUGH_CLUSTER,
     POLICY_METADATA,
     ROUTE_TYPE,
     ROUTER_FILTER,
+    TCP_PROXY_FILTER,
+    TLS_INSPECTOR_FILTER,
+    TLS_TRANSPORT,
     UPSTREAM_IDLE_TIMEOUT,
     Message,
     Resources,
@@ -445,6 +480,17 @@ def _passthrough_cluster() -> Any:
     )
 
 
+def _blackhole_cluster() -> Any:
+    """Istio's BlackHoleCluster: no endpoints, so what is sent to it is closed."""
+    cluster = cluster_pb2.Cluster(
+        name=BLACKHOLE_CLUSTER,
+        type=cluster_pb2.Cluster.DiscoveryType.STATIC,
+        connect_timeout=_duration(1.0),
+    )
+    cluster.load_assignment.cluster_name = BLACKHOLE_CLUSTER
+    return cluster
+
+
 def _load_assignment(service: MeshService) -> Any:
     lb_endpoints = [
         endpoint_components_pb2.LbEndpoint(
@@ -471,18 +517,127 @@ def _load_assignment(service: MeshService) -> Any:
 # -- listeners ---------------------------------------------------------------------------------
 
 
-def _outbound_listener(mesh: Mesh) -> Any:
+def service_destinations(service: MeshService) -> list[tuple[int, list[str]]]:
+    """(port, addresses) where an intercepted connection reaches the service: its virtual
+    addresses on its port; a headless service's pods' IPs on their ports."""
+    if not service.headless:
+        return [(service.port, list(service.addresses))] if service.addresses else []
+    by_port: dict[int, list[str]] = {}
+    for endpoint in service.endpoints:
+        try:
+            address = str(ipaddress.ip_address(endpoint.host))
+        except ValueError:  # a host name, not a pod IP
+            continue
+        by_port.setdefault(endpoint.port, []).append(address)
+    return sorted(by_port.items())
+
+
+def _chain_match(port: int | None = None, addresses: Iterable[str] = (), **fields: Any) -> Any:
+    match = listener_components_pb2.FilterChainMatch(**fields)
+    if port is not None:
+        match.destination_port.value = port
+    for address in addresses:
+        length = 32 if ipaddress.ip_address(address).version == 4 else 128
+        match.prefix_ranges.add(address_prefix=address).prefix_len.value = length
+    return match
+
+
+def _tcp_proxy(cluster: str) -> Any:
+    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=cluster, cluster=cluster)
+    return listener_components_pb2.Filter(name=TCP_PROXY_FILTER, typed_config=_pack(proxy))
+
+
+def _chain(name: str, match: Any, network_filter: Any) -> Any:
+    return listener_components_pb2.FilterChain(
+        name=name, filter_chain_match=match, filters=[network_filter]
+    )
+
+
+@dataclass(slots=True)
+class _Chains:
+    """The outbound listener's chains as they are collected, service by service."""
+
+    tcp: list[Any] = field(default_factory=list)  # per service: tcp_proxy to its cluster
+    # (port, "http1" | "http") -> addresses: one HTTP connection manager chain per port, since
+    # they all route alike (RDS "outbound"): a chain per service would repeat it a thousand times
+    http: dict[tuple[int, str], list[str]] = field(default_factory=dict)
+    claimed: set[tuple[str, int]] = field(default_factory=set)  # (address, port)
+    names: set[tuple[str, int]] = field(default_factory=set)  # (TLS server name, port)
+
+    def add(self, service: MeshService) -> None:
+        """The service's chains (see the module docstring); addresses and TLS server names
+        another service claimed first are left out."""
+        tcp = _tcp_proxy(cluster_name(service))
+        prefix = virtual_host_name(service)
+        for port, addresses in service_destinations(service):
+            free = [a for a in addresses if (a, port) not in self.claimed]
+            self.claimed.update((a, port) for a in free)
+            if not free:
+                continue
+            if service.protocol is Protocol.HTTP:
+                self.http.setdefault((port, "http"), []).extend(free)
+            elif service.protocol is Protocol.TCP:
+                self.tcp.append(_chain(f"{prefix}|tcp", _chain_match(port, free), tcp))
+            elif service.protocol is Protocol.TLS:
+                match = _chain_match(port, free, transport_protocol=TLS_TRANSPORT)
+                self.tcp.append(_chain(f"{prefix}|tls", match, tcp))
+            else:  # detected: HTTP/1.x to the routes, anything else to the service as TCP
+                self.http.setdefault((port, "http1"), []).extend(free)
+                self.tcp.append(_chain(f"{prefix}|tcp", _chain_match(port, free), tcp))
+        if service.protocol is Protocol.TLS and not service.headless:
+            # The service's DNS names as TLS server names: a client that reached it through an
+            # address the mesh does not know is still known by the name it asked for.
+            qualified = f"{service.name}.{service.namespace}"
+            server_names = [
+                name
+                for name in (qualified, f"{qualified}.svc", service.fqdn)
+                if (name, service.port) not in self.names
+            ]
+            self.names.update((name, service.port) for name in server_names)
+            if server_names:
+                match = _chain_match(
+                    service.port, server_names=server_names, transport_protocol=TLS_TRANSPORT
+                )
+                self.tcp.append(_chain(f"{prefix}|sni", match, tcp))
+
+    def chains(self, http: Any) -> list[Any]:
+        """The TCP chains, the HTTP chains per port, then HTTP/1.x to any other destination."""
+        out = list(self.tcp)
+        for (port, kind), addresses in sorted(self.http.items()):
+            protocols = HTTP1_PROTOCOLS if kind == "http1" else ()
+            match = _chain_match(port, addresses, application_protocols=protocols)
+            out.append(_chain(f"{kind}|{port}", match, http))
+        out.append(_chain("http", _chain_match(application_protocols=HTTP1_PROTOCOLS), http))
+        return out
+
+
+def _listener_filter(name: str, config: Message) -> Any:
+    return listener_components_pb2.ListenerFilter(name=name, typed_config=_pack(config))
+
+
+def _outbound_listener(mesh: Mesh, services: list[MeshService]) -> Any:
     hcm = _hcm(OUTBOUND, OUTBOUND, mesh.tracing.sampling)
+    http = listener_components_pb2.Filter(name=HCM_FILTER, typed_config=_pack(hcm))
+    collected = _Chains()
+    for service in services:
+        collected.add(service)
+    allow_any = mesh.outbound_policy == "allow_any"
+    default = listener_components_pb2.FilterChain(
+        name=ALLOW_ANY_VHOST if allow_any else BLOCK_ALL_VHOST,
+        filters=[_tcp_proxy(PASSTHROUGH_CLUSTER if allow_any else BLACKHOLE_CLUSTER)],
+    )
     return listener_pb2.Listener(
         name=OUTBOUND,
         address=address_pb2.Address(
             socket_address=address_pb2.SocketAddress(address="0.0.0.0", port_value=OUTBOUND_PORT)
         ),
-        filter_chains=[
-            listener_components_pb2.FilterChain(
-                filters=[listener_components_pb2.Filter(name=HCM_FILTER, typed_config=_pack(hcm))]
-            )
+        listener_filters=[
+            _listener_filter(ORIGINAL_DST_FILTER, original_dst_pb2.OriginalDst()),
+            _listener_filter(TLS_INSPECTOR_FILTER, tls_inspector_pb2.TlsInspector()),
+            _listener_filter(HTTP_INSPECTOR_FILTER, http_inspector_pb2.HttpInspector()),
         ],
+        filter_chains=collected.chains(http),
+        default_filter_chain=default,
     )
 
 
@@ -544,9 +699,11 @@ def translate_namespaces(mesh: Mesh) -> tuple[Resources, dict[str, Resources]]:
             endpoints[name] = _load_assignment(item.service)
     if mesh.outbound_policy == "allow_any":
         clusters[PASSTHROUGH_CLUSTER] = _passthrough_cluster()
+    else:
+        clusters[BLACKHOLE_CLUSTER] = _blackhole_cluster()
     clusters = dict(sorted(clusters.items()))
     endpoints = dict(sorted(endpoints.items()))
-    outbound = _outbound_listener(mesh)
+    outbound = _outbound_listener(mesh, services)
     catch_all = _catch_all(mesh)
     service_routes = {
         virtual_host_name(t.service): route_pb2.RouteConfiguration(

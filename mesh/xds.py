@@ -19,6 +19,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
@@ -37,6 +38,7 @@ HCM_TYPE: Final = (
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 )
 ROUTER_TYPE: Final = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+TCP_PROXY_TYPE: Final = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 RESOURCE_WRAPPER_TYPE: Final = "type.googleapis.com/envoy.service.discovery.v3.Resource"
 
 TYPE_NAMES: Final[dict[str, str]] = {
@@ -56,11 +58,20 @@ MESSAGE_TYPES: Final[dict[str, Any]] = {
 OUTBOUND: Final = "outbound"  # the sidecars' Listener and RouteConfiguration
 OUTBOUND_PORT: Final = 15001
 PASSTHROUGH_CLUSTER: Final = "PassthroughCluster"
+BLACKHOLE_CLUSTER: Final = "BlackHoleCluster"  # no endpoints: registry_only's TCP default
 ALLOW_ANY_VHOST: Final = "allow_any"
 BLOCK_ALL_VHOST: Final = "block_all"
 NO_ROUTE_STATUS: Final = 502
 NO_ROUTE_BODY: Final = "NR"
 HCM_FILTER: Final = "envoy.filters.network.http_connection_manager"
+TCP_PROXY_FILTER: Final = "envoy.filters.network.tcp_proxy"
+# The outbound listener's filters that let Envoy match filter chains on what the sidecar reads
+# itself: the original destination, the TLS server name and HTTP/1.x.
+ORIGINAL_DST_FILTER: Final = "envoy.filters.listener.original_dst"
+TLS_INSPECTOR_FILTER: Final = "envoy.filters.listener.tls_inspector"
+HTTP_INSPECTOR_FILTER: Final = "envoy.filters.listener.http_inspector"
+HTTP1_PROTOCOLS: Final = ("http/1.0", "http/1.1")  # http_inspector's application_protocols
+TLS_TRANSPORT: Final = "tls"  # tls_inspector's transport_protocol
 ROUTER_FILTER: Final = "envoy.filters.http.router"
 HTTP_PROTOCOL_OPTIONS: Final = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 POLICY_METADATA: Final = "outrigger.dev"  # Cluster filter_metadata key: policy and origins
@@ -103,6 +114,21 @@ def route_names_of(listener: Message, *, api_listener: bool = True) -> list[str]
     if hcm is None or not hcm.HasField("rds"):
         return []
     return [cast(str, hcm.rds.route_config_name)]
+
+
+def tcp_proxies_of(listener: Message) -> list[Message]:
+    """The TcpProxy configs of a listener's filter chains, its default chain's included."""
+    chains = [*listener.filter_chains]
+    if listener.HasField("default_filter_chain"):
+        chains.append(listener.default_filter_chain)
+    found: list[Message] = []
+    for chain in chains:
+        for item in chain.filters:
+            if item.typed_config.type_url == TCP_PROXY_TYPE:
+                proxy = tcp_proxy_pb2.TcpProxy()
+                item.typed_config.Unpack(proxy)
+                found.append(proxy)
+    return found
 
 
 def eds_name_of(cluster: Message) -> str | None:

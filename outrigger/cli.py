@@ -34,6 +34,36 @@ def _sidecar_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="send traces here (OTLP gRPC, e.g. http://127.0.0.1:4317); else the standard "
         "OTEL_EXPORTER_OTLP_ENDPOINT or the mesh's tracing.otlp_endpoint; none: tracing off",
     )
+    p.add_argument(
+        "--health",
+        default=None,
+        help="serve /healthz/ready here for kubelet probes (pod: 0.0.0.0:15021; default: off); "
+        "503 until a config from the control plane, the snapshot cache or --mesh is applied",
+    )
+    p.add_argument(
+        "--metrics",
+        default=None,
+        help="serve /stats/prometheus here for scrapes (pod: 0.0.0.0:15090; default: off)",
+    )
+    p.add_argument("--log-level", default=None, help="debug, info (default), warning or error")
+    p.add_argument(
+        "--trace-sampling",
+        default=None,
+        help="fraction of new traces sampled, 0 to 1; overrides the value from xDS (the mesh's "
+        "tracing.sampling); /config_dump says which applies",
+    )
+    p.add_argument(
+        "--detect-timeout",
+        default=None,
+        help="a redirected client that sends nothing this long is passed through as TCP "
+        "(server-first protocols: MySQL, SMTP, ...; default 100ms)",
+    )
+    p.add_argument(
+        "--tcp-idle-timeout",
+        default=None,
+        help="close a passed-through TCP connection after this long with no bytes either way "
+        "(default 1h, as Envoy's tcp_proxy)",
+    )
 
 
 def _control_plane_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -4,6 +4,10 @@
 each, as Envoy's admin has one handler per page, and each page is given only what it reads (the
 readiness reason, the metrics registry, the applied snapshot, the service registry and the
 connection pools, the drain callback). `Admin` maps paths to pages and answers 404 and 405.
+
+The pod's health port (`--health`, `/healthz/ready`) and metrics port (`--metrics`,
+`/stats/prometheus`) are `Admin`s too, each with its one page, so that the pod IP exposes only
+those and never the admin port's `/drain` or `/config_dump`.
 """
 
 from __future__ import annotations
@@ -90,23 +94,35 @@ class ConfigDump:
         source: str,
         snapshot: Callable[[], Snapshot | None],
         listeners: Mapping[str, tuple[str, int]],
+        trace_sampling: float | None = None,
     ) -> None:
         self.node = node  # id, service, namespace
         self.source = source  # the mesh file, the control plane, or the embedded default
         self.snapshot = snapshot
         self.listeners = listeners  # bound addresses, by listener name
+        self.trace_sampling = trace_sampling  # --trace-sampling: overrides the snapshot's
 
     def render(self) -> Rendered:
         return _json(self.document())
 
     def document(self) -> dict[str, Any]:
         snapshot = self.snapshot()
+        sampling: dict[str, Any] = {
+            "value": snapshot.trace_sampling if snapshot else None,
+            "from": "xDS (HttpConnectionManager tracing.random_sampling)",
+        }
+        if self.trace_sampling is not None:
+            sampling = {
+                "value": self.trace_sampling,
+                "from": "--trace-sampling",
+                "xds_value": snapshot.trace_sampling if snapshot else None,
+            }
         return {
             "node": dict(self.node),
             "source": self.source,
             "version": snapshot.version if snapshot else None,
             "outbound_policy": snapshot.outbound_policy.value if snapshot else None,
-            "trace_sampling": snapshot.trace_sampling if snapshot else None,
+            "trace_sampling": sampling,
             "listeners": {k: f"{h}:{p}" for k, (h, p) in self.listeners.items()},
             "services": _services(snapshot) if snapshot else {},
             "resources": snapshot.resources if snapshot else {},

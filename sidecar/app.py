@@ -2,9 +2,11 @@
 
 What each piece does lives in its own module: settings (`settings`), routing and snapshot
 application (`routing`), the admin pages (`admin`), the metrics (`metrics`), the access log
-(`telemetry.access_log`), the listeners (`transport.server`), the pools (`transport.upstream`),
-the xDS client (`xds.client`). Here: build them from the settings, apply a snapshot and keep the
-books on it, start the listeners, sweep, drain.
+(`telemetry.access_log`), where connections enter (`transport.listener`: the original
+destination, then HTTP or TCP), the HTTP connections (`transport.server`), the pools
+(`transport.upstream`), the xDS client (`xds.client`). Here: build them from the settings, apply
+a snapshot and keep the books on it, start the listeners (the admin port, and in a pod the health
+and metrics ports, each a page or two), sweep, drain.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import gc
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from mesh.address import join_host_port
 from mesh.model import Mesh, MeshError, load_mesh, parse_mesh
 from sidecar import admin
 from sidecar.config import ConfigError, Endpoint, Snapshot
@@ -30,6 +34,13 @@ from sidecar.routing import Active, Router
 from sidecar.settings import SettingsError, SidecarSettings
 from sidecar.telemetry import otlp_endpoint
 from sidecar.telemetry.access_log import AccessLog
+from sidecar.transport.listener import (
+    Listener,
+    ListenerSettings,
+    OriginalDestination,
+    addresses_to_bind,
+    kernel_destination,
+)
 from sidecar.transport.server import (
     Completed,
     Decision,
@@ -37,6 +48,8 @@ from sidecar.transport.server import (
     ServerSettings,
     ServerState,
 )
+from sidecar.transport.sniffer import SniffSettings
+from sidecar.transport.tcp import TcpRecord
 from sidecar.transport.upstream import Upstreams
 from sidecar.xds.interpret import snapshot_from_mesh
 
@@ -48,9 +61,18 @@ log = logging.getLogger("outrigger.sidecar")
 
 
 class Sidecar:
-    def __init__(self, settings: SidecarSettings, server: ServerSettings | None = None) -> None:
+    def __init__(
+        self,
+        settings: SidecarSettings,
+        server: ServerSettings | None = None,
+        *,
+        destination_of: OriginalDestination = kernel_destination,
+    ) -> None:
         self.settings = settings
         self.server_settings = server or ServerSettings()
+        # How a connection's original destination is read: the kernel's SO_ORIGINAL_DST (tests
+        # without iptables give a stand-in).
+        self.destination_of = destination_of
         self.services = ServiceRegistry(on_event=self._policy_event)
         self.upstreams = Upstreams(services=self.services)
         self.router = Router(
@@ -73,6 +95,7 @@ class Sidecar:
             str(settings.mesh or settings.control_plane or "embedded default"),
             self.router.snapshot,
             self.addresses,
+            settings.trace_sampling,
         )
         self.clusters = admin.Clusters(self.router.snapshot, self.services, self.upstreams.pools)
         self.admin = admin.Admin(
@@ -84,6 +107,11 @@ class Sidecar:
                 b"/clusters": self.clusters,
                 b"/drain": admin.Drain(self.request_drain),
             }
+        )
+        # The pod IP's two ports: one page each (the admin port stays on loopback).
+        self.health = admin.Admin({b"/healthz/ready": admin.Ready(self.health_reason)})
+        self.metrics_page = admin.Admin(
+            {b"/stats/prometheus": admin.Prometheus(self.metrics.registry())}
         )
         self.xds: XdsClient | None = None  # managed mode: the control plane's client
         if settings.control_plane is not None:
@@ -99,7 +127,11 @@ class Sidecar:
             )
         self.listening = False
         self.draining = False
-        self._servers: list[asyncio.AbstractServer] = []
+        # A config from the control plane, the snapshot cache or --mesh was applied (the
+        # embedded default does not count for /healthz/ready).
+        self.configured = False
+        self._servers: dict[str, list[asyncio.AbstractServer]] = {}  # by listener name
+        self.listeners: dict[str, Listener] = {}  # outbound, inbound: where connections enter
         self._drain_requested: asyncio.Event | None = None
         self._settle_pending = False  # run() sets it: freeze the start-up heap once ready
         endpoint = otlp_endpoint(settings.otlp_endpoint, None)
@@ -127,8 +159,14 @@ class Sidecar:
         """Trace from now on (before `apply` and `start`: the layers are built there)."""
         self.router.trace(tracing)
         snapshot = self.router.snapshot()
-        if snapshot is not None:
-            tracing.set_sampling(snapshot.trace_sampling)
+        if snapshot is not None or self.settings.trace_sampling is not None:
+            tracing.set_sampling(self._sampling(snapshot))
+
+    def _sampling(self, snapshot: Snapshot | None) -> float:
+        """--trace-sampling when given, else the snapshot's (xDS) value."""
+        if self.settings.trace_sampling is not None:
+            return self.settings.trace_sampling
+        return snapshot.trace_sampling if snapshot is not None else 0.01
 
     def _spans_dropped(self) -> dict[str, int]:
         tracing = self.router.tracing
@@ -139,17 +177,21 @@ class Sidecar:
         if tracing is not None:
             tracing.on_breaker_event(event)
 
-    def apply(self, snapshot: Snapshot) -> None:
-        """Build every service's stack, then swap them in at once (raises ConfigError)."""
+    def apply(self, snapshot: Snapshot, *, embedded: bool = False) -> None:
+        """Build every service's stack, then swap them in at once (raises ConfigError).
+
+        `embedded`: the embedded default, which serves but does not make the pod ready."""
         try:
             self.router.apply(snapshot)
         except ConfigError:
             self.metrics.config_rejected += 1
             raise
+        if not embedded:
+            self.configured = True
         self.metrics.config_version = snapshot.version
         self.metrics.config_applied += 1
         if self.tracing is not None:
-            self.tracing.set_sampling(snapshot.trace_sampling)
+            self.tracing.set_sampling(self._sampling(snapshot))
         log.info(
             "applied config version %s (%d services)", snapshot.version, len(snapshot.services)
         )
@@ -166,6 +208,18 @@ class Sidecar:
                 f"initial fetch timeout {self.settings.initial_fetch_timeout:g}s)"
             )
         return ""
+
+    def health_reason(self) -> str:
+        """/healthz/ready: as /ready, and only once a real config is applied."""
+        problem = self.not_ready_reason()
+        if problem or self.configured:
+            return problem
+        source = self.settings.control_plane or self.settings.mesh
+        return (
+            f"serving the embedded default only; no config from {source} yet"
+            if source
+            else "serving the embedded default only (give --control-plane or --mesh)"
+        )
 
     # --- bookkeeping ---------------------------------------------------------------------
 
@@ -208,7 +262,7 @@ class Sidecar:
                 self.settings.control_plane,
                 timeout,
             )
-            self.apply(snapshot_from_mesh(embedded_mesh(), self.settings.namespace))
+            self.apply(snapshot_from_mesh(embedded_mesh(), self.settings.namespace), embedded=True)
 
     async def _housekeeping(self) -> None:
         while True:
@@ -224,30 +278,39 @@ class Sidecar:
             self._drain_requested.set()
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         self._drain_requested = asyncio.Event()
-        listeners = (
-            ("outbound", self.settings.outbound, self.outbound_state, self.router.outbound, True),
-            ("inbound", self.settings.inbound, self.inbound_state, self.router.inbound, True),
-            ("admin", self.settings.admin, self.admin_state, self.admin.dispatch, False),
+        books = TcpBooks(self.metrics, self.access_log if self.settings.access_log else None)
+        sniff = SniffSettings(detect_timeout=self.settings.detect_timeout)
+        traffic = (
+            ("outbound", self.settings.outbound, self.outbound_state, self.router.outbound),
+            ("inbound", self.settings.inbound, self.inbound_state, self.router.inbound),
         )
-        for name, (host, port), state, dispatch, ids in listeners:
-            completed = self._completed(name) if name != "admin" else None
-
-            def factory(
-                state: ServerState = state,
-                dispatch: Any = dispatch,
-                completed: Any = completed,
-                ids: bool = ids,
-            ) -> DownstreamProtocol:
-                return DownstreamProtocol(state, dispatch, completed, request_ids=ids)
-
-            server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
-            self._servers.append(server)
-            bound = server.sockets[0].getsockname()
-            self.addresses[name] = (bound[0], bound[1])
-            self.router.own.add(Endpoint(bound[0], bound[1]))
+        for name, (host, port), state, route in traffic:
+            listener = Listener(
+                ListenerSettings(name, sniff, self.settings.tcp_idle_timeout),
+                state,
+                route,
+                self.router.snapshot,
+                self.router.is_own,
+                completed=self._completed(name),
+                observer=books,
+                destination_of=self.destination_of,
+            )
+            self.listeners[name] = listener
+            await self._listen(name, addresses_to_bind(host, port), port, listener)
             state.start()
+        local = [("admin", self.settings.admin, self.admin.dispatch)]
+        if self.settings.health is not None:
+            local.append(("health", self.settings.health, self.health.dispatch))
+        if self.settings.metrics is not None:
+            local.append(("metrics", self.settings.metrics, self.metrics_page.dispatch))
+        for name, (host, port), dispatch in local:
+
+            def pages(dispatch: Any = dispatch) -> DownstreamProtocol:
+                return DownstreamProtocol(self.admin_state, dispatch, None, request_ids=False)
+
+            await self._listen(name, [host], port, pages)
+        self.admin_state.start()
         self.listening = True
         print(
             "outrigger sidecar listening "
@@ -257,6 +320,29 @@ class Sidecar:
         # A sidecar on the pure-Python fallback codec is ~2x slower: say which one runs.
         log.info("HTTP/1.1 codec: %s (%s)", codec.NAME, codec.VARIABLE)
         self._settle_heap()
+
+    async def _listen(
+        self, name: str, hosts: list[str], port: int, factory: Callable[[], asyncio.Protocol]
+    ) -> None:
+        """Bind `hosts[0]` (its address is the listener's), then the others on the same port
+        (the IPv6 twin of a redirect target: where the pod has no IPv6, it is skipped)."""
+        loop = asyncio.get_running_loop()
+        for i, host in enumerate(hosts):
+            try:
+                server = await loop.create_server(
+                    factory, host, port, reuse_address=True, backlog=1024
+                )
+            except OSError as exc:
+                if i == 0:
+                    raise
+                log.info("%s listener: not on %s (%s)", name, join_host_port(host, port), exc)
+                continue
+            self._servers.setdefault(name, []).append(server)
+            address = server.sockets[0].getsockname()
+            self.router.own.add(Endpoint(address[0], address[1]))
+            if i == 0:
+                self.addresses[name] = (address[0], address[1])
+                port = address[1]
 
     def _settle_heap(self) -> None:
         """Once listening with a config (in `run` only), take start-up objects out of the GC.
@@ -293,17 +379,23 @@ class Sidecar:
         return 0 if clean else 1
 
     async def drain(self) -> bool:
-        """Stop accepting, let in-flight requests finish (bounded), close the rest."""
+        """Stop accepting, let in-flight requests and connections finish (bounded), close the
+        rest; the admin, health and metrics ports last."""
         self.draining = True
-        for server in self._servers[:2]:
-            server.close()
+        for name in ("outbound", "inbound"):
+            for server in self._servers.get(name, []):
+                server.close()
+        timeout = self.settings.drain_timeout
         results = await asyncio.gather(
-            self.outbound_state.drain(self.settings.drain_timeout),
-            self.inbound_state.drain(self.settings.drain_timeout),
+            self.outbound_state.drain(timeout),
+            self.inbound_state.drain(timeout),
+            *(listener.drain(timeout) for listener in self.listeners.values()),
         )
         self.upstreams.close_idle()
-        for server in self._servers[2:]:
-            server.close()
+        for name, servers in self._servers.items():
+            if name not in ("outbound", "inbound"):
+                for server in servers:
+                    server.close()
         await self.admin_state.drain(1.0)
         for state in (self.outbound_state, self.inbound_state, self.admin_state):
             state.stop()
@@ -313,17 +405,39 @@ class Sidecar:
         return all(results)
 
 
+class TcpBooks:
+    """The passed-through connections' books: metrics always, the access log when it is on."""
+
+    __slots__ = ("access_log", "metrics")
+
+    def __init__(self, metrics: Metrics, access_log: AccessLog | None) -> None:
+        self.metrics = metrics
+        self.access_log = access_log
+
+    def tcp_opened(self, record: TcpRecord) -> None:
+        self.metrics.tcp_opened(record)
+
+    def tcp_closed(self, record: TcpRecord) -> None:
+        self.metrics.tcp_closed(record)
+        if self.access_log is not None:
+            self.access_log.tcp(record)
+
+
 def embedded_mesh() -> Mesh:
     """The default with neither --mesh nor --control-plane: no services, allow_any."""
     return parse_mesh({"services": []}, "<embedded default>")
 
 
 def run_sidecar(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         settings = SidecarSettings.from_args(args)
+    except SettingsError as exc:
+        print(f"outrigger sidecar: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
         sidecar = Sidecar(settings)
         if sidecar.xds is not None:
             cached = sidecar.xds.load_cached()
@@ -339,7 +453,8 @@ def run_sidecar(args: argparse.Namespace) -> int:
             endpoint = otlp_endpoint(None, mesh.tracing.otlp_endpoint)
             if sidecar.tracing is None and endpoint is not None:
                 sidecar.trace_to(endpoint)
-            sidecar.apply(snapshot_from_mesh(mesh, settings.namespace))
+            embedded = settings.mesh is None
+            sidecar.apply(snapshot_from_mesh(mesh, settings.namespace), embedded=embedded)
     except (SettingsError, MeshError, ConfigError) as exc:
         print(f"outrigger sidecar: {exc}", file=sys.stderr)
         return 2

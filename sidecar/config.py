@@ -83,6 +83,36 @@ class ServiceConfig:
     policy_origins: tuple[tuple[str, str, str], ...] = ()
 
 
+class ChainProtocol(StrEnum):
+    """How an intercepted connection to a destination is read (from the listener's chains)."""
+
+    DETECT = "detect"  # the first bytes decide: HTTP/1.x takes the routes, the rest is TCP
+    HTTP = "http"  # always HTTP (a declared http port)
+    TCP = "tcp"  # always passed through, nothing read first (a declared tcp port)
+    TLS = "tls"  # passed through once its ClientHello is read (the SNI); not TLS: the default
+
+
+@dataclass(frozen=True, slots=True)
+class TcpTarget:
+    """Where a passed-through connection goes: a tcp_proxy's Cluster."""
+
+    name: str  # the service, for metrics and logs ("passthrough" for PassthroughCluster)
+    cluster: str
+    endpoints: tuple[Endpoint, ...]  # round robin, one connect attempt
+    connect_timeout: float = 5.0
+    # ORIGINAL_DST (passthrough, a headless service): the connection's own destination
+    original_destination: bool = False
+    idle_timeout: float | None = None  # tcp_proxy idle_timeout; None: --tcp-idle-timeout; 0: off
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """What the outbound listener does with a connection to one destination address and port."""
+
+    protocol: ChainProtocol
+    tcp: TcpTarget | None  # where what is not HTTP goes; None: the listener's default
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     version: str
@@ -93,6 +123,16 @@ class Snapshot:
     trace_sampling: float = 0.01  # fraction 0..1
     # the xDS resources it was built from, as JSON-able dicts, for /config_dump
     resources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Intercepted connections, by original destination: virtual addresses (a ClusterIP) and a
+    # headless service's pods. Destinations not listed: first bytes decide, then `tcp_default`.
+    destinations: dict[Endpoint, Chain] = field(default_factory=dict)
+    # (TLS server name, port) -> target, for TLS to a destination not listed above
+    server_names: dict[tuple[str, int], TcpTarget] = field(default_factory=dict)
+    # Anything else that is not HTTP: passed through to its original destination (allow_any),
+    # or None: closed and counted (registry_only, flag NR).
+    tcp_default: TcpTarget | None = None
+    # A service's endpoint -> its declared protocol, for the inbound listener of the pod behind it
+    inbound_protocols: dict[Endpoint, ChainProtocol] = field(default_factory=dict)
 
     def route(self, authority: bytes) -> ServiceConfig | None:
         return self.routes.get(authority)

@@ -111,6 +111,7 @@ class Request:
         "authority",
         "body",
         "deadline",
+        "destination",
         "flags",
         "headers",
         "method",
@@ -132,6 +133,7 @@ class Request:
         version: bytes = b"1.1",
         upgrade: bytes | None = None,
         service: ServiceConfig | None = None,
+        destination: Endpoint | None = None,
     ) -> None:
         self.method = method  # upper-case token
         self.path = path  # origin-form target
@@ -141,6 +143,9 @@ class Request:
         self.version = version  # downstream's version, b"1.1" or b"1.0"
         self.upgrade = upgrade  # protocol named by Upgrade when Connection: upgrade
         self.service = service  # the route's service, None for passthrough
+        # Where the client's connection was going before interception redirected it
+        # (SO_ORIGINAL_DST); None when it was made to the sidecar directly.
+        self.destination = destination
         self.deadline: float | None = None  # loop time the whole exchange must finish by
         self.attempts = 0  # attempts started so far
         self.tried: list[Endpoint] = []  # endpoints already tried, in order

@@ -20,6 +20,7 @@ class Flag(StrEnum):
     DOWNSTREAM_DISCONNECT = "DC"
     UPSTREAM_PROTOCOL_ERROR = "UPE"
     DOWNSTREAM_PROTOCOL_ERROR = "DPE"
+    STREAM_IDLE_TIMEOUT = "SI"  # a passed-through TCP connection idle past its timeout
 
 
 # The status a locally generated response carries for each flag.
@@ -34,6 +35,7 @@ STATUS_FOR_FLAG: dict[Flag, int] = {
     Flag.DOWNSTREAM_DISCONNECT: 499,
     Flag.UPSTREAM_PROTOCOL_ERROR: 502,
     Flag.DOWNSTREAM_PROTOCOL_ERROR: 400,
+    Flag.STREAM_IDLE_TIMEOUT: 408,
 }
 
 

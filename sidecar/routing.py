@@ -1,11 +1,15 @@
 """Routing: which handler serves a request head, against the snapshot applied last.
 
 - Outbound: the authority (lowercase, with and without `:port`) picks a service's stack; the
-  decision is made once per snapshot (`Active.routes`), so a request pays one dict lookup. An
-  authority no service claims passes through to the host it names (Istio's ALLOW_ANY, port 80
-  when none is given), unless the mesh says `registry_only` (502 NR), the authority names no
-  host, or it names one of this sidecar's own listeners (a loop; 502 NR).
-- Inbound: every request goes to the local app.
+  decision is made once per snapshot (`Active.routes`), so a request pays one dict lookup. Else,
+  on an intercepted connection, its original destination `ip:port` does: a service's virtual
+  address (a ClusterIP), or a headless service's pod. Else the request passes through (Istio's
+  ALLOW_ANY) to the original destination, or without one (explicit proxy) to the host the
+  authority names (port 80 when none is given); unless the mesh says `registry_only` (502 NR),
+  there is no host, or it is one of this sidecar's own listeners (a loop; 502 NR).
+- Inbound: an intercepted request goes to its original destination (the pod's own IP and the
+  app's port, so apps bound to the pod IP or to 0.0.0.0 both work); one made to the inbound
+  listener directly goes to the local app (`--app`).
 
 `Router.apply` builds every service's stack for a snapshot before swapping the result in whole,
 so a request sees the old snapshot or the new one, never a mix; the services' `ServiceState`
@@ -14,9 +18,12 @@ so a request sees the old snapshot or the new one, never a mix; the services' `S
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mesh.address import join_host_port
 from sidecar.config import ConfigError, Endpoint, OutboundPolicy, Snapshot, authority_endpoint
 from sidecar.exchange import EndpointHandler, Handler, Request, Response
 from sidecar.flags import Flag, ProxyError
@@ -55,12 +62,23 @@ class Router:
         self.tracing = tracing
         self.active: Active | None = None
         self.own: set[Endpoint] = set()  # this sidecar's listeners: passing through is a loop
-        self._inbound = self._inbound_decision()
+        self._inbound = self._inbound_decision(app)
+        self._inbound_to: dict[Endpoint, Decision] = {}  # by original destination
 
     def trace(self, tracing: Tracing) -> None:
         """Trace from now on (before `apply`: the stacks are built there)."""
         self.tracing = tracing
-        self._inbound = self._inbound_decision()
+        self._inbound = self._inbound_decision(self.app)
+        self._inbound_to.clear()
+
+    def is_own(self, endpoint: Endpoint) -> bool:
+        """Whether `endpoint` is one of this sidecar's listeners (forwarding there loops): its
+        bound address, or any local address on the port of a listener bound to 0.0.0.0 or ::."""
+        if endpoint in self.own:
+            return True
+        return any(
+            own.port == endpoint.port and own.host in ("0.0.0.0", "::") for own in self.own
+        ) and is_local_address(endpoint.host)
 
     def apply(self, snapshot: Snapshot) -> None:
         """Check every service, build every stack, then swap them in at once (raises ConfigError,
@@ -89,23 +107,29 @@ class Router:
         """The snapshot applied last, if any."""
         return self.active.snapshot if self.active is not None else None
 
-    def outbound(self, head: RequestHead) -> Decision:
+    def outbound(self, head: RequestHead, destination: Endpoint | None = None) -> Decision:
+        """The decision for a request; `destination`: its connection's original destination."""
         active = self.active
         if active is None:
             raise ProxyError(Flag.NO_ROUTE, "no config applied yet", status=503)
         decision = active.routes.get(head.authority)
         if decision is not None:
             return decision
+        if destination is not None:
+            decision = active.routes.get(address_authority(destination))
+            if decision is not None:
+                return decision
         authority = head.authority.decode("ascii", "replace")
         if active.snapshot.outbound_policy is OutboundPolicy.REGISTRY_ONLY:
+            to = f" (to {destination})" if destination is not None else ""
             raise ProxyError(
-                Flag.NO_ROUTE, f"{authority!r} is not a service in the mesh (registry_only)"
+                Flag.NO_ROUTE, f"{authority!r}{to} is not a service in the mesh (registry_only)"
             )
-        endpoint = authority_endpoint(head.authority)
+        endpoint = destination or authority_endpoint(head.authority)
         if endpoint is None:
             raise ProxyError(Flag.NO_ROUTE, "the request names no host to pass through to")
-        if endpoint in self.own:
-            raise ProxyError(Flag.NO_ROUTE, f"{authority} is this sidecar: refusing to loop")
+        if self.is_own(endpoint):
+            raise ProxyError(Flag.NO_ROUTE, f"{endpoint} is this sidecar: refusing to loop")
         forward = self.forward
         tracing = self.tracing
         if tracing is not None:
@@ -120,16 +144,48 @@ class Router:
             return Decision(tracing.client(passthrough, "passthrough"), None, "passthrough")
         return Decision(passthrough, None, "passthrough")
 
-    def inbound(self, head: RequestHead) -> Decision:
-        return self._inbound
+    def inbound(self, head: RequestHead, destination: Endpoint | None = None) -> Decision:
+        """To `destination` (the original one, when intercepted), else to the local app."""
+        if destination is None:
+            return self._inbound
+        decision = self._inbound_to.get(destination)
+        if decision is None:
+            if self.is_own(destination):
+                raise ProxyError(Flag.NO_ROUTE, f"{destination} is this sidecar: refusing to loop")
+            decision = self._inbound_to[destination] = self._inbound_decision(destination)
+        return decision
 
-    def _inbound_decision(self) -> Decision:
-        to_app: Handler = self._to_app
+    def _inbound_decision(self, app: Endpoint) -> Decision:
+        forward = self.forward
+
+        async def to_app(req: Request) -> Response:
+            req.tried.append(app)  # as in passthrough: one attempt, for the log
+            req.attempts += 1
+            return await forward(req, app)
+
+        handler: Handler = to_app
         if self.tracing is not None:
-            to_app = self.tracing.inbound(to_app, self.service)
-        return Decision(to_app, None, "inbound")
+            handler = self.tracing.inbound(handler, self.service)
+        return Decision(handler, None, "inbound")
 
-    async def _to_app(self, req: Request) -> Response:
-        req.tried.append(self.app)  # as in passthrough: one attempt, for the log
-        req.attempts += 1
-        return await self.forward(req, self.app)
+
+def address_authority(endpoint: Endpoint) -> bytes:
+    """`ip:port` as a route's domain spells it (`[ip6]:port`)."""
+    return join_host_port(endpoint.host, endpoint.port).encode("ascii")
+
+
+def is_local_address(host: str) -> bool:
+    """Whether `host` is an address of this machine (loopback, or one a socket can bind)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name: not resolved here (the loop check is for addresses)
+    if address.is_loopback or address.is_unspecified:
+        return True
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError:  # EADDRNOTAVAIL: not ours
+            return False
+    return True

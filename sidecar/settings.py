@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from mesh.address import split_host_port
+from mesh.injection import InjectionError, LogLevel, read_log_level, read_sampling
 from mesh.model import parse_duration
 
 DEFAULTS: dict[str, str] = {
@@ -27,6 +28,9 @@ DEFAULTS: dict[str, str] = {
     "drain_timeout": "20s",
     "initial_fetch_timeout": "10s",
     "namespace": "default",
+    "log_level": "info",
+    "detect_timeout": "100ms",
+    "tcp_idle_timeout": "1h",
 }
 SETTING_KEYS = (
     "mesh",
@@ -43,6 +47,12 @@ SETTING_KEYS = (
     "access_log",
     "initial_fetch_timeout",
     "otlp_endpoint",
+    "health",
+    "metrics",
+    "log_level",
+    "trace_sampling",
+    "detect_timeout",
+    "tcp_idle_timeout",
 )
 
 
@@ -72,6 +82,30 @@ def parse_seconds(key: str, value: str) -> float:
     return seconds
 
 
+def parse_optional_address(key: str, value: object) -> tuple[str, int] | None:
+    """HOST:PORT, or None when not given (the listener is off)."""
+    if value is None or value == "":
+        return None
+    return parse_address(key, str(value))
+
+
+def parse_sampling(key: str, value: object) -> float | None:
+    """A fraction 0..1 (mesh.injection's reader: the injector passes what it accepted)."""
+    if value is None or value == "":
+        return None
+    try:
+        return read_sampling(key, value)
+    except InjectionError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def parse_log_level(key: str, value: object) -> LogLevel:
+    try:
+        return read_log_level(key, value)
+    except InjectionError as exc:
+        raise SettingsError(str(exc)) from None
+
+
 @dataclass(frozen=True, slots=True)
 class SidecarSettings:
     service: str
@@ -88,6 +122,12 @@ class SidecarSettings:
     access_log: bool
     initial_fetch_timeout: float = 10.0  # then the embedded default; 0: wait forever
     otlp_endpoint: str | None = None  # traces; else OTEL_EXPORTER_OTLP_* or the mesh file's
+    health: tuple[str, int] | None = None  # /healthz/ready for kubelet probes (pod: 0.0.0.0:15021)
+    metrics: tuple[str, int] | None = None  # /stats/prometheus for scrapes (pod: 0.0.0.0:15090)
+    log_level: LogLevel = "info"
+    trace_sampling: float | None = None  # overrides the xDS value when given
+    detect_timeout: float = 0.1  # a redirected client silent this long is TCP
+    tcp_idle_timeout: float = 3600.0  # passed-through TCP with no bytes either way (Envoy's 1h)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SidecarSettings:
@@ -139,4 +179,10 @@ class SidecarSettings:
                 "initial_fetch_timeout", str(values["initial_fetch_timeout"])
             ),
             otlp_endpoint=parse_url("otlp_endpoint", values.get("otlp_endpoint")),
+            health=parse_optional_address("health", values.get("health")),
+            metrics=parse_optional_address("metrics", values.get("metrics")),
+            log_level=parse_log_level("log_level", values["log_level"]),
+            trace_sampling=parse_sampling("trace_sampling", values.get("trace_sampling")),
+            detect_timeout=parse_seconds("detect_timeout", str(values["detect_timeout"])),
+            tcp_idle_timeout=parse_seconds("tcp_idle_timeout", str(values["tcp_idle_timeout"])),
         )

@@ -21,6 +21,10 @@ fields, a label) compares equal and causes no rebuild at all:
   endpoints that are ready (a missing condition means ready), and only when no endpoint of the
   port is ready, those that are serving and terminating (as kube-proxy does). Duplicates across
   slices count once; endpoints are sorted, so the same cluster state gives the same mesh.
+- A port's protocol is declared by its `appProtocol`, else by its name as Istio reads it
+  (`<protocol>[-<suffix>]`): http -> http; tcp, mysql, mongo, redis -> tcp; tls, https -> tls
+  (`declared_protocol`). Anything else (grpc, http2, h2c, a name without a known prefix) is left
+  undeclared: intercepted connections are then detected from their first bytes.
 - ClusterIPs become the service's virtual addresses; `clusterIP: None` is headless (per-pod
   names and pod IPs reach the pod itself, see `mesh.translate`); an ExternalName Service routes
   to its external host, on each of its ports (port 80 when it lists none).
@@ -37,11 +41,26 @@ from typing import Any, Final, Literal
 
 from control_plane.sources import ObjectRef, SourceProblem, Update
 from mesh.annotations import CALLS, PREFIX, Problem, parse_calls, resolve
-from mesh.model import Mesh, MeshEndpoint, MeshService
+from mesh.model import Mesh, MeshEndpoint, MeshService, Protocol
 
 SERVICE_NAME_LABEL: Final = "kubernetes.io/service-name"
 Kind = Literal["Service", "EndpointSlice", "Namespace"]
 Annotations = tuple[tuple[str, str], ...]  # outrigger.dev/ annotations, sorted
+
+
+# Port appProtocol values and name prefixes that declare a protocol (Istio's table, as far as
+# the sidecar speaks it; grpc, http2 and kubernetes.io/h2c join with HTTP/2).
+DECLARED_PROTOCOLS: Final[dict[str, Protocol]] = {
+    "http": Protocol.HTTP,
+    "kubernetes.io/ws": Protocol.HTTP,  # a WebSocket starts as an HTTP/1.1 request
+    "tcp": Protocol.TCP,
+    "mysql": Protocol.TCP,
+    "mongo": Protocol.TCP,
+    "redis": Protocol.TCP,
+    "tls": Protocol.TLS,
+    "https": Protocol.TLS,
+    "kubernetes.io/wss": Protocol.TLS,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +68,15 @@ class Port:
     name: str  # "" when unnamed
     port: int | None  # None: a slice port without a number
     protocol: str = "TCP"
+    app_protocol: str = ""  # the Service port's appProtocol; "" when unset
+
+
+def declared_protocol(port: Port) -> Protocol | None:
+    """The protocol a Service port declares: its appProtocol, else its name's prefix."""
+    by_app = DECLARED_PROTOCOLS.get(port.app_protocol.lower())
+    if by_app is not None:
+        return by_app
+    return DECLARED_PROTOCOLS.get(port.name.split("-", 1)[0].lower())
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +164,7 @@ def _ports(items: object, port_key: str) -> tuple[Port, ...]:
                 name=str(item.get("name") or ""),
                 port=number if isinstance(number, int) else None,
                 protocol=str(item.get("protocol") or "TCP"),
+                app_protocol=str(item.get("appProtocol") or ""),
             )
         )
     return tuple(ports)
@@ -354,15 +383,16 @@ def _service_entries(
     if CALLS in annotations:
         calls, _ = parse_calls(annotations[CALLS])  # a bad list is among resolved.problems
     tcp = [p for p in svc.ports if p.protocol == "TCP" and p.port is not None]
-    entries: list[tuple[int, tuple[MeshEndpoint, ...]]] = []
+    entries: list[tuple[int, Port, tuple[MeshEndpoint, ...]]] = []
     if svc.type == "ExternalName":
         for port in tcp or [Port("", 80)]:
             assert port.port is not None
-            entries.append((port.port, (MeshEndpoint(svc.external_name.lower(), port.port),)))
+            endpoint = MeshEndpoint(svc.external_name.lower(), port.port)
+            entries.append((port.port, port, (endpoint,)))
     else:
         for port in tcp:
             assert port.port is not None
-            entries.append((port.port, endpoints_for(port, slices)))
+            entries.append((port.port, port, endpoints_for(port, slices)))
     services = [
         MeshService(
             name=svc.name,
@@ -374,9 +404,10 @@ def _service_entries(
             calls=calls,
             sole_port=len(entries) == 1,
             headless=svc.headless,
+            protocol=declared_protocol(port),
             origins=resolved.origins,
         )
-        for number, endpoints in entries
+        for number, port, endpoints in entries
     ]
     return services, problems
 

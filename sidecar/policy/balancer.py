@@ -172,7 +172,8 @@ class Balancer:
 
 
 class OriginalDestination:
-    """Each attempt to the request's own destination (its authority), counted like a pick."""
+    """Each attempt to the request's own destination (its original destination when it was
+    intercepted, else its authority), counted like a pick."""
 
     __slots__ = ("_inner", "_service")
 
@@ -181,7 +182,8 @@ class OriginalDestination:
         self._inner = inner
 
     async def __call__(self, req: Request) -> Response:
-        endpoint = authority_endpoint(req.authority)
+        # The pod the caller connected to (intercepted), else the one its authority names.
+        endpoint = req.destination or authority_endpoint(req.authority)
         if endpoint is None:
             raise BalancerError("the request names no destination")
         service = self._service

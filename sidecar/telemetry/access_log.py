@@ -1,10 +1,15 @@
-"""The access log: one JSON line per request on stdout (off by default; `access_log: true`).
+"""The access log: one JSON line per request, and one per passed-through TCP connection, on
+stdout (off by default; `access_log: true`).
 
-A line is built when its request cycle ends and kept in `lines`; `flush` writes them all at once
-(the sidecar's housekeeping does every second, and once more at exit), so a request never waits
-on stdout. Fields: time, direction, method, authority, path, status, flags ("-" for none),
-duration_ms, destination (the service, "passthrough" or "inbound"; "-" when no route), upstream
-(the endpoint tried last, the one that answered or failed last), attempts, trace_id.
+A line is built when its request cycle (or connection) ends and kept in `lines`; `flush` writes
+them all at once (the sidecar's housekeeping does every second, and once more at exit), so a
+request never waits on stdout. Request fields: time, direction, method, authority, path, status,
+flags ("-" for none), duration_ms, destination (the service, "passthrough" or "inbound"; "-"
+when no route), upstream (the endpoint tried last, the one that answered or failed last),
+attempts, trace_id. TCP fields (Envoy's names where it has them): time (the connection's
+start), direction, protocol (what detection saw, or the declared one: tcp, tls, h2), downstream,
+upstream, destination, sni ("-" for none), flags, bytes_received (from the client), bytes_sent
+(to it), duration_ms.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import time
 from sidecar.exchange import Request
 from sidecar.protocol.events import RequestHead
 from sidecar.telemetry import trace_id
+from sidecar.transport.tcp import TcpRecord
 
 
 class AccessLog:
@@ -51,6 +57,27 @@ class AccessLog:
                     "upstream": str(tried[-1]) if tried else "-",
                     "attempts": request.attempts if request is not None else 0,
                     "trace_id": trace_id(request.headers) if request is not None else "-",
+                },
+                separators=(",", ":"),
+            )
+        )
+
+    def tcp(self, record: TcpRecord) -> None:
+        """One passed-through connection's line, once it is over."""
+        self.lines.append(
+            json.dumps(
+                {
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.started_at)),
+                    "direction": record.direction,
+                    "protocol": record.protocol,
+                    "downstream": record.downstream,
+                    "upstream": record.upstream,
+                    "destination": record.destination,
+                    "sni": record.server_name or "-",
+                    "flags": record.flags or "-",
+                    "bytes_received": record.bytes_received,
+                    "bytes_sent": record.bytes_sent,
+                    "duration_ms": round(record.duration * 1000, 3),
                 },
                 separators=(",", ":"),
             )

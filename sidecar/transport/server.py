@@ -21,7 +21,7 @@ from random import getrandbits as _getrandbits
 from typing import cast
 
 from mesh.http import REASON_PHRASES
-from sidecar.config import ServiceConfig
+from sidecar.config import Endpoint, ServiceConfig
 from sidecar.exchange import Handler, Request, RequestBody, Response
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.deadline import deadline_at
@@ -151,11 +151,13 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
         dispatch: Dispatch,
         completed: Completed | None = None,
         request_ids: bool = True,
+        destination: Endpoint | None = None,
     ) -> None:
         self.state = state
         self.dispatch = dispatch
         self.completed = completed
         self.request_ids = request_ids
+        self.destination = destination  # the connection's original destination, if redirected
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = RequestParser(state.settings.limits)
@@ -324,6 +326,7 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             version=head.version,
             upgrade=head.upgrade,
             service=decision.service,
+            destination=self.destination,
         )
         self.task = self.loop.create_task(self._run(head, decision, request, start))
 

@@ -4,7 +4,10 @@ Everything that is not HTTP/1.x (TLS, the HTTP/2 preface, databases, server-firs
 is relayed by a `TcpProxy`. Its rules:
 
 - Bytes are never parsed or changed. The bytes read while detecting the protocol are written
-  upstream first (`replay`), then the stream follows.
+  upstream first (`replay`), then the stream follows: the replay is written in the upstream's
+  own connection_made, so bytes and an EOF that arrive as it connects come after it, in order.
+  Bytes read before the upstream is there join the replay and pause reading (uvloop starts
+  reading after connection_made even when the protocol paused it there).
 - Half-close is honoured: an EOF from one side is passed on (write_eof) and the other direction
   stays open until it ends too; only then are both connections closed (after their buffers
   drain). A client that half-closed during detection (`client_ended`) gets its EOF passed on
@@ -15,8 +18,11 @@ is relayed by a `TcpProxy`. Its rules:
 - A reset or error on one side aborts the other (the app sees a reset, as it would have seen
   it without the sidecar). A failed or timed-out connect (bounded by `connect_timeout`) aborts
   the client with flag UF, as the HTTP path flags a connect failure.
+- Idle connections end: when no byte moved either way for `idle_timeout` (Envoy's tcp_proxy
+  default, 1 h), both sides are closed, flag SI. One timer per connection, re-armed only when it
+  fires (a byte does not touch it).
 - One `TcpRecord` per connection: the observer hears when it opens and when it closes (bytes
-  each way, duration, flags), and `log_line()` is its JSON access-log line.
+  each way, duration, flags); the access log (`sidecar/telemetry/access_log.py`) writes it.
 
 The client transport is handed over with `set_protocol` (asyncio and uvloop transports support
 it), so the protocol that read the first bytes does not stay in the path.
@@ -25,7 +31,6 @@ it), so the protocol that read the first bytes does not stay in the path.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -37,6 +42,7 @@ from sidecar.flags import Flag
 @dataclass(frozen=True, slots=True)
 class TcpSettings:
     connect_timeout: float = 5.0  # Envoy's default for a cluster that names none
+    idle_timeout: float = 3600.0  # no byte either way for this long: closed (0: never)
 
 
 @dataclass(slots=True)
@@ -49,30 +55,14 @@ class TcpRecord:
     destination: str = "passthrough"  # the service, when the address is one
     protocol: str = "tcp"  # what detection saw: tcp | tls | h2
     server_name: str = ""  # TLS SNI, when the ClientHello named one
-    flags: str = ""  # UF: connect failed; DC: the client left before the upstream answered
+    # UF: connect failed; DC: the client left before the upstream answered; SI: idle timeout;
+    # NR: refused (registry_only, or a loop to the sidecar itself); UH: a service without endpoints
+    flags: str = ""
     bytes_received: int = 0  # from the client (Envoy: bytes_received), replayed bytes included
     bytes_sent: int = 0  # to the client (Envoy: bytes_sent)
     start: float = 0.0  # loop time
     duration: float = 0.0  # seconds, set when the connection is over
     started_at: float = field(default_factory=time.time)  # wall clock, for the log
-
-    def log_line(self) -> str:
-        return json.dumps(
-            {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
-                "direction": self.direction,
-                "protocol": self.protocol,
-                "downstream": self.downstream,
-                "upstream": self.upstream,
-                "destination": self.destination,
-                "sni": self.server_name or "-",
-                "flags": self.flags or "-",
-                "bytes_received": self.bytes_received,
-                "bytes_sent": self.bytes_sent,
-                "duration_ms": round(self.duration * 1000, 3),
-            },
-            separators=(",", ":"),
-        )
 
 
 # loop.create_connection's shape: how the upstream connection is made.
@@ -102,16 +92,24 @@ class _Side(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if not self.is_client:
+            self.proxy.connected()
 
     def data_received(self, data: bytes) -> None:
-        record = self.proxy.record
+        proxy = self.proxy
+        proxy.last_activity = proxy.loop.time()
+        record = proxy.record
         if self.is_client:
             record.bytes_received += len(data)
         else:
             record.bytes_sent += len(data)
         peer = self.peer
         if peer is None or peer.transport is None:
-            self.proxy.replay += data  # not connected yet (reading is paused: only a race)
+            # Not connected yet: kept for the replay, and nothing more is read meanwhile (uvloop
+            # starts reading after connection_made even when it paused reading).
+            proxy.replay += data
+            if self.transport is not None:
+                self.transport.pause_reading()
         elif not peer.closed:
             peer.transport.write(data)
 
@@ -151,11 +149,12 @@ class TcpProxy:
 
     __slots__ = (
         "client",
-        "client_ended",
         "connect",
         "connecting",
         "destination",
         "done",
+        "idle_timer",
+        "last_activity",
         "loop",
         "observer",
         "record",
@@ -181,7 +180,6 @@ class TcpProxy:
         self.destination = destination
         self.record = record
         self.replay = replay
-        self.client_ended = client_ended
         self.settings = settings or TcpSettings()
         self.observer = observer
         self.client = _Side(self, client)
@@ -190,17 +188,53 @@ class TcpProxy:
         self.client.ended = client_ended
         self.connecting: asyncio.Task[None] | None = None
         self.done: asyncio.Future[None] = self.loop.create_future()  # set when both are closed
+        self.last_activity = 0.0
+        self.idle_timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         client = self.client.transport
         assert client is not None
         client.set_protocol(self.client)
         client.pause_reading()  # until the upstream connection is there
-        self.record.start = self.loop.time()
+        self.record.start = self.last_activity = self.loop.time()
         self.record.bytes_received += len(self.replay)
         if self.observer is not None:
             self.observer.tcp_opened(self.record)
+        if self.settings.idle_timeout > 0:
+            self.idle_timer = self.loop.call_later(self.settings.idle_timeout, self._idle)
         self.connecting = self.loop.create_task(self._connect())
+
+    def _idle(self) -> None:
+        self.idle_timer = None
+        if self.done.done():
+            return
+        deadline = self.last_activity + self.settings.idle_timeout
+        if self.loop.time() < deadline:  # bytes moved since: wait for the rest of the window
+            self.idle_timer = self.loop.call_at(deadline, self._idle)
+            return
+        self.record.flags = self.record.flags or Flag.STREAM_IDLE_TIMEOUT.value
+        self.close()
+
+    def close(self) -> None:
+        """End both sides now: what they hold is still sent (the idle timeout)."""
+        self._end(reset=False)
+
+    def abort(self) -> None:
+        """Reset both sides (a drain that ran out of time)."""
+        self._end(reset=True)
+
+    def _end(self, *, reset: bool) -> None:
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+            if self.server.transport is None:
+                self.server.closed = True
+        for side in (self.client, self.server):
+            if side.transport is not None and not side.closed:
+                if reset:
+                    side.transport.abort()
+                else:
+                    side.transport.close()
 
     async def _connect(self) -> None:
         host, port = self.destination
@@ -216,6 +250,10 @@ class TcpProxy:
             return
         finally:
             self.connecting = None
+
+    def connected(self) -> None:
+        """The upstream's connection_made: the replay goes first, then the stream (from here on
+        the client's bytes and EOF go straight to the upstream, in order)."""
         client, server = self.client.transport, self.server.transport
         assert client is not None and server is not None
         if self.client.closed:  # the client left while we connected
@@ -224,7 +262,7 @@ class TcpProxy:
         replay, self.replay = self.replay, b""
         if replay:
             server.write(replay)
-        if self.client_ended:
+        if self.client.ended:  # before the start (detection) or while connecting
             _pass_eof(server)
         else:
             client.resume_reading()
@@ -251,7 +289,8 @@ class TcpProxy:
             self.record.flags = self.record.flags or Flag.DOWNSTREAM_DISCONNECT.value
             self.connecting.cancel()
             self.connecting = None
-            other.closed = True
+            if other.transport is None:  # not connected: nothing to close
+                other.closed = True
         if not other.closed and other.transport is not None:
             if exc is None:
                 other.transport.close()
@@ -263,6 +302,9 @@ class TcpProxy:
     def _finish(self) -> None:
         if self.done.done():
             return
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
         self.record.duration = self.loop.time() - self.record.start
         if self.observer is not None:
             self.observer.tcp_closed(self.record)

@@ -17,7 +17,9 @@ interpretation, in process.
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from dataclasses import dataclass
 from typing import Any, Final
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -25,9 +27,11 @@ from envoy.config.core.v3 import base_pb2, health_check_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf.json_format import MessageToDict
 
+from mesh.address import join_host_port
 from mesh.http import IDEMPOTENT_METHODS
 from mesh.model import Mesh
 from mesh.policy import Backoff, RetryBudget
@@ -36,13 +40,17 @@ from mesh.xds import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
     HCM_TYPE,
+    HTTP1_PROTOCOLS,
     HTTP_PROTOCOL_OPTIONS,
     LISTENER_TYPE,
     NO_ROUTE_STATUS,
     OUTBOUND,
+    PASSTHROUGH_CLUSTER,
     POLICY_METADATA,
     ROUTE_TYPE,
     ROUTER_TYPE,
+    TCP_PROXY_TYPE,
+    TLS_TRANSPORT,
     TYPE_NAMES,
     UPSTREAM_IDLE_TIMEOUT,
     Message,
@@ -51,6 +59,8 @@ from mesh.xds import (
 )
 from sidecar.config import (
     BreakerPolicy,
+    Chain,
+    ChainProtocol,
     ConfigError,
     Endpoint,
     LbPolicy,
@@ -58,15 +68,52 @@ from sidecar.config import (
     RetryPolicy,
     ServiceConfig,
     Snapshot,
+    TcpTarget,
 )
 
 # resource, field, what the sidecar does with it. The README's table is made from this.
 HONOURED_FIELDS: Final[tuple[tuple[str, str, str], ...]] = (
-    ("Listener", "name", 'only "outbound" is read; its address is ignored (ports come from flags)'),
     (
         "Listener",
-        "filter_chains",
-        "exactly one chain, holding an HttpConnectionManager (filter_chain_match is not read)",
+        "name",
+        'only "outbound" is read; its address and listener_filters are ignored (ports come from '
+        "flags; the sidecar reads the original destination and the first bytes itself)",
+    ),
+    (
+        "Listener",
+        "filter_chains[].filters",
+        "one network filter per chain: an HttpConnectionManager (the same config in every chain) "
+        "or a tcp_proxy",
+    ),
+    (
+        "Listener",
+        "filter_chains[].filter_chain_match",
+        "destination_port with prefix_ranges (single addresses, /32 or /128): intercepted "
+        "connections to those addresses; with application_protocols http/1.0, http/1.1 only "
+        "when the first bytes are HTTP/1.x (the rest: a chain of the same addresses without "
+        "them, else the default); transport_protocol tls: TLS only, its ClientHello read for the "
+        "server name; server_names (exact) with destination_port and transport_protocol tls: TLS "
+        "naming one of them, to an address no chain has. Exactly one HttpConnectionManager chain "
+        "has no destination: HTTP/1.x to anywhere else. Other fields and combinations are refused",
+    ),
+    (
+        "Listener",
+        "default_filter_chain",
+        "a tcp_proxy for every other connection: to an ORIGINAL_DST cluster (allow_any: passed "
+        "through to its original destination) or to a cluster without endpoints (registry_only: "
+        "closed and counted, flag NR); absent: closed",
+    ),
+    (
+        "TcpProxy",
+        "cluster",
+        "where the connection goes: round robin over the Cluster's endpoints with one connect "
+        "attempt bounded by its connect_timeout; ORIGINAL_DST: the connection's own destination",
+    ),
+    (
+        "TcpProxy",
+        "idle_timeout",
+        "close when no byte moved either way for this long; 0 disables; absent: the sidecar's "
+        "--tcp-idle-timeout (1h, Envoy's default)",
     ),
     ("HttpConnectionManager", "rds.route_config_name", "the RouteConfiguration to read"),
     ("HttpConnectionManager", "route_config", "an inline RouteConfiguration instead of RDS"),
@@ -242,29 +289,41 @@ def _lookup(resources: Resources, type_url: str, name: str, by: str) -> Message:
 # -- listener and HTTP connection manager ------------------------------------------------------
 
 
-def _outbound_hcm(resources: Resources) -> Any:
-    listener = _lookup(resources, LISTENER_TYPE, OUTBOUND, "the sidecar's outbound listener")
-    if len(listener.filter_chains) != 1:
+def _outbound_listener(resources: Resources) -> Any:
+    return _lookup(resources, LISTENER_TYPE, OUTBOUND, "the sidecar's outbound listener")
+
+
+def _network_filter(chain: Any, field: str) -> Any:
+    """The chain's one network filter, unpacked: an HttpConnectionManager or a TcpProxy."""
+    if len(chain.filters) != 1:
         raise _fail(
             "Listener",
             OUTBOUND,
-            "filter_chains",
-            f"must hold exactly one filter chain, got {len(listener.filter_chains)}",
+            f"{field}.filters",
+            "must be exactly one filter: envoy.filters.network.http_connection_manager or "
+            "envoy.filters.network.tcp_proxy",
         )
-    chain = listener.filter_chains[0]
-    managers = [f for f in chain.filters if f.typed_config.type_url == HCM_TYPE]
-    if len(managers) != 1 or len(chain.filters) != 1:
+    typed = chain.filters[0].typed_config
+    config: Any
+    if typed.type_url == HCM_TYPE:
+        config = hcm_pb2.HttpConnectionManager()
+    elif typed.type_url == TCP_PROXY_TYPE:
+        config = tcp_proxy_pb2.TcpProxy()
+    else:
         raise _fail(
             "Listener",
             OUTBOUND,
-            "filter_chains[0].filters",
-            "must be exactly one envoy.filters.network.http_connection_manager filter",
+            f"{field}.filters[0].typed_config",
+            f"{typed.type_url} is not supported (HttpConnectionManager or TcpProxy)",
         )
-    hcm = hcm_pb2.HttpConnectionManager()
-    if not managers[0].typed_config.Unpack(hcm):
-        raise _fail("Listener", OUTBOUND, "filter_chains[0].filters[0].typed_config", "unreadable")
+    if not typed.Unpack(config):
+        raise _fail("Listener", OUTBOUND, f"{field}.filters[0].typed_config", "unreadable")
+    return config
+
+
+def _check_hcm(hcm: Any, field: str) -> None:
     filters = list(hcm.http_filters)
-    field = "filter_chains[0].filters[0].http_filters"
+    field = f"{field}.filters[0].http_filters"
     if not filters or filters[-1].typed_config.type_url != ROUTER_TYPE:
         raise _fail("Listener", OUTBOUND, field, "must end with envoy.filters.http.router")
     for i, http_filter in enumerate(filters[:-1]):
@@ -275,7 +334,190 @@ def _outbound_hcm(resources: Resources) -> Any:
                 f"{field}[{i}]",
                 f"filter {http_filter.name!r} is not supported (mark it is_optional to skip it)",
             )
-    return hcm
+
+
+@dataclass(frozen=True, slots=True)
+class _Match:
+    """A filter_chain_match in the shapes the sidecar reads (HONOURED_FIELDS)."""
+
+    port: int | None
+    addresses: tuple[str, ...]
+    server_names: tuple[str, ...]
+    tls: bool  # transport_protocol tls
+    http1: bool  # application_protocols http/1.0, http/1.1
+
+
+def _chain_match(chain: Any, field: str) -> _Match:
+    match = chain.filter_chain_match
+    field = f"{field}.filter_chain_match"
+    unsupported = [
+        name
+        for name in ("direct_source_prefix_ranges", "source_prefix_ranges", "source_ports")
+        if len(getattr(match, name))
+    ]
+    if match.address_suffix:
+        unsupported.append("address_suffix")
+    if match.HasField("suffix_len"):
+        unsupported.append("suffix_len")
+    if unsupported:
+        raise _fail("Listener", OUTBOUND, f"{field}.{unsupported[0]}", "is not supported")
+    if match.source_type:
+        raise _fail("Listener", OUTBOUND, f"{field}.source_type", "is not supported")
+    addresses: list[str] = []
+    for i, cidr in enumerate(match.prefix_ranges):
+        try:
+            address = ipaddress.ip_address(cidr.address_prefix)
+        except ValueError:
+            raise _fail(
+                "Listener",
+                OUTBOUND,
+                f"{field}.prefix_ranges[{i}].address_prefix",
+                f"{cidr.address_prefix!r} is not an IP address",
+            ) from None
+        full = 32 if address.version == 4 else 128
+        if cidr.prefix_len.value != full:
+            raise _fail(
+                "Listener",
+                OUTBOUND,
+                f"{field}.prefix_ranges[{i}].prefix_len",
+                f"only single addresses (/{full}) are supported, got /{cidr.prefix_len.value}",
+            )
+        addresses.append(str(address))
+    if match.transport_protocol not in ("", TLS_TRANSPORT):
+        raise _fail(
+            "Listener",
+            OUTBOUND,
+            f"{field}.transport_protocol",
+            f"only {TLS_TRANSPORT!r} is supported, got {match.transport_protocol!r}",
+        )
+    protocols = set(match.application_protocols)
+    if not protocols <= set(HTTP1_PROTOCOLS):
+        raise _fail(
+            "Listener",
+            OUTBOUND,
+            f"{field}.application_protocols",
+            f"only {', '.join(HTTP1_PROTOCOLS)} are supported, got {sorted(protocols)}",
+        )
+    names = []
+    for i, name in enumerate(match.server_names):
+        lowered = name.lower()
+        if not lowered or "*" in lowered or not lowered.isascii():
+            raise _fail(
+                "Listener",
+                OUTBOUND,
+                f"{field}.server_names[{i}]",
+                f"{name!r}: only exact ASCII host names are supported",
+            )
+        names.append(lowered)
+    return _Match(
+        port=int(match.destination_port.value) if match.HasField("destination_port") else None,
+        addresses=tuple(addresses),
+        server_names=tuple(names),
+        tls=match.transport_protocol == TLS_TRANSPORT,
+        http1=bool(protocols),
+    )
+
+
+def _shape(match: _Match, is_hcm: bool) -> str | None:
+    """Which of the chains the sidecar reads this is (None: another, refused):
+    "http-any" HTTP/1.x to any destination; "http1" HTTP/1.x to these addresses; "http" any
+    bytes to them, as HTTP; "tcp" / "tls" anything / TLS to them, passed through; "sni" TLS
+    naming one of these server names."""
+    destination = match.port is not None and bool(match.addresses) and not match.server_names
+    if match.port is None and not (match.addresses or match.server_names or match.tls):
+        return "http-any" if is_hcm else None
+    if is_hcm:
+        return ("http1" if match.http1 else "http") if destination and not match.tls else None
+    if match.http1:
+        return None
+    if destination:
+        return "tls" if match.tls else "tcp"
+    if match.port is not None and match.server_names and match.tls and not match.addresses:
+        return "sni"
+    return None
+
+
+@dataclass(slots=True)
+class _Listener:
+    """What the outbound listener's chains say, before the clusters are read."""
+
+    hcm: Any  # the one HttpConnectionManager config
+    by_destination: dict[Endpoint, dict[str, Any]]  # shape -> its config (TcpProxy or HCM)
+    server_names: dict[tuple[str, int], Any]  # (name, port) -> TcpProxy
+    default: Any | None  # the default chain's TcpProxy
+
+
+def _read_listener(resources: Resources) -> _Listener:
+    listener = _outbound_listener(resources)
+    read = _Listener(None, {}, {}, None)
+    generic = 0
+    for i, chain in enumerate(listener.filter_chains):
+        field = f"filter_chains[{i}]"
+        config = _network_filter(chain, field)
+        match = _chain_match(chain, field)
+        is_hcm = isinstance(config, hcm_pb2.HttpConnectionManager)
+        if is_hcm:
+            if read.hcm is None:
+                _check_hcm(config, field)
+                read.hcm = config
+            elif config.SerializeToString(deterministic=True) != read.hcm.SerializeToString(
+                deterministic=True
+            ):
+                raise _fail(
+                    "Listener",
+                    OUTBOUND,
+                    f"{field}.filters[0]",
+                    "every chain's HttpConnectionManager must be the same config",
+                )
+        shape = _shape(match, is_hcm)
+        if shape is None:
+            raise _fail(
+                "Listener",
+                OUTBOUND,
+                f"{field}.filter_chain_match",
+                "this combination of fields is not supported (see the honoured fields: "
+                "destination_port with prefix_ranges, application_protocols, transport_protocol "
+                "tls, or server_names; a tcp_proxy for any destination is default_filter_chain)",
+            )
+        if shape == "http-any":
+            generic += 1
+        elif shape == "sni":
+            assert match.port is not None
+            for name in match.server_names:
+                if (name, match.port) in read.server_names:
+                    raise _fail(
+                        "Listener",
+                        OUTBOUND,
+                        f"{field}.filter_chain_match.server_names",
+                        f"{name}:{match.port} is matched by two chains",
+                    )
+                read.server_names[(name, match.port)] = config
+        else:
+            assert match.port is not None
+            for address in match.addresses:
+                found = read.by_destination.setdefault(Endpoint(address, match.port), {})
+                if shape in found:
+                    raise _fail(
+                        "Listener",
+                        OUTBOUND,
+                        f"{field}.filter_chain_match",
+                        f"{join_host_port(address, match.port)} is matched by two {shape} chains",
+                    )
+                found[shape] = config
+    if read.hcm is None or generic != 1:
+        raise _fail(
+            "Listener",
+            OUTBOUND,
+            "filter_chains",
+            "must hold exactly one HttpConnectionManager chain without a destination (HTTP/1.x "
+            f"to anywhere else), got {generic}",
+        )
+    if listener.HasField("default_filter_chain"):
+        config = _network_filter(listener.default_filter_chain, "default_filter_chain")
+        if not isinstance(config, tcp_proxy_pb2.TcpProxy):
+            raise _fail("Listener", OUTBOUND, "default_filter_chain", "must be a tcp_proxy")
+        read.default = config
+    return read
 
 
 def _trace_sampling(hcm: Any) -> float:
@@ -598,6 +840,15 @@ def _endpoints(resources: Resources, cluster: Any) -> tuple[Endpoint, ...]:
     return tuple(found)
 
 
+def _connect_timeout(cluster: Any) -> float:
+    if not cluster.HasField("connect_timeout"):
+        return ENVOY_DEFAULT_CONNECT_TIMEOUT
+    seconds = _seconds(cluster.connect_timeout, "Cluster", cluster.name, "connect_timeout")
+    if seconds <= 0:
+        raise _fail("Cluster", cluster.name, "connect_timeout", "must be > 0")
+    return seconds
+
+
 def _service(
     resources: Resources, cluster: Any, route_action: Any, where: tuple[str, str, str]
 ) -> ServiceConfig:
@@ -605,13 +856,7 @@ def _service(
     timeout: float | None = ENVOY_DEFAULT_ROUTE_TIMEOUT
     if route_action.HasField("timeout"):
         timeout = _seconds(route_action.timeout, kind, name, f"{prefix}.timeout") or None
-    connect_timeout = ENVOY_DEFAULT_CONNECT_TIMEOUT
-    if cluster.HasField("connect_timeout"):
-        connect_timeout = _seconds(
-            cluster.connect_timeout, "Cluster", cluster.name, "connect_timeout"
-        )
-        if connect_timeout <= 0:
-            raise _fail("Cluster", cluster.name, "connect_timeout", "must be > 0")
+    connect_timeout = _connect_timeout(cluster)
     _, _, budget = _thresholds(cluster)
     retry = None
     if route_action.HasField("retry_policy"):
@@ -632,6 +877,104 @@ def _service(
         original_destination=cluster.type == cluster_pb2.Cluster.DiscoveryType.ORIGINAL_DST,
         policy_origins=_policy_origins(cluster),
     )
+
+
+class _TcpTargets:
+    """TcpTargets by tcp_proxy config, each Cluster read once."""
+
+    def __init__(self, resources: Resources) -> None:
+        self.resources = resources
+        self.built: dict[bytes, TcpTarget] = {}
+
+    def of(self, proxy: Any) -> TcpTarget:
+        key = proxy.SerializeToString(deterministic=True)
+        target = self.built.get(key)
+        if target is None:
+            target = self.built[key] = self._build(proxy)
+        return target
+
+    def _build(self, proxy: Any) -> TcpTarget:
+        where = f"tcp_proxy {proxy.stat_prefix!r}"
+        if proxy.WhichOneof("cluster_specifier") != "cluster":
+            raise _fail(
+                "Listener", OUTBOUND, f"{where}: cluster", "must name one cluster (no weighting)"
+            )
+        cluster = _lookup(
+            self.resources, CLUSTER_TYPE, proxy.cluster, f'Listener "{OUTBOUND}" {where}'
+        )
+        idle = None
+        if proxy.HasField("idle_timeout"):
+            idle = _seconds(proxy.idle_timeout, "Listener", OUTBOUND, f"{where}: idle_timeout")
+        istio = _ISTIO_CLUSTER.fullmatch(cluster.name)
+        name = istio["name"] if istio else cluster.name
+        if cluster.name == PASSTHROUGH_CLUSTER:
+            name = "passthrough"
+        return TcpTarget(
+            name=name,
+            cluster=cluster.name,
+            endpoints=_endpoints(self.resources, cluster),
+            connect_timeout=_connect_timeout(cluster),
+            original_destination=cluster.type == cluster_pb2.Cluster.DiscoveryType.ORIGINAL_DST,
+            idle_timeout=idle,
+        )
+
+
+def _destination_chain(endpoint: Endpoint, found: dict[str, Any], targets: _TcpTargets) -> Chain:
+    """One destination's chains as one decision (HONOURED_FIELDS lists the combinations)."""
+    shapes = set(found)
+    if shapes == {"http"}:
+        return Chain(ChainProtocol.HTTP, None)
+    if shapes == {"tcp"}:
+        return Chain(ChainProtocol.TCP, targets.of(found["tcp"]))
+    if shapes == {"tls"}:
+        return Chain(ChainProtocol.TLS, targets.of(found["tls"]))
+    if "http1" in shapes and shapes <= {"http1", "tcp"}:
+        tcp = targets.of(found["tcp"]) if "tcp" in found else None
+        return Chain(ChainProtocol.DETECT, tcp)
+    raise _fail(
+        "Listener",
+        OUTBOUND,
+        "filter_chains",
+        f"{endpoint} is matched by {' and '.join(sorted(shapes))} chains, which the sidecar "
+        "cannot combine (HTTP/1.x with or without TCP, or one of HTTP, TCP, TLS alone)",
+    )
+
+
+def _tcp_default(proxy: Any | None, targets: _TcpTargets) -> TcpTarget | None:
+    """The default chain: passthrough (an ORIGINAL_DST cluster), or None: closed."""
+    if proxy is None:
+        return None  # Envoy closes a connection no chain matches
+    target = targets.of(proxy)
+    if target.original_destination:
+        return target
+    if not target.endpoints:
+        return None  # BlackHoleCluster: registry_only
+    raise _fail(
+        "Listener",
+        OUTBOUND,
+        "default_filter_chain",
+        f"must pass TCP to an ORIGINAL_DST cluster (allow_any) or to a cluster without endpoints "
+        f'(registry_only), not to "{target.cluster}"',
+    )
+
+
+def _inbound_protocols(
+    destinations: dict[Endpoint, Chain], routes: dict[bytes, ServiceConfig]
+) -> dict[Endpoint, ChainProtocol]:
+    """Each endpoint of a service with a declared protocol -> that protocol (first one wins)."""
+    found: dict[Endpoint, ChainProtocol] = {}
+    for destination, chain in destinations.items():
+        if chain.protocol is ChainProtocol.DETECT:
+            continue
+        endpoints: tuple[Endpoint, ...] = ()
+        if chain.tcp is not None:
+            endpoints = chain.tcp.endpoints
+        else:
+            service = routes.get(str(destination).encode("ascii"))
+            endpoints = service.endpoints if service is not None else ()
+        for endpoint in endpoints:
+            found.setdefault(endpoint, chain.protocol)
+    return found
 
 
 def _catch_all(resources: Resources, route: Any, config_name: str, field: str) -> OutboundPolicy:
@@ -679,7 +1022,8 @@ def _dump(resources: Resources) -> dict[str, dict[str, Any]]:
 
 def build_snapshot(resources: Resources, version: str) -> Snapshot:
     """Interpret a complete set of xDS resources. Raises ConfigError naming what it can't apply."""
-    hcm = _outbound_hcm(resources)
+    listener = _read_listener(resources)
+    hcm = listener.hcm
     sampling = _trace_sampling(hcm)
     config = _route_configuration(resources, hcm)
     config_name = config.name or OUTBOUND
@@ -744,6 +1088,11 @@ def build_snapshot(resources: Resources, version: str) -> Snapshot:
         services[cluster.name] = service
         for domain in domains:
             routes[domain.encode("ascii")] = service
+    targets = _TcpTargets(resources)
+    destinations = {
+        endpoint: _destination_chain(endpoint, found, targets)
+        for endpoint, found in listener.by_destination.items()
+    }
     return Snapshot(
         version=version,
         services=services,
@@ -751,6 +1100,10 @@ def build_snapshot(resources: Resources, version: str) -> Snapshot:
         outbound_policy=outbound_policy,
         trace_sampling=sampling,
         resources=_dump(resources),
+        destinations=destinations,
+        server_names={key: targets.of(proxy) for key, proxy in listener.server_names.items()},
+        tcp_default=_tcp_default(listener.default, targets),
+        inbound_protocols=_inbound_protocols(destinations, routes),
     )
 
 

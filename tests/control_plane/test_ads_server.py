@@ -21,6 +21,8 @@ from control_plane.cache import (
     SnapshotError,
     make_snapshot,
 )
+from mesh.model import parse_mesh
+from mesh.translate import translate
 from tests.control_plane.ads_fixtures import AdsTestClient, assignment, mesh_resources
 
 
@@ -278,6 +280,15 @@ def test_snapshot_with_a_route_to_a_missing_cluster_is_refused() -> None:
     resources = mesh_resources(_services())
     del resources[CLUSTER_TYPE]["orders"]
     with pytest.raises(SnapshotError, match="missing cluster 'orders'"):
+        make_snapshot(resources)
+
+
+def test_snapshot_passing_tcp_to_a_missing_cluster_is_refused() -> None:
+    resources = translate(parse_mesh({"outbound_policy": "registry_only"}, "m.yaml"))
+    del resources[CLUSTER_TYPE]["BlackHoleCluster"]
+    with pytest.raises(
+        SnapshotError, match="listener 'outbound' passes TCP to missing cluster 'BlackHoleCluster'"
+    ):
         make_snapshot(resources)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from control_plane.sources.cluster import ClusterState, cluster_mesh
-from mesh.model import Mesh, MeshService, load_mesh
+from mesh.model import Mesh, MeshService, Protocol, load_mesh
 from outrigger.demo.meshfile import TEMPLATE as DEMO_MESH
 from tests.control_plane.kube_api import (
     RESOURCES,
@@ -115,6 +115,33 @@ def test_an_external_name_service_routes_to_its_host() -> None:
     mesh = mesh_of(state)
     assert hosts(mesh[("stripe", "shop", 443)]) == ["api.stripe.example:443"]
     assert hosts(mesh[("mail", "shop", 80)]) == ["smtp.example:80"]
+
+
+def test_a_port_declares_its_protocol_by_app_protocol_else_by_its_name() -> None:
+    ports = [
+        {"name": "web", "port": 80, "appProtocol": "http"},
+        {"name": "tcp-db", "port": 5432},
+        {"name": "mysql", "port": 3306},
+        {"name": "redis-cache", "port": 6379},
+        {"name": "https", "port": 443},
+        {"name": "tls-legacy", "port": 8443},
+        {"name": "http-admin", "port": 9000, "appProtocol": "tcp"},  # appProtocol wins
+        {"name": "grpc", "port": 9090},  # HTTP/2 is not spoken yet: detected
+        {"name": "metrics", "port": 9100},  # no known prefix: detected
+    ]
+    state, _ = state_of(service("mixed", "shop", ports))
+    declared = {port: s.protocol for (_, _, port), s in mesh_of(state).items()}
+    assert declared == {
+        80: Protocol.HTTP,
+        5432: Protocol.TCP,
+        3306: Protocol.TCP,
+        6379: Protocol.TCP,
+        443: Protocol.TLS,
+        8443: Protocol.TLS,
+        9000: Protocol.TCP,
+        9090: None,
+        9100: None,
+    }
 
 
 def test_cluster_ips_are_the_virtual_addresses() -> None:

@@ -3,13 +3,15 @@
 `two_pods()` makes a "client" and a "server" pod: their own namespace (unique names per test,
 so parallel runs and leftovers from a killed run never collide), a veth pair between them with
 10.0.0.1/24 + fd00::1/64 on the client and 10.0.0.2/24 + fd00::2/64 on the server, loopback
-up. Everything is removed on the way out, whatever happened: the processes started in the pods
-(by their own pid), then the namespaces (the veth pair goes with them).
+up, and each pod's default route via the other (so that a connection to a virtual address, a
+Service's ClusterIP that no interface has, is routed at all and can be redirected). Everything
+is removed on the way out, whatever happened: the processes started in the pods (by their own
+pid), then the namespaces (the veth pair goes with them).
 
 `Pod.run` runs a command in a pod and waits (bounded); `Pod.start` starts a long-running one
-whose output goes to a log file, with `wait_for_line` to read it. Either can switch to another
-uid with setpriv (util-linux, which Debian always has): `uid=1337` is the sidecar's user, the one
-the interception rules leave alone.
+whose output goes to a log file, with `wait_for` (JSON lines) and `wait_for_text` to read it.
+Either can switch to another uid with setpriv (util-linux, which Debian always has): `uid=1337`
+is the sidecar's user, the one the interception rules leave alone.
 
 Tests that use this are marked `@pytest.mark.root` and call `require_root()`, which skips them,
 with the reason, when not root; missing tools (ip, setpriv, iptables-restore) fail loudly, since
@@ -119,6 +121,21 @@ class PodProcess:
         state = "running" if self.popen.poll() is None else f"exited {self.popen.returncode}"
         raise AssertionError(f"{self.name} ({state}): never {what}:\n{self.output()[-3000:]}")
 
+    def wait_for_text(self, text: str, timeout: float = START_TIMEOUT) -> str:
+        """The output once it holds `text` (a line a process prints when ready, not JSON)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            output = self.output()
+            if text in output:
+                return output
+            if self.popen.poll() is not None:
+                break
+            time.sleep(POLL)
+        state = "running" if self.popen.poll() is None else f"exited {self.popen.returncode}"
+        raise AssertionError(
+            f"{self.name} ({state}): never printed {text!r}:\n{self.output()[-3000:]}"
+        )
+
     def stop(self) -> None:
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -196,6 +213,8 @@ def two_pods(logs: Path) -> Iterator[tuple[Pod, Pod]]:
             sh(["ip", "-n", pod.name, "addr", "add", f"{pod.ip}/24", "dev", dev])
             sh(["ip", "-n", pod.name, "-6", "addr", "add", f"{pod.ip6}/64", "dev", dev, "nodad"])
             sh(["ip", "-n", pod.name, "link", "set", dev, "up"])
+        for pod, peer in ((client, server), (server, client)):
+            sh(["ip", "-n", pod.name, "route", "add", "default", "via", peer.ip])
         yield client, server
     finally:
         for pod in (client, server):

@@ -1,12 +1,15 @@
 """The programs the namespace tests run inside their pods (`python -m tests.e2e.pod_programs`).
 
 Apps: `echo` (echoes until the client's EOF, then says `<eof>` and closes: a half-close user),
-`tls-echo` (the same behind TLS), `banner` (the server speaks first, as SMTP does). `client`
-is the app's side: it connects where it is told, with no proxy settings, sends, half-closes and
-prints what came back. `relay` stands in for the sidecar, built only from the interception and
-pass-through modules: outbound listener on 127.0.0.1 and ::1 (where REDIRECT in OUTPUT
-delivers), inbound on 0.0.0.0 and :: (where REDIRECT in PREROUTING delivers), the original
-destination read from each connection and the bytes relayed there.
+`tls-echo` (the same behind TLS), `banner` (the server speaks first, as SMTP does), `http` (an
+HTTP/1.1 server that fails the first request for each Host with 503 and answers the rest with
+the Host it saw). `client` is the app's side: it connects where it is told, with no proxy
+settings, sends, half-closes and prints what came back; `get` is an HTTP GET the same way
+(http.client, which reads no proxy settings), printing the status, the flags header and the
+body. `relay` stands in for the sidecar in the rules' own tests, built only from the
+interception and pass-through modules: outbound listener on 127.0.0.1 and ::1 (where REDIRECT
+in OUTPUT delivers), inbound on 0.0.0.0 and :: (where REDIRECT in PREROUTING delivers), the
+original destination read from each connection and the bytes relayed there.
 
 Every program prints JSON lines: `{"listening": ...}` once ready, then one line per event.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import ssl
 import sys
@@ -24,6 +28,7 @@ from typing import Any
 import uvloop
 
 from sidecar.interception.original_dst import original_destination
+from sidecar.telemetry.access_log import AccessLog
 from sidecar.transport.tcp import TcpRecord
 from tests.sidecar.transport.relay_fixtures import echo_until_eof, relay_listener
 
@@ -88,14 +93,60 @@ async def client(args: argparse.Namespace) -> None:
     say(greeting=greeting.decode(), reply=reply.decode(), local=f"{local[0]}:{local[1]}")
 
 
+class HttpApp:
+    """HTTP/1.1, one request per connection: for each Host, 503 first, then 200 naming it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.hosts: set[str] = set()
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted(writer)
+        request = await reader.readuntil(b"\r\n\r\n")
+        host = ""
+        for line in request.decode("latin-1").split("\r\n")[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "host":
+                host = value.strip()
+        self.count += 1
+        status = "200 OK" if host in self.hosts else "503 Service Unavailable"
+        self.hosts.add(host)
+        body = json.dumps({"host": host, "request": self.count}).encode()
+        say(request=self.count, host=host, status=int(status[:3]))
+        response = f"HTTP/1.1 {status}\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        writer.write(response.encode() + body)
+        await writer.drain()
+        writer.close()
+
+
+def get(args: argparse.Namespace) -> None:
+    connection = http.client.HTTPConnection(args.host, args.port, timeout=WAIT)
+    headers = {"Host": args.host_header} if args.host_header else {}
+    try:
+        connection.request("GET", args.path, headers=headers)
+        response = connection.getresponse()
+        body = response.read().decode(errors="replace")
+        flags = response.getheader("x-outrigger-flags") or ""
+        say(status=response.status, flags=flags, body=body)
+    except (OSError, http.client.HTTPException) as exc:
+        say(error=f"{type(exc).__name__}: {exc}")
+        sys.exit(1)
+    finally:
+        connection.close()
+
+
 class Printed:
-    """The relay's observer: one JSON line per connection, when it is over."""
+    """The relay's observer: one access-log line per connection, when it is over."""
+
+    def __init__(self) -> None:
+        self.log = AccessLog()
 
     def tcp_opened(self, record: TcpRecord) -> None:
         pass
 
     def tcp_closed(self, record: TcpRecord) -> None:
-        print(record.log_line(), flush=True)
+        self.log.tcp(record)
+        self.log.flush()
 
 
 async def relay(args: argparse.Namespace) -> None:
@@ -128,7 +179,7 @@ def tls_context(cert_dir: str) -> ssl.SSLContext:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="pod_programs")
     sub = parser.add_subparsers(dest="program", required=True)
-    for name in ("echo", "tls-echo", "banner"):
+    for name in ("echo", "tls-echo", "banner", "http"):
         p = sub.add_parser(name)
         p.add_argument("--port", type=int, required=True)
         p.add_argument("--cert-dir")
@@ -139,6 +190,11 @@ def main() -> None:
     p.add_argument("--tls-ca")
     p.add_argument("--sni")
     p.add_argument("--server-first", action="store_true", help="read a greeting line first")
+    p = sub.add_parser("get")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--path", default="/")
+    p.add_argument("--host-header", help="the Host to send (default: host:port)")
     p = sub.add_parser("relay")
     p.add_argument("--outbound", type=int, default=15001)
     p.add_argument("--inbound", type=int, default=15006)
@@ -149,6 +205,10 @@ def main() -> None:
         uvloop.run(serve(tls_echo, args.port, tls_context(args.cert_dir)))
     elif args.program == "banner":
         uvloop.run(serve(banner, args.port))
+    elif args.program == "http":
+        uvloop.run(serve(HttpApp(), args.port))
+    elif args.program == "get":
+        get(args)
     elif args.program == "relay":
         uvloop.run(relay(args))
     else:

@@ -11,6 +11,7 @@ from mesh.model import (
     MeshEndpoint,
     MeshError,
     Policy,
+    Protocol,
     RetryBudget,
     load_mesh,
     parse_mesh,
@@ -323,6 +324,16 @@ def test_addresses_and_calls() -> None:
     )
     assert error_of(one_service(calls=["Orders"])).startswith(
         'mesh.yaml: service "payments": calls[0]: must be a service name'
+    )
+
+
+def test_protocol_is_declared_per_service_or_left_to_detection() -> None:
+    assert parse_mesh(one_service(), "m.yaml").services[0].protocol is None
+    for name in ("http", "tcp", "tls"):
+        service = parse_mesh(one_service(protocol=name), "m.yaml").services[0]
+        assert service.protocol == Protocol(name)
+    assert error_of(one_service(protocol="h2")) == (
+        'mesh.yaml: service "payments": protocol: must be one of http, tcp, tls, got "h2"'
     )
 
 

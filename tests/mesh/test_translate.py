@@ -8,10 +8,11 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf.json_format import MessageToDict
 
-from mesh.model import Mesh, MeshEndpoint, MeshService, Policy, load_mesh, parse_mesh
+from mesh.model import Mesh, MeshEndpoint, MeshService, Policy, Protocol, load_mesh, parse_mesh
 from mesh.translate import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
@@ -490,3 +491,105 @@ def test_a_headless_service_s_endpoints_are_route_domains_so_they_translate_in_f
     assert_same_as_full(after, mesh)
     pods = vhost_domains(after.default, "payments.bank.svc.cluster.local:80")
     assert "10.0.2.9:8080" in pods and "10.0.2.1:8080" not in pods
+
+
+def chains_by_name(resources: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {chain.name: chain for chain in resources[LISTENER_TYPE]["outbound"].filter_chains}
+
+
+def test_the_outbound_listener_matches_connections_as_envoy_does() -> None:
+    web = MeshService("web", "shop", addresses=("10.96.0.10",))
+    api = MeshService("api", "shop", addresses=("10.96.0.11",))
+    db = MeshService("db", "shop", 5432, addresses=("fd00::12",), protocol=Protocol.TCP)
+    resources = translate(Mesh(services=(web, api, db)), "shop")
+    listener = resources[LISTENER_TYPE]["outbound"]
+    assert [f.name for f in listener.listener_filters] == [
+        "envoy.filters.listener.original_dst",
+        "envoy.filters.listener.tls_inspector",
+        "envoy.filters.listener.http_inspector",
+    ]
+    chains = chains_by_name(resources)
+    assert list(chains) == [
+        "api.shop.svc.cluster.local:80|tcp",
+        "db.shop.svc.cluster.local:5432|tcp",
+        "web.shop.svc.cluster.local:80|tcp",
+        "http1|80",
+        "http",
+    ]
+    # undeclared: HTTP/1.x to the HTTP connection manager (one chain for the port's
+    # addresses), the rest to each service's cluster as TCP
+    http = chains["http1|80"]
+    assert MessageToDict(http.filter_chain_match) == {
+        "destinationPort": 80,
+        "prefixRanges": [
+            {"addressPrefix": "10.96.0.11", "prefixLen": 32},
+            {"addressPrefix": "10.96.0.10", "prefixLen": 32},
+        ],
+        "applicationProtocols": ["http/1.0", "http/1.1"],
+    }
+    assert http.filters[0].name == "envoy.filters.network.http_connection_manager"
+    tcp = chains["web.shop.svc.cluster.local:80|tcp"]
+    proxy = tcp_proxy_pb2.TcpProxy()
+    tcp.filters[0].typed_config.Unpack(proxy)
+    assert (tcp.filters[0].name, proxy.cluster) == (
+        "envoy.filters.network.tcp_proxy",
+        "outbound|80||web.shop.svc.cluster.local",
+    )
+    assert MessageToDict(chains["db.shop.svc.cluster.local:5432|tcp"].filter_chain_match) == {
+        "destinationPort": 5432,
+        "prefixRanges": [{"addressPrefix": "fd00::12", "prefixLen": 128}],
+    }
+    assert MessageToDict(chains["http"].filter_chain_match) == {
+        "applicationProtocols": ["http/1.0", "http/1.1"]
+    }
+    listener.default_filter_chain.filters[0].typed_config.Unpack(proxy)
+    assert proxy.cluster == PASSTHROUGH_CLUSTER
+
+
+def test_a_declared_http_service_is_always_http() -> None:
+    api = MeshService("api", "shop", 8080, addresses=("10.96.0.11",), protocol=Protocol.HTTP)
+    chains = chains_by_name(translate(Mesh(services=(api,)), "shop"))
+    assert list(chains) == ["http|8080", "http"]
+    assert MessageToDict(chains["http|8080"].filter_chain_match) == {
+        "destinationPort": 8080,
+        "prefixRanges": [{"addressPrefix": "10.96.0.11", "prefixLen": 32}],
+    }
+
+
+def test_a_tls_service_is_matched_by_address_and_by_its_names_as_server_names() -> None:
+    secure = MeshService("secure", "shop", 443, addresses=("10.96.0.13",), protocol=Protocol.TLS)
+    chains = chains_by_name(translate(Mesh(services=(secure,)), "shop"))
+    assert MessageToDict(chains["secure.shop.svc.cluster.local:443|tls"].filter_chain_match) == {
+        "destinationPort": 443,
+        "prefixRanges": [{"addressPrefix": "10.96.0.13", "prefixLen": 32}],
+        "transportProtocol": "tls",
+    }
+    assert MessageToDict(chains["secure.shop.svc.cluster.local:443|sni"].filter_chain_match) == {
+        "destinationPort": 443,
+        "serverNames": ["secure.shop", "secure.shop.svc", "secure.shop.svc.cluster.local"],
+        "transportProtocol": "tls",
+    }
+
+
+def test_registry_only_sends_other_tcp_to_a_cluster_without_endpoints() -> None:
+    resources = translate(parse_mesh({"outbound_policy": "registry_only"}, "m.yaml"))
+    proxy = tcp_proxy_pb2.TcpProxy()
+    resources[LISTENER_TYPE]["outbound"].default_filter_chain.filters[0].typed_config.Unpack(proxy)
+    blackhole = resources[CLUSTER_TYPE][proxy.cluster]
+    assert (proxy.cluster, blackhole.type) == ("BlackHoleCluster", cluster_pb2.Cluster.STATIC)
+    assert len(blackhole.load_assignment.endpoints) == 0
+    assert PASSTHROUGH_CLUSTER not in resources[CLUSTER_TYPE]
+
+
+def test_an_address_and_port_two_services_claim_is_matched_for_the_first_only() -> None:
+    pods = (MeshEndpoint("10.1.0.7", 80),)
+    mesh = Mesh(
+        services=(
+            MeshService("a", "shop", endpoints=pods, headless=True, protocol=Protocol.TCP),
+            MeshService("b", "shop", endpoints=pods, headless=True, protocol=Protocol.TCP),
+        )
+    )
+    assert list(chains_by_name(translate(mesh, "shop"))) == [
+        "a.shop.svc.cluster.local:80|tcp",
+        "http",
+    ]

@@ -325,21 +325,26 @@ class SidecarProcess:
     async def spawn(
         cls,
         tmp_path: Path,
-        mesh: dict[str, Any],
+        mesh: dict[str, Any] | None,
         *,
         app: str = "127.0.0.1:9",
         drain_timeout: str = "5s",
+        extra: tuple[str, ...] = (),
     ) -> SidecarProcess:
-        mesh_file = tmp_path / "mesh.yaml"
-        mesh_file.write_text(yaml.safe_dump(mesh))
+        """The process, once it printed where it listens; `mesh` None: no --mesh (give
+        --control-plane in `extra`, or run on the embedded default)."""
+        source: tuple[str, ...] = ()
+        if mesh is not None:
+            mesh_file = tmp_path / "mesh.yaml"
+            mesh_file.write_text(yaml.safe_dump(mesh))
+            source = ("--mesh", str(mesh_file))
         outrigger = Path(sys.executable).parent / "outrigger"
         stderr = (tmp_path / "sidecar.log").open("wb")
         try:
             proc = await asyncio.create_subprocess_exec(
                 str(outrigger),
                 "sidecar",
-                "--mesh",
-                str(mesh_file),
+                *source,
                 "--service",
                 "frontend",
                 "--outbound",
@@ -352,6 +357,7 @@ class SidecarProcess:
                 "127.0.0.1:0",
                 "--drain-timeout",
                 drain_timeout,
+                *extra,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=stderr,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -10,8 +10,11 @@ namespace tests). No sidecar wiring: that comes with the listeners' own work.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 from typing import Any
+
+import trustme
 
 from sidecar.transport.sniffer import FirstBytes, Sniffer, SniffSettings
 from sidecar.transport.tcp import TcpObserver, TcpProxy, TcpRecord, TcpSettings
@@ -105,6 +108,16 @@ class Observed:
                 self.changed.clear()
                 await self.changed.wait()
         return self.closed
+
+
+def tls_contexts(server_name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) contexts: a trustme CA's certificate for `server_name`, and trust in it."""
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(server_name).configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
 
 
 def address(host: str, port: int) -> str:

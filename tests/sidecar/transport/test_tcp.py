@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import trustme
 
+from sidecar.telemetry.access_log import AccessLog
 from sidecar.transport.sniffer import SniffSettings
 from sidecar.transport.tcp import TcpProxy, TcpRecord, TcpSettings
 from tests.sidecar.transport.relay_fixtures import (
@@ -19,6 +18,7 @@ from tests.sidecar.transport.relay_fixtures import (
     Observed,
     echo_until_eof,
     relay_listener,
+    tls_contexts,
 )
 
 
@@ -29,9 +29,17 @@ def record() -> TcpRecord:
 class Upstream:
     """Hands out FakeTransports as upstream connections, or fails or hangs as told."""
 
-    def __init__(self, fail: Exception | None = None, hang: bool = False) -> None:
+    def __init__(
+        self,
+        fail: Exception | None = None,
+        hang: bool = False,
+        returns: asyncio.Event | None = None,
+    ) -> None:
         self.fail = fail
         self.hang = hang
+        # Set: the connect returns only once this is set, after connection_made (uvloop's
+        # create_connection returns a loop turn or more after the protocol heard of it).
+        self.returns = returns
         self.transport = FakeTransport(("10.0.0.9", 5432))
         self.asked: list[tuple[str, int]] = []
         self.connected = asyncio.Event()
@@ -48,6 +56,8 @@ class Upstream:
         self.transport.set_protocol(protocol)
         protocol.connection_made(self.transport)
         self.connected.set()
+        if self.returns is not None:
+            await self.returns.wait()
         return self.transport, protocol
 
 
@@ -158,6 +168,36 @@ async def test_a_connect_that_never_completes_is_bounded_by_the_connect_timeout(
     assert client.aborted
 
 
+async def test_bytes_and_eof_arriving_as_the_upstream_connects_follow_the_replay_in_order() -> None:
+    returns = asyncio.Event()
+    upstream = Upstream(returns=returns)
+    client = FakeTransport()
+    proxy = TcpProxy(client, ("10.0.0.9", 5432), record(), replay=b"first", connect=upstream)
+    proxy.start()
+    async with asyncio.timeout(WAIT):
+        await upstream.connected.wait()
+    # the upstream is connected, the connect call has not returned yet: the client goes on
+    client.proto.data_received(b" second")
+    client.proto.eof_received()
+    returns.set()
+    async with asyncio.timeout(WAIT):
+        while not upstream.transport.eof_written:
+            await asyncio.sleep(0)
+    assert bytes(upstream.transport.written) == b"first second"  # the EOF came after them
+
+
+async def test_bytes_read_before_the_upstream_is_there_are_kept_and_reading_pauses() -> None:
+    upstream = Upstream(hang=True)
+    client = FakeTransport()
+    proxy = TcpProxy(client, ("10.0.0.9", 5432), record(), connect=upstream)
+    proxy.start()
+    client.resume_reading()  # uvloop starts reading after connection_made, paused or not
+    client.proto.data_received(b"early")
+    assert proxy.replay == b"early"
+    assert not client.reading  # bounded: nothing more is read until the upstream is there
+    proxy.abort()
+
+
 async def test_a_client_that_half_closed_during_detection_has_its_eof_passed_on() -> None:
     upstream = Upstream()
     _, client, _ = await started(upstream, replay=b"QUIT\r\n", client_ended=True)
@@ -177,17 +217,35 @@ async def test_a_client_gone_while_connecting_stops_the_connect_with_flag_dc() -
     assert proxy.connecting is None
 
 
+async def test_a_connection_idle_past_its_timeout_is_closed_with_flag_si() -> None:
+    upstream = Upstream()
+    _, client, observed = await started(upstream, settings=TcpSettings(idle_timeout=0.2))
+    await asyncio.sleep(0.12)
+    client.proto.data_received(b"still here")  # a byte moves the window
+    await asyncio.sleep(0.12)
+    assert not client.closed  # 0.24 s since the start, 0.12 s since the last byte
+    [closed] = await observed.wait_closed()
+    assert closed.flags == "SI"
+    assert client.closed and upstream.transport.closed
+    assert not client.aborted  # closed, so what was buffered still goes out
+    assert 0.3 <= closed.duration < 2.0
+
+
 def test_the_access_log_line_names_the_connection() -> None:
-    line = TcpRecord(
-        "outbound",
-        "10.0.0.1:40000",
-        "10.0.0.9:443",
-        protocol="tls",
-        server_name="api.example.com",
-        bytes_received=517,
-        bytes_sent=4096,
-        duration=0.25,
-    ).log_line()
+    log = AccessLog()
+    log.tcp(
+        TcpRecord(
+            "outbound",
+            "10.0.0.1:40000",
+            "10.0.0.9:443",
+            protocol="tls",
+            server_name="api.example.com",
+            bytes_received=517,
+            bytes_sent=4096,
+            duration=0.25,
+        )
+    )
+    [line] = log.lines
     fields = json.loads(line)
     assert fields["sni"] == "api.example.com"
     assert fields["upstream"] == "10.0.0.9:443"
@@ -282,12 +340,7 @@ async def test_a_server_that_speaks_first_is_relayed_after_the_detection_window(
 
 
 async def test_a_tls_handshake_passes_through_untouched_and_its_sni_is_read() -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("payments.example")
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(server_context)
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
+    server_context, client_context = tls_contexts("payments.example")
 
     async def tls_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"secret: " + await reader.readline())
