@@ -175,7 +175,7 @@ class Sidecar:
         access_log = self.access_log.record if self.settings.access_log else None
 
         def completed(
-            head: RequestHead,
+            head: RequestHead | None,
             decision: Decision | None,
             status: int,
             flags: str,

@@ -4,7 +4,8 @@ A line is built when its request cycle ends and kept in `lines`; `flush` writes 
 (the sidecar's housekeeping does every second, and once more at exit), so a request never waits
 on stdout. Fields: time, direction, method, authority, path, status, flags ("-" for none),
 duration_ms, destination (the service, "passthrough" or "inbound"; "-" when no route), upstream
-(the endpoint tried last, the one that answered or failed last), attempts, trace_id.
+(the endpoint tried last, the one that answered or failed last), attempts, trace_id. A request
+refused before its head was whole (400 or 408, flag DPE) has "-" for method, authority and path.
 """
 
 from __future__ import annotations
@@ -27,23 +28,30 @@ class AccessLog:
     def record(
         self,
         direction: str,
-        head: RequestHead,
+        head: RequestHead | None,
         destination: str,
         status: int,
         flags: str,
         duration: float,
         request: Request | None,
     ) -> None:
-        """One request's line; `request` is None when none was built (no route)."""
+        """One request's line; `request` is None when none was built (no route), `head` when the
+        request was refused before its head was whole."""
         tried = request.tried if request is not None else None
+        if head is not None:
+            method = head.method.decode("ascii", "replace")
+            authority = head.authority.decode("ascii", "replace")
+            path = head.path.decode("ascii", "replace")
+        else:
+            method = authority = path = "-"
         self.lines.append(
             json.dumps(
                 {
                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "direction": direction,
-                    "method": head.method.decode("ascii", "replace"),
-                    "authority": head.authority.decode("ascii", "replace"),
-                    "path": head.path.decode("ascii", "replace"),
+                    "method": method,
+                    "authority": authority,
+                    "path": path,
                     "status": status,
                     "flags": flags or "-",
                     "duration_ms": round(duration * 1000, 3),

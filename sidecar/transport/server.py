@@ -66,8 +66,9 @@ Dispatch = Callable[[RequestHead], Decision]
 
 
 # Told when a request cycle ends: (head, decision, status, flags, start on the loop's clock,
-# request); decision and request are None when there was no route.
-Completed = Callable[[RequestHead, Decision | None, int, str, float, Request | None], None]
+# request); decision and request are None when there was no route, head is None too when the
+# request was refused before its head was whole (a 400 from the parser, a 408 header timeout).
+Completed = Callable[[RequestHead | None, Decision | None, int, str, float, Request | None], None]
 
 
 # Connection phases for the sweep.
@@ -338,9 +339,16 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             self.body = None
         if self.task is not None and not self.task.done():
             return  # the in-flight response finishes, then the connection closes
-        status = event.status
-        body = f"{event.reason}\n".encode("ascii", "replace")
+        self._refuse(event.status, event.reason)
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """Answer a request that never got a cycle (refused or timed out before its head was
+        whole), report it like any other, and close."""
+        body = f"{reason}\n".encode("ascii", "replace")
         self._write_local(status, Flag.DOWNSTREAM_PROTOCOL_ERROR, body, b"1.1", close=True)
+        if self.completed is not None:
+            dpe = Flag.DOWNSTREAM_PROTOCOL_ERROR.value
+            self.completed(None, None, status, dpe, self.phase_since, None)
         self._finish_connection()
 
     # --- one request cycle ---------------------------------------------------------------
@@ -638,9 +646,7 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             self.body.fail(BodyReset(reason))
             self.body = None
         if self.task is None:
-            body = f"{reason}\n".encode()
-            self._write_local(status, Flag.DOWNSTREAM_PROTOCOL_ERROR, body, b"1.1", close=True)
-            self._finish_connection()
+            self._refuse(status, reason)
         else:
             self.close_after = True
 

@@ -101,6 +101,20 @@ async def test_a_bad_request_pipelined_after_a_good_one_gets_400_after_the_first
     assert len(handler.requests) == 1  # nothing after the bad request is parsed or forwarded
 
 
+async def test_a_refused_request_is_reported_like_any_other_with_400_dpe() -> None:
+    reported: list[tuple[object, int, str]] = []
+    _, client = downstream(
+        Scripted(),
+        completed=lambda head, decision, status, flags, start, request: reported.append(
+            (head, status, flags)
+        ),
+    )
+    client.peer_sends(b"GET / HTTP/1.1\r\nHost: payments\r\nBad_Name: x\r\n\r\n")
+    await until(lambda: client.lost)
+    assert client.written.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert reported == [(None, 400, "DPE")]  # no head: the parser refused it
+
+
 async def test_a_pipelined_request_whose_body_is_still_coming_is_read_to_its_end() -> None:
     handler = Scripted()
     _, client = downstream(handler)
@@ -244,6 +258,20 @@ async def test_a_head_not_finished_within_the_header_timeout_gets_408_and_the_cl
     assert client.written.endswith(b"\r\n\r\nrequest headers not received in time\n")
     assert client.closed
     assert handler.requests == []
+
+
+async def test_a_head_timeout_is_reported_as_a_408_dpe() -> None:
+    reported: list[tuple[int, str]] = []
+    protocol, client = downstream(
+        Scripted(),
+        LIMITS,
+        completed=lambda head, decision, status, flags, start, request: reported.append(
+            (status, flags)
+        ),
+    )
+    client.peer_sends(b"GET / HTTP/1.1\r\nHost: pay")
+    protocol.check_timeouts(now() + 11)
+    assert reported == [(408, "DPE")]
 
 
 async def test_a_body_that_stops_arriving_gets_408_and_its_request_fails() -> None:
