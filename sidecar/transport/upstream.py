@@ -45,6 +45,7 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         "endpoint",
         "got_bytes",
         "idle_since",
+        "idle_timeout",
         "last_activity",
         "pool",
         "request_sent",
@@ -69,6 +70,9 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
         self.idle_since = 0.0
+        # How long it may wait in the pool: the idle_timeout of the service it served last
+        # (xDS common_http_protocol_options.idle_timeout); 0 keeps it until the peer closes it.
+        self.idle_timeout = 60.0
         self.last_activity = 0.0
         # Set on a 101: bytes from upstream go here instead of the parser.
         self.tunnel: Callable[[bytes], None] | None = None
@@ -334,9 +338,9 @@ class EndpointPool:
         with contextlib.suppress(ValueError):
             self.idle.remove(conn)
 
-    def sweep(self, now: float, idle_timeout: float, stream_idle_timeout: float) -> None:
-        """Close idle connections past their idle timeout and stalled exchanges."""
-        for conn in [c for c in self.idle if now - c.idle_since > idle_timeout]:
+    def sweep(self, now: float, stream_idle_timeout: float) -> None:
+        """Close idle connections past their own idle timeout and stalled exchanges."""
+        for conn in [c for c in self.idle if 0 < c.idle_timeout < now - c.idle_since]:
             conn.abort()
         for conn in [c for c in self.in_use if now - c.last_activity > stream_idle_timeout]:
             if conn.busy:
@@ -354,7 +358,7 @@ class Upstreams:
         self,
         *,
         default_connect_timeout: float = 1.0,
-        idle_timeout: float = 60.0,
+        idle_timeout: float = 60.0,  # pooled connections of requests without a service
         stream_idle_timeout: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         services: ServiceRegistry | None = None,
@@ -377,7 +381,7 @@ class Upstreams:
     def sweep(self) -> None:
         now = self.clock()
         for pool in list(self.pools.values()):
-            pool.sweep(now, self.idle_timeout, self.stream_idle_timeout)
+            pool.sweep(now, self.stream_idle_timeout)
 
     def close_idle(self) -> None:
         for pool in self.pools.values():
@@ -402,6 +406,8 @@ class Upstreams:
             else:
                 with state.load.pending_slot():
                     conn, reused = await pool.acquire(connect_timeout)
+        idle_timeout = service.idle_timeout if service is not None else self.idle_timeout
+        conn.idle_timeout = idle_timeout
         try:
             return await self._exchange(req, conn)
         except UpstreamError as error:
@@ -416,6 +422,7 @@ class Upstreams:
             ):
                 raise
         conn, _ = await pool.acquire(connect_timeout)
+        conn.idle_timeout = idle_timeout
         return await self._exchange(req, conn)
 
     async def _exchange(self, req: Request, conn: UpstreamConnection) -> Response:

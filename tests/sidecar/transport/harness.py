@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from sidecar.config import Endpoint
+from sidecar.config import Endpoint, ServiceConfig
 from sidecar.exchange import Handler, Request, Response
 from sidecar.protocol.events import RequestHead
 from sidecar.transport.body import BytesBody
@@ -35,11 +35,12 @@ def downstream(
     *,
     can_write_eof: bool = True,
     completed: Completed | None = None,
+    service: ServiceConfig | None = None,
 ) -> tuple[DownstreamProtocol, FakeTransport]:
     state = ServerState(settings or ServerSettings())
 
     def dispatch(head: RequestHead) -> Decision:
-        return Decision(handler, None, "test")
+        return Decision(handler, service, "test")
 
     protocol = DownstreamProtocol(state, dispatch, completed, request_ids=False)
     return protocol, FakeTransport(protocol, can_write_eof=can_write_eof).connect()
@@ -91,7 +92,14 @@ class Proxy:
         return downstream(self.forward)[1]
 
 
-def proxy(settings: ServerSettings | None = None, *, can_write_eof: bool = True) -> Proxy:
+def proxy(
+    settings: ServerSettings | None = None,
+    *,
+    can_write_eof: bool = True,
+    service: ServiceConfig | None = None,
+) -> Proxy:
+    """`service`: the route's service for every request (its policy is not applied here, only
+    what the pools read from it)."""
     connector = FakeConnector()
     upstreams = Upstreams(clock=asyncio.get_running_loop().time, connect=connector)
 
@@ -106,5 +114,6 @@ def proxy(settings: ServerSettings | None = None, *, can_write_eof: bool = True)
         completed=lambda head, decision, status, flags, start, request: outcomes.append(
             (status, flags)
         ),
+        service=service,
     )
     return Proxy(protocol, client, upstreams, connector, outcomes, forward)
