@@ -50,6 +50,9 @@ class ServerSettings:
     idle_timeout: float = 60.0  # keep-alive connection with no request
     body_timeout: float = 60.0  # request body that stops moving
     send_timeout: float = 60.0  # peer that stops reading our response
+    # A tunnel (after a 101) with no byte either way for this long is closed, both sides
+    # (Envoy's stream_idle_timeout, which also applies to upgraded streams; its default).
+    stream_idle_timeout: float = 300.0
     retry_buffer: int = 64 * 1024  # request bodies up to this size are kept for retries
 
 
@@ -639,6 +642,11 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             self._timeout_request(408, "request headers not received in time")
         elif self.phase == BODY and now - self.last_activity > settings.body_timeout:
             self._timeout_request(408, "request body stopped arriving")
+        elif self.phase == TUNNEL and now - self.last_activity > settings.stream_idle_timeout:
+            log.info("tunnel idle for %.0fs: closing", settings.stream_idle_timeout)
+            if self.tunnel_abort is not None:
+                self.tunnel_abort()
+            self.abort()
 
     def _timeout_request(self, status: int, reason: str) -> None:
         if self.body is not None:

@@ -465,6 +465,21 @@ async def test_an_upstream_end_closes_a_tunnelled_client_that_cannot_half_close(
     assert not p.client.aborted and not upstream.aborted
 
 
+async def test_a_tunnel_idle_past_the_stream_idle_timeout_is_closed_both_ways() -> None:
+    p = proxy(ServerSettings(stream_idle_timeout=300))
+    upstream = await tunnel(p)
+    p.client.peer_sends(b"ping")
+    upstream.peer_sends(b"pong")
+    last = now()  # the last byte either way
+
+    p.protocol.check_timeouts(last + 299)
+    assert not p.client.closed and not upstream.closed
+    p.protocol.check_timeouts(now() + 301)
+    assert p.client.aborted and upstream.aborted
+    await until(lambda: p.client.lost and upstream.lost)
+    assert p.protocol not in p.protocol.state.connections
+
+
 # --- graceful drain ---------------------------------------------------------------------------
 
 
