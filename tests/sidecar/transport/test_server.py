@@ -528,6 +528,26 @@ async def test_a_client_gone_mid_response_closes_the_upstream_connection_at_once
     assert p.outcomes == [(200, "DC")]
 
 
+async def test_a_client_cut_off_by_the_send_timeout_closes_the_upstream_connection_at_once() -> (
+    None
+):
+    p = proxy(LIMITS)
+    p.client.peer_sends(get(b"/events"))
+    upstream = await p.upstream(0)
+    upstream.peer_sends(STREAM_HEAD + b"5\r\nfirst\r\n")
+    await until(lambda: p.client.written)
+    p.client.peer_stops_reading()
+    upstream.peer_sends(b"4\r\nmore\r\n")
+    await until(lambda: p.client.written.endswith(b"more\r\n"))
+
+    p.protocol.check_timeouts(now() + 21)
+    assert p.client.aborted
+    await until(lambda: upstream.lost)  # aborted, not left open and busy until the 300 s sweep
+    assert upstream.aborted
+    assert p.upstreams.pool(ENDPOINT).in_use == set()
+    assert p.outcomes == [(200, "DC")]
+
+
 async def test_a_client_gone_while_not_reading_closes_the_upstream_connection_at_once() -> None:
     p = proxy()
     p.client.peer_sends(get(b"/events"))
