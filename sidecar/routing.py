@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sidecar.config import ConfigError, Endpoint, OutboundPolicy, Snapshot, authority_endpoint
-from sidecar.exchange import EndpointHandler, Handler, Request, Response
+from sidecar.exchange import EndpointHandler, Handler, Reply, Request
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.stack import ServiceRegistry, build_service_stack
 from sidecar.protocol.events import RequestHead
@@ -105,10 +105,10 @@ class Router:
         if tracing is not None:
             forward = tracing.attempt(forward)
 
-        async def passthrough(req: Request) -> Response:
+        def passthrough(req: Request, reply: Reply) -> None:
             req.tried.append(endpoint)  # no balancer here: count the one attempt for the log
             req.attempts += 1
-            return await forward(req, endpoint)
+            forward(req, endpoint, reply)
 
         if tracing is not None:
             return Decision(tracing.client(passthrough, "passthrough"), None, "passthrough")
@@ -123,7 +123,7 @@ class Router:
             to_app = self.tracing.inbound(to_app, self.service)
         return Decision(to_app, None, "inbound")
 
-    async def _to_app(self, req: Request) -> Response:
+    def _to_app(self, req: Request, reply: Reply) -> None:
         req.tried.append(self.app)  # as in passthrough: one attempt, for the log
         req.attempts += 1
-        return await self.forward(req, self.app)
+        self.forward(req, self.app, reply)

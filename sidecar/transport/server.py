@@ -1,10 +1,15 @@
 """Downstream side: one `asyncio.Protocol` per client connection (uvicorn's shape).
 
-The protocol feeds bytes to the sans-IO request parser, starts one request cycle per request
-(pipelined requests wait their turn, with reading paused), streams the request body to the
-policy stack and the response body back, with flow control both ways. `ServerState` knows every
-connection: it enforces the time limits of docs/hardening.md rule 5 with one sweep a second (no
-timer per request) and drains them gracefully.
+The protocol feeds bytes to the sans-IO request parser and runs one request cycle (`_Cycle`,
+uvicorn's RequestResponseCycle) per request; pipelined requests wait their turn, with reading
+paused. A cycle hands its request to the route's handler with itself as the reply (see
+`sidecar/exchange.py`), and writes what comes back: no task per request. A request is handed
+over once its head and the body bytes that came with it are parsed (so a small body travels in
+hand), or at once when its body is still arriving (it then streams to the policy stack). The
+response body is written as it comes, by callbacks, with flow control both ways: head and a
+body that arrived whole leave in one write. `ServerState` knows every connection: it enforces the
+time limits of docs/hardening.md rule 5 with one sweep a second (no timer per request) and
+drains them gracefully.
 
 This is also the one place that turns a `ProxyError` into a response: status from the flag, the
 flag in `x-outrigger-flags` and in the plain-text body.
@@ -22,9 +27,17 @@ from typing import cast
 
 from mesh.http import REASON_PHRASES
 from sidecar.config import ServiceConfig
-from sidecar.exchange import Handler, Request, RequestBody, Response
+from sidecar.exchange import (
+    DownstreamGone,
+    Handler,
+    Request,
+    RequestBody,
+    RequestBodyFailed,
+    Response,
+    Result,
+)
 from sidecar.flags import Flag, ProxyError
-from sidecar.policy.deadline import deadline_at
+from sidecar.policy.deadline import Timer, call_at
 from sidecar.protocol import serialize
 from sidecar.protocol.events import Data, EndOfMessage, Reject, RequestEvent, RequestHead
 from sidecar.protocol.limits import Limits
@@ -163,10 +176,10 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = RequestParser(state.settings.limits)
-        self.pending: deque[RequestEvent] = deque()
+        self.pending: deque[RequestEvent] = deque()  # parsed, waiting for the cycle before
+        self.processing = False  # inside _process: a cycle that ends now must not recurse
         self.body: BodyStream | None = None  # the current request's body, while it arrives
-        self.task: asyncio.Task[None] | None = None
-        self.cycle_head: RequestHead | None = None
+        self.cycle: _Cycle | None = None  # the request cycle in flight
         self.request_complete = False
         self.response_started = False
         self.close_after = False
@@ -175,6 +188,7 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
         self.write_paused = False
         self.write_paused_at = 0.0
         self.drain_waiter: asyncio.Future[None] | None = None
+        self.drain_callback: Callable[[], None] | None = None
         self.phase = IDLE
         self.phase_since = 0.0
         self.last_activity = 0.0
@@ -203,11 +217,27 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             self.phase = HEADERS
             self.phase_since = self.last_activity
         events = self.parser.feed(data)
-        if self.pending or (self.task is not None and self.request_complete):
+        if self.cycle is not None and self.request_complete:
+            # A response is on its way: what follows waits its turn, unread.
             self.pending.extend(events)
             self._pause("pipeline")
             return
-        self._process(events)
+        if (
+            len(events) == 2
+            and not self.pending
+            and self.cycle is None
+            and type(events[1]) is EndOfMessage
+            and type(events[0]) is RequestHead
+        ):
+            # The common case, one request without a body: no queue to go through.
+            self._start_cycle(events[0])
+            self._end_of_request()
+            cycle = self.cycle
+            if cycle is not None:
+                cycle.begin()
+            return
+        self.pending.extend(events)
+        self._process()
 
     def eof_received(self) -> bool | None:
         if self.tunnel_upstream is not None:
@@ -215,8 +245,9 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             return True  # half-close: the upstream side may still answer
         events = self.parser.feed_eof()
         if events:
-            self._process(events)
-        if self.task is None:
+            self.pending.extend(events)
+            self._process()
+        if self.cycle is None:
             return None  # nothing in flight: close
         self.close_after = True
         return True  # keep the write side open to finish the response
@@ -226,10 +257,12 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
         self.state.remove(self)
         if self.body is not None:
             self.body.fail(BodyReset("client closed the connection"))
-        if self.task is not None and not self.task.done():
+        cycle = self.cycle
+        if cycle is not None:
             # Nobody is listening: stop the exchange, mid-response too, so that the upstream
             # connection closes now instead of being read into the void (flag DC).
-            self.task.cancel()
+            cycle.client_gone()
+        self.drain_callback = None
         waiter = self.drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError("client closed the connection"))
@@ -242,33 +275,49 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
 
     # --- parsing -------------------------------------------------------------------------
 
-    def _process(self, events: list[RequestEvent] | deque[RequestEvent]) -> None:
-        if len(events) == 2 and type(events[1]) is EndOfMessage and not self.pending:
-            # The common case, one request without a body: no queue to build.
-            head = events[0]
-            if type(head) is RequestHead:
-                self._start_cycle(head)
-                self._end_of_request()
-                return
-        queue = events if isinstance(events, deque) else deque(events)
-        while queue:
-            event = queue.popleft()
-            if isinstance(event, Data):
-                if self.body is not None:
-                    self.body.feed(event.data)
-                    self.last_activity = self.loop.time()
-            elif isinstance(event, RequestHead):
-                self._start_cycle(event)
-            elif isinstance(event, EndOfMessage):
-                self._end_of_request()
-                if queue and self.task is not None:
-                    # A pipelined request: it waits until this response is written.
-                    self.pending.extend(queue)
-                    self._pause("pipeline")
-                    return
-            else:
-                self._reject(event)
-                return
+    def _process(self) -> None:
+        """Work through the parsed events: bodies to their request, each request handed over
+        once it is whole or its body streams, the next one only after the response before it
+        (a cycle that ends while we are in here does not recurse: the loop goes on)."""
+        if self.processing:
+            return
+        self.processing = True
+        pending = self.pending
+        try:
+            while not self.closed and self.tunnel_upstream is None:
+                cycle = self.cycle
+                if cycle is not None:
+                    if not cycle.started:
+                        if self.request_complete or not pending:
+                            cycle.begin()  # may end at once (a local answer)
+                            continue
+                    elif self.request_complete:
+                        break  # its response comes later; what follows waits
+                if not pending:
+                    break
+                event = pending.popleft()
+                kind = type(event)
+                if kind is Data:
+                    if self.body is not None:
+                        self.body.feed(cast(Data, event).data)
+                        self.last_activity = self.loop.time()
+                elif kind is RequestHead:
+                    self._start_cycle(cast(RequestHead, event))
+                elif kind is EndOfMessage:
+                    self._end_of_request()
+                else:
+                    self._reject(cast(Reject, event))
+                    break
+        finally:
+            self.processing = False
+        if self.closed or self.tunnel_upstream is not None:
+            return
+        if pending:
+            self._pause("pipeline")
+        elif self.cycle is None or not self.request_complete:
+            # Nothing more queued; a request in flight may still be receiving its body, which
+            # must be read (a request after it is held back on arrival).
+            self._resume("pipeline")
 
     def _end_of_request(self) -> None:
         self.request_complete = True
@@ -279,9 +328,9 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             self._set_phase(WAITING)
 
     def _start_cycle(self, head: RequestHead) -> None:
-        self.cycle_head = head
         self.request_complete = False
         self.response_started = False
+        self.body_failure = None
         if not head.keep_alive:
             self.close_after = True
         start = self.loop.time()
@@ -317,7 +366,7 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
         try:
             decision = self.dispatch(head)
         except ProxyError as error:
-            self.task = self.loop.create_task(self._respond_error(head, error, start))
+            self.cycle = _Cycle(self, head, None, None, start, error)
             return
         request = Request(
             head.method,
@@ -329,7 +378,7 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             upgrade=head.upgrade,
             service=decision.service,
         )
-        self.task = self.loop.create_task(self._run(head, decision, request, start))
+        self.cycle = _Cycle(self, head, decision, request, start, None)
 
     def _reject(self, event: Reject) -> None:
         # docs/hardening.md rule 6: after a rejected request nothing more is parsed or forwarded.
@@ -340,7 +389,12 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             self.body_failure = (event.status, event.reason)
             self.body.fail(BodyReset(event.reason))
             self.body = None
-        if self.task is not None and not self.task.done():
+        cycle = self.cycle
+        if cycle is not None:
+            if not cycle.started:
+                # Its body went bad before it was handed over: answer without an exchange.
+                cycle.started = True
+                cycle(RequestBodyFailed(event.reason))
             return  # the in-flight response finishes, then the connection closes
         self._refuse(event.status, event.reason)
 
@@ -354,156 +408,18 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             self.completed(None, None, status, dpe, self.phase_since, None)
         self._finish_connection()
 
-    # --- one request cycle ---------------------------------------------------------------
+    # --- writing -------------------------------------------------------------------------
 
-    async def _run(
-        self, head: RequestHead, decision: Decision, request: Request, start: float
-    ) -> None:
-        status = 0
-        flags = ""
-        try:
-            try:
-                response = await decision.handler(request)
-            except ProxyError as error:
-                status, flag, body = local_response(error)
-                flags = flag.value
-                self._write_local(status, flag, body, head.version, close=self.close_after)
-                return
-            except BodyReset:
-                failure = self.body_failure
-                if failure is None or self.closed:
-                    status, flags = 499, Flag.DOWNSTREAM_DISCONNECT.value
-                    return
-                # The sidecar cut the request body (timeout, bad chunk): the client is told why.
-                status, flags = failure[0], Flag.DOWNSTREAM_PROTOCOL_ERROR.value
-                reason = f"{failure[1]}\n".encode("ascii", "replace")
-                self._write_local(
-                    status, Flag.DOWNSTREAM_PROTOCOL_ERROR, reason, head.version, close=True
-                )
-                return
-            status = response.status
-            flags = ",".join([f.value for f in response.flags]) if response.flags else ""
-            if request.deadline is None:
-                await self._write_response(head, response)
-            else:
-                # The total timeout covers the whole response (Envoy's route timeout), not only
-                # its head: a body still streaming at the deadline is cut (UT). The deadline is
-                # on the loop's clock (policy.clock.loop_time).
-                deadline = deadline_at(request.deadline)
-                try:
-                    with deadline:
-                        await self._write_response(head, response)
-                except TimeoutError:
-                    if not deadline.expired:
-                        raise
-                    flags = Flag.UPSTREAM_TIMEOUT.value
-                    response.discard()
-                    self.abort()
-        except asyncio.CancelledError:
-            if status == 0:
-                status = 499
-            dc = Flag.DOWNSTREAM_DISCONNECT.value
-            flags = f"{flags},{dc}" if flags else dc
-            raise
-        except (ConnectionError, BodyReset) as exc:
-            # Lost a side mid-response: the client saw a truncated message; close it.
-            if not flags:
-                reset = isinstance(exc, BodyReset)
-                flags = (Flag.UPSTREAM_RESET if reset else Flag.DOWNSTREAM_DISCONNECT).value
-            self.abort()
-        except Exception:
-            log.exception("unexpected error serving %r", head.path)
-            status, flags = 500, Flag.UPSTREAM_PROTOCOL_ERROR.value
-            if not self.response_started:
-                self._write_local(
-                    500, Flag.UPSTREAM_PROTOCOL_ERROR, b"internal error\n", head.version, close=True
-                )
-            else:
-                self.abort()
-        finally:
-            if self.completed is not None:
-                self.completed(head, decision, status, flags, start, request)
-            self._cycle_done()
-
-    async def _respond_error(self, head: RequestHead, error: ProxyError, start: float) -> None:
-        status, flag, body = local_response(error)
-        try:
-            self._write_local(status, flag, body, head.version, close=self.close_after)
-        finally:
-            if self.completed is not None:
-                self.completed(head, None, status, flag.value, start, None)
-            self._cycle_done()
-
-    async def _write_response(self, head: RequestHead, response: Response) -> None:
-        if response.tunnel is not None:
-            if response.status == 101 and head.upgrade is not None:
-                self._open_tunnel(response)
-                return
-            response.tunnel.abort()
-        transport = self.transport
-        if transport is None or self.closed:
-            response.discard()
-            raise ConnectionResetError("client closed the connection")
-        http10 = head.version == b"1.0"
-        if head.upgrade is not None:
-            self.close_after = True  # an upgrade refused: don't parse what the client sends next
-        send_body = response.has_body and head.method != b"HEAD"
-        length = response.content_length
-        chunked = send_body and length is None and not http10
-        close = self.close_after or self.state.draining or (send_body and length is None and http10)
-        if not self.request_complete:
-            close = True  # the client is still sending a body nobody will read
-        if close:
-            self.close_after = True
-        self.response_started = True
-        head_bytes = serialize.response_head(
-            response.status,
-            response.reason,
-            response.headers,
-            version=head.version,
-            content_length=length,
-            chunked=chunked,
-            close=close,
-            parsed=response.endpoint is not None,  # an upstream's head, from our parser
-        )
-        if not send_body:
-            transport.write(head_bytes)
-            if response.has_body:
-                response.discard()  # a HEAD: the upstream's body (if any) is not forwarded
-            return
-        first = True
-        body = response.body
-        try:
-            while True:
-                data = await body.read()
-                if not data:
-                    break
-                out = serialize.chunk(data) if chunked else data
-                if first:
-                    out = head_bytes + out
-                    first = False
-                transport.write(out)
-                if self.write_paused:
-                    await self.drain()
-        except BaseException:
-            response.discard()  # cut short: its upstream connection closes, never half-read
-            raise
-        if first:
-            transport.write(head_bytes + serialize.LAST_CHUNK if chunked else head_bytes)
-        elif chunked:
-            transport.write(serialize.LAST_CHUNK)
-
-    def _open_tunnel(self, response: Response) -> None:
+    def _open_tunnel(self, response: Response, upgrade: bytes) -> None:
         tunnel = response.tunnel
         assert tunnel is not None and self.transport is not None
         self.response_started = True
         self.close_after = True
-        upgrade = self.cycle_head.upgrade if self.cycle_head is not None else None
         self.transport.write(
             serialize.response_head(
                 101,
                 response.reason,
-                [(b"connection", b"upgrade"), (b"upgrade", upgrade or b""), *response.headers],
+                [(b"connection", b"upgrade"), (b"upgrade", upgrade), *response.headers],
                 version=b"1.1",
                 content_length=None,
                 chunked=False,
@@ -586,28 +502,18 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
         if self.transport is not None and not self.response_started and not self.closed:
             self.transport.write(serialize.informational(100, b"Continue"))
 
-    def _cycle_done(self) -> None:
-        self.task = None
-        self.cycle_head = None
+    def _cycle_done(self, cycle: _Cycle) -> None:
+        if self.cycle is not cycle:
+            return
+        self.cycle = None
         if self.phase == TUNNEL:
             return
-        if self.close_after or self.closed:
-            self._finish_connection()
-            return
-        if not self.request_complete:
+        if self.close_after or self.closed or not self.request_complete:
+            # (a request whose body was not read to its end leaves the connection unusable)
             self._finish_connection()
             return
         self._set_phase(IDLE)
-        if self.pending:
-            pending, self.pending = self.pending, deque()
-            self._set_phase(HEADERS)
-            self._process(pending)
-            if not self.pending and (self.task is None or not self.request_complete):
-                # Nothing more queued; the request now in flight may still be receiving its
-                # body, which must be read (a request after it is held back on arrival).
-                self._resume("pipeline")
-        else:
-            self._resume("pipeline")
+        self._process()
 
     def _finish_connection(self) -> None:
         self.closed = True
@@ -653,17 +559,301 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             self.body_failure = (status, reason)
             self.body.fail(BodyReset(reason))
             self.body = None
-        if self.task is None:
+        if self.cycle is None:
             self._refuse(status, reason)
         else:
             self.close_after = True
 
     def close_when_idle(self) -> None:
         self.close_after = True
-        if self.task is None and self.phase in (IDLE, HEADERS) and not self.pending:
+        if self.cycle is None and self.phase in (IDLE, HEADERS) and not self.pending:
             self._finish_connection()
 
     def abort(self) -> None:
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
+
+
+_DC = Flag.DOWNSTREAM_DISCONNECT.value
+_UC = Flag.UPSTREAM_RESET.value
+_UT = Flag.UPSTREAM_TIMEOUT.value
+
+
+class _Cycle:
+    """One request and its response on a connection: the reply of the route's handler.
+
+    It writes the response the handler replies with, the body as it arrives (head and a body
+    already in hand in one write), bounds the body by the request's deadline (the total timeout
+    covers the whole response, as Envoy's route timeout does), and tells the connection's
+    `completed` callback once, however the cycle ends. A reply that comes after the cycle ended
+    (its client gone, nothing interruptible waiting) is dropped, its response discarded.
+    """
+
+    __slots__ = (
+        "_chunked",
+        "_head_bytes",
+        "_timer",
+        "conn",
+        "decision",
+        "done",
+        "error",
+        "flags",
+        "head",
+        "replied",
+        "request",
+        "response",
+        "start",
+        "started",
+        "status",
+    )
+
+    def __init__(
+        self,
+        conn: DownstreamProtocol,
+        head: RequestHead,
+        decision: Decision | None,
+        request: Request | None,
+        start: float,
+        error: ProxyError | None,
+    ) -> None:
+        self.conn = conn
+        self.head = head
+        self.decision = decision
+        self.request = request
+        self.start = start  # on the loop's clock
+        self.error = error  # routing refused it: answered with this, no handler
+        self.started = False  # handed to its handler
+        self.replied = False
+        self.done = False
+        self.status = 0
+        self.flags = ""
+        self.response: Response | None = None
+        self._head_bytes: bytes | None = None  # the response head, until written
+        self._chunked = False
+        self._timer: Timer | None = None
+
+    def begin(self) -> None:
+        self.started = True
+        error = self.error
+        if error is not None or self.decision is None or self.request is None:
+            assert error is not None
+            self(error)
+            return
+        try:
+            self.decision.handler(self.request, self)
+        except Exception:
+            if not self.replied:
+                self._internal_error()
+            else:
+                log.exception("unexpected error serving %r", self.head.path)
+
+    # --- the reply -------------------------------------------------------------------------
+
+    def __call__(self, result: Result) -> None:
+        if self.replied or self.done:
+            if isinstance(result, Response):
+                result.discard()  # late: the cycle was answered already
+            return
+        self.replied = True
+        try:
+            if isinstance(result, Response):
+                self._respond(result)
+            else:
+                self._fail(result)
+        except Exception:
+            self._internal_error()
+
+    def _fail(self, error: ProxyError) -> None:
+        conn = self.conn
+        if isinstance(error, RequestBodyFailed | DownstreamGone):
+            failure = conn.body_failure
+            if failure is None or conn.closed:
+                self.status, self.flags = 499, _DC
+                self.finish()
+                return
+            # The sidecar cut the request body (timeout, bad chunk): the client is told why.
+            self.status, self.flags = failure[0], Flag.DOWNSTREAM_PROTOCOL_ERROR.value
+            reason = f"{failure[1]}\n".encode("ascii", "replace")
+            conn._write_local(
+                failure[0], Flag.DOWNSTREAM_PROTOCOL_ERROR, reason, self.head.version, close=True
+            )
+            self.finish()
+            return
+        status, flag, body = local_response(error)
+        self.status, self.flags = status, flag.value
+        conn._write_local(status, flag, body, self.head.version, close=conn.close_after)
+        self.finish()
+
+    def _respond(self, response: Response) -> None:
+        conn, head = self.conn, self.head
+        self.response = response
+        self.status = response.status
+        if response.flags:
+            self.flags = ",".join([f.value for f in response.flags])
+        if response.tunnel is not None:
+            if response.status == 101 and head.upgrade is not None:
+                conn._open_tunnel(response, head.upgrade)
+                self.finish()
+                return
+            response.tunnel.abort()
+        transport = conn.transport
+        if transport is None or conn.closed:
+            # Lost the client before a byte of the response: close it all.
+            response.discard()
+            self.flags = self.flags or _DC
+            conn.abort()
+            self.finish()
+            return
+        http10 = head.version == b"1.0"
+        if head.upgrade is not None:
+            conn.close_after = True  # an upgrade refused: don't parse what the client sends next
+        send_body = response.has_body and head.method != b"HEAD"
+        length = response.content_length
+        chunked = send_body and length is None and not http10
+        close = conn.close_after or conn.state.draining or (send_body and length is None and http10)
+        if not conn.request_complete:
+            close = True  # the client is still sending a body nobody will read
+        if close:
+            conn.close_after = True
+        conn.response_started = True
+        head_bytes = serialize.response_head(
+            response.status,
+            response.reason,
+            response.headers,
+            version=head.version,
+            content_length=length,
+            chunked=chunked,
+            close=close,
+            parsed=response.endpoint is not None,  # an upstream's head, from our parser
+        )
+        if not send_body:
+            transport.write(head_bytes)
+            if response.has_body:
+                response.discard()  # a HEAD: the upstream's body (if any) is not forwarded
+            self.finish()
+            return
+        self._head_bytes = head_bytes
+        self._chunked = chunked
+        self.pump()
+
+    # --- the response body -----------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Write what the body has now (with the head, the first time), then wait: for more
+        body (`notify`), or for the client to take our bytes (`drain_callback`)."""
+        response, conn = self.response, self.conn
+        if self.done or response is None:
+            return
+        transport = conn.transport
+        if transport is None or conn.closed:
+            self.client_gone()
+            return
+        body = response.body
+        out = self._head_bytes or b""
+        self._head_bytes = None
+        chunked = self._chunked
+        try:
+            while True:
+                data = body.take()
+                if data is None:
+                    break
+                if not data:
+                    if chunked:
+                        out += serialize.LAST_CHUNK
+                    transport.write(out)
+                    self.finish()
+                    return
+                data = serialize.chunk(data) if chunked else data
+                out = out + data if out else data
+        except BodyReset:
+            # Lost the upstream mid-response: the client saw a truncated message; close it.
+            if out:
+                transport.write(out)
+            self.flags = self.flags or _UC
+            response.discard()
+            conn.abort()
+            self.finish()
+            return
+        except Exception:
+            response.discard()
+            raise
+        if out:
+            transport.write(out)
+        if conn.write_paused:
+            conn.drain_callback = self.pump
+        else:
+            body.notify(self.pump)
+        deadline = self.request.deadline if self.request is not None else None
+        if deadline is not None and self._timer is None:
+            self._timer = call_at(deadline, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        # The total timeout covers the whole response (Envoy's route timeout), not only its
+        # head: a body still streaming at the deadline is cut (UT). The deadline is on the
+        # loop's clock (policy.clock.loop_time).
+        self._timer = None
+        if self.done or self.response is None:
+            return
+        self.flags = _UT
+        self.response.discard()
+        self.conn.abort()
+        self.finish()
+
+    # --- endings ---------------------------------------------------------------------------
+
+    def client_gone(self) -> None:
+        """The client connection is gone (lost, or cut off by the send timeout)."""
+        if self.done:
+            return
+        if not self.replied:
+            request = self.request
+            if self.started and request is not None:
+                gone = DownstreamGone("the client closed the connection")
+                if request.interrupt(gone, end=True):
+                    return  # the exchange replied (499 DC) through every layer
+            self.replied = True  # nothing interruptible waited: whatever comes later is dropped
+            self.status = 499
+            self.flags = _DC
+            self.finish()
+            return
+        if self.response is not None:
+            self.flags = f"{self.flags},{_DC}" if self.flags else _DC
+            self.response.discard()  # cut short: its upstream connection closes, never half-read
+        self.finish()
+
+    def _internal_error(self) -> None:
+        log.exception("unexpected error serving %r", self.head.path)
+        self.replied = True
+        self.status, self.flags = 500, Flag.UPSTREAM_PROTOCOL_ERROR.value
+        conn = self.conn
+        if self.response is not None:
+            self.response.discard()
+        if not conn.response_started:
+            conn._write_local(
+                500,
+                Flag.UPSTREAM_PROTOCOL_ERROR,
+                b"internal error\n",
+                self.head.version,
+                close=True,
+            )
+        else:
+            conn.abort()
+        self.finish()
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
+        conn = self.conn
+        if conn.drain_callback is not None:
+            conn.drain_callback = None
+        if conn.completed is not None:
+            conn.completed(
+                self.head, self.decision, self.status, self.flags, self.start, self.request
+            )
+        conn._cycle_done(self)
