@@ -10,6 +10,9 @@ never early.
     ...
     timer.cancel()  # before it fired: it never will
 
+A hot path arms its own per-request object instead (a `Deadline`, with `running_wheel().arm`):
+one object per request and timeout, not two.
+
 A timer is a plain callback, not a task cancellation: the policy layers run as callbacks (see
 `sidecar/exchange.py`), and the callback decides what the deadline interrupts.
 """
@@ -23,18 +26,31 @@ import weakref
 from collections.abc import Callable
 
 TICK = 0.005  # seconds: timeouts are configured in milliseconds; 5 ms late is fine
+_TICKS_PER_SECOND = 1 / TICK
 
 
-class Timer:
-    """One armed deadline."""
+class Deadline:
+    """What the wheel holds: `expire()` is called once, at the time it was armed for or up to a
+    tick later, unless it was disarmed first. The timeout layers' per-request objects are
+    deadlines themselves (no separate timer object per request)."""
 
-    __slots__ = ("_bucket", "_callback", "_wheel", "when")
+    __slots__ = ("_tick",)
 
-    def __init__(self, wheel: _Wheel, when: float, callback: Callable[[], None]) -> None:
+    _tick: int  # the wheel's bucket, set when armed
+
+    def expire(self) -> None:
+        raise NotImplementedError
+
+
+class Timer(Deadline):
+    """One armed callback (`call_at`)."""
+
+    __slots__ = ("_callback", "_wheel", "when")
+
+    def __init__(self, wheel: Wheel, when: float, callback: Callable[[], None]) -> None:
         self._wheel = wheel
         self.when = when
         self._callback: Callable[[], None] | None = callback
-        self._bucket = -1
 
     @property
     def pending(self) -> bool:
@@ -46,40 +62,44 @@ class Timer:
             self._callback = None
             self._wheel.disarm(self)
 
-    def _fire(self) -> None:
+    def expire(self) -> None:
         callback = self._callback
         if callback is not None:
             self._callback = None
             callback()
 
 
-class _Wheel:
-    """Buckets of timers by tick, and one loop timer for the earliest bucket."""
+class Wheel:
+    """Buckets of deadlines by tick, and one loop timer for the earliest bucket."""
 
     __slots__ = ("_buckets", "_handle", "_handle_tick", "_loop", "_ticks")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._buckets: dict[int, set[Timer]] = {}
+        self._buckets: dict[int, set[Deadline]] = {}
         self._ticks: list[int] = []  # heap of bucket ticks (one entry per bucket)
         self._handle: asyncio.TimerHandle | None = None
         self._handle_tick = -1
 
-    def arm(self, timer: Timer) -> None:
-        tick = math.ceil(timer.when / TICK)
+    def arm(self, deadline: Deadline, when: float) -> None:
+        """`deadline.expire()` at `when` (the loop's time) or up to a tick later, never before."""
+        tick = math.ceil(when * _TICKS_PER_SECOND)
+        deadline._tick = tick
         bucket = self._buckets.get(tick)
         if bucket is None:
             bucket = self._buckets[tick] = set()
             heapq.heappush(self._ticks, tick)
             if self._handle is None or tick < self._handle_tick:
                 self._schedule(tick)
-        bucket.add(timer)
-        timer._bucket = tick
+        bucket.add(deadline)
 
-    def disarm(self, timer: Timer) -> None:
-        bucket = self._buckets.get(timer._bucket)
+    def loop_time(self) -> float:
+        return self._loop.time()
+
+    def disarm(self, deadline: Deadline) -> None:
+        bucket = self._buckets.get(deadline._tick)
         if bucket is not None:
-            bucket.discard(timer)  # an empty bucket is dropped when its tick comes
+            bucket.discard(deadline)  # an empty bucket is dropped when its tick comes
 
     def _schedule(self, tick: int) -> None:
         if self._handle is not None:
@@ -89,12 +109,12 @@ class _Wheel:
 
     def _run(self) -> None:
         self._handle = None
-        now_tick = math.floor(self._loop.time() / TICK)
+        now_tick = math.floor(self._loop.time() * _TICKS_PER_SECOND)
         ticks = self._ticks
         while ticks and ticks[0] <= now_tick:
-            for timer in self._buckets.pop(heapq.heappop(ticks), ()):
+            for deadline in self._buckets.pop(heapq.heappop(ticks), ()):
                 try:
-                    timer._fire()
+                    deadline.expire()
                 except Exception as exc:  # one failing callback must not cost the others theirs
                     self._loop.call_exception_handler(
                         {"message": "deadline callback failed", "exception": exc}
@@ -106,20 +126,26 @@ class _Wheel:
             self._schedule(ticks[0])
 
 
-_wheels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Wheel] = weakref.WeakKeyDictionary()
-_last_wheel: _Wheel | None = None  # the wheel of the loop that asked last: skips the weak dict
+_wheels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Wheel] = weakref.WeakKeyDictionary()
+_last_wheel: Wheel | None = None  # the wheel of the loop that asked last: skips the weak dict
 
 
-def call_at(when: float, callback: Callable[[], None]) -> Timer:
-    """Call `callback` at `when` (the running loop's time), or up to a tick later."""
+def running_wheel() -> Wheel:
+    """The running loop's wheel."""
     global _last_wheel
     loop = asyncio.get_running_loop()
     wheel = _last_wheel
     if wheel is None or wheel._loop is not loop:
         wheel = _wheels.get(loop)
         if wheel is None:
-            wheel = _wheels[loop] = _Wheel(loop)
+            wheel = _wheels[loop] = Wheel(loop)
         _last_wheel = wheel
+    return wheel
+
+
+def call_at(when: float, callback: Callable[[], None]) -> Timer:
+    """Call `callback` at `when` (the running loop's time), or up to a tick later."""
+    wheel = running_wheel()
     timer = Timer(wheel, when, callback)
-    wheel.arm(timer)
+    wheel.arm(timer, when)
     return timer

@@ -1,11 +1,11 @@
 """Timeouts: the total request timeout and the per-attempt timeout.
 
-- `TotalTimeout` sets `Request.deadline` (the earlier of its own and one already set) and arms a
-  timer (`deadline.call_at`) for it. When the timer fires, the request is interrupted and ended
-  (`Request.interrupt(..., end=True)`): whatever it waits for (an attempt, a backoff, a connect)
-  stops and replies with the timeout's error, which every layer below sees on its way back (the
-  forwarder closes its upstream connection, the breaker records a timeout, the retry layer
-  starts nothing more), and the client gets 504 flag UT.
+- `TotalTimeout` sets `Request.deadline` (the earlier of its own and one already set) and arms
+  its per-request reply on the deadline wheel (`deadline.running_wheel`). When it fires, the
+  request is interrupted and ended (`Request.interrupt(..., end=True)`): whatever it waits for
+  (an attempt, a backoff, a connect) stops and replies with the timeout's error, which every
+  layer below sees on its way back (the forwarder closes its upstream connection, the breaker
+  records a timeout, the retry layer starts nothing more), and the client gets 504 flag UT.
 - `PerTryTimeout` sits inside the retry layer and bounds one attempt; the attempt's deadline is
   visible to the forwarder as `Request.deadline` for the duration of the attempt. A fired
   per-try timeout interrupts the attempt with an `UpstreamTimeoutError`, which the classifier
@@ -18,14 +18,13 @@ is built when no timeout is configured.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from sidecar.config import ServiceConfig
 from sidecar.exchange import Handler, Reply, Request, Response, Result
 from sidecar.flags import Flag, ProxyError
-from sidecar.policy.clock import Clock
-from sidecar.policy.deadline import Timer, call_at
+from sidecar.policy.clock import Clock, loop_time
+from sidecar.policy.deadline import Deadline, Wheel, running_wheel
 from sidecar.policy.stats import ServiceStats
 
 
@@ -53,66 +52,59 @@ class TimeoutConfig:
 class _Bounded:
     """A layer that bounds its inner handler by `timeout` seconds."""
 
-    __slots__ = ("_clock", "_inner", "_stats", "_timeout")
+    __slots__ = ("_clock", "_inner", "_on_loop", "_stats", "_timeout")
 
     def __init__(self, timeout: float, inner: Handler, clock: Clock, stats: ServiceStats) -> None:
         self._timeout = timeout
         self._inner = inner
         self._clock = clock
+        self._on_loop = clock is loop_time  # deadlines are on the loop's clock already
         self._stats = stats
 
 
-class _Timed:
-    """One bounded call: the reply the layer gave the layer below, and the timer.
+class _Timed(Deadline):
+    """One bounded call: the reply the layer gave the layer below, armed on the wheel itself.
 
     On expiry it interrupts what the request waits for, and the interrupted wait replies with
     the timeout's error through the layers below. If nothing was waiting (a layer below that
     does not hold its wait interruptibly), it replies itself and drops what comes later, so the
-    deadline bounds the request whatever the layers below do.
+    deadline bounds the request whatever the layers below do. The error is made only when the
+    deadline fires: most requests never need it.
     """
 
-    __slots__ = ("_error", "_outer", "_per_try", "_reply", "_req", "_stats", "answered", "timer")
+    __slots__ = ("_layer", "_reply", "_req", "_wheel")
 
-    def __init__(
-        self,
-        req: Request,
-        reply: Reply,
-        error: UpstreamTimeoutError,
-        stats: ServiceStats,
-        *,
-        per_try: bool,
-    ) -> None:
+    def __init__(self, layer: _Bounded, req: Request, reply: Reply, wheel: Wheel) -> None:
+        self._layer = layer
         self._req = req
-        self._reply = reply
-        self._error = error  # what the timer interrupts with
-        self._stats = stats
-        self._per_try = per_try  # ends only the attempt; the total timeout ends the request
-        self._outer = req.deadline  # restored after an attempt
-        self.answered = False
-        self.timer: Timer | None = None
-
-    def expire(self) -> None:
-        self.timer = None
-        if not self.answered and not self._req.interrupt(self._error, end=not self._per_try):
-            self(self._error)
+        self._reply: Reply | None = reply
+        self._wheel = wheel
 
     def __call__(self, result: Result) -> None:
-        if self.answered:
+        reply = self._reply
+        if reply is None:
             if isinstance(result, Response):
                 result.discard()  # too late: the deadline was answered already
             return
-        self.answered = True
-        timer = self.timer
-        if timer is not None:
-            timer.cancel()
-        if self._per_try:
-            self._req.deadline = self._outer
-        if result is self._error:
-            if self._per_try:
-                self._stats.per_try_timeouts += 1
-            else:
-                self._stats.timeouts += 1
-        self._reply(result)
+        self._reply = None
+        self._wheel.disarm(self)
+        self._done()
+        reply(result)
+
+    def _done(self) -> None:
+        return None
+
+    def expire(self) -> None:
+        if self._reply is None:
+            return
+        error = self._fired()
+        if not self._req.interrupt(error, end=self._ends_request):
+            self(error)
+
+    _ends_request = True
+
+    def _fired(self) -> UpstreamTimeoutError:
+        raise NotImplementedError
 
 
 class TotalTimeout(_Bounded):
@@ -129,11 +121,19 @@ class TotalTimeout(_Bounded):
             self._stats.timeouts += 1
             reply(UpstreamTimeoutError("deadline passed before the request started"))
             return
-        error = UpstreamTimeoutError(f"request timeout of {self._timeout:g}s exceeded")
-        call = _Timed(req, reply, error, self._stats, per_try=False)
-        # Armed relative to the loop's clock, like asyncio.timeout, on the shared wheel.
-        call.timer = call_at(asyncio.get_running_loop().time() + remaining, call.expire)
+        wheel = running_wheel()
+        call = _Total(self, req, reply, wheel)
+        # On the loop's clock, like asyncio.timeout, on the shared wheel.
+        wheel.arm(call, deadline if self._on_loop else wheel.loop_time() + remaining)
         self._inner(req, call)
+
+
+class _Total(_Timed):
+    __slots__ = ()
+
+    def _fired(self) -> UpstreamTimeoutError:
+        self._layer._stats.timeouts += 1
+        return UpstreamTimeoutError(f"request timeout of {self._layer._timeout:g}s exceeded")
 
 
 class PerTryTimeout(_Bounded):
@@ -146,8 +146,24 @@ class PerTryTimeout(_Bounded):
             # The total timeout fires first; a second timer would only cost.
             self._inner(req, reply)
             return
-        error = UpstreamTimeoutError(f"per-try timeout of {self._timeout:g}s exceeded")
-        call = _Timed(req, reply, error, self._stats, per_try=True)
+        wheel = running_wheel()
+        call = _PerTry(self, req, reply, wheel)
+        call.outer = outer
         req.deadline = deadline
-        call.timer = call_at(asyncio.get_running_loop().time() + self._timeout, call.expire)
+        wheel.arm(call, deadline if self._on_loop else wheel.loop_time() + self._timeout)
         self._inner(req, call)
+
+
+class _PerTry(_Timed):
+    __slots__ = ("outer",)
+
+    _ends_request = False  # only the attempt: the retry layer may try again
+
+    outer: float | None  # the request's deadline around this attempt, restored after it
+
+    def _done(self) -> None:
+        self._req.deadline = self.outer
+
+    def _fired(self) -> UpstreamTimeoutError:
+        self._layer._stats.per_try_timeouts += 1
+        return UpstreamTimeoutError(f"per-try timeout of {self._layer._timeout:g}s exceeded")
