@@ -209,33 +209,28 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             self.close_after = True
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = self.loop.time()
+        now = self.last_activity = self.loop.time()
         if self.tunnel_upstream is not None:
             self.tunnel_upstream(data)
             return
         if self.phase == IDLE:
             self.phase = HEADERS
-            self.phase_since = self.last_activity
+            self.phase_since = now
         events = self.parser.feed(data)
-        if self.cycle is not None and self.request_complete:
-            # A response is on its way: what follows waits its turn, unread.
-            self.pending.extend(events)
-            self._pause("pipeline")
-            return
-        if (
-            len(events) == 2
-            and not self.pending
-            and self.cycle is None
-            and type(events[1]) is EndOfMessage
-            and type(events[0]) is RequestHead
-        ):
-            # The common case, one request without a body: no queue to go through.
-            self._start_cycle(events[0])
-            self._end_of_request()
-            cycle = self.cycle
-            if cycle is not None:
+        if self.cycle is not None:
+            if self.request_complete:
+                # A response is on its way: what follows waits its turn, unread.
+                self.pending.extend(events)
+                self._pause("pipeline")
+                return
+        elif len(events) == 2 and not self.pending:
+            head, end = events
+            if type(head) is RequestHead and type(end) is EndOfMessage and not head.chunked:
+                # The common case, one whole request without a body: no queue to go through.
+                cycle = self._start_cycle(head, now)
+                self.request_complete = True
                 cycle.begin()
-            return
+                return
         self.pending.extend(events)
         self._process()
 
@@ -302,7 +297,7 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
                         self.body.feed(cast(Data, event).data)
                         self.last_activity = self.loop.time()
                 elif kind is RequestHead:
-                    self._start_cycle(cast(RequestHead, event))
+                    self._start_cycle(cast(RequestHead, event), self.loop.time())
                 elif kind is EndOfMessage:
                     self._end_of_request()
                 else:
@@ -325,17 +320,16 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             self.body.finish()
             self.body = None
         if self.phase == BODY:
-            self._set_phase(WAITING)
+            self.phase = WAITING
 
-    def _start_cycle(self, head: RequestHead) -> None:
+    def _start_cycle(self, head: RequestHead, now: float) -> _Cycle:
         self.request_complete = False
         self.response_started = False
         self.body_failure = None
         if not head.keep_alive:
             self.close_after = True
-        start = self.loop.time()
         body: RequestBody
-        if head.chunked or (head.content_length is not None and head.content_length > 0):
+        if head.chunked or head.content_length:
             body = self.body = BodyStream(
                 head.content_length,
                 lambda: self._pause("body"),
@@ -343,10 +337,10 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
                 keep_limit=self.state.settings.retry_buffer,
                 on_first_read=self._send_continue if head.expect_continue else None,
             )
-            self._set_phase(BODY)
+            self.phase = BODY  # timed from the last byte (last_activity)
         else:
             body = EMPTY_BODY
-            self._set_phase(WAITING)
+            self.phase = WAITING  # not timed here: the policy's timeouts are
         headers = head.headers
         request_id = None
         mesh_headers = False
@@ -366,19 +360,21 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
         try:
             decision = self.dispatch(head)
         except ProxyError as error:
-            self.cycle = _Cycle(self, head, None, None, start, error)
-            return
+            cycle = self.cycle = _Cycle(self, head, None, None, now)
+            cycle.error = error
+            return cycle
         request = Request(
             head.method,
             head.path,
             head.authority,
             headers,
             body,
-            version=head.version,
-            upgrade=head.upgrade,
-            service=decision.service,
+            head.version,
+            head.upgrade,
+            decision.service,
         )
-        self.cycle = _Cycle(self, head, decision, request, start, None)
+        cycle = self.cycle = _Cycle(self, head, decision, request, now)
+        return cycle
 
     def _reject(self, event: Reject) -> None:
         # docs/hardening.md rule 6: after a rejected request nothing more is parsed or forwarded.
@@ -427,7 +423,7 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             )
         )
         transport = self.transport
-        self._set_phase(TUNNEL)
+        self.phase = TUNNEL  # timed from the last byte either way (last_activity)
         # Each side's EOF is passed on as a half-close; once both sides are done, or one is
         # gone, both connections close after sending what they hold (neither closes by itself:
         # an asyncio transport that returned True from eof_received stays open).
@@ -512,8 +508,12 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             # (a request whose body was not read to its end leaves the connection unusable)
             self._finish_connection()
             return
-        self._set_phase(IDLE)
-        self._process()
+        self.phase = IDLE
+        self.phase_since = self.loop.time()
+        if self.pending:
+            self._process()
+        elif self.read_paused_by:
+            self._resume("pipeline")
 
     def _finish_connection(self) -> None:
         self.closed = True
@@ -532,10 +532,6 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             self.read_paused_by.discard(reason)
             if not self.read_paused_by and self.transport is not None and not self.closed:
                 self.transport.resume_reading()
-
-    def _set_phase(self, phase: int) -> None:
-        self.phase = phase
-        self.phase_since = self.loop.time()
 
     def check_timeouts(self, now: float) -> None:
         settings = self.state.settings
@@ -592,7 +588,6 @@ class _Cycle:
 
     __slots__ = (
         "_chunked",
-        "_head_bytes",
         "_timer",
         "conn",
         "decision",
@@ -615,33 +610,31 @@ class _Cycle:
         decision: Decision | None,
         request: Request | None,
         start: float,
-        error: ProxyError | None,
     ) -> None:
         self.conn = conn
         self.head = head
         self.decision = decision
         self.request = request
         self.start = start  # on the loop's clock
-        self.error = error  # routing refused it: answered with this, no handler
+        self.error: ProxyError | None = None  # routing refused it: answered with this
         self.started = False  # handed to its handler
         self.replied = False
         self.done = False
         self.status = 0
         self.flags = ""
         self.response: Response | None = None
-        self._head_bytes: bytes | None = None  # the response head, until written
-        self._chunked = False
         self._timer: Timer | None = None
 
     def begin(self) -> None:
         self.started = True
-        error = self.error
-        if error is not None or self.decision is None or self.request is None:
+        decision, request = self.decision, self.request
+        if decision is None or request is None:
+            error = self.error
             assert error is not None
             self(error)
             return
         try:
-            self.decision.handler(self.request, self)
+            decision.handler(request, self)
         except Exception:
             if not self.replied:
                 self._internal_error()
@@ -705,23 +698,25 @@ class _Cycle:
             conn.abort()
             self.finish()
             return
-        http10 = head.version == b"1.0"
+        version = head.version
         if head.upgrade is not None:
             conn.close_after = True  # an upgrade refused: don't parse what the client sends next
         send_body = response.has_body and head.method != b"HEAD"
         length = response.content_length
-        chunked = send_body and length is None and not http10
-        close = conn.close_after or conn.state.draining or (send_body and length is None and http10)
-        if not conn.request_complete:
-            close = True  # the client is still sending a body nobody will read
-        if close:
+        chunked = send_body and length is None and version != b"1.0"
+        close = conn.close_after or conn.state.draining
+        if (send_body and length is None and not chunked) or not conn.request_complete:
+            # An HTTP/1.0 body of unknown length ends with the connection; a client still
+            # sending a body nobody will read cannot send another request.
+            close = conn.close_after = True
+        elif close:
             conn.close_after = True
         conn.response_started = True
         head_bytes = serialize.response_head(
             response.status,
             response.reason,
             response.headers,
-            version=head.version,
+            version=version,
             content_length=length,
             chunked=chunked,
             close=close,
@@ -733,15 +728,14 @@ class _Cycle:
                 response.discard()  # a HEAD: the upstream's body (if any) is not forwarded
             self.finish()
             return
-        self._head_bytes = head_bytes
         self._chunked = chunked
-        self.pump()
+        self.pump(head_bytes)
 
     # --- the response body -----------------------------------------------------------------
 
-    def pump(self) -> None:
-        """Write what the body has now (with the head, the first time), then wait: for more
-        body (`notify`), or for the client to take our bytes (`drain_callback`)."""
+    def pump(self, out: bytes = b"") -> None:
+        """Write what the body has now (after `out`: the head, the first time), then wait: for
+        more body (`notify`), or for the client to take our bytes (`drain_callback`)."""
         response, conn = self.response, self.conn
         if self.done or response is None:
             return
@@ -750,8 +744,6 @@ class _Cycle:
             self.client_gone()
             return
         body = response.body
-        out = self._head_bytes or b""
-        self._head_bytes = None
         chunked = self._chunked
         try:
             while True:
@@ -759,12 +751,11 @@ class _Cycle:
                 if data is None:
                     break
                 if not data:
-                    if chunked:
-                        out += serialize.LAST_CHUNK
-                    transport.write(out)
+                    transport.write(out + serialize.LAST_CHUNK if chunked else out)
                     self.finish()
                     return
-                data = serialize.chunk(data) if chunked else data
+                if chunked:
+                    data = serialize.chunk(data)
                 out = out + data if out else data
         except BodyReset:
             # Lost the upstream mid-response: the client saw a truncated message; close it.

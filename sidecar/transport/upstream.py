@@ -105,7 +105,7 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         self.idle_since = 0.0
         # How long it may wait in the pool: the idle_timeout of the service it served last
         # (xDS common_http_protocol_options.idle_timeout); 0 keeps it until the peer closes it.
-        self.idle_timeout = 60.0
+        self.idle_timeout = pool.upstreams.idle_timeout  # until a service's request sets its own
         self.last_activity = 0.0
         # Set on a 101: bytes from upstream go here instead of the parser.
         self.tunnel: Callable[[bytes], None] | None = None
@@ -167,19 +167,17 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
 
     # --- exchange ------------------------------------------------------------------------
 
-    def exchange(self, req: Request, reply: Reply, *, reused: bool) -> None:
+    def exchange(self, req: Request, reply: Reply, reused: bool) -> None:
         """Send `req` and reply with the response head (or the error) when it comes."""
         self.busy = True
-        self.request_sent = False
-        self.got_bytes = False
+        self.request_sent = self.got_bytes = False
         self.body = None
         self.reused = reused
-        method = req.method
         parser = self._idle_parser
         if parser is None:
-            parser = self._idle_parser = ResponseParser(method)
+            parser = self._idle_parser = ResponseParser(req.method)
         else:
-            parser.reset(method)
+            parser.reset(req.method)
         self._parser = parser
         self.reply = reply
         self.request = req
@@ -286,23 +284,27 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         """The common case, a final response whose head and body came in one read: hand them
         over as one in-memory body (no BodyStream, no flow control to arrange)."""
         head, data, end = events
+        reply = self.reply
         if (
             type(head) is not ResponseHead
             or type(data) is not Data
             or type(end) is not EndOfMessage
             or head.status < 200
-            or self.reply is None
+            or reply is None
         ):
             return False
-        reply, _ = self._take_exchange()
+        request = self.request
+        assert request is not None
+        self.reply = self.request = None
+        request.on_interrupt = None
         response = Response(
             head.status,
             head.reason,
             head.headers,
             BytesBody(data.data),
             self.endpoint,
-            content_length=head.content_length,
-            has_body=head.has_body,
+            head.content_length,
+            head.has_body,
         )
         self._exchange_done()  # pooled before the reply: the next request may use it at once
         reply(response)
@@ -373,9 +375,9 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
                 head.headers,
                 body if body is not None else EMPTY_BODY,
                 self.endpoint,
-                content_length=head.content_length,
-                has_body=head.has_body,
-                tunnel=self if head.upgrade is not None else None,
+                head.content_length,
+                head.has_body,
+                self if head.upgrade is not None else None,
             )
         )
 
@@ -386,7 +388,8 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         self.busy = False
         self._parser = None
         if parser is not None and parser.reusable and self.request_sent and not self.closed:
-            self.pool.release(self)
+            self.idle_since = self.pool.clock()
+            self.pool.idle.append(self)  # EndpointPool.release, inline
         else:
             self.abort()
 
@@ -417,7 +420,7 @@ async def open_connection(
 class EndpointPool:
     """Idle keep-alive connections to one endpoint (most recently used first)."""
 
-    __slots__ = ("clock", "connect", "connecting", "endpoint", "idle", "in_use", "upstreams")
+    __slots__ = ("clock", "connect", "connecting", "connections", "endpoint", "idle", "upstreams")
 
     def __init__(self, upstreams: Upstreams, endpoint: Endpoint) -> None:
         self.upstreams = upstreams
@@ -425,20 +428,17 @@ class EndpointPool:
         self.clock = upstreams.clock
         self.connect = upstreams.connect
         self.idle: list[UpstreamConnection] = []
-        self.in_use: set[UpstreamConnection] = set()
+        self.connections: set[UpstreamConnection] = set()  # open ones, idle or not
         self.connecting = 0
 
-    def take_idle(self) -> UpstreamConnection | None:
-        """The most recently used open idle connection, if any (no await on the hot path)."""
-        while self.idle:
-            conn = self.idle.pop()
-            if not conn.closed:
-                self.in_use.add(conn)
-                return conn
-        return None
+    @property
+    def in_use(self) -> set[UpstreamConnection]:
+        """The open connections not waiting in the pool (an exchange or a tunnel on them)."""
+        idle = set(self.idle)
+        return {conn for conn in self.connections if conn not in idle}
 
     async def open(self, connect_timeout: float) -> UpstreamConnection:
-        """A new connection, ready for one exchange (counted in use)."""
+        """A new connection, ready for one exchange."""
         self.connecting += 1
         try:
             async with asyncio.timeout(connect_timeout):
@@ -456,16 +456,16 @@ class EndpointPool:
             ) from None
         finally:
             self.connecting -= 1
-        self.in_use.add(protocol)
+        if not protocol.closed:
+            self.connections.add(protocol)
         return protocol
 
     def release(self, conn: UpstreamConnection) -> None:
-        self.in_use.discard(conn)
         conn.idle_since = self.clock()
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
-        self.in_use.discard(conn)
+        self.connections.discard(conn)
         with contextlib.suppress(ValueError):
             self.idle.remove(conn)
 
@@ -473,7 +473,7 @@ class EndpointPool:
         """Close idle connections past their own idle timeout and stalled exchanges."""
         for conn in [c for c in self.idle if 0 < c.idle_timeout < now - c.idle_since]:
             conn.abort()
-        for conn in [c for c in self.in_use if now - c.last_activity > stream_idle_timeout]:
+        for conn in [c for c in self.connections if now - c.last_activity > stream_idle_timeout]:
             if conn.busy:
                 conn.abort()
 
@@ -522,13 +522,16 @@ class Upstreams:
         pool = self.pools.get(endpoint)
         if pool is None:
             pool = self.pool(endpoint)
-        conn = pool.take_idle()
-        if conn is None:
-            self.connect_and_exchange(pool, req, reply)
-            return
-        service = req.service
-        conn.idle_timeout = service.idle_timeout if service is not None else self.idle_timeout
-        conn.exchange(req, reply, reused=True)
+        idle = pool.idle
+        while idle:  # the most recently used open idle connection
+            conn = idle.pop()
+            if not conn.closed:
+                service = req.service
+                if service is not None:
+                    conn.idle_timeout = service.idle_timeout
+                conn.exchange(req, reply, True)
+                return
+        self.connect_and_exchange(pool, req, reply)
 
     def connect_and_exchange(self, pool: EndpointPool, req: Request, reply: Reply) -> None:
         """No idle connection: open one (a task), counted against the service's
@@ -606,7 +609,7 @@ class _Connecting:
             pool.release(conn)
             return
         req.on_interrupt = None
-        conn.exchange(req, reply, reused=False)
+        conn.exchange(req, reply, False)
 
     def _answer(self, error: ProxyError) -> None:
         reply, self._reply = self._reply, None
