@@ -332,8 +332,8 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
         if head.chunked or head.content_length:
             body = self.body = BodyStream(
                 head.content_length,
-                lambda: self._pause("body"),
-                lambda: self._resume("body"),
+                self._pause_body,
+                self._resume_body,
                 keep_limit=self.state.settings.retry_buffer,
                 on_first_read=self._send_continue if head.expect_continue else None,
             )
@@ -521,6 +521,12 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             self.transport.close()
 
     # --- flow control and time limits -----------------------------------------------------
+
+    def _pause_body(self) -> None:
+        self._pause("body")
+
+    def _resume_body(self) -> None:
+        self._resume("body")
 
     def _pause(self, reason: str) -> None:
         if not self.read_paused_by and self.transport is not None and not self.closed:

@@ -591,19 +591,18 @@ class _Connecting:
         try:
             conn = await pool.open(timeout)
         except ProxyError as error:
+            self._free_slot()  # before the reply: a retry may connect again at once
             self._answer(error)
             return
         except Exception as exc:  # not an error we know: say so, never hang the request
             log.exception("connecting to %s failed unexpectedly", pool.endpoint)
-            self._answer(
-                UpstreamError(Flag.UPSTREAM_PROTOCOL_ERROR, f"internal error: {exc!r}", 500)
-            )
-            return
-        finally:
             self._free_slot()
-        conn.idle_timeout = (
-            service.idle_timeout if service is not None else self._upstreams.idle_timeout
-        )
+            internal = UpstreamError(Flag.UPSTREAM_PROTOCOL_ERROR, f"internal error: {exc!r}", 500)
+            self._answer(internal)
+            return
+        self._free_slot()
+        if service is not None:
+            conn.idle_timeout = service.idle_timeout
         reply, self._reply = self._reply, None
         if reply is None:  # interrupted while connecting: keep the connection for the next
             pool.release(conn)

@@ -121,6 +121,37 @@ async def test_bytes_from_an_idle_pooled_connection_close_it() -> None:
     assert idle(p) == []
 
 
+# --- a connection reused from inside its own answer ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        answer(b"one"),  # head and body in one read: handed over whole
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\none\r\n0\r\n\r\n",
+    ],
+    ids=["whole", "chunked"],
+)
+async def test_a_pipelined_request_goes_on_the_connection_that_just_answered(first: bytes) -> None:
+    # The first answer is written to the client, and the second request sent upstream, from
+    # inside the upstream connection's data_received: the connection must be back in the pool
+    # (and its state reset) before anyone sees the first response.
+    p = proxy()
+    p.client.peer_sends(get(b"/one") + get(b"/two"))
+    upstream = await p.upstream(0)
+    upstream.peer_sends(first)
+
+    await until(lambda: upstream.written.endswith(sent_upstream(b"/two")))
+    assert upstream.written == sent_upstream(b"/one") + sent_upstream(b"/two")
+    upstream.peer_sends(answer(b"two"))
+    await until(lambda: p.client.written.endswith(answer(b"two")))
+    assert p.client.written.count(b"HTTP/1.1 200 OK") == 2
+    assert b"one" in p.client.written.partition(b"two")[0]
+    assert len(p.connector.opened) == 1
+    assert idle(p) == [upstream]
+    assert p.outcomes == [(200, ""), (200, "")]
+
+
 # --- bodiless responses (docs/hardening.md rule 9) ------------------------------------------------
 
 
