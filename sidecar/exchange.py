@@ -103,6 +103,11 @@ class ResponseBody(Protocol):
         failure); at once if it has now."""
         ...
 
+    def whole(self) -> bytes | None:
+        """Every byte of the body, when it has all arrived and none was taken yet; None
+        otherwise. The server's shortcut for a response that came whole."""
+        ...
+
     async def read(self) -> bytes:
         """The bytes received since the last read (waiting for some); b"" once the body ended.
 

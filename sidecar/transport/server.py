@@ -734,6 +734,16 @@ class _Cycle:
                 response.discard()  # a HEAD: the upstream's body (if any) is not forwarded
             self.finish()
             return
+        data = response.body.whole()
+        if data is not None:
+            # The whole body is here (most responses): one write, no waiting.
+            if chunked:
+                data = (
+                    serialize.chunk(data) + serialize.LAST_CHUNK if data else serialize.LAST_CHUNK
+                )
+            transport.write(head_bytes + data)
+            self.finish()
+            return
         self._chunked = chunked
         self.pump(head_bytes)
 

@@ -129,8 +129,34 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
             return
         self.got_bytes = True
         events = parser.feed(data)
-        if len(events) == 3 and self._whole_response(events):
-            return
+        if len(events) == 3:
+            head, body, end = events
+            reply = self.reply
+            if (
+                type(head) is ResponseHead
+                and type(body) is Data
+                and type(end) is EndOfMessage
+                and head.status >= 200
+                and reply is not None
+            ):
+                # The common case, a final response whose head and body came in one read:
+                # handed over as one in-memory body (no BodyStream, no flow control to arrange).
+                request = self.request
+                assert request is not None
+                self.reply = self.request = None
+                request.on_interrupt = None
+                response = Response(
+                    head.status,
+                    head.reason,
+                    head.headers,
+                    BytesBody(body.data),
+                    self.endpoint,
+                    head.content_length,
+                    head.has_body,
+                )
+                self._exchange_done()  # pooled before the reply: the next request may use it
+                reply(response)
+                return
         self._on_events(events)
 
     def eof_received(self) -> bool | None:
@@ -279,36 +305,6 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         pump, self.pump = self.pump, None
         if pump is not None and not pump.done():
             pump.cancel()
-
-    def _whole_response(self, events: list[ResponseEvent]) -> bool:
-        """The common case, a final response whose head and body came in one read: hand them
-        over as one in-memory body (no BodyStream, no flow control to arrange)."""
-        head, data, end = events
-        reply = self.reply
-        if (
-            type(head) is not ResponseHead
-            or type(data) is not Data
-            or type(end) is not EndOfMessage
-            or head.status < 200
-            or reply is None
-        ):
-            return False
-        request = self.request
-        assert request is not None
-        self.reply = self.request = None
-        request.on_interrupt = None
-        response = Response(
-            head.status,
-            head.reason,
-            head.headers,
-            BytesBody(data.data),
-            self.endpoint,
-            head.content_length,
-            head.has_body,
-        )
-        self._exchange_done()  # pooled before the reply: the next request may use it at once
-        reply(response)
-        return True
 
     def _on_events(self, events: list[ResponseEvent]) -> None:
         # The head is handed over after the body bytes that came with it were fed (so a
@@ -649,7 +645,9 @@ def _send_request(conn: UpstreamConnection, req: Request) -> None:
         parsed=True,  # every part came from our parser, plus our hex request id
     )
     if not length and not chunked:
-        conn.write(head)
+        transport = conn.transport
+        if transport is not None:
+            transport.write(head)
         conn.request_sent = True
         return
     data = body.whole()

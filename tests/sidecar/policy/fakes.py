@@ -91,6 +91,9 @@ class MemoryResponseBody:
     def notify(self, callback: Callable[[], None]) -> None:
         callback()  # always something to take
 
+    def whole(self) -> None:
+        return None  # modelled as still streaming until read
+
     async def read(self) -> bytes:
         return self.take()
 
