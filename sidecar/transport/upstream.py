@@ -384,8 +384,9 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         self.busy = False
         self._parser = None
         if parser is not None and parser.reusable and self.request_sent and not self.closed:
-            self.idle_since = self.pool.clock()
-            self.pool.idle.append(self)  # EndpointPool.release, inline
+            # EndpointPool.release, inline; its answer just came: no need to read the clock
+            self.idle_since = self.last_activity
+            self.pool.idle.append(self)
         else:
             self.abort()
 
