@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from sidecar.config import Endpoint, Snapshot
-from sidecar.exchange import Request, Response
+from sidecar.exchange import Reply, Request, Response
 from sidecar.policy.stack import ServiceRegistry, ServiceState
 from sidecar.protocol.events import RequestHead
 from sidecar.transport.body import BytesBody
@@ -226,7 +226,7 @@ class Admin:
     def dispatch(self, head: RequestHead) -> Decision:
         return Decision(self.handle, None, "admin")
 
-    async def handle(self, req: Request) -> Response:
+    def handle(self, req: Request, reply: Reply) -> None:
         path = req.path.split(b"?", 1)[0]
         page = self.pages.get(path)
         if page is None:
@@ -237,10 +237,12 @@ class Admin:
             status, ctype, body = _text(405, f"{path.decode()} takes {page.method.decode()}\n")
         else:
             status, ctype, body = page.render()
-        return Response(
-            status,
-            REASONS.get(status, b""),
-            [(b"content-type", ctype)],
-            BytesBody(body),
-            content_length=len(body),
+        reply(
+            Response(
+                status,
+                REASONS.get(status, b""),
+                [(b"content-type", ctype)],
+                BytesBody(body),
+                content_length=len(body),
+            )
         )

@@ -25,7 +25,7 @@ from mesh.model import Mesh, MeshError, load_mesh, parse_mesh
 from sidecar import admin
 from sidecar.config import ConfigError, Endpoint, Snapshot
 from sidecar.exchange import Request
-from sidecar.metrics import Metrics
+from sidecar.metrics import Metrics, Series
 from sidecar.policy.breaker import BreakerEvent
 from sidecar.policy.stack import ServiceRegistry
 from sidecar.protocol import implementation as codec
@@ -225,12 +225,12 @@ class Sidecar:
 
     def _completed(self, direction: str) -> Completed:
         """What a listener calls as each request cycle ends: metrics, and the access log."""
-        metrics = self.metrics
+        table = self.metrics.direction(direction)
         loop = asyncio.get_running_loop()
         access_log = self.access_log.record if self.settings.access_log else None
 
         def completed(
-            head: RequestHead,
+            head: RequestHead | None,
             decision: Decision | None,
             status: int,
             flags: str,
@@ -239,7 +239,10 @@ class Sidecar:
         ) -> None:
             duration = loop.time() - start
             destination = decision.name if decision is not None else "-"
-            metrics.request(direction, destination, status, flags, duration)
+            series = table.get(destination)
+            if series is None:
+                series = table[destination] = Series()
+            series.add(status, flags, duration)
             if access_log is not None:
                 access_log(direction, head, destination, status, flags, duration, request)
 

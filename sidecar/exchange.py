@@ -1,21 +1,58 @@
-"""One request cycle as the policy layers see it.
+"""One request cycle as the policy layers see it, and how they call each other.
 
-The server builds a `Request` from the parsed head; layers call each other with it and return a
-`Response` whose head is known and whose body has not been read yet. Nothing reaches the client
-until the outermost layer returns, so a layer may drop a response (`Response.discard`) and try
-again: a retry can never follow bytes already sent to the client.
+The server builds a `Request` from the parsed head and hands it to the route's handler with a
+`Reply`: the handler calls `reply` exactly once, with a `Response` whose head is known and whose
+body has not been read yet, or with the `ProxyError` that ends the attempt. Layers are plain
+callbacks, like Envoy's filter chain: a layer acts on the request on the way down (calls the
+layer below with its own reply, or replies at once), and on the result on the way back (its reply
+runs, then calls the reply it was given). Nothing reaches the client until the outermost reply
+runs, so a layer may drop a response (`Response.discard`) and try again: a retry can never
+follow bytes already sent to the client.
+
+No task, coroutine or future per request on the common path: a request that waits only for the
+network runs from the downstream protocol's `data_received`, down the layers to a pooled
+upstream connection's write, and back from that connection's `data_received` up to the client's
+write. A layer starts a task only when it must wait for something else (a retry's backoff, a new
+upstream connection, a request body that streams).
+
+Interruption: while a request waits, whoever holds the wait (the forwarder's exchange, a
+connect, a backoff) sets `Request.on_interrupt`; `Request.interrupt(error)` stops that wait and
+its holder replies with `error`, which then travels up through every layer like any other result
+(the breaker records a timeout, the balancer releases its counts). The timeouts interrupt with
+their own error; the server interrupts with `DownstreamGone` when the client leaves. Those two
+`end` the request (`Request.ended`): no layer starts another attempt for it.
 
 Layers above the balancer are `Handler`s; the balancer picks an endpoint and calls the
-`EndpointHandler`s below it (breaker, concurrency, the forwarder).
+`EndpointHandler`s below it (breaker, the forwarder).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from sidecar.config import Endpoint, ServiceConfig
-from sidecar.flags import Flag
+from sidecar.flags import Flag, ProxyError
+
+
+class DownstreamGone(ProxyError):
+    """The client went away (or its request body failed) before the response head: 499 DC.
+
+    What the server interrupts a request with when its client is gone; the layers see a local
+    outcome (no verdict for a breaker, nothing to retry)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(Flag.DOWNSTREAM_DISCONNECT, detail)
+
+
+class RequestBodyFailed(ProxyError):
+    """The client's request body did not arrive whole (cut short, refused or timed out), so the
+    exchange with the upstream was aborted: not the upstream's fault (a local outcome: no
+    verdict for a breaker, no retry). The server answers with the reason it cut the body, or
+    499 DC when the client left."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(Flag.DOWNSTREAM_PROTOCOL_ERROR, detail)
 
 
 class BodyNotReplayable(Exception):
@@ -40,15 +77,36 @@ class RequestBody(Protocol):
 
     def chunks(self) -> AsyncIterator[bytes]: ...
 
+    def whole(self) -> bytes | None:
+        """The whole body if it has all arrived and may be read now (counted as one read, as
+        `chunks()` is); None when it is still arriving or was streamed away already. Lets the
+        forwarder write head and body at once, without a task to pump them."""
+        ...
+
 
 class ResponseBody(Protocol):
     """The upstream response body, read once by the server.
 
-    `read()` is a plain coroutine, not an async generator: a body that arrived with its head
-    (most responses) is read without suspending, and without the per-generator bookkeeping
-    asyncio does for async generators (a WeakSet entry and its removal: measured at about a
-    tenth of the sidecar's instructions per request when every body went through two of them).
+    The server reads it with `take()` and, when nothing has arrived yet, asks to be called back
+    (`notify`): no coroutine per response. `read()` is the same for a coroutine.
     """
+
+    def take(self) -> bytes | None:
+        """The bytes received since the last take; b"" once the body ended; None when nothing
+        new has arrived (then `notify` says when something does).
+
+        Raises BodyReset when the body cannot be completed (the upstream went away)."""
+        ...
+
+    def notify(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once, as soon as `take()` has something new (data, the end or a
+        failure); at once if it has now."""
+        ...
+
+    def whole(self) -> bytes | None:
+        """Every byte of the body, when it has all arrived and none was taken yet; None
+        otherwise. The server's shortcut for a response that came whole."""
+        ...
 
     async def read(self) -> bytes:
         """The bytes received since the last read (waiting for some); b"" once the body ended.
@@ -112,11 +170,14 @@ class Request:
         "body",
         "deadline",
         "destination",
+        "ended",
         "flags",
         "headers",
         "method",
+        "on_interrupt",
         "path",
         "service",
+        "trace",
         "tried",
         "upgrade",
         "version",
@@ -129,7 +190,6 @@ class Request:
         authority: bytes,
         headers: list[tuple[bytes, bytes]],
         body: RequestBody,
-        *,
         version: bytes = b"1.1",
         upgrade: bytes | None = None,
         service: ServiceConfig | None = None,
@@ -150,12 +210,30 @@ class Request:
         self.attempts = 0  # attempts started so far
         self.tried: list[Endpoint] = []  # endpoints already tried, in order
         self.flags: list[Flag] = []  # flags recorded along the way (e.g. a retried UF)
+        # Stops what the request waits for now; set by whoever holds that wait (see the module
+        # docstring), cleared when the wait ends.
+        self.on_interrupt: Callable[[ProxyError], None] | None = None
+        self.ended = False  # the total timeout fired or the client left: no further attempt
+        # A sampled request's trace record (sidecar.telemetry.tracing's, opaque to the rest).
+        self.trace: object | None = None
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
             if key == name:
                 return value
         return None
+
+    def interrupt(self, error: ProxyError, *, end: bool = False) -> bool:
+        """Stop what the request waits for now; its holder replies with `error`. `end`: the
+        request is over (no further attempt). False when nothing was waiting."""
+        if end:
+            self.ended = True
+        hook = self.on_interrupt
+        if hook is None:
+            return False
+        self.on_interrupt = None
+        hook(error)
+        return True
 
 
 class Response:
@@ -178,7 +256,6 @@ class Response:
         headers: list[tuple[bytes, bytes]],
         body: ResponseBody,
         endpoint: Endpoint | None = None,
-        *,
         content_length: int | None = None,
         has_body: bool = True,
         tunnel: Tunnel | None = None,
@@ -203,5 +280,7 @@ class Response:
         self.body.discard()
 
 
-Handler = Callable[[Request], Awaitable[Response]]
-EndpointHandler = Callable[[Request, Endpoint], Awaitable[Response]]
+Result = Response | ProxyError
+Reply = Callable[[Result], None]  # called exactly once per call of a handler
+Handler = Callable[[Request, Reply], None]
+EndpointHandler = Callable[[Request, Endpoint, Reply], None]

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from mesh.address import join_host_port
 from sidecar.config import ConfigError, Endpoint, OutboundPolicy, Snapshot, authority_endpoint
-from sidecar.exchange import EndpointHandler, Handler, Request, Response
+from sidecar.exchange import EndpointHandler, Handler, Reply, Request
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.stack import ServiceRegistry, build_service_stack, check_service
 from sidecar.protocol.events import RequestHead
@@ -135,10 +135,10 @@ class Router:
         if tracing is not None:
             forward = tracing.attempt(forward)
 
-        async def passthrough(req: Request) -> Response:
+        def passthrough(req: Request, reply: Reply) -> None:
             req.tried.append(endpoint)  # no balancer here: count the one attempt for the log
             req.attempts += 1
-            return await forward(req, endpoint)
+            forward(req, endpoint, reply)
 
         if tracing is not None:
             return Decision(tracing.client(passthrough, "passthrough"), None, "passthrough")
@@ -158,10 +158,10 @@ class Router:
     def _inbound_decision(self, app: Endpoint) -> Decision:
         forward = self.forward
 
-        async def to_app(req: Request) -> Response:
+        def to_app(req: Request, reply: Reply) -> None:
             req.tried.append(app)  # as in passthrough: one attempt, for the log
             req.attempts += 1
-            return await forward(req, app)
+            forward(req, app, reply)
 
         handler: Handler = to_app
         if self.tracing is not None:

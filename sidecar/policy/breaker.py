@@ -22,32 +22,31 @@ elapsed-on-our-clock comparison. The registry decides ejection from the same sta
 expired breaker to half-open itself when it admits the probe, and records outcomes into pybreaker
 only when closed or for the probe, so pybreaker's state machine (counting, tripping, half-open,
 closing) stays the single source of state and no wall-clock timer ever decides anything.
-pybreaker's API is synchronous (`call(func)`); outcomes are recorded after the awaited attempt
-with a synchronous `call` of a function that returns or raises.
+pybreaker's API is synchronous (`call(func)`); outcomes are recorded when the attempt's result
+comes back through the layer (its reply), with a synchronous `call` of a function that returns
+or raises. An attempt interrupted by a deadline comes back as a timeout error and counts as one;
+one interrupted because the client left comes back as a local error: no verdict.
+
+Events (`BreakerEvent`) name the request whose attempt caused them, so tracing can put them on
+that request's span.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 
 import pybreaker
 
 from sidecar.config import BreakerPolicy, Endpoint
-from sidecar.exchange import EndpointHandler, Request, Response
+from sidecar.exchange import EndpointHandler, Reply, Request, Result
 from sidecar.flags import Flag, ProxyError
-from sidecar.policy import classifier
 from sidecar.policy.classifier import Kind, Outcome, classify
 from sidecar.policy.clock import Clock
 from sidecar.policy.stats import ServiceStats
-
-# Cancellation counts as a timeout when the attempt's deadline has passed; the loop may fire a
-# timer up to its clock resolution early, hence the slack.
-_DEADLINE_SLACK = 1e-6
 
 
 class BreakerError(ProxyError):
@@ -100,6 +99,8 @@ class BreakerEvent:
     at: float  # clock time
     open_for: float | None = None  # for EJECTED: how long it stays out
     consecutive_trips: int = 0
+    # The request whose attempt caused it (None when not known), for its trace.
+    request: Request | None = field(default=None, compare=False, repr=False)
 
 
 EventHook = Callable[[BreakerEvent], None]
@@ -211,6 +212,9 @@ class BreakerRegistry:
         # Endpoints whose breaker is not closed. Empty, the usual case, every question below is
         # answered without asking pybreaker (its state goes through a storage object).
         self.unclosed: set[Endpoint] = set()
+        # The request being admitted or recorded right now: events name it (pybreaker's
+        # listener, which emits them, is called in the middle of `admit` and `record`).
+        self.cause: Request | None = None
 
     def configure(self, config: BreakerConfig | None, endpoints: Iterable[Endpoint]) -> None:
         """Apply a pushed config: breakers of removed endpoints (or all, when off) go."""
@@ -240,7 +244,8 @@ class BreakerRegistry:
         trips: int,
     ) -> None:
         if self.on_event is not None:
-            self.on_event(BreakerEvent(kind, endpoint, self.clock(), open_for, trips))
+            event = BreakerEvent(kind, endpoint, self.clock(), open_for, trips, self.cause)
+            self.on_event(event)
 
     def breaker(self, endpoint: Endpoint) -> EndpointBreaker | None:
         return self._breakers.get(endpoint)
@@ -263,7 +268,7 @@ class BreakerRegistry:
     def ejected_count(self) -> int:
         return len(self.unclosed)
 
-    def admit(self, endpoint: Endpoint) -> bool:
+    def admit(self, endpoint: Endpoint, cause: Request | None = None) -> bool:
         """Let an attempt through to the endpoint; True when it is the half-open probe."""
         if not self.unclosed:
             return False
@@ -273,15 +278,36 @@ class BreakerRegistry:
         if self.is_ejected(endpoint):
             raise BreakerError(f"endpoint {endpoint} is ejected")
         if breaker.state == pybreaker.STATE_OPEN:
-            breaker.cb.half_open()
+            self.cause = cause
+            try:
+                breaker.cb.half_open()
+            finally:
+                self.cause = None
         breaker.probing = True
         return True
 
-    def record(self, endpoint: Endpoint, outcome: Outcome, probe: bool) -> None:
-        """Feed an attempt's outcome to the endpoint's breaker."""
+    def record(
+        self, endpoint: Endpoint, outcome: Outcome, probe: bool, cause: Request | None = None
+    ) -> None:
+        """Feed an attempt's outcome to the endpoint's breaker (`cause`: its request)."""
         breaker = self._breakers.get(endpoint)
         if breaker is None:
             return
+        if not probe and not self.unclosed and not outcome.breaker_failure:
+            # The usual case: every breaker closed and a good answer. Only a run of failures
+            # in progress needs resetting.
+            if breaker.cb.fail_counter and outcome.kind is not Kind.LOCAL:
+                breaker.cb.call(_succeed)
+            return
+        self.cause = cause
+        try:
+            self._record(breaker, endpoint, outcome, probe)
+        finally:
+            self.cause = None
+
+    def _record(
+        self, breaker: EndpointBreaker, endpoint: Endpoint, outcome: Outcome, probe: bool
+    ) -> None:
         state = breaker.state if self.unclosed else pybreaker.STATE_CLOSED
         if probe:
             if state != pybreaker.STATE_HALF_OPEN:
@@ -306,13 +332,6 @@ class BreakerRegistry:
         elif outcome.kind is not Kind.LOCAL and (probe or cb.fail_counter):
             cb.call(_succeed)
 
-    def abandon(self, endpoint: Endpoint, probe: bool) -> None:
-        """The attempt ended without a verdict (cancelled): free the probe slot if it held it."""
-        if probe:
-            breaker = self._breakers.get(endpoint)
-            if breaker is not None:
-                breaker.probing = False
-
     def _may_eject_one_more(self) -> bool:
         config = self.config
         if config is None or self._endpoint_count == 0:
@@ -326,7 +345,8 @@ class BreakerRegistry:
 
 
 class Breaker:
-    """The layer: admits an attempt past the endpoint's breaker and records its outcome."""
+    """The layer: admits an attempt past the endpoint's breaker and, on the way back, records
+    its outcome."""
 
     __slots__ = ("_clock", "_inner", "_registry")
 
@@ -335,23 +355,35 @@ class Breaker:
         self._inner = inner
         self._clock = clock
 
-    async def __call__(self, req: Request, endpoint: Endpoint) -> Response:
+    def __call__(self, req: Request, endpoint: Endpoint, reply: Reply) -> None:
         registry = self._registry
-        probe = registry.admit(endpoint)
         try:
-            resp = await self._inner(req, endpoint)
-        except ProxyError as err:
-            registry.record(endpoint, classify(err), probe)
-            raise
-        except asyncio.CancelledError:
-            deadline = req.deadline
-            if deadline is not None and self._clock() + _DEADLINE_SLACK >= deadline:
-                registry.record(endpoint, classifier.TIMEOUT, probe)
-            else:
-                registry.abandon(endpoint, probe)
-            raise
-        except BaseException:
-            registry.abandon(endpoint, probe)
-            raise
-        registry.record(endpoint, classify(resp), probe)
-        return resp
+            probe = registry.admit(endpoint, req)
+        except BreakerError as error:
+            reply(error)
+            return
+        self._inner(req, endpoint, _Outcome(registry, endpoint, probe, req, reply))
+
+
+class _Outcome:
+    """An attempt's reply through the breaker: records the result for the endpoint."""
+
+    __slots__ = ("_endpoint", "_probe", "_registry", "_reply", "_req")
+
+    def __init__(
+        self,
+        registry: BreakerRegistry,
+        endpoint: Endpoint,
+        probe: bool,
+        req: Request,
+        reply: Reply,
+    ) -> None:
+        self._registry = registry
+        self._endpoint = endpoint
+        self._probe = probe
+        self._req = req
+        self._reply = reply
+
+    def __call__(self, result: Result) -> None:
+        self._registry.record(self._endpoint, classify(result), self._probe, self._req)
+        self._reply(result)

@@ -79,8 +79,8 @@ def _error_outcome(flag: Flag, status: int) -> Outcome:
     return Outcome(kind, status, breaker_failure=kind in _ENDPOINT_FAILURES, flag=flag)
 
 
-# An attempt cut short by its deadline: what the breaker records when it sees the cancellation.
-TIMEOUT = _error_outcome(Flag.UPSTREAM_TIMEOUT, 504)
+# An attempt cut short by its deadline (the outcome of the timeouts' UpstreamTimeoutError).
+TIMEOUT = _BY_FLAG[(Flag.UPSTREAM_TIMEOUT, 504)] = _error_outcome(Flag.UPSTREAM_TIMEOUT, 504)
 
 
 def classify(result: Response | ProxyError) -> Outcome:

@@ -3,8 +3,13 @@
 Driven by tenacity's primitives: an `AsyncRetrying` built once per config version holds the stop
 rule (`stop_after_attempt(attempts + 1)`) and the wait rule (`wait_random_exponential`: full
 jitter, the n-th retry waits uniformly in [0, min(max, base * 2**(n-1))]); each request that needs
-a retry gets one `RetryCallState` to feed them. The loop is ours because the decisions between
-attempts (Retry-After, deadline, budget, discarding the response) are not tenacity's to make.
+a retry gets one `RetryCallState` to feed them. Both are plain synchronous calls, so they fit the
+callback design as they are (a request whose first attempt succeeds never makes a
+`RetryCallState`). The loop is ours because the decisions between attempts (Retry-After,
+deadline, budget, discarding the response) are not tenacity's to make: each attempt's result
+comes back to `_RetryCall`, which returns it or starts the next attempt, after a backoff slept in
+a task (the one wait here; the first attempt starts without one). A request the total timeout or
+the client's departure ended (`Request.ended`) is never tried again.
 
 An attempt's result is retried when all of these hold:
 
@@ -43,7 +48,7 @@ from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt, wait_ran
 from mesh.http import IDEMPOTENT_METHODS_BYTES
 from mesh.policy import RetryBudget
 from sidecar.config import RetryPolicy
-from sidecar.exchange import Handler, Request, Response
+from sidecar.exchange import Handler, Reply, Request, Response, Result
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.classifier import Kind, Outcome, classify
 from sidecar.policy.clock import Clock, Sleep
@@ -192,63 +197,107 @@ class Retry:
         allowed = max(budget.min_concurrency, budget.percent / 100.0 * (load.active + load.pending))
         return load.retries_active < allowed
 
-    async def __call__(self, req: Request) -> Response:
-        config = self._config
-        load = self._load
-        state: RetryCallState | None = None
-        holding = False  # this request holds one of the budget's retries in flight
-        try:
-            while True:
-                result: Response | ProxyError
-                try:
-                    result = await self._inner(req)
-                except ProxyError as error:
-                    result = error
-                if holding:
-                    holding = False
-                    load.retries_active -= 1
-                outcome = classify(result)
-                if outcome.success or not config.covers(outcome):
-                    return _give_back(result)
-                if not self._may_repeat(req, outcome):
-                    return _give_back(result)
-                if state is None:
-                    state = RetryCallState(config.retrying, None, (), {})
-                if config.exhausted(state):
-                    self._stats.retries_exhausted += 1
-                    if isinstance(result, Response):
-                        result.flags.append(Flag.RETRIES_EXHAUSTED)
-                        return result
-                    raise RetryError(
-                        f"{state.attempt_number} attempts failed, last: {result}"
-                    ) from result
-                delay: float | None = None
-                if isinstance(result, Response):
-                    delay = self._retry_after(req, result)
-                    if delay is not None and delay < 0:
-                        return result  # Retry-After does not fit before the deadline
-                if delay is None:
-                    delay = config.backoff(state)
-                if not self._budget_allows():
-                    self._stats.budget_exhausted += 1
-                    return _give_back(result)
-                if isinstance(result, Response):
-                    result.discard()
-                else:
-                    req.flags.append(result.flag)
-                holding = True
-                load.retries_active += 1
-                self._stats.retries += 1
-                state.prepare_for_next_attempt()
-                if delay > 0:
-                    await self._sleep(delay)
-        finally:
-            if holding:
-                load.retries_active -= 1
+    def __call__(self, req: Request, reply: Reply) -> None:
+        call = _RetryCall(self, req, reply)
+        self._inner(req, call)
 
 
-def _give_back(result: Response | ProxyError) -> Response:
-    """The attempt's own result, unchanged: its response, or its error raised again."""
-    if isinstance(result, Response):
-        return result
-    raise result
+class _RetryCall:
+    """One request through the retry layer: it is the reply of every attempt."""
+
+    __slots__ = ("_layer", "_reply", "_req", "_sleeping", "_state", "holding")
+
+    def __init__(self, layer: Retry, req: Request, reply: Reply) -> None:
+        self._layer = layer
+        self._req = req
+        self._reply = reply
+        self._state: RetryCallState | None = None
+        self._sleeping: asyncio.Task[None] | None = None
+        self.holding = False  # this request holds one of the budget's retries in flight
+
+    def __call__(self, result: Result) -> None:
+        layer = self._layer
+        if self.holding:
+            self.holding = False
+            layer._load.retries_active -= 1
+        decision = self._decide(result)
+        if not isinstance(decision, float):
+            self._reply(decision)
+            return
+        delay = decision
+        if isinstance(result, Response):
+            result.discard()
+        else:
+            self._req.flags.append(result.flag)
+        self.holding = True
+        layer._load.retries_active += 1
+        layer._stats.retries += 1
+        assert self._state is not None
+        self._state.prepare_for_next_attempt()
+        if delay > 0:
+            self._sleeping = asyncio.ensure_future(layer._sleep(delay))
+            self._sleeping.add_done_callback(self._slept)
+            self._req.on_interrupt = self._interrupted
+        else:
+            layer._inner(self._req, self)
+
+    def _decide(self, result: Result) -> float | Result:
+        """The wait before trying again, or what to reply: the attempt's own result, flagged
+        URX when attempts ran out on a response, or a RetryError when they ran out on an
+        error."""
+        layer, req = self._layer, self._req
+        config = layer._config
+        if req.ended:
+            return result  # the total timeout fired or the client left
+        outcome = classify(result)
+        if outcome.success or not config.covers(outcome):
+            return result
+        if not layer._may_repeat(req, outcome):
+            return result
+        state = self._state
+        if state is None:
+            state = self._state = RetryCallState(config.retrying, None, (), {})
+        if config.exhausted(state):
+            layer._stats.retries_exhausted += 1
+            if isinstance(result, Response):
+                result.flags.append(Flag.RETRIES_EXHAUSTED)
+                return result
+            error = RetryError(f"{state.attempt_number} attempts failed, last: {result}")
+            error.__cause__ = result
+            return error
+        delay: float | None = None
+        if isinstance(result, Response):
+            delay = layer._retry_after(req, result)
+            if delay is not None and delay < 0:
+                return result  # Retry-After does not fit before the deadline
+        if delay is None:
+            delay = config.backoff(state)
+        if not layer._budget_allows():
+            layer._stats.budget_exhausted += 1
+            return result
+        return float(delay)
+
+    def _slept(self, task: asyncio.Task[None]) -> None:
+        if self._sleeping is not task:
+            return  # interrupted meanwhile: answered already
+        self._sleeping = None
+        self._req.on_interrupt = None
+        if task.cancelled():
+            return
+        failure = task.exception()
+        if failure is not None:  # the injected sleep failed: say so, never hang
+            self._stop(ProxyError(Flag.UPSTREAM_PROTOCOL_ERROR, f"backoff failed: {failure!r}"))
+            return
+        self._layer._inner(self._req, self)
+
+    def _interrupted(self, error: ProxyError) -> None:
+        sleeping, self._sleeping = self._sleeping, None
+        if sleeping is not None:
+            sleeping.cancel()
+        self._stop(error)
+
+    def _stop(self, error: ProxyError) -> None:
+        if self.holding:
+            self.holding = False
+            self._layer._load.retries_active -= 1
+        self._reply(error)

@@ -12,6 +12,11 @@ Layers that are not configured are not built: with no policy the stack is `Balan
 `max_requests` is enforced inside the Balancer, which owns the per-attempt active count (see
 `concurrency`); `max_pending` is enforced by the connection pool through `ServiceLoad.pending_slot`.
 
+Every layer is a plain callable called with the request and a reply (`sidecar/exchange.py`): it
+acts on the request on the way down and on the result on the way back, and starts a task only
+when it must wait for something other than the network (the retry's backoff). A request keeps
+the stack it started on to its end, however many pushes come meanwhile.
+
 A stack is built per config version and shared by every request that started on it; the
 `ServiceState` passed in carries what must survive config pushes (breakers, active counts, the
 retry budget's count, stats), so a push neither closes tripped breakers nor forgets load.

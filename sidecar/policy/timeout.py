@@ -1,28 +1,30 @@
 """Timeouts: the total request timeout and the per-attempt timeout.
 
-- `TotalTimeout` sets `Request.deadline` (the earlier of its own and one already set) and bounds
-  the whole inner call: every attempt, every backoff. When it fires the inner task is cancelled
-  (the forwarder closes its upstream connection on cancellation) and the request fails with
-  504 flag UT.
+- `TotalTimeout` sets `Request.deadline` (the earlier of its own and one already set) and arms
+  its per-request reply on the deadline wheel (`deadline.running_wheel`). When it fires, the
+  request is interrupted and ended (`Request.interrupt(..., end=True)`): whatever it waits for
+  (an attempt, a backoff, a connect) stops and replies with the timeout's error, which every
+  layer below sees on its way back (the forwarder closes its upstream connection, the breaker
+  records a timeout, the retry layer starts nothing more), and the client gets 504 flag UT.
 - `PerTryTimeout` sits inside the retry layer and bounds one attempt; the attempt's deadline is
   visible to the forwarder as `Request.deadline` for the duration of the attempt. A fired
-  per-try timeout is an `UpstreamTimeoutError`, which the classifier calls a timeout, so retry
-  may try again.
+  per-try timeout interrupts the attempt with an `UpstreamTimeoutError`, which the classifier
+  calls a timeout, so retry may try again.
 
-Only the response head is bounded here; the deadline stays on the request for whoever streams the
-body. No layer is built when no timeout is configured.
+Only the response head is bounded here (the timer is cancelled when the result passes on the way
+back); the deadline stays on the request for the server, which bounds the body with it. No layer
+is built when no timeout is configured.
 """
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from sidecar.config import ServiceConfig
-from sidecar.exchange import Handler, Request, Response
+from sidecar.exchange import Handler, Reply, Request, Response, Result
 from sidecar.flags import Flag, ProxyError
-from sidecar.policy.clock import Clock
-from sidecar.policy.deadline import deadline_at
+from sidecar.policy.clock import Clock, loop_time
+from sidecar.policy.deadline import Deadline, Wheel, running_wheel
 from sidecar.policy.stats import ServiceStats
 
 
@@ -50,19 +52,65 @@ class TimeoutConfig:
 class _Bounded:
     """A layer that bounds its inner handler by `timeout` seconds."""
 
-    __slots__ = ("_clock", "_inner", "_stats", "_timeout")
+    __slots__ = ("_clock", "_inner", "_on_loop", "_stats", "_timeout")
 
     def __init__(self, timeout: float, inner: Handler, clock: Clock, stats: ServiceStats) -> None:
         self._timeout = timeout
         self._inner = inner
         self._clock = clock
+        self._on_loop = clock is loop_time  # deadlines are on the loop's clock already
         self._stats = stats
+
+
+class _Timed(Deadline):
+    """One bounded call: the reply the layer gave the layer below, armed on the wheel itself.
+
+    On expiry it interrupts what the request waits for, and the interrupted wait replies with
+    the timeout's error through the layers below. If nothing was waiting (a layer below that
+    does not hold its wait interruptibly), it replies itself and drops what comes later, so the
+    deadline bounds the request whatever the layers below do. The error is made only when the
+    deadline fires: most requests never need it.
+    """
+
+    __slots__ = ("_layer", "_reply", "_req", "_wheel")
+
+    def __init__(self, layer: _Bounded, req: Request, reply: Reply, wheel: Wheel) -> None:
+        self._layer = layer
+        self._req = req
+        self._reply: Reply | None = reply
+        self._wheel = wheel
+
+    def __call__(self, result: Result) -> None:
+        reply = self._reply
+        if reply is None:
+            if isinstance(result, Response):
+                result.discard()  # too late: the deadline was answered already
+            return
+        self._reply = None
+        self._wheel.disarm(self)
+        self._done()
+        reply(result)
+
+    def _done(self) -> None:
+        return None
+
+    def expire(self) -> None:
+        if self._reply is None:
+            return
+        error = self._fired()
+        if not self._req.interrupt(error, end=self._ends_request):
+            self(error)
+
+    _ends_request = True
+
+    def _fired(self) -> UpstreamTimeoutError:
+        raise NotImplementedError
 
 
 class TotalTimeout(_Bounded):
     __slots__ = ()
 
-    async def __call__(self, req: Request) -> Response:
+    def __call__(self, req: Request, reply: Reply) -> None:
         now = self._clock()
         deadline = now + self._timeout
         if req.deadline is not None and req.deadline < deadline:
@@ -71,37 +119,51 @@ class TotalTimeout(_Bounded):
         remaining = deadline - now
         if remaining <= 0:
             self._stats.timeouts += 1
-            raise UpstreamTimeoutError("deadline passed before the request started")
-        # Armed relative to the loop's clock, like asyncio.timeout, for a fraction of its cost.
-        cm = deadline_at(asyncio.get_running_loop().time() + remaining)
-        try:
-            with cm:
-                return await self._inner(req)
-        except TimeoutError:
-            if not cm.expired:
-                raise
-            self._stats.timeouts += 1
-            raise UpstreamTimeoutError(f"request timeout of {self._timeout:g}s exceeded") from None
+            reply(UpstreamTimeoutError("deadline passed before the request started"))
+            return
+        wheel = running_wheel()
+        call = _Total(self, req, reply, wheel)
+        # On the loop's clock, like asyncio.timeout, on the shared wheel.
+        wheel.arm(call, deadline if self._on_loop else wheel.loop_time() + remaining)
+        self._inner(req, call)
+
+
+class _Total(_Timed):
+    __slots__ = ()
+
+    def _fired(self) -> UpstreamTimeoutError:
+        self._layer._stats.timeouts += 1
+        return UpstreamTimeoutError(f"request timeout of {self._layer._timeout:g}s exceeded")
 
 
 class PerTryTimeout(_Bounded):
     __slots__ = ()
 
-    async def __call__(self, req: Request) -> Response:
+    def __call__(self, req: Request, reply: Reply) -> None:
         outer = req.deadline
         deadline = self._clock() + self._timeout
         if outer is not None and outer <= deadline:
             # The total timeout fires first; a second timer would only cost.
-            return await self._inner(req)
+            self._inner(req, reply)
+            return
+        wheel = running_wheel()
+        call = _PerTry(self, req, reply, wheel)
+        call.outer = outer
         req.deadline = deadline
-        cm = deadline_at(asyncio.get_running_loop().time() + self._timeout)
-        try:
-            with cm:
-                return await self._inner(req)
-        except TimeoutError:
-            if not cm.expired:
-                raise
-            self._stats.per_try_timeouts += 1
-            raise UpstreamTimeoutError(f"per-try timeout of {self._timeout:g}s exceeded") from None
-        finally:
-            req.deadline = outer
+        wheel.arm(call, deadline if self._on_loop else wheel.loop_time() + self._timeout)
+        self._inner(req, call)
+
+
+class _PerTry(_Timed):
+    __slots__ = ("outer",)
+
+    _ends_request = False  # only the attempt: the retry layer may try again
+
+    outer: float | None  # the request's deadline around this attempt, restored after it
+
+    def _done(self) -> None:
+        self._req.deadline = self.outer
+
+    def _fired(self) -> UpstreamTimeoutError:
+        self._layer._stats.per_try_timeouts += 1
+        return UpstreamTimeoutError(f"per-try timeout of {self._layer._timeout:g}s exceeded")

@@ -6,10 +6,11 @@ them all at once (the sidecar's housekeeping does every second, and once more at
 request never waits on stdout. Request fields: time, direction, method, authority, path, status,
 flags ("-" for none), duration_ms, destination (the service, "passthrough" or "inbound"; "-"
 when no route), upstream (the endpoint tried last, the one that answered or failed last),
-attempts, trace_id. TCP fields (Envoy's names where it has them): time (the connection's
-start), direction, protocol (what detection saw, or the declared one: tcp, tls, h2), downstream,
-upstream, destination, sni ("-" for none), flags, bytes_received (from the client), bytes_sent
-(to it), duration_ms.
+attempts, trace_id; a request refused before its head was whole (400 or 408, flag DPE) has "-"
+for method, authority and path. TCP fields (Envoy's names where it has them): time (the
+connection's start), direction, protocol (what detection saw, or the declared one: tcp, tls,
+h2), downstream, upstream, destination, sni ("-" for none), flags, bytes_received (from the
+client), bytes_sent (to it), duration_ms.
 """
 
 from __future__ import annotations
@@ -33,23 +34,30 @@ class AccessLog:
     def record(
         self,
         direction: str,
-        head: RequestHead,
+        head: RequestHead | None,
         destination: str,
         status: int,
         flags: str,
         duration: float,
         request: Request | None,
     ) -> None:
-        """One request's line; `request` is None when none was built (no route)."""
+        """One request's line; `request` is None when none was built (no route), `head` when the
+        request was refused before its head was whole."""
         tried = request.tried if request is not None else None
+        if head is not None:
+            method = head.method.decode("ascii", "replace")
+            authority = head.authority.decode("ascii", "replace")
+            path = head.path.decode("ascii", "replace")
+        else:
+            method = authority = path = "-"
         self.lines.append(
             json.dumps(
                 {
                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "direction": direction,
-                    "method": head.method.decode("ascii", "replace"),
-                    "authority": head.authority.decode("ascii", "replace"),
-                    "path": head.path.decode("ascii", "replace"),
+                    "method": method,
+                    "authority": authority,
+                    "path": path,
                     "status": status,
                     "flags": flags or "-",
                     "duration_ms": round(duration * 1000, 3),

@@ -32,12 +32,10 @@ in `outrigger_spans_dropped_total{reason}` (`handoff.py` lists the reasons).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import time
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +45,15 @@ from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, TraceState
 
 from mesh.address import split_host_port
 from sidecar.config import Endpoint
-from sidecar.exchange import EndpointHandler, Handler, Request, Response
+from sidecar.exchange import (
+    DownstreamGone,
+    EndpointHandler,
+    Handler,
+    Reply,
+    Request,
+    Response,
+    Result,
+)
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.breaker import BreakerEvent
 from sidecar.policy.classifier import classify
@@ -72,7 +78,6 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 _UNSAMPLED = TraceFlags(TraceFlags.RANDOM_TRACE_ID)
 _NO_STATE = TraceState()
 _SERVER, _CLIENT, _INTERNAL = SpanKind.SERVER.value, SpanKind.CLIENT.value, SpanKind.INTERNAL.value
-_DEADLINE_SLACK = 1e-6  # as in the breaker: a timer may fire up to the clock resolution early
 _EVENT_FLAGS = {
     Flag.UPSTREAM_OVERFLOW: "outrigger.overflow",
     Flag.UPSTREAM_TIMEOUT: "outrigger.timeout",
@@ -83,9 +88,8 @@ Event = tuple[int, str, Attributes]  # time (ns), name, attributes
 # Tracing.finish_server / finish_client: (trace, request, service, response, error)
 _Finish = Callable[["_Trace", Request, str, Response | None, BaseException | None], None]
 
-# The sampled request this task is serving (set by the client layer; the attempt layer and the
-# breaker's event hook read it). Each request cycle is its own task, so it never leaks.
-_current: ContextVar[_Trace | None] = ContextVar("outrigger_trace", default=None)
+# A sampled request carries its `_Trace` as `Request.trace` (set by the span layer; the attempt
+# layer and the breaker's event hook read it): no task, so no context variable, per request.
 
 # -- settings -----------------------------------------------------------------------------------
 
@@ -241,8 +245,8 @@ class Tracing:
 
     def on_breaker_event(self, event: BreakerEvent) -> None:
         """The policy layer's hook: an event on the span of the request that caused it."""
-        trace = _current.get()
-        if trace is None:
+        trace = event.request.trace if event.request is not None else None
+        if not isinstance(trace, _Trace):
             return
         attributes: Attributes = {
             "server.address": event.endpoint.host,
@@ -437,15 +441,15 @@ def _result_attributes(
             attributes["error.type"] = str(status)
             return str(status), True
         return "", False
+    if isinstance(error, DownstreamGone):
+        attributes["outrigger.response_flags"] = Flag.DOWNSTREAM_DISCONNECT.value
+        attributes["error.type"] = Flag.DOWNSTREAM_DISCONNECT.value
+        return "cancelled: the client went away", True
     if isinstance(error, ProxyError):
         attributes["http.response.status_code"] = error.status
         attributes["outrigger.response_flags"] = error.flag.value
         attributes["error.type"] = error.flag.value  # a local error: the flag names it
         return str(error), True
-    if isinstance(error, asyncio.CancelledError):
-        attributes["outrigger.response_flags"] = Flag.DOWNSTREAM_DISCONNECT.value
-        attributes["error.type"] = Flag.DOWNSTREAM_DISCONNECT.value
-        return "cancelled: the client went away", True
     name = type(error).__qualname__ if error is not None else "unknown"
     attributes["error.type"] = name
     return name, True
@@ -454,7 +458,8 @@ def _result_attributes(
 class _SpanLayer:
     """A request's own span: the SERVER span around the handler to the app, or the CLIENT span,
     outermost in a service stack (its children: the attempts). It makes the sampling decision,
-    runs the inner handler with the trace current, and hands the result to `finish`."""
+    puts the trace on the request for the layers below, and hands the result to `finish` on
+    the way back."""
 
     __slots__ = ("_begin", "_finish", "_inner", "_service")
 
@@ -464,20 +469,34 @@ class _SpanLayer:
         self._inner = inner
         self._service = service
 
-    async def __call__(self, req: Request) -> Response:
+    def __call__(self, req: Request, reply: Reply) -> None:
         trace = self._begin(req)
         if trace is None:
-            return await self._inner(req)
-        token = _current.set(trace)
-        try:
-            resp = await self._inner(req)
-        except BaseException as error:
-            self._finish(trace, req, self._service, None, error)
-            raise
-        finally:
-            _current.reset(token)
-        self._finish(trace, req, self._service, resp, None)
-        return resp
+            self._inner(req, reply)
+            return
+        req.trace = trace
+        self._inner(req, _Span(self, trace, req, reply))
+
+
+class _Span:
+    """A sampled request's reply through its span layer."""
+
+    __slots__ = ("_layer", "_reply", "_req", "_trace")
+
+    def __init__(self, layer: _SpanLayer, trace: _Trace, req: Request, reply: Reply) -> None:
+        self._layer = layer
+        self._trace = trace
+        self._req = req
+        self._reply = reply
+
+    def __call__(self, result: Result) -> None:
+        layer, req = self._layer, self._req
+        req.trace = None
+        if isinstance(result, Response):
+            layer._finish(self._trace, req, layer._service, result, None)
+        else:
+            layer._finish(self._trace, req, layer._service, None, result)
+        self._reply(result)
 
 
 class _AttemptLayer:
@@ -485,7 +504,8 @@ class _AttemptLayer:
 
     It sits right under the balancer, above the breaker: it sees every attempt the balancer
     starts with the endpoint picked for it, the breaker's refusal (UH) included, and the
-    breaker's events fire while the attempt is current.
+    breaker's events (recorded on the way back, before this layer's reply runs) land on the
+    attempt while it is current.
     """
 
     __slots__ = ("_inner",)
@@ -493,10 +513,11 @@ class _AttemptLayer:
     def __init__(self, inner: EndpointHandler) -> None:
         self._inner = inner
 
-    async def __call__(self, req: Request, endpoint: Endpoint) -> Response:
-        trace = _current.get()
-        if trace is None:
-            return await self._inner(req, endpoint)
+    def __call__(self, req: Request, endpoint: Endpoint, reply: Reply) -> None:
+        trace = req.trace
+        if not isinstance(trace, _Trace):
+            self._inner(req, endpoint, reply)
+            return
         number = len(trace.attempts) + 1
         if number == 1:
             span_id = trace.span_id  # the client layer wrote it already
@@ -512,42 +533,40 @@ class _AttemptLayer:
         attributes["server.port"] = endpoint.port
         trace.attempts.append(attempt)
         trace.current = attempt
-        try:
-            resp = await self._inner(req, endpoint)
-        except ProxyError as error:
-            outcome = classify(error)
+        self._inner(req, endpoint, _AttemptReply(trace, attempt, reply))
+
+
+class _AttemptReply:
+    """One attempt's reply through the attempt layer: the attempt span's outcome."""
+
+    __slots__ = ("_attempt", "_reply", "_trace")
+
+    def __init__(self, trace: _Trace, attempt: _Attempt, reply: Reply) -> None:
+        self._trace = trace
+        self._attempt = attempt
+        self._reply = reply
+
+    def __call__(self, result: Result) -> None:
+        attempt = self._attempt
+        attempt.end = time.time_ns()
+        self._trace.current = None
+        attributes = attempt.attributes
+        if isinstance(result, DownstreamGone):
+            attributes["outrigger.outcome"] = "cancelled"
+            attempt.error = "cancelled"
+        elif isinstance(result, ProxyError):
+            outcome = classify(result)
             attributes["outrigger.outcome"] = outcome.kind.value
-            attributes["outrigger.response_flags"] = error.flag.value
-            attributes["error.type"] = error.flag.value
-            attempt.error = str(error)
-            if (event := _error_event(error)) is not None:
+            attributes["outrigger.response_flags"] = result.flag.value
+            attributes["error.type"] = result.flag.value
+            attempt.error = str(result)
+            if (event := _error_event(result)) is not None:
                 attempt.events.append(event)
-            raise
-        except asyncio.CancelledError:
-            deadline = req.deadline
-            loop = asyncio.get_running_loop()
-            if deadline is not None and loop.time() + _DEADLINE_SLACK >= deadline:
-                attributes["outrigger.outcome"] = "timeout"
-                attributes["error.type"] = Flag.UPSTREAM_TIMEOUT.value
-                attempt.error = "the attempt ran out of time"
-                flag = {"outrigger.response_flags": Flag.UPSTREAM_TIMEOUT.value}
-                attempt.events.append((time.time_ns(), "outrigger.timeout", flag))
-            else:
-                attributes["outrigger.outcome"] = "cancelled"
-                attempt.error = "cancelled"
-            raise
-        except BaseException as error:
-            attributes["outrigger.outcome"] = "error"
-            attributes["error.type"] = type(error).__qualname__
-            attempt.error = type(error).__qualname__
-            raise
-        finally:
-            attempt.end = time.time_ns()
-            trace.current = None
-        outcome = classify(resp)
-        attributes["outrigger.outcome"] = outcome.kind.value
-        attributes["http.response.status_code"] = resp.status
-        if not outcome.success:
-            attributes["error.type"] = str(resp.status)
-            attempt.error = str(resp.status)
-        return resp
+        else:
+            outcome = classify(result)
+            attributes["outrigger.outcome"] = outcome.kind.value
+            attributes["http.response.status_code"] = result.status
+            if not outcome.success:
+                attributes["error.type"] = str(result.status)
+                attempt.error = str(result.status)
+        self._reply(result)

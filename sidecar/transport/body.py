@@ -1,9 +1,12 @@
 """Bodies in flight: bytes from one connection waiting to be written to the other.
 
-A `BodyStream` is filled by a Protocol's `data_received` and read by the coroutine that writes
-it out. It holds at most `high_water` unread bytes before it asks its producer to pause reading,
-and asks it to resume below `low_water`: this is what keeps a 1 GiB upload from growing the
-sidecar's memory (uvicorn's flow control, both directions).
+A `BodyStream` is filled by a Protocol's `data_received` and read by whoever writes it out: the
+server takes a response body with `take()` and asks to be called back (`notify`) when nothing
+has arrived yet, so a response streams without a coroutine; the forwarder's pump task reads a
+request body with `chunks()` (or takes it `whole()` when it is already in hand). It holds at
+most `high_water` unread bytes before it asks its producer to pause reading, and asks it to
+resume below `low_water`: this is what keeps a 1 GiB upload from growing the sidecar's memory
+(uvicorn's flow control, both directions).
 
 A request body of at most `keep_limit` bytes is kept whole so that a retry can send it again
 (`replayable`); a larger one is streamed once and forgotten as it goes.
@@ -36,6 +39,15 @@ class _EmptyBody:
         return
         yield b""  # pragma: no cover - makes this an async generator
 
+    def whole(self) -> bytes:
+        return b""
+
+    def take(self) -> bytes:
+        return b""
+
+    def notify(self, callback: Callable[[], None]) -> None:
+        callback()
+
     async def read(self) -> bytes:
         return b""
 
@@ -61,6 +73,7 @@ class BodyStream:
         "_keep",
         "_kept_bytes",
         "_limit",
+        "_notify",
         "_on_discard",
         "_on_first_read",
         "_pause",
@@ -104,6 +117,7 @@ class BodyStream:
         self._finished = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._notify: Callable[[], None] | None = None  # the taker's callback (notify)
         self._reads = 0
         self._on_first_read = on_first_read
         self._on_discard = on_discard
@@ -187,24 +201,58 @@ class BodyStream:
             finally:
                 self._waiter = None
 
-    async def read(self) -> bytes:
-        """The single-reader API (response bodies): every byte fed since the last read, joined;
-        b"" once the body ended. Not to be mixed with `chunks()`; a body read this way is not
-        kept for replay."""
+    def whole(self) -> bytes | None:
+        """The whole body when it has all arrived and none of it was streamed away (counted as
+        a read, as `chunks()` is); None otherwise."""
+        if not self._finished or self._error is not None or self._dropped:
+            return None
+        if self._reads and not self._keep:
+            return None  # read once already and not kept
+        self._reads += 1
+        if self._reads == 1 and self._on_first_read is not None:
+            self._on_first_read()
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if len(chunks) > self._read_upto:
+            self._read_upto = len(chunks)
+            self._taken(self._unread)
+        if not self._keep:
+            self._dropped = len(chunks)
+            chunks.clear()
+        return data
+
+    def take(self) -> bytes | None:
+        """The single-reader API (response bodies): every byte fed since the last take,
+        joined; b"" once the body ended; None when nothing new has arrived (see `notify`).
+        Not to be mixed with `chunks()`; a body read this way is not kept for replay."""
         self._keep = False
+        chunks = self._chunks
+        if chunks:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self._dropped += len(chunks)
+            self._read_upto = self._dropped
+            chunks.clear()
+            self._taken(len(data))
+            return data
+        if self._finished:
+            if self._error is not None:
+                raise BodyReset(str(self._error)) from self._error
+            return b""
+        return None
+
+    def notify(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once when `take()` has something new (at once if it has now)."""
+        if self._chunks or self._finished:
+            callback()
+        else:
+            self._notify = callback
+
+    async def read(self) -> bytes:
+        """`take()` for a coroutine: waits while nothing new has arrived."""
         while True:
-            chunks = self._chunks
-            if chunks:
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                self._dropped += len(chunks)
-                self._read_upto = self._dropped
-                chunks.clear()
-                self._taken(len(data))
+            data = self.take()
+            if data is not None:
                 return data
-            if self._finished:
-                if self._error is not None:
-                    raise BodyReset(str(self._error)) from self._error
-                return b""
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -226,6 +274,7 @@ class BodyStream:
             if not self.finished:
                 callback()
         self._chunks.clear()
+        self._notify = None  # nobody takes a discarded body
         self._run_done_callbacks()
 
     # --- internals -----------------------------------------------------------------------
@@ -246,6 +295,10 @@ class BodyStream:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        callback = self._notify
+        if callback is not None:
+            self._notify = None
+            callback()
 
 
 class BytesBody:
@@ -269,11 +322,20 @@ class BytesBody:
         if self._data:
             yield self._data
 
-    async def read(self) -> bytes:
+    def whole(self) -> bytes:
+        return self._data
+
+    def take(self) -> bytes:
         if self._unread:
             self._unread = False
             return self._data
         return b""
+
+    def notify(self, callback: Callable[[], None]) -> None:
+        callback()
+
+    async def read(self) -> bytes:
+        return self.take()
 
     def when_done(self, callback: Callable[[], None]) -> None:
         callback()

@@ -1,7 +1,8 @@
 """Write-side flow control, the same on both ends of the proxy (uvicorn's `FlowControl`).
 
 The transport calls `pause_writing` above its high-water mark and `resume_writing` once it has
-drained below the low one; a writer that must not outrun its peer awaits `drain()`. In a tunnel
+drained below the low one; a writer that must not outrun its peer awaits `drain()` (a
+coroutine) or leaves a `drain_callback` (a callback writer: called once on the resume). In a tunnel
 the other side's reading is paused meanwhile (`tunnel_flow`: pause, resume), so bytes never pile
 up in the sidecar. Mixed into `DownstreamProtocol` and `UpstreamConnection`, which own the state.
 """
@@ -13,10 +14,11 @@ from collections.abc import Callable
 
 
 class WriteFlow:
-    __slots__ = ("drain_waiter", "tunnel_flow", "write_paused")
+    __slots__ = ("drain_callback", "drain_waiter", "tunnel_flow", "write_paused")
 
     write_paused: bool
     drain_waiter: asyncio.Future[None] | None  # a writer waiting in drain()
+    drain_callback: Callable[[], None] | None  # a writer to call back on the resume
     tunnel_flow: tuple[Callable[[], None], Callable[[], None]] | None
     closed: bool  # the connection's own
 
@@ -32,6 +34,10 @@ class WriteFlow:
         waiter = self.drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        callback = self.drain_callback
+        if callback is not None:
+            self.drain_callback = None
+            callback()
 
     async def drain(self) -> None:
         """Return once the transport takes writes again (at once when it does now)."""

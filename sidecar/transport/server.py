@@ -1,10 +1,15 @@
 """Downstream side: one `asyncio.Protocol` per client connection (uvicorn's shape).
 
-The protocol feeds bytes to the sans-IO request parser, starts one request cycle per request
-(pipelined requests wait their turn, with reading paused), streams the request body to the
-policy stack and the response body back, with flow control both ways. `ServerState` knows every
-connection: it enforces the time limits of docs/hardening.md rule 5 with one sweep a second (no
-timer per request) and drains them gracefully.
+The protocol feeds bytes to the sans-IO request parser and runs one request cycle (`_Cycle`,
+uvicorn's RequestResponseCycle) per request; pipelined requests wait their turn, with reading
+paused. A cycle hands its request to the route's handler with itself as the reply (see
+`sidecar/exchange.py`), and writes what comes back: no task per request. A request is handed
+over once its head and the body bytes that came with it are parsed (so a small body travels in
+hand), or at once when its body is still arriving (it then streams to the policy stack). The
+response body is written as it comes, by callbacks, with flow control both ways: head and a
+body that arrived whole leave in one write. `ServerState` knows every connection: it enforces the
+time limits of docs/hardening.md rule 5 with one sweep a second (no timer per request) and
+drains them gracefully.
 
 This is also the one place that turns a `ProxyError` into a response: status from the flag, the
 flag in `x-outrigger-flags` and in the plain-text body.
@@ -22,9 +27,17 @@ from typing import cast
 
 from mesh.http import REASON_PHRASES
 from sidecar.config import Endpoint, ServiceConfig
-from sidecar.exchange import Handler, Request, RequestBody, Response
+from sidecar.exchange import (
+    DownstreamGone,
+    Handler,
+    Request,
+    RequestBody,
+    RequestBodyFailed,
+    Response,
+    Result,
+)
 from sidecar.flags import Flag, ProxyError
-from sidecar.policy.deadline import deadline_at
+from sidecar.policy.deadline import Timer, call_at
 from sidecar.protocol import serialize
 from sidecar.protocol.events import Data, EndOfMessage, Reject, RequestEvent, RequestHead
 from sidecar.protocol.limits import Limits
@@ -50,6 +63,9 @@ class ServerSettings:
     idle_timeout: float = 60.0  # keep-alive connection with no request
     body_timeout: float = 60.0  # request body that stops moving
     send_timeout: float = 60.0  # peer that stops reading our response
+    # A tunnel (after a 101) with no byte either way for this long is closed, both sides
+    # (Envoy's stream_idle_timeout, which also applies to upgraded streams; its default).
+    stream_idle_timeout: float = 300.0
     retry_buffer: int = 64 * 1024  # request bodies up to this size are kept for retries
 
 
@@ -66,8 +82,9 @@ Dispatch = Callable[[RequestHead], Decision]
 
 
 # Told when a request cycle ends: (head, decision, status, flags, start on the loop's clock,
-# request); decision and request are None when there was no route.
-Completed = Callable[[RequestHead, Decision | None, int, str, float, Request | None], None]
+# request); decision and request are None when there was no route, head is None too when the
+# request was refused before its head was whole (a 400 from the parser, a 408 header timeout).
+Completed = Callable[[RequestHead | None, Decision | None, int, str, float, Request | None], None]
 
 
 # Connection phases for the sweep.
@@ -161,10 +178,10 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = RequestParser(state.settings.limits)
-        self.pending: deque[RequestEvent] = deque()
+        self.pending: deque[RequestEvent] = deque()  # parsed, waiting for the cycle before
+        self.processing = False  # inside _process: a cycle that ends now must not recurse
         self.body: BodyStream | None = None  # the current request's body, while it arrives
-        self.task: asyncio.Task[None] | None = None
-        self.cycle_head: RequestHead | None = None
+        self.cycle: _Cycle | None = None  # the request cycle in flight
         self.request_complete = False
         self.response_started = False
         self.close_after = False
@@ -173,6 +190,7 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
         self.write_paused = False
         self.write_paused_at = 0.0
         self.drain_waiter: asyncio.Future[None] | None = None
+        self.drain_callback: Callable[[], None] | None = None
         self.phase = IDLE
         self.phase_since = 0.0
         self.last_activity = 0.0
@@ -193,19 +211,30 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             self.close_after = True
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = self.loop.time()
+        now = self.last_activity = self.loop.time()
         if self.tunnel_upstream is not None:
             self.tunnel_upstream(data)
             return
         if self.phase == IDLE:
             self.phase = HEADERS
-            self.phase_since = self.last_activity
+            self.phase_since = now
         events = self.parser.feed(data)
-        if self.pending or (self.task is not None and self.request_complete):
-            self.pending.extend(events)
-            self._pause("pipeline")
-            return
-        self._process(events)
+        if self.cycle is not None:
+            if self.request_complete:
+                # A response is on its way: what follows waits its turn, unread.
+                self.pending.extend(events)
+                self._pause("pipeline")
+                return
+        elif len(events) == 2 and not self.pending:
+            head, end = events
+            if type(head) is RequestHead and type(end) is EndOfMessage and not head.chunked:
+                # The common case, one whole request without a body: no queue to go through.
+                cycle = self._start_cycle(head, now)
+                self.request_complete = True
+                cycle.begin()
+                return
+        self.pending.extend(events)
+        self._process()
 
     def eof_received(self) -> bool | None:
         if self.tunnel_upstream is not None:
@@ -213,8 +242,9 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             return True  # half-close: the upstream side may still answer
         events = self.parser.feed_eof()
         if events:
-            self._process(events)
-        if self.task is None:
+            self.pending.extend(events)
+            self._process()
+        if self.cycle is None:
             return None  # nothing in flight: close
         self.close_after = True
         return True  # keep the write side open to finish the response
@@ -224,10 +254,12 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
         self.state.remove(self)
         if self.body is not None:
             self.body.fail(BodyReset("client closed the connection"))
-        if self.task is not None and not self.task.done():
+        cycle = self.cycle
+        if cycle is not None:
             # Nobody is listening: stop the exchange, mid-response too, so that the upstream
             # connection closes now instead of being read into the void (flag DC).
-            self.task.cancel()
+            cycle.client_gone()
+        self.drain_callback = None
         waiter = self.drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError("client closed the connection"))
@@ -240,33 +272,49 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
 
     # --- parsing -------------------------------------------------------------------------
 
-    def _process(self, events: list[RequestEvent] | deque[RequestEvent]) -> None:
-        if len(events) == 2 and type(events[1]) is EndOfMessage and not self.pending:
-            # The common case, one request without a body: no queue to build.
-            head = events[0]
-            if type(head) is RequestHead:
-                self._start_cycle(head)
-                self._end_of_request()
-                return
-        queue = events if isinstance(events, deque) else deque(events)
-        while queue:
-            event = queue.popleft()
-            if isinstance(event, Data):
-                if self.body is not None:
-                    self.body.feed(event.data)
-                    self.last_activity = self.loop.time()
-            elif isinstance(event, RequestHead):
-                self._start_cycle(event)
-            elif isinstance(event, EndOfMessage):
-                self._end_of_request()
-                if queue and self.task is not None:
-                    # A pipelined request: it waits until this response is written.
-                    self.pending.extend(queue)
-                    self._pause("pipeline")
-                    return
-            else:
-                self._reject(event)
-                return
+    def _process(self) -> None:
+        """Work through the parsed events: bodies to their request, each request handed over
+        once it is whole or its body streams, the next one only after the response before it
+        (a cycle that ends while we are in here does not recurse: the loop goes on)."""
+        if self.processing:
+            return
+        self.processing = True
+        pending = self.pending
+        try:
+            while not self.closed and self.tunnel_upstream is None:
+                cycle = self.cycle
+                if cycle is not None:
+                    if not cycle.started:
+                        if self.request_complete or not pending:
+                            cycle.begin()  # may end at once (a local answer)
+                            continue
+                    elif self.request_complete:
+                        break  # its response comes later; what follows waits
+                if not pending:
+                    break
+                event = pending.popleft()
+                kind = type(event)
+                if kind is Data:
+                    if self.body is not None:
+                        self.body.feed(cast(Data, event).data)
+                        self.last_activity = self.loop.time()
+                elif kind is RequestHead:
+                    self._start_cycle(cast(RequestHead, event), self.loop.time())
+                elif kind is EndOfMessage:
+                    self._end_of_request()
+                else:
+                    self._reject(cast(Reject, event))
+                    break
+        finally:
+            self.processing = False
+        if self.closed or self.tunnel_upstream is not None:
+            return
+        if pending:
+            self._pause("pipeline")
+        elif self.cycle is None or not self.request_complete:
+            # Nothing more queued; a request in flight may still be receiving its body, which
+            # must be read (a request after it is held back on arrival).
+            self._resume("pipeline")
 
     def _end_of_request(self) -> None:
         self.request_complete = True
@@ -274,28 +322,27 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             self.body.finish()
             self.body = None
         if self.phase == BODY:
-            self._set_phase(WAITING)
+            self.phase = WAITING
 
-    def _start_cycle(self, head: RequestHead) -> None:
-        self.cycle_head = head
+    def _start_cycle(self, head: RequestHead, now: float) -> _Cycle:
         self.request_complete = False
         self.response_started = False
+        self.body_failure = None
         if not head.keep_alive:
             self.close_after = True
-        start = self.loop.time()
         body: RequestBody
-        if head.chunked or (head.content_length is not None and head.content_length > 0):
+        if head.chunked or head.content_length:
             body = self.body = BodyStream(
                 head.content_length,
-                lambda: self._pause("body"),
-                lambda: self._resume("body"),
+                self._pause_body,
+                self._resume_body,
                 keep_limit=self.state.settings.retry_buffer,
                 on_first_read=self._send_continue if head.expect_continue else None,
             )
-            self._set_phase(BODY)
+            self.phase = BODY  # timed from the last byte (last_activity)
         else:
             body = EMPTY_BODY
-            self._set_phase(WAITING)
+            self.phase = WAITING  # not timed here: the policy's timeouts are
         headers = head.headers
         request_id = None
         mesh_headers = False
@@ -315,20 +362,22 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
         try:
             decision = self.dispatch(head)
         except ProxyError as error:
-            self.task = self.loop.create_task(self._respond_error(head, error, start))
-            return
+            cycle = self.cycle = _Cycle(self, head, None, None, now)
+            cycle.error = error
+            return cycle
         request = Request(
             head.method,
             head.path,
             head.authority,
             headers,
             body,
-            version=head.version,
-            upgrade=head.upgrade,
-            service=decision.service,
+            head.version,
+            head.upgrade,
+            decision.service,
             destination=self.destination,
         )
-        self.task = self.loop.create_task(self._run(head, decision, request, start))
+        cycle = self.cycle = _Cycle(self, head, decision, request, now)
+        return cycle
 
     def _reject(self, event: Reject) -> None:
         # docs/hardening.md rule 6: after a rejected request nothing more is parsed or forwarded.
@@ -339,163 +388,37 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             self.body_failure = (event.status, event.reason)
             self.body.fail(BodyReset(event.reason))
             self.body = None
-        if self.task is not None and not self.task.done():
+        cycle = self.cycle
+        if cycle is not None:
+            if not cycle.started:
+                # Its body went bad before it was handed over: answer without an exchange.
+                cycle.started = True
+                cycle(RequestBodyFailed(event.reason))
             return  # the in-flight response finishes, then the connection closes
-        status = event.status
-        body = f"{event.reason}\n".encode("ascii", "replace")
+        self._refuse(event.status, event.reason)
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """Answer a request that never got a cycle (refused or timed out before its head was
+        whole), report it like any other, and close."""
+        body = f"{reason}\n".encode("ascii", "replace")
         self._write_local(status, Flag.DOWNSTREAM_PROTOCOL_ERROR, body, b"1.1", close=True)
+        if self.completed is not None:
+            dpe = Flag.DOWNSTREAM_PROTOCOL_ERROR.value
+            self.completed(None, None, status, dpe, self.phase_since, None)
         self._finish_connection()
 
-    # --- one request cycle ---------------------------------------------------------------
+    # --- writing -------------------------------------------------------------------------
 
-    async def _run(
-        self, head: RequestHead, decision: Decision, request: Request, start: float
-    ) -> None:
-        status = 0
-        flags = ""
-        try:
-            try:
-                response = await decision.handler(request)
-            except ProxyError as error:
-                status, flag, body = local_response(error)
-                flags = flag.value
-                self._write_local(status, flag, body, head.version, close=self.close_after)
-                return
-            except BodyReset:
-                failure = self.body_failure
-                if failure is None or self.closed:
-                    status, flags = 499, Flag.DOWNSTREAM_DISCONNECT.value
-                    return
-                # The sidecar cut the request body (timeout, bad chunk): the client is told why.
-                status, flags = failure[0], Flag.DOWNSTREAM_PROTOCOL_ERROR.value
-                reason = f"{failure[1]}\n".encode("ascii", "replace")
-                self._write_local(
-                    status, Flag.DOWNSTREAM_PROTOCOL_ERROR, reason, head.version, close=True
-                )
-                return
-            status = response.status
-            flags = ",".join([f.value for f in response.flags]) if response.flags else ""
-            if request.deadline is None:
-                await self._write_response(head, response)
-            else:
-                # The total timeout covers the whole response (Envoy's route timeout), not only
-                # its head: a body still streaming at the deadline is cut (UT). The deadline is
-                # on the loop's clock (policy.clock.loop_time).
-                deadline = deadline_at(request.deadline)
-                try:
-                    with deadline:
-                        await self._write_response(head, response)
-                except TimeoutError:
-                    if not deadline.expired:
-                        raise
-                    flags = Flag.UPSTREAM_TIMEOUT.value
-                    response.discard()
-                    self.abort()
-        except asyncio.CancelledError:
-            if status == 0:
-                status = 499
-            dc = Flag.DOWNSTREAM_DISCONNECT.value
-            flags = f"{flags},{dc}" if flags else dc
-            raise
-        except (ConnectionError, BodyReset) as exc:
-            # Lost a side mid-response: the client saw a truncated message; close it.
-            if not flags:
-                reset = isinstance(exc, BodyReset)
-                flags = (Flag.UPSTREAM_RESET if reset else Flag.DOWNSTREAM_DISCONNECT).value
-            self.abort()
-        except Exception:
-            log.exception("unexpected error serving %r", head.path)
-            status, flags = 500, Flag.UPSTREAM_PROTOCOL_ERROR.value
-            if not self.response_started:
-                self._write_local(
-                    500, Flag.UPSTREAM_PROTOCOL_ERROR, b"internal error\n", head.version, close=True
-                )
-            else:
-                self.abort()
-        finally:
-            if self.completed is not None:
-                self.completed(head, decision, status, flags, start, request)
-            self._cycle_done()
-
-    async def _respond_error(self, head: RequestHead, error: ProxyError, start: float) -> None:
-        status, flag, body = local_response(error)
-        try:
-            self._write_local(status, flag, body, head.version, close=self.close_after)
-        finally:
-            if self.completed is not None:
-                self.completed(head, None, status, flag.value, start, None)
-            self._cycle_done()
-
-    async def _write_response(self, head: RequestHead, response: Response) -> None:
-        if response.tunnel is not None:
-            if response.status == 101 and head.upgrade is not None:
-                self._open_tunnel(response)
-                return
-            response.tunnel.abort()
-        transport = self.transport
-        if transport is None or self.closed:
-            response.discard()
-            raise ConnectionResetError("client closed the connection")
-        http10 = head.version == b"1.0"
-        if head.upgrade is not None:
-            self.close_after = True  # an upgrade refused: don't parse what the client sends next
-        send_body = response.has_body and head.method != b"HEAD"
-        length = response.content_length
-        chunked = send_body and length is None and not http10
-        close = self.close_after or self.state.draining or (send_body and length is None and http10)
-        if not self.request_complete:
-            close = True  # the client is still sending a body nobody will read
-        if close:
-            self.close_after = True
-        self.response_started = True
-        head_bytes = serialize.response_head(
-            response.status,
-            response.reason,
-            response.headers,
-            version=head.version,
-            content_length=length,
-            chunked=chunked,
-            close=close,
-            parsed=response.endpoint is not None,  # an upstream's head, from our parser
-        )
-        if not send_body:
-            transport.write(head_bytes)
-            if response.has_body:
-                response.discard()  # a HEAD: the upstream's body (if any) is not forwarded
-            return
-        first = True
-        body = response.body
-        try:
-            while True:
-                data = await body.read()
-                if not data:
-                    break
-                out = serialize.chunk(data) if chunked else data
-                if first:
-                    out = head_bytes + out
-                    first = False
-                transport.write(out)
-                if self.write_paused:
-                    await self.drain()
-        except BaseException:
-            response.discard()  # cut short: its upstream connection closes, never half-read
-            raise
-        if first:
-            transport.write(head_bytes + serialize.LAST_CHUNK if chunked else head_bytes)
-        elif chunked:
-            transport.write(serialize.LAST_CHUNK)
-
-    def _open_tunnel(self, response: Response) -> None:
+    def _open_tunnel(self, response: Response, upgrade: bytes) -> None:
         tunnel = response.tunnel
         assert tunnel is not None and self.transport is not None
         self.response_started = True
         self.close_after = True
-        upgrade = self.cycle_head.upgrade if self.cycle_head is not None else None
         self.transport.write(
             serialize.response_head(
                 101,
                 response.reason,
-                [(b"connection", b"upgrade"), (b"upgrade", upgrade or b""), *response.headers],
+                [(b"connection", b"upgrade"), (b"upgrade", upgrade), *response.headers],
                 version=b"1.1",
                 content_length=None,
                 chunked=False,
@@ -503,7 +426,7 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             )
         )
         transport = self.transport
-        self._set_phase(TUNNEL)
+        self.phase = TUNNEL  # timed from the last byte either way (last_activity)
         # Each side's EOF is passed on as a half-close; once both sides are done, or one is
         # gone, both connections close after sending what they hold (neither closes by itself:
         # an asyncio transport that returned True from eof_received stays open).
@@ -578,27 +501,21 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
         if self.transport is not None and not self.response_started and not self.closed:
             self.transport.write(serialize.informational(100, b"Continue"))
 
-    def _cycle_done(self) -> None:
-        self.task = None
-        self.cycle_head = None
+    def _cycle_done(self, cycle: _Cycle) -> None:
+        if self.cycle is not cycle:
+            return
+        self.cycle = None
         if self.phase == TUNNEL:
             return
-        if self.close_after or self.closed:
+        if self.close_after or self.closed or not self.request_complete:
+            # (a request whose body was not read to its end leaves the connection unusable)
             self._finish_connection()
             return
-        if not self.request_complete:
-            self._finish_connection()
-            return
-        self._set_phase(IDLE)
+        self.phase = IDLE
+        self.phase_since = self.loop.time()
         if self.pending:
-            pending, self.pending = self.pending, deque()
-            self._set_phase(HEADERS)
-            self._process(pending)
-            if not self.pending and (self.task is None or not self.request_complete):
-                # Nothing more queued; the request now in flight may still be receiving its
-                # body, which must be read (a request after it is held back on arrival).
-                self._resume("pipeline")
-        else:
+            self._process()
+        elif self.read_paused_by:
             self._resume("pipeline")
 
     def _finish_connection(self) -> None:
@@ -607,6 +524,12 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             self.transport.close()
 
     # --- flow control and time limits -----------------------------------------------------
+
+    def _pause_body(self) -> None:
+        self._pause("body")
+
+    def _resume_body(self) -> None:
+        self._resume("body")
 
     def _pause(self, reason: str) -> None:
         if not self.read_paused_by and self.transport is not None and not self.closed:
@@ -619,10 +542,6 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             if not self.read_paused_by and self.transport is not None and not self.closed:
                 self.transport.resume_reading()
 
-    def _set_phase(self, phase: int) -> None:
-        self.phase = phase
-        self.phase_since = self.loop.time()
-
     def check_timeouts(self, now: float) -> None:
         settings = self.state.settings
         if self.write_paused and now - self.write_paused_at > settings.send_timeout:
@@ -634,25 +553,317 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             self._timeout_request(408, "request headers not received in time")
         elif self.phase == BODY and now - self.last_activity > settings.body_timeout:
             self._timeout_request(408, "request body stopped arriving")
+        elif self.phase == TUNNEL and now - self.last_activity > settings.stream_idle_timeout:
+            log.info("tunnel idle for %.0fs: closing", settings.stream_idle_timeout)
+            if self.tunnel_abort is not None:
+                self.tunnel_abort()
+            self.abort()
 
     def _timeout_request(self, status: int, reason: str) -> None:
         if self.body is not None:
             self.body_failure = (status, reason)
             self.body.fail(BodyReset(reason))
             self.body = None
-        if self.task is None:
-            body = f"{reason}\n".encode()
-            self._write_local(status, Flag.DOWNSTREAM_PROTOCOL_ERROR, body, b"1.1", close=True)
-            self._finish_connection()
+        if self.cycle is None:
+            self._refuse(status, reason)
         else:
             self.close_after = True
 
     def close_when_idle(self) -> None:
         self.close_after = True
-        if self.task is None and self.phase in (IDLE, HEADERS) and not self.pending:
+        if self.cycle is None and self.phase in (IDLE, HEADERS) and not self.pending:
             self._finish_connection()
 
     def abort(self) -> None:
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
+
+
+_DC = Flag.DOWNSTREAM_DISCONNECT.value
+_UC = Flag.UPSTREAM_RESET.value
+_UT = Flag.UPSTREAM_TIMEOUT.value
+
+
+class _Cycle:
+    """One request and its response on a connection: the reply of the route's handler.
+
+    It writes the response the handler replies with, the body as it arrives (head and a body
+    already in hand in one write), bounds the body by the request's deadline (the total timeout
+    covers the whole response, as Envoy's route timeout does), and tells the connection's
+    `completed` callback once, however the cycle ends. A reply that comes after the cycle ended
+    (its client gone, nothing interruptible waiting) is dropped, its response discarded.
+    """
+
+    __slots__ = (
+        "_chunked",
+        "_timer",
+        "conn",
+        "decision",
+        "done",
+        "error",
+        "flags",
+        "head",
+        "replied",
+        "request",
+        "response",
+        "start",
+        "started",
+        "status",
+    )
+
+    def __init__(
+        self,
+        conn: DownstreamProtocol,
+        head: RequestHead,
+        decision: Decision | None,
+        request: Request | None,
+        start: float,
+    ) -> None:
+        self.conn = conn
+        self.head = head
+        self.decision = decision
+        self.request = request
+        self.start = start  # on the loop's clock
+        self.error: ProxyError | None = None  # routing refused it: answered with this
+        self.started = False  # handed to its handler
+        self.replied = False
+        self.done = False
+        self.status = 0
+        self.flags = ""
+        self.response: Response | None = None
+        self._timer: Timer | None = None
+
+    def begin(self) -> None:
+        self.started = True
+        decision, request = self.decision, self.request
+        if decision is None or request is None:
+            error = self.error
+            assert error is not None
+            self(error)
+            return
+        try:
+            decision.handler(request, self)
+        except Exception:
+            if not self.replied:
+                self._internal_error()
+            else:
+                log.exception("unexpected error serving %r", self.head.path)
+
+    # --- the reply -------------------------------------------------------------------------
+
+    def __call__(self, result: Result) -> None:
+        if self.replied or self.done:
+            if isinstance(result, Response):
+                result.discard()  # late: the cycle was answered already
+            return
+        self.replied = True
+        try:
+            if isinstance(result, Response):
+                self._respond(result)
+            else:
+                self._fail(result)
+        except Exception:
+            self._internal_error()
+
+    def _fail(self, error: ProxyError) -> None:
+        conn = self.conn
+        if isinstance(error, RequestBodyFailed | DownstreamGone):
+            failure = conn.body_failure
+            if failure is None or conn.closed:
+                self.status, self.flags = 499, _DC
+                self.finish()
+                return
+            # The sidecar cut the request body (timeout, bad chunk): the client is told why.
+            self.status, self.flags = failure[0], Flag.DOWNSTREAM_PROTOCOL_ERROR.value
+            reason = f"{failure[1]}\n".encode("ascii", "replace")
+            conn._write_local(
+                failure[0], Flag.DOWNSTREAM_PROTOCOL_ERROR, reason, self.head.version, close=True
+            )
+            self.finish()
+            return
+        status, flag, body = local_response(error)
+        self.status, self.flags = status, flag.value
+        conn._write_local(status, flag, body, self.head.version, close=conn.close_after)
+        self.finish()
+
+    def _respond(self, response: Response) -> None:
+        conn, head = self.conn, self.head
+        self.response = response
+        self.status = response.status
+        if response.flags:
+            self.flags = ",".join([f.value for f in response.flags])
+        if response.tunnel is not None:
+            if response.status == 101 and head.upgrade is not None:
+                conn._open_tunnel(response, head.upgrade)
+                self.finish()
+                return
+            response.tunnel.abort()
+        transport = conn.transport
+        if transport is None or conn.closed:
+            # Lost the client before a byte of the response: close it all.
+            response.discard()
+            self.flags = self.flags or _DC
+            conn.abort()
+            self.finish()
+            return
+        version = head.version
+        if head.upgrade is not None:
+            conn.close_after = True  # an upgrade refused: don't parse what the client sends next
+        send_body = response.has_body and head.method != b"HEAD"
+        length = response.content_length
+        chunked = send_body and length is None and version != b"1.0"
+        close = conn.close_after or conn.state.draining
+        if (send_body and length is None and not chunked) or not conn.request_complete:
+            # An HTTP/1.0 body of unknown length ends with the connection; a client still
+            # sending a body nobody will read cannot send another request.
+            close = conn.close_after = True
+        elif close:
+            conn.close_after = True
+        conn.response_started = True
+        head_bytes = serialize.response_head(
+            response.status,
+            response.reason,
+            response.headers,
+            version=version,
+            content_length=length,
+            chunked=chunked,
+            close=close,
+            parsed=response.endpoint is not None,  # an upstream's head, from our parser
+        )
+        if not send_body:
+            transport.write(head_bytes)
+            if response.has_body:
+                response.discard()  # a HEAD: the upstream's body (if any) is not forwarded
+            self.finish()
+            return
+        data = response.body.whole()
+        if data is not None:
+            # The whole body is here (most responses): one write, no waiting.
+            if chunked:
+                data = (
+                    serialize.chunk(data) + serialize.LAST_CHUNK if data else serialize.LAST_CHUNK
+                )
+            transport.write(head_bytes + data)
+            self.finish()
+            return
+        self._chunked = chunked
+        self.pump(head_bytes)
+
+    # --- the response body -----------------------------------------------------------------
+
+    def pump(self, out: bytes = b"") -> None:
+        """Write what the body has now (after `out`: the head, the first time), then wait: for
+        more body (`notify`), or for the client to take our bytes (`drain_callback`)."""
+        response, conn = self.response, self.conn
+        if self.done or response is None:
+            return
+        transport = conn.transport
+        if transport is None or conn.closed:
+            self.client_gone()
+            return
+        body = response.body
+        chunked = self._chunked
+        try:
+            while True:
+                data = body.take()
+                if data is None:
+                    break
+                if not data:
+                    transport.write(out + serialize.LAST_CHUNK if chunked else out)
+                    self.finish()
+                    return
+                if chunked:
+                    data = serialize.chunk(data)
+                out = out + data if out else data
+        except BodyReset:
+            # Lost the upstream mid-response: the client saw a truncated message; close it.
+            if out:
+                transport.write(out)
+            self.flags = self.flags or _UC
+            response.discard()
+            conn.abort()
+            self.finish()
+            return
+        except Exception:
+            response.discard()
+            raise
+        if out:
+            transport.write(out)
+        if conn.write_paused:
+            conn.drain_callback = self.pump
+        else:
+            body.notify(self.pump)
+        deadline = self.request.deadline if self.request is not None else None
+        if deadline is not None and self._timer is None:
+            self._timer = call_at(deadline, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        # The total timeout covers the whole response (Envoy's route timeout), not only its
+        # head: a body still streaming at the deadline is cut (UT). The deadline is on the
+        # loop's clock (policy.clock.loop_time).
+        self._timer = None
+        if self.done or self.response is None:
+            return
+        self.flags = _UT
+        self.response.discard()
+        self.conn.abort()
+        self.finish()
+
+    # --- endings ---------------------------------------------------------------------------
+
+    def client_gone(self) -> None:
+        """The client connection is gone (lost, or cut off by the send timeout)."""
+        if self.done:
+            return
+        if not self.replied:
+            request = self.request
+            if self.started and request is not None:
+                gone = DownstreamGone("the client closed the connection")
+                if request.interrupt(gone, end=True):
+                    return  # the exchange replied (499 DC) through every layer
+            self.replied = True  # nothing interruptible waited: whatever comes later is dropped
+            self.status = 499
+            self.flags = _DC
+            self.finish()
+            return
+        if self.response is not None:
+            self.flags = f"{self.flags},{_DC}" if self.flags else _DC
+            self.response.discard()  # cut short: its upstream connection closes, never half-read
+        self.finish()
+
+    def _internal_error(self) -> None:
+        log.exception("unexpected error serving %r", self.head.path)
+        self.replied = True
+        self.status, self.flags = 500, Flag.UPSTREAM_PROTOCOL_ERROR.value
+        conn = self.conn
+        if self.response is not None:
+            self.response.discard()
+        if not conn.response_started:
+            conn._write_local(
+                500,
+                Flag.UPSTREAM_PROTOCOL_ERROR,
+                b"internal error\n",
+                self.head.version,
+                close=True,
+            )
+        else:
+            conn.abort()
+        self.finish()
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
+        conn = self.conn
+        if conn.drain_callback is not None:
+            conn.drain_callback = None
+        if conn.completed is not None:
+            conn.completed(
+                self.head, self.decision, self.status, self.flags, self.start, self.request
+            )
+        conn._cycle_done(self)

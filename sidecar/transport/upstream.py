@@ -1,31 +1,51 @@
 """Upstream side: one keep-alive connection pool per endpoint, and the forwarder.
 
 `Upstreams.forward` is the innermost `EndpointHandler` of every service's stack (the router, in
-Envoy's words): it takes a connection from the endpoint's pool, writes the request head from the
-parsed model (never the client's raw bytes), streams the body with backpressure, and returns the
-response as soon as its head is parsed. The response body streams on; when it ends, the
-connection goes back to the pool if nothing about the exchange makes it unsafe to reuse
-(docs/hardening.md rules 6 and 9).
+Envoy's words): it takes an idle connection from the endpoint's pool and starts the exchange on
+it at once: the request head is written from the parsed model (never the client's raw bytes),
+with the body in the same write when it is already in hand. The connection replies with the
+response as soon as its head is parsed (with a body that arrived whole in the same read, as one
+in-memory body); the body streams on; when it ends, the connection goes back to the pool if
+nothing about the exchange makes it unsafe to reuse (docs/hardening.md rules 6 and 9).
+
+Only two things start a task: a pending connection (no idle one in the pool: connecting is a
+coroutine, counted against `max_pending`), and a request body that is still arriving (pumped
+with backpressure). A request waiting for its head can be interrupted (`Request.interrupt`): the
+connection is aborted, never reused, and the exchange replies with the interrupting error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import cast
 
 from mesh.http import IDEMPOTENT_METHODS_BYTES
 from sidecar.config import Endpoint
-from sidecar.exchange import BodyNotReplayable, Request, Response, ResponseBody
+from sidecar.exchange import (
+    BodyNotReplayable,
+    Reply,
+    Request,
+    RequestBodyFailed,
+    Response,
+)
 from sidecar.flags import Flag, ProxyError
+from sidecar.policy.concurrency import ConcurrencyError, PendingSlot
 from sidecar.policy.stack import ServiceRegistry
 from sidecar.protocol import serialize
-from sidecar.protocol.events import Data, EndOfMessage, ResponseEvent, ResponseHead
+from sidecar.protocol.events import Data, EndOfMessage, Reject, ResponseEvent, ResponseHead
 from sidecar.protocol.response import ResponseParser
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream, BytesBody
 from sidecar.transport.flow import WriteFlow
+
+log = logging.getLogger("outrigger.upstream")
+
+# A body in hand up to this size is written with its head in one buffer; a larger one with
+# writelines (no copy of the body).
+_JOIN_LIMIT = 64 * 1024
 
 
 class UpstreamError(ProxyError):
@@ -33,11 +53,15 @@ class UpstreamError(ProxyError):
 
 
 class UpstreamConnection(WriteFlow, asyncio.Protocol):
-    """One HTTP/1.1 connection to an endpoint; at most one exchange at a time."""
+    """One HTTP/1.1 connection to an endpoint; at most one exchange at a time.
+
+    The exchange in progress is `reply` and `request`: set by `exchange`, cleared when the
+    response head (or the error that ends the exchange) is handed to `reply`.
+    """
 
     __slots__ = (
-        "_head",
         "_idle_parser",
+        "_interrupt",
         "_parser",
         "body",
         "busy",
@@ -45,11 +69,17 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         "endpoint",
         "got_bytes",
         "idle_since",
+        "idle_timeout",
         "last_activity",
         "pool",
+        "pump",
+        "reply",
+        "request",
         "request_sent",
+        "reused",
         "transport",
         "tunnel",
+        "upgraded",
     )
 
     def __init__(self, pool: EndpointPool) -> None:
@@ -58,17 +88,24 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._parser: ResponseParser | None = None  # set while an exchange is in progress
         self._idle_parser: ResponseParser | None = None  # kept for the next exchange
-        # The head and its body travel together: by the time the awaiting coroutine resumes,
-        # a short response may be complete and this connection already serving someone else.
-        self._head: asyncio.Future[tuple[ResponseHead, ResponseBody | None]] | None = None
+        self.reply: Reply | None = None  # waiting for the response head
+        self.request: Request | None = None
+        self._interrupt = self.interrupt  # bound once: a request's on_interrupt while it waits
         self.body: BodyStream | None = None
+        self.pump: asyncio.Task[None] | None = None  # a request body still being sent
         self.busy = False
         self.closed = False
         self.request_sent = False
         self.got_bytes = False
+        self.reused = False  # the exchange runs on a connection taken from the pool
+        self.upgraded = False  # answered 101: a tunnel now, never pooled
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
+        self.drain_callback: Callable[[], None] | None = None
         self.idle_since = 0.0
+        # How long it may wait in the pool: the idle_timeout of the service it served last
+        # (xDS common_http_protocol_options.idle_timeout); 0 keeps it until the peer closes it.
+        self.idle_timeout = pool.upstreams.idle_timeout  # until a service's request sets its own
         self.last_activity = 0.0
         # Set on a 101: bytes from upstream go here instead of the parser.
         self.tunnel: Callable[[bytes], None] | None = None
@@ -92,10 +129,35 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
             return
         self.got_bytes = True
         events = parser.feed(data)
-        if len(events) == 3 and self._whole_response(events):
-            return
-        for event in events:
-            self._on_event(event)
+        if len(events) == 3:
+            head, body, end = events
+            reply = self.reply
+            if (
+                type(head) is ResponseHead
+                and type(body) is Data
+                and type(end) is EndOfMessage
+                and head.status >= 200
+                and reply is not None
+            ):
+                # The common case, a final response whose head and body came in one read:
+                # handed over as one in-memory body (no BodyStream, no flow control to arrange).
+                request = self.request
+                assert request is not None
+                self.reply = self.request = None
+                request.on_interrupt = None
+                response = Response(
+                    head.status,
+                    head.reason,
+                    head.headers,
+                    BytesBody(body.data),
+                    self.endpoint,
+                    head.content_length,
+                    head.has_body,
+                )
+                self._exchange_done()  # pooled before the reply: the next request may use it
+                reply(response)
+                return
+        self._on_events(events)
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
@@ -103,25 +165,24 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
             return True  # a half-close: the client may still send, the tunnel closes both
         parser = self._parser
         if parser is not None:
-            head = self._head
-            if head is not None and not head.done():
+            if self.reply is not None:
                 # Closed before the response head was complete: a reset (UC, retryable as
                 # `reset`; a stale pooled connection with no byte back may be retried), not
                 # bad framing (UPE). Envoy: "upstream reset before headers".
                 when = "mid-head" if self.got_bytes else "before responding"
                 reason = f"{self.endpoint} closed the connection {when}"
-                head.set_exception(UpstreamError(Flag.UPSTREAM_RESET, reason))
+                self.closed = True  # never pooled again, whatever the reply does
+                self._fail(UpstreamError(Flag.UPSTREAM_RESET, reason))
                 return None
-            for event in parser.feed_eof():
-                self._on_event(event)
+            self._on_events(parser.feed_eof())
         return None  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
         reason = "upstream connection closed" if exc is None else f"upstream connection lost: {exc}"
-        if self._head is not None and not self._head.done():
-            self._head.set_exception(UpstreamError(Flag.UPSTREAM_RESET, reason))
+        if self.reply is not None:
+            self._fail(UpstreamError(Flag.UPSTREAM_RESET, reason))
         if self.body is not None:
             self.body.fail(BodyReset(reason))
         waiter = self.drain_waiter
@@ -132,24 +193,53 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
 
     # --- exchange ------------------------------------------------------------------------
 
-    def begin(self, method: bytes) -> asyncio.Future[tuple[ResponseHead, ResponseBody | None]]:
+    def exchange(self, req: Request, reply: Reply, reused: bool) -> None:
+        """Send `req` and reply with the response head (or the error) when it comes."""
         self.busy = True
-        self.request_sent = False
-        self.got_bytes = False
+        self.request_sent = self.got_bytes = False
         self.body = None
+        self.reused = reused
         parser = self._idle_parser
         if parser is None:
-            parser = self._idle_parser = ResponseParser(method)
+            parser = self._idle_parser = ResponseParser(req.method)
         else:
-            parser.reset(method)
+            parser.reset(req.method)
         self._parser = parser
-        self._head = asyncio.get_running_loop().create_future()
+        self.reply = reply
+        self.request = req
+        req.on_interrupt = self._interrupt
         self.last_activity = self.pool.clock()
-        return self._head
+        _send_request(self, req)
+
+    def interrupt(self, error: ProxyError) -> None:
+        """The request stops waiting (a deadline, the client gone): abort, reply `error`."""
+        reply = self.reply
+        self.reply = self.request = None
+        self._stop_pump()
+        self.abort()
+        if reply is not None:
+            reply(error)
+
+    def body_failed(self, reason: str) -> None:
+        """The client's request body failed while we sent it: the upstream must not see a
+        short body, and the exchange ends with the client's failure (not the upstream's)."""
+        self.pump = None
+        reply = self.reply
+        self.reply = None
+        request, self.request = self.request, None
+        if request is not None:
+            request.on_interrupt = None
+        self.abort()
+        if reply is not None:
+            reply(RequestBodyFailed(reason))
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        if self.transport is not None:
+            self.transport.writelines(parts)
 
     def abort(self) -> None:
         self.closed = True
@@ -186,68 +276,117 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         if self.closed:
             receive(b"")  # the upstream closed right after its 101
 
-    def _whole_response(self, events: list[ResponseEvent]) -> bool:
-        """The common case, a final response whose head and body came in one read: hand them
-        over as one in-memory body (no BodyStream, no flow control to arrange)."""
-        head, data, end = events
-        future = self._head
-        if (
-            type(head) is not ResponseHead
-            or type(data) is not Data
-            or type(end) is not EndOfMessage
-            or head.status < 200
-            or future is None
-            or future.done()
-        ):
-            return False
-        future.set_result((head, BytesBody(data.data)))
-        self._exchange_done()
-        return True
+    def _take_exchange(self) -> tuple[Reply, Request]:
+        reply, request = self.reply, self.request
+        assert reply is not None and request is not None
+        self.reply = self.request = None
+        request.on_interrupt = None
+        return reply, request
 
-    def _on_event(self, event: ResponseEvent) -> None:
-        if isinstance(event, Data):
-            if self.body is not None:
-                self.body.feed(event.data)
-        elif isinstance(event, ResponseHead):
-            if 100 <= event.status < 200 and event.status != 101:
-                return  # interim (100 Continue): the sidecar answers the client itself
-            self.body = None
-            if event.has_body:
-                self.body = BodyStream(
-                    event.content_length,
-                    self.pause_reading,
-                    self.resume_reading,
-                    on_discard=self.abort,
-                )
-            if self._head is not None and not self._head.done():
-                self._head.set_result((event, self.body))
-        elif isinstance(event, EndOfMessage):
-            if self._head is not None and not self._head.done():
-                return  # end of an interim response
-            if self.body is not None:
-                self.body.finish()
-            self._exchange_done()
-        else:  # Reject: the upstream's framing is wrong (rule 9)
-            error = UpstreamError(
-                Flag.UPSTREAM_PROTOCOL_ERROR,
-                f"invalid response from {self.endpoint}: {event.reason}",
+    def _fail(self, error: UpstreamError) -> None:
+        """The exchange ends before its response head."""
+        reply, req = self._take_exchange()
+        self._stop_pump()
+        if (
+            self.reused
+            and error.flag is Flag.UPSTREAM_RESET
+            and not self.got_bytes
+            and not req.ended
+            and req.method in IDEMPOTENT_METHODS_BYTES
+            and req.body.replayable
+        ):
+            # A pooled connection the peer closed just before we wrote: nothing was processed,
+            # so an idempotent request may go again on a fresh connection (RFC 9112 §9.3.1).
+            self.pool.upstreams.connect_and_exchange(self.pool, req, reply)
+            return
+        reply(error)
+
+    def _stop_pump(self) -> None:
+        pump, self.pump = self.pump, None
+        if pump is not None and not pump.done():
+            pump.cancel()
+
+    def _on_events(self, events: list[ResponseEvent]) -> None:
+        # The head is handed over after the body bytes that came with it were fed (so a
+        # response that arrived in one read leaves in one write), and after the end, if it
+        # came too: then the connection is back in the pool before anyone sees the response.
+        head: ResponseHead | None = None
+        interim = False
+        for event in events:
+            kind = type(event)
+            if kind is Data:
+                if self.body is not None:
+                    self.body.feed(cast(Data, event).data)
+            elif kind is ResponseHead:
+                event = cast(ResponseHead, event)
+                if 100 <= event.status < 200 and event.status != 101:
+                    interim = True  # 100 Continue: the sidecar answers the client itself
+                    continue
+                self.body = None
+                if event.upgrade is not None:
+                    self.upgraded = True  # a 101: this connection becomes the tunnel
+                if event.has_body:
+                    self.body = BodyStream(
+                        event.content_length,
+                        self.pause_reading,
+                        self.resume_reading,
+                        on_discard=self.abort,
+                    )
+                head = event
+            elif kind is EndOfMessage:
+                if interim:
+                    interim = False  # the end of an interim response
+                    continue
+                body = self.body
+                self._exchange_done()
+                if body is not None:
+                    body.finish()
+                if head is not None:
+                    self._deliver(head)
+                return  # nothing follows the end of a response
+            else:  # Reject: the upstream's framing is wrong (rule 9)
+                if head is not None:
+                    self._deliver(head)  # its body fails below, the client sees it cut
+                reason = cast(Reject, event).reason
+                self.closed = True
+                if self.reply is not None:
+                    error = f"invalid response from {self.endpoint}: {reason}"
+                    self._fail(UpstreamError(Flag.UPSTREAM_PROTOCOL_ERROR, error))
+                if self.body is not None:
+                    self.body.fail(BodyReset(reason))
+                self.abort()
+                return
+        if head is not None:
+            self._deliver(head)
+
+    def _deliver(self, head: ResponseHead) -> None:
+        if self.reply is None:
+            return  # interrupted meanwhile
+        reply, _ = self._take_exchange()
+        body = self.body
+        reply(
+            Response(
+                head.status,
+                head.reason,
+                head.headers,
+                body if body is not None else EMPTY_BODY,
+                self.endpoint,
+                head.content_length,
+                head.has_body,
+                self if head.upgrade is not None else None,
             )
-            if self._head is not None and not self._head.done():
-                self._head.set_exception(error)
-            if self.body is not None:
-                self.body.fail(BodyReset(event.reason))
-            self.abort()
+        )
 
     def _exchange_done(self) -> None:
+        if self.upgraded:
+            return  # the connection becomes a tunnel; never pooled
         parser = self._parser
-        if self._head is not None and self._head.done() and not self._head.cancelled():
-            head, _ = self._head.result()
-            if head.upgrade is not None:
-                return  # the connection becomes a tunnel; never pooled
         self.busy = False
         self._parser = None
         if parser is not None and parser.reusable and self.request_sent and not self.closed:
-            self.pool.release(self)
+            # EndpointPool.release, inline; its answer just came: no need to read the clock
+            self.idle_since = self.last_activity
+            self.pool.idle.append(self)
         else:
             self.abort()
 
@@ -278,32 +417,25 @@ async def open_connection(
 class EndpointPool:
     """Idle keep-alive connections to one endpoint (most recently used first)."""
 
-    __slots__ = ("clock", "connect", "connecting", "endpoint", "idle", "in_use")
+    __slots__ = ("clock", "connect", "connecting", "connections", "endpoint", "idle", "upstreams")
 
-    def __init__(
-        self, endpoint: Endpoint, clock: Callable[[], float], connect: Connect = open_connection
-    ) -> None:
+    def __init__(self, upstreams: Upstreams, endpoint: Endpoint) -> None:
+        self.upstreams = upstreams
         self.endpoint = endpoint
-        self.clock = clock
-        self.connect = connect
+        self.clock = upstreams.clock
+        self.connect = upstreams.connect
         self.idle: list[UpstreamConnection] = []
-        self.in_use: set[UpstreamConnection] = set()
+        self.connections: set[UpstreamConnection] = set()  # open ones, idle or not
         self.connecting = 0
 
-    def take_idle(self) -> UpstreamConnection | None:
-        """The most recently used open idle connection, if any (no await on the hot path)."""
-        while self.idle:
-            conn = self.idle.pop()
-            if not conn.closed:
-                self.in_use.add(conn)
-                return conn
-        return None
+    @property
+    def in_use(self) -> set[UpstreamConnection]:
+        """The open connections not waiting in the pool (an exchange or a tunnel on them)."""
+        idle = set(self.idle)
+        return {conn for conn in self.connections if conn not in idle}
 
-    async def acquire(self, connect_timeout: float) -> tuple[UpstreamConnection, bool]:
-        """A connection ready for one exchange, and whether it was reused."""
-        conn = self.take_idle()
-        if conn is not None:
-            return conn, True
+    async def open(self, connect_timeout: float) -> UpstreamConnection:
+        """A new connection, ready for one exchange."""
         self.connecting += 1
         try:
             async with asyncio.timeout(connect_timeout):
@@ -321,24 +453,24 @@ class EndpointPool:
             ) from None
         finally:
             self.connecting -= 1
-        self.in_use.add(protocol)
-        return protocol, False
+        if not protocol.closed:
+            self.connections.add(protocol)
+        return protocol
 
     def release(self, conn: UpstreamConnection) -> None:
-        self.in_use.discard(conn)
         conn.idle_since = self.clock()
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
-        self.in_use.discard(conn)
+        self.connections.discard(conn)
         with contextlib.suppress(ValueError):
             self.idle.remove(conn)
 
-    def sweep(self, now: float, idle_timeout: float, stream_idle_timeout: float) -> None:
-        """Close idle connections past their idle timeout and stalled exchanges."""
-        for conn in [c for c in self.idle if now - c.idle_since > idle_timeout]:
+    def sweep(self, now: float, stream_idle_timeout: float) -> None:
+        """Close idle connections past their own idle timeout and stalled exchanges."""
+        for conn in [c for c in self.idle if 0 < c.idle_timeout < now - c.idle_since]:
             conn.abort()
-        for conn in [c for c in self.in_use if now - c.last_activity > stream_idle_timeout]:
+        for conn in [c for c in self.connections if now - c.last_activity > stream_idle_timeout]:
             if conn.busy:
                 conn.abort()
 
@@ -354,7 +486,7 @@ class Upstreams:
         self,
         *,
         default_connect_timeout: float = 1.0,
-        idle_timeout: float = 60.0,
+        idle_timeout: float = 60.0,  # pooled connections of requests without a service
         stream_idle_timeout: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         services: ServiceRegistry | None = None,
@@ -371,120 +503,166 @@ class Upstreams:
     def pool(self, endpoint: Endpoint) -> EndpointPool:
         pool = self.pools.get(endpoint)
         if pool is None:
-            pool = self.pools[endpoint] = EndpointPool(endpoint, self.clock, self.connect)
+            pool = self.pools[endpoint] = EndpointPool(self, endpoint)
         return pool
 
     def sweep(self) -> None:
         now = self.clock()
         for pool in list(self.pools.values()):
-            pool.sweep(now, self.idle_timeout, self.stream_idle_timeout)
+            pool.sweep(now, self.stream_idle_timeout)
 
     def close_idle(self) -> None:
         for pool in self.pools.values():
             pool.close_idle()
 
-    async def forward(self, req: Request, endpoint: Endpoint) -> Response:
-        service = req.service
-        connect_timeout = (
-            service.connect_timeout if service is not None else self.default_connect_timeout
-        )
-        pool = self.pool(endpoint)
-        idle = pool.take_idle()
-        if idle is not None:
-            conn, reused = idle, True
-        elif service is None or self.services is None:
-            conn, reused = await pool.acquire(connect_timeout)
-        else:
-            # Waiting for a new connection counts against the service's max_pending.
-            state = self.services.get(service.name)
-            if state is None:
-                conn, reused = await pool.acquire(connect_timeout)
-            else:
-                with state.load.pending_slot():
-                    conn, reused = await pool.acquire(connect_timeout)
-        try:
-            return await self._exchange(req, conn)
-        except UpstreamError as error:
-            # A pooled connection the peer closed just before we wrote: nothing was processed,
-            # so an idempotent request may go again on a fresh connection (RFC 9112 §9.3.1).
-            if not (
-                reused
-                and error.flag is Flag.UPSTREAM_RESET
-                and not conn.got_bytes
-                and req.method in IDEMPOTENT_METHODS_BYTES
-                and req.body.replayable
-            ):
-                raise
-        conn, _ = await pool.acquire(connect_timeout)
-        return await self._exchange(req, conn)
+    def forward(self, req: Request, endpoint: Endpoint, reply: Reply) -> None:
+        pool = self.pools.get(endpoint)
+        if pool is None:
+            pool = self.pool(endpoint)
+        idle = pool.idle
+        while idle:  # the most recently used open idle connection
+            conn = idle.pop()
+            if not conn.closed:
+                service = req.service
+                if service is not None:
+                    conn.idle_timeout = service.idle_timeout
+                conn.exchange(req, reply, True)
+                return
+        self.connect_and_exchange(pool, req, reply)
 
-    async def _exchange(self, req: Request, conn: UpstreamConnection) -> Response:
-        head_future = conn.begin(req.method)
-        body = req.body
-        length = body.length
-        chunked = length is None
-        if length == 0 and req.method not in _BODY_METHODS:
-            length = None  # a GET without a body carries no framing header at all
-        headers = req.headers
-        if req.upgrade is not None:
-            # The parser removed the hop-by-hop pair; the upstream must see the offer to
-            # answer 101 (docs/hardening.md rule 7: a tunnel only after a matching 101).
-            headers = [*headers, (b"connection", b"upgrade"), (b"upgrade", req.upgrade)]
-        conn.write(
-            serialize.request_head(
-                req.method,
-                req.path,
-                req.authority,
-                headers,
-                content_length=length,
-                chunked=chunked,
-                parsed=True,  # every part came from our parser, plus our hex request id
-            )
+    def connect_and_exchange(self, pool: EndpointPool, req: Request, reply: Reply) -> None:
+        """No idle connection: open one (a task), counted against the service's
+        max_pending while it opens, then exchange on it."""
+        slot: PendingSlot | None = None
+        service = req.service
+        if service is not None and self.services is not None:
+            state = self.services.get(service.name)
+            if state is not None:
+                slot = state.load.pending_slot()
+                try:
+                    slot.__enter__()
+                except ConcurrencyError as error:
+                    reply(error)
+                    return
+        connecting = _Connecting(self, pool, req, reply, slot)
+        req.on_interrupt = connecting.interrupt
+        connecting.task = asyncio.get_running_loop().create_task(connecting.run())
+
+
+class _Connecting:
+    """A request waiting for a new connection to its endpoint."""
+
+    __slots__ = ("_pool", "_reply", "_req", "_slot", "_upstreams", "task")
+
+    def __init__(
+        self,
+        upstreams: Upstreams,
+        pool: EndpointPool,
+        req: Request,
+        reply: Reply,
+        slot: PendingSlot | None,
+    ) -> None:
+        self._upstreams = upstreams
+        self._pool = pool
+        self._req = req
+        self._reply: Reply | None = reply
+        self._slot = slot
+        self.task: asyncio.Task[None] | None = None
+
+    def interrupt(self, error: ProxyError) -> None:
+        # The connect goes on (cancelling a finished connect would leak its socket); the
+        # connection then waits in the pool for the next request.
+        reply, self._reply = self._reply, None
+        self._free_slot()
+        if reply is not None:
+            reply(error)
+
+    async def run(self) -> None:
+        req, pool = self._req, self._pool
+        service = req.service
+        timeout = (
+            service.connect_timeout
+            if service is not None
+            else self._upstreams.default_connect_timeout
         )
-        pump: asyncio.Task[None] | None = None
-        if not length and not chunked:
-            conn.request_sent = True
-        else:
-            pump = asyncio.get_running_loop().create_task(_send_body(conn, req, chunked))
         try:
-            head, body_stream = await head_future
-        except BaseException:
-            if pump is not None:
-                pump.cancel()
-            conn.abort()
-            if pump is not None and pump.done() and not pump.cancelled():
-                failure = pump.exception()
-                if isinstance(failure, BodyReset):
-                    # We cut the upstream because the client's body failed: not the
-                    # upstream's fault, so no UC for the breaker, and no retry.
-                    raise failure from None
-            raise
-        if pump is not None and not pump.done():
-            # Answered before the whole request was sent: keep sending; if the response ends
-            # first the connection is not reused (request_sent stays False).
-            pump.add_done_callback(_log_pump_result)
-        elif pump is not None:
-            _log_pump_result(pump)
-        response = Response(
-            head.status,
-            head.reason,
-            head.headers,
-            body_stream if body_stream is not None else EMPTY_BODY,
-            conn.endpoint,
-            content_length=head.content_length,
-            has_body=head.has_body,
-            tunnel=conn if head.upgrade is not None else None,
-        )
-        return response
+            conn = await pool.open(timeout)
+        except ProxyError as error:
+            self._free_slot()  # before the reply: a retry may connect again at once
+            self._answer(error)
+            return
+        except Exception as exc:  # not an error we know: say so, never hang the request
+            log.exception("connecting to %s failed unexpectedly", pool.endpoint)
+            self._free_slot()
+            internal = UpstreamError(Flag.UPSTREAM_PROTOCOL_ERROR, f"internal error: {exc!r}", 500)
+            self._answer(internal)
+            return
+        self._free_slot()
+        if service is not None:
+            conn.idle_timeout = service.idle_timeout
+        reply, self._reply = self._reply, None
+        if reply is None:  # interrupted while connecting: keep the connection for the next
+            pool.release(conn)
+            return
+        req.on_interrupt = None
+        conn.exchange(req, reply, False)
+
+    def _answer(self, error: ProxyError) -> None:
+        reply, self._reply = self._reply, None
+        if reply is not None:
+            self._req.on_interrupt = None
+            reply(error)
+
+    def _free_slot(self) -> None:
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            slot.__exit__(None, None, None)
 
 
 # Methods whose empty body is announced with `content-length: 0`.
 _BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
 
 
-def _log_pump_result(task: asyncio.Task[None]) -> None:
-    if not task.cancelled():
-        task.exception()  # retrieved, so asyncio does not warn; the exchange saw the failure
+def _send_request(conn: UpstreamConnection, req: Request) -> None:
+    """The request head from the parsed model, with the body when it is in hand (one write);
+    a body still arriving is pumped by a task."""
+    body = req.body
+    length = body.length
+    chunked = length is None
+    if length == 0 and req.method not in _BODY_METHODS:
+        length = None  # a GET without a body carries no framing header at all
+    headers = req.headers
+    if req.upgrade is not None:
+        # The parser removed the hop-by-hop pair; the upstream must see the offer to
+        # answer 101 (docs/hardening.md rule 7: a tunnel only after a matching 101).
+        headers = [*headers, (b"connection", b"upgrade"), (b"upgrade", req.upgrade)]
+    head = serialize.request_head(
+        req.method,
+        req.path,
+        req.authority,
+        headers,
+        content_length=length,
+        chunked=chunked,
+        parsed=True,  # every part came from our parser, plus our hex request id
+    )
+    if not length and not chunked:
+        transport = conn.transport
+        if transport is not None:
+            transport.write(head)
+        conn.request_sent = True
+        return
+    data = body.whole()
+    if data is None:
+        conn.write(head)
+        conn.pump = asyncio.get_running_loop().create_task(_send_body(conn, req, chunked))
+        return
+    if chunked:
+        data = serialize.chunk(data) + serialize.LAST_CHUNK if data else serialize.LAST_CHUNK
+    if len(data) <= _JOIN_LIMIT:
+        conn.write(head + data)
+    else:
+        conn.writelines([head, data])
+    conn.request_sent = True
 
 
 async def _send_body(conn: UpstreamConnection, req: Request, chunked: bool) -> None:
@@ -498,8 +676,14 @@ async def _send_body(conn: UpstreamConnection, req: Request, chunked: bool) -> N
         if chunked:
             conn.write(serialize.LAST_CHUNK)
         conn.request_sent = True
-    except BodyReset:
-        conn.abort()  # the client's body failed mid-way: the upstream must not see a short body
-        raise  # the exchange reports the client's failure (not an upstream reset, UC)
+    except BodyReset as exc:
+        # The client's body failed mid-way: the upstream must not see a short body, and the
+        # exchange reports the client's failure (not an upstream reset, UC).
+        conn.body_failed(str(exc))
     except BodyNotReplayable:
         conn.abort()
+    except ProxyError:
+        pass  # the connection went away while we waited to write: the exchange was told
+    finally:
+        if conn.pump is asyncio.current_task():
+            conn.pump = None

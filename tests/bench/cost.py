@@ -133,6 +133,20 @@ def measure(row: rows.Row, env: rows.Env, args: argparse.Namespace) -> str:
             env.group.stop(proc)
 
 
+def bench_env(prefix: str, outrigger: Path) -> rows.Env:
+    """An unpinned Env in a new work dir, with PYTHONHASHSEED=0 for the children (also for
+    profile.py)."""
+    os.environ["PYTHONHASHSEED"] = "0"  # the children inherit it
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    return rows.Env(
+        group=ProcessGroup(workdir=workdir),
+        workdir=workdir,
+        pins=rows.Pins(wrk=None, proxy=None, upstream=None),
+        body=rows.make_body(),
+        outrigger=outrigger,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     needed = ["nginx"] + (["valgrind", "callgrind_control"] if args.callgrind else [])
@@ -140,15 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"missing tools: {', '.join(missing)}", file=sys.stderr)
         return 2
-    os.environ["PYTHONHASHSEED"] = "0"  # the children inherit it
-    workdir = Path(tempfile.mkdtemp(prefix="outrigger-cost-"))
-    env = rows.Env(
-        group=ProcessGroup(workdir=workdir),
-        workdir=workdir,
-        pins=rows.Pins(wrk=None, proxy=None, upstream=None),
-        body=rows.make_body(),
-        outrigger=args.outrigger,
-    )
+    env = bench_env("outrigger-cost-", args.outrigger)
+    workdir = env.workdir
     if args.callgrind:
         python = args.outrigger.with_name("python")
         env.sidecar_wrapper = (

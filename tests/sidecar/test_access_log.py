@@ -155,6 +155,27 @@ async def test_local_error_logs_no_upstream(capsys: pytest.CaptureFixture[str]) 
         assert proxy.sidecar.access_log.lines == []
 
 
+async def test_a_refused_request_is_logged_and_counted_as_400_dpe() -> None:
+    async with upstreams(always(Respond())) as [up], logging_sidecar(mesh([up.address])) as proxy:
+        host, port = proxy.sidecar.addresses["outbound"]
+        async with asyncio.timeout(WAIT):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: payments\r\nBad_Name: x\r\n\r\n")
+            answer = await reader.read()  # the sidecar closes after the refusal
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+        [line] = await lines(proxy, 1)
+        assert set(line) == FIELDS
+        assert (line["status"], line["flags"], line["destination"]) == (400, "DPE", "-")
+        assert (line["method"], line["authority"], line["path"]) == ("-", "-", "-")
+        text = await proxy.prometheus()
+        assert (
+            'outrigger_requests_total{code="400",destination="-",direction="outbound",'
+            'flags="DPE",source="frontend"} 1.0'
+        ) in text
+        assert up.requests == []
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [

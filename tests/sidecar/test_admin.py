@@ -7,16 +7,18 @@ import json
 from mesh.model import parse_mesh
 from sidecar import admin
 from sidecar.config import Endpoint, Snapshot
-from sidecar.exchange import Request, Response
+from sidecar.exchange import Request, Response, Result
 from sidecar.policy.stack import ServiceRegistry
 from sidecar.transport.body import EMPTY_BODY
 from sidecar.xds.interpret import snapshot_from_mesh
 
 
 async def call(pages: dict[bytes, admin.Page], method: bytes, path: bytes) -> tuple[int, str]:
-    resp: Response = await admin.Admin(pages).handle(
-        Request(method, path, b"127.0.0.1:15000", [], EMPTY_BODY)
-    )
+    replies: list[Result] = []
+    request = Request(method, path, b"127.0.0.1:15000", [], EMPTY_BODY)
+    admin.Admin(pages).handle(request, replies.append)
+    [resp] = replies  # answered at once, exactly once
+    assert isinstance(resp, Response)
     return resp.status, (await resp.body.read()).decode()
 
 

@@ -139,7 +139,7 @@ async def test_http_to_a_virtual_address_is_routed_to_its_service_keeping_the_ho
         assert (response.status_code, response.text) == (200, "ok")
         assert b"host: web.internal.example" in seen[0].lower()
         [(key, count)] = [
-            (k, c) for k, c in p.sidecar.metrics.requests.items() if k[0] == "outbound"
+            (k, c) for k, c in p.sidecar.metrics.requests().items() if k[0] == "outbound"
         ]
         assert (key[2], key[3], count) == ("web", "200", 1)
 

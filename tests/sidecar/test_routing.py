@@ -10,7 +10,7 @@ import pytest
 
 from mesh.model import parse_mesh
 from sidecar.config import Endpoint
-from sidecar.exchange import Request, Response
+from sidecar.exchange import Reply, Request, Response
 from sidecar.flags import ProxyError
 from sidecar.policy.stack import ServiceRegistry
 from sidecar.protocol.events import RequestHead
@@ -31,9 +31,9 @@ class Forwarded:
     def __init__(self) -> None:
         self.to: list[Endpoint] = []
 
-    async def __call__(self, req: Request, endpoint: Endpoint) -> Response:
+    def __call__(self, req: Request, endpoint: Endpoint, reply: Reply) -> None:
         self.to.append(endpoint)
-        return Response(200, b"OK", [], BytesBody(b""), endpoint, content_length=0)
+        reply(Response(200, b"OK", [], BytesBody(b""), endpoint, content_length=0))
 
 
 def router(outbound_policy: str = "allow_any") -> tuple[Router, Forwarded]:
@@ -51,8 +51,12 @@ def router(outbound_policy: str = "allow_any") -> tuple[Router, Forwarded]:
     return routing, forwarded
 
 
-async def send(decision: Any, authority: bytes = b"x") -> None:
-    await decision.handler(Request(b"GET", b"/", authority, [], EMPTY_BODY))
+def send(decision: Any, authority: bytes = b"x", destination: Endpoint | None = None) -> None:
+    """Run a request through the decision's handler; it must answer at once (no I/O here)."""
+    answers: list[object] = []
+    request = Request(b"GET", b"/", authority, [], EMPTY_BODY, destination=destination)
+    decision.handler(request, answers.append)
+    assert len(answers) == 1 and isinstance(answers[0], Response), answers
 
 
 def test_the_host_wins_over_the_destination() -> None:
@@ -70,10 +74,10 @@ def test_a_destination_that_is_a_virtual_address_picks_its_service() -> None:
     assert other.name == "passthrough"
 
 
-async def test_passthrough_goes_to_the_original_destination_not_to_the_host() -> None:
+def test_passthrough_goes_to_the_original_destination_not_to_the_host() -> None:
     routing, forwarded = router()
-    await send(routing.outbound(head(b"example.test"), Endpoint("192.0.2.7", 8443)))
-    await send(routing.outbound(head(b"example.test:9000")))  # explicit proxy: the Host
+    send(routing.outbound(head(b"example.test"), Endpoint("192.0.2.7", 8443)))
+    send(routing.outbound(head(b"example.test:9000")))  # explicit proxy: the Host
     assert forwarded.to == [Endpoint("192.0.2.7", 8443), Endpoint("example.test", 9000)]
 
 
@@ -95,10 +99,10 @@ def test_a_destination_that_is_the_sidecar_itself_is_refused() -> None:
     assert routing.outbound(head(b"x"), Endpoint("192.0.2.7", 15006)).name == "passthrough"
 
 
-async def test_inbound_goes_to_the_original_destination_else_to_the_app() -> None:
+def test_inbound_goes_to_the_original_destination_else_to_the_app() -> None:
     routing, forwarded = router()
-    await send(routing.inbound(head(b"web"), Endpoint("10.1.0.5", 8080)))
-    await send(routing.inbound(head(b"web")))
+    send(routing.inbound(head(b"web"), Endpoint("10.1.0.5", 8080)))
+    send(routing.inbound(head(b"web")))
     assert forwarded.to == [Endpoint("10.1.0.5", 8080), APP]
     with pytest.raises(ProxyError, match="refusing to loop"):
         routing.inbound(head(b"web"), Endpoint("127.0.0.1", 15006))
@@ -110,7 +114,7 @@ def test_local_addresses_are_the_ones_a_socket_can_bind() -> None:
     assert not is_local_address("example.test")
 
 
-async def test_a_headless_services_request_goes_to_the_pod_the_caller_connected_to() -> None:
+def test_a_headless_services_request_goes_to_the_pod_the_caller_connected_to() -> None:
     doc = {"services": [{"name": "db", "endpoints": ["10.1.0.7:80", "10.1.0.8:80"]}]}
     mesh = parse_mesh(doc, "m.yaml")
     headless = dataclasses.replace(mesh.services[0], headless=True)
@@ -121,6 +125,6 @@ async def test_a_headless_services_request_goes_to_the_pod_the_caller_connected_
     decision = routing.outbound(head(b"db"), pod)
     assert decision.name == "db"
     # the authority names the service; the connection went to a pod: that pod it is
-    await decision.handler(Request(b"GET", b"/", b"db", [], EMPTY_BODY, destination=pod))
-    await decision.handler(Request(b"GET", b"/", b"10.1.0.7", [], EMPTY_BODY))
+    send(decision, b"db", destination=pod)
+    send(decision, b"10.1.0.7")
     assert forwarded.to == [pod, Endpoint("10.1.0.7", 80)]

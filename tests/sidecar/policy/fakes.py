@@ -1,4 +1,5 @@
-"""Policy test doubles: a virtual-time loop, in-memory bodies, a scripted upstream."""
+"""Policy test doubles: a virtual-time loop, in-memory bodies, a scripted upstream, and the
+helpers that call a callback handler from a test and wait for its reply."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from sidecar.config import (
     RetryPolicy,
     ServiceConfig,
 )
-from sidecar.exchange import BodyNotReplayable, Request, Response
+from sidecar.exchange import BodyNotReplayable, Request, Response, Result
+from sidecar.exchange import Reply as Answer  # `Reply` here is a scripted upstream reply
 from sidecar.flags import Flag, ProxyError
 
 
@@ -75,7 +77,7 @@ class MemoryResponseBody:
         self._sent = False
         self._callbacks: list[Callable[[], None]] = []
 
-    async def read(self) -> bytes:
+    def take(self) -> bytes:
         """Models a body still streaming until read: it is done when read to its end."""
         if self.consumed:
             return b""
@@ -85,6 +87,15 @@ class MemoryResponseBody:
             return b""
         self._sent = True
         return self.data
+
+    def notify(self, callback: Callable[[], None]) -> None:
+        callback()  # always something to take
+
+    def whole(self) -> None:
+        return None  # modelled as still streaming until read
+
+    async def read(self) -> bytes:
+        return self.take()
 
     def when_done(self, callback: Callable[[], None]) -> None:
         if self.consumed or self.discarded:
@@ -172,28 +183,44 @@ class FakeUpstream:
     def endpoints_called(self) -> list[Endpoint]:
         return [call.endpoint for call in self.calls]
 
-    async def __call__(self, req: Request, endpoint: Endpoint) -> Response:
+    def __call__(self, req: Request, endpoint: Endpoint, reply: Answer) -> None:
         loop = asyncio.get_running_loop()
         call = Call(endpoint, req.method, req.deadline, loop.time())
         self.calls.append(call)
         queue = self.scripts.get(endpoint)
         action = queue.popleft() if queue else self.per_endpoint.get(endpoint, self.default)
-        try:
-            if isinstance(action, Hang):
-                await asyncio.Event().wait()
-                raise AssertionError("unreachable")
-            if action.delay:
-                await asyncio.sleep(action.delay)
-        except asyncio.CancelledError:
+        if isinstance(action, Hang):
+            self._wait(req, call, reply, None)
+        elif action.delay:
+            answer = loop.call_later(action.delay, self._answer, req, endpoint, action, reply)
+            self._wait(req, call, reply, answer)
+        else:
+            self._answer(req, endpoint, action, reply)
+
+    @staticmethod
+    def _wait(req: Request, call: Call, reply: Answer, answer: asyncio.TimerHandle | None) -> None:
+        """Hold the wait as the forwarder does: interruptible (a deadline, the client gone)."""
+
+        def interrupt(error: ProxyError) -> None:
+            if answer is not None:
+                answer.cancel()
             call.cancelled = True
-            raise
+            reply(error)
+
+        req.on_interrupt = interrupt
+
+    def _answer(
+        self, req: Request, endpoint: Endpoint, action: Reply | Fail, reply: Answer
+    ) -> None:
+        req.on_interrupt = None
         if isinstance(action, Fail):
-            raise UpstreamError(action.flag, f"scripted {action.flag.value} from {endpoint}")
+            reply(UpstreamError(action.flag, f"scripted {action.flag.value} from {endpoint}"))
+            return
         body = MemoryResponseBody(b"x")
         resp = Response(action.status, b"", list(action.headers), body, endpoint)
         self.responses.append(resp)
         self.bodies.append(body)
-        return resp
+        reply(resp)
 
 
 EP = [Endpoint("10.0.0.1", 80), Endpoint("10.0.0.2", 80), Endpoint("10.0.0.3", 80)]
@@ -247,14 +274,25 @@ def service(
     )
 
 
-async def outcome_of(handler: object, req: Request) -> Response | ProxyError:
-    """Run a Handler; return its response or the ProxyError it raised."""
+async def outcome_of(handler: object, req: Request) -> Result:
+    """Call a Handler; wait for its one reply (a response or a ProxyError) and return it."""
     assert callable(handler)
-    try:
-        resp: Response = await handler(req)
-    except ProxyError as err:
-        return err
-    return resp
+    replied: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+
+    def reply(result: Result) -> None:
+        assert not replied.done(), f"replied twice: {replied.result()!r}, then {result!r}"
+        replied.set_result(result)
+
+    handler(req, reply)
+    return await replied
+
+
+async def call(handler: object, req: Request) -> Response:
+    """Call a Handler and wait for its response; raises the ProxyError it replied with."""
+    result = await outcome_of(handler, req)
+    if isinstance(result, ProxyError):
+        raise result
+    return result
 
 
 async def drain(resp: Response) -> bytes:

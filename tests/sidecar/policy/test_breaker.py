@@ -23,6 +23,7 @@ from tests.sidecar.policy.fakes import (
     Hang,
     MemoryResponseBody,
     Reply,
+    call,
     drain,
     request,
     service,
@@ -40,7 +41,7 @@ class Harness:
         results: list[Response | Exception] = []
         for _ in range(n):
             try:
-                resp = await self.handler(request())
+                resp = await call(self.handler, request())
             except Exception as err:  # the ProxyError the server would turn into a response
                 results.append(err)
                 continue

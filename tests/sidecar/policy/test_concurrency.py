@@ -7,7 +7,7 @@ from sidecar.flags import Flag
 from sidecar.policy.concurrency import ConcurrencyConfig, ConcurrencyError, ServiceLoad
 from sidecar.policy.stack import ServiceState, build_service_stack
 from sidecar.policy.stats import ServiceStats
-from tests.sidecar.policy.fakes import FakeUpstream, drain, outcome_of, request, service
+from tests.sidecar.policy.fakes import FakeUpstream, call, drain, outcome_of, request, service
 
 
 async def test_overflow_answers_immediately_with_uo() -> None:
@@ -15,7 +15,10 @@ async def test_overflow_answers_immediately_with_uo() -> None:
     upstream = FakeUpstream()
     state = ServiceState("svc")
     handler = build_service_stack(service(max_requests=2), state, upstream)
-    held = [await handler(request()), await handler(request())]  # bodies unread: still active
+    held = [
+        await call(handler, request()),
+        await call(handler, request()),
+    ]  # bodies unread: still active
     start = loop.time()
     err = await outcome_of(handler, request())
     assert isinstance(err, ConcurrencyError)
@@ -33,7 +36,7 @@ async def test_overflow_is_not_retried() -> None:
     state = ServiceState("svc")
     cfg = service(max_requests=1, attempts=3, retry_on=["5xx", "reset", "connect-failure"])
     handler = build_service_stack(cfg, state, upstream)
-    held = await handler(request())
+    held = await call(handler, request())
     err = await outcome_of(handler, request())
     assert isinstance(err, ConcurrencyError)
     assert state.stats.retries == 0

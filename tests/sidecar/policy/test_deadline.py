@@ -1,5 +1,5 @@
-"""The shared deadline timer: fires at (or a tick after) the deadline, never before, and only
-turns its own cancellation into TimeoutError."""
+"""The shared deadline timer: fires at (or a tick after) its time, never before; a cancelled
+timer never fires; timers sharing the wheel fire each for its own callback."""
 
 from __future__ import annotations
 
@@ -7,67 +7,69 @@ import asyncio
 
 import pytest
 
-from sidecar.policy.deadline import TICK, deadline_at
+from sidecar.policy.deadline import TICK, call_at
 
 
-async def test_deadline_fires_at_its_time_and_not_before() -> None:
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    with pytest.raises(TimeoutError), deadline_at(start + 1.0) as expiry:
-        await asyncio.sleep(10)
-    assert expiry.expired
-    assert 1.0 <= loop.time() - start <= 1.0 + 2 * TICK
-
-
-async def test_work_that_finishes_in_time_is_not_cut_and_later_sleeps_are_untouched() -> None:
-    loop = asyncio.get_running_loop()
-    with deadline_at(loop.time() + 1.0) as expiry:
-        await asyncio.sleep(0.5)
-    assert not expiry.expired
-    await asyncio.sleep(2.0)  # the disarmed deadline must not cancel us now
-    assert not expiry.expired
-
-
-async def test_the_earlier_of_two_nested_deadlines_fires_and_the_outer_one_sees_it() -> None:
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    inner_expiry = None
-    with pytest.raises(TimeoutError), deadline_at(start + 1.0) as outer:
-        try:
-            with deadline_at(start + 5.0) as inner_expiry:
-                await asyncio.sleep(10)
-        except TimeoutError:
-            pytest.fail("the inner deadline must not claim the outer one's timeout")
-    assert outer.expired
-    assert inner_expiry is not None and not inner_expiry.expired
-    assert loop.time() - start < 2.0
-
-
-async def test_an_outside_cancel_stays_a_cancel() -> None:
-    loop = asyncio.get_running_loop()
-
-    async def body() -> None:
-        with deadline_at(loop.time() + 5.0):
-            await asyncio.sleep(10)
-
-    task = asyncio.create_task(body())
-    await asyncio.sleep(0.1)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-
-
-async def test_many_deadlines_each_fire_for_their_own_task() -> None:
+async def test_a_timer_fires_at_its_time_and_not_before() -> None:
     loop = asyncio.get_running_loop()
     start = loop.time()
     fired: list[float] = []
+    timer = call_at(start + 1.0, lambda: fired.append(loop.time()))
+    await asyncio.sleep(0.999)
+    assert fired == [] and timer.pending
+    await asyncio.sleep(10)
+    assert len(fired) == 1
+    assert 1.0 <= fired[0] - start <= 1.0 + 2 * TICK
+    assert not timer.pending
 
-    async def wait(limit: float) -> None:
-        try:
-            with deadline_at(start + limit):
-                await asyncio.sleep(100)
-        except TimeoutError:
-            fired.append(loop.time() - start)
 
-    await asyncio.gather(*(wait(limit) for limit in (0.3, 0.1, 0.2, 0.1)))
-    assert sorted(fired) == pytest.approx([0.1, 0.1, 0.2, 0.3], abs=2 * TICK)
+async def test_a_cancelled_timer_never_fires_and_later_sleeps_are_untouched() -> None:
+    loop = asyncio.get_running_loop()
+    fired: list[str] = []
+    timer = call_at(loop.time() + 1.0, lambda: fired.append("fired"))
+    await asyncio.sleep(0.5)
+    timer.cancel()
+    timer.cancel()  # twice: harmless
+    await asyncio.sleep(2.0)
+    assert fired == [] and not timer.pending
+
+
+async def test_the_earlier_of_two_timers_fires_first_and_the_later_one_still_fires() -> None:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    fired: list[tuple[str, float]] = []
+    call_at(start + 5.0, lambda: fired.append(("later", loop.time() - start)))
+    call_at(start + 1.0, lambda: fired.append(("earlier", loop.time() - start)))
+    await asyncio.sleep(10)
+    assert [name for name, _ in fired] == ["earlier", "later"]
+    assert fired[0][1] == pytest.approx(1.0, abs=2 * TICK)
+    assert fired[1][1] == pytest.approx(5.0, abs=2 * TICK)
+
+
+async def test_a_failing_callback_does_not_cost_the_others_in_its_tick_theirs() -> None:
+    loop = asyncio.get_running_loop()
+    errors: list[object] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context["exception"]))
+    fired: list[str] = []
+
+    def boom() -> None:
+        raise RuntimeError("boom")
+
+    when = loop.time() + 0.1
+    call_at(when, boom)
+    call_at(when, lambda: fired.append("other"))
+    await asyncio.sleep(1)
+    assert fired == ["other"]
+    assert [str(e) for e in errors] == ["boom"]
+
+
+async def test_many_timers_each_fire_for_their_own_callback() -> None:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    fired: list[tuple[float, float]] = []
+    for limit in (0.3, 0.1, 0.2, 0.1):
+        call_at(start + limit, lambda limit=limit: fired.append((limit, loop.time() - start)))
+    await asyncio.sleep(1)
+    assert sorted(limit for limit, _ in fired) == [0.1, 0.1, 0.2, 0.3]
+    for limit, at in fired:
+        assert at == pytest.approx(limit, abs=2 * TICK)

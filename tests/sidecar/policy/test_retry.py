@@ -9,6 +9,7 @@ from tenacity import RetryCallState
 
 from mesh.policy import Backoff, RetryBudget
 from sidecar.config import LbPolicy, RetryPolicy, ServiceConfig
+from sidecar.exchange import Reply as Answer
 from sidecar.exchange import Request, Response
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.retry import RetryConfig, RetryError, parse_retry_after
@@ -305,15 +306,26 @@ async def test_budget_keeps_load_multiplication_bounded_across_three_hops() -> N
 
 
 def proxy_to(handler: object):  # type: ignore[no-untyped-def]
-    """A forwarder that sends each attempt through the next hop's stack, as a sidecar would."""
+    """A forwarder that sends each attempt through the next hop's stack, as a sidecar would:
+    the next hop's response is read whole before it is passed back."""
 
-    async def forward(req: Request, endpoint: object) -> Response:
-        assert callable(handler)
-        inner: Response = await handler(request(req.method))
-        body = MemoryResponseBody(await drain(inner))
-        return Response(inner.status, inner.reason, list(inner.headers), body)
+    def forward(req: Request, endpoint: object, reply: Answer) -> None:
+        async def hop() -> None:
+            result = await outcome_of(handler, request(req.method))
+            if isinstance(result, ProxyError):
+                reply(result)
+                return
+            body = MemoryResponseBody(await drain(result))
+            reply(Response(result.status, result.reason, list(result.headers), body))
+
+        task = asyncio.ensure_future(hop())
+        hops.add(task)  # held until done (the loop keeps only weak references)
+        task.add_done_callback(hops.discard)
 
     return forward
+
+
+hops: set[asyncio.Future[None]] = set()
 
 
 def test_unknown_retry_on_token_is_refused_by_name() -> None:

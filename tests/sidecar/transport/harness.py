@@ -3,6 +3,8 @@
 * `downstream(handler)`: a `DownstreamProtocol` whose every request goes to `handler`, with the
   client's side as a `FakeTransport`.
 * `Scripted`: a handler whose every call waits until the test answers it.
+* `answering(coroutine)`: a handler that runs a coroutine per request and replies with what it
+  returns (for tests whose handler must wait, e.g. read the request body).
 * `Proxy`: a `DownstreamProtocol` in front of a real `Upstreams` (the forwarder and its pools),
   whose connections are opened by a `FakeConnector`: the test plays the client and the upstream.
 """
@@ -10,12 +12,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from sidecar.config import Endpoint
-from sidecar.exchange import Handler, Request, Response
+from sidecar.config import Endpoint, ServiceConfig
+from sidecar.exchange import Handler, Reply, Request, RequestBodyFailed, Response, Result
+from sidecar.flags import ProxyError
 from sidecar.protocol.events import RequestHead
-from sidecar.transport.body import BytesBody
+from sidecar.transport.body import BodyReset, BytesBody
 from sidecar.transport.server import (
     Completed,
     Decision,
@@ -35,11 +39,12 @@ def downstream(
     *,
     can_write_eof: bool = True,
     completed: Completed | None = None,
+    service: ServiceConfig | None = None,
 ) -> tuple[DownstreamProtocol, FakeTransport]:
     state = ServerState(settings or ServerSettings())
 
     def dispatch(head: RequestHead) -> Decision:
-        return Decision(handler, None, "test")
+        return Decision(handler, service, "test")
 
     protocol = DownstreamProtocol(state, dispatch, completed, request_ids=False)
     return protocol, FakeTransport(protocol, can_write_eof=can_write_eof).connect()
@@ -49,18 +54,51 @@ def ok(body: bytes = b"", status: int = 200, reason: bytes = b"OK") -> Response:
     return Response(status, reason, [], BytesBody(body), content_length=len(body))
 
 
+def answering(respond: Callable[[Request], Awaitable[Response]]) -> Handler:
+    """A handler that runs `respond(request)` in a task and replies with its response, or the
+    ProxyError it raises (a request body that failed under it: RequestBodyFailed, as the
+    forwarder replies)."""
+    tasks: set[asyncio.Future[None]] = set()  # held until done (the loop keeps weak references)
+
+    def handler(request: Request, reply: Reply) -> None:
+        async def run() -> None:
+            result: Result
+            try:
+                result = await respond(request)
+            except ProxyError as error:
+                result = error
+            except BodyReset as exc:
+                result = RequestBodyFailed(str(exc))
+            reply(result)
+
+        task = asyncio.ensure_future(run())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    return handler
+
+
 class Scripted:
-    """A handler that records each request and returns what the test passes to `answer`."""
+    """A handler that records each request and replies with what the test passes to `answer`.
+
+    Like the forwarder it can be interrupted while it waits (the client gone): it then replies
+    with the interrupting error, and `interrupted` says which requests were."""
 
     def __init__(self) -> None:
         self.requests: list[Request] = []
-        self._answers: list[asyncio.Future[Response]] = []
+        self.interrupted: list[int] = []
+        self._replies: list[Reply] = []
 
-    async def __call__(self, request: Request) -> Response:
-        answer = asyncio.get_running_loop().create_future()
+    def __call__(self, request: Request, reply: Reply) -> None:
+        index = len(self.requests)
         self.requests.append(request)
-        self._answers.append(answer)
-        return await answer
+        self._replies.append(reply)
+
+        def interrupt(error: ProxyError) -> None:
+            self.interrupted.append(index)
+            reply(error)
+
+        request.on_interrupt = interrupt
 
     async def request(self, index: int) -> Request:
         """The index-th request (0 is the first), once the handler has been called with it."""
@@ -68,7 +106,8 @@ class Scripted:
         return self.requests[index]
 
     def answer(self, index: int, response: Response) -> None:
-        self._answers[index].set_result(response)
+        self.requests[index].on_interrupt = None
+        self._replies[index](response)
 
 
 @dataclass
@@ -91,12 +130,19 @@ class Proxy:
         return downstream(self.forward)[1]
 
 
-def proxy(settings: ServerSettings | None = None, *, can_write_eof: bool = True) -> Proxy:
+def proxy(
+    settings: ServerSettings | None = None,
+    *,
+    can_write_eof: bool = True,
+    service: ServiceConfig | None = None,
+) -> Proxy:
+    """`service`: the route's service for every request (its policy is not applied here, only
+    what the pools read from it)."""
     connector = FakeConnector()
     upstreams = Upstreams(clock=asyncio.get_running_loop().time, connect=connector)
 
-    async def forward(request: Request) -> Response:
-        return await upstreams.forward(request, ENDPOINT)
+    def forward(request: Request, reply: Reply) -> None:
+        upstreams.forward(request, ENDPOINT, reply)
 
     outcomes: list[tuple[int, str]] = []
     protocol, client = downstream(
@@ -106,5 +152,6 @@ def proxy(settings: ServerSettings | None = None, *, can_write_eof: bool = True)
         completed=lambda head, decision, status, flags, start, request: outcomes.append(
             (status, flags)
         ),
+        service=service,
     )
     return Proxy(protocol, client, upstreams, connector, outcomes, forward)

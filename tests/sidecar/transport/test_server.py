@@ -12,7 +12,15 @@ from sidecar.exchange import Request, Response
 from sidecar.transport.body import BodyStream
 from sidecar.transport.server import DownstreamProtocol, ServerSettings
 from tests.sidecar.transport.fake import WAIT, FakeTransport, settle, until
-from tests.sidecar.transport.harness import ENDPOINT, Proxy, Scripted, downstream, ok, proxy
+from tests.sidecar.transport.harness import (
+    ENDPOINT,
+    Proxy,
+    Scripted,
+    answering,
+    downstream,
+    ok,
+    proxy,
+)
 
 
 def get(path: bytes) -> bytes:
@@ -78,7 +86,7 @@ async def test_pipelined_responses_keep_request_order_whatever_order_they_are_re
             await asyncio.sleep(0.01)
         return ok(request.path)
 
-    _, client = downstream(slow_first)
+    _, client = downstream(answering(slow_first))
     client.peer_sends(get(b"/one") + get(b"/two"))
     await until(lambda: len(client.written) >= len(reply(b"/one") + reply(b"/two")))
     assert client.written == reply(b"/one") + reply(b"/two")
@@ -99,6 +107,20 @@ async def test_a_bad_request_pipelined_after_a_good_one_gets_400_after_the_first
     assert written.startswith(reply(b"one") + b"HTTP/1.1 400 Bad Request\r\n")
     assert b"x-outrigger-flags: DPE\r\nconnection: close\r\n" in written
     assert len(handler.requests) == 1  # nothing after the bad request is parsed or forwarded
+
+
+async def test_a_refused_request_is_reported_like_any_other_with_400_dpe() -> None:
+    reported: list[tuple[object, int, str]] = []
+    _, client = downstream(
+        Scripted(),
+        completed=lambda head, decision, status, flags, start, request: reported.append(
+            (head, status, flags)
+        ),
+    )
+    client.peer_sends(b"GET / HTTP/1.1\r\nHost: payments\r\nBad_Name: x\r\n\r\n")
+    await until(lambda: client.lost)
+    assert client.written.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert reported == [(None, 400, "DPE")]  # no head: the parser refused it
 
 
 async def test_a_pipelined_request_whose_body_is_still_coming_is_read_to_its_end() -> None:
@@ -171,7 +193,7 @@ async def test_a_final_response_before_the_body_is_read_means_no_100_continue() 
 
 
 async def test_an_http10_client_gets_its_response_and_the_connection_closes() -> None:
-    _, client = downstream(lambda request: asyncio.sleep(0, ok(b"hi")))
+    _, client = downstream(lambda request, reply: reply(ok(b"hi")))
 
     client.peer_sends(b"GET / HTTP/1.0\r\n\r\n")
     await until(lambda: client.lost)
@@ -181,7 +203,7 @@ async def test_an_http10_client_gets_its_response_and_the_connection_closes() ->
 
 async def test_an_http10_client_gets_a_body_of_unknown_length_delimited_by_the_close() -> None:
     body = BodyStream(None, lambda: None, lambda: None)
-    _, client = downstream(lambda request: asyncio.sleep(0, Response(200, b"OK", [], body)))
+    _, client = downstream(lambda request, reply: reply(Response(200, b"OK", [], body)))
 
     client.peer_sends(b"GET / HTTP/1.0\r\n\r\n")
     body.feed(b"part one, ")
@@ -217,7 +239,7 @@ def now() -> float:
 
 
 async def test_an_idle_keep_alive_connection_closes_after_the_idle_timeout_and_not_before() -> None:
-    protocol, client = downstream(lambda request: asyncio.sleep(0, ok(b"hi")), LIMITS)
+    protocol, client = downstream(lambda request, reply: reply(ok(b"hi")), LIMITS)
     before = now()  # idle from when the response is written, a little later
     client.peer_sends(get(b"/"))
     await until(lambda: client.written)
@@ -246,11 +268,25 @@ async def test_a_head_not_finished_within_the_header_timeout_gets_408_and_the_cl
     assert handler.requests == []
 
 
+async def test_a_head_timeout_is_reported_as_a_408_dpe() -> None:
+    reported: list[tuple[int, str]] = []
+    protocol, client = downstream(
+        Scripted(),
+        LIMITS,
+        completed=lambda head, decision, status, flags, start, request: reported.append(
+            (status, flags)
+        ),
+    )
+    client.peer_sends(b"GET / HTTP/1.1\r\nHost: pay")
+    protocol.check_timeouts(now() + 11)
+    assert reported == [(408, "DPE")]
+
+
 async def test_a_body_that_stops_arriving_gets_408_and_its_request_fails() -> None:
     async def upload(request: Request) -> Response:
         return ok(await read_body(request))
 
-    protocol, client = downstream(upload, LIMITS)
+    protocol, client = downstream(answering(upload), LIMITS)
     before = now()
     client.peer_sends(b"POST / HTTP/1.1\r\nHost: payments\r\nContent-Length: 10\r\n\r\nhello")
     await settle()
@@ -277,7 +313,7 @@ async def test_a_request_waiting_for_its_response_is_not_cut_by_the_phase_limits
 async def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout() -> None:
     body = BodyStream(None, lambda: None, lambda: None)
     protocol, client = downstream(
-        lambda request: asyncio.sleep(0, Response(200, b"OK", [], body)), LIMITS
+        lambda request, reply: reply(Response(200, b"OK", [], body)), LIMITS
     )
     client.peer_sends(get(b"/big"))
     body.feed(b"x" * 1000)
@@ -437,11 +473,26 @@ async def test_an_upstream_end_closes_a_tunnelled_client_that_cannot_half_close(
     assert not p.client.aborted and not upstream.aborted
 
 
+async def test_a_tunnel_idle_past_the_stream_idle_timeout_is_closed_both_ways() -> None:
+    p = proxy(ServerSettings(stream_idle_timeout=300))
+    upstream = await tunnel(p)
+    p.client.peer_sends(b"ping")
+    upstream.peer_sends(b"pong")
+    last = now()  # the last byte either way
+
+    p.protocol.check_timeouts(last + 299)
+    assert not p.client.closed and not upstream.closed
+    p.protocol.check_timeouts(now() + 301)
+    assert p.client.aborted and upstream.aborted
+    await until(lambda: p.client.lost and upstream.lost)
+    assert p.protocol not in p.protocol.state.connections
+
+
 # --- graceful drain ---------------------------------------------------------------------------
 
 
 async def test_a_drain_closes_an_idle_connection_at_once() -> None:
-    protocol, client = downstream(lambda request: asyncio.sleep(0, ok(b"hi")))
+    protocol, client = downstream(lambda request, reply: reply(ok(b"hi")))
     client.peer_sends(get(b"/"))
     await until(lambda: client.written)
 
@@ -485,8 +536,8 @@ async def test_a_client_gone_mid_response_closes_the_upstream_connection_at_once
     assert p.outcomes == [(200, "DC")]
 
 
-async def test_a_client_gone_while_not_reading_closes_the_upstream_connection_at_once() -> None:
-    p = proxy()
+async def streaming_to_a_client_not_reading(p: Proxy) -> FakeTransport:
+    """A response streaming from the returned upstream to a client that stopped reading."""
     p.client.peer_sends(get(b"/events"))
     upstream = await p.upstream(0)
     upstream.peer_sends(STREAM_HEAD + b"5\r\nfirst\r\n")
@@ -494,6 +545,26 @@ async def test_a_client_gone_while_not_reading_closes_the_upstream_connection_at
     p.client.peer_stops_reading()
     upstream.peer_sends(b"4\r\nmore\r\n")
     await until(lambda: p.client.written.endswith(b"more\r\n"))
+    return upstream
+
+
+async def test_a_client_cut_off_by_the_send_timeout_closes_the_upstream_connection_at_once() -> (
+    None
+):
+    p = proxy(LIMITS)
+    upstream = await streaming_to_a_client_not_reading(p)
+
+    p.protocol.check_timeouts(now() + 21)
+    assert p.client.aborted
+    await until(lambda: upstream.lost)  # aborted, not left open and busy until the 300 s sweep
+    assert upstream.aborted
+    assert p.upstreams.pool(ENDPOINT).in_use == set()
+    assert p.outcomes == [(200, "DC")]
+
+
+async def test_a_client_gone_while_not_reading_closes_the_upstream_connection_at_once() -> None:
+    p = proxy()
+    upstream = await streaming_to_a_client_not_reading(p)
 
     p.client.peer_resets()
     await until(lambda: upstream.aborted)

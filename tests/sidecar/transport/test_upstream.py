@@ -11,6 +11,7 @@ import asyncio
 
 import pytest
 
+from sidecar.config import ServiceConfig
 from tests.sidecar.transport.fake import FakeTransport, settle, until
 from tests.sidecar.transport.harness import ENDPOINT, Proxy, proxy
 
@@ -118,6 +119,37 @@ async def test_bytes_from_an_idle_pooled_connection_close_it() -> None:
     assert stale.aborted
     await until(lambda: stale.lost)
     assert idle(p) == []
+
+
+# --- a connection reused from inside its own answer ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        answer(b"one"),  # head and body in one read: handed over whole
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\none\r\n0\r\n\r\n",
+    ],
+    ids=["whole", "chunked"],
+)
+async def test_a_pipelined_request_goes_on_the_connection_that_just_answered(first: bytes) -> None:
+    # The first answer is written to the client, and the second request sent upstream, from
+    # inside the upstream connection's data_received: the connection must be back in the pool
+    # (and its state reset) before anyone sees the first response.
+    p = proxy()
+    p.client.peer_sends(get(b"/one") + get(b"/two"))
+    upstream = await p.upstream(0)
+    upstream.peer_sends(first)
+
+    await until(lambda: upstream.written.endswith(sent_upstream(b"/two")))
+    assert upstream.written == sent_upstream(b"/one") + sent_upstream(b"/two")
+    upstream.peer_sends(answer(b"two"))
+    await until(lambda: p.client.written.endswith(answer(b"two")))
+    assert p.client.written.count(b"HTTP/1.1 200 OK") == 2
+    assert b"one" in p.client.written.partition(b"two")[0]
+    assert len(p.connector.opened) == 1
+    assert idle(p) == [upstream]
+    assert p.outcomes == [(200, ""), (200, "")]
 
 
 # --- bodiless responses (docs/hardening.md rule 9) ------------------------------------------------
@@ -288,12 +320,40 @@ async def test_the_sweep_closes_a_pooled_connection_idle_past_the_idle_timeout()
     upstream = await pooled_connection(p)
     pool = p.upstreams.pool(ENDPOINT)
 
-    pool.sweep(before + 59, idle_timeout=60, stream_idle_timeout=300)
+    pool.sweep(before + 59, stream_idle_timeout=300)  # 60 s without a service's own
     assert not upstream.closed
-    pool.sweep(asyncio.get_running_loop().time() + 61, idle_timeout=60, stream_idle_timeout=300)
+    pool.sweep(asyncio.get_running_loop().time() + 61, stream_idle_timeout=300)
     assert upstream.aborted
     await until(lambda: upstream.lost)
     assert idle(p) == []
+
+
+def payments(idle_timeout: float) -> ServiceConfig:
+    return ServiceConfig(
+        "payments", "default", 80, "payments", (ENDPOINT,), idle_timeout=idle_timeout
+    )
+
+
+async def test_a_pooled_connection_closes_after_its_services_idle_timeout_from_xds() -> None:
+    p = proxy(service=payments(idle_timeout=5.0))
+    before = asyncio.get_running_loop().time()
+    upstream = await pooled_connection(p)
+    pool = p.upstreams.pool(ENDPOINT)
+
+    pool.sweep(before + 4.9, stream_idle_timeout=300)
+    assert not upstream.closed
+    pool.sweep(asyncio.get_running_loop().time() + 5.1, stream_idle_timeout=300)
+    assert upstream.aborted
+    await until(lambda: upstream.lost)
+    assert idle(p) == []
+
+
+async def test_an_idle_timeout_of_zero_keeps_a_pooled_connection_as_envoy_does() -> None:
+    p = proxy(service=payments(idle_timeout=0.0))
+    upstream = await pooled_connection(p)
+    p.upstreams.pool(ENDPOINT).sweep(asyncio.get_running_loop().time() + 86400, 300)
+    assert not upstream.closed
+    assert idle(p) == [upstream]
 
 
 async def test_the_sweep_cuts_an_exchange_whose_upstream_went_silent() -> None:
@@ -303,9 +363,9 @@ async def test_the_sweep_cuts_an_exchange_whose_upstream_went_silent() -> None:
     upstream = await p.upstream(0)
     pool = p.upstreams.pool(ENDPOINT)
 
-    pool.sweep(before + 299, idle_timeout=60, stream_idle_timeout=300)
+    pool.sweep(before + 299, stream_idle_timeout=300)
     assert not upstream.closed
-    pool.sweep(asyncio.get_running_loop().time() + 301, idle_timeout=60, stream_idle_timeout=300)
+    pool.sweep(asyncio.get_running_loop().time() + 301, stream_idle_timeout=300)
     assert upstream.aborted
     await until(lambda: p.client.written)
     assert p.client.written.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
