@@ -94,7 +94,11 @@ def _control_plane_parser(sub: argparse._SubParsersAction[argparse.ArgumentParse
         help="with --kubernetes: wait this long for a burst of changes to end (default 100ms)",
     )
     p.add_argument("--xds", default="127.0.0.1:15010", help="ADS gRPC listen address")
-    p.add_argument("--http", default="127.0.0.1:15014", help="HTTP listen address (metrics)")
+    p.add_argument(
+        "--http",
+        default="127.0.0.1:15014",
+        help="HTTP listen address: /metrics, /live, /ready, /debug/problemz",
+    )
     p.add_argument(
         "--max-streams",
         type=int,
