@@ -41,7 +41,8 @@ from enum import Enum
 
 import pybreaker
 
-from sidecar.config import BreakerPolicy, Endpoint
+from mesh.policy import CircuitBreaker
+from sidecar.config import Endpoint
 from sidecar.exchange import EndpointHandler, Reply, Request, Result
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.classifier import Kind, Outcome, classify
@@ -64,7 +65,7 @@ class BreakerConfig:
     max_open_for: float = 300.0
 
     @classmethod
-    def from_policy(cls, policy: BreakerPolicy) -> BreakerConfig | None:
+    def from_policy(cls, policy: CircuitBreaker) -> BreakerConfig | None:
         if policy.consecutive_failures is None:
             return None
         if policy.consecutive_failures < 1:
