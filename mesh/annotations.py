@@ -108,16 +108,6 @@ class Problem:
             return self.message
         return f"{self.message}; using {self.used} ({self.used_from}) instead"
 
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "value": self.value,
-            "message": self.message,
-            "level": self.level,
-            "used": self.used,
-            "used_from": self.used_from,
-        }
-
 
 @dataclass(frozen=True, slots=True)
 class Resolved:
