@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -59,6 +58,7 @@ from control_plane.server import (
 from control_plane.sources import Source, SourceError, SourceProblem, Update
 from control_plane.sources.file import FileSource
 from control_plane.status import PROBLEMS_METHOD, PROBLEMS_SERVICE
+from control_plane.tasks import cancel_all
 from control_plane.webhooks import inject, validate
 
 if TYPE_CHECKING:  # keeper imports the Kubernetes client (~60 MiB): only when it is used
@@ -308,12 +308,7 @@ class ControlPlane:
         if self._expiry is not None:
             self._expiry.cancel()
         self.heap.close()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await cancel_all(self._tasks)
         if self.source is not None:
             await self.source.close()
         if self.webhooks is not None:

@@ -53,24 +53,39 @@ PREFIX: Final = "outrigger.dev/"
 POLICY_KEYS: Final[tuple[str, ...]] = tuple(PREFIX + s.key for s in SETTINGS)
 CALLS: Final = PREFIX + "calls"
 # outrigger.dev/ keys read elsewhere: injection (label or annotation), its record, the pod
-# settings the injector reads, and the call graph `outrigger analyze` reads.
-OTHER_KEYS: Final[frozenset[str]] = frozenset(
-    PREFIX + key
-    for key in (
-        "inject",
-        "status",
-        "calls",
-        "trace-sampling",
-        "proxy-log-level",
-        "native-sidecar",
-        "exclude-outbound-ports",
-        "exclude-inbound-ports",
-        "include-outbound-cidrs",
-        "exclude-outbound-cidrs",
-        "proxy-cpu",
-        "proxy-memory",
-        "proxy-cpu-limit",
-        "proxy-memory-limit",
+# settings the injector reads (control_plane.webhooks.inject), and the call graph
+# `outrigger analyze` reads.
+INJECT: Final = PREFIX + "inject"
+STATUS: Final = PREFIX + "status"
+NATIVE_SIDECAR: Final = PREFIX + "native-sidecar"
+PROXY_CPU: Final = PREFIX + "proxy-cpu"
+PROXY_MEMORY: Final = PREFIX + "proxy-memory"
+PROXY_CPU_LIMIT: Final = PREFIX + "proxy-cpu-limit"
+PROXY_MEMORY_LIMIT: Final = PREFIX + "proxy-memory-limit"
+TRACE_SAMPLING: Final = PREFIX + "trace-sampling"
+PROXY_LOG_LEVEL: Final = PREFIX + "proxy-log-level"
+EXCLUDE_OUTBOUND_PORTS: Final = PREFIX + "exclude-outbound-ports"
+EXCLUDE_INBOUND_PORTS: Final = PREFIX + "exclude-inbound-ports"
+INCLUDE_OUTBOUND_CIDRS: Final = PREFIX + "include-outbound-cidrs"
+EXCLUDE_OUTBOUND_CIDRS: Final = PREFIX + "exclude-outbound-cidrs"
+# Every outrigger.dev/ key that means something on a pod (the injector warns of others); with
+# the policy keys, every key that is known anywhere.
+POD_KEYS: Final[frozenset[str]] = frozenset(
+    (
+        INJECT,
+        STATUS,
+        CALLS,
+        NATIVE_SIDECAR,
+        PROXY_CPU,
+        PROXY_MEMORY,
+        PROXY_CPU_LIMIT,
+        PROXY_MEMORY_LIMIT,
+        TRACE_SAMPLING,
+        PROXY_LOG_LEVEL,
+        EXCLUDE_OUTBOUND_PORTS,
+        EXCLUDE_INBOUND_PORTS,
+        INCLUDE_OUTBOUND_CIDRS,
+        EXCLUDE_OUTBOUND_CIDRS,
     )
 )
 _CALLS_FORM: Final = 'a comma-separated list of service names, "name" or "name.namespace"'
@@ -92,16 +107,6 @@ class Problem:
         if self.used is None:
             return self.message
         return f"{self.message}; using {self.used} ({self.used_from}) instead"
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "value": self.value,
-            "message": self.message,
-            "level": self.level,
-            "used": self.used,
-            "used_from": self.used_from,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,12 +181,12 @@ def parse_calls(text: str) -> tuple[tuple[str, ...], Problem | None]:
 
 def is_known(key: str) -> bool:
     """An `outrigger.dev/` key some part of Outrigger reads (policy, injection, calls)."""
-    return key in OTHER_KEYS or key in POLICY_KEYS
+    return key in POD_KEYS or key in POLICY_KEYS
 
 
 def closest_key(key: str) -> str | None:
     """The known `outrigger.dev/` key an unknown one was probably meant to be, if any."""
-    close = difflib.get_close_matches(key, [*POLICY_KEYS, *sorted(OTHER_KEYS)], n=1)
+    close = difflib.get_close_matches(key, [*POLICY_KEYS, *sorted(POD_KEYS)], n=1)
     return close[0] if close else None
 
 

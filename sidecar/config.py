@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from mesh.address import split_host_port
-from mesh.policy import Backoff, RetryBudget  # the mesh policy's: one definition of each
+from mesh.policy import Backoff, CircuitBreaker, RetryBudget  # the mesh policy's: one of each
 
 
 class LbPolicy(StrEnum):
@@ -55,15 +55,6 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, slots=True)
-class BreakerPolicy:
-    consecutive_failures: int | None = None  # None: no per-endpoint breaker
-    open_for: float = 30.0
-    max_ejection_percent: int = 10
-    max_requests: int = 1024
-    max_pending: int = 1024
-
-
-@dataclass(frozen=True, slots=True)
 class ServiceConfig:
     name: str
     namespace: str
@@ -74,7 +65,7 @@ class ServiceConfig:
     connect_timeout: float = 1.0
     idle_timeout: float = 60.0  # pooled upstream connections
     retry: RetryPolicy | None = None
-    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     lb: LbPolicy = LbPolicy.ROUND_ROBIN
     # An ORIGINAL_DST cluster (a headless service): each request goes to the destination the
     # caller chose (its authority), with this policy, no balancing and no endpoint list.

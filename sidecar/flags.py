@@ -7,6 +7,7 @@ response header, the plain-text body, the access log, the span and the metrics.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import ClassVar
 
 
 class Flag(StrEnum):
@@ -42,8 +43,9 @@ STATUS_FOR_FLAG: dict[Flag, int] = {
 class ProxyError(Exception):
     """Base of every error the request path turns into a local response.
 
-    Each policy module subclasses it with its own error type; the server is the one place that
-    turns a ProxyError into a response (status from the flag unless given, body naming the flag).
+    Each policy module subclasses it (through `PolicyError`) with its own error type; the server
+    is the one place that turns a ProxyError into a response (status from the flag unless given,
+    body naming the flag).
     """
 
     def __init__(self, flag: Flag, detail: str, status: int | None = None) -> None:
@@ -51,3 +53,13 @@ class ProxyError(Exception):
         self.flag = flag
         self.detail = detail
         self.status = STATUS_FOR_FLAG[flag] if status is None else status
+
+
+class PolicyError(ProxyError):
+    """A policy module's error: its flag is its class's `FLAG`, so it is raised with the detail
+    alone (`BalancerError("service has no endpoints")`)."""
+
+    FLAG: ClassVar[Flag]
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(self.FLAG, detail)

@@ -28,7 +28,6 @@ there by its API name, with the official client's kubeconfig and in-cluster load
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -45,6 +44,7 @@ from control_plane.sources.cluster import ClusterState, Kind, cluster_mesh
 from control_plane.sources.events import EventRecorder
 from control_plane.sources.file import read_mesh
 from control_plane.sources.reflector import Backoff, Reflector
+from control_plane.tasks import cancel_all
 from control_plane.watch import FileWatcher
 from mesh.model import Mesh
 
@@ -231,10 +231,5 @@ class KubernetesSource:
                 await self.events.record(p for p in problems if p.reason == "InvalidPolicy")
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await cancel_all(self._tasks)
         await self._api.close()

@@ -33,9 +33,10 @@ What is added (Istio's layout, the names are ours):
 - `outrigger.dev/status`: what was done (version, image, containers and volume added, native or
   not, the interception settings), JSON.
 
-Settings come from the pod's annotations (ANNOTATIONS), else the mesh's `injection:` defaults. A
-value that cannot be used raises `InjectionError` (mesh.injection) naming the annotation and
-the form: the webhook denies the pod with that reason rather than inject something broken.
+Settings come from the pod's annotations (keys in mesh.annotations, POD_KEYS), else the mesh's
+`injection:` defaults. A value that cannot be used raises `InjectionError` (mesh.injection)
+naming the annotation and the form: the webhook denies the pod with that reason rather than
+inject something broken.
 """
 
 from __future__ import annotations
@@ -46,6 +47,23 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from control_plane.webhooks.review import AdmissionRequest, AdmissionResponse
+from mesh.annotations import (
+    EXCLUDE_INBOUND_PORTS,
+    EXCLUDE_OUTBOUND_CIDRS,
+    EXCLUDE_OUTBOUND_PORTS,
+    INCLUDE_OUTBOUND_CIDRS,
+    INJECT,
+    NATIVE_SIDECAR,
+    POD_KEYS,
+    PREFIX,
+    PROXY_CPU,
+    PROXY_CPU_LIMIT,
+    PROXY_LOG_LEVEL,
+    PROXY_MEMORY,
+    PROXY_MEMORY_LIMIT,
+    STATUS,
+    TRACE_SAMPLING,
+)
 from mesh.injection import (
     VERSION,
     Injection,
@@ -71,37 +89,6 @@ Json = dict[str, Any]
 T = TypeVar("T")
 Reader = Callable[[str, str], T]
 
-PREFIX: Final = "outrigger.dev/"
-INJECT: Final = PREFIX + "inject"
-STATUS: Final = PREFIX + "status"
-NATIVE_SIDECAR: Final = PREFIX + "native-sidecar"
-PROXY_CPU: Final = PREFIX + "proxy-cpu"
-PROXY_MEMORY: Final = PREFIX + "proxy-memory"
-PROXY_CPU_LIMIT: Final = PREFIX + "proxy-cpu-limit"
-PROXY_MEMORY_LIMIT: Final = PREFIX + "proxy-memory-limit"
-TRACE_SAMPLING: Final = PREFIX + "trace-sampling"
-PROXY_LOG_LEVEL: Final = PREFIX + "proxy-log-level"
-EXCLUDE_OUTBOUND_PORTS: Final = PREFIX + "exclude-outbound-ports"
-EXCLUDE_INBOUND_PORTS: Final = PREFIX + "exclude-inbound-ports"
-INCLUDE_OUTBOUND_CIDRS: Final = PREFIX + "include-outbound-cidrs"
-EXCLUDE_OUTBOUND_CIDRS: Final = PREFIX + "exclude-outbound-cidrs"
-# Every outrigger.dev/ key that means something on a pod; others get a warning.
-ANNOTATIONS: Final = (
-    INJECT,
-    NATIVE_SIDECAR,
-    PROXY_CPU,
-    PROXY_MEMORY,
-    PROXY_CPU_LIMIT,
-    PROXY_MEMORY_LIMIT,
-    TRACE_SAMPLING,
-    PROXY_LOG_LEVEL,
-    EXCLUDE_OUTBOUND_PORTS,
-    EXCLUDE_INBOUND_PORTS,
-    INCLUDE_OUTBOUND_CIDRS,
-    EXCLUDE_OUTBOUND_CIDRS,
-    STATUS,
-    PREFIX + "calls",  # read by `outrigger analyze`
-)
 PROMETHEUS: Final = ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")
 
 PROXY_UID: Final = 1337
@@ -516,7 +503,7 @@ def warnings_for(metadata: Json, spec: Json) -> tuple[str, ...]:
     found = [
         f"annotation {key} is not a pod setting; it does nothing here"
         for key in sorted(_pod_annotations(metadata))
-        if key not in ANNOTATIONS
+        if key not in POD_KEYS
     ]
     native = _pod_annotations(metadata).get(NATIVE_SIDECAR)
     if native == "false" and runs_to_completion(spec):

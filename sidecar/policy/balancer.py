@@ -27,15 +27,14 @@ from dataclasses import dataclass
 
 from sidecar.config import Endpoint, LbPolicy, ServiceConfig, authority_endpoint
 from sidecar.exchange import EndpointHandler, Reply, Request, Result
-from sidecar.flags import Flag, ProxyError
+from sidecar.flags import Flag, PolicyError, ProxyError
 from sidecar.policy.concurrency import ServiceLoad
 
 
-class BalancerError(ProxyError):
+class BalancerError(PolicyError):
     """No endpoint can take the request: 503 UH."""
 
-    def __init__(self, detail: str) -> None:
-        super().__init__(Flag.NO_HEALTHY_UPSTREAM, detail)
+    FLAG = Flag.NO_HEALTHY_UPSTREAM
 
 
 @dataclass(frozen=True, slots=True)

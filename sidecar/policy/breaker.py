@@ -41,19 +41,19 @@ from enum import Enum
 
 import pybreaker
 
-from sidecar.config import BreakerPolicy, Endpoint
+from mesh.policy import CircuitBreaker
+from sidecar.config import Endpoint
 from sidecar.exchange import EndpointHandler, Reply, Request, Result
-from sidecar.flags import Flag, ProxyError
+from sidecar.flags import Flag, PolicyError
 from sidecar.policy.classifier import Kind, Outcome, classify
 from sidecar.policy.clock import Clock
 from sidecar.policy.stats import ServiceStats
 
 
-class BreakerError(ProxyError):
+class BreakerError(PolicyError):
     """The endpoint was ejected between the balancer's pick and the call: 503 UH."""
 
-    def __init__(self, detail: str) -> None:
-        super().__init__(Flag.NO_HEALTHY_UPSTREAM, detail)
+    FLAG = Flag.NO_HEALTHY_UPSTREAM
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,7 @@ class BreakerConfig:
     max_open_for: float = 300.0
 
     @classmethod
-    def from_policy(cls, policy: BreakerPolicy) -> BreakerConfig | None:
+    def from_policy(cls, policy: CircuitBreaker) -> BreakerConfig | None:
         if policy.consecutive_failures is None:
             return None
         if policy.consecutive_failures < 1:

@@ -22,15 +22,14 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from sidecar.config import ServiceConfig
-from sidecar.flags import Flag, ProxyError
+from sidecar.flags import Flag, PolicyError
 from sidecar.policy.stats import ServiceStats
 
 
-class ConcurrencyError(ProxyError):
+class ConcurrencyError(PolicyError):
     """The service is at `max_requests` or `max_pending`: 503 UO, answered at once."""
 
-    def __init__(self, detail: str) -> None:
-        super().__init__(Flag.UPSTREAM_OVERFLOW, detail)
+    FLAG = Flag.UPSTREAM_OVERFLOW
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,7 +49,7 @@ from mesh.http import IDEMPOTENT_METHODS_BYTES
 from mesh.policy import RetryBudget
 from sidecar.config import RetryPolicy
 from sidecar.exchange import Handler, Reply, Request, Response, Result
-from sidecar.flags import Flag, ProxyError
+from sidecar.flags import Flag, PolicyError, ProxyError
 from sidecar.policy.classifier import Kind, Outcome, classify
 from sidecar.policy.clock import Clock, Sleep
 from sidecar.policy.concurrency import ServiceLoad
@@ -69,11 +69,10 @@ RETRY_ON_TOKENS: dict[str, frozenset[Kind]] = {
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
 
 
-class RetryError(ProxyError):
+class RetryError(PolicyError):
     """Attempts ran out on an error: 503 URX."""
 
-    def __init__(self, detail: str) -> None:
-        super().__init__(Flag.RETRIES_EXHAUSTED, detail)
+    FLAG = Flag.RETRIES_EXHAUSTED
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,17 +22,16 @@ from dataclasses import dataclass
 
 from sidecar.config import ServiceConfig
 from sidecar.exchange import Handler, Reply, Request, Response, Result
-from sidecar.flags import Flag, ProxyError
+from sidecar.flags import Flag, PolicyError
 from sidecar.policy.clock import Clock, loop_time
 from sidecar.policy.deadline import Deadline, Wheel, running_wheel
 from sidecar.policy.stats import ServiceStats
 
 
-class UpstreamTimeoutError(ProxyError):  # named for its flag: TimeoutError is the builtin
+class UpstreamTimeoutError(PolicyError):  # named for its flag: TimeoutError is the builtin
     """The request or the attempt ran out of time: 504 UT."""
 
-    def __init__(self, detail: str) -> None:
-        super().__init__(Flag.UPSTREAM_TIMEOUT, detail)
+    FLAG = Flag.UPSTREAM_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)

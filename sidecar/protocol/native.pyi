@@ -1,21 +1,15 @@
 """Types of the compiled codec (native.pyx): the same API as request.py, response.py and
-serialize.py, whose names it takes when it is built (implementation.py)."""
+serialize.py, whose names it takes when it is built (implementation.py). Its public names are
+native.pyx's __all__: the two parsers below and the serializers re-exported from serialize.py."""
 
-from typing import Final
-
-from .events import Headers, RequestEvent, ResponseEvent
+from .events import RequestEvent, ResponseEvent
 from .limits import Limits
 
-__all__ = [
-    "LAST_CHUNK",
-    "RequestParser",
-    "ResponseParser",
-    "chunk",
-    "request_head",
-    "response_head",
-]
-
-LAST_CHUNK: Final[bytes]
+# The serializers' signatures are the reference's own (one statement of each).
+from .serialize import LAST_CHUNK as LAST_CHUNK
+from .serialize import chunk as chunk
+from .serialize import request_head as request_head
+from .serialize import response_head as response_head
 
 class RequestParser:
     def __init__(self, limits: Limits = ...) -> None: ...
@@ -31,26 +25,3 @@ class ResponseParser:
     def feed(self, data: bytes) -> list[ResponseEvent]: ...
     def feed_eof(self) -> list[ResponseEvent]: ...
     def take_upgrade_rest(self) -> bytes: ...
-
-def request_head(
-    method: bytes,
-    path: bytes,
-    authority: bytes,
-    headers: Headers,
-    *,
-    content_length: int | None,
-    chunked: bool,
-    parsed: bool = False,
-) -> bytes: ...
-def response_head(
-    status: int,
-    reason: bytes,
-    headers: Headers,
-    *,
-    version: bytes = ...,
-    content_length: int | None,
-    chunked: bool,
-    close: bool,
-    parsed: bool = False,
-) -> bytes: ...
-def chunk(data: bytes) -> bytes: ...

@@ -34,7 +34,7 @@ from google.protobuf.json_format import MessageToDict
 from mesh.address import join_host_port
 from mesh.http import IDEMPOTENT_METHODS
 from mesh.model import Mesh
-from mesh.policy import Backoff, RetryBudget
+from mesh.policy import Backoff, CircuitBreaker, RetryBudget
 from mesh.translate import idempotent_request_headers, translate
 from mesh.xds import (
     CLUSTER_TYPE,
@@ -58,7 +58,6 @@ from mesh.xds import (
     resources_version,
 )
 from sidecar.config import (
-    BreakerPolicy,
     Chain,
     ChainProtocol,
     ConfigError,
@@ -745,10 +744,10 @@ def _thresholds(cluster: Any) -> tuple[int, int, RetryBudget | None]:
     return ENVOY_DEFAULT_THRESHOLD, ENVOY_DEFAULT_THRESHOLD, None
 
 
-def _breaker(cluster: Any) -> BreakerPolicy:
+def _breaker(cluster: Any) -> CircuitBreaker:
     max_requests, max_pending, _ = _thresholds(cluster)
     if not cluster.HasField("outlier_detection"):
-        return BreakerPolicy(max_requests=max_requests, max_pending=max_pending)
+        return CircuitBreaker(max_requests=max_requests, max_pending=max_pending)
     od = cluster.outlier_detection
     consecutive: int | None = ENVOY_DEFAULT_CONSECUTIVE_5XX
     if od.HasField("consecutive_5xx"):
@@ -772,7 +771,7 @@ def _breaker(cluster: Any) -> BreakerPolicy:
             "outlier_detection.max_ejection_percent",
             f"must be 0-100, got {ejection}",
         )
-    return BreakerPolicy(
+    return CircuitBreaker(
         consecutive_failures=consecutive,
         open_for=open_for,
         max_ejection_percent=ejection,

@@ -257,7 +257,11 @@ def refused_address() -> str:
 # --- the sidecar ---------------------------------------------------------------------------
 
 
-def sidecar_settings(service: str = "frontend", app: str = "127.0.0.1:1") -> SidecarSettings:
+def sidecar_settings(
+    service: str = "frontend", app: str = "127.0.0.1:1", **extra: Any
+) -> SidecarSettings:
+    """A sidecar's settings as from its command line: every port 0, no config or cache files;
+    `extra` adds flags (otlp_endpoint=...)."""
     return SidecarSettings.from_args(
         argparse.Namespace(
             config=None,
@@ -273,6 +277,7 @@ def sidecar_settings(service: str = "frontend", app: str = "127.0.0.1:1") -> Sid
             drain_timeout="1s",
             snapshot_cache=None,
             access_log=None,
+            **extra,
         )
     )
 

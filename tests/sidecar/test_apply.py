@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from mesh.policy import CircuitBreaker
 from sidecar.config import (
-    BreakerPolicy,
     ConfigError,
     Endpoint,
     ServiceConfig,
@@ -20,7 +20,7 @@ async def _never(req: Request, endpoint: Endpoint) -> Response:
     raise AssertionError("no request is forwarded in these tests")
 
 
-def _service(name: str, breaker: BreakerPolicy) -> ServiceConfig:
+def _service(name: str, breaker: CircuitBreaker) -> ServiceConfig:
     return ServiceConfig(
         name=name,
         namespace="default",
@@ -42,14 +42,14 @@ def _snapshot(version: str, *services: ServiceConfig) -> Snapshot:
 def test_a_refused_snapshot_changes_no_limit_of_the_one_still_serving() -> None:
     services = ServiceRegistry()
     router = Router(services, _never, Endpoint("127.0.0.1", 8080), "frontend")
-    good = BreakerPolicy(consecutive_failures=5, max_requests=100, max_pending=100)
+    good = CircuitBreaker(consecutive_failures=5, max_requests=100, max_pending=100)
     router.apply(_snapshot("v1", _service("a", good), _service("b", good)))
     load, breakers = services.state("a").load, services.state("a").breakers
     before = (load.max_requests, load.max_pending, breakers.config)
 
     # "a" changes its limits, "b" cannot be applied: neither may take effect.
-    tighter = BreakerPolicy(consecutive_failures=1, max_requests=1, max_pending=1)
-    broken = BreakerPolicy(consecutive_failures=5, open_for=0.0)
+    tighter = CircuitBreaker(consecutive_failures=1, max_requests=1, max_pending=1)
+    broken = CircuitBreaker(consecutive_failures=5, open_for=0.0)
     with pytest.raises(ConfigError, match="open_for must be positive"):
         router.apply(_snapshot("v2", _service("a", tighter), _service("b", broken)))
 

@@ -8,7 +8,6 @@ Every wait is bounded. Spans are made when a request ends and exported by the ba
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
@@ -34,11 +33,11 @@ from opentelemetry.trace import (
 from mesh.model import parse_mesh
 from outrigger.demo.traces import CLIENT, INTERNAL, SERVER, SpanRecord, TraceReceiver, receive
 from sidecar.app import Sidecar
-from sidecar.settings import SidecarSettings
 from sidecar.telemetry import propagation
 from sidecar.telemetry.tracing import Tracing, TracingSettings, otlp_endpoint, resource
 from sidecar.xds.interpret import snapshot_from_mesh
 from tests.sidecar.proxy_fixtures import SidecarProcess, mesh_doc
+from tests.sidecar.resilience_fixtures import sidecar_settings
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -133,27 +132,6 @@ async def app(script: Script = lambda n: "ok") -> AsyncIterator[App]:
 # --- sidecars -----------------------------------------------------------------------------------
 
 
-def settings(service: str, app_address: str = "127.0.0.1:1", **extra: Any) -> SidecarSettings:
-    return SidecarSettings.from_args(
-        argparse.Namespace(
-            config=None,
-            mesh=None,
-            control_plane=None,
-            service=service,
-            namespace=None,
-            node_id=None,
-            outbound="127.0.0.1:0",
-            inbound="127.0.0.1:0",
-            app=app_address,
-            admin="127.0.0.1:0",
-            drain_timeout="1s",
-            snapshot_cache=None,
-            access_log=None,
-            **extra,
-        )
-    )
-
-
 def mesh(
     services: dict[str, list[str]] | None = None,
     sampling: float = 1.0,
@@ -176,7 +154,7 @@ async def sidecar(
     app_address: str = "127.0.0.1:1",
     **tracing: Any,
 ) -> AsyncIterator[Sidecar]:
-    sc = Sidecar(settings(service, app_address))
+    sc = Sidecar(sidecar_settings(service, app_address))
     if endpoint is not None:
         tracing.setdefault("schedule_delay_millis", 20)
         sc.enable_tracing(Tracing(TracingSettings(service, endpoint, **tracing)))
@@ -484,7 +462,7 @@ async def test_collector_down_leaves_requests_alone_and_counts_dropped_spans() -
 
 async def test_otlp_endpoint_flag_turns_tracing_on() -> None:
     async with collector() as (spans, endpoint), app() as up:
-        sc = Sidecar(settings("frontend", otlp_endpoint=endpoint))
+        sc = Sidecar(sidecar_settings("frontend", otlp_endpoint=endpoint))
         assert sc.tracing is not None
         sc.apply(snapshot_from_mesh(parse_mesh(mesh({"reviews": [up.address]}), "t")))
         assert sc.tracing.sampling == 1.0
@@ -504,7 +482,7 @@ async def test_otlp_endpoint_flag_turns_tracing_on() -> None:
 def test_tracing_is_off_without_an_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
-    sc = Sidecar(settings("frontend"))
+    sc = Sidecar(sidecar_settings("frontend"))
     assert sc.tracing is None
     sc.apply(snapshot_from_mesh(parse_mesh(mesh({"reviews": ["127.0.0.1:1"]}), "t")))
     assert sc.active is not None
@@ -527,7 +505,7 @@ def test_resource_names_the_service_and_pod_and_env_wins() -> None:
 
 def test_otlp_endpoint_setting_is_validated() -> None:
     with pytest.raises(ValueError, match="otlp_endpoint"):
-        settings("frontend", otlp_endpoint="collector 4317")
+        sidecar_settings("frontend", otlp_endpoint="collector 4317")
 
 
 # --- propagation and sampling units -------------------------------------------------------------

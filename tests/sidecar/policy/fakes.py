@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from sidecar.config import (
     Backoff,
-    BreakerPolicy,
+    CircuitBreaker,
     Endpoint,
     LbPolicy,
     RetryBudget,
@@ -263,7 +263,7 @@ def service(
         endpoints=tuple(endpoints),
         timeout=timeout,
         retry=retry,
-        breaker=BreakerPolicy(
+        breaker=CircuitBreaker(
             consecutive_failures=consecutive_failures,
             open_for=open_for,
             max_ejection_percent=max_ejection_percent,

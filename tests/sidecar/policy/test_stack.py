@@ -1,6 +1,6 @@
 import pytest
 
-from sidecar.config import BreakerPolicy
+from mesh.policy import CircuitBreaker
 from sidecar.policy.balancer import Balancer
 from sidecar.policy.breaker import Breaker
 from sidecar.policy.retry import Retry
@@ -59,6 +59,6 @@ def test_turning_the_breaker_off_forgets_breakers() -> None:
     build_service_stack(service(consecutive_failures=1), state, FakeUpstream())
     assert state.breakers.breaker(EP[0]) is not None
     cfg = service()
-    assert cfg.breaker == BreakerPolicy(max_ejection_percent=100)
+    assert cfg.breaker == CircuitBreaker(max_ejection_percent=100)
     build_service_stack(cfg, state, FakeUpstream())
     assert state.breakers.breaker(EP[0]) is None

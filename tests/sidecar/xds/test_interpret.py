@@ -9,7 +9,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
 from mesh.model import load_mesh, parse_mesh
-from mesh.policy import Backoff, RetryBudget
+from mesh.policy import Backoff, CircuitBreaker, RetryBudget
 from mesh.translate import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
@@ -20,7 +20,6 @@ from mesh.translate import (
 )
 from mesh.xds import pack_resources, resources_from_any, resources_version
 from sidecar.config import (
-    BreakerPolicy,
     ConfigError,
     Endpoint,
     LbPolicy,
@@ -59,7 +58,7 @@ def test_example_mesh_round_trips_into_the_policy_it_states() -> None:
         budget=RetryBudget(percent=20.0, min_concurrency=3),
         non_idempotent=False,
     )
-    assert payments.breaker == BreakerPolicy(
+    assert payments.breaker == CircuitBreaker(
         consecutive_failures=5,
         open_for=30.0,
         max_ejection_percent=50,
@@ -128,7 +127,7 @@ def test_absent_fields_take_envoy_defaults() -> None:
     service = build_snapshot(resources, "v1").services[PAYMENTS]
     assert service.timeout == 15.0
     assert service.connect_timeout == 5.0
-    assert service.breaker == BreakerPolicy(consecutive_failures=5, max_ejection_percent=10)
+    assert service.breaker == CircuitBreaker(consecutive_failures=5, max_ejection_percent=10)
 
 
 def test_lb_policy_enum_is_read_when_no_list() -> None:
