@@ -8,8 +8,9 @@ layer of a service stack (and of passthrough), `Tracing.attempt` sits right unde
 Hot path. The sampling decision comes first and is all an unsampled request pays for: one pass
 over the headers for tracing ones, then either the parent's sampled flag (ParentBased) or, for a
 new trace, a random trace id against `TraceIdRatioBased(ratio).bound` (the SDK's sampler
-arithmetic, evaluated inline). An unsampled new trace still gets a `sampled=0` context written
-into the request, so the next hops agree not to sample it. A sampled request keeps a small
+arithmetic, evaluated inline on the id's hex digits, which come from os.urandom in batches:
+`_NewTraces`). An unsampled new trace still gets a `sampled=0` context written into the
+request, so the next hops agree not to sample it; the span layer does that itself, as bytes. A sampled request keeps a small
 record (times, attempts, events) and, when it ends, turns it into plain span records (tuples of
 ints, strings and dicts: `record.Record`) with explicit start and end times. The span ids are
 chosen up front, because the id written into the upstream request must be the id of the span that
@@ -32,10 +33,13 @@ in `outrigger_spans_dropped_total{reason}` (`handoff.py` lists the reasons).
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import random
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +78,7 @@ from sidecar.telemetry.record import Record
 log = logging.getLogger("outrigger.tracing")
 
 _LOW64 = (1 << 64) - 1
+_B3_UNSAMPLED = (b"x-b3-sampled", b"0")
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 _UNSAMPLED = TraceFlags(TraceFlags.RANDOM_TRACE_ID)
 _NO_STATE = TraceState()
@@ -121,6 +126,49 @@ def _new_span_id() -> int:
     return random.getrandbits(64) or 1
 
 
+_BATCH = 256  # new traces' ids per os.urandom call
+# One new trace's 24 random bytes in hex: the trace id (its low 64 bits apart), the span id.
+_IDS = re.compile(rb"(.{16}(.{16}))(.{16})", re.DOTALL)
+_ZERO_RUN = b"0" * 16
+
+
+def _id_batch(count: int) -> list[tuple[bytes, bytes, bytes]]:
+    """`count` new traces' ids as hex digits: (trace id, its low 64 bits, span id). A run of 16
+    zero digits anywhere (which a zero, invalid, id would need) draws again."""
+    while True:
+        pool = os.urandom(count * 24).hex().encode()
+        if _ZERO_RUN not in pool:
+            return _IDS.findall(pool)
+
+
+class _NewTraces:
+    """What a new trace is started with: its ids, drawn from the kernel's random source 256
+    traces at a time (no syscall per request) as the hex digits the headers carry, and the
+    sampling bound on them.
+
+    The decision is TraceIdRatioBased's: sample when the trace id's low 64 bits are below
+    `ratio * 2**64`. Compared as 16 fixed-width lower-case hex digits, which order as the
+    numbers do, so an unsampled request never turns its ids into ints."""
+
+    __slots__ = ("bound", "ids")
+
+    def __init__(self) -> None:
+        # Endless, in C: next() refills from os.urandom every _BATCH ids.
+        self.ids: Iterator[tuple[bytes, bytes, bytes]] = itertools.chain.from_iterable(
+            map(_id_batch, itertools.repeat(_BATCH))
+        )
+        self.bound = b""  # the trace id's low 64 bits, in hex, must sort below it to sample
+
+    def set_bound(self, bound: int | None) -> None:
+        """`bound`: TraceIdRatioBased's; None: sample nothing."""
+        if bound is None or bound <= 0:
+            self.bound = b""  # nothing sorts below it
+        elif bound > _LOW64:
+            self.bound = b"g"  # everything does (hex digits sort below "g")
+        else:
+            self.bound = b"%016x" % bound
+
+
 class _Attempt:
     __slots__ = ("attributes", "end", "endpoint", "error", "events", "number", "span_id", "start")
 
@@ -150,14 +198,19 @@ class _Trace:
     )
 
     def __init__(
-        self, trace_id: int, parent_id: int, trace_state: TraceState, b3_single: bool
+        self,
+        trace_id: int,
+        parent_id: int,
+        trace_state: TraceState,
+        b3_single: bool,
+        span_id: int,
     ) -> None:
         self.trace_id = trace_id
         self.parent_id = parent_id  # the remote parent's span id, 0 for a new trace
         self.trace_state = trace_state
         self.state = trace_state.to_header() if trace_state else ""  # as the record carries it
         self.b3_single = b3_single
-        self.span_id = _new_span_id()  # what the upstream (or app) sees as its parent
+        self.span_id = span_id  # what the upstream (or app) sees as its parent
         self.start = time.time_ns()
         self.attempts: list[_Attempt] = []
         self.current: _Attempt | None = None
@@ -219,9 +272,9 @@ class Tracing:
         else:
             start = thread_starter(exporter, limits, settings.service)
         self._handoff = Handoff(limits, self.drops, start)
-        self._bound = 0
-        self.set_sampling(settings.sampling)
+        self._new = _NewTraces()
         self.closed = False
+        self.set_sampling(settings.sampling)
 
     # --- configuration ----------------------------------------------------------------------
 
@@ -232,16 +285,19 @@ class Tracing:
     def set_sampling(self, ratio: float) -> None:
         """ParentBased(TraceIdRatioBased(ratio)): the ratio decides only for new traces."""
         self._ratio = ratio
-        self._bound = TraceIdRatioBased(ratio).bound
+        self._new.set_bound(None if self.closed else TraceIdRatioBased(ratio).bound)
+
+    # The layers are handed out as bound methods: Python calls one of those at about half the
+    # cost of an instance with `__call__` (no slot lookup, no argument tuple).
 
     def client(self, inner: Handler, service: str) -> Handler:
-        return _SpanLayer(self, inner, service, self.finish_client)
+        return _SpanLayer(self, inner, service, self.finish_client).__call__
 
     def attempt(self, inner: EndpointHandler) -> EndpointHandler:
-        return _AttemptLayer(inner)
+        return _AttemptLayer(inner).__call__
 
     def inbound(self, inner: Handler, service: str) -> Handler:
-        return _SpanLayer(self, inner, service, self.finish_server)
+        return _SpanLayer(self, inner, service, self.finish_server).__call__
 
     def on_breaker_event(self, event: BreakerEvent) -> None:
         """The policy layer's hook: an event on the span of the request that caused it."""
@@ -261,27 +317,29 @@ class Tracing:
     # --- the decision -----------------------------------------------------------------------
 
     def begin(self, req: Request) -> _Trace | None:
-        """The sampling decision for a request; a record when sampled (context written)."""
+        """The sampling decision for a request that came with tracing headers (the span layer
+        decides a new trace's itself); a record when sampled (context written)."""
         headers = req.headers
         traceparent = None
-        traced = False
         for name, value in headers:
-            if name in TRACE_HEADERS:
-                traced = True
-                if name == b"traceparent" and traceparent is None:
-                    traceparent = value
-        if traced:
-            if traceparent is not None and propagation.unsampled_traceparent(traceparent):
-                return None  # ParentBased, the mesh's common case: pass through untouched
-            found = propagation.find(headers)
-            assert found is not None
+            if name == b"traceparent":
+                traceparent = value
+                break
+        if traceparent is not None and propagation.unsampled_traceparent(traceparent):
+            return None  # ParentBased, the mesh's common case: pass through untouched
+        found = propagation.find(headers)
+        if found is not None:
             incoming = propagation.extract(found)
             parent = incoming.parent
             if parent is not None:
                 if not parent.trace_flags.sampled:
                     return None  # ParentBased: the context passes through untouched
                 trace = _Trace(
-                    parent.trace_id, parent.span_id, parent.trace_state, incoming.b3_single
+                    parent.trace_id,
+                    parent.span_id,
+                    parent.trace_state,
+                    incoming.b3_single,
+                    _new_span_id(),
                 )
                 req.headers = propagation.inject(
                     headers, trace.span_context(trace.span_id), b3_single=trace.b3_single
@@ -289,19 +347,20 @@ class Tracing:
                 return trace
             if incoming.deny:
                 return None
-        # A new trace: TraceIdRatioBased's test on the low 64 bits of a random trace id.
-        trace_id = random.getrandbits(128) or 1
-        if (trace_id & _LOW64) >= self._bound or self.closed:
+        # A new trace; the headers there are malformed: replace them.
+        trace_hex, low, span_hex = next(self._new.ids)
+        if low >= self._new.bound:
             # Unsampled: say so downstream, so the next hops do not start traces of their own.
-            if traced:  # only malformed tracing headers: replace them
-                req.headers = propagation.inject(
-                    headers, SpanContext(trace_id, _new_span_id(), False, _UNSAMPLED)
-                )
-            else:
-                propagation.append_unsampled(headers, trace_id, _new_span_id())
+            req.headers = propagation.inject(
+                headers, SpanContext(int(trace_hex, 16), int(span_hex, 16), False, _UNSAMPLED)
+            )
             return None
-        trace = _Trace(trace_id, 0, _NO_STATE, False)
-        req.headers = propagation.inject(headers, trace.span_context(trace.span_id))
+        return self.sampled(req, trace_hex, span_hex)
+
+    def sampled(self, req: Request, trace_hex: bytes, span_hex: bytes) -> _Trace:
+        """A sampled new trace with these ids: its record, its context written."""
+        trace = _Trace(int(trace_hex, 16), 0, _NO_STATE, False, int(span_hex, 16))
+        req.headers = propagation.inject(req.headers, trace.span_context(trace.span_id))
         return trace
 
     # --- spans ------------------------------------------------------------------------------
@@ -418,6 +477,7 @@ class Tracing:
         if self.closed:
             return True
         self.closed = True
+        self._new.set_bound(None)  # sample nothing more
         return await self._handoff.shutdown(timeout)
 
 
@@ -459,23 +519,48 @@ class _SpanLayer:
     """A request's own span: the SERVER span around the handler to the app, or the CLIENT span,
     outermost in a service stack (its children: the attempts). It makes the sampling decision,
     puts the trace on the request for the layers below, and hands the result to `finish` on
-    the way back."""
+    the way back.
 
-    __slots__ = ("_begin", "_finish", "_inner", "_service")
+    The common case is inlined here: a request with no tracing headers starts a new trace,
+    and unsampled (most of them) it only gets its ids written, as hex digits from the pool."""
+
+    __slots__ = ("_begin", "_finish", "_inner", "_new", "_sampled", "_service")
 
     def __init__(self, tracing: Tracing, inner: Handler, service: str, finish: _Finish) -> None:
         self._begin = tracing.begin
+        self._sampled = tracing.sampled
+        self._new = tracing._new
         self._finish = finish
         self._inner = inner
         self._service = service
 
     def __call__(self, req: Request, reply: Reply) -> None:
-        trace = self._begin(req)
+        headers = req.headers
+        for name, _ in headers:
+            if name in TRACE_HEADERS:
+                trace = self._begin(req)
+                break
+        else:
+            new = self._new
+            trace_hex, low, span_hex = next(new.ids)
+            if low >= new.bound:
+                # Unsampled: say so downstream, so the next hops do not start traces of their
+                # own. What `propagation.inject` would write (tests hold the two to the same
+                # bytes), without building a context.
+                headers += (
+                    (b"traceparent", b"-".join((b"00", trace_hex, span_hex, b"02"))),
+                    (b"x-b3-traceid", trace_hex),
+                    (b"x-b3-spanid", span_hex),
+                    _B3_UNSAMPLED,
+                )
+                self._inner(req, reply)
+                return
+            trace = self._sampled(req, trace_hex, span_hex)
         if trace is None:
             self._inner(req, reply)
             return
         req.trace = trace
-        self._inner(req, _Span(self, trace, req, reply))
+        self._inner(req, _Span(self, trace, req, reply).__call__)
 
 
 class _Span:
@@ -533,7 +618,7 @@ class _AttemptLayer:
         attributes["server.port"] = endpoint.port
         trace.attempts.append(attempt)
         trace.current = attempt
-        self._inner(req, endpoint, _AttemptReply(trace, attempt, reply))
+        self._inner(req, endpoint, _AttemptReply(trace, attempt, reply).__call__)
 
 
 class _AttemptReply:
