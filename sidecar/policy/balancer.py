@@ -134,7 +134,7 @@ class Balancer:
         endpoint = load.endpoint
         req.tried.append(endpoint)
         req.attempts += 1
-        self._inner(req, endpoint, _Attempt(endpoint, load, service, reply))
+        self._inner(req, endpoint, _Attempt(endpoint, load, service, reply).__call__)
 
     def _pick(self, req: Request) -> EndpointLoad:
         loads = self._loads
@@ -219,4 +219,4 @@ class OriginalDestination:
             return
         req.tried.append(endpoint)
         req.attempts += 1
-        self._inner(req, endpoint, _Attempt(endpoint, None, service, reply))
+        self._inner(req, endpoint, _Attempt(endpoint, None, service, reply).__call__)

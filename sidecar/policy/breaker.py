@@ -362,7 +362,7 @@ class Breaker:
         except BreakerError as error:
             reply(error)
             return
-        self._inner(req, endpoint, _Outcome(registry, endpoint, probe, req, reply))
+        self._inner(req, endpoint, _Outcome(registry, endpoint, probe, req, reply).__call__)
 
 
 class _Outcome:

@@ -198,8 +198,7 @@ class Retry:
         return load.retries_active < allowed
 
     def __call__(self, req: Request, reply: Reply) -> None:
-        call = _RetryCall(self, req, reply)
-        self._inner(req, call)
+        self._inner(req, _RetryCall(self, req, reply).__call__)
 
 
 class _RetryCall:

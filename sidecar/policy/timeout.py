@@ -125,7 +125,7 @@ class TotalTimeout(_Bounded):
         call = _Total(self, req, reply, wheel)
         # On the loop's clock, like asyncio.timeout, on the shared wheel.
         wheel.arm(call, deadline if self._on_loop else wheel.loop_time() + remaining)
-        self._inner(req, call)
+        self._inner(req, call.__call__)
 
 
 class _Total(_Timed):
@@ -151,7 +151,7 @@ class PerTryTimeout(_Bounded):
         call.outer = outer
         req.deadline = deadline
         wheel.arm(call, deadline if self._on_loop else wheel.loop_time() + self._timeout)
-        self._inner(req, call)
+        self._inner(req, call.__call__)
 
 
 class _PerTry(_Timed):
