@@ -14,8 +14,9 @@ request, so the next hops agree not to sample it; the span layer does that itsel
 A sampled request keeps a small record (times, attempts, events) and, when it ends, turns it
 into plain span records (tuples of ints, strings and dicts: `record.Record`) with explicit
 start and end times. The span ids are chosen up front, because the id written into the
-upstream request must be the id of the span that ends up its parent: the CLIENT span when there was one attempt, that attempt's span when there
-were several. Spans end when the response head is known (the body streams afterwards).
+upstream request must be the id of the span that ends up its parent: the CLIENT span when
+there was one attempt, that attempt's span when there were several. Spans end when the
+response head is known (the body streams afterwards).
 
 Export is another process's work. The records go to a list; a loop callback every 100 ms (or
 when a batch is full) marshals the list and writes it, without blocking, to a socket whose other
