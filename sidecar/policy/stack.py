@@ -143,17 +143,20 @@ def build_service_stack(
     if breaker is not None:
         # Breaker right above the forwarder: it sees each attempt's own result for its endpoint.
         endpoint_handler = Breaker(state.breakers, endpoint_handler, clock).__call__
+    traced: EndpointHandler | None = None
     if tracing is not None:
         # Attempt spans right under the balancer: one call per attempt with its endpoint, the
         # breaker's refusal and events included; it writes the attempt's trace context upstream.
-        endpoint_handler = tracing.attempt(endpoint_handler)
+        # Only a sampled request (one carrying a trace) goes through it: the balancer skips it
+        # for the others.
+        traced = tracing.attempt(endpoint_handler)
 
     # Balancer: one pick per attempt, so a retry picks again; skips ejected endpoints; owns the
     # active counts (max_requests, least_request, retry budget) until the body is done. A headless
     # service's requests keep their own destination instead (same counts, nothing to pick).
     handler: Handler
     if cfg.original_destination:
-        handler = OriginalDestination(state.load, endpoint_handler).__call__
+        handler = OriginalDestination(state.load, endpoint_handler, traced).__call__
     else:
         handler = Balancer(
             BalancerConfig.from_service(cfg),
@@ -162,6 +165,7 @@ def build_service_stack(
             endpoint_handler,
             ejected=state.breakers.is_ejected if breaker is not None else None,
             rng=rng,
+            traced=traced,
         ).__call__
     if timeouts.per_try is not None:
         # Per-try timeout inside retry: it bounds one attempt, and its timeout is retryable.

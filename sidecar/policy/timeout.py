@@ -111,7 +111,8 @@ class TotalTimeout(_Bounded):
     __slots__ = ()
 
     def __call__(self, req: Request, reply: Reply) -> None:
-        now = self._clock()
+        wheel = running_wheel()
+        now = wheel.time() if self._on_loop else self._clock()
         deadline = now + self._timeout
         if req.deadline is not None and req.deadline < deadline:
             deadline = req.deadline
@@ -121,10 +122,9 @@ class TotalTimeout(_Bounded):
             self._stats.timeouts += 1
             reply(UpstreamTimeoutError("deadline passed before the request started"))
             return
-        wheel = running_wheel()
         call = _Total(self, req, reply, wheel)
         # On the loop's clock, like asyncio.timeout, on the shared wheel.
-        wheel.arm(call, deadline if self._on_loop else wheel.loop_time() + remaining)
+        wheel.arm(call, deadline if self._on_loop else wheel.time() + remaining)
         self._inner(req, call.__call__)
 
 
@@ -141,16 +141,16 @@ class PerTryTimeout(_Bounded):
 
     def __call__(self, req: Request, reply: Reply) -> None:
         outer = req.deadline
-        deadline = self._clock() + self._timeout
+        wheel = running_wheel()
+        deadline = (wheel.time() if self._on_loop else self._clock()) + self._timeout
         if outer is not None and outer <= deadline:
             # The total timeout fires first; a second timer would only cost.
             self._inner(req, reply)
             return
-        wheel = running_wheel()
         call = _PerTry(self, req, reply, wheel)
         call.outer = outer
         req.deadline = deadline
-        wheel.arm(call, deadline if self._on_loop else wheel.loop_time() + self._timeout)
+        wheel.arm(call, deadline if self._on_loop else wheel.time() + self._timeout)
         self._inner(req, call.__call__)
 
 
