@@ -80,6 +80,7 @@ log = logging.getLogger("outrigger.tracing")
 
 _LOW64 = (1 << 64) - 1
 _B3_UNSAMPLED = (b"x-b3-sampled", b"0")
+_B3_SAMPLED = (b"x-b3-sampled", b"1")
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 _UNSAMPLED = TraceFlags(TraceFlags.RANDOM_TRACE_ID)
 _NO_STATE = TraceState()
@@ -171,7 +172,11 @@ class _NewTraces:
 
 
 class _Attempt:
-    __slots__ = ("attributes", "end", "endpoint", "error", "events", "number", "span_id", "start")
+    """One attempt of a sampled request. Its span's attributes and status are worked out only
+    when the request ends with more than one attempt (`span`): a lone attempt is no span of
+    its own, its events go on the CLIENT span."""
+
+    __slots__ = ("end", "endpoint", "events", "number", "result", "span_id", "start")
 
     def __init__(self, number: int, endpoint: Endpoint, span_id: int) -> None:
         self.number = number
@@ -180,8 +185,32 @@ class _Attempt:
         self.start = time.time_ns()
         self.end = 0
         self.events: list[Event] = []
-        self.attributes: Attributes = {}
-        self.error: str | None = None  # set: the span's status is ERROR with this description
+        self.result: Result | None = None  # what it replied, once it has
+
+    def span(self) -> tuple[Attributes, str | None]:
+        """The attempt span's attributes, and its ERROR status description (None: unset)."""
+        endpoint, result = self.endpoint, self.result
+        attributes: Attributes = {
+            "outrigger.attempt": self.number,
+            "server.address": endpoint.host,
+            "server.port": endpoint.port,
+        }
+        if result is None:
+            return attributes, None
+        if isinstance(result, DownstreamGone):
+            attributes["outrigger.outcome"] = "cancelled"
+            return attributes, "cancelled"
+        outcome = classify(result)
+        attributes["outrigger.outcome"] = outcome.kind.value
+        if isinstance(result, ProxyError):
+            attributes["outrigger.response_flags"] = result.flag.value
+            attributes["error.type"] = result.flag.value
+            return attributes, str(result)
+        attributes["http.response.status_code"] = result.status
+        if outcome.success:
+            return attributes, None
+        attributes["error.type"] = str(result.status)
+        return attributes, str(result.status)
 
 
 class _Trace:
@@ -356,13 +385,21 @@ class Tracing:
                 headers, SpanContext(int(trace_hex, 16), int(span_hex, 16), False, _UNSAMPLED)
             )
             return None
-        return self.sampled(req, trace_hex, span_hex)
+        trace = _Trace(int(trace_hex, 16), 0, _NO_STATE, False, int(span_hex, 16))
+        req.headers = propagation.inject(headers, trace.span_context(trace.span_id))
+        return trace
 
     def sampled(self, req: Request, trace_hex: bytes, span_hex: bytes) -> _Trace:
-        """A sampled new trace with these ids: its record, its context written."""
-        trace = _Trace(int(trace_hex, 16), 0, _NO_STATE, False, int(span_hex, 16))
-        req.headers = propagation.inject(req.headers, trace.span_context(trace.span_id))
-        return trace
+        """A sampled new trace with these ids, for a request with no tracing headers: its
+        record, and its context added to the headers (what `propagation.inject` would write:
+        tests hold the two to the same bytes)."""
+        req.headers += (
+            (b"traceparent", b"-".join((b"00", trace_hex, span_hex, b"03"))),
+            (b"x-b3-traceid", trace_hex),
+            (b"x-b3-spanid", span_hex),
+            _B3_SAMPLED,
+        )
+        return _Trace(int(trace_hex, 16), 0, _NO_STATE, False, int(span_hex, 16))
 
     # --- spans ------------------------------------------------------------------------------
 
@@ -424,6 +461,7 @@ class Tracing:
         else:
             client_id = _new_span_id()
             for attempt in attempts:
+                attempt_attributes, attempt_error = attempt.span()
                 add(
                     Record(
                         trace_id=trace.trace_id,
@@ -434,9 +472,9 @@ class Tracing:
                         kind=_INTERNAL,
                         start=attempt.start,
                         end=attempt.end or end,
-                        attributes=attempt.attributes,
+                        attributes=attempt_attributes,
                         events=attempt.events,
-                        error=attempt.error,
+                        error=attempt_error,
                         state=trace.state,
                     )
                 )
@@ -613,10 +651,6 @@ class _AttemptLayer:
                 req.headers, trace.span_context(span_id), b3_single=trace.b3_single
             )
         attempt = _Attempt(number, endpoint, span_id)
-        attributes = attempt.attributes
-        attributes["outrigger.attempt"] = number
-        attributes["server.address"] = endpoint.host
-        attributes["server.port"] = endpoint.port
         trace.attempts.append(attempt)
         trace.current = attempt
         self._inner(req, endpoint, _AttemptReply(trace, attempt, reply).__call__)
@@ -635,24 +669,8 @@ class _AttemptReply:
     def __call__(self, result: Result) -> None:
         attempt = self._attempt
         attempt.end = time.time_ns()
+        attempt.result = result
         self._trace.current = None
-        attributes = attempt.attributes
-        if isinstance(result, DownstreamGone):
-            attributes["outrigger.outcome"] = "cancelled"
-            attempt.error = "cancelled"
-        elif isinstance(result, ProxyError):
-            outcome = classify(result)
-            attributes["outrigger.outcome"] = outcome.kind.value
-            attributes["outrigger.response_flags"] = result.flag.value
-            attributes["error.type"] = result.flag.value
-            attempt.error = str(result)
-            if (event := _error_event(result)) is not None:
-                attempt.events.append(event)
-        else:
-            outcome = classify(result)
-            attributes["outrigger.outcome"] = outcome.kind.value
-            attributes["http.response.status_code"] = result.status
-            if not outcome.success:
-                attributes["error.type"] = str(result.status)
-                attempt.error = str(result.status)
+        if isinstance(result, ProxyError) and (event := _error_event(result)) is not None:
+            attempt.events.append(event)  # at the time it happened
         self._reply(result)

@@ -537,23 +537,25 @@ def test_otlp_endpoint_setting_is_validated() -> None:
 # --- propagation and sampling units -------------------------------------------------------------
 
 
-def test_unsampled_new_trace_headers_match_the_propagators() -> None:
-    """The span layer writes an unsampled new trace's context itself: the same bytes as the
-    propagators, fresh valid ids on every request."""
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+def test_new_trace_headers_match_the_propagators(ratio: float) -> None:
+    """The span layer writes a new trace's context itself, sampled or not: the same bytes as
+    the propagators, fresh valid ids on every request."""
     tracing = Tracing(
-        TracingSettings("frontend", "http://127.0.0.1:4317", sampling=0.0),
+        TracingSettings("frontend", "http://127.0.0.1:4317", sampling=ratio),
         exporter=InMemorySpanExporter(),
     )
     seen: list[list[tuple[bytes, bytes]]] = []
     layer = tracing.client(lambda req, reply: seen.append(req.headers), "reviews")
     for _ in range(600):  # more than one batch of ids
         layer(Request(b"GET", b"/", b"reviews", [(b"host", b"reviews")], EMPTY_BODY), print)
+    flags = TraceFlags(TraceFlags.RANDOM_TRACE_ID | (TraceFlags.SAMPLED if ratio else 0))
     ids = set()
     for headers in seen:
-        version, trace, span, flags = dict(headers)[b"traceparent"].split(b"-")
+        version, trace, span, written = dict(headers)[b"traceparent"].split(b"-")
         trace_id, span_id = int(trace, 16), int(span, 16)
-        assert version == b"00" and flags == b"02" and trace_id and span_id
-        context = SpanContext(trace_id, span_id, False, TraceFlags(TraceFlags.RANDOM_TRACE_ID))
+        assert version == b"00" and int(written, 16) == flags and trace_id and span_id
+        context = SpanContext(trace_id, span_id, False, flags)
         assert sorted(headers) == sorted(propagation.inject([(b"host", b"reviews")], context))
         ids.add(trace_id)
     assert len(ids) == len(seen)
