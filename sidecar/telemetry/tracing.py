@@ -74,7 +74,6 @@ from sidecar.telemetry.handoff import (
     thread_starter,
 )
 from sidecar.telemetry.propagation import TRACE_HEADERS
-from sidecar.telemetry.record import Record
 
 log = logging.getLogger("outrigger.tracing")
 
@@ -238,7 +237,8 @@ class _Trace:
         self.trace_id = trace_id
         self.parent_id = parent_id  # the remote parent's span id, 0 for a new trace
         self.trace_state = trace_state
-        self.state = trace_state.to_header() if trace_state else ""  # as the record carries it
+        # As the record carries it (an empty TraceState's truth test is a Python call).
+        self.state = trace_state.to_header() if trace_state is not _NO_STATE and trace_state else ""
         self.b3_single = b3_single
         self.span_id = span_id  # what the upstream (or app) sees as its parent
         self.start = time.time_ns()
@@ -254,9 +254,22 @@ class _Trace:
         target.append((time.time_ns(), name, attributes))
 
 
+_SERVERS: dict[bytes, tuple[str, int | None]] = {}  # authority -> (host, port), bounded
+_SERVERS_MAX = 1024
+
+
+def _server(authority: bytes) -> tuple[str, int | None]:
+    """server.address and server.port of an authority (the few a sidecar sees, remembered)."""
+    text = authority.decode("ascii", "replace")
+    found = split_host_port(text) or (text, None)
+    if len(_SERVERS) >= _SERVERS_MAX:
+        _SERVERS.clear()
+    _SERVERS[authority] = found
+    return found
+
+
 def _request_attributes(req: Request) -> Attributes:
-    authority = req.authority.decode("ascii", "replace")
-    host, port = split_host_port(authority) or (authority, None)
+    host, port = _SERVERS.get(req.authority) or _server(req.authority)
     attributes: Attributes = {
         "http.request.method": req.method.decode("ascii", "replace"),
         "url.path": req.path.partition(b"?")[0].decode("ascii", "replace"),
@@ -415,19 +428,19 @@ class Tracing:
         attributes["outrigger.service"] = service
         status, failed = _result_attributes(attributes, req, resp, error, server=True)
         self._handoff.add(
-            Record(
-                trace_id=trace.trace_id,
-                span_id=trace.span_id,
-                parent_id=trace.parent_id,
-                remote=True,
-                name=attributes["http.request.method"],
-                kind=_SERVER,
-                start=trace.start,
-                end=time.time_ns(),
-                attributes=attributes,
-                events=trace.events,
-                error=status if failed else None,
-                state=trace.state,
+            (
+                trace.trace_id,
+                trace.span_id,
+                trace.parent_id,
+                True,  # remote
+                attributes["http.request.method"],  # name
+                _SERVER,  # kind
+                trace.start,
+                time.time_ns(),  # end
+                attributes,
+                trace.events,
+                status if failed else None,  # error
+                trace.state,
             )
         )
 
@@ -463,36 +476,36 @@ class Tracing:
             for attempt in attempts:
                 attempt_attributes, attempt_error = attempt.span()
                 add(
-                    Record(
-                        trace_id=trace.trace_id,
-                        span_id=attempt.span_id,
-                        parent_id=client_id,
-                        remote=False,
-                        name=f"attempt {attempt.number}",
-                        kind=_INTERNAL,
-                        start=attempt.start,
-                        end=attempt.end or end,
-                        attributes=attempt_attributes,
-                        events=attempt.events,
-                        error=attempt_error,
-                        state=trace.state,
+                    (
+                        trace.trace_id,
+                        attempt.span_id,
+                        client_id,  # parent_id
+                        False,  # remote
+                        f"attempt {attempt.number}",  # name
+                        _INTERNAL,  # kind
+                        attempt.start,
+                        attempt.end or end,
+                        attempt_attributes,  # attributes
+                        attempt.events,
+                        attempt_error,  # error
+                        trace.state,
                     )
                 )
             events = trace.events
         add(
-            Record(
-                trace_id=trace.trace_id,
-                span_id=client_id,
-                parent_id=trace.parent_id,
-                remote=True,
-                name=name,
-                kind=_CLIENT,
-                start=trace.start,
-                end=end,
-                attributes=attributes,
-                events=events,
-                error=status if failed else None,
-                state=trace.state,
+            (
+                trace.trace_id,
+                client_id,  # span_id
+                trace.parent_id,
+                True,  # remote
+                name,
+                _CLIENT,  # kind
+                trace.start,
+                end,
+                attributes,
+                events,
+                status if failed else None,  # error
+                trace.state,
             )
         )
 
@@ -532,9 +545,8 @@ def _result_attributes(
     if resp is not None:
         status = resp.status
         attributes["http.response.status_code"] = status
-        flags = ",".join(flag.value for flag in resp.flags)
-        if flags:
-            attributes["outrigger.response_flags"] = flags
+        if resp.flags:
+            attributes["outrigger.response_flags"] = ",".join(flag.value for flag in resp.flags)
         # Semconv: a server's 4xx is the client's fault, a client's 4xx is an error.
         if status >= 500 or (status >= 400 and not server):
             attributes["error.type"] = str(status)
