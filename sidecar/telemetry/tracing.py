@@ -175,9 +175,23 @@ class _Attempt:
     when the request ends with more than one attempt (`span`): a lone attempt is no span of
     its own, its events go on the CLIENT span."""
 
-    __slots__ = ("end", "endpoint", "events", "number", "result", "span_id", "start")
+    __slots__ = (
+        "_reply",
+        "_trace",
+        "end",
+        "endpoint",
+        "events",
+        "number",
+        "result",
+        "span_id",
+        "start",
+    )
 
-    def __init__(self, number: int, endpoint: Endpoint, span_id: int) -> None:
+    def __init__(
+        self, trace: _Trace, number: int, endpoint: Endpoint, span_id: int, reply: Reply
+    ) -> None:
+        self._trace: _Trace | None = trace
+        self._reply: Reply | None = reply  # `__call__`: the attempt's reply through the layer
         self.number = number
         self.endpoint = endpoint
         self.span_id = span_id
@@ -185,6 +199,20 @@ class _Attempt:
         self.end = 0
         self.events: list[Event] = []
         self.result: Result | None = None  # what it replied, once it has
+
+    def __call__(self, result: Result) -> None:
+        self.end = time.time_ns()
+        self.result = result
+        # Let go of the trace and the reply chain: the trace holds this attempt, and a cycle
+        # would leave both to the garbage collector.
+        trace, reply = self._trace, self._reply
+        self._trace = self._reply = None
+        if trace is not None:
+            trace.current = None
+        if isinstance(result, ProxyError) and (event := _error_event(result)) is not None:
+            self.events.append(event)  # at the time it happened
+        if reply is not None:
+            reply(result)
 
     def span(self) -> tuple[Attributes, str | None]:
         """The attempt span's attributes, and its ERROR status description (None: unset)."""
@@ -213,18 +241,28 @@ class _Attempt:
 
 
 class _Trace:
+    """A sampled request's record, and its reply through its span layer (`__call__`: one
+    object per sampled request, not two)."""
+
     __slots__ = (
         "attempts",
         "b3_single",
         "current",
         "events",
+        "layer",
         "parent_id",
+        "reply",
+        "req",
         "span_id",
         "start",
         "state",
         "trace_id",
         "trace_state",
     )
+
+    layer: _SpanLayer  # these three are set by the span layer
+    req: Request
+    reply: Reply
 
     def __init__(
         self,
@@ -248,6 +286,16 @@ class _Trace:
 
     def span_context(self, span_id: int) -> SpanContext:
         return SpanContext(self.trace_id, span_id, False, _SAMPLED, self.trace_state)
+
+    def __call__(self, result: Result) -> None:
+        layer, req, reply = self.layer, self.req, self.reply
+        req.trace = None
+        if isinstance(result, Response):
+            layer._finish(self, req, layer._service, result, None)
+        else:
+            layer._finish(self, req, layer._service, None, result)
+        del self.req, self.reply  # no cycle through the request or the reply chain
+        reply(result)
 
     def event(self, name: str, attributes: Attributes) -> None:
         target = self.current.events if self.current is not None else self.events
@@ -611,28 +659,10 @@ class _SpanLayer:
             self._inner(req, reply)
             return
         req.trace = trace
-        self._inner(req, _Span(self, trace, req, reply).__call__)
-
-
-class _Span:
-    """A sampled request's reply through its span layer."""
-
-    __slots__ = ("_layer", "_reply", "_req", "_trace")
-
-    def __init__(self, layer: _SpanLayer, trace: _Trace, req: Request, reply: Reply) -> None:
-        self._layer = layer
-        self._trace = trace
-        self._req = req
-        self._reply = reply
-
-    def __call__(self, result: Result) -> None:
-        layer, req = self._layer, self._req
-        req.trace = None
-        if isinstance(result, Response):
-            layer._finish(self._trace, req, layer._service, result, None)
-        else:
-            layer._finish(self._trace, req, layer._service, None, result)
-        self._reply(result)
+        trace.layer = self
+        trace.req = req
+        trace.reply = reply
+        self._inner(req, trace.__call__)
 
 
 class _AttemptLayer:
@@ -662,27 +692,7 @@ class _AttemptLayer:
             req.headers = propagation.inject(
                 req.headers, trace.span_context(span_id), b3_single=trace.b3_single
             )
-        attempt = _Attempt(number, endpoint, span_id)
+        attempt = _Attempt(trace, number, endpoint, span_id, reply)
         trace.attempts.append(attempt)
         trace.current = attempt
-        self._inner(req, endpoint, _AttemptReply(trace, attempt, reply).__call__)
-
-
-class _AttemptReply:
-    """One attempt's reply through the attempt layer: the attempt span's outcome."""
-
-    __slots__ = ("_attempt", "_reply", "_trace")
-
-    def __init__(self, trace: _Trace, attempt: _Attempt, reply: Reply) -> None:
-        self._trace = trace
-        self._attempt = attempt
-        self._reply = reply
-
-    def __call__(self, result: Result) -> None:
-        attempt = self._attempt
-        attempt.end = time.time_ns()
-        attempt.result = result
-        self._trace.current = None
-        if isinstance(result, ProxyError) and (event := _error_event(result)) is not None:
-            attempt.events.append(event)  # at the time it happened
-        self._reply(result)
+        self._inner(req, endpoint, attempt.__call__)
