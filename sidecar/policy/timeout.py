@@ -88,11 +88,14 @@ class _Timed(Deadline):
             return
         self._reply = None
         self._wheel.disarm(self)
-        self._done()
+        if self._restores:
+            self._req.deadline = self.outer
         reply(result)
 
-    def _done(self) -> None:
-        return None
+    # A per-try timeout puts the request's deadline back when it is done (`outer`: _PerTry's
+    # slot, the deadline around the attempt).
+    _restores = False
+    outer: float | None
 
     def expire(self) -> None:
         if self._reply is None:
@@ -160,9 +163,7 @@ class _PerTry(_Timed):
     _ends_request = False  # only the attempt: the retry layer may try again
 
     outer: float | None  # the request's deadline around this attempt, restored after it
-
-    def _done(self) -> None:
-        self._req.deadline = self.outer
+    _restores = True
 
     def _fired(self) -> UpstreamTimeoutError:
         self._layer._stats.per_try_timeouts += 1
