@@ -97,7 +97,17 @@ Ejected = Callable[[Endpoint], bool]
 
 
 class Balancer:
-    __slots__ = ("_ejected", "_inner", "_loads", "_next", "_policy", "_random", "_rng", "_service")
+    __slots__ = (
+        "_ejected",
+        "_inner",
+        "_loads",
+        "_next",
+        "_policy",
+        "_random",
+        "_rng",
+        "_service",
+        "_traced",
+    )
 
     def __init__(
         self,
@@ -108,13 +118,18 @@ class Balancer:
         *,
         ejected: Ejected | None = None,
         rng: random.Random | None = None,
+        traced: EndpointHandler | None = None,
     ) -> None:
+        """`traced`: what a request carrying a trace (`Request.trace`, a sampled one) goes to
+        instead of `inner`: the tracing attempt layer over the same `inner`. Unsampled
+        requests skip that layer's call."""
         if [load.endpoint for load in loads] != list(config.endpoints):
             raise ValueError("loads must follow config.endpoints, in order")
         self._policy = config.policy
         self._loads = tuple(loads)
         self._service = service
         self._inner = inner
+        self._traced = traced or inner
         self._ejected = ejected
         self._rng = rng if rng is not None else random.Random()
         # random() is C; randrange() is Python and two of them cost least_request ~1 µs a pick.
@@ -133,7 +148,8 @@ class Balancer:
         endpoint = load.endpoint
         req.tried.append(endpoint)
         req.attempts += 1
-        self._inner(req, endpoint, _Attempt(endpoint, load, service, reply))
+        inner = self._inner if req.trace is None else self._traced
+        inner(req, endpoint, _Attempt(endpoint, load, service, reply).__call__)
 
     def _pick(self, req: Request) -> EndpointLoad:
         loads = self._loads
@@ -199,11 +215,14 @@ class OriginalDestination:
     """Each attempt to the request's own destination (its original destination when it was
     intercepted, else its authority), counted like a pick."""
 
-    __slots__ = ("_inner", "_service")
+    __slots__ = ("_inner", "_service", "_traced")
 
-    def __init__(self, service: ServiceLoad, inner: EndpointHandler) -> None:
+    def __init__(
+        self, service: ServiceLoad, inner: EndpointHandler, traced: EndpointHandler | None = None
+    ) -> None:
         self._service = service
         self._inner = inner
+        self._traced = traced or inner  # for a request with a trace (see Balancer)
 
     def __call__(self, req: Request, reply: Reply) -> None:
         # The pod the caller connected to (intercepted), else the one its authority names.
@@ -218,4 +237,5 @@ class OriginalDestination:
             return
         req.tried.append(endpoint)
         req.attempts += 1
-        self._inner(req, endpoint, _Attempt(endpoint, None, service, reply))
+        inner = self._inner if req.trace is None else self._traced
+        inner(req, endpoint, _Attempt(endpoint, None, service, reply).__call__)

@@ -212,6 +212,10 @@ class BreakerRegistry:
         # Endpoints whose breaker is not closed. Empty, the usual case, every question below is
         # answered without asking pybreaker (its state goes through a storage object).
         self.unclosed: set[Endpoint] = set()
+        # Endpoints that recorded a failure since their last reset: a superset of those whose
+        # breaker counts failures now. Empty, the usual case, a good answer is recorded without
+        # even finding its breaker (an Endpoint's hash is a Python call).
+        self.counting: set[Endpoint] = set()
         # The request being admitted or recorded right now: events name it (pybreaker's
         # listener, which emits them, is called in the middle of `admit` and `record`).
         self.cause: Request | None = None
@@ -224,11 +228,13 @@ class BreakerRegistry:
         if config is None:
             self._breakers.clear()
             self.unclosed.clear()
+            self.counting.clear()
             return
         for endpoint in list(self._breakers):
             if endpoint not in wanted:
                 del self._breakers[endpoint]
                 self.unclosed.discard(endpoint)
+                self.counting.discard(endpoint)
         for endpoint in wanted:
             breaker = self._breakers.get(endpoint)
             if breaker is None:
@@ -290,14 +296,20 @@ class BreakerRegistry:
         self, endpoint: Endpoint, outcome: Outcome, probe: bool, cause: Request | None = None
     ) -> None:
         """Feed an attempt's outcome to the endpoint's breaker (`cause`: its request)."""
-        breaker = self._breakers.get(endpoint)
-        if breaker is None:
-            return
         if not probe and not self.unclosed and not outcome.breaker_failure:
             # The usual case: every breaker closed and a good answer. Only a run of failures
             # in progress needs resetting.
-            if breaker.cb.fail_counter and outcome.kind is not Kind.LOCAL:
+            if not self.counting or outcome.kind is Kind.LOCAL:
+                return
+            breaker = self._breakers.get(endpoint)
+            if breaker is None:
+                return
+            if breaker.cb.fail_counter:
                 breaker.cb.call(_succeed)
+            self.counting.discard(endpoint)
+            return
+        breaker = self._breakers.get(endpoint)
+        if breaker is None:
             return
         self.cause = cause
         try:
@@ -327,6 +339,7 @@ class BreakerRegistry:
                 self.stats.ejections_suppressed += 1
                 self.emit(BreakerEventKind.EJECTION_SUPPRESSED, endpoint, None, breaker.trips)
                 return
+            self.counting.add(endpoint)
             with contextlib.suppress(_RecordedFailure, pybreaker.CircuitBreakerError):
                 cb.call(_fail)  # raises by design: that is how pybreaker records a failure
         elif outcome.kind is not Kind.LOCAL and (probe or cb.fail_counter):
@@ -362,7 +375,7 @@ class Breaker:
         except BreakerError as error:
             reply(error)
             return
-        self._inner(req, endpoint, _Outcome(registry, endpoint, probe, req, reply))
+        self._inner(req, endpoint, _Outcome(registry, endpoint, probe, req, reply).__call__)
 
 
 class _Outcome:

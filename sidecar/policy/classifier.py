@@ -11,7 +11,7 @@ Outcomes are interned (one object per status or flag), so classifying allocates 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from sidecar.exchange import Response
@@ -37,10 +37,12 @@ class Outcome:
     status: int  # the status the client sees (the upstream's, or the flag's)
     breaker_failure: bool  # counts towards an endpoint breaker's consecutive failures
     flag: Flag | None = None  # set for errors
+    # kind is SUCCESS: a field, not a property (outcomes are interned; a property is a Python
+    # call on every read, and retries and tracing read it per attempt)
+    success: bool = field(init=False)
 
-    @property
-    def success(self) -> bool:
-        return self.kind is Kind.SUCCESS
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "success", self.kind is Kind.SUCCESS)
 
 
 _GATEWAY_STATUSES = frozenset({502, 503, 504})

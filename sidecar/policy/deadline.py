@@ -72,7 +72,7 @@ class Timer(Deadline):
 class Wheel:
     """Buckets of deadlines by tick, and one loop timer for the earliest bucket."""
 
-    __slots__ = ("_buckets", "_handle", "_handle_tick", "_loop", "_ticks")
+    __slots__ = ("_buckets", "_handle", "_handle_tick", "_loop", "_ticks", "time")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -80,6 +80,7 @@ class Wheel:
         self._ticks: list[int] = []  # heap of bucket ticks (one entry per bucket)
         self._handle: asyncio.TimerHandle | None = None
         self._handle_tick = -1
+        self.time = loop.time  # the loop's clock, called directly (no Python frame)
 
     def arm(self, deadline: Deadline, when: float) -> None:
         """`deadline.expire()` at `when` (the loop's time) or up to a tick later, never before."""
@@ -92,9 +93,6 @@ class Wheel:
             if self._handle is None or tick < self._handle_tick:
                 self._schedule(tick)
         bucket.add(deadline)
-
-    def loop_time(self) -> float:
-        return self._loop.time()
 
     def disarm(self, deadline: Deadline) -> None:
         bucket = self._buckets.get(deadline._tick)

@@ -197,8 +197,7 @@ class Retry:
         return load.retries_active < allowed
 
     def __call__(self, req: Request, reply: Reply) -> None:
-        call = _RetryCall(self, req, reply)
-        self._inner(req, call)
+        self._inner(req, _RetryCall(self, req, reply).__call__)
 
 
 class _RetryCall:
@@ -219,7 +218,11 @@ class _RetryCall:
         if self.holding:
             self.holding = False
             layer._load.retries_active -= 1
-        decision = self._decide(result)
+        outcome = classify(result)
+        if outcome.success:  # the usual answer: nothing to decide
+            self._reply(result)
+            return
+        decision = self._decide(result, outcome)
         if not isinstance(decision, float):
             self._reply(decision)
             return
@@ -240,7 +243,7 @@ class _RetryCall:
         else:
             layer._inner(self._req, self)
 
-    def _decide(self, result: Result) -> float | Result:
+    def _decide(self, result: Result, outcome: Outcome) -> float | Result:
         """The wait before trying again, or what to reply: the attempt's own result, flagged
         URX when attempts ran out on a response, or a RetryError when they ran out on an
         error."""
@@ -248,8 +251,7 @@ class _RetryCall:
         config = layer._config
         if req.ended:
             return result  # the total timeout fired or the client left
-        outcome = classify(result)
-        if outcome.success or not config.covers(outcome):
+        if not config.covers(outcome):
             return result
         if not layer._may_repeat(req, outcome):
             return result

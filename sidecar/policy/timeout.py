@@ -87,11 +87,14 @@ class _Timed(Deadline):
             return
         self._reply = None
         self._wheel.disarm(self)
-        self._done()
+        if self._restores:
+            self._req.deadline = self.outer
         reply(result)
 
-    def _done(self) -> None:
-        return None
+    # A per-try timeout puts the request's deadline back when it is done (`outer`: _PerTry's
+    # slot, the deadline around the attempt).
+    _restores = False
+    outer: float | None
 
     def expire(self) -> None:
         if self._reply is None:
@@ -110,7 +113,8 @@ class TotalTimeout(_Bounded):
     __slots__ = ()
 
     def __call__(self, req: Request, reply: Reply) -> None:
-        now = self._clock()
+        wheel = running_wheel()
+        now = wheel.time() if self._on_loop else self._clock()
         deadline = now + self._timeout
         if req.deadline is not None and req.deadline < deadline:
             deadline = req.deadline
@@ -120,11 +124,10 @@ class TotalTimeout(_Bounded):
             self._stats.timeouts += 1
             reply(UpstreamTimeoutError("deadline passed before the request started"))
             return
-        wheel = running_wheel()
         call = _Total(self, req, reply, wheel)
         # On the loop's clock, like asyncio.timeout, on the shared wheel.
-        wheel.arm(call, deadline if self._on_loop else wheel.loop_time() + remaining)
-        self._inner(req, call)
+        wheel.arm(call, deadline if self._on_loop else wheel.time() + remaining)
+        self._inner(req, call.__call__)
 
 
 class _Total(_Timed):
@@ -140,17 +143,17 @@ class PerTryTimeout(_Bounded):
 
     def __call__(self, req: Request, reply: Reply) -> None:
         outer = req.deadline
-        deadline = self._clock() + self._timeout
+        wheel = running_wheel()
+        deadline = (wheel.time() if self._on_loop else self._clock()) + self._timeout
         if outer is not None and outer <= deadline:
             # The total timeout fires first; a second timer would only cost.
             self._inner(req, reply)
             return
-        wheel = running_wheel()
         call = _PerTry(self, req, reply, wheel)
         call.outer = outer
         req.deadline = deadline
-        wheel.arm(call, deadline if self._on_loop else wheel.loop_time() + self._timeout)
-        self._inner(req, call)
+        wheel.arm(call, deadline if self._on_loop else wheel.time() + self._timeout)
+        self._inner(req, call.__call__)
 
 
 class _PerTry(_Timed):
@@ -159,9 +162,7 @@ class _PerTry(_Timed):
     _ends_request = False  # only the attempt: the retry layer may try again
 
     outer: float | None  # the request's deadline around this attempt, restored after it
-
-    def _done(self) -> None:
-        self._req.deadline = self.outer
+    _restores = True
 
     def _fired(self) -> UpstreamTimeoutError:
         self._layer._stats.per_try_timeouts += 1

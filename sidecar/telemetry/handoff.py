@@ -1,7 +1,7 @@
 """The sidecar's end of the exporter: span records wait in a list, a loop callback hands them over.
 
-A sampled request ends by appending one record (`record.Record`) to `Handoff.pending`; nothing
-else happens on the request path. A timer armed by the first record
+A sampled request ends by appending one record (`record.Record`'s fields, a plain tuple) to
+`Handoff.pending`; nothing else happens on the request path. A timer armed by the first record
 (every `HANDOFF_INTERVAL` at most, sooner when a batch is full) marshals the list and writes it
 to a non-blocking socket whose other end is the exporter process (`exporter.py`), started on
 first use with `sys.executable -m sidecar.telemetry.exporter` and the sidecar's environment.
@@ -50,7 +50,7 @@ from sidecar.telemetry.exporter import (
     frame,
     serve,
 )
-from sidecar.telemetry.record import Record
+from sidecar.telemetry.record import Fields
 
 log = logging.getLogger("outrigger.tracing")
 
@@ -187,7 +187,7 @@ class Handoff:
         self._interval = min(HANDOFF_INTERVAL, limits.schedule_delay_millis / 1000)
         self._cap = limits.max_queue_size
         self._batch = limits.max_export_batch_size
-        self.pending: list[Record] = []
+        self.pending: list[Fields] = []
         self.unsettled = 0  # records the current exporter holds (sent, not reported finished)
         self.closed = False
         self.restarts = 0
@@ -208,7 +208,7 @@ class Handoff:
 
     # --- the request path ----------------------------------------------------------------
 
-    def add(self, record: Record) -> None:
+    def add(self, record: Fields) -> None:
         pending = self.pending
         if len(pending) + self.unsettled >= self._cap:
             self.drops["queue_full"] += 1

@@ -97,17 +97,6 @@ def extract(found: dict[str, str]) -> Incoming:
     return Incoming(parent, context, b3_single="b3" in found, deny=deny)
 
 
-def append_unsampled(headers: Headers, trace_id: int, span_id: int) -> None:
-    """Add a new, unsampled context to headers that carry none: what `inject` writes for it
-    (tests hold the two to the same bytes), without the propagators' per-call context work."""
-    trace = b"%032x" % trace_id
-    span = b"%016x" % span_id
-    headers.append((b"traceparent", b"00-" + trace + b"-" + span + b"-02"))
-    headers.append((b"x-b3-traceid", trace))
-    headers.append((b"x-b3-spanid", span))
-    headers.append((b"x-b3-sampled", b"0"))
-
-
 def inject(headers: Headers, span_context: SpanContext, *, b3_single: bool = False) -> Headers:
     """`headers` without their tracing headers, plus `span_context` written in every format.
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+# What the data plane builds: a plain tuple in `Record`'s field order (constructing the
+# NamedTuple is a Python-level call, which every sampled span would pay).
+Fields = tuple[int, int, int, bool, str, int, int, int, dict[str, Any], list[Any], str | None, str]
+
 
 class Record(NamedTuple):
     trace_id: int

@@ -8,13 +8,15 @@ layer of a service stack (and of passthrough), `Tracing.attempt` sits right unde
 Hot path. The sampling decision comes first and is all an unsampled request pays for: one pass
 over the headers for tracing ones, then either the parent's sampled flag (ParentBased) or, for a
 new trace, a random trace id against `TraceIdRatioBased(ratio).bound` (the SDK's sampler
-arithmetic, evaluated inline). An unsampled new trace still gets a `sampled=0` context written
-into the request, so the next hops agree not to sample it. A sampled request keeps a small
-record (times, attempts, events) and, when it ends, turns it into plain span records (tuples of
-ints, strings and dicts: `record.Record`) with explicit start and end times. The span ids are
-chosen up front, because the id written into the upstream request must be the id of the span that
-ends up its parent: the CLIENT span when there was one attempt, that attempt's span when there
-were several. Spans end when the response head is known (the body streams afterwards).
+arithmetic, evaluated inline on the id's hex digits, which come from os.urandom in batches:
+`_NewTraces`). An unsampled new trace still gets a `sampled=0` context written into the
+request, so the next hops agree not to sample it; the span layer does that itself, as bytes.
+A sampled request keeps a small record (times, attempts, events) and, when it ends, turns it
+into plain span records (tuples of ints, strings and dicts: `record.Record`) with explicit
+start and end times. The span ids are chosen up front, because the id written into the
+upstream request must be the id of the span that ends up its parent: the CLIENT span when
+there was one attempt, that attempt's span when there were several. Spans end when the
+response head is known (the body streams afterwards).
 
 Export is another process's work. The records go to a list; a loop callback every 100 ms (or
 when a batch is full) marshals the list and writes it, without blocking, to a socket whose other
@@ -32,10 +34,13 @@ in `outrigger_spans_dropped_total{reason}` (`handoff.py` lists the reasons).
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import random
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,11 +74,12 @@ from sidecar.telemetry.handoff import (
     thread_starter,
 )
 from sidecar.telemetry.propagation import TRACE_HEADERS
-from sidecar.telemetry.record import Record
 
 log = logging.getLogger("outrigger.tracing")
 
 _LOW64 = (1 << 64) - 1
+_B3_UNSAMPLED = (b"x-b3-sampled", b"0")
+_B3_SAMPLED = (b"x-b3-sampled", b"1")
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
 _UNSAMPLED = TraceFlags(TraceFlags.RANDOM_TRACE_ID)
 _NO_STATE = TraceState()
@@ -121,27 +127,132 @@ def _new_span_id() -> int:
     return random.getrandbits(64) or 1
 
 
-class _Attempt:
-    __slots__ = ("attributes", "end", "endpoint", "error", "events", "number", "span_id", "start")
+_BATCH = 256  # new traces' ids per os.urandom call
+# One new trace's 24 random bytes in hex: the trace id (its low 64 bits apart), the span id.
+_IDS = re.compile(rb"(.{16}(.{16}))(.{16})", re.DOTALL)
+_ZERO_RUN = b"0" * 16
 
-    def __init__(self, number: int, endpoint: Endpoint, span_id: int) -> None:
+
+def _id_batch(count: int) -> list[tuple[bytes, bytes, bytes]]:
+    """`count` new traces' ids as hex digits: (trace id, its low 64 bits, span id). A run of 16
+    zero digits anywhere (which a zero, invalid, id would need) draws again."""
+    while True:
+        pool = os.urandom(count * 24).hex().encode()
+        if _ZERO_RUN not in pool:
+            return _IDS.findall(pool)
+
+
+class _NewTraces:
+    """What a new trace is started with: its ids, drawn from the kernel's random source 256
+    traces at a time (no syscall per request) as the hex digits the headers carry, and the
+    sampling bound on them.
+
+    The decision is TraceIdRatioBased's: sample when the trace id's low 64 bits are below
+    `ratio * 2**64`. Compared as 16 fixed-width lower-case hex digits, which order as the
+    numbers do, so an unsampled request never turns its ids into ints."""
+
+    __slots__ = ("bound", "ids")
+
+    def __init__(self) -> None:
+        # Endless, in C: next() refills from os.urandom every _BATCH ids.
+        self.ids: Iterator[tuple[bytes, bytes, bytes]] = itertools.chain.from_iterable(
+            map(_id_batch, itertools.repeat(_BATCH))
+        )
+        self.bound = b""  # the trace id's low 64 bits, in hex, must sort below it to sample
+
+    def set_bound(self, bound: int | None) -> None:
+        """`bound`: TraceIdRatioBased's; None: sample nothing."""
+        if bound is None or bound <= 0:
+            self.bound = b""  # nothing sorts below it
+        elif bound > _LOW64:
+            self.bound = b"g"  # everything does (hex digits sort below "g")
+        else:
+            self.bound = b"%016x" % bound
+
+
+class _Attempt:
+    """One attempt of a sampled request. Its span's attributes and status are worked out only
+    when the request ends with more than one attempt (`span`): a lone attempt is no span of
+    its own, its events go on the CLIENT span."""
+
+    __slots__ = (
+        "_reply",
+        "_trace",
+        "end",
+        "endpoint",
+        "events",
+        "number",
+        "result",
+        "span_id",
+        "start",
+    )
+
+    def __init__(
+        self, trace: _Trace, number: int, endpoint: Endpoint, span_id: int, reply: Reply
+    ) -> None:
+        self._trace: _Trace | None = trace
+        self._reply: Reply | None = reply  # `__call__`: the attempt's reply through the layer
         self.number = number
         self.endpoint = endpoint
         self.span_id = span_id
         self.start = time.time_ns()
         self.end = 0
         self.events: list[Event] = []
-        self.attributes: Attributes = {}
-        self.error: str | None = None  # set: the span's status is ERROR with this description
+        self.result: Result | None = None  # what it replied, once it has
+
+    def __call__(self, result: Result) -> None:
+        self.end = time.time_ns()
+        self.result = result
+        # Let go of the trace and the reply chain: the trace holds this attempt, and a cycle
+        # would leave both to the garbage collector.
+        trace, reply = self._trace, self._reply
+        self._trace = self._reply = None
+        if trace is not None:
+            trace.current = None
+        if isinstance(result, ProxyError) and (event := _error_event(result)) is not None:
+            self.events.append(event)  # at the time it happened
+        if reply is not None:
+            reply(result)
+
+    def span(self) -> tuple[Attributes, str | None]:
+        """The attempt span's attributes, and its ERROR status description (None: unset)."""
+        endpoint, result = self.endpoint, self.result
+        attributes: Attributes = {
+            "outrigger.attempt": self.number,
+            "server.address": endpoint.host,
+            "server.port": endpoint.port,
+        }
+        if result is None:
+            return attributes, None
+        if isinstance(result, DownstreamGone):
+            attributes["outrigger.outcome"] = "cancelled"
+            return attributes, "cancelled"
+        outcome = classify(result)
+        attributes["outrigger.outcome"] = outcome.kind.value
+        if isinstance(result, ProxyError):
+            attributes["outrigger.response_flags"] = result.flag.value
+            attributes["error.type"] = result.flag.value
+            return attributes, str(result)
+        attributes["http.response.status_code"] = result.status
+        if outcome.success:
+            return attributes, None
+        attributes["error.type"] = str(result.status)
+        return attributes, str(result.status)
 
 
 class _Trace:
+    """A sampled request's record, and its reply through its span layer (`__call__`: one
+    object per sampled request, not two)."""
+
     __slots__ = (
         "attempts",
         "b3_single",
         "current",
         "events",
+        "layer",
         "parent_id",
+        "reply",
+        "req",
         "span_id",
         "start",
         "state",
@@ -149,15 +260,25 @@ class _Trace:
         "trace_state",
     )
 
+    layer: _SpanLayer  # these three are set by the span layer
+    req: Request
+    reply: Reply
+
     def __init__(
-        self, trace_id: int, parent_id: int, trace_state: TraceState, b3_single: bool
+        self,
+        trace_id: int,
+        parent_id: int,
+        trace_state: TraceState,
+        b3_single: bool,
+        span_id: int,
     ) -> None:
         self.trace_id = trace_id
         self.parent_id = parent_id  # the remote parent's span id, 0 for a new trace
         self.trace_state = trace_state
-        self.state = trace_state.to_header() if trace_state else ""  # as the record carries it
+        # As the record carries it (an empty TraceState's truth test is a Python call).
+        self.state = trace_state.to_header() if trace_state is not _NO_STATE and trace_state else ""
         self.b3_single = b3_single
-        self.span_id = _new_span_id()  # what the upstream (or app) sees as its parent
+        self.span_id = span_id  # what the upstream (or app) sees as its parent
         self.start = time.time_ns()
         self.attempts: list[_Attempt] = []
         self.current: _Attempt | None = None
@@ -166,14 +287,37 @@ class _Trace:
     def span_context(self, span_id: int) -> SpanContext:
         return SpanContext(self.trace_id, span_id, False, _SAMPLED, self.trace_state)
 
+    def __call__(self, result: Result) -> None:
+        layer, req, reply = self.layer, self.req, self.reply
+        req.trace = None
+        if isinstance(result, Response):
+            layer._finish(self, req, layer._service, result, None)
+        else:
+            layer._finish(self, req, layer._service, None, result)
+        del self.req, self.reply  # no cycle through the request or the reply chain
+        reply(result)
+
     def event(self, name: str, attributes: Attributes) -> None:
         target = self.current.events if self.current is not None else self.events
         target.append((time.time_ns(), name, attributes))
 
 
+_SERVERS: dict[bytes, tuple[str, int | None]] = {}  # authority -> (host, port), bounded
+_SERVERS_MAX = 1024
+
+
+def _server(authority: bytes) -> tuple[str, int | None]:
+    """server.address and server.port of an authority (the few a sidecar sees, remembered)."""
+    text = authority.decode("ascii", "replace")
+    found = split_host_port(text) or (text, None)
+    if len(_SERVERS) >= _SERVERS_MAX:
+        _SERVERS.clear()
+    _SERVERS[authority] = found
+    return found
+
+
 def _request_attributes(req: Request) -> Attributes:
-    authority = req.authority.decode("ascii", "replace")
-    host, port = split_host_port(authority) or (authority, None)
+    host, port = _SERVERS.get(req.authority) or _server(req.authority)
     attributes: Attributes = {
         "http.request.method": req.method.decode("ascii", "replace"),
         "url.path": req.path.partition(b"?")[0].decode("ascii", "replace"),
@@ -219,9 +363,9 @@ class Tracing:
         else:
             start = thread_starter(exporter, limits, settings.service)
         self._handoff = Handoff(limits, self.drops, start)
-        self._bound = 0
-        self.set_sampling(settings.sampling)
+        self._new = _NewTraces()
         self.closed = False
+        self.set_sampling(settings.sampling)
 
     # --- configuration ----------------------------------------------------------------------
 
@@ -232,16 +376,19 @@ class Tracing:
     def set_sampling(self, ratio: float) -> None:
         """ParentBased(TraceIdRatioBased(ratio)): the ratio decides only for new traces."""
         self._ratio = ratio
-        self._bound = TraceIdRatioBased(ratio).bound
+        self._new.set_bound(None if self.closed else TraceIdRatioBased(ratio).bound)
+
+    # The layers are handed out as bound methods: Python calls one of those at about half the
+    # cost of an instance with `__call__` (no slot lookup, no argument tuple).
 
     def client(self, inner: Handler, service: str) -> Handler:
-        return _SpanLayer(self, inner, service, self.finish_client)
+        return _SpanLayer(self, inner, service, self.finish_client).__call__
 
     def attempt(self, inner: EndpointHandler) -> EndpointHandler:
-        return _AttemptLayer(inner)
+        return _AttemptLayer(inner).__call__
 
     def inbound(self, inner: Handler, service: str) -> Handler:
-        return _SpanLayer(self, inner, service, self.finish_server)
+        return _SpanLayer(self, inner, service, self.finish_server).__call__
 
     def on_breaker_event(self, event: BreakerEvent) -> None:
         """The policy layer's hook: an event on the span of the request that caused it."""
@@ -261,27 +408,29 @@ class Tracing:
     # --- the decision -----------------------------------------------------------------------
 
     def begin(self, req: Request) -> _Trace | None:
-        """The sampling decision for a request; a record when sampled (context written)."""
+        """The sampling decision for a request that came with tracing headers (the span layer
+        decides a new trace's itself); a record when sampled (context written)."""
         headers = req.headers
         traceparent = None
-        traced = False
         for name, value in headers:
-            if name in TRACE_HEADERS:
-                traced = True
-                if name == b"traceparent" and traceparent is None:
-                    traceparent = value
-        if traced:
-            if traceparent is not None and propagation.unsampled_traceparent(traceparent):
-                return None  # ParentBased, the mesh's common case: pass through untouched
-            found = propagation.find(headers)
-            assert found is not None
+            if name == b"traceparent":
+                traceparent = value
+                break
+        if traceparent is not None and propagation.unsampled_traceparent(traceparent):
+            return None  # ParentBased, the mesh's common case: pass through untouched
+        found = propagation.find(headers)
+        if found is not None:
             incoming = propagation.extract(found)
             parent = incoming.parent
             if parent is not None:
                 if not parent.trace_flags.sampled:
                     return None  # ParentBased: the context passes through untouched
                 trace = _Trace(
-                    parent.trace_id, parent.span_id, parent.trace_state, incoming.b3_single
+                    parent.trace_id,
+                    parent.span_id,
+                    parent.trace_state,
+                    incoming.b3_single,
+                    _new_span_id(),
                 )
                 req.headers = propagation.inject(
                     headers, trace.span_context(trace.span_id), b3_single=trace.b3_single
@@ -289,20 +438,29 @@ class Tracing:
                 return trace
             if incoming.deny:
                 return None
-        # A new trace: TraceIdRatioBased's test on the low 64 bits of a random trace id.
-        trace_id = random.getrandbits(128) or 1
-        if (trace_id & _LOW64) >= self._bound or self.closed:
+        # A new trace; the headers there are malformed: replace them.
+        trace_hex, low, span_hex = next(self._new.ids)
+        if low >= self._new.bound:
             # Unsampled: say so downstream, so the next hops do not start traces of their own.
-            if traced:  # only malformed tracing headers: replace them
-                req.headers = propagation.inject(
-                    headers, SpanContext(trace_id, _new_span_id(), False, _UNSAMPLED)
-                )
-            else:
-                propagation.append_unsampled(headers, trace_id, _new_span_id())
+            req.headers = propagation.inject(
+                headers, SpanContext(int(trace_hex, 16), int(span_hex, 16), False, _UNSAMPLED)
+            )
             return None
-        trace = _Trace(trace_id, 0, _NO_STATE, False)
+        trace = _Trace(int(trace_hex, 16), 0, _NO_STATE, False, int(span_hex, 16))
         req.headers = propagation.inject(headers, trace.span_context(trace.span_id))
         return trace
+
+    def sampled(self, req: Request, trace_hex: bytes, span_hex: bytes) -> _Trace:
+        """A sampled new trace with these ids, for a request with no tracing headers: its
+        record, and its context added to the headers (what `propagation.inject` would write:
+        tests hold the two to the same bytes)."""
+        req.headers += (
+            (b"traceparent", b"-".join((b"00", trace_hex, span_hex, b"03"))),
+            (b"x-b3-traceid", trace_hex),
+            (b"x-b3-spanid", span_hex),
+            _B3_SAMPLED,
+        )
+        return _Trace(int(trace_hex, 16), 0, _NO_STATE, False, int(span_hex, 16))
 
     # --- spans ------------------------------------------------------------------------------
 
@@ -318,19 +476,19 @@ class Tracing:
         attributes["outrigger.service"] = service
         status, failed = _result_attributes(attributes, req, resp, error, server=True)
         self._handoff.add(
-            Record(
-                trace_id=trace.trace_id,
-                span_id=trace.span_id,
-                parent_id=trace.parent_id,
-                remote=True,
-                name=attributes["http.request.method"],
-                kind=_SERVER,
-                start=trace.start,
-                end=time.time_ns(),
-                attributes=attributes,
-                events=trace.events,
-                error=status if failed else None,
-                state=trace.state,
+            (
+                trace.trace_id,
+                trace.span_id,
+                trace.parent_id,
+                True,  # remote
+                attributes["http.request.method"],  # name
+                _SERVER,  # kind
+                trace.start,
+                time.time_ns(),  # end
+                attributes,
+                trace.events,
+                status if failed else None,  # error
+                trace.state,
             )
         )
 
@@ -364,37 +522,38 @@ class Tracing:
         else:
             client_id = _new_span_id()
             for attempt in attempts:
+                attempt_attributes, attempt_error = attempt.span()
                 add(
-                    Record(
-                        trace_id=trace.trace_id,
-                        span_id=attempt.span_id,
-                        parent_id=client_id,
-                        remote=False,
-                        name=f"attempt {attempt.number}",
-                        kind=_INTERNAL,
-                        start=attempt.start,
-                        end=attempt.end or end,
-                        attributes=attempt.attributes,
-                        events=attempt.events,
-                        error=attempt.error,
-                        state=trace.state,
+                    (
+                        trace.trace_id,
+                        attempt.span_id,
+                        client_id,  # parent_id
+                        False,  # remote
+                        f"attempt {attempt.number}",  # name
+                        _INTERNAL,  # kind
+                        attempt.start,
+                        attempt.end or end,
+                        attempt_attributes,  # attributes
+                        attempt.events,
+                        attempt_error,  # error
+                        trace.state,
                     )
                 )
             events = trace.events
         add(
-            Record(
-                trace_id=trace.trace_id,
-                span_id=client_id,
-                parent_id=trace.parent_id,
-                remote=True,
-                name=name,
-                kind=_CLIENT,
-                start=trace.start,
-                end=end,
-                attributes=attributes,
-                events=events,
-                error=status if failed else None,
-                state=trace.state,
+            (
+                trace.trace_id,
+                client_id,  # span_id
+                trace.parent_id,
+                True,  # remote
+                name,
+                _CLIENT,  # kind
+                trace.start,
+                end,
+                attributes,
+                events,
+                status if failed else None,  # error
+                trace.state,
             )
         )
 
@@ -418,6 +577,7 @@ class Tracing:
         if self.closed:
             return True
         self.closed = True
+        self._new.set_bound(None)  # sample nothing more
         return await self._handoff.shutdown(timeout)
 
 
@@ -433,9 +593,8 @@ def _result_attributes(
     if resp is not None:
         status = resp.status
         attributes["http.response.status_code"] = status
-        flags = ",".join(flag.value for flag in resp.flags)
-        if flags:
-            attributes["outrigger.response_flags"] = flags
+        if resp.flags:
+            attributes["outrigger.response_flags"] = ",".join(flag.value for flag in resp.flags)
         # Semconv: a server's 4xx is the client's fault, a client's 4xx is an error.
         if status >= 500 or (status >= 400 and not server):
             attributes["error.type"] = str(status)
@@ -459,44 +618,51 @@ class _SpanLayer:
     """A request's own span: the SERVER span around the handler to the app, or the CLIENT span,
     outermost in a service stack (its children: the attempts). It makes the sampling decision,
     puts the trace on the request for the layers below, and hands the result to `finish` on
-    the way back."""
+    the way back.
 
-    __slots__ = ("_begin", "_finish", "_inner", "_service")
+    The common case is inlined here: a request with no tracing headers starts a new trace,
+    and unsampled (most of them) it only gets its ids written, as hex digits from the pool."""
+
+    __slots__ = ("_begin", "_finish", "_inner", "_new", "_sampled", "_service")
 
     def __init__(self, tracing: Tracing, inner: Handler, service: str, finish: _Finish) -> None:
         self._begin = tracing.begin
+        self._sampled = tracing.sampled
+        self._new = tracing._new
         self._finish = finish
         self._inner = inner
         self._service = service
 
     def __call__(self, req: Request, reply: Reply) -> None:
-        trace = self._begin(req)
+        headers = req.headers
+        for name, _ in headers:
+            if name in TRACE_HEADERS:
+                trace = self._begin(req)
+                break
+        else:
+            new = self._new
+            trace_hex, low, span_hex = next(new.ids)
+            if low >= new.bound:
+                # Unsampled: say so downstream, so the next hops do not start traces of their
+                # own. What `propagation.inject` would write (tests hold the two to the same
+                # bytes), without building a context.
+                headers += (
+                    (b"traceparent", b"-".join((b"00", trace_hex, span_hex, b"02"))),
+                    (b"x-b3-traceid", trace_hex),
+                    (b"x-b3-spanid", span_hex),
+                    _B3_UNSAMPLED,
+                )
+                self._inner(req, reply)
+                return
+            trace = self._sampled(req, trace_hex, span_hex)
         if trace is None:
             self._inner(req, reply)
             return
         req.trace = trace
-        self._inner(req, _Span(self, trace, req, reply))
-
-
-class _Span:
-    """A sampled request's reply through its span layer."""
-
-    __slots__ = ("_layer", "_reply", "_req", "_trace")
-
-    def __init__(self, layer: _SpanLayer, trace: _Trace, req: Request, reply: Reply) -> None:
-        self._layer = layer
-        self._trace = trace
-        self._req = req
-        self._reply = reply
-
-    def __call__(self, result: Result) -> None:
-        layer, req = self._layer, self._req
-        req.trace = None
-        if isinstance(result, Response):
-            layer._finish(self._trace, req, layer._service, result, None)
-        else:
-            layer._finish(self._trace, req, layer._service, None, result)
-        self._reply(result)
+        trace.layer = self
+        trace.req = req
+        trace.reply = reply
+        self._inner(req, trace.__call__)
 
 
 class _AttemptLayer:
@@ -526,47 +692,7 @@ class _AttemptLayer:
             req.headers = propagation.inject(
                 req.headers, trace.span_context(span_id), b3_single=trace.b3_single
             )
-        attempt = _Attempt(number, endpoint, span_id)
-        attributes = attempt.attributes
-        attributes["outrigger.attempt"] = number
-        attributes["server.address"] = endpoint.host
-        attributes["server.port"] = endpoint.port
+        attempt = _Attempt(trace, number, endpoint, span_id, reply)
         trace.attempts.append(attempt)
         trace.current = attempt
-        self._inner(req, endpoint, _AttemptReply(trace, attempt, reply))
-
-
-class _AttemptReply:
-    """One attempt's reply through the attempt layer: the attempt span's outcome."""
-
-    __slots__ = ("_attempt", "_reply", "_trace")
-
-    def __init__(self, trace: _Trace, attempt: _Attempt, reply: Reply) -> None:
-        self._trace = trace
-        self._attempt = attempt
-        self._reply = reply
-
-    def __call__(self, result: Result) -> None:
-        attempt = self._attempt
-        attempt.end = time.time_ns()
-        self._trace.current = None
-        attributes = attempt.attributes
-        if isinstance(result, DownstreamGone):
-            attributes["outrigger.outcome"] = "cancelled"
-            attempt.error = "cancelled"
-        elif isinstance(result, ProxyError):
-            outcome = classify(result)
-            attributes["outrigger.outcome"] = outcome.kind.value
-            attributes["outrigger.response_flags"] = result.flag.value
-            attributes["error.type"] = result.flag.value
-            attempt.error = str(result)
-            if (event := _error_event(result)) is not None:
-                attempt.events.append(event)
-        else:
-            outcome = classify(result)
-            attributes["outrigger.outcome"] = outcome.kind.value
-            attributes["http.response.status_code"] = result.status
-            if not outcome.success:
-                attributes["error.type"] = str(result.status)
-                attempt.error = str(result.status)
-        self._reply(result)
+        self._inner(req, endpoint, attempt.__call__)

@@ -14,8 +14,12 @@ change saves.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import pstats
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +29,7 @@ from cost import bench_env, send
 from processes import BenchError
 
 DEFAULT_ROWS = ("outrigger", "outrigger-policy")
+EXIT_TIMEOUT_S = 60.0  # for the sidecar to drain and exit under cProfile
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,7 +52,14 @@ def profile(row: rows.Row, env: rows.Env, args: argparse.Namespace) -> None:
         send(target, args.warmup + args.requests, 1, env.body)
     finally:
         for proc in env.group.procs[started:][::-1]:
-            env.group.stop(proc)  # SIGTERM: the sidecar drains, exits, cProfile writes
+            # SIGTERM to the sidecar alone: it drains, stops its exporter (a tracing row's
+            # flush to a dead collector takes seconds) and exits, and cProfile writes; the
+            # group's stop would signal the exporter too and kill the sidecar before that.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.popen.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=EXIT_TIMEOUT_S)
+            env.group.stop(proc)
     if not out.exists():
         raise BenchError(f"{row.name}: cProfile wrote no stats (did the sidecar exit cleanly?)")
     stats = pstats.Stats(str(out))

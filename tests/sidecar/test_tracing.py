@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import Decision, ParentBased, TraceIdRatioBased
 from opentelemetry.trace import (
     NonRecordingSpan,
@@ -33,8 +34,10 @@ from opentelemetry.trace import (
 from mesh.model import parse_mesh
 from outrigger.demo.traces import CLIENT, INTERNAL, SERVER, SpanRecord, TraceReceiver, receive
 from sidecar.app import Sidecar
+from sidecar.exchange import Request
 from sidecar.telemetry import propagation
 from sidecar.telemetry.tracing import Tracing, TracingSettings, otlp_endpoint, resource
+from sidecar.transport.body import EMPTY_BODY
 from sidecar.xds.interpret import snapshot_from_mesh
 from tests.sidecar.proxy_fixtures import SidecarProcess, mesh_doc
 from tests.sidecar.resilience_fixtures import sidecar_settings
@@ -487,7 +490,8 @@ def test_tracing_is_off_without_an_endpoint(monkeypatch: pytest.MonkeyPatch) -> 
     sc.apply(snapshot_from_mesh(parse_mesh(mesh({"reviews": ["127.0.0.1:1"]}), "t")))
     assert sc.active is not None
     (handler,) = sc.active.handlers.values()
-    assert type(handler).__name__ == "Balancer"  # no tracing layer at all: zero cost
+    layer = getattr(handler, "__self__", handler)  # layers are handed on as bound methods
+    assert type(layer).__name__ == "Balancer"  # no tracing layer at all: zero cost
     assert otlp_endpoint(None, None, {}) is None
     assert otlp_endpoint(None, "http://mesh:4317", {}) == "http://mesh:4317"
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://env:4317"}
@@ -511,13 +515,28 @@ def test_otlp_endpoint_setting_is_validated() -> None:
 # --- propagation and sampling units -------------------------------------------------------------
 
 
-def test_fast_unsampled_headers_match_the_propagators() -> None:
-    trace_id, span_id = random.getrandbits(128), random.getrandbits(64)
-    fast: list[tuple[bytes, bytes]] = []
-    propagation.append_unsampled(fast, trace_id, span_id)
-    flags = TraceFlags(TraceFlags.RANDOM_TRACE_ID)
-    slow = propagation.inject([], SpanContext(trace_id, span_id, False, flags))
-    assert sorted(fast) == sorted(slow)
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+def test_new_trace_headers_match_the_propagators(ratio: float) -> None:
+    """The span layer writes a new trace's context itself, sampled or not: the same bytes as
+    the propagators, fresh valid ids on every request."""
+    tracing = Tracing(
+        TracingSettings("frontend", "http://127.0.0.1:4317", sampling=ratio),
+        exporter=InMemorySpanExporter(),
+    )
+    seen: list[list[tuple[bytes, bytes]]] = []
+    layer = tracing.client(lambda req, reply: seen.append(req.headers), "reviews")
+    for _ in range(600):  # more than one batch of ids
+        layer(Request(b"GET", b"/", b"reviews", [(b"host", b"reviews")], EMPTY_BODY), print)
+    flags = TraceFlags(TraceFlags.RANDOM_TRACE_ID | (TraceFlags.SAMPLED if ratio else 0))
+    ids = set()
+    for headers in seen:
+        version, trace, span, written = dict(headers)[b"traceparent"].split(b"-")
+        trace_id, span_id = int(trace, 16), int(span, 16)
+        assert version == b"00" and int(written, 16) == flags and trace_id and span_id
+        context = SpanContext(trace_id, span_id, False, flags)
+        assert sorted(headers) == sorted(propagation.inject([(b"host", b"reviews")], context))
+        ids.add(trace_id)
+    assert len(ids) == len(seen)
 
 
 def test_fast_inject_writes_what_the_propagators_write() -> None:
@@ -549,17 +568,33 @@ def test_fast_traceparent_check_agrees_with_the_propagator() -> None:
         assert propagation.unsampled_traceparent(value) == slow, value
 
 
+def _new_traces(ratio: float, count: int) -> list[tuple[int, bytes]]:
+    """(trace id, traceparent flags) of `count` new traces through a client span layer."""
+    tracing = Tracing(
+        TracingSettings("frontend", "http://127.0.0.1:4317", sampling=ratio),
+        exporter=InMemorySpanExporter(),
+    )
+    seen: list[bytes] = []
+    layer = tracing.client(
+        lambda req, reply: seen.append(dict(req.headers)[b"traceparent"]), "reviews"
+    )
+    for _ in range(count):
+        layer(Request(b"GET", b"/", b"reviews", [(b"host", b"reviews")], EMPTY_BODY), print)
+    return [(int(value.split(b"-")[1], 16), value.split(b"-")[3]) for value in seen]
+
+
 def test_new_trace_decision_is_parent_based_trace_id_ratio() -> None:
-    ratio = 0.25
-    sdk = ParentBased(TraceIdRatioBased(ratio))
-    bound = TraceIdRatioBased(ratio).bound
-    for _ in range(2000):
-        trace_id = random.getrandbits(128)
-        ours = (trace_id & ((1 << 64) - 1)) < bound  # what Tracing.begin tests
-        decision = sdk.should_sample(None, trace_id, "x").decision
-        assert ours == (decision is Decision.RECORD_AND_SAMPLE)
+    for ratio in (0.25, 0.0, 1.0):
+        sdk = ParentBased(TraceIdRatioBased(ratio))
+        for trace_id, flags in _new_traces(ratio, 2000):
+            decision = sdk.should_sample(None, trace_id, "x").decision
+            assert (flags == b"03") == (decision is Decision.RECORD_AND_SAMPLE), (ratio, trace_id)
+            assert flags in (b"02", b"03")
+    sampled = sum(flags == b"03" for _, flags in _new_traces(0.25, 2000))
+    assert 300 < sampled < 700  # 500 expected; the odds of missing are below 1e-20
     parent = SpanContext(1, 2, True, TraceFlags(TraceFlags.SAMPLED))
     context = set_span_in_context(NonRecordingSpan(parent))
+    sdk = ParentBased(TraceIdRatioBased(0.25))
     assert sdk.should_sample(context, 1, "x").decision is Decision.RECORD_AND_SAMPLE
 
 

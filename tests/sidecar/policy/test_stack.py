@@ -9,11 +9,17 @@ from sidecar.policy.timeout import PerTryTimeout, TotalTimeout
 from tests.sidecar.policy.fakes import EP, FakeUpstream, service
 
 
+def layer(handler: object) -> object:
+    """The layer object behind a handler (the stack hands layers on as bound methods)."""
+    return getattr(handler, "__self__", handler)
+
+
 def chain(handler: object) -> list[type]:
     layers = []
+    handler = layer(handler)
     while handler is not None and not isinstance(handler, FakeUpstream):
         layers.append(type(handler))
-        handler = getattr(handler, "_inner", None)
+        handler = layer(getattr(handler, "_inner", None))
     return layers
 
 
@@ -21,7 +27,7 @@ def test_without_policy_the_stack_is_only_the_balancer_over_the_forwarder() -> N
     upstream = FakeUpstream()
     handler = build_service_stack(service(), ServiceState("svc"), upstream)
     assert chain(handler) == [Balancer]
-    assert handler._inner is upstream  # type: ignore[attr-defined]
+    assert layer(layer(handler)._inner) is upstream  # type: ignore[attr-defined]
 
 
 def test_zero_retry_attempts_build_no_retry_layer() -> None:
