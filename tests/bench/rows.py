@@ -70,12 +70,14 @@ class Env:
 @dataclass(frozen=True)
 class Target:
     """A started row: wrk loads `url` (with `host`); `measured` is the process whose CPU and
-    RSS are reported (the proxy under test; the upstream itself for `direct`)."""
+    RSS are reported (the proxy under test; the upstream itself for `direct`); `stats_url` is
+    the sidecar's /stats/prometheus (its event loop's longest stall), None for other rows."""
 
     url: str
     host: str | None
     listen: tuple[str, int]
     measured: Proc | None
+    stats_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -341,7 +343,13 @@ def outrigger_row(
             timeout_s=READY_TIMEOUT_S,
             what="sidecar did not proxy GET / with Host: upstream to the 1 KiB body",
         )
-        return Target(url=url, host=MESH_SERVICE, listen=("127.0.0.1", outbound), measured=proc)
+        return Target(
+            url=url,
+            host=MESH_SERVICE,
+            listen=("127.0.0.1", outbound),
+            measured=proc,
+            stats_url=f"http://127.0.0.1:{admin}/stats/prometheus",
+        )
 
     return Row(name=name, description=description, start=start)
 
