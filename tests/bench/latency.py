@@ -58,13 +58,10 @@ from typing import Any
 
 import report
 import rows
-import yaml
 from processes import (
     BenchError,
-    Proc,
     ProcessGroup,
     cpu_seconds,
-    free_port,
     http_get,
     loop_lag_max,
     wait_until,
@@ -126,58 +123,16 @@ def vcpu_per_1000_rps(cpu_s: float, wall_s: float, rate: float) -> float | None:
 # --- processes --------------------------------------------------------------------------------
 
 
-@dataclass
-class Sidecar:
-    proc: Proc
-    admin: int
-    outbound: int
-    inbound: int
-
-    @property
-    def stats_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin}/stats/prometheus"
-
-
-def start_sidecar(
-    env: rows.Env, name: str, mesh: dict[str, Any], app_port: int, cpus: str | None
-) -> Sidecar:
-    outbound, inbound, admin = free_port(), free_port(), free_port()
-    path = env.workdir / f"{name}.mesh.yaml"
-    path.write_text(yaml.safe_dump(mesh, sort_keys=False))
-    argv = [
-        str(env.outrigger),
-        "sidecar",
-        "--mesh",
-        str(path),
-        "--service",
-        name,
-        "--outbound",
-        f"127.0.0.1:{outbound}",
-        "--inbound",
-        f"127.0.0.1:{inbound}",
-        "--app",
-        f"127.0.0.1:{app_port}",
-        "--admin",
-        f"127.0.0.1:{admin}",
-    ]
-    proc = env.group.start(name, argv, cpus=cpus)
-
-    def ready() -> str | None:
-        r = http_get(f"http://127.0.0.1:{admin}/ready")
-        return None if r.status == 200 else f"/ready answered {r.status}"
-
-    wait_until(proc, ready, timeout_s=env.sidecar_ready_timeout_s, what=f"{name} readiness")
-    return Sidecar(proc, admin, outbound, inbound)
-
-
-def start_pair(env: rows.Env, policy: dict[str, Any] | None, cpus: str | None) -> list[Sidecar]:
+def start_pair(
+    env: rows.Env, policy: dict[str, Any] | None, cpus: str | None
+) -> list[rows.Sidecar]:
     """Sidecar B (server side, inbound → the app), then sidecar A (client side, outbound: service
     `upstream` at B's inbound listener). Checked: GET / through both answers the 1 KiB body."""
     app = env.upstream_port
     server_mesh = rows.mesh_document(app, policy=None, tracing=None)
-    server = start_sidecar(env, "sidecar-server", server_mesh, app, cpus)
+    server = rows.start_sidecar(env, "sidecar-server", server_mesh, app_port=app, cpus=cpus)
     client_mesh = rows.mesh_document(server.inbound, policy=policy, tracing=None)
-    client = start_sidecar(env, "sidecar-client", client_mesh, app, cpus)
+    client = rows.start_sidecar(env, "sidecar-client", client_mesh, app_port=app, cpus=cpus)
     wait_until(
         client.proc,
         rows.body_check(f"http://127.0.0.1:{client.outbound}/", env.body, host=rows.MESH_SERVICE),
@@ -200,7 +155,7 @@ def prometheus_values(url: str, name: str) -> dict[str, float]:
     return out
 
 
-def requests_counted(sidecar: Sidecar, direction: str) -> int:
+def requests_counted(sidecar: rows.Sidecar, direction: str) -> int:
     """Requests the sidecar counted on `direction` (its outrigger_requests_total)."""
     values = prometheus_values(sidecar.stats_url, "outrigger_requests_total")
     return int(sum(v for k, v in values.items() if f'direction="{direction}"' in k))
@@ -212,7 +167,7 @@ def run_generator(
     host: str | None,
     args: argparse.Namespace,
     cpus: str | None,
-    sidecars: list[Sidecar],
+    sidecars: list[rows.Sidecar],
     workdir: Path,
 ) -> dict[str, Any]:
     """One `python -m outrigger.loadgen` run; the sidecars' CPU and stall over its recorded
