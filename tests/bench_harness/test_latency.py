@@ -93,6 +93,7 @@ def test_the_report_shows_each_path_what_was_added_and_istios_figures() -> None:
     assert "0.041, 0.032 (0.20x, 0.16x Istio's; aim below 0.25x)" in text
     assert "client sidecar counted 12000 outbound" in text
     assert "policy: sidecar-client readiness: boom" in text
+    assert "generator's own loop lag" not in text  # 0.04 ms at p99: below every difference
     markdown = latency.render(results, "machine line", markdown=True)
     assert "| plain | added by 2 sidecars | — | +0.250 ms | +0.300 ms | +0.400 ms |" in markdown
 
@@ -139,3 +140,12 @@ def test_a_short_real_run_through_two_sidecars_reports_every_field(
     printed = capsys.readouterr().out
     assert "added by 2 sidecars" in printed and "+0.228 ms p90" in printed
     assert "pinned" in printed or "not pinned" in printed
+
+
+def test_a_generator_lagging_as_much_as_the_difference_is_called_out() -> None:
+    result = config_result("plain")
+    result["direct"]["generator"]["loop_lag_ms"]["p99"] = 0.35  # above the added p50 and p90
+    _, notes = latency.table([result])
+    [note] = [n for n in notes if "loop lag" in n]
+    assert note.startswith("plain: the generator's own loop lag reached 0.350 ms at p99")
+    assert "not below the added p50, p90:" in note
