@@ -144,8 +144,10 @@ def test_a_short_real_run_through_two_sidecars_reports_every_field(
 
 def test_a_generator_lagging_as_much_as_the_difference_is_called_out() -> None:
     result = config_result("plain")
-    result["direct"]["generator"]["loop_lag_ms"]["p99"] = 0.35  # above the added p50 and p90
+    # each percentile against the same percentile of the lag: p90 lagged 0.15 ms (half the
+    # added 0.30), p99 0.19 ms (under half the added 0.40): only p90 is called out
+    result["direct"]["generator"]["loop_lag_ms"].update(p90=0.15, p99=0.19)
     _, notes = latency.table([result])
     [note] = [n for n in notes if "loop lag" in n]
-    assert note.startswith("plain: the generator's own loop lag reached 0.350 ms at p99")
-    assert "not below the added p50, p90:" in note
+    assert note.startswith("plain: the generator's own loop lag (p90 0.150 ms) was at least half")
+    assert "the added p90: much of those differences can be the generator's" in note
