@@ -44,8 +44,10 @@ run: $(STAMP) $(NATIVE)
 demo: $(STAMP) $(NATIVE)
 	$(BIN)/outrigger demo
 
+# The throughput table (run.py), then the latency two sidecars add at 1,000 req/s (latency.py).
 bench: $(STAMP) $(NATIVE)
 	$(BIN)/python tests/bench/run.py
+	$(BIN)/python tests/bench/latency.py
 
 # Re-resolve every dependency at its newest allowed version into a fresh venv and pin the result.
 # Run `make clean install check` afterwards: the lock is what the tests pass with.

@@ -2,10 +2,12 @@
 request timed from when it was due, and the generator's own event-loop lag reported beside it.
 
 `python -m outrigger.loadgen URL --rate 1000 --connections 16 --duration 10` prints one JSON
-object per line; the last is `{"summary": ...}` (latency percentiles in ms, statuses, errors, loop
-lag, CPU). With `--interval S` it first prints `{"interval": ...}` lines holding every outcome
-([due, latency, status, error]) and lag sample ([due, how late]) of the last S seconds, for a
-caller that cuts its own windows (`outrigger demo`).
+object per line: `{"started": ...}` once connected, `{"recording": ...}` when the warm-up ends (a
+caller reading the server's CPU over the recorded time reads it then), and last `{"summary": ...}`
+(latency percentiles in ms, statuses, errors, loop lag, CPU). With `--interval S` it also prints
+`{"interval": ...}` lines holding every outcome ([due, latency, status, error]) and lag sample
+([due, how late]) of the last S seconds, for a caller that cuts its own windows (`outrigger
+demo`).
 In code: `await measure(url, rate, duration, ...)` returns a `Summary`; `LoadGenerator` with a
 `Recorder` gives the parts (`connect`, `send`, the outcomes as they come).
 
@@ -446,16 +448,21 @@ class LoadGenerator:
         return len(self.open)
 
     async def send(
-        self, duration: float | None, stop: asyncio.Event | None = None, warmup: float = 0.0
+        self,
+        duration: float | None,
+        stop: asyncio.Event | None = None,
+        warmup: float = 0.0,
+        recording: Callable[[], None] | None = None,
     ) -> float:
         """Send for `warmup` + `duration` seconds (None: until `stop` is set), recording after
-        the warm-up, then wait for the last answers (at most `timeout`). Returns the seconds
-        recorded."""
+        the warm-up (`recording` is called then), then wait for the last answers (at most
+        `timeout`). Returns the seconds recorded."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._done = done
         start = clock()
         self.recorder.since = start + warmup
+        marker = loop.call_later(warmup, recording) if recording is not None else None
         end = math.inf if duration is None else start + warmup + duration
         self.pacer = Pacer(self.rate, start, end)
         timer = self.timer = make_timer(loop, self._tick)
@@ -472,6 +479,8 @@ class LoadGenerator:
             ended = end if done.done() else min(clock(), end)
             if stopped is not None:
                 stopped.cancel()
+            if marker is not None:
+                marker.cancel()
             if self._sweeper is not None:
                 self._sweeper.cancel()
             timer.close()
@@ -632,6 +641,10 @@ async def _command(args: argparse.Namespace) -> Summary:
         sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
         sys.stdout.flush()
 
+    def recording() -> None:
+        # the warm-up is over: a caller measuring the server over the recorded time starts now
+        print(json.dumps({"recording": {"after_warmup": args.warmup}}), flush=True)
+
     async def report() -> None:
         while True:
             await asyncio.sleep(args.interval)
@@ -642,7 +655,7 @@ async def _command(args: argparse.Namespace) -> Summary:
     print(json.dumps({"started": {"url": args.url, "connections": opened}}), flush=True)
     reporter = asyncio.ensure_future(report()) if args.interval else None
     try:
-        seconds = await gen.send(args.duration, stop, args.warmup)
+        seconds = await gen.send(args.duration, stop, args.warmup, recording)
     finally:
         if reporter is not None:
             reporter.cancel()

@@ -25,6 +25,7 @@ from mesh.model import Mesh, MeshError, load_mesh, parse_mesh
 from sidecar import admin
 from sidecar.config import ConfigError, Endpoint, Snapshot
 from sidecar.exchange import Request
+from sidecar.loop_lag import LoopLag
 from sidecar.metrics import Metrics, Series
 from sidecar.policy.breaker import BreakerEvent
 from sidecar.policy.stack import ServiceRegistry
@@ -81,12 +82,14 @@ class Sidecar:
         self.outbound_state = ServerState(self.server_settings)
         self.inbound_state = ServerState(self.server_settings)
         self.admin_state = ServerState(self.server_settings)
+        self.loop_lag = LoopLag()
         self.metrics = Metrics(
             settings.service,
             listeners={"outbound": self.outbound_state, "inbound": self.inbound_state},
             services=self.services,
             snapshot=self.router.snapshot,
             spans_dropped=self._spans_dropped,
+            loop_lag=self.loop_lag,
         )
         self.access_log = AccessLog()
         self.addresses: dict[str, tuple[str, int]] = {}  # bound listeners, by name
@@ -314,6 +317,7 @@ class Sidecar:
 
             await self._listen(name, [host], port, pages)
         self.admin_state.start()
+        self.loop_lag.start()
         self.listening = True
         print(
             "outrigger sidecar listening "
@@ -402,6 +406,7 @@ class Sidecar:
         await self.admin_state.drain(1.0)
         for state in (self.outbound_state, self.inbound_state, self.admin_state):
             state.stop()
+        self.loop_lag.stop()
         if self.tracing is not None:
             await self.tracing.shutdown(min(5.0, self.settings.drain_timeout))
         log.info("drained%s", "" if all(results) else " (timeout: some requests were cut)")

@@ -23,6 +23,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from sidecar.config import Snapshot
+from sidecar.loop_lag import PERIOD, LagReader, LoopLag
 from sidecar.policy.stack import ServiceRegistry
 from sidecar.transport.tcp import TcpRecord
 
@@ -100,8 +101,11 @@ class Metrics:
         services: ServiceRegistry | None = None,
         snapshot: Callable[[], Snapshot | None] | None = None,
         spans_dropped: Callable[[], Mapping[str, int]] | None = None,
+        loop_lag: LoopLag | None = None,
     ) -> None:
         self.source = source
+        # the event loop's lateness; each registry (page) reads its own longest stall
+        self.loop_lag = loop_lag
         # direction -> destination -> its counts (`series`; the request path keeps the inner
         # dict of its listener's direction)
         self.series: dict[str, dict[str, Series]] = {}
@@ -168,7 +172,8 @@ class Metrics:
 
     def registry(self) -> CollectorRegistry:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_MetricsCollector(self))
+        lag = self.loop_lag.reader() if self.loop_lag is not None else None
+        registry.register(_MetricsCollector(self, lag))
         return registry
 
 
@@ -200,8 +205,9 @@ def _histogram(name: str, doc: str, hists: dict[tuple[str, str], _Histogram]) ->
 
 
 class _MetricsCollector(Collector):
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, lag: LagReader | None) -> None:
         self.m = metrics
+        self.lag = lag
 
     def collect(self) -> Iterator[Metric]:
         m = self.m
@@ -251,6 +257,21 @@ class _MetricsCollector(Collector):
         for reason, count in sorted(spans_dropped.items()):
             dropped.add_metric([reason], count)
         yield dropped
+        if self.lag is not None:
+            longest, cpu = self.lag.take()
+            yield GaugeMetricFamily(
+                "outrigger_event_loop_lag_max_seconds",
+                "The longest the event loop ran late (a stall: a long callback, a collection) "
+                f"since the previous scrape of this page (a {PERIOD * 1000:g} ms timer).",
+                value=longest,
+            )
+            yield GaugeMetricFamily(
+                "outrigger_event_loop_lag_max_cpu_seconds",
+                "CPU time the event loop's thread used from the timer tick before that longest lag "
+                "to it: about the lag or more, the sidecar held the loop; well below, it was "
+                "not running.",
+                value=cpu,
+            )
         yield from self._tcp()
         yield from self._policy()
 

@@ -175,6 +175,27 @@ def wait_until(
         time.sleep(0.1)
 
 
+LOOP_LAG_METRIC = "outrigger_event_loop_lag_max_seconds"
+LOOP_LAG_CPU_METRIC = "outrigger_event_loop_lag_max_cpu_seconds"
+
+
+def loop_lag_max(stats_url: str) -> tuple[float, float]:
+    """The sidecar's longest event-loop stall since the previous read of its /stats/prometheus
+    (which this read resets), and the CPU its loop used over that stall's timer period, in
+    seconds (sidecar/loop_lag.py)."""
+    r = http_get(stats_url)
+    if r.status != 200:
+        raise BenchError(f"{stats_url} answered {r.status}")
+    values: dict[str, float] = {}
+    for line in r.body.decode().splitlines():
+        name, _, value = line.partition(" ")
+        if name in (LOOP_LAG_METRIC, LOOP_LAG_CPU_METRIC):
+            values[name] = float(value)
+    if len(values) != 2:
+        raise BenchError(f"{stats_url} lacks {LOOP_LAG_METRIC} or {LOOP_LAG_CPU_METRIC}")
+    return values[LOOP_LAG_METRIC], values[LOOP_LAG_CPU_METRIC]
+
+
 # --- /proc measurements ----------------------------------------------------------------------
 
 

@@ -121,6 +121,7 @@ HEADER = [
     "p99",
     "p99 ÷ nginx",
     "errors",
+    "loop stall (CPU)",
     "CPU-µs/req",
     "RSS idle MiB",
     "RSS peak MiB",
@@ -145,7 +146,9 @@ def table_rows(results: list[dict[str, Any]]) -> tuple[list[list[str]], list[str
         for run in r["runs"]:
             w = run.get("wrk")
             if w is None:
-                cells.append([r["name"], str(run["connections"]), "FAILED", *[DASH] * 9])
+                cells.append(
+                    [r["name"], str(run["connections"]), "FAILED", *[DASH] * (len(HEADER) - 3)]
+                )
                 notes.append(f"{r['name']} c={run['connections']}: {run['error']}")
                 continue
             b = base.get(run["connections"], {}).get("wrk")
@@ -156,6 +159,20 @@ def table_rows(results: list[dict[str, Any]]) -> tuple[list[list[str]], list[str
                     f"on average (req/s * mean latency); wrk's latency excludes reconnects, so "
                     f"connections were idle or being re-opened ({_probe_text(r)})"
                 )
+            if in_flight is not None and in_flight > run["connections"]:
+                notes.append(
+                    f"{r['name']} c={run['connections']}: {in_flight:.1f} requests in flight on "
+                    f"average (req/s * mean latency), more than the connections: wrk's latency "
+                    f"histogram holds more samples than requests. wrk corrects for coordinated "
+                    f"omission: each request slower than twice runtime/(requests/connections) "
+                    f"adds samples at that latency less 1, 2, ... intervals, so a few slow "
+                    f"requests or one stall weigh in the mean and p99 as if the load were "
+                    f'open-loop ("The 256-connection tail" in tests/bench/README.md)'
+                )
+            stall = run.get("loop_stall_s")
+            stall_text = DASH
+            if stall is not None:
+                stall_text = f"{_lat(stall * 1e6)} ({_lat(run['loop_stall_cpu_s'] * 1e6)})"
             cells.append(
                 [
                     r["name"],
@@ -166,6 +183,7 @@ def table_rows(results: list[dict[str, Any]]) -> tuple[list[list[str]], list[str
                     _lat(w["p99_us"]),
                     _ratio(w["p99_us"], b["p99_us"] if b else None),
                     str(w["errors"]),
+                    stall_text,
                     _num(run.get("cpu_us_per_request"), ".1f"),
                     _mib(r.get("idle_rss_kib")),
                     _mib(run.get("peak_rss_kib")),

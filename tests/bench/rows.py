@@ -70,12 +70,14 @@ class Env:
 @dataclass(frozen=True)
 class Target:
     """A started row: wrk loads `url` (with `host`); `measured` is the process whose CPU and
-    RSS are reported (the proxy under test; the upstream itself for `direct`)."""
+    RSS are reported (the proxy under test; the upstream itself for `direct`); `stats_url` is
+    the sidecar's /stats/prometheus (its event loop's longest stall), None for other rows."""
 
     url: str
     host: str | None
     listen: tuple[str, int]
     measured: Proc | None
+    stats_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -282,6 +284,58 @@ def mesh_document(
     return doc
 
 
+@dataclass(frozen=True)
+class Sidecar:
+    """A started, ready `outrigger sidecar` and its listeners' ports (all on 127.0.0.1)."""
+
+    proc: Proc
+    outbound: int
+    inbound: int
+    admin: int
+
+    @property
+    def stats_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin}/stats/prometheus"
+
+
+def start_sidecar(
+    env: Env, name: str, mesh: Mapping[str, Any], *, app_port: int, cpus: str | None
+) -> Sidecar:
+    """`outrigger sidecar --mesh <mesh> --app 127.0.0.1:<app_port>` on free ports, waited for
+    until its `/ready` answers 200 (bounded by `env.sidecar_ready_timeout_s`)."""
+    outbound, inbound, admin = free_port(), free_port(), free_port()
+    path = env.workdir / f"{name}.mesh.yaml"
+    path.write_text(yaml.safe_dump(dict(mesh), sort_keys=False))
+    argv = [
+        *env.sidecar_wrapper,
+        str(env.outrigger),
+        "sidecar",
+        "--mesh",
+        str(path),
+        "--service",
+        "bench",
+        "--outbound",
+        f"127.0.0.1:{outbound}",
+        "--inbound",
+        f"127.0.0.1:{inbound}",
+        "--app",
+        f"127.0.0.1:{app_port}",
+        "--admin",
+        f"127.0.0.1:{admin}",
+    ]
+    proc = env.group.start(name, argv, cpus=cpus)
+
+    def ready() -> str | None:
+        r = http_get(f"http://127.0.0.1:{admin}/ready")
+        return None if r.status == 200 else f"/ready answered {r.status}"
+
+    try:
+        wait_until(proc, ready, timeout_s=env.sidecar_ready_timeout_s, what=f"{name} readiness")
+    except BenchError as exc:
+        raise BenchError(f"sidecar failed to become ready: {exc}") from exc
+    return Sidecar(proc, outbound, inbound, admin)
+
+
 def outrigger_row(
     name: str,
     description: str,
@@ -292,7 +346,6 @@ def outrigger_row(
     """A row running one sidecar; wrk sends `Host: upstream` to its outbound listener."""
 
     def start(env: Env) -> Target:
-        outbound, inbound, admin = free_port(), free_port(), free_port()
         tracing: dict[str, Any] | None = None
         if tracing_sampling is not None:
             # Nothing listens there: spans are built and exported to a dead port (for now).
@@ -300,48 +353,22 @@ def outrigger_row(
                 "sampling": tracing_sampling,
                 "otlp_endpoint": f"http://127.0.0.1:{free_port()}",
             }
-        mesh = env.workdir / f"{name}.mesh.yaml"
-        mesh.write_text(
-            yaml.safe_dump(
-                mesh_document(env.upstream_port, policy=policy, tracing=tracing),
-                sort_keys=False,
-            )
-        )
-        argv = [
-            *env.sidecar_wrapper,
-            str(env.outrigger),
-            "sidecar",
-            "--mesh",
-            str(mesh),
-            "--service",
-            "bench",
-            "--outbound",
-            f"127.0.0.1:{outbound}",
-            "--inbound",
-            f"127.0.0.1:{inbound}",
-            "--app",
-            f"127.0.0.1:{env.upstream_port}",
-            "--admin",
-            f"127.0.0.1:{admin}",
-        ]
-        proc = env.group.start(name, argv, cpus=env.pins.proxy)
-
-        def ready() -> str | None:
-            r = http_get(f"http://127.0.0.1:{admin}/ready")
-            return None if r.status == 200 else f"/ready answered {r.status}"
-
-        try:
-            wait_until(proc, ready, timeout_s=env.sidecar_ready_timeout_s, what="sidecar readiness")
-        except BenchError as exc:
-            raise BenchError(f"sidecar failed to become ready: {exc}") from exc
-        url = f"http://127.0.0.1:{outbound}/"
+        mesh = mesh_document(env.upstream_port, policy=policy, tracing=tracing)
+        sidecar = start_sidecar(env, name, mesh, app_port=env.upstream_port, cpus=env.pins.proxy)
+        url = f"http://127.0.0.1:{sidecar.outbound}/"
         wait_until(
-            proc,
+            sidecar.proc,
             body_check(url, env.body, host=MESH_SERVICE),
             timeout_s=READY_TIMEOUT_S,
             what="sidecar did not proxy GET / with Host: upstream to the 1 KiB body",
         )
-        return Target(url=url, host=MESH_SERVICE, listen=("127.0.0.1", outbound), measured=proc)
+        return Target(
+            url=url,
+            host=MESH_SERVICE,
+            listen=("127.0.0.1", sidecar.outbound),
+            measured=sidecar.proc,
+            stats_url=sidecar.stats_url,
+        )
 
     return Row(name=name, description=description, start=start)
 

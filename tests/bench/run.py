@@ -52,6 +52,7 @@ from processes import (
     RssSampler,
     cpu_seconds,
     hwm_kib,
+    loop_lag_max,
     rss_kib,
 )
 
@@ -213,6 +214,9 @@ def measure_row(
             run: dict[str, Any] = {"connections": n}
             result["runs"].append(run)
             try:
+                stalls = target.stats_url
+                if stalls is not None:
+                    loop_lag_max(stalls)  # reset: the next read covers the warm-up only
                 if args.warmup > 0:
                     wrk.run_wrk(
                         target.url,
@@ -221,6 +225,10 @@ def measure_row(
                         script=script,
                         host=target.host,
                         cpus=wrk_cpus,
+                    )
+                if stalls is not None:
+                    run["loop_stall_warmup_s"], run["loop_stall_warmup_cpu_s"] = loop_lag_max(
+                        stalls
                     )
                 cpu0 = cpu_seconds(measured.pid) if measured else None
                 with contextlib.ExitStack() as stack:
@@ -233,6 +241,8 @@ def measure_row(
                         host=target.host,
                         cpus=wrk_cpus,
                     )
+                if stalls is not None:
+                    run["loop_stall_s"], run["loop_stall_cpu_s"] = loop_lag_max(stalls)
                 if measured is not None and cpu0 is not None:
                     if not measured.alive():
                         raise BenchError(

@@ -327,7 +327,7 @@ def test_the_generator_refuses_what_it_cannot_send() -> None:
         LoadGenerator("http://127.0.0.1:1/", 10.0, Recorder(), connections=0)
 
 
-def test_the_command_prints_interval_lines_then_the_summary() -> None:
+def test_the_command_prints_interval_lines_the_warm_ups_end_then_the_summary() -> None:
     code = (
         "import asyncio\n"
         "async def main():\n"
@@ -346,6 +346,7 @@ def test_the_command_prints_interval_lines_then_the_summary() -> None:
         assert server.stdout is not None
         port = int(server.stdout.readline())
         argv = ["--rate", "50", "--duration", "0.5", "--connections", "2", "--interval", "0.2"]
+        argv += ["--warmup", "0.2"]
         proc = subprocess.run(
             [sys.executable, "-m", "outrigger.loadgen", f"http://127.0.0.1:{port}/", *argv],
             capture_output=True,
@@ -360,6 +361,9 @@ def test_the_command_prints_interval_lines_then_the_summary() -> None:
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert lines[0]["started"]["connections"] == 2
+    # the warm-up's end is announced once, before the summary (a caller reads the server's CPU)
+    [marker] = [i for i, line in enumerate(lines) if "recording" in line]
+    assert 0 < marker < len(lines) - 1 and lines[marker]["recording"]["after_warmup"] == 0.2
     intervals = [line["interval"] for line in lines if "interval" in line]
     assert sum(len(i["outcomes"]) for i in intervals) == 25
     summary = lines[-1]["summary"]

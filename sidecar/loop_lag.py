@@ -1,0 +1,96 @@
+"""How late the event loop runs: the longest stall since each reader last looked.
+
+A timer fires every `PERIOD` seconds and measures how late it ran (the time between when it was
+due and when the loop got to it). Anything that holds the loop (a long callback, a collection,
+closing many connections at once) makes it late by about as long as it held the loop, to within
+one period: a stall shorter than the period may fall between two ticks and go unseen, a longer
+one never does. Nothing is measured per request; the cost is one timer callback per period
+(50 a second, a few µs each).
+
+With the lag, each tick notes the CPU time the loop's thread used since the tick before
+(`time.thread_time`), i.e. over the period plus the lag: when the sidecar held the loop itself
+(a long callback, a collection) that CPU is about the lag or more; when it is well below the lag,
+the machine was not running the process (another process on its core, a CPU limit's throttling).
+
+Each reader keeps its own maximum and resets it when it reads, so two scrapers (the admin port
+and the pod's metrics port) do not reset each other: `/stats/prometheus` shows
+`outrigger_event_loop_lag_max_seconds`, the longest lag since the previous scrape of that page,
+and `outrigger_event_loop_lag_max_cpu_seconds`, the thread's CPU time from the tick before to the
+late one (the period plus the lag).
+`tests/bench/run.py` reads it before and after each load run and prints it per run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+PERIOD = 0.02  # seconds between ticks
+
+
+class LagReader:
+    """One reader's longest lag since it last read, and the CPU time the loop's thread used over
+    the period that ended with it (seconds)."""
+
+    __slots__ = ("cpu", "longest")
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self.cpu = 0.0
+
+    def take(self) -> tuple[float, float]:
+        """(longest lag, CPU during its period) since the previous `take`, and start over."""
+        seen = (self.longest, self.cpu)
+        self.longest = self.cpu = 0.0
+        return seen
+
+
+class LoopLag:
+    """The periodic timer; `reader()` hands out a maximum of one's own."""
+
+    def __init__(self, period: float = PERIOD) -> None:
+        if not period > 0:
+            raise ValueError(f"loop lag period must be above 0 s, got {period}")
+        self.period = period
+        self.readers: list[LagReader] = []
+        self.ticks = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._due = 0.0
+        self._cpu = 0.0  # the thread's CPU time at the previous tick
+        self._handle: asyncio.TimerHandle | None = None
+
+    def reader(self) -> LagReader:
+        reader = LagReader()
+        self.readers.append(reader)
+        return reader
+
+    def start(self) -> None:
+        """Start ticking on the running loop (idempotent)."""
+        if self._handle is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._due = self._loop.time() + self.period
+        self._cpu = time.thread_time()
+        self._handle = self._loop.call_at(self._due, self._tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        lag = now - self._due
+        cpu = time.thread_time()
+        used, self._cpu = cpu - self._cpu, cpu
+        self.ticks += 1
+        for reader in self.readers:
+            if lag > reader.longest:
+                reader.longest = lag
+                reader.cpu = used
+        # The next tick is due a period after this one ran: a stall is counted once, not again
+        # for every period it covered.
+        self._due = now + self.period
+        self._handle = loop.call_at(self._due, self._tick)

@@ -1,0 +1,50 @@
+"""run.py's table: the sidecar's longest loop stall per run, and the notes that say when wrk's
+own accounting does not add up (tests/bench/report.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import report
+
+
+def wrk(rps: float, mean_us: float, p99_us: float) -> dict[str, Any]:
+    return {
+        "requests_per_s": rps,
+        "p50_us": 900.0,
+        "p99_us": p99_us,
+        "mean_us": mean_us,
+        "errors": 0,
+    }
+
+
+def row(name: str, in_flight: float, stall: float | None = None) -> dict[str, Any]:
+    run: dict[str, Any] = {
+        "connections": 256,
+        "wrk": wrk(20_000.0, in_flight / 20_000.0 * 1e6, 30_000.0),
+        "mean_in_flight": in_flight,
+        "cpu_us_per_request": 50.0,
+    }
+    if stall is not None:
+        run["loop_stall_s"], run["loop_stall_cpu_s"] = stall, stall * 0.9
+    return {"name": name, "status": "ok", "runs": [run]}
+
+
+def test_the_stall_column_shows_the_sidecars_longest_stall_and_its_cpu() -> None:
+    cells, _ = report.table_rows([row("nginx", 250.0), row("outrigger", 250.0, stall=0.0512)])
+    column = report.HEADER.index("loop stall (CPU)")
+    assert cells[0][column] == "—"  # nginx: no event loop of ours to read
+    assert cells[1][column] == "51.20ms (46.08ms)"
+
+
+def test_more_requests_in_flight_than_connections_is_explained_as_wrks_correction() -> None:
+    _, notes = report.table_rows([row("nginx", 250.0), row("outrigger", 283.6, stall=0.3)])
+    [note] = notes
+    assert note.startswith("outrigger c=256: 283.6 requests in flight on average")
+    assert "coordinated omission" in note and "The 256-connection tail" in note
+
+
+def test_few_requests_in_flight_is_still_flagged() -> None:
+    _, notes = report.table_rows([row("nginx", 250.0), row("haproxy", 20.0)])
+    [note] = notes
+    assert note.startswith("haproxy c=256: only 20.0 requests in flight")
