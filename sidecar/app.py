@@ -76,7 +76,11 @@ class Sidecar:
         self.services = ServiceRegistry(on_event=self._policy_event)
         self.upstreams = Upstreams(services=self.services)
         self.router = Router(
-            self.services, self.upstreams.forward, Endpoint(*settings.app), settings.service
+            self.services,
+            self.upstreams.forward,
+            Endpoint(*settings.app),
+            settings.service,
+            forward_h2=self.upstreams.forward_h2,
         )
         self.outbound_state = ServerState(self.server_settings)
         self.inbound_state = ServerState(self.server_settings)
@@ -284,10 +288,12 @@ class Sidecar:
         self._drain_requested = asyncio.Event()
         books = TcpBooks(self.metrics, self.access_log if self.settings.access_log else None)
         sniff = SniffSettings(detect_timeout=self.settings.detect_timeout)
+        router = self.router
         traffic = (
-            ("outbound", self.settings.outbound, self.outbound_state, self.router.outbound),
-            ("inbound", self.settings.inbound, self.inbound_state, self.router.inbound),
+            ("outbound", self.settings.outbound, self.outbound_state, router.outbound),
+            ("inbound", self.settings.inbound, self.inbound_state, router.inbound),
         )
+        h2_routes = {"outbound": router.outbound_h2, "inbound": router.inbound_h2}
         for name, (host, port), state, route in traffic:
             listener = Listener(
                 ListenerSettings(name, sniff, self.settings.tcp_idle_timeout),
@@ -298,6 +304,7 @@ class Sidecar:
                 completed=self._completed(name),
                 observer=books,
                 destination_of=self.destination_of,
+                h2_route=h2_routes[name],
             )
             self.listeners[name] = listener
             await self._listen(name, addresses_to_bind(host, port), port, listener)

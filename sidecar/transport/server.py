@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from random import getrandbits as _getrandbits
-from typing import cast
+from typing import Protocol, cast
 
 from mesh.http import REASON_PHRASES
 from sidecar.config import Endpoint, ServiceConfig
@@ -91,12 +91,22 @@ Completed = Callable[[RequestHead | None, Decision | None, int, str, float, Requ
 IDLE, HEADERS, BODY, WAITING, TUNNEL = range(5)
 
 
+class Connection(Protocol):
+    """What the sweep and the drain ask of a downstream connection (HTTP/1.1 or HTTP/2)."""
+
+    def check_timeouts(self, now: float) -> None: ...
+
+    def close_when_idle(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
 class ServerState:
     """Every downstream connection of one listener group; time limits and graceful drain."""
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.connections: set[DownstreamProtocol] = set()
+        self.connections: set[Connection] = set()
         self.draining = False
         self.total_connections = 0
         self._sweeper: asyncio.Task[None] | None = None
@@ -105,11 +115,11 @@ class ServerState:
     def start(self) -> None:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
 
-    def add(self, conn: DownstreamProtocol) -> None:
+    def add(self, conn: Connection) -> None:
         self.connections.add(conn)
         self.total_connections += 1
 
-    def remove(self, conn: DownstreamProtocol) -> None:
+    def remove(self, conn: Connection) -> None:
         self.connections.discard(conn)
         if not self.connections and self._empty is not None:
             self._empty.set()

@@ -221,6 +221,13 @@ HONOURED_FIELDS: Final[tuple[tuple[str, str, str], ...]] = (
         "deprecated Cluster.common_http_protocol_options is read too",
     ),
     (
+        "Cluster",
+        "typed_extension_protocol_options[HttpProtocolOptions]"
+        ".explicit_http_config.http2_protocol_options",
+        "present: requests go to the endpoints over HTTP/2 (h2c, prior knowledge), multiplexed; "
+        "its settings are not read",
+    ),
+    (
         "ClusterLoadAssignment",
         "endpoints[].lb_endpoints[].endpoint.address.socket_address",
         "address and port_value of each endpoint of the lowest priority; UNHEALTHY, DRAINING "
@@ -688,13 +695,28 @@ def _lb_policy(cluster: Any) -> LbPolicy:
     return lb
 
 
-def _idle_timeout(cluster: Any) -> float:
+def _http_options(cluster: Any) -> Any:
+    """The Cluster's HttpProtocolOptions extension, or None."""
     packed = cluster.typed_extension_protocol_options.get(HTTP_PROTOCOL_OPTIONS)
-    if packed is not None:
-        options = http_protocol_options_pb2.HttpProtocolOptions()
+    if packed is None:
+        return None
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    if not packed.Unpack(options):
         field = f"typed_extension_protocol_options[{HTTP_PROTOCOL_OPTIONS}]"
-        if not packed.Unpack(options):
-            raise _fail("Cluster", cluster.name, field, "is not an HttpProtocolOptions")
+        raise _fail("Cluster", cluster.name, field, "is not an HttpProtocolOptions")
+    return options
+
+
+def _http2(cluster: Any) -> bool:
+    """The endpoints speak HTTP/2: explicit_http_config.http2_protocol_options is set."""
+    options = _http_options(cluster)
+    return options is not None and options.explicit_http_config.HasField("http2_protocol_options")
+
+
+def _idle_timeout(cluster: Any) -> float:
+    options = _http_options(cluster)
+    if options is not None:
+        field = f"typed_extension_protocol_options[{HTTP_PROTOCOL_OPTIONS}]"
         common = options.common_http_protocol_options
         if common.HasField("idle_timeout"):
             return _seconds(
@@ -871,6 +893,7 @@ def _service(
         timeout=timeout,
         connect_timeout=connect_timeout,
         idle_timeout=_idle_timeout(cluster),
+        http2=_http2(cluster),
         retry=retry,
         breaker=_breaker(cluster),
         lb=_lb_policy(cluster),

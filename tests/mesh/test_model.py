@@ -329,11 +329,12 @@ def test_addresses_and_calls() -> None:
 
 def test_protocol_is_declared_per_service_or_left_to_detection() -> None:
     assert parse_mesh(one_service(), "m.yaml").services[0].protocol is None
-    for name in ("http", "tcp", "tls"):
+    for name in ("http", "http2", "grpc", "tcp", "tls"):
         service = parse_mesh(one_service(protocol=name), "m.yaml").services[0]
         assert service.protocol == Protocol(name)
     assert error_of(one_service(protocol="h2")) == (
-        'mesh.yaml: service "payments": protocol: must be one of http, tcp, tls, got "h2"'
+        'mesh.yaml: service "payments": protocol: must be one of http, http2, grpc, tcp, tls, '
+        'got "h2"'
     )
 
 
