@@ -293,8 +293,9 @@ def retry_on_tokens(retries: Retries) -> list[str]:
     tokens = list(retries.retry_on)
     if retries.status_codes:
         tokens.append("retriable-status-codes")
-    if _GRPC_UNAVAILABLE_CONDITIONS.intersection(retries.retry_on) or (
-        _GRPC_UNAVAILABLE_CODES.intersection(retries.status_codes)
+    if "unavailable" not in tokens and (
+        _GRPC_UNAVAILABLE_CONDITIONS.intersection(retries.retry_on)
+        or _GRPC_UNAVAILABLE_CODES.intersection(retries.status_codes)
     ):
         tokens.append("unavailable")
     return tokens

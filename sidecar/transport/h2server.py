@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import cast
 
 import h2.config
@@ -39,18 +40,28 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 
 from sidecar.config import Endpoint
 from sidecar.exchange import DownstreamGone, Request, RequestBody, Response, Result
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.deadline import Timer, call_at
+from sidecar.policy.timeout import UpstreamTimeoutError
 from sidecar.protocol.events import RequestHead
+from sidecar.protocol.grpc import (
+    GRPC_CONTENT_TYPE,
+    GRPC_DEADLINE_EXCEEDED,
+    error_code,
+    grpc_status_of,
+    grpc_timeout,
+    is_grpc,
+    percent_encode,
+)
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream
 from sidecar.transport.server import (
     FLAGS_HEADER,
     MESH_HEADER_PREFIX,
     REQUEST_ID,
-    Completed,
     Decision,
     Dispatch,
     ServerState,
@@ -77,41 +88,25 @@ CONNECTION_SPECIFIC = frozenset(
     )
 )
 
-GRPC_CONTENT_TYPE = b"application/grpc"
-GRPC_UNAVAILABLE = 14
-GRPC_DEADLINE_EXCEEDED = 4
 
-
-def is_grpc(headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if name == b"content-type":
-            return value.startswith(GRPC_CONTENT_TYPE)
-    return False
+# Told when a stream ends, as `Completed` is, plus the call's gRPC status (None: not gRPC, or
+# the stream ended without one: reset).
+H2Completed = Callable[
+    [RequestHead, Decision | None, int, str, float, Request | None, int | None], None
+]
 
 
 def grpc_error_headers(error: ProxyError) -> list[tuple[bytes, bytes]]:
     """A trailers-only gRPC response for a local error: the flag in grpc-message and in
     x-outrigger-flags (a gRPC client cannot read an HTTP 503 page)."""
-    code = GRPC_DEADLINE_EXCEEDED if error.flag is Flag.UPSTREAM_TIMEOUT else GRPC_UNAVAILABLE
     message = f"{error.flag.value}: {error.detail}"
     return [
         (b":status", b"200"),
         (b"content-type", GRPC_CONTENT_TYPE),
-        (b"grpc-status", str(code).encode()),
-        (b"grpc-message", _percent_encode(message)),
+        (b"grpc-status", str(error_code(error.flag)).encode()),
+        (b"grpc-message", percent_encode(message)),
         (FLAGS_HEADER, error.flag.value.encode()),
     ]
-
-
-def _percent_encode(text: str) -> bytes:
-    """grpc-message is percent-encoded UTF-8 (gRPC over HTTP/2, "Responses")."""
-    out = bytearray()
-    for byte in text.encode("utf-8"):
-        if 0x20 <= byte <= 0x7E and byte != 0x25:
-            out.append(byte)
-        else:
-            out += b"%%%02X" % byte
-    return bytes(out)
 
 
 def h2_config(client_side: bool) -> h2.config.H2Configuration:
@@ -132,7 +127,7 @@ class H2DownstreamProtocol(asyncio.Protocol):
         self,
         state: ServerState,
         dispatch: Dispatch,
-        completed: Completed | None = None,
+        completed: H2Completed | None = None,
         request_ids: bool = True,
         destination: Endpoint | None = None,
     ) -> None:
@@ -147,6 +142,7 @@ class H2DownstreamProtocol(asyncio.Protocol):
         self.streams: dict[int, _Stream] = {}
         self.closed = False
         self.goaway_sent = False
+        self.goaway_last: int | None = None  # the last stream id our GOAWAY let in
         self.write_paused = False
         self.write_paused_at = 0.0
         self.idle_since = 0.0
@@ -252,6 +248,10 @@ class H2DownstreamProtocol(asyncio.Protocol):
 
     def _open(self, stream_id: int, raw: list[tuple[bytes, bytes]], ended: bool) -> _Stream | None:
         now = self.loop.time()
+        if self.goaway_last is not None and stream_id > self.goaway_last:
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return None
         method = path = authority = b""
         host = b""
         headers: list[tuple[bytes, bytes]] = []
@@ -361,9 +361,16 @@ class H2DownstreamProtocol(asyncio.Protocol):
         if self.closed:
             return
         if not self.goaway_sent:
+            # Written by hand: h2's close_connection moves its state machine to CLOSED, after
+            # which the open streams could send nothing more. The GOAWAY names the last stream
+            # we took; later ones are refused (REFUSED_STREAM: the client may retry them).
             self.goaway_sent = True
-            self.h2.close_connection(h2.errors.ErrorCodes.NO_ERROR)
             self._flush()
+            frame = hyperframe.frame.GoAwayFrame(0)
+            frame.last_stream_id = self.goaway_last = self.h2.highest_inbound_stream_id
+            frame.error_code = h2.errors.ErrorCodes.NO_ERROR
+            if self.transport is not None:
+                self.transport.write(frame.serialize())
         if not self.streams:
             self._close()
 
@@ -392,6 +399,7 @@ class _Stream:
         "error",
         "flags",
         "grpc",
+        "grpc_status",
         "head",
         "paused",
         "replied",
@@ -415,6 +423,7 @@ class _Stream:
         self.head = head
         self.start = start
         self.grpc = grpc
+        self.grpc_status: int | None = None  # the call's, once known
         self.decision: Decision | None = None
         self.request: Request | None = None
         self.error: ProxyError | None = None
@@ -439,12 +448,26 @@ class _Stream:
             assert error is not None
             self(error)
             return
+        if self.grpc:
+            self._grpc_deadline(request)
         try:
             decision.handler(request, self)
         except Exception:
             log.exception("unexpected error serving %r", self.head.path)
             if not self.replied:
                 self(ProxyError(Flag.UPSTREAM_PROTOCOL_ERROR, "internal error", 500))
+
+    def _grpc_deadline(self, request: Request) -> None:
+        """The call's grpc-timeout bounds it like a route timeout (the shorter one wins: the
+        total timeout takes the earlier deadline), and ends it with DEADLINE_EXCEEDED."""
+        value = request.header(b"grpc-timeout")
+        timeout = grpc_timeout(value) if value is not None else None
+        if timeout is None:
+            return
+        deadline = self.conn.loop.time() + timeout
+        if request.deadline is None or deadline < request.deadline:
+            request.deadline = deadline
+        self._timer = call_at(deadline, self._deadline_passed)
 
     def received(self, data: bytes, flow: int) -> None:
         body = self.body
@@ -536,7 +559,9 @@ class _Stream:
         self.flags = error.flag.value
         if self.grpc:
             self.status = 200
-            h2conn.send_headers(self.stream_id, grpc_error_headers(error), end_stream=True)
+            headers = grpc_error_headers(error)
+            self.grpc_status = grpc_status_of(headers)
+            h2conn.send_headers(self.stream_id, headers, end_stream=True)
         else:
             status, flag, text = local_response(error)
             self.status = status
@@ -575,12 +600,14 @@ class _Stream:
         if not send_body:
             if response.has_body:
                 response.discard()
+            self.grpc_status = grpc_status_of(headers)
             h2conn.send_headers(self.stream_id, headers, end_stream=True)
             self.finish()
             return
         body = response.body
         data = body.whole()
         if data is not None and not data and getattr(body, "trailers", None) is None:
+            self.grpc_status = grpc_status_of(headers)
             h2conn.send_headers(self.stream_id, headers, end_stream=True)  # gRPC trailers-only
             self.finish()
             return
@@ -630,8 +657,12 @@ class _Stream:
         conn._flush()
         body.notify(self.pump)
         deadline = self.request.deadline if self.request is not None else None
-        if deadline is not None and self._timer is None:
-            self._timer = call_at(deadline, self._deadline_passed)
+        if deadline is not None:
+            timer = self._timer
+            if timer is None or deadline < timer.when:
+                if timer is not None:
+                    timer.cancel()
+                self._timer = call_at(deadline, self._deadline_passed)
 
     def _send_outbound(self, *, end: bool) -> bool:
         """Send `_outbound` as far as the windows allow; with `end`, then the trailers or
@@ -656,6 +687,7 @@ class _Stream:
         if end:
             trailers = self._trailers
             if trailers:
+                self.grpc_status = grpc_status_of(trailers)
                 h2conn.send_headers(
                     stream_id,
                     [(n, v) for n, v in trailers if n not in CONNECTION_SPECIFIC],
@@ -668,11 +700,31 @@ class _Stream:
         return True
 
     def _deadline_passed(self) -> None:
+        """The request's deadline (route timeout or grpc-timeout) passed."""
         self._timer = None
-        if self.done or self.response is None:
+        if self.done:
             return
+        error = UpstreamTimeoutError("the request's deadline passed")
+        if not self.replied:
+            request = self.request
+            if request is None or not request.interrupt(error, end=True):
+                self(error)  # nothing interruptible waited: answer now, drop what comes later
+            return
+        response = self.response
+        if response is not None:
+            response.discard()
         self.flags = Flag.UPSTREAM_TIMEOUT.value
-        self.response.discard()
+        if self.grpc and not self.conn.closed:
+            # Mid-response: the call ends with DEADLINE_EXCEEDED in the trailers.
+            self._outbound = b""
+            self.grpc_status = GRPC_DEADLINE_EXCEEDED
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                self.conn.h2.send_headers(
+                    self.stream_id, grpc_error_headers(error)[2:], end_stream=True
+                )
+            self.conn._flush()
+            self.finish()
+            return
         self._reset(h2.errors.ErrorCodes.CANCEL)
 
     def _reset(self, code: h2.errors.ErrorCodes) -> None:
@@ -694,7 +746,13 @@ class _Stream:
         conn = self.conn
         if conn.completed is not None:
             conn.completed(
-                self.head, self.decision, self.status, self.flags, self.start, self.request
+                self.head,
+                self.decision,
+                self.status,
+                self.flags,
+                self.start,
+                self.request,
+                self.grpc_status if self.grpc else None,
             )
         conn.stream_done(self)
 

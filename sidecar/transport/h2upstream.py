@@ -49,6 +49,7 @@ from sidecar.transport.h2server import CONNECTION_SPECIFIC, h2_config
 log = logging.getLogger("outrigger.h2.upstream")
 
 _SCHEME = b"http"
+MAX_REFUSED = 2  # times one request is sent again after a refusal (then: 503 UC)
 
 
 class H2Body(BodyStream):
@@ -438,7 +439,13 @@ class _UpStream:
         self._done()
         if reply is None or req is None:
             return
-        if not req.ended and req.body.replayable and self.task is None:
+        if (
+            not req.ended
+            and req.body.replayable
+            and self.task is None
+            and req.flags.count(Flag.UPSTREAM_RESET) < MAX_REFUSED
+        ):
+            req.flags.append(Flag.UPSTREAM_RESET)  # a retried UC, as the retry layer notes it
             self.reply = None
             req.on_interrupt = None
             self.conn.pool.again(req, self.conn.endpoint, reply)

@@ -154,8 +154,9 @@ HONOURED_FIELDS: Final[tuple[tuple[str, str, str], ...]] = (
         "Route",
         "route.retry_policy.retry_on",
         "connect-failure, reset, gateway-error, 5xx, retriable-4xx, retriable-status-codes; "
-        "gRPC conditions (unavailable, cancelled, deadline-exceeded, internal, "
-        "resource-exhausted) are accepted and ignored (HTTP/1.1 only); others are refused",
+        "the gRPC conditions unavailable, cancelled, deadline-exceeded, internal, "
+        "resource-exhausted (a trailers-only answer's grpc-status, HTTP/2 clusters only); "
+        "others are refused",
     ),
     (
         "Route",
@@ -570,12 +571,14 @@ def _retry_policy(
     codes: frozenset[int] = frozenset()
     tokens = [t.strip() for t in policy.retry_on.split(",") if t.strip()]
     for token in tokens:
-        if token in _HTTP_RETRY_ON:
+        if token in _HTTP_RETRY_ON or token in _GRPC_RETRY_ON:
             conditions.add(token)
         elif token == "retriable-status-codes":
             codes = frozenset(int(code) for code in policy.retriable_status_codes)
-        elif token not in _GRPC_RETRY_ON:
-            supported = ", ".join(sorted(_HTTP_RETRY_ON | {"retriable-status-codes"}))
+        else:
+            supported = ", ".join(
+                sorted(_HTTP_RETRY_ON | _GRPC_RETRY_ON | {"retriable-status-codes"})
+            )
             raise _fail(
                 kind,
                 name,

@@ -165,8 +165,9 @@ def test_unknown_top_level_key() -> None:
         (
             with_policy(retries={"attempts": 1, "retry_on": ["connect-failure", "teapot"]}),
             'mesh.yaml: service "payments": policy.retries.retry_on[1]: must be one of '
-            "connect-failure, reset, gateway-error, 5xx, retriable-4xx or a 3-digit HTTP status "
-            'code (e.g. "503"), got "teapot"',
+            "connect-failure, reset, gateway-error, 5xx, retriable-4xx, cancelled, "
+            "deadline-exceeded, internal, resource-exhausted, unavailable or a 3-digit HTTP "
+            'status code (e.g. "503"), got "teapot"',
         ),
         (
             with_policy(retries={"attempts": 1, "retry_on": [99]}),

@@ -7,6 +7,7 @@ can be told to fail the next N calls with a status (for retries and breakers).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -69,6 +70,30 @@ class EchoServer:
         async for message in requests:
             yield message.upper()
 
+    async def slow(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Answers after `request` seconds."""
+        await self._seen("Slow", context)
+        await asyncio.sleep(float(request))
+        return b"late"
+
+    async def ticks(
+        self, request: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """`count:interval`: count messages, interval seconds apart."""
+        await self._seen("Ticks", context)
+        count, interval = request.split(b":")
+        for i in range(int(count)):
+            await asyncio.sleep(float(interval))
+            yield b"tick %d" % i
+
+    async def one_then_unavailable(
+        self, request: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """One message, then UNAVAILABLE in the trailers (not trailers-only)."""
+        await self._seen("OneThenUnavailable", context)
+        yield b"first"
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "gone after one message")
+
     async def start(self) -> EchoServer:
         handler = grpc.method_handlers_generic_handler(
             SERVICE,
@@ -77,6 +102,11 @@ class EchoServer:
                 "ServerStream": grpc.unary_stream_rpc_method_handler(self.server_stream),
                 "ClientStream": grpc.stream_unary_rpc_method_handler(self.client_stream),
                 "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
+                "Slow": grpc.unary_unary_rpc_method_handler(self.slow),
+                "Ticks": grpc.unary_stream_rpc_method_handler(self.ticks),
+                "OneThenUnavailable": grpc.unary_stream_rpc_method_handler(
+                    self.one_then_unavailable
+                ),
             },
         )
         options = [

@@ -13,10 +13,15 @@ from typing import Any
 
 import grpc
 import grpc.aio
+import h2.config
+import h2.connection
+import h2.events
+import httpx
 import pytest
 
+from sidecar.transport.server import ServerSettings
 from tests.sidecar.grpc_fixtures import EchoServer, channel, echo_server
-from tests.sidecar.proxy_fixtures import SidecarProcess
+from tests.sidecar.proxy_fixtures import SidecarProcess, running_sidecar
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -158,3 +163,235 @@ async def test_many_concurrent_calls_share_one_connection(tmp_path: Path) -> Non
         results = await asyncio.gather(*(unary(b"%d" % i, timeout=20) for i in range(200)))
         assert results == [(b"%d" % i)[::-1] for i in range(200)]
     assert len(server.calls) == 200
+
+
+# --- gRPC-aware errors and timeouts ------------------------------------------------------------
+
+
+def trailing(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    return {k: v for k, v in error.trailing_metadata() or () if isinstance(v, str)}
+
+
+async def test_no_route_is_unavailable_with_the_flag_not_an_http_page(tmp_path: Path) -> None:
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server) as (outbound, _),
+        channel(target(outbound), "nowhere:50051") as ch,
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await ch.unary_unary("/test.Echo/Unary")(b"x", timeout=10)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (failed.value.details() or "").startswith("NR: ")
+    assert trailing(failed.value)["x-outrigger-flags"] == "NR"
+    assert server.calls == []
+
+
+async def test_connect_failure_is_unavailable_uf(tmp_path: Path) -> None:
+    async with echo_server() as server:
+        await server.server.stop(grace=None)  # type: ignore[union-attr]
+        async with (
+            two_sidecars(tmp_path, server) as (outbound, _),
+            channel(target(outbound), AUTHORITY) as ch,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await ch.unary_unary("/test.Echo/Unary")(b"x", timeout=10)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    # The server's sidecar could not reach its app (UF); the client's passes that answer on.
+    assert trailing(failed.value)["x-outrigger-flags"] == "UF"
+
+
+async def test_route_timeout_is_deadline_exceeded_ut(tmp_path: Path) -> None:
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server, policy={"timeout": "300ms"}) as (outbound, _),
+        channel(target(outbound), AUTHORITY) as ch,
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await ch.unary_unary("/test.Echo/Slow")(b"3", timeout=10)
+    assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert (failed.value.details() or "").startswith("UT: ")
+    assert trailing(failed.value)["x-outrigger-flags"] == "UT"
+
+
+async def test_grpc_timeout_bounds_the_call_in_the_sidecar(tmp_path: Path) -> None:
+    """A client that sends grpc-timeout but enforces no deadline itself (a raw HTTP/2 client):
+    the sidecar ends the call with DEADLINE_EXCEEDED at the grpc-timeout, well before the
+    route's own 5 s timeout and the app's 3 s answer."""
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server, policy={"timeout": "5s"}) as (outbound, _),
+    ):
+        host, port = outbound.addresses["outbound"]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        headers, trailers = await raw_grpc_call(
+            host, port, "/test.Echo/Slow", b"3", [(b"grpc-timeout", b"300m")]
+        )
+        elapsed = loop.time() - started
+    assert dict(headers)[b":status"] == b"200"
+    assert dict(trailers)[b"grpc-status"] == b"4"
+    assert dict(trailers)[b"x-outrigger-flags"] == b"UT"
+    assert 0.25 < elapsed < 2.5
+
+
+async def raw_grpc_call(
+    host: str, port: int, path: str, message: bytes, extra: list[tuple[bytes, bytes]]
+) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+    """One unary gRPC call written with h2 by hand; (response headers, trailers). A
+    trailers-only answer comes back as headers with no trailers: then both are the same."""
+    reader, writer = await asyncio.open_connection(host, port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+    conn.initiate_connection()
+    conn.send_headers(
+        1,
+        [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":authority", AUTHORITY.encode()),
+            (b":path", path.encode()),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+            *extra,
+        ],
+    )
+    conn.send_data(1, b"\x00" + len(message).to_bytes(4, "big") + message, end_stream=True)
+    writer.write(conn.data_to_send())
+    headers: list[tuple[bytes, bytes]] = []
+    trailers: list[tuple[bytes, bytes]] = []
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                data = await reader.read(65536)
+                assert data, "the sidecar closed the connection"
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        headers = list(event.headers)  # type: ignore[arg-type]
+                    elif isinstance(event, h2.events.TrailersReceived):
+                        trailers = list(event.headers)  # type: ignore[arg-type]
+                    elif isinstance(event, h2.events.StreamEnded):
+                        return headers, trailers or headers
+                writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+
+
+async def test_drain_sends_goaway_and_lets_an_open_stream_finish(tmp_path: Path) -> None:
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server) as (outbound, _),
+        channel(target(outbound), AUTHORITY) as ch,
+    ):
+        call = ch.unary_stream("/test.Echo/Ticks")(b"6:0.2", timeout=15)
+        got = [await call.read()]
+        outbound.terminate()  # SIGTERM: drain
+        while (message := await call.read()) is not grpc.aio.EOF:
+            got.append(message)
+        assert got == [b"tick %d" % i for i in range(6)]
+        assert await call.code() == grpc.StatusCode.OK
+        assert await outbound.wait(10) == 0
+
+
+async def test_grpc_calls_are_counted_by_grpc_status(tmp_path: Path) -> None:
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server) as (outbound, _),
+        channel(target(outbound), AUTHORITY) as ch,
+    ):
+        unary = ch.unary_unary("/test.Echo/Unary")
+        assert await unary(b"ab", timeout=10) == b"ba"
+        server.fail_next.append(grpc.StatusCode.NOT_FOUND)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await unary(b"ab", timeout=10)
+        async with httpx.AsyncClient() as client:
+            page = (await client.get(outbound.url("admin", "/stats/prometheus"))).text
+    counts = {
+        line.split("grpc_status=")[1].split('"')[1]: line.rsplit(" ", 1)[1]
+        for line in page.splitlines()
+        if line.startswith("outrigger_grpc_calls_total") and 'destination="echo"' in line
+    }
+    assert counts == {"0": "1.0", "5": "1.0"}  # OK once, NOT_FOUND once
+
+
+# --- retries and breakers on gRPC status -------------------------------------------------------
+
+
+async def test_unavailable_is_retried_and_the_app_sees_the_call_twice(tmp_path: Path) -> None:
+    retries = {"attempts": 2, "retry_on": ["unavailable"]}
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server, policy={"retries": retries}) as (outbound, _),
+        channel(target(outbound), AUTHORITY) as ch,
+    ):
+        server.fail_next.append(grpc.StatusCode.UNAVAILABLE)
+        assert await ch.unary_unary("/test.Echo/Unary")(b"abc", timeout=10) == b"cba"
+        # A status not asked for is the call's answer, not retried.
+        server.fail_next.append(grpc.StatusCode.NOT_FOUND)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await ch.unary_unary("/test.Echo/Unary")(b"abc", timeout=10)
+        assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+    assert [name for name, _ in server.calls] == ["Unary", "Unary", "Unary"]
+
+
+async def test_no_retry_once_a_message_was_forwarded(tmp_path: Path) -> None:
+    retries = {"attempts": 2, "retry_on": ["unavailable"]}
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server, policy={"retries": retries}) as (outbound, _),
+        channel(target(outbound), AUTHORITY) as ch,
+    ):
+        call = ch.unary_stream("/test.Echo/OneThenUnavailable")(b"x", timeout=10)
+        assert await call.read() == b"first"
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await call.read()
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(server.calls) == 1
+
+
+async def test_breaker_ejects_an_endpoint_answering_unavailable(tmp_path: Path) -> None:
+    async with echo_server() as bad, echo_server() as good:
+        bad.fail_next.extend([grpc.StatusCode.UNAVAILABLE] * 50)
+        mesh = grpc_mesh(bad.address, policy={"circuit_breaker": {"consecutive_failures": 2}})
+        mesh["services"][0]["endpoints"].append(good.address)
+        proc = await SidecarProcess.spawn(tmp_path, mesh)
+        try:
+            async with channel(target(proc), AUTHORITY) as ch:
+                unary = ch.unary_unary("/test.Echo/Unary")
+                codes = []
+                for _ in range(12):
+                    try:
+                        await unary(b"x", timeout=10)
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.aio.AioRpcError as error:
+                        codes.append(error.code())
+        finally:
+            await proc.stop()
+    # Round robin: the bad endpoint answers UNAVAILABLE twice, then it is ejected and every
+    # call goes to the good one.
+    assert len(bad.calls) == 2
+    assert codes.count(grpc.StatusCode.UNAVAILABLE) == 2
+    assert codes[-8:] == [grpc.StatusCode.OK] * 8
+    assert len(good.calls) == 10
+
+
+async def test_long_streams_are_not_cut_by_the_http1_timers() -> None:
+    """A bidi stream whose client pauses longer than the HTTP/1.1 body, header and idle
+    timeouts, and a server stream that outlasts them, both complete."""
+    short = ServerSettings(header_timeout=0.3, idle_timeout=0.3, body_timeout=0.3)
+    async with echo_server() as server:
+        doc = {
+            "services": [
+                {"name": "echo", "port": 50051, "protocol": "grpc", "endpoints": [server.address]}
+            ]
+        }
+        async with running_sidecar(doc, server=short) as sidecar:
+            host, port = sidecar.addresses["outbound"]
+            async with channel(f"{host}:{port}", AUTHORITY) as ch:
+                call = ch.stream_stream("/test.Echo/Bidi")(timeout=10)
+                for i in range(3):
+                    await call.write(b"slow %d" % i)
+                    assert await call.read() == b"SLOW %d" % i
+                    await asyncio.sleep(0.8)  # past every HTTP/1.1 timer, twice a sweep
+                await call.done_writing()
+                assert await call.code() == grpc.StatusCode.OK
+                ticks = ch.unary_stream("/test.Echo/Ticks")(b"4:0.5", timeout=10)
+                assert [m async for m in ticks] == [b"tick %d" % i for i in range(4)]
