@@ -61,6 +61,9 @@ class Listener(Protocol):
     @property
     def total_connections(self) -> int: ...  # accepted since start
 
+    @property
+    def h2_refused(self) -> Mapping[str, int]: ...  # HTTP/2 connections closed, by reason
+
 
 class _Histogram:
     __slots__ = ("counts", "total")
@@ -230,6 +233,18 @@ class _MetricsCollector(Collector):
             "grpc-status they ended with (the upstream's, or the sidecar's own for a local error).",
             ["direction", "source", "destination", "grpc_status"],
             m.grpc_calls().items(),
+        )
+
+        yield _counter(
+            "outrigger_h2_refused",
+            "HTTP/2 client connections closed for breaking a hardening rule, by listener and "
+            "reason (docs/hardening.md rules 12-17).",
+            ["listener", "reason"],
+            [
+                ((name, reason), count)
+                for name, listener in m.listeners.items()
+                for reason, count in listener.h2_refused.items()
+            ],
         )
 
         yield _histogram(

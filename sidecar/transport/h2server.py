@@ -147,6 +147,10 @@ class H2DownstreamProtocol(asyncio.Protocol):
         self.write_paused_at = 0.0
         self.idle_since = 0.0
         self.last_activity = 0.0
+        self.limits = state.settings.h2
+        # What the client did in the current window (docs/hardening.md rules 15-16)
+        self.window_start = self.loop.time()
+        self.resets = self.control_frames = self.empty_frames = 0
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -157,7 +161,7 @@ class H2DownstreamProtocol(asyncio.Protocol):
         self.h2.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 128,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.limits.max_concurrent_streams,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: (
                     self.state.settings.limits.max_header_bytes
                 ),
@@ -173,13 +177,14 @@ class H2DownstreamProtocol(asyncio.Protocol):
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            log.info("HTTP/2 protocol error from the client: %s", exc)
-            self._flush()  # h2 queued the GOAWAY
-            self._close()
+            # h2 queued the GOAWAY (docs/hardening.md rules 12-14, 17)
+            self._refuse(_refusal(exc), str(exc))
             return
         started: list[_Stream] = []
         for event in events:
             kind = type(event)
+            if kind in _BUDGETED and self._over_budget(event):
+                return
             if kind is h2.events.DataReceived:
                 event = cast(h2.events.DataReceived, event)
                 stream = self.streams.get(event.stream_id)
@@ -243,6 +248,47 @@ class H2DownstreamProtocol(asyncio.Protocol):
         for stream in list(self.streams.values()):
             stream.pump()
         self._flush()
+
+    # --- hardening ---------------------------------------------------------------------
+
+    def _over_budget(self, event: h2.events.Event) -> bool:
+        """Count what the client does that costs us work but carries no request (rules 15,
+        16); past a budget, GOAWAY ENHANCE_YOUR_CALM and close."""
+        limits = self.limits
+        now = self.loop.time()
+        if now - self.window_start > limits.window:
+            self.window_start = now
+            self.resets = self.control_frames = self.empty_frames = 0
+        kind = type(event)
+        if kind is h2.events.StreamReset:
+            self.resets += 1
+            if self.resets <= limits.max_resets:
+                return False
+            reason = "rapid_reset"
+        elif kind is h2.events.DataReceived:
+            data = cast(h2.events.DataReceived, event)
+            if data.flow_controlled_length or data.stream_ended is not None:
+                return False
+            self.empty_frames += 1
+            if self.empty_frames <= limits.max_empty_frames:
+                return False
+            reason = "empty_frames"
+        else:  # PING, SETTINGS, SETTINGS ACK
+            self.control_frames += 1
+            if self.control_frames <= limits.max_control_frames:
+                return False
+            reason = "control_flood"
+        self.h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        self._refuse(reason, f"more than the budget of {reason} in {limits.window}s")
+        return True
+
+    def _refuse(self, reason: str, detail: str) -> None:
+        """Close the connection after its GOAWAY, and count it (docs/hardening.md)."""
+        log.info("HTTP/2 client connection closed (%s): %s", reason, detail)
+        refused = self.state.h2_refused
+        refused[reason] = refused.get(reason, 0) + 1
+        self._flush()
+        self._close()
 
     # --- streams -------------------------------------------------------------------------
 
@@ -382,6 +428,29 @@ class H2DownstreamProtocol(asyncio.Protocol):
 
 def _nothing() -> None:
     return None
+
+
+# Events counted against the connection's budgets (H2Limits).
+_BUDGETED = frozenset(
+    (
+        h2.events.StreamReset,
+        h2.events.DataReceived,
+        h2.events.PingReceived,
+        h2.events.RemoteSettingsChanged,
+        h2.events.SettingsAcknowledged,
+    )
+)
+
+
+def _refusal(exc: h2.exceptions.ProtocolError) -> str:
+    """The metric's reason for a protocol error h2 refused the connection with."""
+    if isinstance(exc, h2.exceptions.TooManyStreamsError):
+        return "streams"  # rule 12
+    if isinstance(exc, h2.exceptions.DenialOfServiceError):
+        return "headers"  # rule 13: header list or HPACK decoded size over the limit
+    if "continuation" in str(exc).lower():
+        return "continuation"  # rule 14
+    return "protocol"  # rule 17: invalid preface, frames, pseudo or connection headers
 
 
 class _Stream:

@@ -40,7 +40,7 @@ from sidecar.flags import Flag, ProxyError
 from sidecar.policy.deadline import Timer, call_at
 from sidecar.protocol import serialize
 from sidecar.protocol.events import Data, EndOfMessage, Reject, RequestEvent, RequestHead
-from sidecar.protocol.limits import Limits
+from sidecar.protocol.limits import H2Limits, Limits
 from sidecar.protocol.request import RequestParser
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream
 from sidecar.transport.flow import WriteFlow
@@ -67,6 +67,7 @@ class ServerSettings:
     # (Envoy's stream_idle_timeout, which also applies to upgraded streams; its default).
     stream_idle_timeout: float = 300.0
     retry_buffer: int = 64 * 1024  # request bodies up to this size are kept for retries
+    h2: H2Limits = field(default_factory=H2Limits)  # HTTP/2 connections (h2server.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +110,8 @@ class ServerState:
         self.connections: set[Connection] = set()
         self.draining = False
         self.total_connections = 0
+        # HTTP/2 connections closed for breaking a rule of docs/hardening.md, by reason
+        self.h2_refused: dict[str, int] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._empty: asyncio.Event | None = None
 
