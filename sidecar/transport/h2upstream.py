@@ -44,6 +44,7 @@ from sidecar.exchange import (
 )
 from sidecar.flags import Flag, ProxyError
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream
+from sidecar.transport.connect import UpstreamError, connect_within
 from sidecar.transport.h2server import CONNECTION_SPECIFIC, h2_config
 
 log = logging.getLogger("outrigger.h2.upstream")
@@ -68,10 +69,6 @@ class H2Body(BodyStream):
         self.trailers: list[tuple[bytes, bytes]] | None = None
 
 
-class H2UpstreamError(ProxyError):
-    """An HTTP/2 exchange with an upstream failed."""
-
-
 class H2UpstreamConnection(asyncio.Protocol):
     """One HTTP/2 connection to an endpoint, carrying many exchanges at once."""
 
@@ -83,6 +80,8 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.streams: dict[int, _UpStream] = {}
         self.closed = False
         self.going_away = False  # GOAWAY received (or sent): no new streams here
+        # Resolved by the peer's first SETTINGS (its stream limit), or by the connection's end
+        self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.write_paused = False
         self.idle_since = pool.clock()
         # Closed after this long without a stream: the idle_timeout of the service it served last.
@@ -152,6 +151,8 @@ class H2UpstreamConnection(asyncio.Protocol):
                 for stream in targets:
                     stream.window_opened()
             elif kind is h2.events.RemoteSettingsChanged:
+                if not self.settled.done():
+                    self.settled.set_result(None)
                 for stream in list(self.streams.values()):
                     stream.window_opened()
             elif kind is h2.events.ConnectionTerminated:
@@ -163,6 +164,8 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if not self.settled.done():
+            self.settled.set_result(None)
         self.pool.forget(self)
         reason = (
             f"{self.endpoint} closed the HTTP/2 connection"
@@ -348,9 +351,7 @@ class _UpStream:
         except BodyNotReplayable:
             self._reset_stream(h2.errors.ErrorCodes.CANCEL)
             self._answer(
-                H2UpstreamError(
-                    Flag.UPSTREAM_RESET, "the streamed request body cannot be sent again"
-                )
+                UpstreamError(Flag.UPSTREAM_RESET, "the streamed request body cannot be sent again")
             )
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             pass  # the stream ended meanwhile (reset, or the response came and went)
@@ -450,14 +451,14 @@ class _UpStream:
             req.on_interrupt = None
             self.conn.pool.again(req, self.conn.endpoint, reply)
             return
-        self._answer(H2UpstreamError(Flag.UPSTREAM_RESET, reason))
+        self._answer(UpstreamError(Flag.UPSTREAM_RESET, reason))
 
     def lost(self, reason: str, flag: Flag) -> None:
         body = self.body
         self._done()
         if body is not None:
             body.fail(BodyReset(reason))
-        self._answer(H2UpstreamError(flag, reason))
+        self._answer(UpstreamError(flag, reason))
 
     def _answer(self, result: Response | ProxyError) -> None:
         reply, self.reply = self.reply, None
@@ -511,38 +512,43 @@ class H2Pool:
         return None
 
     async def open(self, connect_timeout: float) -> H2UpstreamConnection:
-        """A connection with a free stream: one being opened already when it has room for
-        this request too (requests arriving together share it), else a new one."""
-        opening = self._opening
-        if opening is not None:
-            with contextlib.suppress(ProxyError):
-                conn = await asyncio.shield(opening)
-                if conn.capacity > 0:
-                    return conn
+        """A connection with a free stream: the one being opened when it has room for this
+        request too (requests arriving together share it), else a new one."""
+        while (opening := self._opening) is not None:
+            conn = await asyncio.shield(opening)  # its failure is this request's too (UF)
+            if conn.capacity > 0:
+                return conn
+            if self._opening is opening:
+                break  # it is full (or closed), and nobody opened another meanwhile
         opening = self._opening = asyncio.get_running_loop().create_task(
             self._connect(connect_timeout)
         )
-        try:
-            return await asyncio.shield(opening)
-        finally:
-            if self._opening is opening:
-                self._opening = None
+        opening.add_done_callback(self._opened)
+        return await asyncio.shield(opening)
+
+    def _opened(self, opening: asyncio.Task[H2UpstreamConnection]) -> None:
+        if self._opening is opening and (opening.cancelled() or opening.exception() is not None):
+            self._opening = None  # a failed connect is not waited for again
 
     async def _connect(self, connect_timeout: float) -> H2UpstreamConnection:
-        endpoint = self.endpoint
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + connect_timeout
+        protocol = await connect_within(
+            loop.create_connection,
+            lambda: H2UpstreamConnection(self),
+            self.endpoint,
+            connect_timeout,
+        )
+        # Streams wait for the peer's SETTINGS: until then its stream limit is unknown, and
+        # streams past it would be refused (and sent again elsewhere).
         try:
-            async with asyncio.timeout(connect_timeout):
-                _, protocol = await asyncio.get_running_loop().create_connection(
-                    lambda: H2UpstreamConnection(self), endpoint.host, endpoint.port
-                )
+            async with asyncio.timeout_at(deadline):
+                await asyncio.shield(protocol.settled)
         except TimeoutError:
-            raise H2UpstreamError(
+            protocol.abort()
+            raise UpstreamError(
                 Flag.UPSTREAM_CONNECT_FAILURE,
-                f"connect to {endpoint} timed out after {connect_timeout:g}s",
-            ) from None
-        except OSError as exc:
-            raise H2UpstreamError(
-                Flag.UPSTREAM_CONNECT_FAILURE, f"connect to {endpoint} failed: {exc.strerror}"
+                f"{self.endpoint} sent no HTTP/2 SETTINGS within {connect_timeout:g}s",
             ) from None
         if not protocol.closed:
             self.connections.append(protocol)

@@ -39,6 +39,7 @@ from sidecar.protocol import serialize
 from sidecar.protocol.events import Data, EndOfMessage, Reject, ResponseEvent, ResponseHead
 from sidecar.protocol.response import ResponseParser
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream, BytesBody
+from sidecar.transport.connect import UpstreamError, connect_within
 from sidecar.transport.flow import WriteFlow
 from sidecar.transport.h2upstream import H2Pool
 
@@ -47,10 +48,6 @@ log = logging.getLogger("outrigger.upstream")
 # A body in hand up to this size is written with its head in one buffer; a larger one with
 # writelines (no copy of the body).
 _JOIN_LIMIT = 64 * 1024
-
-
-class UpstreamError(ProxyError):
-    """Connecting to, or exchanging with, an upstream endpoint failed."""
 
 
 class UpstreamConnection(WriteFlow, asyncio.Protocol):
@@ -439,19 +436,9 @@ class EndpointPool:
         """A new connection, ready for one exchange."""
         self.connecting += 1
         try:
-            async with asyncio.timeout(connect_timeout):
-                _, protocol = await self.connect(
-                    lambda: UpstreamConnection(self), self.endpoint.host, self.endpoint.port
-                )
-        except TimeoutError:
-            raise UpstreamError(
-                Flag.UPSTREAM_CONNECT_FAILURE,
-                f"connect to {self.endpoint} timed out after {connect_timeout:g}s",
-            ) from None
-        except OSError as exc:
-            raise UpstreamError(
-                Flag.UPSTREAM_CONNECT_FAILURE, f"connect to {self.endpoint} failed: {exc.strerror}"
-            ) from None
+            protocol = await connect_within(
+                self.connect, lambda: UpstreamConnection(self), self.endpoint, connect_timeout
+            )
         finally:
             self.connecting -= 1
         if not protocol.closed:

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
+import h2.config
+import h2.connection
+import h2.events
 
 SERVICE = "test.Echo"
 
@@ -94,7 +97,7 @@ class EchoServer:
         yield b"first"
         await context.abort(grpc.StatusCode.UNAVAILABLE, "gone after one message")
 
-    async def start(self) -> EchoServer:
+    async def start(self, max_streams: int | None = None) -> EchoServer:
         handler = grpc.method_handlers_generic_handler(
             SERVICE,
             {
@@ -113,6 +116,8 @@ class EchoServer:
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ]
+        if max_streams is not None:
+            options.append(("grpc.max_concurrent_streams", max_streams))
         self.server = grpc.aio.server(options=options)
         self.server.add_generic_rpc_handlers((handler,))
         self.port = self.server.add_insecure_port("127.0.0.1:0")
@@ -121,8 +126,9 @@ class EchoServer:
 
 
 @contextlib.asynccontextmanager
-async def echo_server() -> AsyncIterator[EchoServer]:
-    server = await EchoServer().start()
+async def echo_server(max_streams: int | None = None) -> AsyncIterator[EchoServer]:
+    """`max_streams`: the server's SETTINGS_MAX_CONCURRENT_STREAMS."""
+    server = await EchoServer().start(max_streams)
     try:
         yield server
     finally:
@@ -142,3 +148,49 @@ async def channel(target: str, authority: str) -> AsyncIterator[grpc.aio.Channel
     ]
     async with grpc.aio.insecure_channel(target, options=options) as ch:
         yield ch
+
+
+async def raw_grpc_call(
+    host: str,
+    port: int,
+    authority: bytes,
+    path: str,
+    message: bytes,
+    extra: list[tuple[bytes, bytes]],
+) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+    """One unary gRPC call written with h2 by hand; (response headers, trailers). A
+    trailers-only answer comes back as headers with no trailers: then both are the same."""
+    reader, writer = await asyncio.open_connection(host, port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+    conn.initiate_connection()
+    conn.send_headers(
+        1,
+        [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":authority", authority),
+            (b":path", path.encode()),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+            *extra,
+        ],
+    )
+    conn.send_data(1, b"\x00" + len(message).to_bytes(4, "big") + message, end_stream=True)
+    writer.write(conn.data_to_send())
+    headers: list[tuple[bytes, bytes]] = []
+    trailers: list[tuple[bytes, bytes]] = []
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                data = await reader.read(65536)
+                assert data, "the sidecar closed the connection"
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        headers = list(event.headers)  # type: ignore[arg-type]
+                    elif isinstance(event, h2.events.TrailersReceived):
+                        trailers = list(event.headers)  # type: ignore[arg-type]
+                    elif isinstance(event, h2.events.StreamEnded):
+                        return headers, trailers or headers
+                writer.write(conn.data_to_send())
+    finally:
+        writer.close()

@@ -7,21 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
-import h2.config
-import h2.connection
-import h2.events
 import httpx
 import pytest
 
+from mesh.model import parse_mesh
+from sidecar.app import Sidecar
 from sidecar.transport.server import ServerSettings
+from sidecar.xds.interpret import snapshot_from_mesh
 from tests.sidecar.grpc_fixtures import EchoServer, channel, echo_server
 from tests.sidecar.proxy_fixtures import SidecarProcess, running_sidecar
+from tests.sidecar.resilience_fixtures import sidecar_settings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -153,7 +156,7 @@ async def test_metadata_and_trailers_pass_through(tmp_path: Path) -> None:
     assert server.calls[0][1].get("x-echo") == "marker-1"
 
 
-async def test_many_concurrent_calls_share_one_connection(tmp_path: Path) -> None:
+async def test_many_concurrent_calls_through_two_sidecars(tmp_path: Path) -> None:
     async with (
         echo_server() as server,
         two_sidecars(tmp_path, server) as (outbound, _),
@@ -163,6 +166,26 @@ async def test_many_concurrent_calls_share_one_connection(tmp_path: Path) -> Non
         results = await asyncio.gather(*(unary(b"%d" % i, timeout=20) for i in range(200)))
         assert results == [(b"%d" % i)[::-1] for i in range(200)]
     assert len(server.calls) == 200
+
+
+@pytest.mark.parametrize(("server_streams", "connections"), [(None, 1), (4, 4)])
+async def test_calls_share_a_connection_until_the_servers_stream_limit(
+    server_streams: int | None, connections: int
+) -> None:
+    """16 slow calls at once: one upstream connection carries them all, unless the server's
+    SETTINGS_MAX_CONCURRENT_STREAMS (4) says otherwise: then 16 / 4 connections."""
+    async with (
+        echo_server(max_streams=server_streams) as server,
+        running_sidecar(grpc_mesh(server.address)) as sidecar,
+    ):
+        host, port = sidecar.addresses["outbound"]
+        async with channel(f"{host}:{port}", AUTHORITY) as ch:
+            slow = ch.unary_unary("/test.Echo/Slow")
+            answers = await asyncio.gather(*(slow(b"0.5", timeout=20) for _ in range(16)))
+            assert answers == [b"late"] * 16
+            (pool,) = sidecar.upstreams.h2_pools.values()
+            assert len(pool.connections) == connections
+    assert len(server.calls) == 16
 
 
 # --- gRPC-aware errors and timeouts ------------------------------------------------------------
@@ -211,68 +234,6 @@ async def test_route_timeout_is_deadline_exceeded_ut(tmp_path: Path) -> None:
     assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert (failed.value.details() or "").startswith("UT: ")
     assert trailing(failed.value)["x-outrigger-flags"] == "UT"
-
-
-async def test_grpc_timeout_bounds_the_call_in_the_sidecar(tmp_path: Path) -> None:
-    """A client that sends grpc-timeout but enforces no deadline itself (a raw HTTP/2 client):
-    the sidecar ends the call with DEADLINE_EXCEEDED at the grpc-timeout, well before the
-    route's own 5 s timeout and the app's 3 s answer."""
-    async with (
-        echo_server() as server,
-        two_sidecars(tmp_path, server, policy={"timeout": "5s"}) as (outbound, _),
-    ):
-        host, port = outbound.addresses["outbound"]
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        headers, trailers = await raw_grpc_call(
-            host, port, "/test.Echo/Slow", b"3", [(b"grpc-timeout", b"300m")]
-        )
-        elapsed = loop.time() - started
-    assert dict(headers)[b":status"] == b"200"
-    assert dict(trailers)[b"grpc-status"] == b"4"
-    assert dict(trailers)[b"x-outrigger-flags"] == b"UT"
-    assert 0.25 < elapsed < 2.5
-
-
-async def raw_grpc_call(
-    host: str, port: int, path: str, message: bytes, extra: list[tuple[bytes, bytes]]
-) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
-    """One unary gRPC call written with h2 by hand; (response headers, trailers). A
-    trailers-only answer comes back as headers with no trailers: then both are the same."""
-    reader, writer = await asyncio.open_connection(host, port)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
-    conn.initiate_connection()
-    conn.send_headers(
-        1,
-        [
-            (b":method", b"POST"),
-            (b":scheme", b"http"),
-            (b":authority", AUTHORITY.encode()),
-            (b":path", path.encode()),
-            (b"content-type", b"application/grpc"),
-            (b"te", b"trailers"),
-            *extra,
-        ],
-    )
-    conn.send_data(1, b"\x00" + len(message).to_bytes(4, "big") + message, end_stream=True)
-    writer.write(conn.data_to_send())
-    headers: list[tuple[bytes, bytes]] = []
-    trailers: list[tuple[bytes, bytes]] = []
-    try:
-        async with asyncio.timeout(10):
-            while True:
-                data = await reader.read(65536)
-                assert data, "the sidecar closed the connection"
-                for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.ResponseReceived):
-                        headers = list(event.headers)  # type: ignore[arg-type]
-                    elif isinstance(event, h2.events.TrailersReceived):
-                        trailers = list(event.headers)  # type: ignore[arg-type]
-                    elif isinstance(event, h2.events.StreamEnded):
-                        return headers, trailers or headers
-                writer.write(conn.data_to_send())
-    finally:
-        writer.close()
 
 
 async def test_drain_sends_goaway_and_lets_an_open_stream_finish(tmp_path: Path) -> None:
@@ -395,3 +356,28 @@ async def test_long_streams_are_not_cut_by_the_http1_timers() -> None:
                 assert await call.code() == grpc.StatusCode.OK
                 ticks = ch.unary_stream("/test.Echo/Ticks")(b"4:0.5", timeout=10)
                 assert [m async for m in ticks] == [b"tick %d" % i for i in range(4)]
+
+
+async def test_access_log_lines_carry_the_grpc_status() -> None:
+    async with echo_server() as server:
+        settings = dataclasses.replace(sidecar_settings(), access_log=True)
+        sidecar = Sidecar(settings)
+        doc = grpc_mesh(server.address)
+        sidecar.apply(snapshot_from_mesh(parse_mesh(doc, "t")))
+        async with asyncio.timeout(10):
+            await sidecar.start()
+        try:
+            host, port = sidecar.addresses["outbound"]
+            async with channel(f"{host}:{port}", AUTHORITY) as ch:
+                assert await ch.unary_unary("/test.Echo/Unary")(b"ab", timeout=5) == b"ba"
+                server.fail_next.append(grpc.StatusCode.NOT_FOUND)
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await ch.unary_unary("/test.Echo/Unary")(b"ab", timeout=5)
+            lines = [json.loads(line) for line in sidecar.access_log.lines]
+        finally:
+            async with asyncio.timeout(10):
+                await sidecar.drain()
+    assert [(line["path"], line["status"], line["grpc_status"]) for line in lines] == [
+        ("/test.Echo/Unary", 200, 0),
+        ("/test.Echo/Unary", 200, 5),
+    ]

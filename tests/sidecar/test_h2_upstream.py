@@ -16,11 +16,13 @@ import h2.events
 import httpx
 import pytest
 
+from tests.sidecar.grpc_fixtures import raw_grpc_call
 from tests.sidecar.proxy_fixtures import WAIT, running_sidecar, url
 
 pytestmark = pytest.mark.timeout(30)
 
-# What the server does with the n-th request it receives (0-based): "goaway", "refuse", "ok"
+# What the server does with the n-th request it receives (0-based): "goaway", "refuse", "hang"
+# (no answer ever), "ok"
 Script = Callable[[int], str]
 
 
@@ -52,6 +54,8 @@ class H2Server:
                         self.requests += 1
                         action = self.script(n)
                         sid = event.stream_id
+                        if action == "hang":
+                            continue  # never answers
                         if action == "goaway":
                             conn.close_connection(last_stream_id=sid - 2 if sid > 1 else 0)
                         elif action == "refuse":
@@ -111,3 +115,35 @@ async def test_a_refused_stream_is_not_retried_forever() -> None:
     assert resp.status_code == 503
     assert resp.headers["x-outrigger-flags"] == "UC"
     assert server.requests <= 3
+
+
+async def test_grpc_timeout_bounds_the_call_in_the_sidecar() -> None:
+    """A client that sends grpc-timeout but enforces no deadline itself, and an upstream that
+    never answers: the sidecar ends the call with DEADLINE_EXCEEDED (flag UT) at the
+    grpc-timeout, well before the route's own 5 s timeout."""
+    mesh = {
+        "services": [
+            {
+                "name": "up",
+                "port": 80,
+                "protocol": "grpc",
+                "endpoints": [],
+                "policy": {"timeout": "5s"},
+            }
+        ]
+    }
+    async with h2_server(lambda n: "hang") as server:
+        mesh["services"][0]["endpoints"] = [server.address]  # type: ignore[index]
+        async with running_sidecar(mesh) as sidecar:
+            host, port = sidecar.addresses["outbound"]
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            headers, trailers = await raw_grpc_call(
+                host, port, b"up", "/test.Echo/Slow", b"3", [(b"grpc-timeout", b"300m")]
+            )
+            elapsed = loop.time() - started
+    assert dict(headers)[b":status"] == b"200"
+    assert dict(trailers)[b"grpc-status"] == b"4"
+    assert dict(trailers)[b"x-outrigger-flags"] == b"UT"
+    assert server.requests == 1
+    assert 0.25 < elapsed < 2.5
