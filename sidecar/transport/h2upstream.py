@@ -7,10 +7,12 @@ request that came over HTTP/2 to the app over HTTP/2 (the app spoke it to its cl
 
 `H2Pool` keeps the endpoint's connections; a request takes the first one with a free stream
 (under the peer's SETTINGS_MAX_CONCURRENT_STREAMS), else a new connection is opened (a task,
-counted against `max_pending` as for HTTP/1.1). Each exchange is one stream (`_UpStream`):
-HEADERS from the parsed request (connection-specific fields dropped), the body within the
-peer's windows (pumped by a task when it is still arriving), and the response handed to the
-reply as soon as its HEADERS arrive, its body a `BodyStream` that also carries the trailers.
+counted against `max_pending` as for HTTP/1.1), used once the peer's first SETTINGS came (its
+stream limit), and shared by the requests that arrive while it opens, as far as its limit goes.
+Each exchange is one stream (`_UpStream`): HEADERS from the parsed request (connection-specific
+fields dropped), the body within the peer's windows (pumped by a task when it is still
+arriving), and the response handed to the reply as soon as its HEADERS arrive, its body a
+`BodyStream` that also carries the trailers.
 Response DATA is acknowledged as the consumer takes it (the BodyStream's pause/resume), so a
 slow client holds back its own stream, not the connection.
 
