@@ -25,8 +25,9 @@ to one of them, on the service's port, reaches the service, and so does any TCP 
 intercepted app opens to one of them. `calls:` names the services it calls (`name` in its own
 namespace, or `name.namespace`), for `outrigger analyze`.
 
-`protocol:` declares what the service's port speaks: `http`, `tcp` or `tls` (`Protocol`; HTTP/2
-and gRPC join it with their own work). Absent, an intercepted connection's first bytes decide
+`protocol:` declares what the service's port speaks: `http`, `http2`, `grpc`, `tcp` or `tls`
+(`Protocol`); `http2` and `grpc` are HTTP whose endpoints are reached over HTTP/2 (h2c).
+Absent, an intercepted connection's first bytes decide
 (HTTP/1.x takes the HTTP path, anything else is TCP). Declared `tcp` skips that detection (so a
 protocol where the server speaks first never waits for the detection window); `tls` is passed
 through as TCP with its ClientHello read for the server name; `http` is always parsed as HTTP.
@@ -114,8 +115,20 @@ class Protocol(StrEnum):
     """What a service's port is declared to speak (None where it is not: the bytes decide)."""
 
     HTTP = "http"
+    HTTP2 = "http2"  # HTTP/2 over cleartext (h2c, prior knowledge) to the service
+    GRPC = "grpc"  # gRPC: HTTP/2 as http2, with the gRPC-aware errors
     TCP = "tcp"
     TLS = "tls"
+
+    @property
+    def http(self) -> bool:
+        """An HTTP protocol: its requests take the routes and policies."""
+        return self in (Protocol.HTTP, Protocol.HTTP2, Protocol.GRPC)
+
+    @property
+    def http2(self) -> bool:
+        """The service speaks HTTP/2 to the sidecar (its Cluster's HTTP/2 protocol options)."""
+        return self in (Protocol.HTTP2, Protocol.GRPC)
 
 
 PROTOCOLS: Final[tuple[str, ...]] = tuple(protocol.value for protocol in Protocol)

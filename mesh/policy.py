@@ -48,6 +48,12 @@ RETRY_CONDITIONS: Final[tuple[str, ...]] = (
     "gateway-error",
     "5xx",
     "retriable-4xx",
+    # gRPC statuses (HTTP/2 services): a trailers-only answer with one of them is retried
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
 )
 
 _DURATION = re.compile(r"(?P<value>[0-9]+(?:\.[0-9]+)?)(?P<unit>ms|s|m|h)")

@@ -88,6 +88,9 @@ Encodings:
   otherwise also eject on success rate).
 - Idle timeout of pooled upstream connections: ``typed_extension_protocol_options``
   HttpProtocolOptions ``common_http_protocol_options.idle_timeout`` = 60s.
+- Upstream protocol: the same HttpProtocolOptions' ``explicit_http_config``:
+  ``http2_protocol_options`` for a service declared ``http2`` or ``grpc`` (h2c), else
+  ``http_protocol_options`` (HTTP/1.1).
 - Tracing: the outbound HCM's ``tracing.random_sampling`` = sampling x 100 (a percentage).
 
 Output is deterministic: the same mesh gives byte-identical resources and the same version.
@@ -290,8 +293,9 @@ def retry_on_tokens(retries: Retries) -> list[str]:
     tokens = list(retries.retry_on)
     if retries.status_codes:
         tokens.append("retriable-status-codes")
-    if _GRPC_UNAVAILABLE_CONDITIONS.intersection(retries.retry_on) or (
-        _GRPC_UNAVAILABLE_CODES.intersection(retries.status_codes)
+    if "unavailable" not in tokens and (
+        _GRPC_UNAVAILABLE_CONDITIONS.intersection(retries.retry_on)
+        or _GRPC_UNAVAILABLE_CODES.intersection(retries.status_codes)
     ):
         tokens.append("unavailable")
     return tokens
@@ -463,10 +467,12 @@ def _cluster(service: MeshService) -> Any:
         common_http_protocol_options=protocol_pb2.HttpProtocolOptions(
             idle_timeout=_duration(UPSTREAM_IDLE_TIMEOUT)
         ),
-        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
-            http_protocol_options=protocol_pb2.Http1ProtocolOptions()
-        ),
     )
+    explicit = options.explicit_http_config
+    if service.protocol is not None and service.protocol.http2:
+        explicit.http2_protocol_options.SetInParent()  # h2c to the endpoints
+    else:
+        explicit.http_protocol_options.SetInParent()
     cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(_pack(options))
     return cluster
 
@@ -574,7 +580,7 @@ class _Chains:
             self.claimed.update((a, port) for a in free)
             if not free:
                 continue
-            if service.protocol is Protocol.HTTP:
+            if service.protocol is not None and service.protocol.http:
                 self.http.setdefault((port, "http"), []).extend(free)
             elif service.protocol is Protocol.TCP:
                 self.tcp.append(_chain(f"{prefix}|tcp", _chain_match(port, free), tcp))

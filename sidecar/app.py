@@ -35,6 +35,7 @@ from sidecar.routing import Active, Router
 from sidecar.settings import SettingsError, SidecarSettings
 from sidecar.telemetry import otlp_endpoint
 from sidecar.telemetry.access_log import AccessLog
+from sidecar.transport.h2server import H2Completed
 from sidecar.transport.listener import (
     Listener,
     ListenerSettings,
@@ -77,7 +78,11 @@ class Sidecar:
         self.services = ServiceRegistry(on_event=self._policy_event)
         self.upstreams = Upstreams(services=self.services)
         self.router = Router(
-            self.services, self.upstreams.forward, Endpoint(*settings.app), settings.service
+            self.services,
+            self.upstreams.forward,
+            Endpoint(*settings.app),
+            settings.service,
+            forward_h2=self.upstreams.forward_h2,
         )
         self.outbound_state = ServerState(self.server_settings)
         self.inbound_state = ServerState(self.server_settings)
@@ -251,6 +256,36 @@ class Sidecar:
 
         return completed
 
+    def _completed_h2(self, direction: str) -> H2Completed:
+        """`_completed` for HTTP/2 streams: also each gRPC call's status (metrics, log)."""
+        table = self.metrics.direction(direction)
+        loop = asyncio.get_running_loop()
+        access_log = self.access_log.record if self.settings.access_log else None
+
+        def completed(
+            head: RequestHead,
+            decision: Decision | None,
+            status: int,
+            flags: str,
+            start: float,
+            request: Request | None,
+            grpc_status: int | None,
+        ) -> None:
+            duration = loop.time() - start
+            destination = decision.name if decision is not None else "-"
+            series = table.get(destination)
+            if series is None:
+                series = table[destination] = Series()
+            series.add(status, flags, duration)
+            if grpc_status is not None:
+                series.add_grpc(grpc_status)
+            if access_log is not None:
+                access_log(
+                    direction, head, destination, status, flags, duration, request, grpc_status
+                )
+
+        return completed
+
     async def _initial_fetch_deadline(self) -> None:
         """Managed mode: no config within initial_fetch_timeout -> serve the embedded default.
 
@@ -287,10 +322,12 @@ class Sidecar:
         self._drain_requested = asyncio.Event()
         books = TcpBooks(self.metrics, self.access_log if self.settings.access_log else None)
         sniff = SniffSettings(detect_timeout=self.settings.detect_timeout)
+        router = self.router
         traffic = (
-            ("outbound", self.settings.outbound, self.outbound_state, self.router.outbound),
-            ("inbound", self.settings.inbound, self.inbound_state, self.router.inbound),
+            ("outbound", self.settings.outbound, self.outbound_state, router.outbound),
+            ("inbound", self.settings.inbound, self.inbound_state, router.inbound),
         )
+        h2_routes = {"outbound": router.outbound_h2, "inbound": router.inbound_h2}
         for name, (host, port), state, route in traffic:
             listener = Listener(
                 ListenerSettings(name, sniff, self.settings.tcp_idle_timeout),
@@ -301,6 +338,8 @@ class Sidecar:
                 completed=self._completed(name),
                 observer=books,
                 destination_of=self.destination_of,
+                h2_route=h2_routes[name],
+                completed_h2=self._completed_h2(name),
             )
             self.listeners[name] = listener
             await self._listen(name, addresses_to_bind(host, port), port, listener)

@@ -70,6 +70,9 @@ class ServiceConfig:
     # An ORIGINAL_DST cluster (a headless service): each request goes to the destination the
     # caller chose (its authority), with this policy, no balancing and no endpoint list.
     original_destination: bool = False
+    # The upstream speaks HTTP/2 (h2c): the Cluster's HTTP/2 protocol options (`protocol:
+    # http2|grpc`); requests go out on multiplexed connections (sidecar/transport/h2upstream.py).
+    http2: bool = False
     # From the Cluster's metadata: (policy key, effective value, origin), for /config_dump.
     policy_origins: tuple[tuple[str, str, str], ...] = ()
 

@@ -62,6 +62,9 @@ class Listener(Protocol):
     @property
     def total_connections(self) -> int: ...  # accepted since start
 
+    @property
+    def h2_refused(self) -> Mapping[str, int]: ...  # HTTP/2 connections closed, by reason
+
 
 class _Histogram:
     __slots__ = ("counts", "total")
@@ -74,11 +77,15 @@ class _Histogram:
 class Series(_Histogram):
     """One (direction, destination): requests by (status, flags), and their durations."""
 
-    __slots__ = ("requests",)
+    __slots__ = ("grpc", "requests")
 
     def __init__(self) -> None:
         super().__init__()
         self.requests: dict[tuple[int, str], int] = {}
+        self.grpc: dict[int, int] = {}  # gRPC calls by grpc-status (HTTP/2 streams only)
+
+    def add_grpc(self, status: int) -> None:
+        self.grpc[status] = self.grpc.get(status, 0) + 1
 
     def add(self, code: int, flags: str, seconds: float) -> None:
         key = (code, flags)
@@ -139,6 +146,15 @@ class Metrics:
             for direction, table in self.series.items()
             for destination, series in table.items()
             for (code, flags), count in series.requests.items()
+        }
+
+    def grpc_calls(self) -> dict[tuple[str, str, str, str], int]:
+        """gRPC calls by (direction, source, destination, grpc_status)."""
+        return {
+            (direction, self.source, destination, str(code)): count
+            for direction, table in self.series.items()
+            for destination, series in table.items()
+            for code, count in series.grpc.items()
         }
 
     def durations(self) -> dict[tuple[str, str], _Histogram]:
@@ -216,6 +232,25 @@ class _MetricsCollector(Collector):
             "Requests handled, by direction, source and destination service, status and flags.",
             ["direction", "source", "destination", "code", "flags"],
             m.requests().items(),
+        )
+        yield _counter(
+            "outrigger_grpc_calls",
+            "gRPC calls over HTTP/2, by direction, source and destination service, and the "
+            "grpc-status they ended with (the upstream's, or the sidecar's own for a local error).",
+            ["direction", "source", "destination", "grpc_status"],
+            m.grpc_calls().items(),
+        )
+
+        yield _counter(
+            "outrigger_h2_refused",
+            "HTTP/2 client connections closed for breaking a hardening rule, by listener and "
+            "reason (docs/hardening.md rules 12-17).",
+            ["listener", "reason"],
+            [
+                ((name, reason), count)
+                for name, listener in m.listeners.items()
+                for reason, count in listener.h2_refused.items()
+            ],
         )
 
         yield _histogram(

@@ -54,22 +54,30 @@ class Router:
         app: Endpoint,
         service: str,
         tracing: Tracing | None = None,
+        forward_h2: EndpointHandler | None = None,
     ) -> None:
         self.services = services
         self.forward = forward  # the innermost handler: the connection pools
+        # HTTP/2 services' innermost handler (and what HTTP/2 requests pass through or go
+        # inbound with); chosen when a stack is built, so HTTP/1.1 pays nothing per request.
+        self.forward_h2 = forward_h2 or forward
         self.app = app  # the local app, where inbound requests go
         self.service = service  # the service this sidecar fronts (its inbound spans' name)
         self.tracing = tracing
         self.active: Active | None = None
         self.own: set[Endpoint] = set()  # this sidecar's listeners: passing through is a loop
-        self._inbound = self._inbound_decision(app)
+        self._inbound = self._inbound_decision(app, forward)
         self._inbound_to: dict[Endpoint, Decision] = {}  # by original destination
+        self._inbound_h2 = self._inbound_decision(app, self.forward_h2)
+        self._inbound_to_h2: dict[Endpoint, Decision] = {}
 
     def trace(self, tracing: Tracing) -> None:
         """Trace from now on (before `apply`: the stacks are built there)."""
         self.tracing = tracing
-        self._inbound = self._inbound_decision(self.app)
+        self._inbound = self._inbound_decision(self.app, self.forward)
         self._inbound_to.clear()
+        self._inbound_h2 = self._inbound_decision(self.app, self.forward_h2)
+        self._inbound_to_h2.clear()
 
     def is_own(self, endpoint: Endpoint) -> bool:
         """Whether `endpoint` is one of this sidecar's listeners (forwarding there loops): its
@@ -91,8 +99,9 @@ class Router:
         handlers: dict[str, Handler] = {}
         for cluster, cfg in snapshot.services.items():
             try:
+                forward = self.forward_h2 if cfg.http2 else self.forward
                 handlers[cluster] = build_service_stack(
-                    cfg, self.services.state(cfg.name), self.forward, tracing=self.tracing
+                    cfg, self.services.state(cfg.name), forward, tracing=self.tracing
                 )
             except ValueError as exc:
                 raise ConfigError(f"Cluster {cluster}: {exc}") from exc
@@ -115,6 +124,26 @@ class Router:
         decision = active.routes.get(head.authority)
         if decision is not None:
             return decision
+        return self._unrouted(active, head, destination, self.forward)
+
+    def outbound_h2(self, head: RequestHead, destination: Endpoint | None = None) -> Decision:
+        """`outbound` for an HTTP/2 stream: the same routes (`:authority` as Host); what
+        passes through goes on over HTTP/2."""
+        active = self.active
+        if active is None:
+            raise ProxyError(Flag.NO_ROUTE, "no config applied yet", status=503)
+        decision = active.routes.get(head.authority)
+        if decision is not None:
+            return decision
+        return self._unrouted(active, head, destination, self.forward_h2)
+
+    def _unrouted(
+        self,
+        active: Active,
+        head: RequestHead,
+        destination: Endpoint | None,
+        forward: EndpointHandler,
+    ) -> Decision:
         if destination is not None:
             decision = active.routes.get(address_authority(destination))
             if decision is not None:
@@ -130,7 +159,6 @@ class Router:
             raise ProxyError(Flag.NO_ROUTE, "the request names no host to pass through to")
         if self.is_own(endpoint):
             raise ProxyError(Flag.NO_ROUTE, f"{endpoint} is this sidecar: refusing to loop")
-        forward = self.forward
         tracing = self.tracing
         if tracing is not None:
             forward = tracing.attempt(forward)
@@ -150,13 +178,24 @@ class Router:
             return self._inbound
         decision = self._inbound_to.get(destination)
         if decision is None:
-            if self.is_own(destination):
-                raise ProxyError(Flag.NO_ROUTE, f"{destination} is this sidecar: refusing to loop")
-            decision = self._inbound_to[destination] = self._inbound_decision(destination)
+            decision = self._inbound_to[destination] = self._to(destination, self.forward)
         return decision
 
-    def _inbound_decision(self, app: Endpoint) -> Decision:
-        forward = self.forward
+    def inbound_h2(self, head: RequestHead, destination: Endpoint | None = None) -> Decision:
+        """`inbound` for an HTTP/2 stream: to the app over HTTP/2, as its client spoke."""
+        if destination is None:
+            return self._inbound_h2
+        decision = self._inbound_to_h2.get(destination)
+        if decision is None:
+            decision = self._inbound_to_h2[destination] = self._to(destination, self.forward_h2)
+        return decision
+
+    def _to(self, destination: Endpoint, forward: EndpointHandler) -> Decision:
+        if self.is_own(destination):
+            raise ProxyError(Flag.NO_ROUTE, f"{destination} is this sidecar: refusing to loop")
+        return self._inbound_decision(destination, forward)
+
+    def _inbound_decision(self, app: Endpoint, forward: EndpointHandler) -> Decision:
 
         def to_app(req: Request, reply: Reply) -> None:
             req.tried.append(app)  # as in passthrough: one attempt, for the log

@@ -49,9 +49,13 @@ Annotations = tuple[tuple[str, str], ...]  # outrigger.dev/ annotations, sorted
 
 
 # Port appProtocol values and name prefixes that declare a protocol (Istio's table, as far as
-# the sidecar speaks it; grpc, http2 and kubernetes.io/h2c join with HTTP/2).
+# the sidecar speaks it).
 DECLARED_PROTOCOLS: Final[dict[str, Protocol]] = {
     "http": Protocol.HTTP,
+    "http2": Protocol.HTTP2,
+    "h2c": Protocol.HTTP2,
+    "kubernetes.io/h2c": Protocol.HTTP2,
+    "grpc": Protocol.GRPC,
     "kubernetes.io/ws": Protocol.HTTP,  # a WebSocket starts as an HTTP/1.1 request
     "tcp": Protocol.TCP,
     "mysql": Protocol.TCP,

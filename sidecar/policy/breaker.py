@@ -45,7 +45,7 @@ from mesh.policy import CircuitBreaker
 from sidecar.config import Endpoint
 from sidecar.exchange import EndpointHandler, Reply, Request, Result
 from sidecar.flags import Flag, PolicyError
-from sidecar.policy.classifier import Kind, Outcome, classify
+from sidecar.policy.classifier import Kind, Outcome, classify, classify_grpc
 from sidecar.policy.clock import Clock
 from sidecar.policy.stats import ServiceStats
 
@@ -361,9 +361,12 @@ class Breaker:
     """The layer: admits an attempt past the endpoint's breaker and, on the way back, records
     its outcome."""
 
-    __slots__ = ("_clock", "_inner", "_registry")
+    __slots__ = ("_clock", "_inner", "_outcome", "_registry")
 
-    def __init__(self, registry: BreakerRegistry, inner: EndpointHandler, clock: Clock) -> None:
+    def __init__(
+        self, registry: BreakerRegistry, inner: EndpointHandler, clock: Clock, *, grpc: bool = False
+    ) -> None:
+        self._outcome = _GrpcOutcome if grpc else _Outcome  # an HTTP/2 service's reads grpc-status
         self._registry = registry
         self._inner = inner
         self._clock = clock
@@ -375,7 +378,7 @@ class Breaker:
         except BreakerError as error:
             reply(error)
             return
-        self._inner(req, endpoint, _Outcome(registry, endpoint, probe, req, reply).__call__)
+        self._inner(req, endpoint, self._outcome(registry, endpoint, probe, req, reply).__call__)
 
 
 class _Outcome:
@@ -399,4 +402,14 @@ class _Outcome:
 
     def __call__(self, result: Result) -> None:
         self._registry.record(self._endpoint, classify(result), self._probe, self._req)
+        self._reply(result)
+
+
+class _GrpcOutcome(_Outcome):
+    """`_Outcome` for an HTTP/2 service: a trailers-only UNAVAILABLE or INTERNAL is a failure."""
+
+    __slots__ = ()
+
+    def __call__(self, result: Result) -> None:
+        self._registry.record(self._endpoint, classify_grpc(result), self._probe, self._req)
         self._reply(result)

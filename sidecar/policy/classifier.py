@@ -16,6 +16,14 @@ from enum import Enum
 
 from sidecar.exchange import Response
 from sidecar.flags import Flag, ProxyError
+from sidecar.protocol.grpc import (
+    GRPC_CANCELLED,
+    GRPC_DEADLINE_EXCEEDED,
+    GRPC_INTERNAL,
+    GRPC_RESOURCE_EXHAUSTED,
+    GRPC_UNAVAILABLE,
+    grpc_status_of,
+)
 
 
 class Kind(Enum):
@@ -29,6 +37,13 @@ class Kind(Enum):
     TIMEOUT = "timeout"  # UT: the attempt (or the request) ran out of time
     PROTOCOL_ERROR = "protocol-error"  # UPE: the upstream sent bad framing
     LOCAL = "local"  # a local decision (UO, UH, URX, ...): says nothing about the endpoint
+    # gRPC statuses of a trailers-only answer (HTTP/2 services only, `classify_grpc`)
+    GRPC_CANCELLED = "cancelled"
+    GRPC_DEADLINE_EXCEEDED = "deadline-exceeded"
+    GRPC_INTERNAL = "internal"
+    GRPC_RESOURCE_EXHAUSTED = "resource-exhausted"
+    GRPC_UNAVAILABLE = "unavailable"
+    GRPC_ERROR = "grpc-error"  # any other non-OK status: the call's own outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +98,51 @@ def _error_outcome(flag: Flag, status: int) -> Outcome:
 
 # An attempt cut short by its deadline (the outcome of the timeouts' UpstreamTimeoutError).
 TIMEOUT = _BY_FLAG[(Flag.UPSTREAM_TIMEOUT, 504)] = _error_outcome(Flag.UPSTREAM_TIMEOUT, 504)
+
+
+GRPC_KINDS = frozenset(
+    {
+        Kind.GRPC_CANCELLED,
+        Kind.GRPC_DEADLINE_EXCEEDED,
+        Kind.GRPC_INTERNAL,
+        Kind.GRPC_RESOURCE_EXHAUSTED,
+        Kind.GRPC_UNAVAILABLE,
+    }
+)
+
+_GRPC_KIND_BY_CODE = {
+    GRPC_CANCELLED: Kind.GRPC_CANCELLED,
+    GRPC_DEADLINE_EXCEEDED: Kind.GRPC_DEADLINE_EXCEEDED,
+    GRPC_INTERNAL: Kind.GRPC_INTERNAL,
+    GRPC_RESOURCE_EXHAUSTED: Kind.GRPC_RESOURCE_EXHAUSTED,
+    GRPC_UNAVAILABLE: Kind.GRPC_UNAVAILABLE,
+}
+
+# UNAVAILABLE and INTERNAL say the endpoint is in trouble (Istio's and gRPC's outlier view);
+# the rest are the call's own outcome.
+_GRPC_ENDPOINT_FAILURES = frozenset({GRPC_UNAVAILABLE, GRPC_INTERNAL})
+
+_BY_GRPC_CODE: dict[int, Outcome] = {
+    code: Outcome(
+        _GRPC_KIND_BY_CODE.get(code, Kind.GRPC_ERROR),
+        200,
+        breaker_failure=code in _GRPC_ENDPOINT_FAILURES,
+    )
+    for code in range(1, 17)
+}
+
+
+def classify_grpc(result: Response | ProxyError) -> Outcome:
+    """`classify` for an HTTP/2 service: a trailers-only answer (its grpc-status in the head,
+    no body) is classified by that status. A status that comes in trailers after a body is not
+    seen here: messages were on their way, nothing may be retried by then."""
+    if isinstance(result, Response) and result.status == 200 and not result.has_body:
+        code = grpc_status_of(result.headers)
+        if code:
+            outcome = _BY_GRPC_CODE.get(code)
+            if outcome is not None:
+                return outcome
+    return classify(result)
 
 
 def classify(result: Response | ProxyError) -> Outcome:

@@ -32,7 +32,10 @@ A retried response is discarded (its connection dropped); a retried error's flag
 
 retry_on tokens (Envoy's meanings): `connect-failure` (UF); `reset` (UF, UC, timeout);
 `gateway-error` (502/503/504, UF, UC, timeout); `5xx` (any 5xx, UF, UC, timeout, UPE);
-`retriable-4xx` (409); `retriable-status-codes` (the explicit codes, which always apply).
+`retriable-4xx` (409); `retriable-status-codes` (the explicit codes, which always apply);
+`cancelled`, `deadline-exceeded`, `internal`, `resource-exhausted`, `unavailable` (the gRPC
+status of a trailers-only answer from an HTTP/2 service, whatever the method: nothing of the
+response has been forwarded then).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from mesh.policy import RetryBudget
 from sidecar.config import RetryPolicy
 from sidecar.exchange import Handler, Reply, Request, Response, Result
 from sidecar.flags import Flag, PolicyError, ProxyError
-from sidecar.policy.classifier import Kind, Outcome, classify
+from sidecar.policy.classifier import GRPC_KINDS, Kind, Outcome, classify
 from sidecar.policy.clock import Clock, Sleep
 from sidecar.policy.concurrency import ServiceLoad
 from sidecar.policy.stats import ServiceStats
@@ -64,6 +67,12 @@ RETRY_ON_TOKENS: dict[str, frozenset[Kind]] = {
     "5xx": _NO_RESPONSE | {Kind.GATEWAY_ERROR, Kind.SERVER_ERROR, Kind.PROTOCOL_ERROR},
     "retriable-4xx": frozenset({Kind.RETRIABLE_4XX}),
     "retriable-status-codes": frozenset(),
+    # gRPC statuses of a trailers-only answer (HTTP/2 services: classify_grpc)
+    "cancelled": frozenset({Kind.GRPC_CANCELLED}),
+    "deadline-exceeded": frozenset({Kind.GRPC_DEADLINE_EXCEEDED}),
+    "internal": frozenset({Kind.GRPC_INTERNAL}),
+    "resource-exhausted": frozenset({Kind.GRPC_RESOURCE_EXHAUSTED}),
+    "unavailable": frozenset({Kind.GRPC_UNAVAILABLE}),
 }
 
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
@@ -147,7 +156,7 @@ def parse_retry_after(value: bytes | None, wall_now: float) -> float | None:
 
 
 class Retry:
-    __slots__ = ("_clock", "_config", "_inner", "_load", "_sleep", "_stats", "_wall")
+    __slots__ = ("_classify", "_clock", "_config", "_inner", "_load", "_sleep", "_stats", "_wall")
 
     def __init__(
         self,
@@ -159,7 +168,9 @@ class Retry:
         *,
         sleep: Sleep = asyncio.sleep,
         wall: Callable[[], float] = time.time,
+        classifier: Callable[[Result], Outcome] = classify,
     ) -> None:
+        self._classify = classifier  # classify_grpc for an HTTP/2 service
         self._config = config
         self._inner = inner
         self._load = load
@@ -173,6 +184,8 @@ class Retry:
             return False
         if outcome.kind is Kind.CONNECT_FAILURE or self._config.non_idempotent:
             return True
+        if outcome.kind in GRPC_KINDS:
+            return True  # the gRPC conditions are asked for by name, whatever the method
         return req.method in IDEMPOTENT_METHODS_BYTES or req.header(b"idempotency-key") is not None
 
     def _retry_after(self, req: Request, resp: Response) -> float | None:
@@ -218,7 +231,7 @@ class _RetryCall:
         if self.holding:
             self.holding = False
             layer._load.retries_active -= 1
-        outcome = classify(result)
+        outcome = layer._classify(result)
         if outcome.success:  # the usual answer: nothing to decide
             self._reply(result)
             return

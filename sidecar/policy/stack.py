@@ -38,6 +38,7 @@ from sidecar.config import Endpoint, ServiceConfig
 from sidecar.exchange import EndpointHandler, Handler
 from sidecar.policy.balancer import Balancer, BalancerConfig, EndpointLoad, OriginalDestination
 from sidecar.policy.breaker import Breaker, BreakerConfig, BreakerRegistry, EventHook
+from sidecar.policy.classifier import classify, classify_grpc
 from sidecar.policy.clock import Clock, Sleep, loop_time
 from sidecar.policy.concurrency import ConcurrencyConfig, ServiceLoad
 from sidecar.policy.retry import Retry, RetryConfig
@@ -142,7 +143,7 @@ def build_service_stack(
     endpoint_handler = forward
     if breaker is not None:
         # Breaker right above the forwarder: it sees each attempt's own result for its endpoint.
-        endpoint_handler = Breaker(state.breakers, endpoint_handler, clock).__call__
+        endpoint_handler = Breaker(state.breakers, endpoint_handler, clock, grpc=cfg.http2).__call__
     traced: EndpointHandler | None = None
     if tracing is not None:
         # Attempt spans right under the balancer: one call per attempt with its endpoint, the
@@ -174,7 +175,14 @@ def build_service_stack(
         # Retry above the balancer (each attempt re-picks) and below the total timeout (backoff
         # and every attempt count against the deadline).
         handler = Retry(
-            retry, handler, state.load, state.stats, clock, sleep=sleep, wall=wall
+            retry,
+            handler,
+            state.load,
+            state.stats,
+            clock,
+            sleep=sleep,
+            wall=wall,
+            classifier=classify_grpc if cfg.http2 else classify,
         ).__call__
     if timeouts.total is not None:
         # Total timeout outermost: it bounds everything beneath, retries and backoff included.

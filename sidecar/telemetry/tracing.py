@@ -62,6 +62,7 @@ from sidecar.exchange import (
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.breaker import BreakerEvent
 from sidecar.policy.classifier import classify
+from sidecar.protocol.grpc import error_code, grpc_status_of, is_grpc
 from sidecar.telemetry import otlp_endpoint as otlp_endpoint  # re-exported
 from sidecar.telemetry import propagation
 from sidecar.telemetry.exporter import ExportLimits
@@ -325,6 +326,12 @@ def _request_attributes(req: Request) -> Attributes:
     }
     if port is not None:
         attributes["server.port"] = port
+    if req.version == b"2" and is_grpc(req.headers):
+        # OpenTelemetry's RPC conventions: /package.Service/Method
+        service, _, method = req.path.lstrip(b"/").partition(b"/")
+        attributes["rpc.system"] = "grpc"
+        attributes["rpc.service"] = service.decode("ascii", "replace")
+        attributes["rpc.method"] = method.decode("ascii", "replace")
     return attributes
 
 
@@ -590,6 +597,15 @@ def _result_attributes(
     server: bool,
 ) -> tuple[str, bool]:
     """Status code, flags and error.type; returns (status description, is an error)."""
+    if "rpc.system" in attributes:
+        # A gRPC call's status when the sidecar knows it as the span ends: a trailers-only
+        # answer's, or the one its own error is sent with (trailers that follow a body are
+        # not seen by then).
+        code = grpc_status_of(resp.headers) if resp is not None else None
+        if isinstance(error, ProxyError) and not isinstance(error, DownstreamGone):
+            code = error_code(error.flag)
+        if code is not None:
+            attributes["rpc.grpc.status_code"] = code
     if resp is not None:
         status = resp.status
         attributes["http.response.status_code"] = status

@@ -38,9 +38,10 @@ from mesh.address import join_host_port
 from sidecar.config import ChainProtocol, Endpoint, Snapshot, TcpTarget
 from sidecar.flags import Flag
 from sidecar.interception.original_dst import original_destination
-from sidecar.protocol.detect import Detected
+from sidecar.protocol.detect import PREFACE, Detected
 from sidecar.protocol.events import RequestHead
 from sidecar.protocol.tls import ClientHello
+from sidecar.transport.h2server import H2Completed, H2DownstreamProtocol
 from sidecar.transport.server import Completed, Decision, DownstreamProtocol, ServerState
 from sidecar.transport.sniffer import FirstBytes, Sniffer, SniffSettings
 from sidecar.transport.tcp import TcpObserver, TcpProxy, TcpRecord, TcpSettings
@@ -88,10 +89,15 @@ class Listener:
         completed: Completed | None = None,
         observer: TcpObserver | None = None,
         destination_of: OriginalDestination = kernel_destination,
+        h2_route: Route | None = None,
+        completed_h2: H2Completed | None = None,
     ) -> None:
         self.settings = settings
         self.state = state  # the HTTP connections' (time limits, drain)
         self.route = route
+        # The dispatch for HTTP/2 streams (`Router.outbound_h2`/`inbound_h2`); None: no HTTP/2.
+        self.h2_route = h2_route
+        self.completed_h2 = completed_h2
         self.snapshot = snapshot
         self.is_own = is_own
         self.completed = completed
@@ -142,6 +148,14 @@ class Listener:
         if first.protocol is Detected.HTTP1 and protocol is ChainProtocol.DETECT:
             self._http(first.transport, destination, first.data, ended=first.ended)
             return
+        if (
+            first.protocol is Detected.HTTP2
+            and protocol is ChainProtocol.DETECT
+            and self.h2_route is not None
+            and not first.ended
+        ):
+            self._h2(first.transport, destination, first.data)
+            return
         self._tcp(
             first.transport,
             destination,
@@ -169,12 +183,39 @@ class Listener:
             request_ids=self.settings.request_ids,
             destination=destination,
         )
+        if not data and not ended and self.h2_route is not None:
+            # The first bytes say which: the HTTP/2 preface, or HTTP/1.1 (the protocol is
+            # registered now, so a silent client is timed out as an idle HTTP/1.1 one).
+            transport.set_protocol(_Preface(self, protocol, transport, destination))
+            protocol.connection_made(transport)
+            return
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         if data:
             protocol.data_received(data)
         if ended and not protocol.eof_received():
             transport.close()
+
+    def _h2(self, transport: asyncio.Transport, destination: Endpoint | None, data: bytes) -> None:
+        route = self.h2_route
+        assert route is not None
+        dispatch: Callable[[RequestHead], Decision] = route
+        if destination is not None:
+
+            def dispatch(head: RequestHead) -> Decision:
+                return route(head, destination)
+
+        protocol = H2DownstreamProtocol(
+            self.state,
+            dispatch,
+            self.completed_h2,
+            request_ids=self.settings.request_ids,
+            destination=destination,
+        )
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if data:
+            protocol.data_received(data)
 
     # --- TCP ------------------------------------------------------------------------------
 
@@ -296,6 +337,52 @@ class Listener:
         for proxy in list(self.tcp):
             proxy.abort()
         return False
+
+
+class _Preface(asyncio.Protocol):
+    """An HTTP connection's first bytes: the HTTP/2 client preface (RFC 9113 §3.4) moves it
+    to `H2DownstreamProtocol`; anything else, at its first differing byte, goes on to the
+    HTTP/1.1 protocol already made for it. Per connection, never per request."""
+
+    __slots__ = ("buffer", "destination", "http1", "listener", "transport")
+
+    def __init__(
+        self,
+        listener: Listener,
+        http1: DownstreamProtocol,
+        transport: asyncio.Transport,
+        destination: Endpoint | None,
+    ) -> None:
+        self.listener = listener
+        self.http1 = http1
+        self.transport = transport
+        self.destination = destination
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer + data
+        size = min(len(buffer), len(PREFACE))
+        if buffer[:size] != PREFACE[:size]:
+            self._to_http1(buffer)
+        elif size < len(PREFACE):
+            self.buffer = buffer  # the preface so far
+        else:
+            self.listener.state.remove(self.http1)
+            self.http1.closed = True
+            self.listener._h2(self.transport, self.destination, buffer)
+
+    def _to_http1(self, buffer: bytes) -> None:
+        self.buffer = b""
+        self.transport.set_protocol(self.http1)
+        if buffer:
+            self.http1.data_received(buffer)
+
+    def eof_received(self) -> bool | None:
+        self._to_http1(self.buffer)
+        return self.http1.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.http1.connection_lost(exc)
 
 
 class _Entry(asyncio.Protocol):

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from random import getrandbits as _getrandbits
-from typing import cast
+from typing import Protocol, cast
 
 from mesh.http import REASON_PHRASES
 from sidecar.config import Endpoint, ServiceConfig
@@ -40,7 +40,7 @@ from sidecar.flags import Flag, ProxyError
 from sidecar.policy.deadline import Timer, call_at
 from sidecar.protocol import serialize
 from sidecar.protocol.events import Data, EndOfMessage, Reject, RequestEvent, RequestHead
-from sidecar.protocol.limits import Limits
+from sidecar.protocol.limits import H2Limits, Limits
 from sidecar.protocol.request import RequestParser
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream
 from sidecar.transport.flow import WriteFlow
@@ -67,6 +67,7 @@ class ServerSettings:
     # (Envoy's stream_idle_timeout, which also applies to upgraded streams; its default).
     stream_idle_timeout: float = 300.0
     retry_buffer: int = 64 * 1024  # request bodies up to this size are kept for retries
+    h2: H2Limits = field(default_factory=H2Limits)  # HTTP/2 connections (h2server.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,25 +92,37 @@ Completed = Callable[[RequestHead | None, Decision | None, int, str, float, Requ
 IDLE, HEADERS, BODY, WAITING, TUNNEL = range(5)
 
 
+class Connection(Protocol):
+    """What the sweep and the drain ask of a downstream connection (HTTP/1.1 or HTTP/2)."""
+
+    def check_timeouts(self, now: float) -> None: ...
+
+    def close_when_idle(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
 class ServerState:
     """Every downstream connection of one listener group; time limits and graceful drain."""
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.connections: set[DownstreamProtocol] = set()
+        self.connections: set[Connection] = set()
         self.draining = False
         self.total_connections = 0
+        # HTTP/2 connections closed for breaking a rule of docs/hardening.md, by reason
+        self.h2_refused: dict[str, int] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._empty: asyncio.Event | None = None
 
     def start(self) -> None:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
 
-    def add(self, conn: DownstreamProtocol) -> None:
+    def add(self, conn: Connection) -> None:
         self.connections.add(conn)
         self.total_connections += 1
 
-    def remove(self, conn: DownstreamProtocol) -> None:
+    def remove(self, conn: Connection) -> None:
         self.connections.discard(conn)
         if not self.connections and self._empty is not None:
             self._empty.set()

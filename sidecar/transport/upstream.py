@@ -39,17 +39,15 @@ from sidecar.protocol import serialize
 from sidecar.protocol.events import Data, EndOfMessage, Reject, ResponseEvent, ResponseHead
 from sidecar.protocol.response import ResponseParser
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream, BytesBody
+from sidecar.transport.connect import UpstreamError, connect_within
 from sidecar.transport.flow import WriteFlow
+from sidecar.transport.h2upstream import H2Pool
 
 log = logging.getLogger("outrigger.upstream")
 
 # A body in hand up to this size is written with its head in one buffer; a larger one with
 # writelines (no copy of the body).
 _JOIN_LIMIT = 64 * 1024
-
-
-class UpstreamError(ProxyError):
-    """Connecting to, or exchanging with, an upstream endpoint failed."""
 
 
 class UpstreamConnection(WriteFlow, asyncio.Protocol):
@@ -438,19 +436,9 @@ class EndpointPool:
         """A new connection, ready for one exchange."""
         self.connecting += 1
         try:
-            async with asyncio.timeout(connect_timeout):
-                _, protocol = await self.connect(
-                    lambda: UpstreamConnection(self), self.endpoint.host, self.endpoint.port
-                )
-        except TimeoutError:
-            raise UpstreamError(
-                Flag.UPSTREAM_CONNECT_FAILURE,
-                f"connect to {self.endpoint} timed out after {connect_timeout:g}s",
-            ) from None
-        except OSError as exc:
-            raise UpstreamError(
-                Flag.UPSTREAM_CONNECT_FAILURE, f"connect to {self.endpoint} failed: {exc.strerror}"
-            ) from None
+            protocol = await connect_within(
+                self.connect, lambda: UpstreamConnection(self), self.endpoint, connect_timeout
+            )
         finally:
             self.connecting -= 1
         if not protocol.closed:
@@ -460,6 +448,12 @@ class EndpointPool:
     def release(self, conn: UpstreamConnection) -> None:
         conn.idle_since = self.clock()
         self.idle.append(conn)
+
+    def begin(self, conn: UpstreamConnection, req: Request, reply: Reply) -> None:
+        """The exchange on a connection just opened for it (`_Connecting`)."""
+        conn.exchange(req, reply, False)
+
+    keep = release  # a connection whose request was interrupted while it opened
 
     def forget(self, conn: UpstreamConnection) -> None:
         self.connections.discard(conn)
@@ -495,6 +489,9 @@ class Upstreams:
         self.services = services  # for max_pending while connecting
         self.connect = connect
         self.pools: dict[Endpoint, EndpointPool] = {}
+        self.h2_pools: dict[
+            Endpoint, H2Pool
+        ] = {}  # HTTP/2 services' (sidecar/transport/h2upstream.py)
         self.default_connect_timeout = default_connect_timeout
         self.idle_timeout = idle_timeout
         self.stream_idle_timeout = stream_idle_timeout
@@ -510,10 +507,14 @@ class Upstreams:
         now = self.clock()
         for pool in list(self.pools.values()):
             pool.sweep(now, self.stream_idle_timeout)
+        for h2_pool in list(self.h2_pools.values()):
+            h2_pool.sweep(now)
 
     def close_idle(self) -> None:
         for pool in self.pools.values():
             pool.close_idle()
+        for h2_pool in self.h2_pools.values():
+            h2_pool.close_idle()
 
     def forward(self, req: Request, endpoint: Endpoint, reply: Reply) -> None:
         pool = self.pools.get(endpoint)
@@ -530,7 +531,23 @@ class Upstreams:
                 return
         self.connect_and_exchange(pool, req, reply)
 
-    def connect_and_exchange(self, pool: EndpointPool, req: Request, reply: Reply) -> None:
+    def forward_h2(self, req: Request, endpoint: Endpoint, reply: Reply) -> None:
+        """The innermost handler of an HTTP/2 service: a stream on a multiplexed connection."""
+        pool = self.h2_pools.get(endpoint)
+        if pool is None:
+            pool = self.h2_pools[endpoint] = H2Pool(
+                endpoint, self.clock, self.idle_timeout, self.forward_h2
+            )
+        conn = pool.usable()
+        if conn is not None:
+            service = req.service
+            if service is not None:
+                conn.idle_timeout = service.idle_timeout
+            conn.exchange(req, reply)
+            return
+        self.connect_and_exchange(pool, req, reply)
+
+    def connect_and_exchange(self, pool: EndpointPool | H2Pool, req: Request, reply: Reply) -> None:
         """No idle connection: open one (a task), counted against the service's
         max_pending while it opens, then exchange on it."""
         slot: PendingSlot | None = None
@@ -557,7 +574,7 @@ class _Connecting:
     def __init__(
         self,
         upstreams: Upstreams,
-        pool: EndpointPool,
+        pool: EndpointPool | H2Pool,
         req: Request,
         reply: Reply,
         slot: PendingSlot | None,
@@ -602,10 +619,10 @@ class _Connecting:
             conn.idle_timeout = service.idle_timeout
         reply, self._reply = self._reply, None
         if reply is None:  # interrupted while connecting: keep the connection for the next
-            pool.release(conn)
+            pool.keep(conn)  # type: ignore[arg-type]  # each pool takes its own connections
             return
         req.on_interrupt = None
-        conn.exchange(req, reply, False)
+        pool.begin(conn, req, reply)  # type: ignore[arg-type]
 
     def _answer(self, error: ProxyError) -> None:
         reply, self._reply = self._reply, None

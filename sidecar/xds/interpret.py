@@ -153,8 +153,9 @@ HONOURED_FIELDS: Final[tuple[tuple[str, str, str], ...]] = (
         "Route",
         "route.retry_policy.retry_on",
         "connect-failure, reset, gateway-error, 5xx, retriable-4xx, retriable-status-codes; "
-        "gRPC conditions (unavailable, cancelled, deadline-exceeded, internal, "
-        "resource-exhausted) are accepted and ignored (HTTP/1.1 only); others are refused",
+        "the gRPC conditions unavailable, cancelled, deadline-exceeded, internal, "
+        "resource-exhausted (a trailers-only answer's grpc-status, HTTP/2 clusters only); "
+        "others are refused",
     ),
     (
         "Route",
@@ -218,6 +219,13 @@ HONOURED_FIELDS: Final[tuple[tuple[str, str, str], ...]] = (
         ".common_http_protocol_options.idle_timeout",
         "idle timeout of pooled upstream connections (absent: 60s, not Envoy's 1h); the "
         "deprecated Cluster.common_http_protocol_options is read too",
+    ),
+    (
+        "Cluster",
+        "typed_extension_protocol_options[HttpProtocolOptions]"
+        ".explicit_http_config.http2_protocol_options",
+        "present: requests go to the endpoints over HTTP/2 (h2c, prior knowledge), multiplexed; "
+        "its settings are not read",
     ),
     (
         "ClusterLoadAssignment",
@@ -562,12 +570,14 @@ def _retry_policy(
     codes: frozenset[int] = frozenset()
     tokens = [t.strip() for t in policy.retry_on.split(",") if t.strip()]
     for token in tokens:
-        if token in _HTTP_RETRY_ON:
+        if token in _HTTP_RETRY_ON or token in _GRPC_RETRY_ON:
             conditions.add(token)
         elif token == "retriable-status-codes":
             codes = frozenset(int(code) for code in policy.retriable_status_codes)
-        elif token not in _GRPC_RETRY_ON:
-            supported = ", ".join(sorted(_HTTP_RETRY_ON | {"retriable-status-codes"}))
+        else:
+            supported = ", ".join(
+                sorted(_HTTP_RETRY_ON | _GRPC_RETRY_ON | {"retriable-status-codes"})
+            )
             raise _fail(
                 kind,
                 name,
@@ -687,13 +697,28 @@ def _lb_policy(cluster: Any) -> LbPolicy:
     return lb
 
 
-def _idle_timeout(cluster: Any) -> float:
+def _http_options(cluster: Any) -> Any:
+    """The Cluster's HttpProtocolOptions extension, or None."""
     packed = cluster.typed_extension_protocol_options.get(HTTP_PROTOCOL_OPTIONS)
-    if packed is not None:
-        options = http_protocol_options_pb2.HttpProtocolOptions()
+    if packed is None:
+        return None
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    if not packed.Unpack(options):
         field = f"typed_extension_protocol_options[{HTTP_PROTOCOL_OPTIONS}]"
-        if not packed.Unpack(options):
-            raise _fail("Cluster", cluster.name, field, "is not an HttpProtocolOptions")
+        raise _fail("Cluster", cluster.name, field, "is not an HttpProtocolOptions")
+    return options
+
+
+def _http2(cluster: Any) -> bool:
+    """The endpoints speak HTTP/2: explicit_http_config.http2_protocol_options is set."""
+    options = _http_options(cluster)
+    return options is not None and options.explicit_http_config.HasField("http2_protocol_options")
+
+
+def _idle_timeout(cluster: Any) -> float:
+    options = _http_options(cluster)
+    if options is not None:
+        field = f"typed_extension_protocol_options[{HTTP_PROTOCOL_OPTIONS}]"
         common = options.common_http_protocol_options
         if common.HasField("idle_timeout"):
             return _seconds(
@@ -870,6 +895,7 @@ def _service(
         timeout=timeout,
         connect_timeout=connect_timeout,
         idle_timeout=_idle_timeout(cluster),
+        http2=_http2(cluster),
         retry=retry,
         breaker=_breaker(cluster),
         lb=_lb_policy(cluster),

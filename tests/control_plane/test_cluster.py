@@ -126,7 +126,11 @@ def test_a_port_declares_its_protocol_by_app_protocol_else_by_its_name() -> None
         {"name": "https", "port": 443},
         {"name": "tls-legacy", "port": 8443},
         {"name": "http-admin", "port": 9000, "appProtocol": "tcp"},  # appProtocol wins
-        {"name": "grpc", "port": 9090},  # HTTP/2 is not spoken yet: detected
+        {"name": "grpc-api", "port": 9090},  # Istio's name prefix
+        {"name": "http2-web", "port": 9091},
+        {"name": "rpc", "port": 9092, "appProtocol": "kubernetes.io/h2c"},
+        {"name": "rpc2", "port": 9093, "appProtocol": "grpc"},
+        {"name": "rpc3", "port": 9094, "appProtocol": "h2c"},
         {"name": "metrics", "port": 9100},  # no known prefix: detected
     ]
     state, _ = state_of(service("mixed", "shop", ports))
@@ -139,7 +143,11 @@ def test_a_port_declares_its_protocol_by_app_protocol_else_by_its_name() -> None
         443: Protocol.TLS,
         8443: Protocol.TLS,
         9000: Protocol.TCP,
-        9090: None,
+        9090: Protocol.GRPC,
+        9091: Protocol.HTTP2,
+        9092: Protocol.HTTP2,
+        9093: Protocol.GRPC,
+        9094: Protocol.HTTP2,
         9100: None,
     }
 

@@ -168,7 +168,8 @@ def test_retry_on_is_comma_separated() -> None:
     (problem,) = check({"outrigger.dev/retry-on": "reset,teapot"})
     assert problem.message == (
         "outrigger.dev/retry-on: must be one of connect-failure, reset, gateway-error, 5xx, "
-        'retriable-4xx or a 3-digit HTTP status code (e.g. "503"), got "teapot"'
+        "retriable-4xx, cancelled, deadline-exceeded, internal, resource-exhausted, unavailable "
+        'or a 3-digit HTTP status code (e.g. "503"), got "teapot"'
     )
 
 

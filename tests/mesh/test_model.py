@@ -165,8 +165,9 @@ def test_unknown_top_level_key() -> None:
         (
             with_policy(retries={"attempts": 1, "retry_on": ["connect-failure", "teapot"]}),
             'mesh.yaml: service "payments": policy.retries.retry_on[1]: must be one of '
-            "connect-failure, reset, gateway-error, 5xx, retriable-4xx or a 3-digit HTTP status "
-            'code (e.g. "503"), got "teapot"',
+            "connect-failure, reset, gateway-error, 5xx, retriable-4xx, cancelled, "
+            "deadline-exceeded, internal, resource-exhausted, unavailable or a 3-digit HTTP "
+            'status code (e.g. "503"), got "teapot"',
         ),
         (
             with_policy(retries={"attempts": 1, "retry_on": [99]}),
@@ -329,11 +330,12 @@ def test_addresses_and_calls() -> None:
 
 def test_protocol_is_declared_per_service_or_left_to_detection() -> None:
     assert parse_mesh(one_service(), "m.yaml").services[0].protocol is None
-    for name in ("http", "tcp", "tls"):
+    for name in ("http", "http2", "grpc", "tcp", "tls"):
         service = parse_mesh(one_service(protocol=name), "m.yaml").services[0]
         assert service.protocol == Protocol(name)
     assert error_of(one_service(protocol="h2")) == (
-        'mesh.yaml: service "payments": protocol: must be one of http, tcp, tls, got "h2"'
+        'mesh.yaml: service "payments": protocol: must be one of http, http2, grpc, tcp, tls, '
+        'got "h2"'
     )
 
 

@@ -22,6 +22,8 @@ from mesh.model import parse_mesh
 from sidecar.app import Sidecar
 from sidecar.transport.listener import addresses_to_bind
 from sidecar.xds.interpret import snapshot_from_mesh
+from tests.sidecar.grpc_fixtures import channel as grpc_channel
+from tests.sidecar.grpc_fixtures import echo_server
 from tests.sidecar.resilience_fixtures import WAIT, sidecar_settings, wait_for
 from tests.sidecar.transport.relay_fixtures import echo_until_eof, tls_contexts
 
@@ -304,3 +306,25 @@ def test_redirect_targets_bind_both_families_on_a_fixed_port() -> None:
     assert addresses_to_bind("0.0.0.0", 15006) == ["0.0.0.0", "::"]
     assert addresses_to_bind("127.0.0.1", 0) == ["127.0.0.1"]  # tests: one socket, any port
     assert addresses_to_bind("10.0.0.1", 15006) == ["10.0.0.1"]  # one address asked for
+
+
+async def test_grpc_to_a_declared_virtual_address_and_detected_inbound() -> None:
+    """Outbound: a gRPC client dials a grpc service's virtual address by a name the mesh does
+    not know; the address routes it, over HTTP/2 to the endpoint. Inbound: an undeclared port,
+    so the first bytes decide (the HTTP/2 preface), and the call goes to the original
+    destination over HTTP/2."""
+    async with echo_server() as server:
+        host, port = server.address.rsplit(":", 1)
+        endpoint = (host, int(port))
+        doc = {"services": [service("echo", "10.96.0.20", 50051, endpoint, protocol="grpc")]}
+        async with pod(doc) as p:
+            p.redirect.to = ("10.96.0.20", 50051)
+            target = "{}:{}".format(*p.address())
+            async with grpc_channel(target, "echo.elsewhere.example:50051") as ch:
+                assert await ch.unary_unary("/test.Echo/Unary")(b"ab", timeout=5) == b"ba"
+        async with pod({"services": []}) as p:
+            p.redirect.to = endpoint  # the app's own address: inbound, detected
+            target = "{}:{}".format(*p.address("inbound"))
+            async with grpc_channel(target, "echo:50051") as ch:
+                assert await ch.unary_unary("/test.Echo/Unary")(b"cd", timeout=5) == b"dc"
+    assert [name for name, _ in server.calls] == ["Unary", "Unary"]

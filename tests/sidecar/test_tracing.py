@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc.aio
 import httpx
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -39,6 +41,8 @@ from sidecar.telemetry import propagation
 from sidecar.telemetry.tracing import Tracing, TracingSettings, otlp_endpoint, resource
 from sidecar.transport.body import EMPTY_BODY
 from sidecar.xds.interpret import snapshot_from_mesh
+from tests.sidecar.grpc_fixtures import channel as grpc_channel
+from tests.sidecar.grpc_fixtures import echo_server
 from tests.sidecar.proxy_fixtures import SidecarProcess, mesh_doc
 from tests.sidecar.resilience_fixtures import sidecar_settings
 
@@ -741,3 +745,35 @@ async def test_sidecar_process_exit_leaves_no_exporter_process(
         assert _state(exporter) is None  # the sidecar waited for it before exiting
     else:  # orphaned: it sees end of file and exits on its own (then init reaps it)
         await _until(lambda: _state(exporter) in (None, "Z"), 2 * WAIT)
+
+
+async def test_grpc_calls_get_rpc_attributes_on_both_sides() -> None:
+    """OpenTelemetry's RPC conventions on the CLIENT and SERVER spans of a gRPC call through
+    two sidecars (HTTP/2 both hops); a trailers-only error status is on the span too."""
+    async with (
+        collector() as (spans, endpoint),
+        echo_server() as server,
+        sidecar("echo", mesh(), endpoint, server.address) as b,
+    ):
+        b_inbound = "{}:{}".format(*b.addresses["inbound"])
+        doc = {
+            "tracing": {"sampling": 1.0},
+            "services": [
+                {"name": "echo", "port": 50051, "protocol": "grpc", "endpoints": [b_inbound]}
+            ],
+        }
+        async with sidecar("frontend", doc, endpoint) as a:
+            target = "{}:{}".format(*a.addresses["outbound"])
+            async with grpc_channel(target, "echo:50051") as ch:
+                assert await ch.unary_unary("/test.Echo/Unary")(b"ab", timeout=5) == b"ba"
+                server.fail_next.append(grpc.StatusCode.PERMISSION_DENIED)
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await ch.unary_unary("/test.Echo/Unary")(b"ab", timeout=5)
+            found = await spans.wait_for(4)
+    for span in found:
+        assert span.attributes["rpc.system"] == "grpc"
+        assert span.attributes["rpc.service"] == "test.Echo"
+        assert span.attributes["rpc.method"] == "Unary"
+    codes = sorted(str(s.attributes.get("rpc.grpc.status_code")) for s in found)
+    # The OK call's status comes in trailers after the span ended; the error was trailers-only.
+    assert codes == ["7", "7", "None", "None"]

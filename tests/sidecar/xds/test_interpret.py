@@ -51,7 +51,7 @@ def test_example_mesh_round_trips_into_the_policy_it_states() -> None:
     assert payments.lb is LbPolicy.LEAST_REQUEST
     assert payments.retry == RetryPolicy(
         attempts=2,
-        retry_on=frozenset({"connect-failure", "reset", "gateway-error"}),
+        retry_on=frozenset({"connect-failure", "reset", "gateway-error", "unavailable"}),
         retriable_status=frozenset({503}),
         per_try_timeout=0.5,
         backoff=Backoff(base=0.025, max=0.25),
@@ -226,13 +226,15 @@ def test_a_broken_resource_raises_config_error_naming_the_field(
         build_snapshot(resources, "v1")
 
 
-def test_grpc_retry_conditions_are_accepted_and_ignored() -> None:
+def test_grpc_retry_conditions_are_read() -> None:
+    """The translation adds `unavailable` for proxyless gRPC clients; the sidecar reads it as
+    they do (it applies to HTTP/2 services' trailers-only answers)."""
     resources = resources_for({"retries": {"attempts": 1, "retry_on": ["connect-failure"]}})
     policy = outbound_payments_route(resources).route.retry_policy
     assert "unavailable" in policy.retry_on
     retry = build_snapshot(resources, "v1").services[PAYMENTS].retry
     assert retry is not None
-    assert retry.retry_on == frozenset({"connect-failure"})
+    assert retry.retry_on == frozenset({"connect-failure", "unavailable"})
     assert retry.retriable_status == frozenset()
 
 

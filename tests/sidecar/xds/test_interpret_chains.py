@@ -211,3 +211,27 @@ def test_chains_the_sidecar_cannot_apply_are_refused_naming_the_field(
     breaker(resources)
     with pytest.raises(ConfigError, match=expected):
         build_snapshot(resources, "v1")
+
+
+@pytest.mark.parametrize(("protocol", "http2"), [("grpc", True), ("http2", True), ("http", False)])
+def test_grpc_and_http2_services_reach_their_endpoints_over_http2(
+    protocol: str, http2: bool
+) -> None:
+    """`protocol: grpc|http2` travels as the Cluster's http2_protocol_options and comes back as
+    ServiceConfig.http2; its addresses are HTTP chains (the first bytes pick HTTP/1.1 or 2)."""
+    doc = {
+        "services": [
+            {
+                "name": "echo",
+                "port": 50051,
+                "protocol": protocol,
+                "addresses": ["10.96.0.20"],
+                "endpoints": ["10.1.0.20:50051"],
+            }
+        ]
+    }
+    snapshot = build_snapshot(translate(parse_mesh(doc, "t")), "v1")
+    (service,) = snapshot.services.values()
+    assert service.http2 is http2
+    chain = snapshot.destinations[Endpoint("10.96.0.20", 50051)]
+    assert chain.protocol is ChainProtocol.HTTP

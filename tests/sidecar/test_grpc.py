@@ -1,0 +1,383 @@
+"""gRPC through two sidecars: a real grpcio client dials the outbound listener with the
+service's name as its authority; the request goes over HTTP/2 to the server's sidecar (inbound
+listener) and on to a real grpcio server, both hops h2c. Every call shape, large and many
+messages, metadata and trailers intact."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import httpx
+import pytest
+
+from mesh.model import parse_mesh
+from sidecar.app import Sidecar
+from sidecar.transport.server import ServerSettings
+from sidecar.xds.interpret import snapshot_from_mesh
+from tests.sidecar.grpc_fixtures import EchoServer, channel, echo_server
+from tests.sidecar.proxy_fixtures import SidecarProcess, running_sidecar
+from tests.sidecar.resilience_fixtures import sidecar_settings
+
+pytestmark = pytest.mark.timeout(60)
+
+AUTHORITY = "echo:50051"
+
+
+def grpc_mesh(endpoint: str, **service: Any) -> dict[str, Any]:
+    return {
+        "outbound_policy": "registry_only",
+        "services": [
+            {"name": "echo", "port": 50051, "protocol": "grpc", "endpoints": [endpoint], **service}
+        ],
+    }
+
+
+@contextlib.asynccontextmanager
+async def two_sidecars(
+    tmp_path: Path, server: EchoServer, **service: Any
+) -> AsyncIterator[tuple[SidecarProcess, SidecarProcess]]:
+    """The server's sidecar (inbound to the grpcio server) and the client's (outbound, with
+    the service `echo` declared grpc at the server sidecar's inbound listener)."""
+    (tmp_path / "server").mkdir()
+    (tmp_path / "client").mkdir()
+    inbound = await SidecarProcess.spawn(tmp_path / "server", {"services": []}, app=server.address)
+    try:
+        host, port = inbound.addresses["inbound"]
+        outbound = await SidecarProcess.spawn(
+            tmp_path / "client", grpc_mesh(f"{host}:{port}", **service)
+        )
+        try:
+            yield outbound, inbound
+        finally:
+            await outbound.stop()
+    finally:
+        await inbound.stop()
+
+
+def target(proc: SidecarProcess) -> str:
+    host, port = proc.addresses["outbound"]
+    return f"{host}:{port}"
+
+
+async def test_all_four_call_shapes_through_two_sidecars(tmp_path: Path) -> None:
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server) as (outbound, _),
+        channel(target(outbound), AUTHORITY) as ch,
+    ):
+        unary = ch.unary_unary("/test.Echo/Unary")
+        assert await unary(b"hello", timeout=10) == b"olleh"
+
+        server_stream = ch.unary_stream("/test.Echo/ServerStream")
+        got = [m async for m in server_stream(b"500:x" * 10, timeout=10)]
+        assert len(got) == 500
+        assert got[499] == b"499:" + b"500:x" * 10
+
+        client_stream = ch.stream_unary("/test.Echo/ClientStream")
+
+        async def many() -> AsyncIterator[bytes]:
+            for _ in range(1000):
+                yield b"m" * 1000
+
+        assert await client_stream(many(), timeout=10) == b"1000 messages, 1000000 bytes"
+
+        bidi = ch.stream_stream("/test.Echo/Bidi")
+        call = bidi(timeout=10)
+        for i in range(50):
+            await call.write(b"ping %d" % i)
+            assert await call.read() == b"PING %d" % i
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
+    assert [name for name, _ in server.calls] == ["Unary", "ServerStream", "ClientStream", "Bidi"]
+
+
+async def test_an_http1_upstream_declaration_does_not_carry_grpc(tmp_path: Path) -> None:
+    """The declaration matters: declared `http`, the request goes upstream as HTTP/1.1, which
+    a grpcio server does not speak (the call fails, and the server sees no call)."""
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server, protocol="http") as (
+            outbound,
+            _,
+        ),
+        channel(target(outbound), AUTHORITY) as ch,
+    ):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await ch.unary_unary("/test.Echo/Unary")(b"x", timeout=5)
+    assert server.calls == []
+
+
+async def test_large_messages_both_ways(tmp_path: Path) -> None:
+    """Messages far past every flow-control window (64 KiB by default), both directions."""
+    big = bytes(range(256)) * (8 * 1024 * 1024 // 256)  # 8 MiB
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server) as (outbound, _),
+        channel(target(outbound), AUTHORITY) as ch,
+    ):
+        unary = ch.unary_unary("/test.Echo/Unary")
+        assert await unary(big, timeout=20) == big[::-1]
+        bidi = ch.stream_stream("/test.Echo/Bidi")
+        call = bidi(timeout=20)
+        for _ in range(3):
+            await call.write(big[: 2 * 1024 * 1024])
+            assert await call.read() == big[: 2 * 1024 * 1024].upper()
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_metadata_and_trailers_pass_through(tmp_path: Path) -> None:
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server) as (outbound, _),
+        channel(target(outbound), AUTHORITY) as ch,
+    ):
+        call = ch.unary_unary("/test.Echo/Unary")(
+            b"abc", metadata=(("x-echo", "marker-1"),), timeout=10
+        )
+        assert await call == b"cba"
+        assert ("x-echoed", "marker-1") in tuple(await call.initial_metadata())
+        assert ("x-trailer", "marker-1-done") in tuple(await call.trailing_metadata())
+        # An error status from the app reaches the client with its message (trailers-only).
+        server.fail_next.append(grpc.StatusCode.PERMISSION_DENIED)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await ch.unary_unary("/test.Echo/Unary")(b"x", timeout=10)
+        assert failed.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "told to fail" in (failed.value.details() or "")
+    assert server.calls[0][1].get("x-echo") == "marker-1"
+
+
+async def test_many_concurrent_calls_through_two_sidecars(tmp_path: Path) -> None:
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server) as (outbound, _),
+        channel(target(outbound), AUTHORITY) as ch,
+    ):
+        unary = ch.unary_unary("/test.Echo/Unary")
+        results = await asyncio.gather(*(unary(b"%d" % i, timeout=20) for i in range(200)))
+        assert results == [(b"%d" % i)[::-1] for i in range(200)]
+    assert len(server.calls) == 200
+
+
+@pytest.mark.parametrize(("server_streams", "connections"), [(None, 1), (4, 4)])
+async def test_calls_share_a_connection_until_the_servers_stream_limit(
+    server_streams: int | None, connections: int
+) -> None:
+    """16 slow calls at once: one upstream connection carries them all, unless the server's
+    SETTINGS_MAX_CONCURRENT_STREAMS (4) says otherwise: then 16 / 4 connections."""
+    async with (
+        echo_server(max_streams=server_streams) as server,
+        running_sidecar(grpc_mesh(server.address)) as sidecar,
+    ):
+        host, port = sidecar.addresses["outbound"]
+        async with channel(f"{host}:{port}", AUTHORITY) as ch:
+            slow = ch.unary_unary("/test.Echo/Slow")
+            answers = await asyncio.gather(*(slow(b"0.5", timeout=20) for _ in range(16)))
+            assert answers == [b"late"] * 16
+            (pool,) = sidecar.upstreams.h2_pools.values()
+            assert len(pool.connections) == connections
+    assert len(server.calls) == 16
+
+
+# --- gRPC-aware errors and timeouts ------------------------------------------------------------
+
+
+def trailing(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    return {k: v for k, v in error.trailing_metadata() or () if isinstance(v, str)}
+
+
+async def test_no_route_is_unavailable_with_the_flag_not_an_http_page(tmp_path: Path) -> None:
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server) as (outbound, _),
+        channel(target(outbound), "nowhere:50051") as ch,
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await ch.unary_unary("/test.Echo/Unary")(b"x", timeout=10)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (failed.value.details() or "").startswith("NR: ")
+    assert trailing(failed.value)["x-outrigger-flags"] == "NR"
+    assert server.calls == []
+
+
+async def test_connect_failure_is_unavailable_uf(tmp_path: Path) -> None:
+    async with echo_server() as server:
+        await server.server.stop(grace=None)  # type: ignore[union-attr]
+        async with (
+            two_sidecars(tmp_path, server) as (outbound, _),
+            channel(target(outbound), AUTHORITY) as ch,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await ch.unary_unary("/test.Echo/Unary")(b"x", timeout=10)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    # The server's sidecar could not reach its app (UF); the client's passes that answer on.
+    assert trailing(failed.value)["x-outrigger-flags"] == "UF"
+
+
+async def test_route_timeout_is_deadline_exceeded_ut(tmp_path: Path) -> None:
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server, policy={"timeout": "300ms"}) as (outbound, _),
+        channel(target(outbound), AUTHORITY) as ch,
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await ch.unary_unary("/test.Echo/Slow")(b"3", timeout=10)
+    assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert (failed.value.details() or "").startswith("UT: ")
+    assert trailing(failed.value)["x-outrigger-flags"] == "UT"
+
+
+async def test_drain_sends_goaway_and_lets_an_open_stream_finish(tmp_path: Path) -> None:
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server) as (outbound, _),
+        channel(target(outbound), AUTHORITY) as ch,
+    ):
+        call = ch.unary_stream("/test.Echo/Ticks")(b"6:0.2", timeout=15)
+        got = [await call.read()]
+        outbound.terminate()  # SIGTERM: drain
+        while (message := await call.read()) is not grpc.aio.EOF:
+            got.append(message)
+        assert got == [b"tick %d" % i for i in range(6)]
+        assert await call.code() == grpc.StatusCode.OK
+        assert await outbound.wait(10) == 0
+
+
+async def test_grpc_calls_are_counted_by_grpc_status(tmp_path: Path) -> None:
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server) as (outbound, _),
+        channel(target(outbound), AUTHORITY) as ch,
+    ):
+        unary = ch.unary_unary("/test.Echo/Unary")
+        assert await unary(b"ab", timeout=10) == b"ba"
+        server.fail_next.append(grpc.StatusCode.NOT_FOUND)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await unary(b"ab", timeout=10)
+        async with httpx.AsyncClient() as client:
+            page = (await client.get(outbound.url("admin", "/stats/prometheus"))).text
+    counts = {
+        line.split("grpc_status=")[1].split('"')[1]: line.rsplit(" ", 1)[1]
+        for line in page.splitlines()
+        if line.startswith("outrigger_grpc_calls_total") and 'destination="echo"' in line
+    }
+    assert counts == {"0": "1.0", "5": "1.0"}  # OK once, NOT_FOUND once
+
+
+# --- retries and breakers on gRPC status -------------------------------------------------------
+
+
+async def test_unavailable_is_retried_and_the_app_sees_the_call_twice(tmp_path: Path) -> None:
+    retries = {"attempts": 2, "retry_on": ["unavailable"]}
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server, policy={"retries": retries}) as (outbound, _),
+        channel(target(outbound), AUTHORITY) as ch,
+    ):
+        server.fail_next.append(grpc.StatusCode.UNAVAILABLE)
+        assert await ch.unary_unary("/test.Echo/Unary")(b"abc", timeout=10) == b"cba"
+        # A status not asked for is the call's answer, not retried.
+        server.fail_next.append(grpc.StatusCode.NOT_FOUND)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await ch.unary_unary("/test.Echo/Unary")(b"abc", timeout=10)
+        assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+    assert [name for name, _ in server.calls] == ["Unary", "Unary", "Unary"]
+
+
+async def test_no_retry_once_a_message_was_forwarded(tmp_path: Path) -> None:
+    retries = {"attempts": 2, "retry_on": ["unavailable"]}
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server, policy={"retries": retries}) as (outbound, _),
+        channel(target(outbound), AUTHORITY) as ch,
+    ):
+        call = ch.unary_stream("/test.Echo/OneThenUnavailable")(b"x", timeout=10)
+        assert await call.read() == b"first"
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await call.read()
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(server.calls) == 1
+
+
+async def test_breaker_ejects_an_endpoint_answering_unavailable(tmp_path: Path) -> None:
+    async with echo_server() as bad, echo_server() as good:
+        bad.fail_next.extend([grpc.StatusCode.UNAVAILABLE] * 50)
+        mesh = grpc_mesh(bad.address, policy={"circuit_breaker": {"consecutive_failures": 2}})
+        mesh["services"][0]["endpoints"].append(good.address)
+        proc = await SidecarProcess.spawn(tmp_path, mesh)
+        try:
+            async with channel(target(proc), AUTHORITY) as ch:
+                unary = ch.unary_unary("/test.Echo/Unary")
+                codes = []
+                for _ in range(12):
+                    try:
+                        await unary(b"x", timeout=10)
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.aio.AioRpcError as error:
+                        codes.append(error.code())
+        finally:
+            await proc.stop()
+    # Round robin: the bad endpoint answers UNAVAILABLE twice, then it is ejected and every
+    # call goes to the good one.
+    assert len(bad.calls) == 2
+    assert codes.count(grpc.StatusCode.UNAVAILABLE) == 2
+    assert codes[-8:] == [grpc.StatusCode.OK] * 8
+    assert len(good.calls) == 10
+
+
+async def test_long_streams_are_not_cut_by_the_http1_timers() -> None:
+    """A bidi stream whose client pauses longer than the HTTP/1.1 body, header and idle
+    timeouts, and a server stream that outlasts them, both complete."""
+    short = ServerSettings(header_timeout=0.3, idle_timeout=0.3, body_timeout=0.3)
+    async with echo_server() as server:
+        doc = {
+            "services": [
+                {"name": "echo", "port": 50051, "protocol": "grpc", "endpoints": [server.address]}
+            ]
+        }
+        async with running_sidecar(doc, server=short) as sidecar:
+            host, port = sidecar.addresses["outbound"]
+            async with channel(f"{host}:{port}", AUTHORITY) as ch:
+                call = ch.stream_stream("/test.Echo/Bidi")(timeout=10)
+                for i in range(3):
+                    await call.write(b"slow %d" % i)
+                    assert await call.read() == b"SLOW %d" % i
+                    await asyncio.sleep(0.8)  # past every HTTP/1.1 timer, twice a sweep
+                await call.done_writing()
+                assert await call.code() == grpc.StatusCode.OK
+                ticks = ch.unary_stream("/test.Echo/Ticks")(b"4:0.5", timeout=10)
+                assert [m async for m in ticks] == [b"tick %d" % i for i in range(4)]
+
+
+async def test_access_log_lines_carry_the_grpc_status() -> None:
+    async with echo_server() as server:
+        settings = dataclasses.replace(sidecar_settings(), access_log=True)
+        sidecar = Sidecar(settings)
+        doc = grpc_mesh(server.address)
+        sidecar.apply(snapshot_from_mesh(parse_mesh(doc, "t")))
+        async with asyncio.timeout(10):
+            await sidecar.start()
+        try:
+            host, port = sidecar.addresses["outbound"]
+            async with channel(f"{host}:{port}", AUTHORITY) as ch:
+                assert await ch.unary_unary("/test.Echo/Unary")(b"ab", timeout=5) == b"ba"
+                server.fail_next.append(grpc.StatusCode.NOT_FOUND)
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await ch.unary_unary("/test.Echo/Unary")(b"ab", timeout=5)
+            lines = [json.loads(line) for line in sidecar.access_log.lines]
+        finally:
+            async with asyncio.timeout(10):
+                await sidecar.drain()
+    assert [(line["path"], line["status"], line["grpc_status"]) for line in lines] == [
+        ("/test.Echo/Unary", 200, 0),
+        ("/test.Echo/Unary", 200, 5),
+    ]
