@@ -44,6 +44,11 @@ def test_more_requests_in_flight_than_connections_is_explained_as_wrks_correctio
     assert "coordinated omission" in note and "The 256-connection tail" in note
 
 
+def test_exactly_the_connections_in_flight_is_not_flagged() -> None:
+    _, notes = report.table_rows([row("nginx", 256.0), row("outrigger", 256.4)])
+    assert notes == []
+
+
 def test_few_requests_in_flight_is_still_flagged() -> None:
     _, notes = report.table_rows([row("nginx", 250.0), row("haproxy", 20.0)])
     [note] = notes
