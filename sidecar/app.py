@@ -35,7 +35,6 @@ from sidecar.routing import Active, Router
 from sidecar.settings import SettingsError, SidecarSettings
 from sidecar.telemetry import otlp_endpoint
 from sidecar.telemetry.access_log import AccessLog
-from sidecar.transport.h2server import H2Completed
 from sidecar.transport.listener import (
     Listener,
     ListenerSettings,
@@ -232,7 +231,8 @@ class Sidecar:
     # --- bookkeeping ---------------------------------------------------------------------
 
     def _completed(self, direction: str) -> Completed:
-        """What a listener calls as each request cycle ends: metrics, and the access log."""
+        """What a listener calls as each request cycle or HTTP/2 stream ends: metrics (with the
+        gRPC status of a gRPC call), and the access log."""
         table = self.metrics.direction(direction)
         loop = asyncio.get_running_loop()
         access_log = self.access_log.record if self.settings.access_log else None
@@ -244,6 +244,8 @@ class Sidecar:
             flags: str,
             start: float,
             request: Request | None,
+            grpc_status: int | None = None,
+            /,
         ) -> None:
             duration = loop.time() - start
             destination = decision.name if decision is not None else "-"
@@ -251,33 +253,7 @@ class Sidecar:
             if series is None:
                 series = table[destination] = Series()
             series.add(status, flags, duration)
-            if access_log is not None:
-                access_log(direction, head, destination, status, flags, duration, request)
-
-        return completed
-
-    def _completed_h2(self, direction: str) -> H2Completed:
-        """`_completed` for HTTP/2 streams: also each gRPC call's status (metrics, log)."""
-        table = self.metrics.direction(direction)
-        loop = asyncio.get_running_loop()
-        access_log = self.access_log.record if self.settings.access_log else None
-
-        def completed(
-            head: RequestHead,
-            decision: Decision | None,
-            status: int,
-            flags: str,
-            start: float,
-            request: Request | None,
-            grpc_status: int | None,
-        ) -> None:
-            duration = loop.time() - start
-            destination = decision.name if decision is not None else "-"
-            series = table.get(destination)
-            if series is None:
-                series = table[destination] = Series()
-            series.add(status, flags, duration)
-            if grpc_status is not None:
+            if grpc_status is not None:  # an HTTP/2 stream's gRPC call
                 series.add_grpc(grpc_status)
             if access_log is not None:
                 access_log(
@@ -339,7 +315,6 @@ class Sidecar:
                 observer=books,
                 destination_of=self.destination_of,
                 h2_route=h2_routes[name],
-                completed_h2=self._completed_h2(name),
             )
             self.listeners[name] = listener
             await self._listen(name, addresses_to_bind(host, port), port, listener)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from typing import cast
 
 import h2.config
@@ -62,6 +61,7 @@ from sidecar.transport.server import (
     FLAGS_HEADER,
     MESH_HEADER_PREFIX,
     REQUEST_ID,
+    Completed,
     Decision,
     Dispatch,
     ServerState,
@@ -87,13 +87,6 @@ CONNECTION_SPECIFIC = frozenset(
         b"host",
     )
 )
-
-
-# Told when a stream ends, as `Completed` is, plus the call's gRPC status (None: not gRPC, or
-# the stream ended without one: reset).
-H2Completed = Callable[
-    [RequestHead, Decision | None, int, str, float, Request | None, int | None], None
-]
 
 
 def grpc_error_headers(error: ProxyError) -> list[tuple[bytes, bytes]]:
@@ -131,7 +124,7 @@ class H2DownstreamProtocol(asyncio.Protocol):
         self,
         state: ServerState,
         dispatch: Dispatch,
-        completed: H2Completed | None = None,
+        completed: Completed | None = None,
         request_ids: bool = True,
         destination: Endpoint | None = None,
     ) -> None:

@@ -41,7 +41,7 @@ from sidecar.interception.original_dst import original_destination
 from sidecar.protocol.detect import PREFACE, Detected
 from sidecar.protocol.events import RequestHead
 from sidecar.protocol.tls import ClientHello
-from sidecar.transport.h2server import H2Completed, H2DownstreamProtocol
+from sidecar.transport.h2server import H2DownstreamProtocol
 from sidecar.transport.server import Completed, Decision, DownstreamProtocol, ServerState
 from sidecar.transport.sniffer import FirstBytes, Sniffer, SniffSettings
 from sidecar.transport.tcp import TcpObserver, TcpProxy, TcpRecord, TcpSettings
@@ -90,14 +90,12 @@ class Listener:
         observer: TcpObserver | None = None,
         destination_of: OriginalDestination = kernel_destination,
         h2_route: Route | None = None,
-        completed_h2: H2Completed | None = None,
     ) -> None:
         self.settings = settings
         self.state = state  # the HTTP connections' (time limits, drain)
         self.route = route
         # The dispatch for HTTP/2 streams (`Router.outbound_h2`/`inbound_h2`); None: no HTTP/2.
         self.h2_route = h2_route
-        self.completed_h2 = completed_h2
         self.snapshot = snapshot
         self.is_own = is_own
         self.completed = completed
@@ -208,7 +206,7 @@ class Listener:
         protocol = H2DownstreamProtocol(
             self.state,
             dispatch,
-            self.completed_h2,
+            self.completed,
             request_ids=self.settings.request_ids,
             destination=destination,
         )

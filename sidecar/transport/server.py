@@ -82,10 +82,24 @@ class Decision:
 Dispatch = Callable[[RequestHead], Decision]
 
 
-# Told when a request cycle ends: (head, decision, status, flags, start on the loop's clock,
-# request); decision and request are None when there was no route, head is None too when the
-# request was refused before its head was whole (a 400 from the parser, a 408 header timeout).
-Completed = Callable[[RequestHead | None, Decision | None, int, str, float, Request | None], None]
+class Completed(Protocol):
+    """Told when a request cycle (or an HTTP/2 stream) ends: (head, decision, status, flags,
+    start on the loop's clock, request[, grpc_status]); decision and request are None when there
+    was no route, head is None too when the request was refused before its head was whole (a 400
+    from the parser, a 408 header timeout). An HTTP/2 stream adds the call's gRPC status (None:
+    not gRPC, or the stream ended without one: reset); HTTP/1.1 leaves it out."""
+
+    def __call__(
+        self,
+        head: RequestHead | None,
+        decision: Decision | None,
+        status: int,
+        flags: str,
+        start: float,
+        request: Request | None,
+        grpc_status: int | None = None,
+        /,
+    ) -> None: ...
 
 
 # Connection phases for the sweep.
