@@ -10,7 +10,7 @@ pool and h11) is unchanged; only the bytes' way in and out is shorter.
 httpcore takes a network backend (`AsyncNetworkBackend`) but httpx's transport does not pass one
 through, so `client` sets it on the transport's pool after construction: the one private
 attribute this module relies on (httpx and httpcore are pinned in requirements.lock, and
-tests/outrigger/demo/test_client.py fails if it stops taking effect).
+tests/outrigger/test_demo_client.py fails if it stops taking effect).
 """
 
 from __future__ import annotations
