@@ -246,7 +246,7 @@ class DownstreamProtocol(WriteFlow, Downstream):
         self.response_started = False
         self.close_after = False
         self.read_paused_by: set[str] = set()
-        self.drain_waiter: asyncio.Future[None] | None = None
+        self._waiter = None
         self.drain_callback: Callable[[], None] | None = None
         self.phase = IDLE
         self.phase_since = 0.0
@@ -316,9 +316,7 @@ class DownstreamProtocol(WriteFlow, Downstream):
             # connection closes now instead of being read into the void (flag DC).
             cycle.client_gone()
         self.drain_callback = None
-        waiter = self.drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionResetError("client closed the connection"))
+        self._fail_waiter(ConnectionResetError("client closed the connection"))
         if self.tunnel_abort is not None:
             self.tunnel_abort()
 
