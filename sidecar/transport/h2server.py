@@ -428,7 +428,6 @@ class _Stream(RequestCycle):
         "_unacked",
         "body",
         "grpc",
-        "grpc_status",
         "paused",
         "stream_id",
     )
@@ -446,7 +445,6 @@ class _Stream(RequestCycle):
         super().__init__(conn, head, None, None, start)
         self.stream_id = stream_id
         self.grpc = grpc
-        self.grpc_status: int | None = None  # the call's, once known
         self.body: BodyStream | None = None  # the request body while it arrives
         self.paused = False
         self._unacked = 0  # request bytes not yet acknowledged (the body asked to pause)

@@ -642,6 +642,7 @@ class RequestCycle:
         "done",
         "error",
         "flags",
+        "grpc_status",
         "head",
         "replied",
         "request",
@@ -650,8 +651,6 @@ class RequestCycle:
         "started",
         "status",
     )
-
-    grpc_status: int | None = None  # the gRPC call's status, once known (HTTP/2 only)
 
     def __init__(
         self,
@@ -674,6 +673,7 @@ class RequestCycle:
         self.flags = ""
         self.response: Response | None = None
         self._timer: Timer | None = None
+        self.grpc_status: int | None = None  # a gRPC call's status, once known (HTTP/2 only)
 
     def __call__(self, result: Result) -> None:
         raise NotImplementedError
