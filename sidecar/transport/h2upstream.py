@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import cast
+from typing import Any, Final, cast
 
 import h2.connection
 import h2.errors
@@ -123,27 +123,12 @@ class H2UpstreamConnection(asyncio.Protocol):
                     self._ack(event.stream_id, event.flow_controlled_length)
                 else:
                     stream.received(event.data or b"", event.flow_controlled_length)
-            elif kind is h2.events.ResponseReceived:
-                event = cast(h2.events.ResponseReceived, event)
-                stream = self.streams.get(event.stream_id)
+            elif kind in _TO_STREAM:
+                stream = self.streams.get(cast(Any, event).stream_id)
                 if stream is not None:
-                    stream.head(event.headers, event.stream_ended is not None)
+                    _TO_STREAM[kind](stream, event)
             elif kind is h2.events.InformationalResponseReceived:
                 continue  # 100 Continue and friends: the sidecar answers the client itself
-            elif kind is h2.events.TrailersReceived:
-                event = cast(h2.events.TrailersReceived, event)
-                stream = self.streams.get(event.stream_id)
-                if stream is not None:
-                    stream.trailers(event.headers)
-            elif kind is h2.events.StreamEnded:
-                stream = self.streams.get(cast(h2.events.StreamEnded, event).stream_id)
-                if stream is not None:
-                    stream.ended()
-            elif kind is h2.events.StreamReset:
-                event = cast(h2.events.StreamReset, event)
-                stream = self.streams.get(event.stream_id)
-                if stream is not None:
-                    stream.reset(event.error_code)
             elif kind is h2.events.WindowUpdated:
                 stream_id = cast(h2.events.WindowUpdated, event).stream_id
                 targets = (
@@ -482,6 +467,16 @@ class _UpStream(Waiting):
             task.cancel()
         self.window_opened()
         self.conn.stream_done(self)
+
+
+# What an event for one stream tells that stream (an event for a stream we no longer know, e.g.
+# after it was cancelled, is dropped).
+_TO_STREAM: Final[dict[type[h2.events.Event], Callable[[_UpStream, Any], None]]] = {
+    h2.events.ResponseReceived: lambda s, e: s.head(e.headers, e.stream_ended is not None),
+    h2.events.TrailersReceived: lambda s, e: s.trailers(e.headers),
+    h2.events.StreamEnded: lambda s, e: s.ended(),
+    h2.events.StreamReset: lambda s, e: s.reset(e.error_code),
+}
 
 
 class H2Pool:
