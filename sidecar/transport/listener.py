@@ -32,7 +32,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Protocol, TypeVar, cast
 
 from mesh.address import join_host_port
 from sidecar.config import ChainProtocol, Endpoint, Snapshot, TcpTarget
@@ -42,7 +42,13 @@ from sidecar.protocol.detect import PREFACE, Detected
 from sidecar.protocol.events import RequestHead
 from sidecar.protocol.tls import ClientHello
 from sidecar.transport.h2server import H2DownstreamProtocol
-from sidecar.transport.server import Completed, Decision, DownstreamProtocol, ServerState
+from sidecar.transport.server import (
+    Completed,
+    Decision,
+    Downstream,
+    DownstreamProtocol,
+    ServerState,
+)
 from sidecar.transport.sniffer import FirstBytes, Sniffer, SniffSettings
 from sidecar.transport.tcp import TcpObserver, TcpProxy, TcpRecord, TcpSettings
 
@@ -57,6 +63,8 @@ class Route(Protocol):
 
     def __call__(self, head: RequestHead, destination: Endpoint | None = None) -> Decision: ...
 
+
+DownstreamT = TypeVar("DownstreamT", bound=Downstream)
 
 # How the connection's original destination is read (tests give a stand-in for the kernel's).
 OriginalDestination = Callable[[asyncio.Transport], tuple[str, int] | None]
@@ -164,23 +172,29 @@ class Listener:
             tls_only=protocol is ChainProtocol.TLS,
         )
 
-    def _http(
-        self, transport: asyncio.Transport, destination: Endpoint | None, data: bytes, ended: bool
-    ) -> None:
-        route = self.route
+    def _downstream(
+        self, kind: type[DownstreamT], route: Route, destination: Endpoint | None
+    ) -> DownstreamT:
+        """An HTTP/1.1 or HTTP/2 connection's protocol, dispatching with `route` (given the
+        connection's original destination, when it has one)."""
         dispatch: Callable[[RequestHead], Decision] = route
         if destination is not None:
 
             def dispatch(head: RequestHead) -> Decision:
                 return route(head, destination)
 
-        protocol = DownstreamProtocol(
+        return kind(
             self.state,
             dispatch,
             self.completed,
             request_ids=self.settings.request_ids,
             destination=destination,
         )
+
+    def _http(
+        self, transport: asyncio.Transport, destination: Endpoint | None, data: bytes, ended: bool
+    ) -> None:
+        protocol = self._downstream(DownstreamProtocol, self.route, destination)
         if not data and not ended and self.h2_route is not None:
             # The first bytes say which: the HTTP/2 preface, or HTTP/1.1 (the protocol is
             # registered now, so a silent client is timed out as an idle HTTP/1.1 one).
@@ -195,21 +209,8 @@ class Listener:
             transport.close()
 
     def _h2(self, transport: asyncio.Transport, destination: Endpoint | None, data: bytes) -> None:
-        route = self.h2_route
-        assert route is not None
-        dispatch: Callable[[RequestHead], Decision] = route
-        if destination is not None:
-
-            def dispatch(head: RequestHead) -> Decision:
-                return route(head, destination)
-
-        protocol = H2DownstreamProtocol(
-            self.state,
-            dispatch,
-            self.completed,
-            request_ids=self.settings.request_ids,
-            destination=destination,
-        )
+        assert self.h2_route is not None
+        protocol = self._downstream(H2DownstreamProtocol, self.h2_route, destination)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         if data:
