@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, NamedTuple, TypeVar
 
 import httptools
 
@@ -225,21 +225,37 @@ class ChunkedDecoder:
 CRLFCRLF: Final = b"\r\n\r\n"
 _CRLF: Final = b"\r\n"
 
+# The states both parsers have (each adds its own after these).
+HEAD: Final = 0
+BODY: Final = 1  # Content-Length body
+CHUNKED: Final = 2
+
 # The events of a request parser or of a response parser.
 EventT = TypeVar("EventT", RequestEvent, ResponseEvent)
 
 
-# A head's framing and hop-by-hop fields, read once (`read_framing`): Host (the last one) and how
-# many Host fields there were, Content-Length, the transfer codings, the Connection options,
-# Upgrade, Expect: 100-continue, and whether llhttp may have taken the message as the
-# connection's last (HTTP/1.0, or Connection / Proxy-Connection, as it reads them).
-Framing: TypeAlias = tuple[
-    bytes | None, int, int | None, list[bytes] | None, list[bytes], bytes | None, bool, bool
-]
+class Framing(NamedTuple):
+    """A head's framing and hop-by-hop fields, read once (`read_framing`)."""
+
+    host: bytes | None  # the last Host field
+    hosts: int  # how many there were
+    content_length: int | None
+    chunked: bool
+    connection: list[bytes]  # the Connection options
+    upgrade: bytes | None
+    expect_continue: bool
+    # llhttp may have taken the message as the connection's last (HTTP/1.0, or Connection /
+    # Proxy-Connection, as it reads them)
+    last_message: bool
+
+
+class UnsupportedCoding(HeadError):
+    """Transfer codings other than chunked alone (this parser decodes no other)."""
 
 
 def read_framing(special: list[tuple[int, bytes]], version: bytes) -> Framing:
-    """The framing fields of a head (`_special`, in order); see `Framing`."""
+    """The framing fields of a head (`_special`, in order); see `Framing`. Framing is rule 2:
+    one of no body, one Content-Length, or chunked alone."""
     host: bytes | None = None
     hosts = 0
     content_length: int | None = None
@@ -247,7 +263,7 @@ def read_framing(special: list[tuple[int, bytes]], version: bytes) -> Framing:
     connection: list[bytes] = []
     upgrade: bytes | None = None
     expect_continue = False
-    last_for_llhttp = version == V10
+    last_message = version == V10
     for kind, value in special:
         if kind == K_HOST:
             hosts += 1
@@ -260,16 +276,31 @@ def read_framing(special: list[tuple[int, bytes]], version: bytes) -> Framing:
             te += list_tokens(value)
         elif kind == K_CONNECTION:
             connection += list_tokens(value)
-            last_for_llhttp = True
+            last_message = True
         elif kind == K_PROXY_CONNECTION:
-            last_for_llhttp = True
+            last_message = True
         elif kind == K_UPGRADE:
             upgrade = value if upgrade is None else upgrade + b", " + value
         elif kind == K_EXPECT:
             if value.lower() != b"100-continue":
                 raise HeadError(417, "unsupported Expect value")
             expect_continue = True
-    return host, hosts, content_length, te, connection, upgrade, expect_continue, last_for_llhttp
+    chunked = False
+    if te is not None:
+        if version == V10:
+            raise HeadError(400, "Transfer-Encoding on HTTP/1.0")
+        if content_length is not None:
+            raise HeadError(400, "both Content-Length and Transfer-Encoding")
+        if te != [b"chunked"]:
+            if not te:
+                raise UnsupportedCoding(400, "empty Transfer-Encoding")
+            if b"chunked" in te[:-1]:
+                raise UnsupportedCoding(400, "chunked is not the final transfer coding")
+            raise UnsupportedCoding(501, "unsupported transfer coding")
+        chunked = True
+    return Framing(
+        host, hosts, content_length, chunked, connection, upgrade, expect_continue, last_message
+    )
 
 
 class Http1Parser(Generic[EventT]):
@@ -337,6 +368,26 @@ class Http1Parser(Generic[EventT]):
 
     # internals
     def _run(self, buf: bytes, events: list[EventT]) -> None:
+        """The events of `buf`, state by state; a step returns where it stopped, -1 when
+        nothing more is parsed from this buffer (stashed, upgraded, or the end)."""
+        pos = 0
+        while 0 <= pos < len(buf):
+            state = self._state
+            if state == HEAD:
+                pos = self._head(buf, pos, events)
+            elif state == BODY:
+                pos = self._take_body(buf, pos, events)
+            elif state == CHUNKED:
+                pos = self._take_chunks(buf, pos, events)
+            else:
+                pos = self._after(buf, pos, events)
+
+    def _head(self, buf: bytes, pos: int, events: list[EventT]) -> int:
+        """A head from `buf[pos:]` (or its start, stashed: -1), and what its framing asks."""
+        raise NotImplementedError
+
+    def _after(self, buf: bytes, pos: int, events: list[EventT]) -> int:
+        """Bytes in the parser's own states (after the message, or until EOF)."""
         raise NotImplementedError
 
     def _die(self, error: HeadError | ChunkError) -> Reject:
@@ -433,9 +484,6 @@ class Http1Parser(Generic[EventT]):
 
 # --- the request parser -----------------------------------------------------------------------
 
-_HEAD: Final = 0
-_BODY: Final = 1  # Content-Length body
-_CHUNKED: Final = 2
 _UPGRADED: Final = 3
 _CLOSED: Final = 4  # the last message said the connection ends: later bytes are ignored
 _DEAD: Final = 5  # after a Reject
@@ -462,7 +510,7 @@ class RequestParser(Http1Parser[RequestEvent]):
 
     def __init__(self, limits: Limits = Limits()) -> None:  # noqa: B008 - frozen, shared default
         self._limits = limits
-        self._state = _HEAD
+        self._state = HEAD
         self._buf = bytearray()  # unconsumed bytes when a feed ended mid-line
         self._wait: bytes | None = None  # delimiter the stashed bytes wait for, if any
         self._scan = 0  # where to resume looking for it
@@ -503,7 +551,7 @@ class RequestParser(Http1Parser[RequestEvent]):
         state = self._state
         if state >= _UPGRADED:
             return []
-        if state == _HEAD and not self._buf.strip(b"\r\n"):
+        if state == HEAD and not self._buf.strip(b"\r\n"):
             self._state = _CLOSED
             return []
         return [self._die(HeadError(400, "connection closed in the middle of a request"))]
@@ -522,7 +570,7 @@ class RequestParser(Http1Parser[RequestEvent]):
         self._scan = 0 if wait is None else max(0, len(self._buf) - len(wait) + 1)
 
     def _check_partial(self, buf: bytes | bytearray, pos: int) -> None:
-        if self._state == _HEAD:
+        if self._state == HEAD:
             self._check_partial_head(buf, pos)
         elif self._chunked is not None:
             self._chunked.check_partial_line(len(buf) - pos)
@@ -543,50 +591,41 @@ class RequestParser(Http1Parser[RequestEvent]):
         if buf.count(_CRLF, eol + 2) > limits.max_headers:
             raise HeadError(431, "too many request header fields")
 
-    def _run(self, buf: bytes, events: list[RequestEvent]) -> None:
-        pos = 0
+    def _head(self, buf: bytes, pos: int, events: list[RequestEvent]) -> int:
         end = len(buf)
-        while pos < end:
-            state = self._state
-            if state == _HEAD:
-                while buf.startswith(_CRLF, pos):  # RFC 9112 §2.2: ignore empty lines
-                    pos += 2
-                if pos >= end:
-                    return
-                stop = buf.find(CRLFCRLF, pos)
-                if stop < 0:
-                    self._check_partial_head(buf, pos)
-                    self._stash(buf, pos, CRLFCRLF)
-                    return
-                stop += 4
-                head = self._parse_head(buf, pos, stop)
-                events.append(head)
-                pos = stop
-                if head.upgrade is not None:
-                    events.append(EndOfMessage())
-                    self._state = _UPGRADED
-                    self._rest[:] = memoryview(buf)[pos:]
-                    return
-                if head.chunked:
-                    self._chunked = ChunkedDecoder(self._limits)
-                    self._state = _CHUNKED
-                elif head.content_length:
-                    self._remaining = head.content_length
-                    self._state = _BODY
-                else:
-                    self._end(events)
-            elif state == _BODY:
-                pos = self._take_body(buf, pos, events)
-            elif state == _CHUNKED:
-                pos = self._take_chunks(buf, pos, events)
-                if pos < 0:
-                    return
-            else:  # _CLOSED: the proxy closes after this response; nothing more is parsed
-                return
+        while buf.startswith(_CRLF, pos):  # RFC 9112 §2.2: ignore empty lines
+            pos += 2
+        if pos >= end:
+            return -1
+        stop = buf.find(CRLFCRLF, pos)
+        if stop < 0:
+            self._check_partial_head(buf, pos)
+            self._stash(buf, pos, CRLFCRLF)
+            return -1
+        stop += 4
+        head = self._parse_head(buf, pos, stop)
+        events.append(head)
+        if head.upgrade is not None:
+            events.append(EndOfMessage())
+            self._state = _UPGRADED
+            self._rest[:] = memoryview(buf)[stop:]
+            return -1
+        if head.chunked:
+            self._chunked = ChunkedDecoder(self._limits)
+            self._state = CHUNKED
+        elif head.content_length:
+            self._remaining = head.content_length
+            self._state = BODY
+        else:
+            self._end(events)
+        return stop
+
+    def _after(self, buf: bytes, pos: int, events: list[RequestEvent]) -> int:
+        return -1  # _CLOSED: the proxy closes after this response; nothing more is parsed
 
     def _end(self, events: list[RequestEvent]) -> None:
         events.append(EndOfMessage())
-        self._state = _HEAD if self._ka else _CLOSED
+        self._state = HEAD if self._ka else _CLOSED
 
     def _parse_head(self, buf: bytes, start: int, stop: int) -> RequestHead:
         limits = self._limits
@@ -606,29 +645,14 @@ class RequestParser(Http1Parser[RequestEvent]):
         whole = start == 0 and stop == len(buf)
         head = buf if whole else buf[start:stop]
         headers, special, ll_done, late_error = self._read_fields(head)
-        host, hosts, content_length, te, connection, upgrade, expect_continue, last_for_llhttp = (
-            read_framing(special, version)
-        )
-
-        # Framing (rule 2): one of no body, one Content-Length, or chunked alone.
-        chunked = False
-        if te is not None:
-            if version == V10:
-                raise HeadError(400, "Transfer-Encoding on HTTP/1.0")
-            if content_length is not None:
-                raise HeadError(400, "both Content-Length and Transfer-Encoding")
-            if te != [b"chunked"]:
-                if not te:
-                    raise HeadError(400, "empty Transfer-Encoding")
-                if b"chunked" in te[:-1]:
-                    raise HeadError(400, "chunked is not the final transfer coding")
-                raise HeadError(501, "unsupported transfer coding")
-            chunked = True
+        framing = read_framing(special, version)
+        host, content_length, chunked = framing.host, framing.content_length, framing.chunked
+        connection, upgrade = framing.connection, framing.upgrade
 
         # Target and authority (rules 3 and 11).
         if method == b"CONNECT":
             raise HeadError(405, "CONNECT is not supported")
-        if hosts > 1:
+        if framing.hosts > 1:
             raise HeadError(400, "more than one Host header")
         if host is not None and not valid_host(host):
             raise HeadError(400, "invalid Host header")
@@ -693,7 +717,7 @@ class RequestParser(Http1Parser[RequestEvent]):
         # llhttp reads the next head only if it finished this one and cannot have taken it as
         # the connection's last (HTTP/1.0, or a close as it reads Connection or
         # Proxy-Connection): after such a message it refuses every byte, the next head included.
-        self._ll_clean = ll_done and not last_for_llhttp
+        self._ll_clean = ll_done and not framing.last_message
         return RequestHead(
             method,
             path,
@@ -703,7 +727,7 @@ class RequestParser(Http1Parser[RequestEvent]):
             keep_alive,
             None if chunked else content_length,
             chunked,
-            expect_continue,
+            framing.expect_continue,
             upgrade,
             absolute_form,
         )

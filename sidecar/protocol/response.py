@@ -18,7 +18,10 @@ from . import implementation
 from .events import Data, EndOfMessage, Reject, ResponseEvent, ResponseHead
 from .limits import Limits
 from .request import (
+    BODY,
+    CHUNKED,
     CRLFCRLF,
+    HEAD,
     K_EXPECT,
     K_HOST,
     SPECIAL,
@@ -28,6 +31,7 @@ from .request import (
     ChunkError,
     HeadError,
     Http1Parser,
+    UnsupportedCoding,
     bare_lf_first,
     read_framing,
 )
@@ -42,9 +46,6 @@ _STATUS_LINE: Final = re.compile(
 )
 _CONNECTION_OPTIONS: Final = frozenset((b"close", b"keep-alive", b"upgrade"))
 
-_HEAD: Final = 0
-_BODY: Final = 1  # Content-Length body
-_CHUNKED: Final = 2
 _UNTIL_EOF: Final = 3  # close-delimited body
 _DONE: Final = 4
 _UPGRADED: Final = 5
@@ -81,7 +82,7 @@ class ResponseParser(Http1Parser[ResponseEvent]):
         Reusing the parser (and its llhttp parser, when the last message left it clean) saves
         creating both per request on a keep-alive connection."""
         self._head_request = request_method == b"HEAD"
-        self._state = _HEAD
+        self._state = HEAD
         self._remaining = 0
         self._chunked = None
         self._keep_alive = False
@@ -114,7 +115,7 @@ class ResponseParser(Http1Parser[ResponseEvent]):
             pending = self._buf
             scan = max(0, len(pending) - 3)
             pending += data
-            if state == _HEAD and pending.find(CRLFCRLF, scan) < 0:
+            if state == HEAD and pending.find(CRLFCRLF, scan) < 0:
                 if len(pending) > self._limits.max_response_header_bytes:
                     return [self._die("response head too large")]
                 return []
@@ -140,57 +141,47 @@ class ResponseParser(Http1Parser[ResponseEvent]):
     def _stash(self, buf: bytes, pos: int, wait: bytes | None) -> None:
         self._buf[:] = memoryview(buf)[pos:]
 
-    def _run(self, buf: bytes, events: list[ResponseEvent]) -> None:
-        pos = 0
-        end = len(buf)
-        while pos < end:
-            state = self._state
-            if state == _HEAD:
-                stop = buf.find(CRLFCRLF, pos)
-                if stop < 0:
-                    if end - pos > self._limits.max_response_header_bytes:
-                        raise HeadError(502, "response head too large")
-                    if bare_lf_first(buf, pos):
-                        raise HeadError(502, "bare LF in response head")
-                    self._stash(buf, pos, CRLFCRLF)
-                    return
-                stop += 4
-                if stop - pos > self._limits.max_response_header_bytes:
-                    raise HeadError(502, "response head too large")
-                head = self._parse_head(buf[pos:stop])
-                events.append(head)
-                pos = stop
-                if head.status < 200:
-                    events.append(EndOfMessage())
-                    if head.upgrade is not None:
-                        self._state = _UPGRADED
-                        self._keep_alive = False
-                        self._rest[:] = memoryview(buf)[pos:]
-                        return
-                elif not head.has_body:
-                    self._end(events)
-                elif head.chunked:
-                    self._chunked = ChunkedDecoder(self._limits)
-                    self._state = _CHUNKED
-                elif head.content_length is not None:
-                    self._remaining = head.content_length
-                    self._state = _BODY
-                    if not head.content_length:
-                        self._end(events)
-                else:
-                    self._state = _UNTIL_EOF
-            elif state == _BODY:
-                pos = self._take_body(buf, pos, events)
-            elif state == _CHUNKED:
-                pos = self._take_chunks(buf, pos, events)
-                if pos < 0:
-                    return
-            elif state == _UNTIL_EOF:
-                events.append(Data(buf if pos == 0 else buf[pos:]))
-                return
-            else:  # _DONE: whatever follows a complete response poisons the connection
-                self._extra = True
-                return
+    def _head(self, buf: bytes, pos: int, events: list[ResponseEvent]) -> int:
+        stop = buf.find(CRLFCRLF, pos)
+        if stop < 0:
+            if len(buf) - pos > self._limits.max_response_header_bytes:
+                raise HeadError(502, "response head too large")
+            if bare_lf_first(buf, pos):
+                raise HeadError(502, "bare LF in response head")
+            self._stash(buf, pos, CRLFCRLF)
+            return -1
+        stop += 4
+        if stop - pos > self._limits.max_response_header_bytes:
+            raise HeadError(502, "response head too large")
+        head = self._parse_head(buf[pos:stop])
+        events.append(head)
+        if head.status < 200:
+            events.append(EndOfMessage())
+            if head.upgrade is not None:
+                self._state = _UPGRADED
+                self._keep_alive = False
+                self._rest[:] = memoryview(buf)[stop:]
+                return -1
+        elif not head.has_body:
+            self._end(events)
+        elif head.chunked:
+            self._chunked = ChunkedDecoder(self._limits)
+            self._state = CHUNKED
+        elif head.content_length is not None:
+            self._remaining = head.content_length
+            self._state = BODY
+            if not head.content_length:
+                self._end(events)
+        else:
+            self._state = _UNTIL_EOF
+        return stop
+
+    def _after(self, buf: bytes, pos: int, events: list[ResponseEvent]) -> int:
+        if self._state == _UNTIL_EOF:
+            events.append(Data(buf if pos == 0 else buf[pos:]))
+        else:  # _DONE: whatever follows a complete response poisons the connection
+            self._extra = True
+        return -1
 
     def _end(self, events: list[ResponseEvent]) -> None:
         events.append(EndOfMessage())
@@ -208,21 +199,17 @@ class ResponseParser(Http1Parser[ResponseEvent]):
 
         headers, special, ll_done, _ = self._read_fields(head)
         try:
-            _, _, content_length, te, connection, upgrade, _, last_for_llhttp = read_framing(
-                special, version
-            )
-        except HeadError as exc:  # of Content-Length: Host and Expect are not in _SPECIAL
+            framing = read_framing(special, version)
+        except UnsupportedCoding:
+            raise HeadError(502, "upstream sent an unsupported Transfer-Encoding") from None
+        except HeadError as exc:  # Host and Expect are not in _SPECIAL: framing only
             raise HeadError(502, f"upstream sent {exc.reason}") from None
-
-        chunked = False
-        if te is not None:
-            if version == V10:
-                raise HeadError(502, "upstream sent Transfer-Encoding on HTTP/1.0")
-            if content_length is not None:
-                raise HeadError(502, "upstream sent both Content-Length and Transfer-Encoding")
-            if te != [b"chunked"]:
-                raise HeadError(502, "upstream sent an unsupported Transfer-Encoding")
-            chunked = True
+        content_length, chunked, connection = (
+            framing.content_length,
+            framing.chunked,
+            framing.connection,
+        )
+        upgrade = framing.upgrade
 
         keep_alive = version == V11
         if connection:
@@ -250,7 +237,7 @@ class ResponseParser(Http1Parser[ResponseEvent]):
             if has_body and not chunked and content_length is None:
                 keep_alive = False  # close-delimited
         self._keep_alive = keep_alive
-        self._ll_clean = ll_done and not last_for_llhttp  # see RequestParser._parse_head
+        self._ll_clean = ll_done and not framing.last_message  # see RequestParser._parse_head
         return ResponseHead(
             status,
             reason,
