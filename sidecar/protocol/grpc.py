@@ -16,6 +16,13 @@ GRPC_RESOURCE_EXHAUSTED = 8
 GRPC_INTERNAL = 13
 GRPC_UNAVAILABLE = 14
 
+# retry_on tokens that name a gRPC status (sidecar/policy/retry.py): a service whose retry
+# policy has one of them gets its gRPC responses' headers held until the first message (or the
+# trailers), so a status that comes before any message can still be retried.
+GRPC_RETRY_ON = frozenset(
+    ("cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable")
+)
+
 _GRPC_TIMEOUT_UNITS = {
     ord("H"): 3600.0,
     ord("M"): 60.0,

@@ -45,6 +45,7 @@ from sidecar.exchange import (
     Response,
 )
 from sidecar.flags import Flag, ProxyError
+from sidecar.protocol.grpc import GRPC_RETRY_ON, grpc_status_of, is_grpc
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream
 from sidecar.transport.connect import UpstreamError, connect_within
 from sidecar.transport.h2server import CONNECTION_SPECIFIC, h2_config
@@ -56,9 +57,10 @@ MAX_REFUSED = 2  # times one request is sent again after a refusal (then: 503 UC
 
 
 class H2Body(BodyStream):
-    """A response body from an HTTP/2 upstream, with the trailers once they came."""
+    """A response body from an HTTP/2 upstream, with the trailers once they came, and their
+    grpc-status (`grpc_status`: what the classifier, the breaker and the spans read)."""
 
-    __slots__ = ("trailers",)
+    __slots__ = ("grpc_status", "trailers")
 
     def __init__(
         self,
@@ -69,6 +71,12 @@ class H2Body(BodyStream):
     ) -> None:
         super().__init__(length, pause, resume, on_discard=on_discard)
         self.trailers: list[tuple[bytes, bytes]] | None = None
+        self.grpc_status: int | None = None
+
+    @property
+    def failed(self) -> bool:
+        """It ended without its end: the stream was reset or the connection lost."""
+        return self._error is not None
 
 
 class H2UpstreamConnection(asyncio.Protocol):
@@ -253,6 +261,7 @@ class _UpStream:
     """One exchange on an HTTP/2 upstream connection."""
 
     __slots__ = (
+        "_held",
         "_paused",
         "_pending",
         "_unacked",
@@ -282,6 +291,8 @@ class _UpStream:
         self._unacked = 0
         self._pending = b""  # request bytes waiting for a window
         self._waiter: asyncio.Future[None] | None = None
+        # A gRPC response whose head waits for its first message or its trailers (`head`)
+        self._held: Response | None = None
         req.on_interrupt = self.interrupt
 
     # --- the request -----------------------------------------------------------------------
@@ -389,15 +400,29 @@ class _UpStream:
             response = Response(
                 status, b"", headers, self.body, self.conn.endpoint, length, method != b"HEAD"
             )
+            if req is not None and _may_retry_on_grpc_status(req) and is_grpc(headers):
+                # Held until the first message or the trailers (Envoy's router holds a head
+                # while a retry may still replace it): a grpc-status that comes before any
+                # message can then still be retried, and is classified (`classify_grpc`).
+                self._held = response
+                return
         self._answer(response)
 
     def received(self, data: bytes, flow: int) -> None:
-        if self._paused or self.body is None:
+        body = self.body
+        if self._paused or body is None:
             self._unacked += flow
         else:
             self.conn._ack(self.stream_id, flow)
-        if self.body is not None and data:
-            self.body.feed(data)
+        if body is not None and data:
+            body.feed(data)
+            if self._held is not None:
+                self._release()  # a message: the head goes now, no retry from here on
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self._answer(held)
 
     def _pause(self) -> None:
         self._paused = True
@@ -409,14 +434,17 @@ class _UpStream:
         self.conn.flush()
 
     def trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
-        if self.body is not None:
-            self.body.trailers = headers
+        body = self.body
+        if body is not None:
+            body.trailers = headers
+            body.grpc_status = grpc_status_of(headers)
 
     def ended(self) -> None:
         body = self.body
         self._done()
         if body is not None:
             body.finish()
+        self._release()  # no message came: the trailers' grpc-status decides (classify_grpc)
 
     def _discard(self) -> None:
         self._reset_stream(h2.errors.ErrorCodes.CANCEL)
@@ -463,6 +491,7 @@ class _UpStream:
         self._answer(UpstreamError(flag, reason))
 
     def _answer(self, result: Response | ProxyError) -> None:
+        self._held = None  # an error replaces a held head: nothing of it was forwarded
         reply, self.reply = self.reply, None
         if reply is None:
             if isinstance(result, Response):
@@ -488,6 +517,18 @@ class _UpStream:
             task.cancel()
         self.window_opened()
         self.conn.stream_done(self)
+
+
+def _may_retry_on_grpc_status(req: Request) -> bool:
+    """The request's service retries on a gRPC status, and its body can be sent again."""
+    service = req.service
+    retry = service.retry if service is not None else None
+    return (
+        retry is not None
+        and retry.attempts > 0
+        and not retry.retry_on.isdisjoint(GRPC_RETRY_ON)
+        and req.body.replayable
+    )
 
 
 class H2Pool:

@@ -308,6 +308,109 @@ async def test_no_retry_once_a_message_was_forwarded(tmp_path: Path) -> None:
     assert len(server.calls) == 1
 
 
+async def test_unavailable_after_the_headers_is_retried_and_the_app_sees_the_call_twice(
+    tmp_path: Path,
+) -> None:
+    """The server sends its initial metadata, then UNAVAILABLE in the trailers with no message
+    (not trailers-only): the sidecar held the headers, so the call is still retried, and the
+    client gets the second attempt's metadata and answer."""
+    retries = {"attempts": 2, "retry_on": ["unavailable"]}
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server, policy={"retries": retries}) as (outbound, _),
+        channel(target(outbound), AUTHORITY) as ch,
+    ):
+        server.fail_next.append(grpc.StatusCode.UNAVAILABLE)
+        call = ch.unary_unary("/test.Echo/HeadersFirst")(b"abc", timeout=10)
+        assert await call == b"cba"
+        assert ("x-early", "sent") in tuple(await call.initial_metadata())
+        assert [name for name, _ in server.calls] == ["HeadersFirst", "HeadersFirst"]
+        # Twice UNAVAILABLE after the headers: the last attempt's status reaches the client.
+        server.fail_next.extend([grpc.StatusCode.UNAVAILABLE] * 3)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await ch.unary_unary("/test.Echo/HeadersFirst")(b"abc", timeout=10)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "after the headers" in (failed.value.details() or "")
+        assert len(server.calls) == 5
+        # A message forwarded, then UNAVAILABLE: never retried.
+        server.fail_after_first.append(grpc.StatusCode.UNAVAILABLE)
+        stream = ch.unary_stream("/test.Echo/ServerStream")(b"3:x", timeout=10)
+        assert await stream.read() == b"0:3:x"
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await stream.read()
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(server.calls) == 6
+
+
+async def test_statuses_in_trailers_reach_the_metrics_and_the_access_log() -> None:
+    """A grpc-status after the headers, and one after a message, are what the call is counted
+    and logged with (not the 200 of the head)."""
+    async with echo_server() as server:
+        settings = dataclasses.replace(sidecar_settings(), access_log=True)
+        sidecar = Sidecar(settings)
+        sidecar.apply(snapshot_from_mesh(parse_mesh(grpc_mesh(server.address), "t")))
+        async with asyncio.timeout(10):
+            await sidecar.start()
+        try:
+            host, port = sidecar.addresses["outbound"]
+            async with channel(f"{host}:{port}", AUTHORITY) as ch:
+                server.fail_next.append(grpc.StatusCode.UNAVAILABLE)
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await ch.unary_unary("/test.Echo/HeadersFirst")(b"ab", timeout=5)
+                server.fail_after_first.append(grpc.StatusCode.INTERNAL)
+                stream = ch.unary_stream("/test.Echo/ServerStream")(b"3:x", timeout=5)
+                with pytest.raises(grpc.aio.AioRpcError):
+                    async for _ in stream:
+                        pass
+                assert await ch.unary_unary("/test.Echo/HeadersFirst")(b"ab", timeout=5) == b"ba"
+            lines = [json.loads(line) for line in sidecar.access_log.lines]
+            counts = sidecar.metrics.grpc_calls()
+        finally:
+            async with asyncio.timeout(10):
+                await sidecar.drain()
+    assert [(line["path"], line["status"], line["grpc_status"]) for line in lines] == [
+        ("/test.Echo/HeadersFirst", 200, 14),
+        ("/test.Echo/ServerStream", 200, 13),
+        ("/test.Echo/HeadersFirst", 200, 0),
+    ]
+    assert {key[3]: count for key, count in counts.items()} == {"14": 1, "13": 1, "0": 1}
+
+
+@pytest.mark.parametrize("failure", ["after the headers", "after a message"])
+async def test_breaker_ejects_an_endpoint_failing_in_the_trailers(
+    tmp_path: Path, failure: str
+) -> None:
+    """UNAVAILABLE in the trailers, after the headers or after a message, counts towards the
+    endpoint's breaker as a trailers-only UNAVAILABLE does (no retry policy here)."""
+    async with echo_server() as bad, echo_server() as good:
+        if failure == "after the headers":
+            bad.fail_next.extend([grpc.StatusCode.UNAVAILABLE] * 50)
+        else:
+            bad.fail_after_first.extend([grpc.StatusCode.UNAVAILABLE] * 50)
+        mesh = grpc_mesh(bad.address, policy={"circuit_breaker": {"consecutive_failures": 2}})
+        mesh["services"][0]["endpoints"].append(good.address)
+        proc = await SidecarProcess.spawn(tmp_path, mesh)
+        try:
+            async with channel(target(proc), AUTHORITY) as ch:
+                codes = []
+                for _ in range(12):
+                    try:
+                        if failure == "after the headers":
+                            await ch.unary_unary("/test.Echo/HeadersFirst")(b"x", timeout=10)
+                        else:
+                            call = ch.unary_stream("/test.Echo/ServerStream")(b"2:x", timeout=10)
+                            assert len([m async for m in call]) == 2
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.aio.AioRpcError as error:
+                        codes.append(error.code())
+        finally:
+            await proc.stop()
+    assert len(bad.calls) == 2
+    assert codes.count(grpc.StatusCode.UNAVAILABLE) == 2
+    assert codes[-8:] == [grpc.StatusCode.OK] * 8
+    assert len(good.calls) == 10
+
+
 async def test_breaker_ejects_an_endpoint_answering_unavailable(tmp_path: Path) -> None:
     async with echo_server() as bad, echo_server() as good:
         bad.fail_next.extend([grpc.StatusCode.UNAVAILABLE] * 50)
