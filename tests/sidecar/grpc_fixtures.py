@@ -25,8 +25,9 @@ SERVICE = "test.Echo"
 class EchoServer:
     calls: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     fail_next: list[grpc.StatusCode] = field(default_factory=list)  # popped per call
-    # ServerStream: popped per call after its first message (the status in trailers after it)
-    fail_after_first: list[grpc.StatusCode] = field(default_factory=list)
+    # Popped per call late: ServerStream after its first message (the status in the trailers
+    # after it), ClientStream after reading every message
+    fail_late: list[grpc.StatusCode] = field(default_factory=list)
     server: grpc.aio.Server | None = None
     port: int = 0
 
@@ -56,8 +57,8 @@ class EchoServer:
         count = int(request.split(b":")[0])
         for i in range(count):
             yield b"%d:" % i + request
-            if self.fail_after_first:
-                code = self.fail_after_first.pop(0)
+            if self.fail_late:
+                code = self.fail_late.pop(0)
                 await context.abort(code, f"told to fail with {code.name} after a message")
 
     async def client_stream(
@@ -69,6 +70,9 @@ class EchoServer:
         async for message in requests:
             total += len(message)
             count += 1
+        if self.fail_late:
+            code = self.fail_late.pop(0)
+            await context.abort(code, f"told to fail with {code.name} after {count} messages")
         return b"%d messages, %d bytes" % (count, total)
 
     async def bidi(

@@ -333,13 +333,42 @@ async def test_unavailable_after_the_headers_is_retried_and_the_app_sees_the_cal
         assert "after the headers" in (failed.value.details() or "")
         assert len(server.calls) == 5
         # A message forwarded, then UNAVAILABLE: never retried.
-        server.fail_after_first.append(grpc.StatusCode.UNAVAILABLE)
+        server.fail_late.append(grpc.StatusCode.UNAVAILABLE)
         stream = ch.unary_stream("/test.Echo/ServerStream")(b"3:x", timeout=10)
         assert await stream.read() == b"0:3:x"
         with pytest.raises(grpc.aio.AioRpcError) as failed:
             await stream.read()
         assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     assert len(server.calls) == 6
+
+
+async def test_a_client_stream_is_retried_only_while_it_fits_the_retry_buffer(
+    tmp_path: Path,
+) -> None:
+    """The server reads every message, then answers UNAVAILABLE: a client stream whose
+    messages fit the retry buffer (64 KiB) is sent again whole; a larger one was forwarded
+    and forgotten as it went, so its UNAVAILABLE is the call's answer."""
+    retries = {"attempts": 2, "retry_on": ["unavailable"]}
+
+    async def messages(count: int) -> AsyncIterator[bytes]:
+        for _ in range(count):
+            yield b"m" * 1000
+
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server, policy={"retries": retries}) as (outbound, _),
+        channel(target(outbound), AUTHORITY) as ch,
+    ):
+        client_stream = ch.stream_unary("/test.Echo/ClientStream")
+        server.fail_late.append(grpc.StatusCode.UNAVAILABLE)
+        assert await client_stream(messages(20), timeout=10) == b"20 messages, 20000 bytes"
+        assert len(server.calls) == 2
+        server.fail_late.append(grpc.StatusCode.UNAVAILABLE)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await client_stream(messages(100), timeout=10)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "after 100 messages" in (failed.value.details() or "")
+    assert len(server.calls) == 3
 
 
 async def test_statuses_in_trailers_reach_the_metrics_and_the_access_log() -> None:
@@ -357,7 +386,7 @@ async def test_statuses_in_trailers_reach_the_metrics_and_the_access_log() -> No
                 server.fail_next.append(grpc.StatusCode.UNAVAILABLE)
                 with pytest.raises(grpc.aio.AioRpcError):
                     await ch.unary_unary("/test.Echo/HeadersFirst")(b"ab", timeout=5)
-                server.fail_after_first.append(grpc.StatusCode.INTERNAL)
+                server.fail_late.append(grpc.StatusCode.INTERNAL)
                 stream = ch.unary_stream("/test.Echo/ServerStream")(b"3:x", timeout=5)
                 with pytest.raises(grpc.aio.AioRpcError):
                     async for _ in stream:
@@ -386,7 +415,7 @@ async def test_breaker_ejects_an_endpoint_failing_in_the_trailers(
         if failure == "after the headers":
             bad.fail_next.extend([grpc.StatusCode.UNAVAILABLE] * 50)
         else:
-            bad.fail_after_first.extend([grpc.StatusCode.UNAVAILABLE] * 50)
+            bad.fail_late.extend([grpc.StatusCode.UNAVAILABLE] * 50)
         mesh = grpc_mesh(bad.address, policy={"circuit_breaker": {"consecutive_failures": 2}})
         mesh["services"][0]["endpoints"].append(good.address)
         proc = await SidecarProcess.spawn(tmp_path, mesh)
