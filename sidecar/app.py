@@ -70,12 +70,16 @@ class Sidecar:
         destination_of: OriginalDestination = kernel_destination,
     ) -> None:
         self.settings = settings
-        self.server_settings = server or ServerSettings()
+        self.server_settings = server or ServerSettings(
+            stream_idle_timeout=settings.stream_idle_timeout
+        )
         # How a connection's original destination is read: the kernel's SO_ORIGINAL_DST (tests
         # without iptables give a stand-in).
         self.destination_of = destination_of
         self.services = ServiceRegistry(on_event=self._policy_event)
-        self.upstreams = Upstreams(services=self.services)
+        self.upstreams = Upstreams(
+            services=self.services, stream_idle_timeout=self.server_settings.stream_idle_timeout
+        )
         self.router = Router(
             self.services,
             self.upstreams.forward,

@@ -49,7 +49,6 @@ from sidecar.policy.timeout import UpstreamTimeoutError
 from sidecar.protocol.events import RequestHead
 from sidecar.protocol.grpc import (
     GRPC_CONTENT_TYPE,
-    GRPC_DEADLINE_EXCEEDED,
     error_code,
     grpc_status_of,
     grpc_timeout,
@@ -454,6 +453,7 @@ class _Stream:
     """One HTTP/2 stream: the request cycle, and the reply of the route's handler."""
 
     __slots__ = (
+        "_idle",
         "_outbound",
         "_timer",
         "_trailers",
@@ -467,6 +467,7 @@ class _Stream:
         "grpc",
         "grpc_status",
         "head",
+        "last_activity",
         "paused",
         "replied",
         "request",
@@ -504,6 +505,11 @@ class _Stream:
         self._outbound = b""  # response bytes waiting for the peer's window
         self._trailers: list[tuple[bytes, bytes]] | None = None
         self._timer: Timer | None = None
+        # The stream idle timeout (Envoy's stream_idle_timeout): checked when it could have
+        # passed, against the last time bytes moved on the stream either way.
+        self.last_activity = start
+        idle = conn.state.settings.stream_idle_timeout
+        self._idle: Timer | None = call_at(start + idle, self._idle_check) if idle > 0 else None
 
     # --- the request -----------------------------------------------------------------------
 
@@ -540,6 +546,7 @@ class _Stream:
     def received(self, data: bytes, flow: int) -> None:
         body = self.body
         assert body is not None
+        self.last_activity = self.conn.last_activity
         if self.paused:
             self._unacked += flow
         else:
@@ -651,6 +658,7 @@ class _Stream:
 
     def _respond(self, response: Response) -> None:
         self.response = response
+        self.last_activity = self.conn.loop.time()
         self.status = response.status
         if response.flags:
             self.flags = ",".join([f.value for f in response.flags])
@@ -739,6 +747,8 @@ class _Stream:
         h2conn = conn.h2
         stream_id = self.stream_id
         data = self._outbound
+        if data:
+            self.last_activity = conn.loop.time()
         while data:
             if conn.write_paused:
                 self._outbound = data
@@ -770,9 +780,25 @@ class _Stream:
     def _deadline_passed(self) -> None:
         """The request's deadline (route timeout or grpc-timeout) passed."""
         self._timer = None
+        if not self.done:
+            self._cut(UpstreamTimeoutError("the request's deadline passed"))
+
+    def _idle_check(self) -> None:
+        """The stream idle timeout may have passed: cut the stream if no byte moved on it
+        since, else check again when it could pass next."""
+        self._idle = None
         if self.done:
             return
-        error = UpstreamTimeoutError("the request's deadline passed")
+        conn = self.conn
+        idle = conn.state.settings.stream_idle_timeout
+        if conn.loop.time() - self.last_activity < idle:
+            self._idle = call_at(self.last_activity + idle, self._idle_check)
+            return
+        self._cut(ProxyError(Flag.STREAM_IDLE_TIMEOUT, f"no bytes on the stream for {idle:g}s"))
+
+    def _cut(self, error: ProxyError) -> None:
+        """End the stream early with `error`: the answer when nothing was sent yet; mid-response
+        a gRPC call ends with the error's grpc-status in the trailers, anything else is reset."""
         if not self.replied:
             request = self.request
             if request is None or not request.interrupt(error, end=True):
@@ -781,15 +807,13 @@ class _Stream:
         response = self.response
         if response is not None:
             response.discard()
-        self.flags = Flag.UPSTREAM_TIMEOUT.value
+        self.flags = error.flag.value
         if self.grpc and not self.conn.closed:
-            # Mid-response: the call ends with DEADLINE_EXCEEDED in the trailers.
             self._outbound = b""
-            self.grpc_status = GRPC_DEADLINE_EXCEEDED
+            headers = grpc_error_headers(error)[2:]
+            self.grpc_status = grpc_status_of(headers)
             with contextlib.suppress(h2.exceptions.StreamClosedError):
-                self.conn.h2.send_headers(
-                    self.stream_id, grpc_error_headers(error)[2:], end_stream=True
-                )
+                self.conn.h2.send_headers(self.stream_id, headers, end_stream=True)
             self.conn._flush()
             self.finish()
             return
@@ -811,6 +835,10 @@ class _Stream:
         if timer is not None:
             self._timer = None
             timer.cancel()
+        idle = self._idle
+        if idle is not None:
+            self._idle = None
+            idle.cancel()
         conn = self.conn
         if conn.completed is not None:
             conn.completed(

@@ -464,6 +464,8 @@ class EndpointPool:
         """Close idle connections past their own idle timeout and stalled exchanges."""
         for conn in [c for c in self.idle if 0 < c.idle_timeout < now - c.idle_since]:
             conn.abort()
+        if stream_idle_timeout <= 0:
+            return
         for conn in [c for c in self.connections if now - c.last_activity > stream_idle_timeout]:
             if conn.busy:
                 conn.abort()

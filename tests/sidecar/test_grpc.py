@@ -490,6 +490,44 @@ async def test_long_streams_are_not_cut_by_the_http1_timers() -> None:
                 assert [m async for m in ticks] == [b"tick %d" % i for i in range(4)]
 
 
+async def test_a_stream_idle_past_the_stream_idle_timeout_ends_unavailable_si(
+    tmp_path: Path,
+) -> None:
+    """Envoy's stream_idle_timeout on HTTP/2 streams (`--stream-idle-timeout`): a stream that
+    moves bytes more often than the timeout lasts as long as it likes; one with no bytes either
+    way for the timeout ends UNAVAILABLE with the flag SI, mid-call (in the trailers) or before
+    any answer."""
+    async with echo_server() as server:
+        proc = await SidecarProcess.spawn(
+            tmp_path, grpc_mesh(server.address), extra=("--stream-idle-timeout", "500ms")
+        )
+        try:
+            await _idle_streams(proc)
+        finally:
+            await proc.stop()
+
+
+async def _idle_streams(proc: SidecarProcess) -> None:
+    async with channel(target(proc), AUTHORITY) as ch:
+        ticks = ch.unary_stream("/test.Echo/Ticks")(b"8:0.2", timeout=10)
+        assert [m async for m in ticks] == [b"tick %d" % i for i in range(8)]  # 1.6 s
+
+        bidi = ch.stream_stream("/test.Echo/Bidi")(timeout=10)
+        await bidi.write(b"one")
+        assert await bidi.read() == b"ONE"
+        await asyncio.sleep(1.0)  # neither side sends anything
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await bidi.read()
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert (failed.value.details() or "").startswith("SI: no bytes on the stream")
+        assert trailing(failed.value)["x-outrigger-flags"] == "SI"
+
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await ch.unary_unary("/test.Echo/Slow")(b"2", timeout=10)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert trailing(failed.value)["x-outrigger-flags"] == "SI"
+
+
 async def test_access_log_lines_carry_the_grpc_status() -> None:
     async with echo_server() as server:
         settings = dataclasses.replace(sidecar_settings(), access_log=True)
