@@ -108,7 +108,9 @@ class Sidecar:
             self.addresses,
             settings.trace_sampling,
         )
-        self.clusters = admin.Clusters(self.router.snapshot, self.services, self.upstreams.pools)
+        self.clusters = admin.Clusters(
+            self.router.snapshot, self.services, self.upstreams.pools, self.upstreams.h2_pools
+        )
         self.admin = admin.Admin(
             {
                 b"/ready": admin.Ready(self.not_ready_reason),

@@ -466,6 +466,78 @@ async def test_breaker_ejects_an_endpoint_answering_unavailable(tmp_path: Path) 
     assert len(good.calls) == 10
 
 
+# --- budgets on upstream HTTP/2 connections ----------------------------------------------------
+
+
+def overflowed(error: grpc.aio.AioRpcError) -> bool:
+    return (
+        error.code() == grpc.StatusCode.UNAVAILABLE
+        and (error.details() or "").startswith("UO: ")
+        and trailing(error)["x-outrigger-flags"] == "UO"
+    )
+
+
+async def test_max_requests_bounds_the_streams_on_an_http2_upstream() -> None:
+    """Envoy's max_requests is HTTP/2's max concurrent streams: with 2, of 5 slow calls at
+    once on the one multiplexed connection 2 reach the server, 3 get UNAVAILABLE UO at once."""
+    policy = {"circuit_breaker": {"max_requests": 2}}
+    async with (
+        echo_server() as server,
+        running_sidecar(grpc_mesh(server.address, policy=policy)) as sidecar,
+    ):
+        host, port = sidecar.addresses["outbound"]
+        async with channel(f"{host}:{port}", AUTHORITY) as ch:
+            slow = ch.unary_unary("/test.Echo/Slow")
+            first = [asyncio.ensure_future(slow(b"1", timeout=10)) for _ in range(2)]
+            while len(server.calls) < 2:  # both streams open upstream (bounded by the timeout)
+                await asyncio.sleep(0.02)
+            (endpoint,) = sidecar.clusters.document()["echo"]["endpoints"]
+            assert (endpoint["http2_connections"], endpoint["http2_streams"]) == (1, 2)
+            assert endpoint["active_requests"] == 2
+            for _ in range(3):
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await slow(b"0", timeout=10)
+                assert overflowed(failed.value)
+            assert await asyncio.gather(*first) == [b"late", b"late"]
+            assert await slow(b"0", timeout=10) == b"late"  # room again
+        stats = sidecar.services.get("echo")
+        assert stats is not None and stats.stats.overflows == 3
+    assert len(server.calls) == 3
+
+
+async def test_max_pending_bounds_calls_waiting_for_an_http2_connection() -> None:
+    """A call waiting for an HTTP/2 connection (the endpoint accepts, but its SETTINGS have
+    not come) holds a pending slot: with max_pending 1, a second call meanwhile is UO."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # never answers: no SETTINGS
+
+    upstream = await asyncio.start_server(silent, "127.0.0.1", 0)
+    address = f"127.0.0.1:{upstream.sockets[0].getsockname()[1]}"
+    policy = {"circuit_breaker": {"max_pending": 1}, "connect_timeout": "1s"}
+    try:
+        async with running_sidecar(grpc_mesh(address, policy=policy)) as sidecar:
+            host, port = sidecar.addresses["outbound"]
+            async with channel(f"{host}:{port}", AUTHORITY) as ch:
+                unary = ch.unary_unary("/test.Echo/Unary")
+                waiting = asyncio.ensure_future(unary(b"x", timeout=10))
+                while not accepted:
+                    await asyncio.sleep(0.02)
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await unary(b"x", timeout=10)
+                assert overflowed(failed.value)
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await waiting
+                # The first one waited for the SETTINGS until the connect timeout (UF).
+                assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert trailing(failed.value)["x-outrigger-flags"] == "UF"
+    finally:
+        for writer in accepted:
+            writer.close()
+        upstream.close()
+
+
 async def test_long_streams_are_not_cut_by_the_http1_timers() -> None:
     """A bidi stream whose client pauses longer than the HTTP/1.1 body, header and idle
     timeouts, and a server stream that outlasts them, both complete."""
