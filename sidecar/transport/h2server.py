@@ -88,6 +88,21 @@ CONNECTION_SPECIFIC = frozenset(
 )
 
 
+# The connection-level receive window we grant a peer (both sides: h2upstream.py too). Each
+# stream's own window (65,535, the default) is what holds back one stream's sender while its
+# body waits (its reader paused); the connection's must be larger than the streams that may
+# stall at once could hold, or one stalled stream stops every other stream on the connection:
+# all of a gRPC client's calls, or every client's calls to an endpoint on the shared upstream
+# connection. It does not add to what is buffered: that is bounded per stream (its body's high
+# water and its window).
+CONNECTION_WINDOW = 16 * 1024 * 1024
+
+
+def open_connection_window(h2conn: h2.connection.H2Connection) -> None:
+    """Grant the peer CONNECTION_WINDOW on the connection (after `initiate_connection`)."""
+    h2conn.increment_flow_control_window(CONNECTION_WINDOW - h2conn.inbound_flow_control_window)
+
+
 def grpc_error_headers(error: ProxyError) -> list[tuple[bytes, bytes]]:
     """A trailers-only gRPC response for a local error: the flag in grpc-message and in
     x-outrigger-flags (a gRPC client cannot read an HTTP 503 page)."""
@@ -164,6 +179,7 @@ class H2DownstreamProtocol(asyncio.Protocol):
             },
         )
         self.h2.initiate_connection()
+        open_connection_window(self.h2)
         self._flush()
         if self.state.draining:
             self.close_when_idle()

@@ -48,7 +48,7 @@ from sidecar.flags import Flag, ProxyError
 from sidecar.protocol.grpc import GRPC_RETRY_ON, grpc_status_of, is_grpc
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream
 from sidecar.transport.connect import UpstreamError, connect_within
-from sidecar.transport.h2server import CONNECTION_SPECIFIC, h2_config
+from sidecar.transport.h2server import CONNECTION_SPECIFIC, h2_config, open_connection_window
 
 log = logging.getLogger("outrigger.h2.upstream")
 
@@ -109,6 +109,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             },
         )
         self.h2.initiate_connection()
+        open_connection_window(self.h2)
         self.flush()
 
     def data_received(self, data: bytes) -> None:
