@@ -259,8 +259,8 @@ class Sidecar:
             if series is None:
                 series = table[destination] = Series()
             series.add(status, flags, duration)
-            if grpc_status is not None:  # an HTTP/2 stream's gRPC call
-                series.add_grpc(grpc_status)
+            if grpc_status is not None and head is not None:  # an HTTP/2 stream's gRPC call
+                series.add_grpc(head.path, grpc_status)
             if access_log is not None:
                 access_log(
                     direction, head, destination, status, flags, duration, request, grpc_status

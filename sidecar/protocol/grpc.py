@@ -51,6 +51,26 @@ def grpc_status_of(headers: list[tuple[bytes, bytes]] | None) -> int | None:
     return None
 
 
+_NAME_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+_NAME_MAX = 128
+
+
+def rpc_names(path: bytes) -> tuple[str, str] | None:
+    """(service, method) of a gRPC path `/package.Service/Method`; None when the path is not
+    of that form (names of letters, digits, `.`, `_`, `-`, at most 128 bytes each)."""
+    service, slash, method = path[1:].partition(b"/")
+    if (
+        path[:1] != b"/"
+        or not slash
+        or not 0 < len(service) <= _NAME_MAX
+        or not 0 < len(method) <= _NAME_MAX
+        or not _NAME_BYTES.issuperset(service)
+        or not _NAME_BYTES.issuperset(method)
+    ):
+        return None
+    return service.decode("ascii"), method.decode("ascii")
+
+
 def is_grpc(headers: list[tuple[bytes, bytes]]) -> bool:
     for name, value in headers:
         if name == b"content-type":

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,14 @@ import grpc
 import grpc.aio
 import httpx
 import pytest
+from prometheus_client import generate_latest
 
 from mesh.model import parse_mesh
+from sidecar import metrics
 from sidecar.app import Sidecar
 from sidecar.transport.server import ServerSettings
 from sidecar.xds.interpret import snapshot_from_mesh
-from tests.sidecar.grpc_fixtures import EchoServer, channel, echo_server
+from tests.sidecar.grpc_fixtures import EchoServer, channel, echo_server, raw_grpc_call
 from tests.sidecar.proxy_fixtures import SidecarProcess, running_sidecar
 from tests.sidecar.resilience_fixtures import sidecar_settings
 
@@ -252,7 +255,21 @@ async def test_drain_sends_goaway_and_lets_an_open_stream_finish(tmp_path: Path)
         assert await outbound.wait(10) == 0
 
 
-async def test_grpc_calls_are_counted_by_grpc_status(tmp_path: Path) -> None:
+def grpc_counts(page: str, destination: str) -> dict[tuple[str, ...], str]:
+    """outrigger_grpc_calls_total of a Prometheus page: (rpc_service, rpc_method,
+    grpc_status) -> count, for one destination."""
+    counts = {}
+    for line in page.splitlines():
+        if not line.startswith("outrigger_grpc_calls_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+        if labels["destination"] == destination:
+            key = tuple(labels[name] for name in ("rpc_service", "rpc_method", "grpc_status"))
+            counts[key] = line.rsplit(" ", 1)[1]
+    return counts
+
+
+async def test_grpc_calls_are_counted_by_method_and_grpc_status(tmp_path: Path) -> None:
     async with (
         echo_server() as server,
         two_sidecars(tmp_path, server) as (outbound, _),
@@ -263,14 +280,34 @@ async def test_grpc_calls_are_counted_by_grpc_status(tmp_path: Path) -> None:
         server.fail_next.append(grpc.StatusCode.NOT_FOUND)
         with pytest.raises(grpc.aio.AioRpcError):
             await unary(b"ab", timeout=10)
+        assert len([m async for m in ch.unary_stream("/test.Echo/ServerStream")(b"2:x")]) == 2
         async with httpx.AsyncClient() as client:
             page = (await client.get(outbound.url("admin", "/stats/prometheus"))).text
-    counts = {
-        line.split("grpc_status=")[1].split('"')[1]: line.rsplit(" ", 1)[1]
-        for line in page.splitlines()
-        if line.startswith("outrigger_grpc_calls_total") and 'destination="echo"' in line
+    assert grpc_counts(page, "echo") == {
+        ("test.Echo", "Unary", "0"): "1.0",
+        ("test.Echo", "Unary", "5"): "1.0",  # NOT_FOUND
+        ("test.Echo", "ServerStream", "0"): "1.0",
     }
-    assert counts == {"0": "1.0", "5": "1.0"}  # OK once, NOT_FOUND once
+
+
+async def test_method_labels_are_bounded_per_destination(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path is the client's to choose: past the bound of distinct methods per destination
+    (100; 3 here), and for a path that is not /package.Service/Method, calls count as
+    other/other."""
+    monkeypatch.setattr(metrics, "MAX_GRPC_METHODS", 3)
+    async with echo_server() as server, running_sidecar(grpc_mesh(server.address)) as sidecar:
+        host, port = sidecar.addresses["outbound"]
+        paths = [f"/test.Echo/Missing{i}" for i in range(5)] + ["/test.Echo", "/test.Echo/Unary"]
+        for path in paths:
+            await raw_grpc_call(host, port, AUTHORITY.encode(), path, b"x", [])
+        text = generate_latest(sidecar.metrics.registry()).decode()
+    assert grpc_counts(text, "echo") == {
+        ("test.Echo", "Missing0", "12"): "1.0",  # UNIMPLEMENTED
+        ("test.Echo", "Missing1", "12"): "1.0",
+        ("test.Echo", "Missing2", "12"): "1.0",
+        ("other", "other", "12"): "3.0",  # Missing3, Missing4, and /test.Echo
+        ("other", "other", "0"): "1.0",  # Unary came after the bound too
+    }
 
 
 # --- retries and breakers on gRPC status -------------------------------------------------------
@@ -402,7 +439,11 @@ async def test_statuses_in_trailers_reach_the_metrics_and_the_access_log() -> No
         ("/test.Echo/ServerStream", 200, 13),
         ("/test.Echo/HeadersFirst", 200, 0),
     ]
-    assert {key[3]: count for key, count in counts.items()} == {"14": 1, "13": 1, "0": 1}
+    assert {key[3:]: count for key, count in counts.items()} == {
+        ("test.Echo", "HeadersFirst", "14"): 1,
+        ("test.Echo", "ServerStream", "13"): 1,
+        ("test.Echo", "HeadersFirst", "0"): 1,
+    }
 
 
 @pytest.mark.parametrize("failure", ["after the headers", "after a message"])
