@@ -39,7 +39,7 @@ class Kind(Enum):
     TIMEOUT = "timeout"  # UT: the attempt (or the request) ran out of time
     PROTOCOL_ERROR = "protocol-error"  # UPE: the upstream sent bad framing
     LOCAL = "local"  # a local decision (UO, UH, URX, ...): says nothing about the endpoint
-    # gRPC statuses of a trailers-only answer (HTTP/2 services only, `classify_grpc`)
+    # gRPC statuses that came before any message (HTTP/2 services only, `classify_grpc`)
     GRPC_CANCELLED = "cancelled"
     GRPC_DEADLINE_EXCEEDED = "deadline-exceeded"
     GRPC_INTERNAL = "internal"
