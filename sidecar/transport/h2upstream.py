@@ -521,14 +521,19 @@ class _UpStream:
 
 
 def _may_retry_on_grpc_status(req: Request) -> bool:
-    """The request's service retries on a gRPC status, and its body can be sent again."""
+    """The request's service retries on a gRPC status, and its body has been sent whole and
+    can be sent again. A call still sending (a bidi stream, a client stream the server
+    answers early) gets its head at once: its client may wait for the head before it sends
+    more, and holding it would stall the call."""
     service = req.service
     retry = service.retry if service is not None else None
+    body = req.body
     return (
         retry is not None
         and retry.attempts > 0
         and not retry.retry_on.isdisjoint(GRPC_RETRY_ON)
-        and req.body.replayable
+        and body.replayable
+        and getattr(body, "finished", True)  # a BodyStream still arriving: not yet
     )
 
 

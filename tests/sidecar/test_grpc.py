@@ -379,6 +379,26 @@ async def test_unavailable_after_the_headers_is_retried_and_the_app_sees_the_cal
     assert len(server.calls) == 6
 
 
+async def test_a_call_still_sending_gets_its_headers_at_once(tmp_path: Path) -> None:
+    """Retries on a gRPC status hold an answer's headers only once the request was sent whole:
+    a bidi client that waits for the server's initial metadata before it writes is not
+    stalled by the hold."""
+    retries = {"attempts": 2, "retry_on": ["unavailable"]}
+    async with (
+        echo_server() as server,
+        two_sidecars(tmp_path, server, policy={"retries": retries}) as (outbound, _),
+        channel(target(outbound), AUTHORITY) as ch,
+    ):
+        call = ch.stream_stream("/test.Echo/Bidi")(metadata=(("x-echo", "early"),), timeout=10)
+        async with asyncio.timeout(5):
+            metadata = await call.initial_metadata()  # sent by the server before any message
+        assert ("x-echoed", "early") in tuple(metadata)
+        await call.write(b"then")
+        assert await call.read() == b"THEN"
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+
+
 async def test_a_client_stream_is_retried_only_while_it_fits_the_retry_buffer(
     tmp_path: Path,
 ) -> None:
