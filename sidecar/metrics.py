@@ -80,7 +80,7 @@ class _Histogram:
 # Distinct gRPC methods counted per (direction, destination); calls of any further method,
 # and paths that are not `/package.Service/Method`, count as OTHER_METHOD. The path is the
 # client's to choose: without a bound, a client could grow the sidecar's memory and every
-# scrape without end (docs/hardening.md rule 5).
+# scrape without end (docs/hardening.md rule 18).
 MAX_GRPC_METHODS = 100
 OTHER_METHOD = ("other", "other")
 

@@ -37,7 +37,7 @@ CHUNK = b"x" * 65536
 
 @dataclass
 class Counter:
-    """Bytes an upstream sent or received, and when that last changed."""
+    """Bytes an upstream or a client sent, and when that last changed."""
 
     count: int = 0
     requests: int = 0
@@ -79,14 +79,16 @@ async def serving(serve: Serve) -> AsyncIterator[str]:
 
 
 # --- upstreams -----------------------------------------------------------------------------
+# Both answer GET /big with TOTAL bytes, as fast as they are taken (counted in `sent`), take
+# POST /upload's head and never read its body, and answer anything else with 'ok'.
 
 
-def h1_firehose(sent: Counter) -> Serve:
-    """HTTP/1.1: /big answers TOTAL bytes as fast as the socket takes them; else 'ok'."""
-
+def h1_upstream(sent: Counter) -> Serve:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while head := await reader.readuntil(b"\r\n\r\n"):
             sent.requests += 1
+            if head.startswith(b"POST /upload "):
+                await asyncio.Event().wait()
             if not head.startswith(b"GET /big "):
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                 continue
@@ -99,19 +101,8 @@ def h1_firehose(sent: Counter) -> Serve:
     return serve
 
 
-def h1_sink(received: Counter) -> Serve:
-    """HTTP/1.1: reads a request's head, then never reads again (its body stays unread)."""
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        received.requests += 1
-        await asyncio.Event().wait()
-
-    return serve
-
-
-def h2_firehose(sent: Counter) -> Serve:
-    """HTTP/2: /big answers TOTAL bytes as fast as the sidecar's windows allow; else 'ok'."""
+def h2_upstream(sent: Counter) -> Serve:
+    """HTTP/2: /upload's body is never read means no WINDOW_UPDATE for it."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h2.connection.H2Connection(
@@ -119,6 +110,7 @@ def h2_firehose(sent: Counter) -> Serve:
         )
         conn.initiate_connection()
         big: dict[int, int] = {}  # stream -> bytes still to send
+        unread: set[int] = set()  # /upload streams
         while True:
             for stream_id, left in list(big.items()):
                 while left:
@@ -142,42 +134,21 @@ def h2_firehose(sent: Counter) -> Serve:
                 if isinstance(event, h2.events.RequestReceived):
                     sent.requests += 1
                     stream_id = event.stream_id
+                    assert stream_id is not None
+                    path = dict(event.headers).get(b":path")  # type: ignore[arg-type]
+                    if path == b"/upload":
+                        unread.add(stream_id)
+                        continue
                     conn.send_headers(stream_id, [(b":status", b"200")])
-                    if dict(event.headers).get(b":path") == b"/big":  # type: ignore[arg-type]
+                    if path == b"/big":
                         big[stream_id] = TOTAL
                     else:
                         conn.send_data(stream_id, b"ok", end_stream=True)
-                elif isinstance(event, h2.events.DataReceived):
+                elif isinstance(event, h2.events.DataReceived) and event.stream_id not in unread:
                     conn.acknowledge_received_data(
                         event.flow_controlled_length,
                         event.stream_id,  # type: ignore[arg-type]
                     )
-
-    return serve
-
-
-def h2_sink(received: Counter) -> Serve:
-    """HTTP/2: takes requests, never grants window for their bodies; /ok is answered."""
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding=None)
-        )
-        conn.initiate_connection()
-        while True:
-            writer.write(conn.data_to_send())
-            await writer.drain()
-            data = await reader.read(65536)
-            if not data:
-                return
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.RequestReceived):
-                    received.requests += 1
-                    if dict(event.headers).get(b":path") == b"/ok":  # type: ignore[arg-type]
-                        conn.send_headers(event.stream_id, [(b":status", b"200")])
-                        conn.send_data(event.stream_id, b"ok", end_stream=True)
-                elif isinstance(event, h2.events.DataReceived):
-                    received.add(event.flow_controlled_length)  # and no WINDOW_UPDATE
 
     return serve
 
@@ -296,7 +267,7 @@ async def test_a_client_that_grants_no_window_holds_back_the_upstream(protocol: 
     second client's request to the same upstream (for HTTP/2: the same multiplexed
     connection) is answered meanwhile."""
     sent = Counter()
-    serve = h2_firehose(sent) if protocol == "http2" else h1_firehose(sent)
+    serve = h2_upstream(sent) if protocol == "http2" else h1_upstream(sent)
     async with (
         serving(serve) as address,
         running_sidecar(mesh(protocol, address)) as sidecar,
@@ -321,11 +292,11 @@ async def test_an_upstream_that_stops_reading_holds_back_the_client(protocol: st
     """The upstream takes the request head and none of a 256 MiB body: the client's upload
     stops after a bounded amount, the sidecar's memory stays bounded, and the client's other
     streams on the same connection still get their answers."""
-    received, uploaded = Counter(), Counter()
-    serve = h2_sink(received) if protocol == "http2" else h1_sink(received)
+    uploaded = Counter()
+    serve = h2_upstream(Counter()) if protocol == "http2" else h1_upstream(Counter())
     async with (
         serving(serve) as address,
-        serving(h1_firehose(Counter())) as ok_address,
+        serving(h1_upstream(Counter())) as ok_address,
         running_sidecar(
             {
                 "services": [
