@@ -93,7 +93,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         # Resolved by the peer's first SETTINGS (its stream limit), or by the connection's end
         self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.write_paused = False
-        self.idle_since = pool.clock()
+        self.idle_since = self.last_activity = pool.clock()  # last_activity: bytes received
         # Closed after this long without a stream: the idle_timeout of the service it served last.
         self.idle_timeout = pool.idle_timeout
 
@@ -113,6 +113,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        self.last_activity = self.pool.clock()
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -270,6 +271,7 @@ class _UpStream:
         "body",
         "conn",
         "got_response",
+        "last_activity",
         "reply",
         "request",
         "responded",
@@ -294,6 +296,7 @@ class _UpStream:
         self._waiter: asyncio.Future[None] | None = None
         # A gRPC response whose head waits for its first message or its trailers (`head`)
         self._held: Response | None = None
+        self.last_activity = conn.pool.clock()  # bytes either way (H2Pool.sweep)
         req.on_interrupt = self.interrupt
 
     # --- the request -----------------------------------------------------------------------
@@ -327,6 +330,8 @@ class _UpStream:
         conn = self.conn
         h2conn = conn.h2
         data = self._pending
+        if data:
+            self.last_activity = conn.pool.clock()
         while data:
             if conn.closed:
                 return False
@@ -410,6 +415,7 @@ class _UpStream:
         self._answer(response)
 
     def received(self, data: bytes, flow: int) -> None:
+        self.last_activity = self.conn.last_activity
         body = self.body
         if self._paused or body is None:
             self._unacked += flow
@@ -483,6 +489,11 @@ class _UpStream:
             self.conn.pool.again(req, self.conn.endpoint, reply)
             return
         self._answer(UpstreamError(Flag.UPSTREAM_RESET, reason))
+
+    def idle(self, timeout: float) -> None:
+        """No byte either way for the stream idle timeout (`H2Pool.sweep`): reset, flag SI."""
+        self._reset_stream(h2.errors.ErrorCodes.CANCEL)
+        self.lost(f"no bytes on the upstream stream for {timeout:g}s", Flag.STREAM_IDLE_TIMEOUT)
 
     def lost(self, reason: str, flag: Flag) -> None:
         body = self.body
@@ -616,11 +627,18 @@ class H2Pool:
         with contextlib.suppress(ValueError):
             self.connections.remove(conn)
 
-    def sweep(self, now: float) -> None:
+    def sweep(self, now: float, stream_idle_timeout: float) -> None:
+        """Close connections idle past their idle timeout, and end streams with no byte either
+        way for the stream idle timeout (the client's side may be HTTP/1.1, with no timer of
+        its own for a response that stops coming)."""
         for conn in list(self.connections):
             idle = conn.idle_timeout
             if not conn.streams and 0 < idle < now - conn.idle_since:
                 conn.close()
+            elif stream_idle_timeout > 0:
+                for stream in list(conn.streams.values()):
+                    if now - stream.last_activity > stream_idle_timeout:
+                        stream.idle(stream_idle_timeout)
 
     def close_idle(self) -> None:
         for conn in list(self.connections):

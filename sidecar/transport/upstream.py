@@ -510,7 +510,7 @@ class Upstreams:
         for pool in list(self.pools.values()):
             pool.sweep(now, self.stream_idle_timeout)
         for h2_pool in list(self.h2_pools.values()):
-            h2_pool.sweep(now)
+            h2_pool.sweep(now, self.stream_idle_timeout)
 
     def close_idle(self) -> None:
         for pool in self.pools.values():
