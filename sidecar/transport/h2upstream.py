@@ -396,6 +396,7 @@ class _UpStream:
                     length = int(value)
                 headers.append((name, value))
         self.got_response = True
+        self.last_activity = self.conn.last_activity
         req = self.request
         method = req.method if req is not None else b""
         if ended:
