@@ -48,6 +48,7 @@ from sidecar.flags import Flag, ProxyError
 from sidecar.protocol.grpc import GRPC_RETRY_ON, grpc_status_of, is_grpc
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream
 from sidecar.transport.connect import UpstreamError, connect_within
+from sidecar.transport.flow import Waiting
 from sidecar.transport.h2server import CONNECTION_SPECIFIC, h2_config, open_connection_window
 
 log = logging.getLogger("outrigger.h2.upstream")
@@ -259,7 +260,7 @@ class H2UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
 
-class _UpStream:
+class _UpStream(Waiting):
     """One exchange on an HTTP/2 upstream connection."""
 
     __slots__ = (
@@ -267,7 +268,6 @@ class _UpStream:
         "_paused",
         "_pending",
         "_unacked",
-        "_waiter",
         "body",
         "conn",
         "got_response",
@@ -293,7 +293,7 @@ class _UpStream:
         self._paused = False
         self._unacked = 0
         self._pending = b""  # request bytes waiting for a window
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter = None
         # A gRPC response whose head waits for its first message or its trailers (`head`)
         self._held: Response | None = None
         self.last_activity = conn.pool.clock()  # bytes either way (H2Pool.sweep)
@@ -356,11 +356,7 @@ class _UpStream:
                 while not self._send_pending(end=False):
                     if conn.closed or (self.reply is None and not self.responded):
                         return
-                    self._waiter = asyncio.get_running_loop().create_future()
-                    try:
-                        await self._waiter
-                    finally:
-                        self._waiter = None
+                    await self._wait()
                 conn.flush()
             self._send_pending(end=True)
             conn.flush()
@@ -378,9 +374,7 @@ class _UpStream:
             self.task = None
 
     def window_opened(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake_waiter()
 
     # --- the response ----------------------------------------------------------------------
 
