@@ -95,9 +95,28 @@ CONNECTION_SPECIFIC = frozenset(
 CONNECTION_WINDOW = 16 * 1024 * 1024
 
 
-def open_connection_window(h2conn: h2.connection.H2Connection) -> None:
-    """Grant the peer CONNECTION_WINDOW on the connection (after `initiate_connection`)."""
+def initiate(
+    h2conn: h2.connection.H2Connection, settings: dict[h2.settings.SettingCodes, int]
+) -> None:
+    """Our side's connection preface (either side): these SETTINGS, then CONNECTION_WINDOW
+    granted to the peer on the connection."""
+    h2conn.local_settings = h2.settings.Settings(
+        client=h2conn.config.client_side, initial_values=settings
+    )
+    h2conn.initiate_connection()
     h2conn.increment_flow_control_window(CONNECTION_WINDOW - h2conn.inbound_flow_control_window)
+
+
+def send_windowed(h2conn: h2.connection.H2Connection, stream_id: int, data: bytes) -> bytes:
+    """Send `data` on the stream as far as the flow-control windows allow, a frame at a time;
+    returns what is left (b"": all of it went). h2 only buffers it: nothing is written here."""
+    while data:
+        window = min(h2conn.local_flow_control_window(stream_id), h2conn.max_outbound_frame_size)
+        if window <= 0:
+            break
+        h2conn.send_data(stream_id, data[:window])
+        data = data[window:]
+    return data
 
 
 def grpc_error_headers(error: ProxyError) -> list[tuple[bytes, bytes]]:
@@ -150,17 +169,15 @@ class H2DownstreamProtocol(Downstream):
         self.transport = cast(asyncio.Transport, transport)
         self.idle_since = self.last_activity = self.loop.time()
         self.state.add(self)
-        self.h2.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
+        initiate(
+            self.h2,
+            {
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.limits.max_concurrent_streams,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: (
                     self.state.settings.limits.max_header_bytes
                 ),
             },
         )
-        self.h2.initiate_connection()
-        open_connection_window(self.h2)
         self._flush()
         if self.state.draining:
             self.close_when_idle()
@@ -687,22 +704,13 @@ class _Stream(RequestCycle):
         conn = self.conn
         h2conn = conn.h2
         stream_id = self.stream_id
-        data = self._outbound
-        if data:
+        if self._outbound:
             self.last_activity = conn.loop.time()
-        while data:
             if conn.write_paused:
-                self._outbound = data
                 return False
-            window = min(
-                h2conn.local_flow_control_window(stream_id), h2conn.max_outbound_frame_size
-            )
-            if window <= 0:
-                self._outbound = data
+            self._outbound = send_windowed(h2conn, stream_id, self._outbound)
+            if self._outbound:
                 return False
-            h2conn.send_data(stream_id, data[:window])
-            data = data[window:]
-        self._outbound = b""
         if end:
             trailers = self._trailers
             if trailers:

@@ -49,7 +49,7 @@ from sidecar.protocol.grpc import GRPC_RETRY_ON, grpc_status_of, is_grpc
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream
 from sidecar.transport.connect import UpstreamError, connect_within
 from sidecar.transport.flow import Waiting
-from sidecar.transport.h2server import CONNECTION_SPECIFIC, h2_config, open_connection_window
+from sidecar.transport.h2server import CONNECTION_SPECIFIC, h2_config, initiate, send_windowed
 
 log = logging.getLogger("outrigger.h2.upstream")
 
@@ -102,15 +102,13 @@ class H2UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.h2.local_settings = h2.settings.Settings(
-            client=True,
-            initial_values={
+        initiate(
+            self.h2,
+            {
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0,
             },
         )
-        self.h2.initiate_connection()
-        open_connection_window(self.h2)
         self.flush()
 
     def data_received(self, data: bytes) -> None:
@@ -314,21 +312,13 @@ class _UpStream(Waiting):
     def _send_pending(self, *, end: bool) -> bool:
         conn = self.conn
         h2conn = conn.h2
-        data = self._pending
-        if data:
+        if self._pending:
             self.last_activity = conn.pool.clock()
-        while data:
-            if conn.closed:
+            if conn.closed or conn.write_paused:
                 return False
-            window = min(
-                h2conn.local_flow_control_window(self.stream_id), h2conn.max_outbound_frame_size
-            )
-            if window <= 0 or conn.write_paused:
-                self._pending = data
+            self._pending = send_windowed(h2conn, self.stream_id, self._pending)
+            if self._pending:
                 return False
-            h2conn.send_data(self.stream_id, data[:window])
-            data = data[window:]
-        self._pending = b""
         if end:
             h2conn.end_stream(self.stream_id)
         return True
