@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import random
 import signal
 import socket
@@ -80,7 +81,10 @@ class DemoService:
         delay: float = 0.0,
     ) -> None:
         self.name = name
-        self.downstream = downstream
+        # Parsed once: httpx parses a URL given as a string on every call (with the host's IP
+        # address checks, ~30% of the call once the transport was ours); an `httpx.URL` is
+        # taken as it is.
+        self.downstream = None if downstream is None else httpx.URL(downstream)
         self.failure_rate = failure_rate
         self.delay = delay
         self.served = 0
@@ -205,6 +209,10 @@ async def serve(args: argparse.Namespace) -> int:
         host, port = args.listen
         server = await loop.create_server(lambda: Connection(service), host or None, port)
     host, port = server.sockets[0].getsockname()[:2]
+    # What start-up allocated (~22,000 objects, httpx's modules) stays out of the collector's
+    # full passes. Measured over 3,000 calls: one young collection per ~48 requests and no full
+    # one, so this changed nothing measurable; it keeps a rare full pass small.
+    gc.freeze()
     print(f"outrigger demo app {args.name} listening {join_host_port(host, port)}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
