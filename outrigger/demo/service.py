@@ -93,11 +93,26 @@ class DemoService:
         if downstream is not None:
             self.client = demo_client(proxy)
 
-    async def answer(self, method: str, target: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    def answer_now(
+        self, method: str, target: str, headers: dict[str, str]
+    ) -> tuple[int, bytes] | None:
+        """The answer when it needs no waiting (a switch, the probe, an app with no downstream
+        and no delay), or None: `answer` awaits it."""
         if method == "POST":
             return self.control(target)
         if target == HEALTH_PATH:
             return 200, f"{self.name}: ok\n".encode()
+        if self.delay or self.client is not None:
+            return None
+        self.served += 1
+        if self.failure_rate and random.random() < self.failure_rate:  # [0, 1): 1.0 always
+            return 503, f"{self.name}: failing on purpose\n".encode()
+        return 200, f"{self.name}: ok\n".encode()
+
+    async def answer(self, method: str, target: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        now = self.answer_now(method, target, headers)
+        if now is not None:
+            return now
         self.served += 1
         if self.delay:
             await asyncio.sleep(self.delay)
@@ -185,7 +200,17 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         method = self.parser.get_method().decode("latin-1")
         keep = self.parser.should_keep_alive()
-        self.queue.append((method, self.target.decode("latin-1"), self.headers, keep))
+        target = self.target.decode("latin-1")
+        if self.task is None and self.transport is not None and not self.transport.is_closing():
+            # Nothing before it is waiting: answered here if it can be, without a task
+            # (payments, the probe, the switches).
+            now = self.service.answer_now(method, target, self.headers)
+            if now is not None:
+                self.transport.write(self.service.respond(*now, close=not keep))
+                if not keep:
+                    self.transport.close()
+                return
+        self.queue.append((method, target, self.headers, keep))
         if self.task is None:
             self.task = asyncio.ensure_future(self._answer_all())
 
