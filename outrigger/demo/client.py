@@ -151,12 +151,22 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def wait(self, timeout: float | None) -> None:
-        """Until data, EOF or writability; TimeoutError after `timeout` seconds."""
+    async def wait(
+        self,
+        timeout: float | None,
+        request: httpx.Request,
+        error: type[httpx.TimeoutException],
+        what: str,
+    ) -> None:
+        """Until data, EOF or writability; after `timeout` seconds the connection is closed and
+        `error` (httpx's ReadTimeout or WriteTimeout) raised: "`what` for `timeout`s"."""
         waiter = self.waiter = self.loop.create_future()
         timer = None if timeout is None else self.loop.call_later(timeout, _expire, waiter)
         try:
             await waiter
+        except TimeoutError:
+            self.close()
+            raise error(f"{what} for {timeout}s", request=request) from None
         finally:
             self.waiter = None
             if timer is not None:
@@ -218,13 +228,7 @@ class _ResponseBody(httpx.AsyncByteStream):
                     "the server closed the connection before the end of the body",
                     request=self.request,
                 )
-            try:
-                await conn.wait(self.read_timeout)
-            except TimeoutError:
-                conn.close()
-                raise httpx.ReadTimeout(
-                    f"no data from the server for {self.read_timeout}s", request=self.request
-                ) from None
+            await conn.wait(self.read_timeout, self.request, httpx.ReadTimeout, "no data")
 
     async def aclose(self) -> None:
         if self.released:
@@ -297,12 +301,7 @@ class Transport(httpx.AsyncBaseTransport):
                     raise httpx.RemoteProtocolError(
                         "the server closed the connection without a response", request=request
                     )
-                try:
-                    await conn.wait(read_timeout)
-                except TimeoutError:
-                    raise httpx.ReadTimeout(
-                        f"no response from the server for {read_timeout}s", request=request
-                    ) from None
+                await conn.wait(read_timeout, request, httpx.ReadTimeout, "no response")
         except BaseException:
             conn.close()
             self.release(origin, conn, False)
@@ -322,12 +321,7 @@ class Transport(httpx.AsyncBaseTransport):
             raise httpx.WriteError("the connection is closed", request=request)
         conn.transport.write(data)
         while conn.paused and not conn.closed:
-            try:
-                await conn.wait(timeout)
-            except TimeoutError:
-                raise httpx.WriteTimeout(
-                    f"the server took no data for {timeout}s", request=request
-                ) from None
+            await conn.wait(timeout, request, httpx.WriteTimeout, "the server took no data")
 
     async def _connection(
         self, origin: tuple[str, int], request: httpx.Request, timeouts: dict[str, float | None]

@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import selectors
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from processes import BenchError, Proc, ProcessGroup, cpu_seconds
+from processes import BenchError, Proc, ProcessGroup, cpu_seconds, loadgen_summary
 
 START_TIMEOUT_S = 15.0
 GENERATOR_SLACK_S = 30.0  # beyond warm-up + duration: connecting, the last answers, start-up
@@ -108,40 +106,22 @@ def drive(
         "--warmup",
         f"{args.warmup:g}",
     ]
-    deadline = time.monotonic() + args.warmup + args.duration + GENERATOR_SLACK_S
-    stderr = (workdir / "loadgen.err").open("w+")
-    popen = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True
-    )
     cpu0: dict[str, float] = {}
     cpu: dict[str, float] = {}
-    summary: dict[str, Any] | None = None
-    try:
-        assert popen.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(popen.stdout, selectors.EVENT_READ)
-            while summary is None:
-                left = deadline - time.monotonic()
-                if left <= 0 or not sel.select(timeout=left):
-                    raise BenchError(f"the generator did not finish in time ({' '.join(argv)})")
-                line = popen.stdout.readline()
-                if not line:
-                    stderr.seek(0)
-                    raise BenchError(f"the generator exited without a summary: {stderr.read()}")
-                message = json.loads(line)
-                if "recording" in message:
-                    cpu0 = {name: task_cpu_seconds(p.pid) for name, p in apps.items()}
-                elif "summary" in message:
-                    cpu = {name: task_cpu_seconds(p.pid) - cpu0[name] for name, p in apps.items()}
-                    summary = message["summary"]
-        popen.wait(timeout=10)
-    finally:
-        if popen.poll() is None:
-            popen.kill()
-            popen.wait(timeout=10)
-        if popen.stdout is not None:
-            popen.stdout.close()
-        stderr.close()
+
+    def recording() -> None:
+        cpu0.update((name, task_cpu_seconds(p.pid)) for name, p in apps.items())
+
+    def summarised() -> None:
+        cpu.update((name, task_cpu_seconds(p.pid) - cpu0[name]) for name, p in apps.items())
+
+    summary = loadgen_summary(
+        argv,
+        timeout_s=args.warmup + args.duration + GENERATOR_SLACK_S,
+        stderr_path=workdir / "loadgen.err",
+        on_recording=recording,
+        on_summary=summarised,
+    )
     answered = int(summary["answered"])
     if not cpu0 or answered == 0:
         raise BenchError(f"no request was answered in the recorded window: {summary}")
