@@ -28,15 +28,15 @@ shared httpx client (`outrigger.demo.client`: httpx on its own small HTTP/1.1 tr
 calls its downstream through its sidecar. Kept cheap so that on a small machine the demo shows
 the mesh, not its apps. How much, with tests/bench/demo_app_cpu.py (orders calling payments
 directly, driven by `outrigger.loadgen` over 16 connections; CPU from /proc schedstat over 10 s
-after 2 s of warm-up; the 2-core demo VM with other work on it, 2026-12-05; 5 runs each, before
-and after alternating for 2 of them; least-most):
+after 2 s of warm-up; the 2-core demo VM with other work on it, 2026-12-05; 5 runs before, 8
+after (orders 11), alternating with before for 2 of them; least-most):
 
 | CPU-ms per request | 50 req/s | 100 req/s |
 |---|---|---|
 | orders, before (httpx on httpcore, h11, anyio) | 1.15-1.53 | 0.96-1.14 |
-| orders, after | 0.63-0.74 | 0.32-0.51 |
+| orders, after | 0.61-0.74 | 0.32-0.51 |
 | payments, before | 0.16-0.25 | 0.12-0.15 |
-| payments, after | 0.13-0.16 | 0.075-0.12 |
+| payments, after | 0.12-0.16 | 0.075-0.12 |
 
 What each change bought: the client's own transport, no cookie work and the URL parsed once
 took the httpx call from 1.83 M instructions (callgrind) and 1,749 Python calls to 0.42 M and
