@@ -49,10 +49,10 @@ caches and pays several times its warm cost (payments: 20 µs of work warm, 0.14
 0.09 at 400; nginx returning a fixed answer: 72 µs per request at 50 req/s against 33 at 400 on
 the same VM), and orders wakes twice per request (its request, then payments' answer: 2 blocking
 `epoll_pwait`, 2 reads, 2 writes per request under strace -c, the least for a server that calls
-a downstream). Without httpx's models (the same server and transport, the call written by hand)
-orders took 0.33-0.41 ms at 50 req/s against 0.61-0.65 with them (an experiment, not kept): httpx's own request and response
-objects are the other 0.25-0.3 ms. User time is 85% of it (utime 0.48 ms, stime 0.08 per
-request). gc is not a factor: one young collection per ~48 requests.
+a downstream). Without httpx's models (the same server and transport, the call written by hand;
+an experiment, not kept) orders took 0.33-0.41 ms at 50 req/s against 0.61-0.65 with them:
+httpx's own request and response objects are the other 0.25-0.3 ms. User time is 85% of it
+(utime 0.48 ms, stime 0.08 per request). gc is not a factor: one young collection per ~48 requests.
 """
 
 from __future__ import annotations
