@@ -44,10 +44,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import selectors
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,6 +61,7 @@ from processes import (
     ProcessGroup,
     cpu_seconds,
     http_get,
+    loadgen_summary,
     loop_lag_max,
     wait_until,
 )
@@ -191,46 +190,32 @@ def run_generator(
         argv += ["--header", f"Host: {host}"]
     if cpus is not None:
         argv = ["taskset", "-c", cpus, *argv]
-    deadline = time.monotonic() + args.warmup + args.duration + GENERATOR_SLACK_S
-    stderr = (workdir / "loadgen.err").open("w+")
-    popen = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True
-    )
     cpu0: list[float] = []
     wall0 = 0.0
-    summary: dict[str, Any] | None = None
+    wall = 0.0
+    cpu: list[float] = []
     stalls: list[tuple[float, float]] = []
-    try:
-        assert popen.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(popen.stdout, selectors.EVENT_READ)
-            while summary is None:
-                left = deadline - time.monotonic()
-                if left <= 0 or not sel.select(timeout=left):
-                    raise BenchError(f"the generator did not finish in time ({' '.join(argv)})")
-                line = popen.stdout.readline()
-                if not line:
-                    stderr.seek(0)
-                    raise BenchError(f"the generator exited without a summary: {stderr.read()}")
-                message = json.loads(line)
-                if "recording" in message:
-                    wall0 = time.monotonic()
-                    cpu0 = [cpu_seconds(s.proc.pid) for s in sidecars]
-                    for s in sidecars:
-                        loop_lag_max(s.stats_url)  # reset: the next read covers the window
-                elif "summary" in message:
-                    wall = time.monotonic() - wall0
-                    cpu = [cpu_seconds(s.proc.pid) - c for s, c in zip(sidecars, cpu0, strict=True)]
-                    stalls = [loop_lag_max(s.stats_url) for s in sidecars]
-                    summary = message["summary"]
-        popen.wait(timeout=10)
-    finally:
-        if popen.poll() is None:
-            os.killpg(popen.pid, signal.SIGKILL)
-            popen.wait(timeout=10)
-        if popen.stdout is not None:
-            popen.stdout.close()
-        stderr.close()
+
+    def recording() -> None:
+        nonlocal wall0, cpu0
+        wall0 = time.monotonic()
+        cpu0 = [cpu_seconds(s.proc.pid) for s in sidecars]
+        for s in sidecars:
+            loop_lag_max(s.stats_url)  # reset: the next read covers the window
+
+    def summarised() -> None:
+        nonlocal wall, cpu, stalls
+        wall = time.monotonic() - wall0
+        cpu = [cpu_seconds(s.proc.pid) - c for s, c in zip(sidecars, cpu0, strict=True)]
+        stalls = [loop_lag_max(s.stats_url) for s in sidecars]
+
+    summary = loadgen_summary(
+        argv,
+        timeout_s=args.warmup + args.duration + GENERATOR_SLACK_S,
+        stderr_path=workdir / "loadgen.err",
+        on_recording=recording,
+        on_summary=summarised,
+    )
     if not summary.get("latency_ms"):
         raise BenchError(f"no request was answered: {summary}")
     result: dict[str, Any] = {"generator": summary}

@@ -9,7 +9,9 @@ behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -20,6 +22,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 STOP_TIMEOUT_S = 5.0
@@ -194,6 +197,56 @@ def loop_lag_max(stats_url: str) -> tuple[float, float]:
     if len(values) != 2:
         raise BenchError(f"{stats_url} lacks {LOOP_LAG_METRIC} or {LOOP_LAG_CPU_METRIC}")
     return values[LOOP_LAG_METRIC], values[LOOP_LAG_CPU_METRIC]
+
+
+# --- the load generator ----------------------------------------------------------------------
+
+
+def loadgen_summary(
+    argv: Sequence[str],
+    *,
+    timeout_s: float,
+    stderr_path: Path,
+    on_recording: Callable[[], None],
+    on_summary: Callable[[], None],
+) -> dict[str, Any]:
+    """Run `argv` (`python -m outrigger.loadgen ...`) to its summary, bounded by `timeout_s`:
+    `on_recording` is called at its `recording` line (the warm-up is over), `on_summary` as soon
+    as the summary line arrives, before the process exits (a caller reads other processes' CPU
+    in these two). Returns the summary; BenchError if none came in time."""
+    deadline = time.monotonic() + timeout_s
+    stderr = stderr_path.open("w+")
+    popen = subprocess.Popen(
+        list(argv), stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True
+    )
+    summary: dict[str, Any] | None = None
+    try:
+        assert popen.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(popen.stdout, selectors.EVENT_READ)
+            while summary is None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(timeout=left):
+                    raise BenchError(f"the generator did not finish in time ({' '.join(argv)})")
+                line = popen.stdout.readline()
+                if not line:
+                    stderr.seek(0)
+                    raise BenchError(f"the generator exited without a summary: {stderr.read()}")
+                message = json.loads(line)
+                if "recording" in message:
+                    on_recording()
+                elif "summary" in message:
+                    on_summary()
+                    summary = message["summary"]
+        popen.wait(timeout=10)
+    finally:
+        if popen.poll() is None:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait(timeout=10)
+        if popen.stdout is not None:
+            popen.stdout.close()
+        stderr.close()
+    return summary
 
 
 # --- /proc measurements ----------------------------------------------------------------------

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -142,6 +143,31 @@ async def test_the_delay_holds_every_answer_and_the_switches_change_what_it_does
     refused = await http.post(f"http://{address}/fail?rate=2")
     assert refused.status_code == 400
     assert "rate must be a number from 0 to 1" in refused.text
+
+
+async def test_requests_sent_together_on_one_connection_are_answered_in_order(
+    procs: Processes,
+) -> None:
+    # A switch needs no waiting and is answered at once on its own, but behind a delayed GET on
+    # the same connection it waits its turn (and then turns the delay off).
+    address = await start_demo_app(procs, "payments", "--delay", "200ms")
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    switch = b"POST /delay?ms=0 HTTP/1.1\r\nhost: p\r\ncontent-length: 0\r\n\r\n"
+    try:
+        writer.write(b"GET /slow HTTP/1.1\r\nhost: p\r\n\r\n" + switch)
+        received = b""
+        async with asyncio.timeout(5):
+            while b"delay=0.0s\n" not in received or b"payments: ok\n" not in received:
+                received += await reader.read(4096)
+        assert received.index(b"payments: ok\n") < received.index(b"payments delay=0.0s\n")
+        writer.write(b"GET /fast HTTP/1.1\r\nhost: p\r\n\r\n")
+        started = time.monotonic()
+        async with asyncio.timeout(5):
+            alone = await reader.readuntil(b"payments: ok\n")
+        assert alone.startswith(b"HTTP/1.1 200 OK\r\n") and time.monotonic() - started < 0.2
+    finally:
+        writer.close()
 
 
 @pytest.mark.parametrize(
