@@ -16,9 +16,12 @@ upstream`, keep-alive) over `--connections` connections, one after another, and 
   median. Other processes on the machine still disturb caches, so compare medians of repeats.
 - `--callgrind`: the sidecar runs under `valgrind --tool=callgrind`; the counters are zeroed
   after the warm-up (`callgrind_control -z`) and dumped after the requests (`-d`), and the
-  figure is instructions executed (Ir) per request. Deterministic up to the 0.5 s sweeps and
-  the 1 s housekeeping that run while the counters are open, which is why it is reported per
-  request over a few thousand. `PYTHONHASHSEED=0` for both modes.
+  figure is instructions executed (Ir) per request. An idle sidecar runs instructions too (its
+  20 ms loop-lag tick, the 0.5 s sweeps, the 1 s housekeeping: ~0.7 M/s under callgrind), and
+  under valgrind on a busy machine the requests take 10-30 s, so the raw figure moves with the
+  machine's load by several thousand per request. Each row therefore first measures `--idle`
+  seconds of the idle loop and also reports the figure without that rate over the requests'
+  duration: the one to compare between versions. `PYTHONHASHSEED=0` for both modes.
 - `--syscalls`: `strace -c -f` attached to the process for the measured requests (after the
   warm-up), and the system calls it counted, per request, by kind. Counts, not timings, so they
   repeat; `epoll_pwait` (or `epoll_wait`) per request is the event loop's iterations. Any row
@@ -59,6 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="measurements per row (CPU mode)")
     p.add_argument("--connections", type=int, default=1, help="keep-alive connections, in turn")
     p.add_argument("--callgrind", action="store_true", help="instructions under callgrind")
+    p.add_argument(
+        "--idle", type=float, default=5.0, help="seconds of idle loop measured (callgrind)"
+    )
     p.add_argument("--syscalls", action="store_true", help="system calls under strace -c")
     p.add_argument("--outrigger", type=Path, default=rows.OUTRIGGER)
     p.add_argument("--keep-workdir", action="store_true", help="keep logs and callgrind dumps")
@@ -101,6 +107,16 @@ def callgrind_control(option: str, pid: int) -> None:
         capture_output=True,
         timeout=CONTROL_TIMEOUT_S,
     )
+
+
+def callgrind_window(pid: int, out_dir: Path, run: Callable[[], None]) -> tuple[int, float]:
+    """Instructions `pid` executed while `run` ran, and the seconds it took."""
+    callgrind_control("-z", pid)
+    start = time.monotonic()
+    run()
+    seconds = time.monotonic() - start
+    callgrind_control("-d", pid)
+    return dumped_instructions(out_dir, pid), seconds
 
 
 def dumped_instructions(out_dir: Path, pid: int) -> int:
@@ -170,11 +186,17 @@ def measure(row: rows.Row, env: rows.Env, args: argparse.Namespace) -> str:
         pid = target.measured.pid
         send(target, args.warmup, args.connections, env.body)
         if args.callgrind:
-            callgrind_control("-z", pid)
-            send(target, args.requests, args.connections, env.body)
-            callgrind_control("-d", pid)
-            ir = dumped_instructions(env.workdir, pid)
-            return f"{row.name:20} {ir / args.requests:12,.0f} instructions/request"
+            n = args.requests
+            idle_ir, idle_s = callgrind_window(pid, env.workdir, lambda: time.sleep(args.idle))
+            ir, busy_s = callgrind_window(
+                pid, env.workdir, lambda: send(target, n, args.connections, env.body)
+            )
+            idle_rate = idle_ir / idle_s
+            net = ir - idle_rate * busy_s
+            return (
+                f"{row.name:20} {ir / n:12,.0f} instructions/request, {net / n:,.0f} without"
+                f" the idle loop's {idle_rate / 1e3:,.0f}k/s over the {busy_s:.1f} s"
+            )
         if args.syscalls:
             return f"{row.name:20} " + syscalls_per_request(
                 pid, lambda: send(target, args.requests, args.connections, env.body), args.requests
