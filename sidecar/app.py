@@ -244,8 +244,7 @@ class Sidecar:
             flags: str,
             start: float,
             request: Request | None,
-            grpc_status: int | None = None,
-            /,
+            grpc_status: int | None,
         ) -> None:
             duration = loop.time() - start
             destination = decision.name if decision is not None else "-"

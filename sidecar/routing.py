@@ -116,26 +116,28 @@ class Router:
         """The snapshot applied last, if any."""
         return self.active.snapshot if self.active is not None else None
 
-    def outbound(self, head: RequestHead, destination: Endpoint | None = None) -> Decision:
-        """The decision for a request; `destination`: its connection's original destination."""
+    def outbound(
+        self,
+        head: RequestHead,
+        destination: Endpoint | None = None,
+        forward: EndpointHandler | None = None,
+    ) -> Decision:
+        """The decision for a request; `destination`: its connection's original destination;
+        `forward`: how a request no route takes passes through (default: `self.forward`)."""
         active = self.active
         if active is None:
             raise ProxyError(Flag.NO_ROUTE, "no config applied yet", status=503)
         decision = active.routes.get(head.authority)
         if decision is not None:
             return decision
-        return self._unrouted(active, head, destination, self.forward)
+        return self._unrouted(
+            active, head, destination, self.forward if forward is None else forward
+        )
 
     def outbound_h2(self, head: RequestHead, destination: Endpoint | None = None) -> Decision:
         """`outbound` for an HTTP/2 stream: the same routes (`:authority` as Host); what
         passes through goes on over HTTP/2."""
-        active = self.active
-        if active is None:
-            raise ProxyError(Flag.NO_ROUTE, "no config applied yet", status=503)
-        decision = active.routes.get(head.authority)
-        if decision is not None:
-            return decision
-        return self._unrouted(active, head, destination, self.forward_h2)
+        return self.outbound(head, destination, self.forward_h2)
 
     def _unrouted(
         self,
@@ -176,24 +178,24 @@ class Router:
         """To `destination` (the original one, when intercepted), else to the local app."""
         if destination is None:
             return self._inbound
-        decision = self._inbound_to.get(destination)
-        if decision is None:
-            decision = self._inbound_to[destination] = self._to(destination, self.forward)
-        return decision
+        return self._to(destination, self._inbound_to, self.forward)
 
     def inbound_h2(self, head: RequestHead, destination: Endpoint | None = None) -> Decision:
         """`inbound` for an HTTP/2 stream: to the app over HTTP/2, as its client spoke."""
         if destination is None:
             return self._inbound_h2
-        decision = self._inbound_to_h2.get(destination)
-        if decision is None:
-            decision = self._inbound_to_h2[destination] = self._to(destination, self.forward_h2)
-        return decision
+        return self._to(destination, self._inbound_to_h2, self.forward_h2)
 
-    def _to(self, destination: Endpoint, forward: EndpointHandler) -> Decision:
-        if self.is_own(destination):
-            raise ProxyError(Flag.NO_ROUTE, f"{destination} is this sidecar: refusing to loop")
-        return self._inbound_decision(destination, forward)
+    def _to(
+        self, destination: Endpoint, made: dict[Endpoint, Decision], forward: EndpointHandler
+    ) -> Decision:
+        """The inbound decision to an original destination, made once (kept in `made`)."""
+        decision = made.get(destination)
+        if decision is None:
+            if self.is_own(destination):
+                raise ProxyError(Flag.NO_ROUTE, f"{destination} is this sidecar: refusing to loop")
+            decision = made[destination] = self._inbound_decision(destination, forward)
+        return decision
 
     def _inbound_decision(self, app: Endpoint, forward: EndpointHandler) -> Decision:
 

@@ -15,27 +15,21 @@ from typing import TYPE_CHECKING, Final
 import httptools
 
 from . import implementation
-from .events import Data, EndOfMessage, Headers, Reject, ResponseEvent, ResponseHead
+from .events import Data, EndOfMessage, Reject, ResponseEvent, ResponseHead
 from .limits import Limits
 from .request import (
-    K_CL,
-    K_CONNECTION,
-    K_DROP,
+    CRLFCRLF,
     K_EXPECT,
     K_HOST,
-    K_PROXY_CONNECTION,
-    K_TE,
-    K_UPGRADE,
-    OWS,
     SPECIAL,
     V10,
     V11,
     ChunkedDecoder,
     ChunkError,
     HeadError,
+    Http1Parser,
     bare_lf_first,
-    list_tokens,
-    parse_content_length,
+    read_framing,
 )
 
 __all__ = ["PyResponseParser", "ResponseParser"]
@@ -47,7 +41,6 @@ _STATUS_LINE: Final = re.compile(
     rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t \x21-\x7e\x80-\xff]*))?\r\n"
 )
 _CONNECTION_OPTIONS: Final = frozenset((b"close", b"keep-alive", b"upgrade"))
-_CRLFCRLF: Final = b"\r\n\r\n"
 
 _HEAD: Final = 0
 _BODY: Final = 1  # Content-Length body
@@ -58,34 +51,24 @@ _UPGRADED: Final = 5
 _DEAD: Final = 6
 
 
-class ResponseParser:
+class ResponseParser(Http1Parser[ResponseEvent]):
     """Parses the upstream's bytes for one request into ResponseHead / Data / EndOfMessage."""
 
-    __slots__ = (
-        "_buf",
-        "_chunked",
-        "_extra",
-        "_head_done",
-        "_head_request",
-        "_headers",
-        "_keep_alive",
-        "_limits",
-        "_ll",
-        "_ll_clean",
-        "_message_done",
-        "_remaining",
-        "_rest",
-        "_seen",
-        "_special",
-        "_state",
-    )
+    __slots__ = ("_extra", "_head_request", "_keep_alive", "_seen")
+
+    _LLHTTP = httptools.HttpResponseParser
+    _KINDS = _SPECIAL
+    _REFUSE = 502
+    _WHAT = "response"
+    _UNDERSCORE = "underscore in response header name"
+    _LATE_CHECKS = False
 
     def __init__(self, request_method: bytes, limits: Limits = Limits()) -> None:  # noqa: B008
         self._limits = limits
         self._buf = bytearray()
         self._rest = bytearray()
-        self._headers: Headers = []
-        self._special: list[tuple[int, bytes]] = []
+        self._headers = []
+        self._special = []
         self._head_done = False
         self._message_done = False
         self._ll = httptools.HttpResponseParser(self)
@@ -100,7 +83,7 @@ class ResponseParser:
         self._head_request = request_method == b"HEAD"
         self._state = _HEAD
         self._remaining = 0
-        self._chunked: ChunkedDecoder | None = None
+        self._chunked = None
         self._keep_alive = False
         self._extra = False  # bytes arrived after the response ended
         self._seen = False  # any byte at all arrived
@@ -108,21 +91,6 @@ class ResponseParser:
             self._buf.clear()
         if self._rest:
             self._rest.clear()
-
-    # httptools callbacks
-    def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        kind = _SPECIAL.get(name)
-        if kind is None:
-            self._headers.append((name, value))
-        elif kind != K_DROP:
-            self._special.append((kind, value))
-
-    def on_headers_complete(self) -> None:
-        self._head_done = True
-
-    def on_message_complete(self) -> None:
-        self._message_done = True
 
     # public API
     @property
@@ -146,20 +114,11 @@ class ResponseParser:
             pending = self._buf
             scan = max(0, len(pending) - 3)
             pending += data
-            if state == _HEAD and pending.find(_CRLFCRLF, scan) < 0:
+            if state == _HEAD and pending.find(CRLFCRLF, scan) < 0:
                 if len(pending) > self._limits.max_response_header_bytes:
                     return [self._die("response head too large")]
                 return []
-            buf = bytes(self._buf)
-            self._buf.clear()
-        else:
-            buf = data
-        events: list[ResponseEvent] = []
-        try:
-            self._run(buf, events)
-        except (HeadError, ChunkError) as exc:
-            events.append(self._die(str(exc)))
-        return events
+        return self._parse(data, [])
 
     def feed_eof(self) -> list[ResponseEvent]:
         state = self._state
@@ -172,17 +131,14 @@ class ResponseParser:
             return [self._die("upstream closed the connection before responding")]
         return [self._die("upstream closed the connection in the middle of a response")]
 
-    def take_upgrade_rest(self) -> bytes:
-        """Raw bytes the upstream sent after its 101 head (the start of the tunnel)."""
-        rest = bytes(self._rest)
-        self._rest.clear()
-        return rest
-
     # internals
-    def _die(self, reason: str) -> Reject:
+    def _die(self, error: HeadError | ChunkError | str) -> Reject:
         self._state = _DEAD
         self._buf = bytearray()
-        return Reject(502, reason)
+        return Reject(502, str(error))
+
+    def _stash(self, buf: bytes, pos: int, wait: bytes | None) -> None:
+        self._buf[:] = memoryview(buf)[pos:]
 
     def _run(self, buf: bytes, events: list[ResponseEvent]) -> None:
         pos = 0
@@ -190,13 +146,13 @@ class ResponseParser:
         while pos < end:
             state = self._state
             if state == _HEAD:
-                stop = buf.find(_CRLFCRLF, pos)
+                stop = buf.find(CRLFCRLF, pos)
                 if stop < 0:
                     if end - pos > self._limits.max_response_header_bytes:
                         raise HeadError(502, "response head too large")
                     if bare_lf_first(buf, pos):
                         raise HeadError(502, "bare LF in response head")
-                    self._buf[:] = memoryview(buf)[pos:]
+                    self._stash(buf, pos, CRLFCRLF)
                     return
                 stop += 4
                 if stop - pos > self._limits.max_response_header_bytes:
@@ -212,7 +168,7 @@ class ResponseParser:
                         self._rest[:] = memoryview(buf)[pos:]
                         return
                 elif not head.has_body:
-                    self._finish(events)
+                    self._end(events)
                 elif head.chunked:
                     self._chunked = ChunkedDecoder(self._limits)
                     self._state = _CHUNKED
@@ -220,25 +176,14 @@ class ResponseParser:
                     self._remaining = head.content_length
                     self._state = _BODY
                     if not head.content_length:
-                        self._finish(events)
+                        self._end(events)
                 else:
                     self._state = _UNTIL_EOF
             elif state == _BODY:
-                take = min(self._remaining, end - pos)
-                events.append(Data(buf[pos : pos + take]))
-                pos += take
-                self._remaining -= take
-                if not self._remaining:
-                    self._finish(events)
+                pos = self._take_body(buf, pos, events)
             elif state == _CHUNKED:
-                decoder = self._chunked
-                assert decoder is not None
-                pos = decoder.step(buf, pos, events.append)
-                if decoder.done:
-                    self._chunked = None
-                    self._finish(events)
-                elif pos < end:
-                    self._buf[:] = memoryview(buf)[pos:]
+                pos = self._take_chunks(buf, pos, events)
+                if pos < 0:
                     return
             elif state == _UNTIL_EOF:
                 events.append(Data(buf if pos == 0 else buf[pos:]))
@@ -247,7 +192,7 @@ class ResponseParser:
                 self._extra = True
                 return
 
-    def _finish(self, events: list[ResponseEvent]) -> None:
+    def _end(self, events: list[ResponseEvent]) -> None:
         events.append(EndOfMessage())
         self._state = _DONE
 
@@ -261,54 +206,13 @@ class ResponseParser:
         if reason is None:
             reason = b""
 
-        if not self._ll_clean:
-            self._ll = httptools.HttpResponseParser(self)
-        self._ll_clean = False  # until this head is accepted (see the end of this method)
-        headers: Headers = []
-        special: list[tuple[int, bytes]] = []
-        self._headers = headers
-        self._special = special
-        self._head_done = self._message_done = False
+        headers, special, ll_done, _ = self._read_fields(head)
         try:
-            self._ll.feed_data(head)
-        except httptools.HttpParserUpgrade:
-            self._message_done = False
-        except httptools.HttpParserError as exc:
-            raise HeadError(502, f"malformed response head: {exc}") from None
-        ll_done = self._message_done
-        if not self._head_done:
-            raise HeadError(502, "malformed response head")
-
-        if head.find(b"_") >= 0:  # find, not `in`: see RequestParser._parse_head
-            for name, _ in headers:
-                if name.find(b"_") >= 0:
-                    raise HeadError(502, "underscore in response header name")
-        if head.find(b" \r\n") >= 0 or head.find(b"\t\r\n") >= 0:
-            headers[:] = [(name, value.rstrip(OWS)) for name, value in headers]
-            special[:] = [(kind, value.rstrip(OWS)) for kind, value in special]
-
-        content_length: int | None = None
-        te: list[bytes] | None = None
-        connection: list[bytes] = []
-        upgrade: bytes | None = None
-        last_for_llhttp = version == V10
-        for kind, value in special:
-            if kind == K_CL:
-                try:
-                    content_length = parse_content_length(value, content_length)
-                except HeadError as exc:
-                    raise HeadError(502, f"upstream sent {exc.reason}") from None
-            elif kind == K_TE:
-                if te is None:
-                    te = []
-                te += list_tokens(value)
-            elif kind == K_CONNECTION:
-                connection += list_tokens(value)
-                last_for_llhttp = True
-            elif kind == K_PROXY_CONNECTION:
-                last_for_llhttp = True
-            elif kind == K_UPGRADE:
-                upgrade = value if upgrade is None else upgrade + b", " + value
+            _, _, content_length, te, connection, upgrade, _, last_for_llhttp = read_framing(
+                special, version
+            )
+        except HeadError as exc:  # of Content-Length: Host and Expect are not in _SPECIAL
+            raise HeadError(502, f"upstream sent {exc.reason}") from None
 
         chunked = False
         if te is not None:

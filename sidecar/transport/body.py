@@ -14,10 +14,10 @@ A request body of at most `keep_limit` bytes is kept whole so that a retry can s
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 
 from sidecar.exchange import BodyNotReplayable
+from sidecar.transport.flow import Waiting
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
@@ -61,7 +61,7 @@ class _EmptyBody:
 EMPTY_BODY = _EmptyBody()
 
 
-class BodyStream:
+class BodyStream(Waiting):
     """Bytes from a producer, read by one consumer at a time, with backpressure."""
 
     __slots__ = (
@@ -82,7 +82,6 @@ class BodyStream:
         "_reads",
         "_resume",
         "_unread",
-        "_waiter",
         "high_water",
         "length",
         "low_water",
@@ -116,7 +115,7 @@ class BodyStream:
         self._kept_bytes = 0
         self._finished = False
         self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter = None
         self._notify: Callable[[], None] | None = None  # the taker's callback (notify)
         self._reads = 0
         self._on_first_read = on_first_read
@@ -195,11 +194,7 @@ class BodyStream:
                 if self._error is not None:
                     raise BodyReset(str(self._error)) from self._error
                 return
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await self._wait()
 
     def whole(self) -> bytes | None:
         """The whole body when it has all arrived and none of it was streamed away (counted as
@@ -253,11 +248,7 @@ class BodyStream:
             data = self.take()
             if data is not None:
                 return data
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await self._wait()
 
     def when_done(self, callback: Callable[[], None]) -> None:
         callbacks = self._done_callbacks
@@ -292,7 +283,7 @@ class BodyStream:
                 callback()
 
     def _wake(self) -> None:
-        waiter = self._waiter
+        waiter = self._waiter  # _wake_waiter inline: this runs for every chunk fed
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         callback = self._notify

@@ -13,11 +13,37 @@ import asyncio
 from collections.abc import Callable
 
 
-class WriteFlow:
-    __slots__ = ("drain_callback", "drain_waiter", "tunnel_flow", "write_paused")
+class Waiting:
+    """Mixed into what a coroutine can wait on (a body, a window, a drain): `_wait()` parks it
+    on a fresh future in `_waiter` until `_wake_waiter()` resumes it, or `_fail_waiter(exc)`
+    raises in it; both do nothing when nobody waits. The owner sets `_waiter` to None."""
+
+    __slots__ = ("_waiter",)
+
+    _waiter: asyncio.Future[None] | None
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _wake_waiter(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail_waiter(self, exc: BaseException) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+
+class WriteFlow(Waiting):
+    __slots__ = ("drain_callback", "tunnel_flow", "write_paused")
 
     write_paused: bool
-    drain_waiter: asyncio.Future[None] | None  # a writer waiting in drain()
     drain_callback: Callable[[], None] | None  # a writer to call back on the resume
     tunnel_flow: tuple[Callable[[], None], Callable[[], None]] | None
     closed: bool  # the connection's own
@@ -31,9 +57,7 @@ class WriteFlow:
         self.write_paused = False
         if self.tunnel_flow is not None:
             self.tunnel_flow[1]()
-        waiter = self.drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake_waiter()  # a writer waiting in drain()
         callback = self.drain_callback
         if callback is not None:
             self.drain_callback = None
@@ -43,8 +67,4 @@ class WriteFlow:
         """Return once the transport takes writes again (at once when it does now)."""
         if not self.write_paused or self.closed:
             return
-        self.drain_waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self.drain_waiter
-        finally:
-            self.drain_waiter = None
+        await self._wait()

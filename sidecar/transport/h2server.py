@@ -41,10 +41,9 @@ import h2.exceptions
 import h2.settings
 import hyperframe.frame
 
-from sidecar.config import Endpoint
 from sidecar.exchange import DownstreamGone, Request, RequestBody, Response, Result
 from sidecar.flags import Flag, ProxyError
-from sidecar.policy.deadline import Timer, call_at
+from sidecar.policy.deadline import call_at
 from sidecar.policy.timeout import UpstreamTimeoutError
 from sidecar.protocol.events import RequestHead
 from sidecar.protocol.grpc import (
@@ -61,10 +60,8 @@ from sidecar.transport.server import (
     FLAGS_HEADER,
     MESH_HEADER_PREFIX,
     REQUEST_ID,
-    Completed,
-    Decision,
-    Dispatch,
-    ServerState,
+    Downstream,
+    RequestCycle,
     _request_id,
     _request_id_ok,
     local_response,
@@ -117,34 +114,18 @@ def h2_config(client_side: bool) -> h2.config.H2Configuration:
     )
 
 
-class H2DownstreamProtocol(asyncio.Protocol):
+class H2DownstreamProtocol(Downstream):
     """One HTTP/2 client connection: its streams are request cycles."""
 
-    def __init__(
-        self,
-        state: ServerState,
-        dispatch: Dispatch,
-        completed: Completed | None = None,
-        request_ids: bool = True,
-        destination: Endpoint | None = None,
-    ) -> None:
-        self.state = state
-        self.dispatch = dispatch
-        self.completed = completed
-        self.request_ids = request_ids
-        self.destination = destination
-        self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
+    peer = "HTTP/2 client"
+
+    def _init_connection(self) -> None:
         self.h2 = h2.connection.H2Connection(h2_config(client_side=False))
         self.streams: dict[int, _Stream] = {}
-        self.closed = False
         self.goaway_sent = False
         self.goaway_last: int | None = None  # the last stream id our GOAWAY let in
-        self.write_paused = False
-        self.write_paused_at = 0.0
         self.idle_since = 0.0
-        self.last_activity = 0.0
-        self.limits = state.settings.h2
+        self.limits = self.state.settings.h2
         # What the client did in the current window (docs/hardening.md rules 15-16)
         self.window_start = self.loop.time()
         self.resets = self.control_frames = self.empty_frames = 0
@@ -368,8 +349,8 @@ class H2DownstreamProtocol(asyncio.Protocol):
         )
         return stream
 
-    def stream_done(self, stream: _Stream) -> None:
-        if self.streams.pop(stream.stream_id, None) is None:
+    def cycle_done(self, cycle: RequestCycle) -> None:
+        if self.streams.pop(cast(_Stream, cycle).stream_id, None) is None:
             return
         if not self.streams:
             self.idle_since = self.loop.time()
@@ -384,19 +365,12 @@ class H2DownstreamProtocol(asyncio.Protocol):
         if data and self.transport is not None and not self.closed:
             self.transport.write(data)
 
-    def _close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-
     # --- what ServerState asks of every connection ----------------------------------------
 
     def check_timeouts(self, now: float) -> None:
-        settings = self.state.settings
-        if self.write_paused and now - self.write_paused_at > settings.send_timeout:
-            log.info("HTTP/2 client stopped reading for %.0fs: closing", settings.send_timeout)
-            self.abort()
-        elif not self.streams and now - self.idle_since > settings.idle_timeout:
+        if self._send_timed_out(now):
+            return
+        if not self.streams and now - self.idle_since > self.state.settings.idle_timeout:
             self.close_when_idle()
 
     def close_when_idle(self) -> None:
@@ -416,11 +390,6 @@ class H2DownstreamProtocol(asyncio.Protocol):
                 self.transport.write(frame.serialize())
         if not self.streams:
             self._close()
-
-    def abort(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
 
 
 def _nothing() -> None:
@@ -450,31 +419,21 @@ def _refusal(exc: h2.exceptions.ProtocolError) -> str:
     return "protocol"  # rule 17: invalid preface, frames, pseudo or connection headers
 
 
-class _Stream:
+class _Stream(RequestCycle):
     """One HTTP/2 stream: the request cycle, and the reply of the route's handler."""
 
     __slots__ = (
         "_outbound",
-        "_timer",
         "_trailers",
         "_unacked",
         "body",
-        "conn",
-        "decision",
-        "done",
-        "error",
-        "flags",
         "grpc",
         "grpc_status",
-        "head",
         "paused",
-        "replied",
-        "request",
-        "response",
-        "start",
-        "status",
         "stream_id",
     )
+
+    conn: H2DownstreamProtocol
 
     def __init__(
         self,
@@ -484,46 +443,29 @@ class _Stream:
         start: float,
         grpc: bool,
     ) -> None:
-        self.conn = conn
+        super().__init__(conn, head, None, None, start)
         self.stream_id = stream_id
-        self.head = head
-        self.start = start
         self.grpc = grpc
         self.grpc_status: int | None = None  # the call's, once known
-        self.decision: Decision | None = None
-        self.request: Request | None = None
-        self.error: ProxyError | None = None
         self.body: BodyStream | None = None  # the request body while it arrives
         self.paused = False
         self._unacked = 0  # request bytes not yet acknowledged (the body asked to pause)
-        self.replied = False
-        self.done = False
-        self.status = 0
-        self.flags = ""
-        self.response: Response | None = None
         self._outbound = b""  # response bytes waiting for the peer's window
         self._trailers: list[tuple[bytes, bytes]] | None = None
-        self._timer: Timer | None = None
 
     # --- the request -----------------------------------------------------------------------
 
     def begin(self) -> None:
         if self.done:
             return  # reset by the client in the same read that opened it: nothing to do
-        request, decision = self.request, self.decision
-        if request is None or decision is None:
-            error = self.error
-            assert error is not None
-            self(error)
-            return
-        if self.grpc:
-            self._grpc_deadline(request)
-        try:
-            decision.handler(request, self)
-        except Exception:
-            log.exception("unexpected error serving %r", self.head.path)
-            if not self.replied:
-                self(ProxyError(Flag.UPSTREAM_PROTOCOL_ERROR, "internal error", 500))
+        if self.grpc and self.request is not None:
+            self._grpc_deadline(self.request)
+        super().begin()
+
+    def _handler_failed(self) -> None:
+        log.exception("unexpected error serving %r", self.head.path)
+        if not self.replied:
+            self(ProxyError(Flag.UPSTREAM_PROTOCOL_ERROR, "internal error", 500))
 
     def _grpc_deadline(self, request: Request) -> None:
         """The call's grpc-timeout bounds it like a route timeout (the shorter one wins: the
@@ -574,22 +516,7 @@ class _Stream:
         body, self.body = self.body, None
         if body is not None:
             body.fail(BodyReset("the client reset the stream"))
-        if self.done:
-            return
-        if not self.replied:
-            request = self.request
-            if request is not None and request.interrupt(
-                DownstreamGone("the client reset the stream"), end=True
-            ):
-                return  # the exchange replies (DC) through every layer; nothing is written
-            self.replied = True
-            self.status, self.flags = 499, Flag.DOWNSTREAM_DISCONNECT.value
-            self.finish()
-            return
-        if self.response is not None:
-            self.flags = f"{self.flags},DC" if self.flags else "DC"
-            self.response.discard()
-        self.finish()
+        self._gone("the client reset the stream", True)  # nothing is written
 
     # --- the reply -------------------------------------------------------------------------
 
@@ -668,14 +595,14 @@ class _Stream:
         if not send_body:
             if response.has_body:
                 response.discard()
-            self.grpc_status = grpc_status_of(headers)
+            self.grpc_status = grpc_status_of(headers) if self.grpc else None
             h2conn.send_headers(self.stream_id, headers, end_stream=True)
             self.finish()
             return
         body = response.body
         data = body.whole()
         if data is not None and not data and getattr(body, "trailers", None) is None:
-            self.grpc_status = grpc_status_of(headers)
+            self.grpc_status = grpc_status_of(headers) if self.grpc else None
             h2conn.send_headers(self.stream_id, headers, end_stream=True)  # gRPC trailers-only
             self.finish()
             return
@@ -755,7 +682,7 @@ class _Stream:
         if end:
             trailers = self._trailers
             if trailers:
-                self.grpc_status = grpc_status_of(trailers)
+                self.grpc_status = grpc_status_of(trailers) if self.grpc else None
                 h2conn.send_headers(
                     stream_id,
                     [(n, v) for n, v in trailers if n not in CONNECTION_SPECIFIC],
@@ -802,27 +729,6 @@ class _Stream:
                 conn.h2.reset_stream(self.stream_id, code)
             conn._flush()
         self.finish()
-
-    def finish(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        timer = self._timer
-        if timer is not None:
-            self._timer = None
-            timer.cancel()
-        conn = self.conn
-        if conn.completed is not None:
-            conn.completed(
-                self.head,
-                self.decision,
-                self.status,
-                self.flags,
-                self.start,
-                self.request,
-                self.grpc_status if self.grpc else None,
-            )
-        conn.stream_done(self)
 
 
 def _has(headers: list[tuple[bytes, bytes]]) -> bool:

@@ -47,6 +47,7 @@ from sidecar.exchange import (
 from sidecar.flags import Flag, ProxyError
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream
 from sidecar.transport.connect import UpstreamError, connect_within
+from sidecar.transport.flow import Waiting
 from sidecar.transport.h2server import CONNECTION_SPECIFIC, h2_config
 
 log = logging.getLogger("outrigger.h2.upstream")
@@ -249,14 +250,13 @@ class H2UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
 
-class _UpStream:
+class _UpStream(Waiting):
     """One exchange on an HTTP/2 upstream connection."""
 
     __slots__ = (
         "_paused",
         "_pending",
         "_unacked",
-        "_waiter",
         "body",
         "conn",
         "got_response",
@@ -281,7 +281,7 @@ class _UpStream:
         self._paused = False
         self._unacked = 0
         self._pending = b""  # request bytes waiting for a window
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter = None
         req.on_interrupt = self.interrupt
 
     # --- the request -----------------------------------------------------------------------
@@ -339,11 +339,7 @@ class _UpStream:
                 while not self._send_pending(end=False):
                     if conn.closed or (self.reply is None and not self.responded):
                         return
-                    self._waiter = asyncio.get_running_loop().create_future()
-                    try:
-                        await self._waiter
-                    finally:
-                        self._waiter = None
+                    await self._wait()
                 conn.flush()
             self._send_pending(end=True)
             conn.flush()
@@ -361,9 +357,7 @@ class _UpStream:
             self.task = None
 
     def window_opened(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake_waiter()
 
     # --- the response ----------------------------------------------------------------------
 

@@ -84,24 +84,14 @@ class Decision:
 Dispatch = Callable[[RequestHead], Decision]
 
 
-class Completed(Protocol):
-    """Told when a request cycle (or an HTTP/2 stream) ends: (head, decision, status, flags,
-    start on the loop's clock, request[, grpc_status]); decision and request are None when there
-    was no route, head is None too when the request was refused before its head was whole (a 400
-    from the parser, a 408 header timeout). An HTTP/2 stream adds the call's gRPC status (None:
-    not gRPC, or the stream ended without one: reset); HTTP/1.1 leaves it out."""
-
-    def __call__(
-        self,
-        head: RequestHead | None,
-        decision: Decision | None,
-        status: int,
-        flags: str,
-        start: float,
-        request: Request | None,
-        grpc_status: int | None = None,
-        /,
-    ) -> None: ...
+# Told when a request cycle (or an HTTP/2 stream) ends: (head, decision, status, flags, start on
+# the loop's clock, request, grpc_status); decision and request are None when there was no route,
+# head is None too when the request was refused before its head was whole (a 400 from the parser,
+# a 408 header timeout); grpc_status is an HTTP/2 gRPC call's status (None: not gRPC, or the
+# stream ended without one: reset).
+Completed = Callable[
+    [RequestHead | None, Decision | None, int, str, float, Request | None, int | None], None
+]
 
 
 # Connection phases for the sweep.
@@ -199,8 +189,12 @@ def local_response(error: ProxyError) -> tuple[int, Flag, bytes]:
     return error.status, error.flag, body
 
 
-class DownstreamProtocol(WriteFlow, asyncio.Protocol):
-    """One client connection."""
+class Downstream(asyncio.Protocol):
+    """What an HTTP/1.1 (`DownstreamProtocol`) and an HTTP/2 (`h2server.H2DownstreamProtocol`)
+    client connection share: the listener's dispatch and `completed` callback, what the sweep
+    reads, and the end of each request cycle (`cycle_done`)."""
+
+    peer = "client"  # in logs
 
     def __init__(
         self,
@@ -217,7 +211,46 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
         self.destination = destination  # the connection's original destination, if redirected
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.parser = RequestParser(state.settings.limits)
+        self.closed = False
+        self.write_paused = False
+        self.write_paused_at = 0.0  # for the send timeout
+        self.last_activity = 0.0
+        self._init_connection()
+
+    def _init_connection(self) -> None:
+        """The protocol's own state, for a connection not yet made."""
+        raise NotImplementedError
+
+    def cycle_done(self, cycle: RequestCycle) -> None:
+        """`cycle` ended (after the `completed` callback heard of it)."""
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def _send_timed_out(self, now: float) -> bool:
+        """The send timeout (docs/hardening.md rule 5): a client that stopped reading our bytes
+        for that long is cut off (True)."""
+        timeout = self.state.settings.send_timeout
+        if self.write_paused and now - self.write_paused_at > timeout:
+            log.info("%s stopped reading for %.0fs: closing", self.peer, timeout)
+            self.abort()
+            return True
+        return False
+
+
+class DownstreamProtocol(WriteFlow, Downstream):
+    """One client connection."""
+
+    def _init_connection(self) -> None:
+        self.parser = RequestParser(self.state.settings.limits)
         self.pending: deque[RequestEvent] = deque()  # parsed, waiting for the cycle before
         self.processing = False  # inside _process: a cycle that ends now must not recurse
         self.body: BodyStream | None = None  # the current request's body, while it arrives
@@ -225,15 +258,11 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
         self.request_complete = False
         self.response_started = False
         self.close_after = False
-        self.closed = False
         self.read_paused_by: set[str] = set()
-        self.write_paused = False
-        self.write_paused_at = 0.0
-        self.drain_waiter: asyncio.Future[None] | None = None
+        self._waiter = None
         self.drain_callback: Callable[[], None] | None = None
         self.phase = IDLE
         self.phase_since = 0.0
-        self.last_activity = 0.0
         self.tunnel_upstream: Callable[[bytes], None] | None = None
         self.tunnel_abort: Callable[[], None] | None = None
         # In a tunnel: stop/start reading the upstream while the client is not taking our bytes.
@@ -300,9 +329,7 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             # connection closes now instead of being read into the void (flag DC).
             cycle.client_gone()
         self.drain_callback = None
-        waiter = self.drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionResetError("client closed the connection"))
+        self._fail_waiter(ConnectionResetError("client closed the connection"))
         if self.tunnel_abort is not None:
             self.tunnel_abort()
 
@@ -444,8 +471,8 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
         self._write_local(status, Flag.DOWNSTREAM_PROTOCOL_ERROR, body, b"1.1", close=True)
         if self.completed is not None:
             dpe = Flag.DOWNSTREAM_PROTOCOL_ERROR.value
-            self.completed(None, None, status, dpe, self.phase_since, None)
-        self._finish_connection()
+            self.completed(None, None, status, dpe, self.phase_since, None, None)
+        self._close()
 
     # --- writing -------------------------------------------------------------------------
 
@@ -541,7 +568,8 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
         if self.transport is not None and not self.response_started and not self.closed:
             self.transport.write(serialize.informational(100, b"Continue"))
 
-    def _cycle_done(self, cycle: _Cycle) -> None:
+    def cycle_done(self, cycle: RequestCycle) -> None:
+        self.drain_callback = None
         if self.cycle is not cycle:
             return
         self.cycle = None
@@ -549,7 +577,7 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             return
         if self.close_after or self.closed or not self.request_complete:
             # (a request whose body was not read to its end leaves the connection unusable)
-            self._finish_connection()
+            self._close()
             return
         self.phase = IDLE
         self.phase_since = self.loop.time()
@@ -557,11 +585,6 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
             self._process()
         elif self.read_paused_by:
             self._resume("pipeline")
-
-    def _finish_connection(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
 
     # --- flow control and time limits -----------------------------------------------------
 
@@ -584,11 +607,10 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
 
     def check_timeouts(self, now: float) -> None:
         settings = self.state.settings
-        if self.write_paused and now - self.write_paused_at > settings.send_timeout:
-            log.info("client stopped reading for %.0fs: closing", settings.send_timeout)
-            self.abort()
-        elif self.phase == IDLE and now - self.phase_since > settings.idle_timeout:
-            self._finish_connection()
+        if self._send_timed_out(now):
+            return
+        if self.phase == IDLE and now - self.phase_since > settings.idle_timeout:
+            self._close()
         elif self.phase == HEADERS and now - self.phase_since > settings.header_timeout:
             self._timeout_request(408, "request headers not received in time")
         elif self.phase == BODY and now - self.last_activity > settings.body_timeout:
@@ -612,12 +634,7 @@ class DownstreamProtocol(WriteFlow, asyncio.Protocol):
     def close_when_idle(self) -> None:
         self.close_after = True
         if self.cycle is None and self.phase in (IDLE, HEADERS) and not self.pending:
-            self._finish_connection()
-
-    def abort(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
+            self._close()
 
 
 _DC = Flag.DOWNSTREAM_DISCONNECT.value
@@ -625,18 +642,13 @@ _UC = Flag.UPSTREAM_RESET.value
 _UT = Flag.UPSTREAM_TIMEOUT.value
 
 
-class _Cycle:
-    """One request and its response on a connection: the reply of the route's handler.
-
-    It writes the response the handler replies with, the body as it arrives (head and a body
-    already in hand in one write), bounds the body by the request's deadline (the total timeout
-    covers the whole response, as Envoy's route timeout does), and tells the connection's
-    `completed` callback once, however the cycle ends. A reply that comes after the cycle ended
-    (its client gone, nothing interruptible waiting) is dropped, its response discarded.
-    """
+class RequestCycle:
+    """What an HTTP/1.1 request cycle (`_Cycle`) and an HTTP/2 stream (`h2server._Stream`)
+    share: one request and the state of its reply, and one way to end: `finish` cancels the
+    deadline timer, tells the connection's `completed` callback (once, however the cycle ended)
+    and then the connection itself (`cycle_done`)."""
 
     __slots__ = (
-        "_chunked",
         "_timer",
         "conn",
         "decision",
@@ -652,9 +664,11 @@ class _Cycle:
         "status",
     )
 
+    grpc_status: int | None = None  # the gRPC call's status, once known (HTTP/2 only)
+
     def __init__(
         self,
-        conn: DownstreamProtocol,
+        conn: Downstream,
         head: RequestHead,
         decision: Decision | None,
         request: Request | None,
@@ -674,7 +688,12 @@ class _Cycle:
         self.response: Response | None = None
         self._timer: Timer | None = None
 
+    def __call__(self, result: Result) -> None:
+        raise NotImplementedError
+
     def begin(self) -> None:
+        """Hand the request to its route's handler, with this cycle as its reply; or answer
+        with the error routing refused it with."""
         self.started = True
         decision, request = self.decision, self.request
         if decision is None or request is None:
@@ -685,10 +704,74 @@ class _Cycle:
         try:
             decision.handler(request, self)
         except Exception:
-            if not self.replied:
-                self._internal_error()
-            else:
-                log.exception("unexpected error serving %r", self.head.path)
+            self._handler_failed()
+
+    def _handler_failed(self) -> None:
+        """The handler raised (a bug): answer, if nothing was yet, and log it."""
+        raise NotImplementedError
+
+    def _gone(self, detail: str, interruptible: bool) -> None:
+        """The client is gone (`detail`). An exchange still waiting (`interruptible`: it has its
+        request) replies 499 DC through every layer; else the cycle ends here, flagged DC, its
+        response (if any) discarded: its upstream connection closes, never half-read."""
+        if self.done:
+            return
+        if not self.replied:
+            request = self.request
+            gone = DownstreamGone(detail)
+            if interruptible and request is not None and request.interrupt(gone, end=True):
+                return  # the exchange replied (499 DC) through every layer
+            self.replied = True  # nothing interruptible waited: whatever comes later is dropped
+            self.status = 499
+            self.flags = _DC
+            self.finish()
+            return
+        if self.response is not None:
+            self.flags = f"{self.flags},{_DC}" if self.flags else _DC
+            self.response.discard()
+        self.finish()
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
+        conn = self.conn
+        if conn.completed is not None:
+            conn.completed(
+                self.head,
+                self.decision,
+                self.status,
+                self.flags,
+                self.start,
+                self.request,
+                self.grpc_status,
+            )
+        conn.cycle_done(self)
+
+
+class _Cycle(RequestCycle):
+    """One request and its response on a connection: the reply of the route's handler.
+
+    It writes the response the handler replies with, the body as it arrives (head and a body
+    already in hand in one write), bounds the body by the request's deadline (the total timeout
+    covers the whole response, as Envoy's route timeout does), and tells the connection's
+    `completed` callback once, however the cycle ends. A reply that comes after the cycle ended
+    (its client gone, nothing interruptible waiting) is dropped, its response discarded.
+    """
+
+    __slots__ = ("_chunked",)
+
+    conn: DownstreamProtocol
+
+    def _handler_failed(self) -> None:
+        if not self.replied:
+            self._internal_error()
+        else:
+            log.exception("unexpected error serving %r", self.head.path)
 
     # --- the reply -------------------------------------------------------------------------
 
@@ -854,23 +937,7 @@ class _Cycle:
 
     def client_gone(self) -> None:
         """The client connection is gone (lost, or cut off by the send timeout)."""
-        if self.done:
-            return
-        if not self.replied:
-            request = self.request
-            if self.started and request is not None:
-                gone = DownstreamGone("the client closed the connection")
-                if request.interrupt(gone, end=True):
-                    return  # the exchange replied (499 DC) through every layer
-            self.replied = True  # nothing interruptible waited: whatever comes later is dropped
-            self.status = 499
-            self.flags = _DC
-            self.finish()
-            return
-        if self.response is not None:
-            self.flags = f"{self.flags},{_DC}" if self.flags else _DC
-            self.response.discard()  # cut short: its upstream connection closes, never half-read
-        self.finish()
+        self._gone("the client closed the connection", self.started)
 
     def _internal_error(self) -> None:
         log.exception("unexpected error serving %r", self.head.path)
@@ -890,20 +957,3 @@ class _Cycle:
         else:
             conn.abort()
         self.finish()
-
-    def finish(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        timer = self._timer
-        if timer is not None:
-            self._timer = None
-            timer.cancel()
-        conn = self.conn
-        if conn.drain_callback is not None:
-            conn.drain_callback = None
-        if conn.completed is not None:
-            conn.completed(
-                self.head, self.decision, self.status, self.flags, self.start, self.request
-            )
-        conn._cycle_done(self)

@@ -98,7 +98,7 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         self.reused = False  # the exchange runs on a connection taken from the pool
         self.upgraded = False  # answered 101: a tunnel now, never pooled
         self.write_paused = False
-        self.drain_waiter: asyncio.Future[None] | None = None
+        self._waiter = None
         self.drain_callback: Callable[[], None] | None = None
         self.idle_since = 0.0
         # How long it may wait in the pool: the idle_timeout of the service it served last
@@ -183,9 +183,7 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
             self._fail(UpstreamError(Flag.UPSTREAM_RESET, reason))
         if self.body is not None:
             self.body.fail(BodyReset(reason))
-        waiter = self.drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(UpstreamError(Flag.UPSTREAM_RESET, reason))
+        self._fail_waiter(UpstreamError(Flag.UPSTREAM_RESET, reason))
         if self.tunnel is not None:
             self.tunnel(b"")
 

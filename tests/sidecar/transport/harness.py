@@ -149,7 +149,7 @@ def proxy(
         forward,
         settings,
         can_write_eof=can_write_eof,
-        completed=lambda head, decision, status, flags, start, request: outcomes.append(
+        completed=lambda head, decision, status, flags, start, request, *_: outcomes.append(
             (status, flags)
         ),
         service=service,

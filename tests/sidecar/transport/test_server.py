@@ -113,7 +113,7 @@ async def test_a_refused_request_is_reported_like_any_other_with_400_dpe() -> No
     reported: list[tuple[object, int, str]] = []
     _, client = downstream(
         Scripted(),
-        completed=lambda head, decision, status, flags, start, request: reported.append(
+        completed=lambda head, decision, status, flags, start, request, *_: reported.append(
             (head, status, flags)
         ),
     )
@@ -273,7 +273,7 @@ async def test_a_head_timeout_is_reported_as_a_408_dpe() -> None:
     protocol, client = downstream(
         Scripted(),
         LIMITS,
-        completed=lambda head, decision, status, flags, start, request: reported.append(
+        completed=lambda head, decision, status, flags, start, request, *_: reported.append(
             (status, flags)
         ),
     )
