@@ -64,6 +64,13 @@ def _sidecar_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="close a passed-through TCP connection after this long with no bytes either way "
         "(default 1h, as Envoy's tcp_proxy)",
     )
+    p.add_argument(
+        "--stream-idle-timeout",
+        default=None,
+        help="end an HTTP/2 stream (gRPC call), a tunnel after a 101, or an upstream exchange "
+        "after this long with no bytes either way (flag SI; default 5m, as Envoy's "
+        "stream_idle_timeout; 0s: never)",
+    )
 
 
 def _control_plane_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -24,6 +24,7 @@ from sidecar.exchange import Reply, Request, Response
 from sidecar.policy.stack import ServiceRegistry, ServiceState
 from sidecar.protocol.events import RequestHead
 from sidecar.transport.body import BytesBody
+from sidecar.transport.h2upstream import H2Pool
 from sidecar.transport.server import REASONS, Decision
 from sidecar.transport.upstream import EndpointPool
 
@@ -160,10 +161,12 @@ class Clusters:
         snapshot: Callable[[], Snapshot | None],
         services: ServiceRegistry,
         pools: Mapping[Endpoint, EndpointPool],
+        h2_pools: Mapping[Endpoint, H2Pool] | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.services = services
         self.pools = pools
+        self.h2_pools: Mapping[Endpoint, H2Pool] = h2_pools if h2_pools is not None else {}
 
     def render(self) -> Rendered:
         return _json(self.document())
@@ -186,6 +189,8 @@ class Clusters:
     def _endpoint(self, endpoint: Endpoint, state: ServiceState | None) -> dict[str, Any]:
         breaker = state.breakers.breaker(endpoint) if state else None
         pool = self.pools.get(endpoint)
+        h2_pool = self.h2_pools.get(endpoint)
+        h2_connections = h2_pool.connections if h2_pool is not None else []
         return {
             "address": str(endpoint),
             "active_requests": state.active(endpoint) if state else 0,
@@ -194,6 +199,9 @@ class Clusters:
             "ejections": breaker.trips if breaker is not None else 0,
             "idle_connections": len(pool.idle) if pool else 0,
             "busy_connections": len(pool.in_use) if pool else 0,
+            # HTTP/2 services' multiplexed connections, and the streams open on them
+            "http2_connections": len(h2_connections),
+            "http2_streams": sum(len(conn.streams) for conn in h2_connections),
         }
 
 

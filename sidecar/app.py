@@ -70,12 +70,16 @@ class Sidecar:
         destination_of: OriginalDestination = kernel_destination,
     ) -> None:
         self.settings = settings
-        self.server_settings = server or ServerSettings()
+        self.server_settings = server or ServerSettings(
+            stream_idle_timeout=settings.stream_idle_timeout
+        )
         # How a connection's original destination is read: the kernel's SO_ORIGINAL_DST (tests
         # without iptables give a stand-in).
         self.destination_of = destination_of
         self.services = ServiceRegistry(on_event=self._policy_event)
-        self.upstreams = Upstreams(services=self.services)
+        self.upstreams = Upstreams(
+            services=self.services, stream_idle_timeout=self.server_settings.stream_idle_timeout
+        )
         self.router = Router(
             self.services,
             self.upstreams.forward,
@@ -104,7 +108,9 @@ class Sidecar:
             self.addresses,
             settings.trace_sampling,
         )
-        self.clusters = admin.Clusters(self.router.snapshot, self.services, self.upstreams.pools)
+        self.clusters = admin.Clusters(
+            self.router.snapshot, self.services, self.upstreams.pools, self.upstreams.h2_pools
+        )
         self.admin = admin.Admin(
             {
                 b"/ready": admin.Ready(self.not_ready_reason),
@@ -252,8 +258,8 @@ class Sidecar:
             if series is None:
                 series = table[destination] = Series()
             series.add(status, flags, duration)
-            if grpc_status is not None:  # an HTTP/2 stream's gRPC call
-                series.add_grpc(grpc_status)
+            if grpc_status is not None and head is not None:  # an HTTP/2 stream's gRPC call
+                series.add_grpc(head.path, grpc_status)
             if access_log is not None:
                 access_log(
                     direction, head, destination, status, flags, duration, request, grpc_status

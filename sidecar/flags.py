@@ -21,7 +21,8 @@ class Flag(StrEnum):
     DOWNSTREAM_DISCONNECT = "DC"
     UPSTREAM_PROTOCOL_ERROR = "UPE"
     DOWNSTREAM_PROTOCOL_ERROR = "DPE"
-    STREAM_IDLE_TIMEOUT = "SI"  # a passed-through TCP connection idle past its timeout
+    # An HTTP/2 stream, a tunnel or a passed-through TCP connection idle past its timeout
+    STREAM_IDLE_TIMEOUT = "SI"
 
 
 # The status a locally generated response carries for each flag.

@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from sidecar.config import Snapshot
 from sidecar.loop_lag import PERIOD, LagReader, LoopLag
 from sidecar.policy.stack import ServiceRegistry
+from sidecar.protocol.grpc import rpc_names
 from sidecar.transport.tcp import TcpRecord
 
 # Seconds; Envoy-like spread from 0.5 ms to 60 s.
@@ -47,6 +48,8 @@ BUCKETS = (
 )
 
 RequestKey = tuple[str, str, str, str, str]  # direction, source, destination, code, flags
+# direction, source, destination, rpc_service, rpc_method, grpc_status
+GrpcKey = tuple[str, str, str, str, str, str]
 TcpKey = tuple[str, str, str]  # direction, destination, sni ("-" when none)
 
 # outrigger_endpoint_breaker_state values (pybreaker's state names); no breaker yet: closed.
@@ -74,18 +77,36 @@ class _Histogram:
         self.total = 0.0
 
 
+# Distinct gRPC methods counted per (direction, destination); calls of any further method,
+# and paths that are not `/package.Service/Method`, count as OTHER_METHOD. The path is the
+# client's to choose: without a bound, a client could grow the sidecar's memory and every
+# scrape without end (docs/hardening.md rule 18).
+MAX_GRPC_METHODS = 100
+OTHER_METHOD = ("other", "other")
+
+
 class Series(_Histogram):
     """One (direction, destination): requests by (status, flags), and their durations."""
 
-    __slots__ = ("grpc", "requests")
+    __slots__ = ("grpc", "methods", "requests")
 
     def __init__(self) -> None:
         super().__init__()
         self.requests: dict[tuple[int, str], int] = {}
-        self.grpc: dict[int, int] = {}  # gRPC calls by grpc-status (HTTP/2 streams only)
+        # gRPC calls (HTTP/2 streams only) by ((rpc service, rpc method), grpc-status)
+        self.grpc: dict[tuple[tuple[str, str], int], int] = {}
+        self.methods: dict[bytes, tuple[str, str]] = {}  # path -> its names, bounded
 
-    def add_grpc(self, status: int) -> None:
-        self.grpc[status] = self.grpc.get(status, 0) + 1
+    def add_grpc(self, path: bytes, status: int) -> None:
+        method = self.methods.get(path)
+        if method is None:
+            names = rpc_names(path) if len(self.methods) < MAX_GRPC_METHODS else None
+            if names is None:
+                method = OTHER_METHOD
+            else:
+                method = self.methods[path] = names
+        key = (method, status)
+        self.grpc[key] = self.grpc.get(key, 0) + 1
 
     def add(self, code: int, flags: str, seconds: float) -> None:
         key = (code, flags)
@@ -148,13 +169,14 @@ class Metrics:
             for (code, flags), count in series.requests.items()
         }
 
-    def grpc_calls(self) -> dict[tuple[str, str, str, str], int]:
-        """gRPC calls by (direction, source, destination, grpc_status)."""
+    def grpc_calls(self) -> dict[GrpcKey, int]:
+        """gRPC calls by (direction, source, destination, rpc_service, rpc_method,
+        grpc_status)."""
         return {
-            (direction, self.source, destination, str(code)): count
+            (direction, self.source, destination, service, method, str(code)): count
             for direction, table in self.series.items()
             for destination, series in table.items()
-            for code, count in series.grpc.items()
+            for ((service, method), code), count in series.grpc.items()
         }
 
     def durations(self) -> dict[tuple[str, str], _Histogram]:
@@ -235,9 +257,10 @@ class _MetricsCollector(Collector):
         )
         yield _counter(
             "outrigger_grpc_calls",
-            "gRPC calls over HTTP/2, by direction, source and destination service, and the "
+            "gRPC calls over HTTP/2, by direction, source and destination service, the "
+            "called service and method (at most 100 per destination, then 'other'), and the "
             "grpc-status they ended with (the upstream's, or the sidecar's own for a local error).",
-            ["direction", "source", "destination", "grpc_status"],
+            ["direction", "source", "destination", "rpc_service", "rpc_method", "grpc_status"],
             m.grpc_calls().items(),
         )
 

@@ -31,6 +31,7 @@ DEFAULTS: dict[str, str] = {
     "log_level": "info",
     "detect_timeout": "100ms",
     "tcp_idle_timeout": "1h",
+    "stream_idle_timeout": "5m",
 }
 SETTING_KEYS = (
     "mesh",
@@ -53,6 +54,7 @@ SETTING_KEYS = (
     "trace_sampling",
     "detect_timeout",
     "tcp_idle_timeout",
+    "stream_idle_timeout",
 )
 
 
@@ -128,6 +130,9 @@ class SidecarSettings:
     trace_sampling: float | None = None  # overrides the xDS value when given
     detect_timeout: float = 0.1  # a redirected client silent this long is TCP
     tcp_idle_timeout: float = 3600.0  # passed-through TCP with no bytes either way (Envoy's 1h)
+    # An HTTP/2 stream, a tunnel after a 101, or an upstream exchange with no bytes either way
+    # (Envoy's stream_idle_timeout and its default); 0: off
+    stream_idle_timeout: float = 300.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SidecarSettings:
@@ -185,4 +190,7 @@ class SidecarSettings:
             trace_sampling=parse_sampling("trace_sampling", values.get("trace_sampling")),
             detect_timeout=parse_seconds("detect_timeout", str(values["detect_timeout"])),
             tcp_idle_timeout=parse_seconds("tcp_idle_timeout", str(values["tcp_idle_timeout"])),
+            stream_idle_timeout=parse_seconds(
+                "stream_idle_timeout", str(values["stream_idle_timeout"])
+            ),
         )

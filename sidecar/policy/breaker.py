@@ -43,9 +43,16 @@ import pybreaker
 
 from mesh.policy import CircuitBreaker
 from sidecar.config import Endpoint
-from sidecar.exchange import EndpointHandler, Reply, Request, Result
+from sidecar.exchange import EndpointHandler, Reply, Request, Response, Result
 from sidecar.flags import Flag, PolicyError
-from sidecar.policy.classifier import Kind, Outcome, classify, classify_grpc
+from sidecar.policy.classifier import (
+    GrpcBody,
+    Kind,
+    Outcome,
+    classify,
+    classify_grpc,
+    grpc_end_outcome,
+)
 from sidecar.policy.clock import Clock
 from sidecar.policy.stats import ServiceStats
 
@@ -406,10 +413,29 @@ class _Outcome:
 
 
 class _GrpcOutcome(_Outcome):
-    """`_Outcome` for an HTTP/2 service: a trailers-only UNAVAILABLE or INTERNAL is a failure."""
+    """`_Outcome` for an HTTP/2 service: UNAVAILABLE or INTERNAL is a failure, whether it comes
+    before any message (a trailers-only answer, or trailers after a held head: known now) or in
+    the trailers after messages: then the outcome is recorded when the body ends (a stream
+    reset after the head counts as a reset). A half-open probe is decided by its head, so one
+    long stream does not keep its endpoint out while it lasts."""
 
-    __slots__ = ()
+    __slots__ = ("_body",)
+
+    _body: GrpcBody  # the response whose end decides (set when the head passed)
 
     def __call__(self, result: Result) -> None:
-        self._registry.record(self._endpoint, classify_grpc(result), self._probe, self._req)
+        outcome = classify_grpc(result)
+        if outcome.success and not self._probe and isinstance(result, Response):
+            body = result.body
+            if result.has_body and isinstance(body, GrpcBody) and not body.finished:
+                self._body = body
+                body.when_done(self._ended)
+                self._reply(result)
+                return
+        self._registry.record(self._endpoint, outcome, self._probe, self._req)
         self._reply(result)
+
+    def _ended(self) -> None:
+        body = self._body
+        outcome = grpc_end_outcome(body.grpc_status, body.finished, body.failed)
+        self._registry.record(self._endpoint, outcome, False, self._req)

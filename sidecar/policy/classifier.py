@@ -11,8 +11,10 @@ Outcomes are interned (one object per status or flag), so classifying allocates 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol, runtime_checkable
 
 from sidecar.exchange import Response
 from sidecar.flags import Flag, ProxyError
@@ -37,7 +39,7 @@ class Kind(Enum):
     TIMEOUT = "timeout"  # UT: the attempt (or the request) ran out of time
     PROTOCOL_ERROR = "protocol-error"  # UPE: the upstream sent bad framing
     LOCAL = "local"  # a local decision (UO, UH, URX, ...): says nothing about the endpoint
-    # gRPC statuses of a trailers-only answer (HTTP/2 services only, `classify_grpc`)
+    # gRPC statuses that came before any message (HTTP/2 services only, `classify_grpc`)
     GRPC_CANCELLED = "cancelled"
     GRPC_DEADLINE_EXCEEDED = "deadline-exceeded"
     GRPC_INTERNAL = "internal"
@@ -133,16 +135,53 @@ _BY_GRPC_CODE: dict[int, Outcome] = {
 
 
 def classify_grpc(result: Response | ProxyError) -> Outcome:
-    """`classify` for an HTTP/2 service: a trailers-only answer (its grpc-status in the head,
-    no body) is classified by that status. A status that comes in trailers after a body is not
-    seen here: messages were on their way, nothing may be retried by then."""
-    if isinstance(result, Response) and result.status == 200 and not result.has_body:
-        code = grpc_status_of(result.headers)
+    """`classify` for an HTTP/2 service: a gRPC answer whose status is known before any
+    message was forwarded is classified by that status: a trailers-only answer (grpc-status
+    in the head, no body), or a head held until its trailers came with no message between
+    (the body's `grpc_status`, sidecar/transport/h2upstream.py). A status in trailers after
+    messages is not known here: those were on their way, nothing may be retried by then (the
+    breaker reads it when the body ends: `grpc_end_outcome`)."""
+    if isinstance(result, Response) and result.status == 200:
+        if result.has_body:
+            code = getattr(result.body, "grpc_status", None)
+        else:
+            code = grpc_status_of(result.headers)
         if code:
             outcome = _BY_GRPC_CODE.get(code)
             if outcome is not None:
                 return outcome
     return classify(result)
+
+
+@runtime_checkable
+class GrpcBody(Protocol):
+    """A response body from an HTTP/2 upstream (sidecar/transport/h2upstream.py::H2Body): the
+    grpc-status of its trailers once they came, and how it ended."""
+
+    grpc_status: int | None
+
+    @property
+    def finished(self) -> bool: ...
+
+    @property
+    def failed(self) -> bool: ...
+
+    def when_done(self, callback: Callable[[], None]) -> None: ...
+
+
+# How a gRPC response body that did not end whole ended: reset by the upstream after its head,
+# or discarded (the client left: no verdict).
+_RESET_AFTER_HEAD = Outcome(Kind.RESET, 200, breaker_failure=True, flag=Flag.UPSTREAM_RESET)
+_DISCARDED = _error_outcome(Flag.DOWNSTREAM_DISCONNECT, 499)
+
+
+def grpc_end_outcome(grpc_status: int | None, finished: bool, failed: bool) -> Outcome:
+    """What a gRPC response's end says about its endpoint: the grpc-status of its trailers
+    once the body ended whole, a reset when it failed, no verdict when it was discarded."""
+    if finished:
+        outcome = _BY_GRPC_CODE.get(grpc_status) if grpc_status else None
+        return outcome if outcome is not None else _BY_STATUS[200]
+    return _RESET_AFTER_HEAD if failed else _DISCARDED
 
 
 def classify(result: Response | ProxyError) -> Outcome:

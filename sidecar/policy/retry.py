@@ -34,8 +34,9 @@ retry_on tokens (Envoy's meanings): `connect-failure` (UF); `reset` (UF, UC, tim
 `gateway-error` (502/503/504, UF, UC, timeout); `5xx` (any 5xx, UF, UC, timeout, UPE);
 `retriable-4xx` (409); `retriable-status-codes` (the explicit codes, which always apply);
 `cancelled`, `deadline-exceeded`, `internal`, `resource-exhausted`, `unavailable` (the gRPC
-status of a trailers-only answer from an HTTP/2 service, whatever the method: nothing of the
-response has been forwarded then).
+status of an answer from an HTTP/2 service that came before any message, whatever the method:
+trailers-only, or trailers after a head the forwarder held; nothing of the response has been
+forwarded then).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ RETRY_ON_TOKENS: dict[str, frozenset[Kind]] = {
     "5xx": _NO_RESPONSE | {Kind.GATEWAY_ERROR, Kind.SERVER_ERROR, Kind.PROTOCOL_ERROR},
     "retriable-4xx": frozenset({Kind.RETRIABLE_4XX}),
     "retriable-status-codes": frozenset(),
-    # gRPC statuses of a trailers-only answer (HTTP/2 services: classify_grpc)
+    # gRPC statuses that came before any message (HTTP/2 services: classify_grpc)
     "cancelled": frozenset({Kind.GRPC_CANCELLED}),
     "deadline-exceeded": frozenset({Kind.GRPC_DEADLINE_EXCEEDED}),
     "internal": frozenset({Kind.GRPC_INTERNAL}),

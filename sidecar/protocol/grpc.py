@@ -16,6 +16,13 @@ GRPC_RESOURCE_EXHAUSTED = 8
 GRPC_INTERNAL = 13
 GRPC_UNAVAILABLE = 14
 
+# retry_on tokens that name a gRPC status (sidecar/policy/retry.py): a service whose retry
+# policy has one of them gets its gRPC responses' headers held until the first message (or the
+# trailers), so a status that comes before any message can still be retried.
+GRPC_RETRY_ON = frozenset(
+    ("cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable")
+)
+
 _GRPC_TIMEOUT_UNITS = {
     ord("H"): 3600.0,
     ord("M"): 60.0,
@@ -42,6 +49,26 @@ def grpc_status_of(headers: list[tuple[bytes, bytes]] | None) -> int | None:
             if name == b"grpc-status":
                 return int(value) if value.isdigit() else None
     return None
+
+
+_NAME_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+_NAME_MAX = 128
+
+
+def rpc_names(path: bytes) -> tuple[str, str] | None:
+    """(service, method) of a gRPC path `/package.Service/Method`; None when the path is not
+    of that form (names of letters, digits, `.`, `_`, `-`, at most 128 bytes each)."""
+    service, slash, method = path[1:].partition(b"/")
+    if (
+        path[:1] != b"/"
+        or not slash
+        or not 0 < len(service) <= _NAME_MAX
+        or not 0 < len(method) <= _NAME_MAX
+        or not _NAME_BYTES.issuperset(service)
+        or not _NAME_BYTES.issuperset(method)
+    ):
+        return None
+    return service.decode("ascii"), method.decode("ascii")
 
 
 def is_grpc(headers: list[tuple[bytes, bytes]]) -> bool:

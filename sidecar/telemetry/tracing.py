@@ -61,7 +61,7 @@ from sidecar.exchange import (
 )
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.breaker import BreakerEvent
-from sidecar.policy.classifier import classify
+from sidecar.policy.classifier import GrpcBody, classify
 from sidecar.protocol.grpc import error_code, grpc_status_of, is_grpc
 from sidecar.telemetry import otlp_endpoint as otlp_endpoint  # re-exported
 from sidecar.telemetry import propagation
@@ -292,7 +292,13 @@ class _Trace:
         layer, req, reply = self.layer, self.req, self.reply
         req.trace = None
         if isinstance(result, Response):
-            layer._finish(self, req, layer._service, result, None)
+            body = result.body
+            if req.version == b"2" and isinstance(body, GrpcBody) and not body.finished:
+                # A gRPC call's span ends with the call (OpenTelemetry's RPC spans): its
+                # grpc-status comes in the trailers, after the messages.
+                body.when_done(lambda: layer._finish(self, req, layer._service, result, None))
+            else:
+                layer._finish(self, req, layer._service, result, None)
         else:
             layer._finish(self, req, layer._service, None, result)
         del self.req, self.reply  # no cycle through the request or the reply chain
@@ -598,10 +604,15 @@ def _result_attributes(
 ) -> tuple[str, bool]:
     """Status code, flags and error.type; returns (status description, is an error)."""
     if "rpc.system" in attributes:
-        # A gRPC call's status when the sidecar knows it as the span ends: a trailers-only
-        # answer's, or the one its own error is sent with (trailers that follow a body are
-        # not seen by then).
-        code = grpc_status_of(resp.headers) if resp is not None else None
+        # A gRPC call's status: a trailers-only answer's, its trailers' (the span of a call
+        # answered with a body ends with it), or the one the sidecar's own error is sent with.
+        code = None
+        if resp is not None:
+            body = resp.body
+            if resp.has_body and isinstance(body, GrpcBody):
+                code = body.grpc_status
+            else:
+                code = grpc_status_of(resp.headers)
         if isinstance(error, ProxyError) and not isinstance(error, DownstreamGone):
             code = error_code(error.flag)
         if code is not None:

@@ -43,12 +43,11 @@ import hyperframe.frame
 
 from sidecar.exchange import DownstreamGone, Request, RequestBody, Response, Result
 from sidecar.flags import Flag, ProxyError
-from sidecar.policy.deadline import call_at
+from sidecar.policy.deadline import Timer, call_at
 from sidecar.policy.timeout import UpstreamTimeoutError
 from sidecar.protocol.events import RequestHead
 from sidecar.protocol.grpc import (
     GRPC_CONTENT_TYPE,
-    GRPC_DEADLINE_EXCEEDED,
     error_code,
     grpc_status_of,
     grpc_timeout,
@@ -84,6 +83,21 @@ CONNECTION_SPECIFIC = frozenset(
         b"host",
     )
 )
+
+
+# The connection-level receive window we grant a peer (both sides: h2upstream.py too). Each
+# stream's own window (65,535, the default) is what holds back one stream's sender while its
+# body waits (its reader paused); the connection's must be larger than the streams that may
+# stall at once could hold, or one stalled stream stops every other stream on the connection:
+# all of a gRPC client's calls, or every client's calls to an endpoint on the shared upstream
+# connection. It does not add to what is buffered: that is bounded per stream (its body's high
+# water and its window).
+CONNECTION_WINDOW = 16 * 1024 * 1024
+
+
+def open_connection_window(h2conn: h2.connection.H2Connection) -> None:
+    """Grant the peer CONNECTION_WINDOW on the connection (after `initiate_connection`)."""
+    h2conn.increment_flow_control_window(CONNECTION_WINDOW - h2conn.inbound_flow_control_window)
 
 
 def grpc_error_headers(error: ProxyError) -> list[tuple[bytes, bytes]]:
@@ -146,6 +160,7 @@ class H2DownstreamProtocol(Downstream):
             },
         )
         self.h2.initiate_connection()
+        open_connection_window(self.h2)
         self._flush()
         if self.state.draining:
             self.close_when_idle()
@@ -423,12 +438,14 @@ class _Stream(RequestCycle):
     """One HTTP/2 stream: the request cycle, and the reply of the route's handler."""
 
     __slots__ = (
+        "_idle",
         "_outbound",
         "_trailers",
         "_unacked",
         "body",
         "grpc",
         "grpc_status",
+        "last_activity",
         "paused",
         "stream_id",
     )
@@ -452,6 +469,11 @@ class _Stream(RequestCycle):
         self._unacked = 0  # request bytes not yet acknowledged (the body asked to pause)
         self._outbound = b""  # response bytes waiting for the peer's window
         self._trailers: list[tuple[bytes, bytes]] | None = None
+        # The stream idle timeout (Envoy's stream_idle_timeout): checked when it could have
+        # passed, against the last time bytes moved on the stream either way.
+        self.last_activity = start
+        idle = conn.state.settings.stream_idle_timeout
+        self._idle: Timer | None = call_at(start + idle, self._idle_check) if idle > 0 else None
 
     # --- the request -----------------------------------------------------------------------
 
@@ -482,6 +504,7 @@ class _Stream(RequestCycle):
     def received(self, data: bytes, flow: int) -> None:
         body = self.body
         assert body is not None
+        self.last_activity = self.conn.last_activity
         if self.paused:
             self._unacked += flow
         else:
@@ -578,6 +601,7 @@ class _Stream(RequestCycle):
 
     def _respond(self, response: Response) -> None:
         self.response = response
+        self.last_activity = self.conn.loop.time()
         self.status = response.status
         if response.flags:
             self.flags = ",".join([f.value for f in response.flags])
@@ -666,6 +690,8 @@ class _Stream(RequestCycle):
         h2conn = conn.h2
         stream_id = self.stream_id
         data = self._outbound
+        if data:
+            self.last_activity = conn.loop.time()
         while data:
             if conn.write_paused:
                 self._outbound = data
@@ -697,9 +723,25 @@ class _Stream(RequestCycle):
     def _deadline_passed(self) -> None:
         """The request's deadline (route timeout or grpc-timeout) passed."""
         self._timer = None
+        if not self.done:
+            self._cut(UpstreamTimeoutError("the request's deadline passed"))
+
+    def _idle_check(self) -> None:
+        """The stream idle timeout may have passed: cut the stream if no byte moved on it
+        since, else check again when it could pass next."""
+        self._idle = None
         if self.done:
             return
-        error = UpstreamTimeoutError("the request's deadline passed")
+        conn = self.conn
+        idle = conn.state.settings.stream_idle_timeout
+        if conn.loop.time() - self.last_activity < idle:
+            self._idle = call_at(self.last_activity + idle, self._idle_check)
+            return
+        self._cut(ProxyError(Flag.STREAM_IDLE_TIMEOUT, f"no bytes on the stream for {idle:g}s"))
+
+    def _cut(self, error: ProxyError) -> None:
+        """End the stream early with `error`: the answer when nothing was sent yet; mid-response
+        a gRPC call ends with the error's grpc-status in the trailers, anything else is reset."""
         if not self.replied:
             request = self.request
             if request is None or not request.interrupt(error, end=True):
@@ -708,15 +750,13 @@ class _Stream(RequestCycle):
         response = self.response
         if response is not None:
             response.discard()
-        self.flags = Flag.UPSTREAM_TIMEOUT.value
+        self.flags = error.flag.value
         if self.grpc and not self.conn.closed:
-            # Mid-response: the call ends with DEADLINE_EXCEEDED in the trailers.
             self._outbound = b""
-            self.grpc_status = GRPC_DEADLINE_EXCEEDED
+            headers = grpc_error_headers(error)[2:]
+            self.grpc_status = grpc_status_of(headers)
             with contextlib.suppress(h2.exceptions.StreamClosedError):
-                self.conn.h2.send_headers(
-                    self.stream_id, grpc_error_headers(error)[2:], end_stream=True
-                )
+                self.conn.h2.send_headers(self.stream_id, headers, end_stream=True)
             self.conn._flush()
             self.finish()
             return
@@ -729,6 +769,13 @@ class _Stream(RequestCycle):
                 conn.h2.reset_stream(self.stream_id, code)
             conn._flush()
         self.finish()
+
+    def finish(self) -> None:
+        idle = self._idle
+        if idle is not None:
+            self._idle = None
+            idle.cancel()
+        super().finish()
 
 
 def _has(headers: list[tuple[bytes, bytes]]) -> bool:

@@ -45,10 +45,11 @@ from sidecar.exchange import (
     Response,
 )
 from sidecar.flags import Flag, ProxyError
+from sidecar.protocol.grpc import GRPC_RETRY_ON, grpc_status_of, is_grpc
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream
 from sidecar.transport.connect import UpstreamError, connect_within
 from sidecar.transport.flow import Waiting
-from sidecar.transport.h2server import CONNECTION_SPECIFIC, h2_config
+from sidecar.transport.h2server import CONNECTION_SPECIFIC, h2_config, open_connection_window
 
 log = logging.getLogger("outrigger.h2.upstream")
 
@@ -57,9 +58,10 @@ MAX_REFUSED = 2  # times one request is sent again after a refusal (then: 503 UC
 
 
 class H2Body(BodyStream):
-    """A response body from an HTTP/2 upstream, with the trailers once they came."""
+    """A response body from an HTTP/2 upstream, with the trailers once they came, and their
+    grpc-status (`grpc_status`: what the classifier, the breaker and the spans read)."""
 
-    __slots__ = ("trailers",)
+    __slots__ = ("grpc_status", "trailers")
 
     def __init__(
         self,
@@ -70,6 +72,12 @@ class H2Body(BodyStream):
     ) -> None:
         super().__init__(length, pause, resume, on_discard=on_discard)
         self.trailers: list[tuple[bytes, bytes]] | None = None
+        self.grpc_status: int | None = None
+
+    @property
+    def failed(self) -> bool:
+        """It ended without its end: the stream was reset or the connection lost."""
+        return self._error is not None
 
 
 class H2UpstreamConnection(asyncio.Protocol):
@@ -86,7 +94,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         # Resolved by the peer's first SETTINGS (its stream limit), or by the connection's end
         self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.write_paused = False
-        self.idle_since = pool.clock()
+        self.idle_since = self.last_activity = pool.clock()  # last_activity: bytes received
         # Closed after this long without a stream: the idle_timeout of the service it served last.
         self.idle_timeout = pool.idle_timeout
 
@@ -102,9 +110,11 @@ class H2UpstreamConnection(asyncio.Protocol):
             },
         )
         self.h2.initiate_connection()
+        open_connection_window(self.h2)
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        self.last_activity = self.pool.clock()
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -254,12 +264,14 @@ class _UpStream(Waiting):
     """One exchange on an HTTP/2 upstream connection."""
 
     __slots__ = (
+        "_held",
         "_paused",
         "_pending",
         "_unacked",
         "body",
         "conn",
         "got_response",
+        "last_activity",
         "reply",
         "request",
         "responded",
@@ -282,6 +294,9 @@ class _UpStream(Waiting):
         self._unacked = 0
         self._pending = b""  # request bytes waiting for a window
         self._waiter = None
+        # A gRPC response whose head waits for its first message or its trailers (`head`)
+        self._held: Response | None = None
+        self.last_activity = conn.pool.clock()  # bytes either way (H2Pool.sweep)
         req.on_interrupt = self.interrupt
 
     # --- the request -----------------------------------------------------------------------
@@ -315,6 +330,8 @@ class _UpStream(Waiting):
         conn = self.conn
         h2conn = conn.h2
         data = self._pending
+        if data:
+            self.last_activity = conn.pool.clock()
         while data:
             if conn.closed:
                 return False
@@ -373,6 +390,7 @@ class _UpStream(Waiting):
                     length = int(value)
                 headers.append((name, value))
         self.got_response = True
+        self.last_activity = self.conn.last_activity
         req = self.request
         method = req.method if req is not None else b""
         if ended:
@@ -383,15 +401,30 @@ class _UpStream(Waiting):
             response = Response(
                 status, b"", headers, self.body, self.conn.endpoint, length, method != b"HEAD"
             )
+            if req is not None and _may_retry_on_grpc_status(req) and is_grpc(headers):
+                # Held until the first message or the trailers (Envoy's router holds a head
+                # while a retry may still replace it): a grpc-status that comes before any
+                # message can then still be retried, and is classified (`classify_grpc`).
+                self._held = response
+                return
         self._answer(response)
 
     def received(self, data: bytes, flow: int) -> None:
-        if self._paused or self.body is None:
+        self.last_activity = self.conn.last_activity
+        body = self.body
+        if self._paused or body is None:
             self._unacked += flow
         else:
             self.conn._ack(self.stream_id, flow)
-        if self.body is not None and data:
-            self.body.feed(data)
+        if body is not None and data:
+            body.feed(data)
+            if self._held is not None:
+                self._release()  # a message: the head goes now, no retry from here on
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self._answer(held)
 
     def _pause(self) -> None:
         self._paused = True
@@ -403,14 +436,17 @@ class _UpStream(Waiting):
         self.conn.flush()
 
     def trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
-        if self.body is not None:
-            self.body.trailers = headers
+        body = self.body
+        if body is not None:
+            body.trailers = headers
+            body.grpc_status = grpc_status_of(headers)
 
     def ended(self) -> None:
         body = self.body
         self._done()
         if body is not None:
             body.finish()
+        self._release()  # no message came: the trailers' grpc-status decides (classify_grpc)
 
     def _discard(self) -> None:
         self._reset_stream(h2.errors.ErrorCodes.CANCEL)
@@ -449,6 +485,11 @@ class _UpStream(Waiting):
             return
         self._answer(UpstreamError(Flag.UPSTREAM_RESET, reason))
 
+    def idle(self, timeout: float) -> None:
+        """No byte either way for the stream idle timeout (`H2Pool.sweep`): reset, flag SI."""
+        self._reset_stream(h2.errors.ErrorCodes.CANCEL)
+        self.lost(f"no bytes on the upstream stream for {timeout:g}s", Flag.STREAM_IDLE_TIMEOUT)
+
     def lost(self, reason: str, flag: Flag) -> None:
         body = self.body
         self._done()
@@ -457,6 +498,7 @@ class _UpStream(Waiting):
         self._answer(UpstreamError(flag, reason))
 
     def _answer(self, result: Response | ProxyError) -> None:
+        self._held = None  # an error replaces a held head: nothing of it was forwarded
         reply, self.reply = self.reply, None
         if reply is None:
             if isinstance(result, Response):
@@ -482,6 +524,23 @@ class _UpStream(Waiting):
             task.cancel()
         self.window_opened()
         self.conn.stream_done(self)
+
+
+def _may_retry_on_grpc_status(req: Request) -> bool:
+    """The request's service retries on a gRPC status, and its body has been sent whole and
+    can be sent again. A call still sending (a bidi stream, a client stream the server
+    answers early) gets its head at once: its client may wait for the head before it sends
+    more, and holding it would stall the call."""
+    service = req.service
+    retry = service.retry if service is not None else None
+    body = req.body
+    return (
+        retry is not None
+        and retry.attempts > 0
+        and not retry.retry_on.isdisjoint(GRPC_RETRY_ON)
+        and body.replayable
+        and getattr(body, "finished", True)  # a BodyStream still arriving: not yet
+    )
 
 
 class H2Pool:
@@ -563,11 +622,18 @@ class H2Pool:
         with contextlib.suppress(ValueError):
             self.connections.remove(conn)
 
-    def sweep(self, now: float) -> None:
+    def sweep(self, now: float, stream_idle_timeout: float) -> None:
+        """Close connections idle past their idle timeout, and end streams with no byte either
+        way for the stream idle timeout (the client's side may be HTTP/1.1, with no timer of
+        its own for a response that stops coming)."""
         for conn in list(self.connections):
             idle = conn.idle_timeout
             if not conn.streams and 0 < idle < now - conn.idle_since:
                 conn.close()
+            elif stream_idle_timeout > 0:
+                for stream in list(conn.streams.values()):
+                    if now - stream.last_activity > stream_idle_timeout:
+                        stream.idle(stream_idle_timeout)
 
     def close_idle(self) -> None:
         for conn in list(self.connections):

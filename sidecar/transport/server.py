@@ -66,7 +66,8 @@ class ServerSettings:
     body_timeout: float = 60.0  # request body that stops moving
     send_timeout: float = 60.0  # peer that stops reading our response
     # A tunnel (after a 101) with no byte either way for this long is closed, both sides
-    # (Envoy's stream_idle_timeout, which also applies to upgraded streams; its default).
+    # (Envoy's stream_idle_timeout, which also applies to upgraded streams; its default); an
+    # HTTP/2 stream with no byte either way ends then too (h2server.py). 0: never.
     stream_idle_timeout: float = 300.0
     retry_buffer: int = 64 * 1024  # request bodies up to this size are kept for retries
     h2: H2Limits = field(default_factory=H2Limits)  # HTTP/2 connections (h2server.py)
@@ -615,7 +616,7 @@ class DownstreamProtocol(WriteFlow, Downstream):
             self._timeout_request(408, "request headers not received in time")
         elif self.phase == BODY and now - self.last_activity > settings.body_timeout:
             self._timeout_request(408, "request body stopped arriving")
-        elif self.phase == TUNNEL and now - self.last_activity > settings.stream_idle_timeout:
+        elif self.phase == TUNNEL and 0 < settings.stream_idle_timeout < now - self.last_activity:
             log.info("tunnel idle for %.0fs: closing", settings.stream_idle_timeout)
             if self.tunnel_abort is not None:
                 self.tunnel_abort()

@@ -462,6 +462,8 @@ class EndpointPool:
         """Close idle connections past their own idle timeout and stalled exchanges."""
         for conn in [c for c in self.idle if 0 < c.idle_timeout < now - c.idle_since]:
             conn.abort()
+        if stream_idle_timeout <= 0:
+            return
         for conn in [c for c in self.connections if now - c.last_activity > stream_idle_timeout]:
             if conn.busy:
                 conn.abort()
@@ -506,7 +508,7 @@ class Upstreams:
         for pool in list(self.pools.values()):
             pool.sweep(now, self.stream_idle_timeout)
         for h2_pool in list(self.h2_pools.values()):
-            h2_pool.sweep(now)
+            h2_pool.sweep(now, self.stream_idle_timeout)
 
     def close_idle(self) -> None:
         for pool in self.pools.values():

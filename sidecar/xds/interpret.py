@@ -154,7 +154,8 @@ HONOURED_FIELDS: Final[tuple[tuple[str, str, str], ...]] = (
         "route.retry_policy.retry_on",
         "connect-failure, reset, gateway-error, 5xx, retriable-4xx, retriable-status-codes; "
         "the gRPC conditions unavailable, cancelled, deadline-exceeded, internal, "
-        "resource-exhausted (a trailers-only answer's grpc-status, HTTP/2 clusters only); "
+        "resource-exhausted (a grpc-status that comes before any message, HTTP/2 clusters "
+        "only); "
         "others are refused",
     ),
     (

@@ -25,6 +25,9 @@ SERVICE = "test.Echo"
 class EchoServer:
     calls: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     fail_next: list[grpc.StatusCode] = field(default_factory=list)  # popped per call
+    # Popped per call late: ServerStream after its first message (the status in the trailers
+    # after it), ClientStream after reading every message
+    fail_late: list[grpc.StatusCode] = field(default_factory=list)
     server: grpc.aio.Server | None = None
     port: int = 0
 
@@ -54,6 +57,9 @@ class EchoServer:
         count = int(request.split(b":")[0])
         for i in range(count):
             yield b"%d:" % i + request
+            if self.fail_late:
+                code = self.fail_late.pop(0)
+                await context.abort(code, f"told to fail with {code.name} after a message")
 
     async def client_stream(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -64,6 +70,9 @@ class EchoServer:
         async for message in requests:
             total += len(message)
             count += 1
+        if self.fail_late:
+            code = self.fail_late.pop(0)
+            await context.abort(code, f"told to fail with {code.name} after {count} messages")
         return b"%d messages, %d bytes" % (count, total)
 
     async def bidi(
@@ -97,6 +106,16 @@ class EchoServer:
         yield b"first"
         await context.abort(grpc.StatusCode.UNAVAILABLE, "gone after one message")
 
+    async def headers_first(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Initial metadata first (HEADERS on the wire), then the answer, or the status it is
+        told to fail with in the trailers, no message before it (not trailers-only)."""
+        self.calls.append(("HeadersFirst", {}))
+        await context.send_initial_metadata((("x-early", "sent"),))
+        if self.fail_next:
+            code = self.fail_next.pop(0)
+            await context.abort(code, f"told to fail with {code.name} after the headers")
+        return request[::-1]
+
     async def start(self, max_streams: int | None = None) -> EchoServer:
         handler = grpc.method_handlers_generic_handler(
             SERVICE,
@@ -110,6 +129,7 @@ class EchoServer:
                 "OneThenUnavailable": grpc.unary_stream_rpc_method_handler(
                     self.one_then_unavailable
                 ),
+                "HeadersFirst": grpc.unary_unary_rpc_method_handler(self.headers_first),
             },
         )
         options = [

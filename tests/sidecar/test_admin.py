@@ -82,4 +82,6 @@ async def test_config_dump_and_clusters_follow_the_applied_snapshot() -> None:
         "ejections": 0,
         "idle_connections": 0,
         "busy_connections": 0,
+        "http2_connections": 0,
+        "http2_streams": 0,
     }

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -17,7 +18,7 @@ import httpx
 import pytest
 
 from tests.sidecar.grpc_fixtures import raw_grpc_call
-from tests.sidecar.proxy_fixtures import WAIT, running_sidecar, url
+from tests.sidecar.proxy_fixtures import WAIT, SidecarProcess, running_sidecar, url
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -147,3 +148,25 @@ async def test_grpc_timeout_bounds_the_call_in_the_sidecar() -> None:
     assert dict(trailers)[b"x-outrigger-flags"] == b"UT"
     assert server.requests == 1
     assert 0.25 < elapsed < 2.5
+
+
+async def test_an_upstream_stream_silent_past_the_stream_idle_timeout_ends_si(
+    tmp_path: Path,
+) -> None:
+    """An HTTP/1.1 client has no HTTP/2 stream timer of its own: an upstream stream with no
+    byte either way for the stream idle timeout is reset by the pool's sweep and answered 408
+    SI; the connection goes on carrying the next request."""
+    async with h2_server(lambda n: "hang" if n == 0 else "ok") as server:
+        proc = await SidecarProcess.spawn(
+            tmp_path, http2_mesh(server.address), extra=("--stream-idle-timeout", "500ms")
+        )
+        try:
+            async with httpx.AsyncClient(timeout=WAIT) as client:
+                resp = await client.get(proc.url("outbound", "/"), headers={"host": "up"})
+                assert resp.status_code == 408
+                assert resp.headers["x-outrigger-flags"] == "SI"
+                resp = await client.get(proc.url("outbound", "/"), headers={"host": "up"})
+                assert resp.status_code == 200
+        finally:
+            await proc.stop()
+    assert (server.requests, server.connections) == (2, 1)

@@ -43,6 +43,7 @@ def test_the_pod_flags_default_to_off_and_laptop_friendly_values() -> None:
     assert (settings.health, settings.metrics, settings.trace_sampling) == (None, None, None)
     assert (settings.log_level, settings.detect_timeout) == ("info", 0.1)
     assert settings.tcp_idle_timeout == 3600.0  # Envoy's tcp_proxy default
+    assert settings.stream_idle_timeout == 300.0  # Envoy's stream_idle_timeout default
 
 
 @pytest.mark.parametrize(
@@ -54,6 +55,7 @@ def test_the_pod_flags_default_to_off_and_laptop_friendly_values() -> None:
         ({"trace_sampling": "2"}, r"^trace_sampling: must be"),
         ({"detect_timeout": "100"}, r"^detect_timeout: expected a duration"),
         ({"tcp_idle_timeout": "soon"}, r"^tcp_idle_timeout: expected a duration"),
+        ({"stream_idle_timeout": "5"}, r"^stream_idle_timeout: expected a duration"),
     ],
 )
 def test_a_bad_pod_flag_names_the_flag_and_the_form(flags: dict[str, str], message: str) -> None:

@@ -749,7 +749,8 @@ async def test_sidecar_process_exit_leaves_no_exporter_process(
 
 async def test_grpc_calls_get_rpc_attributes_on_both_sides() -> None:
     """OpenTelemetry's RPC conventions on the CLIENT and SERVER spans of a gRPC call through
-    two sidecars (HTTP/2 both hops); a trailers-only error status is on the span too."""
+    two sidecars (HTTP/2 both hops), with the call's grpc-status: from the trailers after the
+    answer, a trailers-only error's, and one in the trailers after the headers."""
     async with (
         collector() as (spans, endpoint),
         echo_server() as server,
@@ -769,11 +770,14 @@ async def test_grpc_calls_get_rpc_attributes_on_both_sides() -> None:
                 server.fail_next.append(grpc.StatusCode.PERMISSION_DENIED)
                 with pytest.raises(grpc.aio.AioRpcError):
                     await ch.unary_unary("/test.Echo/Unary")(b"ab", timeout=5)
-            found = await spans.wait_for(4)
+                server.fail_next.append(grpc.StatusCode.UNAVAILABLE)
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await ch.unary_unary("/test.Echo/HeadersFirst")(b"ab", timeout=5)
+            found = await spans.wait_for(6)
     for span in found:
         assert span.attributes["rpc.system"] == "grpc"
         assert span.attributes["rpc.service"] == "test.Echo"
-        assert span.attributes["rpc.method"] == "Unary"
-    codes = sorted(str(s.attributes.get("rpc.grpc.status_code")) for s in found)
-    # The OK call's status comes in trailers after the span ended; the error was trailers-only.
-    assert codes == ["7", "7", "None", "None"]
+    methods = sorted(str(s.attributes["rpc.method"]) for s in found)
+    assert methods == ["HeadersFirst"] * 2 + ["Unary"] * 4
+    codes = sorted(int(str(s.attributes.get("rpc.grpc.status_code"))) for s in found)
+    assert codes == [0, 0, 7, 7, 14, 14]
