@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from mesh.address import split_host_port
 from mesh.policy import Backoff, CircuitBreaker, RetryBudget  # the mesh policy's: one of each
@@ -26,8 +26,11 @@ class OutboundPolicy(StrEnum):
     REGISTRY_ONLY = "registry_only"
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
+class Endpoint(NamedTuple):
+    """An upstream's host and port. A named tuple rather than a frozen dataclass: the pools (and
+    the breaker's and balancer's tables) look endpoints up on every request, and a tuple hashes
+    in C where a dataclass runs a Python `__hash__` (issue 18, plain-row profile)."""
+
     host: str
     port: int
 

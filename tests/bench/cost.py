@@ -3,6 +3,7 @@
     .venv/bin/python tests/bench/cost.py [--rows outrigger,outrigger-policy]
                                          [--requests 20000] [--repeat 3]
     .venv/bin/python tests/bench/cost.py --callgrind [--requests 2000]
+    .venv/bin/python tests/bench/cost.py --syscalls [--rows outrigger,python-floor-task]
 
 For comparing two versions of the code on a busy machine, where req/s from `run.py` is noise:
 a fixed number of requests, not a fixed duration, so the figure does not depend on how fast
@@ -15,9 +16,16 @@ upstream`, keep-alive) over `--connections` connections, one after another, and 
   median. Other processes on the machine still disturb caches, so compare medians of repeats.
 - `--callgrind`: the sidecar runs under `valgrind --tool=callgrind`; the counters are zeroed
   after the warm-up (`callgrind_control -z`) and dumped after the requests (`-d`), and the
-  figure is instructions executed (Ir) per request. Deterministic up to the 0.5 s sweeps and
-  the 1 s housekeeping that run while the counters are open, which is why it is reported per
-  request over a few thousand. `PYTHONHASHSEED=0` for both modes.
+  figure is instructions executed (Ir) per request. An idle sidecar runs instructions too (its
+  20 ms loop-lag tick, the 0.5 s sweeps, the 1 s housekeeping: ~0.7 M/s under callgrind), and
+  under valgrind on a busy machine the requests take 10-30 s, so the raw figure moves with the
+  machine's load by several thousand per request. Each row therefore first measures `--idle`
+  seconds of the idle loop and also reports the figure without that rate over the requests'
+  duration: the one to compare between versions. `PYTHONHASHSEED=0` for both modes.
+- `--syscalls`: `strace -c -f` attached to the process for the measured requests (after the
+  warm-up), and the system calls it counted, per request, by kind. Counts, not timings, so they
+  repeat; `epoll_pwait` (or `epoll_wait`) per request is the event loop's iterations. Any row
+  of rows.py works, the Python floor rows too (that is what they are for: what differs).
 
 Nothing here is a pass/fail check; the numbers go into a branch's report.
 """
@@ -29,11 +37,13 @@ import http.client
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import rows
@@ -52,6 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="measurements per row (CPU mode)")
     p.add_argument("--connections", type=int, default=1, help="keep-alive connections, in turn")
     p.add_argument("--callgrind", action="store_true", help="instructions under callgrind")
+    p.add_argument(
+        "--idle", type=float, default=5.0, help="seconds of idle loop measured (callgrind)"
+    )
+    p.add_argument("--syscalls", action="store_true", help="system calls under strace -c")
     p.add_argument("--outrigger", type=Path, default=rows.OUTRIGGER)
     p.add_argument("--keep-workdir", action="store_true", help="keep logs and callgrind dumps")
     args = p.parse_args(argv)
@@ -59,7 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.requests = 2000 if args.callgrind else 20000
     if args.warmup is None:
         args.warmup = 200 if args.callgrind else 2000
-    if args.callgrind:
+    if args.callgrind and args.syscalls:
+        p.error("--callgrind and --syscalls measure one at a time")
+    if args.callgrind or args.syscalls:
         args.repeat = 1
     return args
 
@@ -93,6 +109,16 @@ def callgrind_control(option: str, pid: int) -> None:
     )
 
 
+def callgrind_window(pid: int, out_dir: Path, run: Callable[[], None]) -> tuple[int, float]:
+    """Instructions `pid` executed while `run` ran, and the seconds it took."""
+    callgrind_control("-z", pid)
+    start = time.monotonic()
+    run()
+    seconds = time.monotonic() - start
+    callgrind_control("-d", pid)
+    return dumped_instructions(out_dir, pid), seconds
+
+
 def dumped_instructions(out_dir: Path, pid: int) -> int:
     """Ir of the last dump callgrind wrote for `pid` (its `totals:` line)."""
     dumps = sorted(out_dir.glob(f"callgrind.out.{pid}*"), key=lambda p: p.stat().st_mtime)
@@ -104,6 +130,53 @@ def dumped_instructions(out_dir: Path, pid: int) -> int:
     return int(match.group(1))
 
 
+def syscalls_per_request(pid: int, run: Callable[[], None], requests: int) -> str:
+    """System calls of `pid` (all its threads) while `run` runs, per request, most first."""
+    with tempfile.NamedTemporaryFile(prefix="outrigger-strace-", suffix=".txt") as out:
+        tracer = subprocess.Popen(
+            ["strace", "-c", "-f", "-o", out.name, "-p", str(pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            # strace says it attached on stderr (one line per thread) before it traces
+            assert tracer.stderr is not None
+            line = tracer.stderr.readline()
+            if "attached" not in line:
+                raise BenchError(f"strace -p {pid} did not attach: {line.strip()}")
+            run()
+        finally:
+            tracer.send_signal(signal.SIGINT)  # detach and write the summary
+            try:
+                tracer.wait(timeout=CONTROL_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                tracer.kill()
+                raise
+        counts = strace_counts(Path(out.name).read_text())
+    total = sum(counts.values())
+    shown = " ".join(
+        f"{name} {n / requests:.2f}"
+        for name, n in sorted(counts.items(), key=lambda kv: -kv[1])
+        if n / requests >= 0.005
+    )
+    return f"{total / requests:6.2f} syscalls/request: {shown}"
+
+
+def strace_counts(summary: str) -> dict[str, int]:
+    """{syscall: calls} from `strace -c`'s table (rows: % time, seconds, usecs/call, calls,
+    [errors,] syscall)."""
+    counts: dict[str, int] = {}
+    for line in summary.splitlines():
+        fields = line.split()
+        if len(fields) in (5, 6) and fields[-1].isidentifier() and fields[-1] != "total":
+            try:
+                counts[fields[-1]] = int(fields[3])
+            except ValueError:
+                continue
+    return counts
+
+
 def measure(row: rows.Row, env: rows.Env, args: argparse.Namespace) -> str:
     started = len(env.group.procs)
     target = row.start(env)
@@ -113,11 +186,21 @@ def measure(row: rows.Row, env: rows.Env, args: argparse.Namespace) -> str:
         pid = target.measured.pid
         send(target, args.warmup, args.connections, env.body)
         if args.callgrind:
-            callgrind_control("-z", pid)
-            send(target, args.requests, args.connections, env.body)
-            callgrind_control("-d", pid)
-            ir = dumped_instructions(env.workdir, pid)
-            return f"{row.name:20} {ir / args.requests:12,.0f} instructions/request"
+            n = args.requests
+            idle_ir, idle_s = callgrind_window(pid, env.workdir, lambda: time.sleep(args.idle))
+            ir, busy_s = callgrind_window(
+                pid, env.workdir, lambda: send(target, n, args.connections, env.body)
+            )
+            idle_rate = idle_ir / idle_s
+            net = ir - idle_rate * busy_s
+            return (
+                f"{row.name:20} {ir / n:12,.0f} instructions/request, {net / n:,.0f} without"
+                f" the idle loop's {idle_rate / 1e3:,.0f}k/s over the {busy_s:.1f} s"
+            )
+        if args.syscalls:
+            return f"{row.name:20} " + syscalls_per_request(
+                pid, lambda: send(target, args.requests, args.connections, env.body), args.requests
+            )
         figures = []
         for _ in range(args.repeat):
             before = cpu_seconds(pid)
@@ -150,6 +233,7 @@ def bench_env(prefix: str, outrigger: Path) -> rows.Env:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     needed = ["nginx"] + (["valgrind", "callgrind_control"] if args.callgrind else [])
+    needed += ["strace"] if args.syscalls else []
     missing = [tool for tool in needed if shutil.which(tool) is None]
     if missing:
         print(f"missing tools: {', '.join(missing)}", file=sys.stderr)

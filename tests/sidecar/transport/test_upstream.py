@@ -121,6 +121,48 @@ async def test_bytes_from_an_idle_pooled_connection_close_it() -> None:
     assert idle(p) == []
 
 
+# --- what a request costs in writes and reads (issue 18: the floor forwarder's count) -------------
+
+
+async def test_a_fast_exchange_on_a_pooled_connection_is_one_write_per_message_each_way() -> None:
+    # A request without a body and an answer that arrives in one read: the request head is one
+    # write upstream, the response (head and body) one write to the client, and neither side's
+    # reading is paused or resumed (each would be an epoll_ctl).
+    p = proxy()
+    upstream = await pooled_connection(p)
+    upstream.take()
+    client_pauses, upstream_pauses = p.client.read_pauses, upstream.read_pauses
+    for n in range(3):
+        path = b"/%d" % n
+        p.client.peer_sends(get(path))
+        await until(lambda: upstream.fresh)
+        assert upstream.writes[-1:] == [sent_upstream(path)]
+        assert upstream.take() == sent_upstream(path)
+        upstream.peer_sends(answer(b"body %d" % n))
+        await until(lambda: p.client.fresh)
+        assert p.client.writes[-1:] == [answer(b"body %d" % n)]
+        assert p.client.take() == answer(b"body %d" % n)
+    assert len(p.connector.opened) == 1
+    assert (p.client.read_pauses, upstream.read_pauses) == (client_pauses, upstream_pauses)
+    assert p.client.reading and upstream.reading
+    assert p.outcomes == [(200, "")] * 4
+
+
+async def test_a_post_whose_body_came_with_its_head_is_one_write_upstream() -> None:
+    p = proxy()
+    upstream = await pooled_connection(p)
+    upstream.take()
+    p.client.peer_sends(b"POST /pay HTTP/1.1\r\nHost: payments\r\nContent-Length: 5\r\n\r\nhello")
+    await until(lambda: upstream.fresh)
+    assert upstream.writes[-1:] == [
+        b"POST /pay HTTP/1.1\r\nhost: payments\r\ncontent-length: 5\r\n\r\nhello"
+    ]
+    upstream.take()
+    upstream.peer_sends(answer(b"paid"))
+    await until(lambda: p.client.fresh)
+    assert p.client.writes[-1:] == [answer(b"paid")]
+
+
 # --- a connection reused from inside its own answer ---------------------------------------------
 
 
