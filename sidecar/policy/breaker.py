@@ -373,11 +373,13 @@ class Breaker:
 
     def __call__(self, req: Request, endpoint: Endpoint, reply: Reply) -> None:
         registry = self._registry
-        try:
-            probe = registry.admit(endpoint, req)
-        except BreakerError as error:
-            reply(error)
-            return
+        probe = False
+        if registry.unclosed:  # every breaker closed, the usual case: nothing to admit
+            try:
+                probe = registry.admit(endpoint, req)
+            except BreakerError as error:
+                reply(error)
+                return
         self._inner(req, endpoint, self._outcome(registry, endpoint, probe, req, reply).__call__)
 
 
@@ -401,7 +403,11 @@ class _Outcome:
         self._reply = reply
 
     def __call__(self, result: Result) -> None:
-        self._registry.record(self._endpoint, classify(result), self._probe, self._req)
+        outcome = classify(result)
+        registry = self._registry
+        # `record`'s own first test, without its call for the usual good answer.
+        if outcome.breaker_failure or self._probe or registry.unclosed or registry.counting:
+            registry.record(self._endpoint, outcome, self._probe, self._req)
         self._reply(result)
 
 
@@ -411,5 +417,8 @@ class _GrpcOutcome(_Outcome):
     __slots__ = ()
 
     def __call__(self, result: Result) -> None:
-        self._registry.record(self._endpoint, classify_grpc(result), self._probe, self._req)
+        outcome = classify_grpc(result)
+        registry = self._registry
+        if outcome.breaker_failure or self._probe or registry.unclosed or registry.counting:
+            registry.record(self._endpoint, outcome, self._probe, self._req)
         self._reply(result)
