@@ -210,7 +210,16 @@ class Retry:
         return load.retries_active < allowed
 
     def __call__(self, req: Request, reply: Reply) -> None:
-        self._inner(req, _RetryCall(self, req, reply).__call__)
+        classify = self._classify
+
+        def first(result: Result) -> None:
+            """The first attempt's reply: most succeed, and need no `_RetryCall`."""
+            if classify(result).success:
+                reply(result)
+            else:
+                _RetryCall(self, req, reply)(result)
+
+        self._inner(req, first)
 
 
 class _RetryCall:
