@@ -124,8 +124,9 @@ class TracingSettings:
 # -- per-request records ------------------------------------------------------------------------
 
 
-def _new_span_id() -> int:
-    return random.getrandbits(64) or 1
+def _new_span_id() -> bytes:
+    """A new span id as the 16 hex digits records and headers carry (never all zeros)."""
+    return b"%016x" % (random.getrandbits(64) or 1)
 
 
 _BATCH = 256  # new traces' ids per os.urandom call
@@ -189,7 +190,7 @@ class _Attempt:
     )
 
     def __init__(
-        self, trace: _Trace, number: int, endpoint: Endpoint, span_id: int, reply: Reply
+        self, trace: _Trace, number: int, endpoint: Endpoint, span_id: bytes, reply: Reply
     ) -> None:
         self._trace: _Trace | None = trace
         self._reply: Reply | None = reply  # `__call__`: the attempt's reply through the layer
@@ -267,14 +268,17 @@ class _Trace:
 
     def __init__(
         self,
-        trace_id: int,
-        parent_id: int,
+        trace_id: bytes,
+        parent_id: bytes,
         trace_state: TraceState,
         b3_single: bool,
-        span_id: int,
+        span_id: bytes,
     ) -> None:
+        # Ids as lower-case hex digits (32, 16, 16), as the headers and the records carry them:
+        # a new trace's come so from the pool, and turning them into ints costs every sampled
+        # request (the exporter does it, off the request path).
         self.trace_id = trace_id
-        self.parent_id = parent_id  # the remote parent's span id, 0 for a new trace
+        self.parent_id = parent_id  # the remote parent's span id, b"" for a new trace
         self.trace_state = trace_state
         # As the record carries it (an empty TraceState's truth test is a Python call).
         self.state = trace_state.to_header() if trace_state is not _NO_STATE and trace_state else ""
@@ -285,8 +289,10 @@ class _Trace:
         self.current: _Attempt | None = None
         self.events: list[Event] = []
 
-    def span_context(self, span_id: int) -> SpanContext:
-        return SpanContext(self.trace_id, span_id, False, _SAMPLED, self.trace_state)
+    def span_context(self, span_id: bytes) -> SpanContext:
+        return SpanContext(
+            int(self.trace_id, 16), int(span_id, 16), False, _SAMPLED, self.trace_state
+        )
 
     def __call__(self, result: Result) -> None:
         layer, req, reply = self.layer, self.req, self.reply
@@ -433,8 +439,8 @@ class Tracing:
                 if not parent.trace_flags.sampled:
                     return None  # ParentBased: the context passes through untouched
                 trace = _Trace(
-                    parent.trace_id,
-                    parent.span_id,
+                    b"%032x" % parent.trace_id,
+                    b"%016x" % parent.span_id,
                     parent.trace_state,
                     incoming.b3_single,
                     _new_span_id(),
@@ -453,7 +459,7 @@ class Tracing:
                 headers, SpanContext(int(trace_hex, 16), int(span_hex, 16), False, _UNSAMPLED)
             )
             return None
-        trace = _Trace(int(trace_hex, 16), 0, _NO_STATE, False, int(span_hex, 16))
+        trace = _Trace(trace_hex, b"", _NO_STATE, False, span_hex)
         req.headers = propagation.inject(headers, trace.span_context(trace.span_id))
         return trace
 
@@ -467,7 +473,7 @@ class Tracing:
             (b"x-b3-spanid", span_hex),
             _B3_SAMPLED,
         )
-        return _Trace(int(trace_hex, 16), 0, _NO_STATE, False, int(span_hex, 16))
+        return _Trace(trace_hex, b"", _NO_STATE, False, span_hex)
 
     # --- spans ------------------------------------------------------------------------------
 
