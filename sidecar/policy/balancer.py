@@ -60,21 +60,17 @@ class EndpointLoad:
 
 class _Attempt:
     """One attempt's reply: it releases the attempt's active counts exactly once, when the
-    attempt failed or its response body is done."""
+    attempt failed or its response body is done.
+
+    No `__init__`: the balancer sets the slots itself (a class with a Python `__init__` is
+    called through a second run of the interpreter loop, ~600 instructions per attempt)."""
 
     __slots__ = ("_endpoint", "_load", "_reply", "_service")
 
-    def __init__(
-        self,
-        endpoint: Endpoint,
-        load: EndpointLoad | None,
-        service: ServiceLoad,
-        reply: Reply,
-    ) -> None:
-        self._endpoint = endpoint
-        self._load = load  # None for an original destination (no per-endpoint count)
-        self._service: ServiceLoad | None = service
-        self._reply = reply
+    _endpoint: Endpoint
+    _load: EndpointLoad | None  # None for an original destination (no per-endpoint count)
+    _service: ServiceLoad | None  # None once released
+    _reply: Reply
 
     def __call__(self, result: Result) -> None:
         if isinstance(result, ProxyError):
@@ -162,7 +158,12 @@ class Balancer:
         req.tried.append(endpoint)
         req.attempts += 1
         inner = self._inner if req.trace is None else self._traced
-        inner(req, endpoint, _Attempt(endpoint, load, service, reply).__call__)
+        attempt = _Attempt()
+        attempt._endpoint = endpoint
+        attempt._load = load
+        attempt._service = service
+        attempt._reply = reply
+        inner(req, endpoint, attempt.__call__)
 
     def _pick(self, req: Request) -> EndpointLoad:
         loads = self._loads
@@ -252,4 +253,9 @@ class OriginalDestination:
         req.tried.append(endpoint)
         req.attempts += 1
         inner = self._inner if req.trace is None else self._traced
-        inner(req, endpoint, _Attempt(endpoint, None, service, reply).__call__)
+        attempt = _Attempt()
+        attempt._endpoint = endpoint
+        attempt._load = None
+        attempt._service = service
+        attempt._reply = reply
+        inner(req, endpoint, attempt.__call__)

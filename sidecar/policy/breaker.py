@@ -380,27 +380,28 @@ class Breaker:
             except BreakerError as error:
                 reply(error)
                 return
-        self._inner(req, endpoint, self._outcome(registry, endpoint, probe, req, reply).__call__)
+        outcome = self._outcome()
+        outcome._registry = registry
+        outcome._endpoint = endpoint
+        outcome._probe = probe
+        outcome._req = req
+        outcome._reply = reply
+        self._inner(req, endpoint, outcome.__call__)
 
 
 class _Outcome:
-    """An attempt's reply through the breaker: records the result for the endpoint."""
+    """An attempt's reply through the breaker: records the result for the endpoint.
+
+    No `__init__`: the layer sets the slots itself (a class with a Python `__init__` is called
+    through a second run of the interpreter loop, ~600 instructions per attempt)."""
 
     __slots__ = ("_endpoint", "_probe", "_registry", "_reply", "_req")
 
-    def __init__(
-        self,
-        registry: BreakerRegistry,
-        endpoint: Endpoint,
-        probe: bool,
-        req: Request,
-        reply: Reply,
-    ) -> None:
-        self._registry = registry
-        self._endpoint = endpoint
-        self._probe = probe
-        self._req = req
-        self._reply = reply
+    _registry: BreakerRegistry
+    _endpoint: Endpoint
+    _probe: bool
+    _req: Request
+    _reply: Reply
 
     def __call__(self, result: Result) -> None:
         outcome = classify(result)
