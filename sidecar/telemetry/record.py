@@ -1,8 +1,8 @@
 """The span record: one finished span as the data plane hands it to the exporter process.
 
 `tracing.py` builds it, `handoff.py` sends it, `exporter.py` and `otlp.py` read it. It crosses the
-socket as a plain tuple (marshal takes no tuple subclass, so the hand-off sends
-`tuple(record)`); the exporter's side reads it back with `Record._make`.
+socket as a plain tuple (marshal takes no tuple subclass, so the data plane builds `Fields`, never
+a `Record`); the exporter's side reads it back with `Record._make`.
 """
 
 from __future__ import annotations
