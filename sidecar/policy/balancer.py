@@ -22,8 +22,9 @@ the destination the caller chose (the request's authority), admitted and counted
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from sidecar.config import Endpoint, LbPolicy, ServiceConfig, authority_endpoint
 from sidecar.exchange import EndpointHandler, Reply, Request, Result
@@ -59,21 +60,17 @@ class EndpointLoad:
 
 class _Attempt:
     """One attempt's reply: it releases the attempt's active counts exactly once, when the
-    attempt failed or its response body is done."""
+    attempt failed or its response body is done.
+
+    No `__init__`: the balancer sets the slots itself (a class with a Python `__init__` is
+    called through a second run of the interpreter loop, ~600 instructions per attempt)."""
 
     __slots__ = ("_endpoint", "_load", "_reply", "_service")
 
-    def __init__(
-        self,
-        endpoint: Endpoint,
-        load: EndpointLoad | None,
-        service: ServiceLoad,
-        reply: Reply,
-    ) -> None:
-        self._endpoint = endpoint
-        self._load = load  # None for an original destination (no per-endpoint count)
-        self._service: ServiceLoad | None = service
-        self._reply = reply
+    _endpoint: Endpoint
+    _load: EndpointLoad | None  # None for an original destination (no per-endpoint count)
+    _service: ServiceLoad | None  # None once released
+    _reply: Reply
 
     def __call__(self, result: Result) -> None:
         if isinstance(result, ProxyError):
@@ -93,12 +90,19 @@ class _Attempt:
             service.release()
 
 
-Ejected = Callable[[Endpoint], bool]
+class Ejections(Protocol):
+    """What the balancer asks the breakers (`sidecar.policy.breaker.BreakerRegistry`)."""
+
+    # Endpoints whose breaker is not closed; empty (the usual case), none is ejected and the
+    # balancer asks nothing more.
+    unclosed: set[Endpoint]
+
+    def is_ejected(self, endpoint: Endpoint) -> bool: ...
 
 
 class Balancer:
     __slots__ = (
-        "_ejected",
+        "_ejections",
         "_inner",
         "_loads",
         "_next",
@@ -116,7 +120,7 @@ class Balancer:
         service: ServiceLoad,
         inner: EndpointHandler,
         *,
-        ejected: Ejected | None = None,
+        ejections: Ejections | None = None,
         rng: random.Random | None = None,
         traced: EndpointHandler | None = None,
     ) -> None:
@@ -130,7 +134,7 @@ class Balancer:
         self._service = service
         self._inner = inner
         self._traced = traced or inner
-        self._ejected = ejected
+        self._ejections = ejections
         self._rng = rng if rng is not None else random.Random()
         # random() is C; randrange() is Python and two of them cost least_request ~1 µs a pick.
         self._random = self._rng.random if isinstance(self._rng, random.Random) else None
@@ -138,8 +142,13 @@ class Balancer:
 
     def __call__(self, req: Request, reply: Reply) -> None:
         service = self._service
+        loads = self._loads
+        ejections = self._ejections
         try:
-            load = self._pick(req)
+            if req.tried or not loads or (ejections is not None and ejections.unclosed):
+                load = self._pick(req)
+            else:  # the usual case, a first attempt with every endpoint in: just choose
+                load = self._choose(loads, len(loads))
             service.admit()
         except ProxyError as error:
             reply(error)
@@ -149,15 +158,21 @@ class Balancer:
         req.tried.append(endpoint)
         req.attempts += 1
         inner = self._inner if req.trace is None else self._traced
-        inner(req, endpoint, _Attempt(endpoint, load, service, reply).__call__)
+        attempt = _Attempt()
+        attempt._endpoint = endpoint
+        attempt._load = load
+        attempt._service = service
+        attempt._reply = reply
+        inner(req, endpoint, attempt.__call__)
 
     def _pick(self, req: Request) -> EndpointLoad:
         loads = self._loads
         if not loads:
             raise BalancerError("service has no endpoints")
-        ejected = self._ejected
+        ejections = self._ejections
+        ejected = ejections.is_ejected if ejections is not None else None
         if not req.tried:
-            # The usual case, a first attempt with every endpoint in: no candidate lists.
+            # A first attempt: no candidate lists unless the choice is ejected.
             load = self._choose(loads, len(loads))
             if ejected is None or not ejected(load.endpoint):
                 return load
@@ -238,4 +253,9 @@ class OriginalDestination:
         req.tried.append(endpoint)
         req.attempts += 1
         inner = self._inner if req.trace is None else self._traced
-        inner(req, endpoint, _Attempt(endpoint, None, service, reply).__call__)
+        attempt = _Attempt()
+        attempt._endpoint = endpoint
+        attempt._load = None
+        attempt._service = service
+        attempt._reply = reply
+        inner(req, endpoint, attempt.__call__)

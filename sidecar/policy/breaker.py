@@ -380,35 +380,42 @@ class Breaker:
 
     def __call__(self, req: Request, endpoint: Endpoint, reply: Reply) -> None:
         registry = self._registry
-        try:
-            probe = registry.admit(endpoint, req)
-        except BreakerError as error:
-            reply(error)
-            return
-        self._inner(req, endpoint, self._outcome(registry, endpoint, probe, req, reply).__call__)
+        probe = False
+        if registry.unclosed:  # every breaker closed, the usual case: nothing to admit
+            try:
+                probe = registry.admit(endpoint, req)
+            except BreakerError as error:
+                reply(error)
+                return
+        outcome = self._outcome()
+        outcome._registry = registry
+        outcome._endpoint = endpoint
+        outcome._probe = probe
+        outcome._req = req
+        outcome._reply = reply
+        self._inner(req, endpoint, outcome.__call__)
 
 
 class _Outcome:
-    """An attempt's reply through the breaker: records the result for the endpoint."""
+    """An attempt's reply through the breaker: records the result for the endpoint.
+
+    No `__init__`: the layer sets the slots itself (a class with a Python `__init__` is called
+    through a second run of the interpreter loop, ~600 instructions per attempt)."""
 
     __slots__ = ("_endpoint", "_probe", "_registry", "_reply", "_req")
 
-    def __init__(
-        self,
-        registry: BreakerRegistry,
-        endpoint: Endpoint,
-        probe: bool,
-        req: Request,
-        reply: Reply,
-    ) -> None:
-        self._registry = registry
-        self._endpoint = endpoint
-        self._probe = probe
-        self._req = req
-        self._reply = reply
+    _registry: BreakerRegistry
+    _endpoint: Endpoint
+    _probe: bool
+    _req: Request
+    _reply: Reply
 
     def __call__(self, result: Result) -> None:
-        self._registry.record(self._endpoint, classify(result), self._probe, self._req)
+        outcome = classify(result)
+        registry = self._registry
+        # `record`'s own first test, without its call for the usual good answer.
+        if outcome.breaker_failure or self._probe or registry.unclosed or registry.counting:
+            registry.record(self._endpoint, outcome, self._probe, self._req)
         self._reply(result)
 
 

@@ -11,7 +11,9 @@ never early.
     timer.cancel()  # before it fired: it never will
 
 A hot path arms its own per-request object instead (a `Deadline`, with `running_wheel().arm`):
-one object per request and timeout, not two.
+one object per request and timeout, not two, and disarms it with `deadline.bucket.discard(
+deadline)` in its own frame (the bucket it was put in; discarding from a bucket that fired
+already is harmless).
 
 A timer is a plain callback, not a task cancellation: the policy layers run as callbacks (see
 `sidecar/exchange.py`), and the callback decides what the deadline interrupts.
@@ -34,9 +36,11 @@ class Deadline:
     tick later, unless it was disarmed first. The timeout layers' per-request objects are
     deadlines themselves (no separate timer object per request)."""
 
-    __slots__ = ("_tick",)
+    __slots__ = ("bucket",)
 
-    _tick: int  # the wheel's bucket, set when armed
+    # The wheel's bucket it was armed in (set when armed): disarming is `bucket.discard(self)`,
+    # no lookup. After the bucket fired it is no longer the wheel's, and discarding is a no-op.
+    bucket: set[Deadline]
 
     def expire(self) -> None:
         raise NotImplementedError
@@ -72,10 +76,10 @@ class Timer(Deadline):
 class Wheel:
     """Buckets of deadlines by tick, and one loop timer for the earliest bucket."""
 
-    __slots__ = ("_buckets", "_handle", "_handle_tick", "_loop", "_ticks", "time")
+    __slots__ = ("_buckets", "_handle", "_handle_tick", "_ticks", "loop", "time")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = loop  # a layer that keeps a wheel checks it is the running loop's
         self._buckets: dict[int, set[Deadline]] = {}
         self._ticks: list[int] = []  # heap of bucket ticks (one entry per bucket)
         self._handle: asyncio.TimerHandle | None = None
@@ -85,7 +89,6 @@ class Wheel:
     def arm(self, deadline: Deadline, when: float) -> None:
         """`deadline.expire()` at `when` (the loop's time) or up to a tick later, never before."""
         tick = math.ceil(when * _TICKS_PER_SECOND)
-        deadline._tick = tick
         bucket = self._buckets.get(tick)
         if bucket is None:
             bucket = self._buckets[tick] = set()
@@ -93,28 +96,30 @@ class Wheel:
             if self._handle is None or tick < self._handle_tick:
                 self._schedule(tick)
         bucket.add(deadline)
+        deadline.bucket = bucket
 
-    def disarm(self, deadline: Deadline) -> None:
-        bucket = self._buckets.get(deadline._tick)
-        if bucket is not None:
-            bucket.discard(deadline)  # an empty bucket is dropped when its tick comes
+    @staticmethod
+    def disarm(deadline: Deadline) -> None:
+        deadline.bucket.discard(deadline)  # an empty bucket is dropped when its tick comes
 
     def _schedule(self, tick: int) -> None:
         if self._handle is not None:
             self._handle.cancel()
         self._handle_tick = tick
-        self._handle = self._loop.call_at(tick * TICK, self._run)
+        self._handle = self.loop.call_at(tick * TICK, self._run)
 
     def _run(self) -> None:
         self._handle = None
-        now_tick = math.floor(self._loop.time() * _TICKS_PER_SECOND)
+        now_tick = math.floor(self.loop.time() * _TICKS_PER_SECOND)
         ticks = self._ticks
         while ticks and ticks[0] <= now_tick:
-            for deadline in self._buckets.pop(heapq.heappop(ticks), ()):
+            # A copy: an expiring deadline may disarm others (or itself) from this bucket; a
+            # disarmed one's expire() does nothing.
+            for deadline in tuple(self._buckets.pop(heapq.heappop(ticks), ())):
                 try:
                     deadline.expire()
                 except Exception as exc:  # one failing callback must not cost the others theirs
-                    self._loop.call_exception_handler(
+                    self.loop.call_exception_handler(
                         {"message": "deadline callback failed", "exception": exc}
                     )
         # Skip buckets that emptied out, then wait for the next one.
@@ -133,7 +138,7 @@ def running_wheel() -> Wheel:
     global _last_wheel
     loop = asyncio.get_running_loop()
     wheel = _last_wheel
-    if wheel is None or wheel._loop is not loop:
+    if wheel is None or wheel.loop is not loop:
         wheel = _wheels.get(loop)
         if wheel is None:
             wheel = _wheels[loop] = Wheel(loop)

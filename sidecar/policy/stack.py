@@ -164,7 +164,7 @@ def build_service_stack(
             loads,
             state.load,
             endpoint_handler,
-            ejected=state.breakers.is_ejected if breaker is not None else None,
+            ejections=state.breakers if breaker is not None else None,
             rng=rng,
             traced=traced,
         ).__call__

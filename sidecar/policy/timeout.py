@@ -18,6 +18,7 @@ is built when no timeout is configured.
 
 from __future__ import annotations
 
+from asyncio import get_running_loop
 from dataclasses import dataclass
 
 from sidecar.config import ServiceConfig
@@ -51,7 +52,7 @@ class TimeoutConfig:
 class _Bounded:
     """A layer that bounds its inner handler by `timeout` seconds."""
 
-    __slots__ = ("_clock", "_inner", "_on_loop", "_stats", "_timeout")
+    __slots__ = ("_clock", "_inner", "_on_loop", "_stats", "_timeout", "_wheel")
 
     def __init__(self, timeout: float, inner: Handler, clock: Clock, stats: ServiceStats) -> None:
         self._timeout = timeout
@@ -59,6 +60,7 @@ class _Bounded:
         self._clock = clock
         self._on_loop = clock is loop_time  # deadlines are on the loop's clock already
         self._stats = stats
+        self._wheel: Wheel | None = None  # the running loop's, kept: no lookup per request
 
 
 class _Timed(Deadline):
@@ -69,32 +71,25 @@ class _Timed(Deadline):
     does not hold its wait interruptibly), it replies itself and drops what comes later, so the
     deadline bounds the request whatever the layers below do. The error is made only when the
     deadline fires: most requests never need it.
+
+    Each subclass has its own `__call__` (the reply on the way back): one shared by both would
+    see two classes at the same attribute reads, which CPython cannot specialize. No
+    `__init__`: the layer sets the slots itself (a class with a Python `__init__` is called
+    through a second run of the interpreter loop, ~600 instructions per request and timeout).
     """
 
-    __slots__ = ("_layer", "_reply", "_req", "_wheel")
+    __slots__ = ("_layer", "_reply", "_req")
 
-    def __init__(self, layer: _Bounded, req: Request, reply: Reply, wheel: Wheel) -> None:
-        self._layer = layer
-        self._req = req
-        self._reply: Reply | None = reply
-        self._wheel = wheel
+    _layer: _Bounded
+    _req: Request
+    _reply: Reply | None
 
     def __call__(self, result: Result) -> None:
-        reply = self._reply
-        if reply is None:
-            if isinstance(result, Response):
-                result.discard()  # too late: the deadline was answered already
-            return
-        self._reply = None
-        self._wheel.disarm(self)
-        if self._restores:
-            self._req.deadline = self.outer
-        reply(result)
+        raise NotImplementedError
 
-    # A per-try timeout puts the request's deadline back when it is done (`outer`: _PerTry's
-    # slot, the deadline around the attempt).
-    _restores = False
-    outer: float | None
+    def _late(self, result: Result) -> None:
+        if isinstance(result, Response):
+            result.discard()  # too late: the deadline was answered already
 
     def expire(self) -> None:
         if self._reply is None:
@@ -113,7 +108,9 @@ class TotalTimeout(_Bounded):
     __slots__ = ()
 
     def __call__(self, req: Request, reply: Reply) -> None:
-        wheel = running_wheel()
+        wheel = self._wheel
+        if wheel is None or wheel.loop is not get_running_loop():
+            wheel = self._wheel = running_wheel()
         now = wheel.time() if self._on_loop else self._clock()
         deadline = now + self._timeout
         if req.deadline is not None and req.deadline < deadline:
@@ -124,7 +121,10 @@ class TotalTimeout(_Bounded):
             self._stats.timeouts += 1
             reply(UpstreamTimeoutError("deadline passed before the request started"))
             return
-        call = _Total(self, req, reply, wheel)
+        call = _Total()
+        call._layer = self
+        call._req = req
+        call._reply = reply
         # On the loop's clock, like asyncio.timeout, on the shared wheel.
         wheel.arm(call, deadline if self._on_loop else wheel.time() + remaining)
         self._inner(req, call.__call__)
@@ -132,6 +132,15 @@ class TotalTimeout(_Bounded):
 
 class _Total(_Timed):
     __slots__ = ()
+
+    def __call__(self, result: Result) -> None:
+        reply = self._reply
+        if reply is None:
+            self._late(result)
+            return
+        self._reply = None
+        self.bucket.discard(self)  # disarm (`Wheel.disarm`, without the call)
+        reply(result)
 
     def _fired(self) -> UpstreamTimeoutError:
         self._layer._stats.timeouts += 1
@@ -143,13 +152,18 @@ class PerTryTimeout(_Bounded):
 
     def __call__(self, req: Request, reply: Reply) -> None:
         outer = req.deadline
-        wheel = running_wheel()
+        wheel = self._wheel
+        if wheel is None or wheel.loop is not get_running_loop():
+            wheel = self._wheel = running_wheel()
         deadline = (wheel.time() if self._on_loop else self._clock()) + self._timeout
         if outer is not None and outer <= deadline:
             # The total timeout fires first; a second timer would only cost.
             self._inner(req, reply)
             return
-        call = _PerTry(self, req, reply, wheel)
+        call = _PerTry()
+        call._layer = self
+        call._req = req
+        call._reply = reply
         call.outer = outer
         req.deadline = deadline
         wheel.arm(call, deadline if self._on_loop else wheel.time() + self._timeout)
@@ -162,7 +176,16 @@ class _PerTry(_Timed):
     _ends_request = False  # only the attempt: the retry layer may try again
 
     outer: float | None  # the request's deadline around this attempt, restored after it
-    _restores = True
+
+    def __call__(self, result: Result) -> None:
+        reply = self._reply
+        if reply is None:
+            self._late(result)
+            return
+        self._reply = None
+        self.bucket.discard(self)  # disarm (`Wheel.disarm`, without the call)
+        self._req.deadline = self.outer  # the deadline around the attempt again
+        reply(result)
 
     def _fired(self) -> UpstreamTimeoutError:
         self._layer._stats.per_try_timeouts += 1

@@ -176,11 +176,12 @@ def span(record: Sequence[Any], res: Resource) -> ReadableSpan:
     r = Record._make(record)
     trace_state = TraceState.from_header([r.state]) if r.state else _NO_STATE
     parent = None
+    trace_id = int(r.trace_id, 16)
     if r.parent_id:
-        parent = SpanContext(r.trace_id, r.parent_id, r.remote, _FLAGS, trace_state)
+        parent = SpanContext(trace_id, int(r.parent_id, 16), r.remote, _FLAGS, trace_state)
     return ReadableSpan(
         r.name,
-        SpanContext(r.trace_id, r.span_id, False, _FLAGS, trace_state),
+        SpanContext(trace_id, int(r.span_id, 16), False, _FLAGS, trace_state),
         parent,
         res,
         r.attributes,

@@ -252,7 +252,7 @@ class Handoff:
                 self.drops[reason] += len(chunk)
                 continue
             try:
-                data = frame((SPANS, [tuple(record) for record in chunk]))
+                data = frame((SPANS, chunk))  # records are plain tuples already
             except ValueError:  # a value marshal cannot carry: a bug in the record
                 log.exception("tracing: cannot encode %d span records", len(chunk))
                 self.drops["export_failed"] += len(chunk)

@@ -16,6 +16,7 @@ TLS, headers, compression, retries and timeout are all its own) fed with these b
 from __future__ import annotations
 
 import struct
+from binascii import unhexlify
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -102,13 +103,13 @@ class Encoder:
         """A record as a ScopeSpans.spans field."""
         r = Record._make(record)
         parts = [
-            b"\x0a\x10" + r.trace_id.to_bytes(16, "big"),
-            b"\x12\x08" + r.span_id.to_bytes(8, "big"),
+            b"\x0a\x10" + unhexlify(r.trace_id),
+            b"\x12\x08" + unhexlify(r.span_id),
         ]
         if r.state:
             parts.append(_field(b"\x1a", r.state.encode()))
         if r.parent_id:
-            parts.append(b"\x22\x08" + r.parent_id.to_bytes(8, "big"))
+            parts.append(b"\x22\x08" + unhexlify(r.parent_id))
         parts.append(_field(b"\x2a", r.name.encode()))
         parts.append(b"\x30" + _varint(r.kind + 1))  # OTLP's SpanKind is the API's plus one
         parts.append(b"\x39" + _Q(r.start))

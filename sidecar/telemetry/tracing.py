@@ -124,8 +124,9 @@ class TracingSettings:
 # -- per-request records ------------------------------------------------------------------------
 
 
-def _new_span_id() -> int:
-    return random.getrandbits(64) or 1
+def _new_span_id() -> bytes:
+    """A new span id as the 16 hex digits records and headers carry (never all zeros)."""
+    return b"%016x" % (random.getrandbits(64) or 1)
 
 
 _BATCH = 256  # new traces' ids per os.urandom call
@@ -188,18 +189,17 @@ class _Attempt:
         "start",
     )
 
-    def __init__(
-        self, trace: _Trace, number: int, endpoint: Endpoint, span_id: int, reply: Reply
-    ) -> None:
-        self._trace: _Trace | None = trace
-        self._reply: Reply | None = reply  # `__call__`: the attempt's reply through the layer
-        self.number = number
-        self.endpoint = endpoint
-        self.span_id = span_id
-        self.start = time.time_ns()
-        self.end = 0
-        self.events: list[Event] = []
-        self.result: Result | None = None  # what it replied, once it has
+    # No `__init__`: the attempt layer sets the slots (`_AttemptLayer.__call__`); a class with
+    # a Python `__init__` is called through a second run of the interpreter loop.
+    _trace: _Trace | None
+    _reply: Reply | None  # `__call__`: the attempt's reply through the layer
+    number: int
+    endpoint: Endpoint
+    span_id: bytes
+    start: int  # ns
+    end: int  # ns, 0 until it replied
+    events: list[Event]
+    result: Result | None  # what it replied, once it has
 
     def __call__(self, result: Result) -> None:
         self.end = time.time_ns()
@@ -261,32 +261,30 @@ class _Trace:
         "trace_state",
     )
 
+    # Made by `_new_trace` (no `__init__`: a class with a Python `__init__` is called through a
+    # second run of the interpreter loop, which a plain function is not).
+    # Ids as lower-case hex digits (32, 16, 16), as the headers and the records carry them: a
+    # new trace's come so from the pool, and turning them into ints costs every sampled request
+    # (the exporter does it, off the request path).
+    trace_id: bytes
+    parent_id: bytes  # the remote parent's span id, b"" for a new trace
+    trace_state: TraceState
+    state: str  # trace_state as the record carries it
+    b3_single: bool
+    span_id: bytes  # what the upstream (or app) sees as its parent
+    start: int  # ns
+    attempts: list[_Attempt]
+    current: _Attempt | None
+    events: list[Event]
+
     layer: _SpanLayer  # these three are set by the span layer
     req: Request
     reply: Reply
 
-    def __init__(
-        self,
-        trace_id: int,
-        parent_id: int,
-        trace_state: TraceState,
-        b3_single: bool,
-        span_id: int,
-    ) -> None:
-        self.trace_id = trace_id
-        self.parent_id = parent_id  # the remote parent's span id, 0 for a new trace
-        self.trace_state = trace_state
-        # As the record carries it (an empty TraceState's truth test is a Python call).
-        self.state = trace_state.to_header() if trace_state is not _NO_STATE and trace_state else ""
-        self.b3_single = b3_single
-        self.span_id = span_id  # what the upstream (or app) sees as its parent
-        self.start = time.time_ns()
-        self.attempts: list[_Attempt] = []
-        self.current: _Attempt | None = None
-        self.events: list[Event] = []
-
-    def span_context(self, span_id: int) -> SpanContext:
-        return SpanContext(self.trace_id, span_id, False, _SAMPLED, self.trace_state)
+    def span_context(self, span_id: bytes) -> SpanContext:
+        return SpanContext(
+            int(self.trace_id, 16), int(span_id, 16), False, _SAMPLED, self.trace_state
+        )
 
     def __call__(self, result: Result) -> None:
         layer, req, reply = self.layer, self.req, self.reply
@@ -307,6 +305,24 @@ class _Trace:
     def event(self, name: str, attributes: Attributes) -> None:
         target = self.current.events if self.current is not None else self.events
         target.append((time.time_ns(), name, attributes))
+
+
+def _new_trace(
+    trace_id: bytes, parent_id: bytes, trace_state: TraceState, b3_single: bool, span_id: bytes
+) -> _Trace:
+    trace = _Trace()
+    trace.trace_id = trace_id
+    trace.parent_id = parent_id
+    trace.trace_state = trace_state
+    # An empty TraceState's truth test is a Python call.
+    trace.state = trace_state.to_header() if trace_state is not _NO_STATE and trace_state else ""
+    trace.b3_single = b3_single
+    trace.span_id = span_id
+    trace.start = time.time_ns()
+    trace.attempts = []
+    trace.current = None
+    trace.events = []
+    return trace
 
 
 _SERVERS: dict[bytes, tuple[str, int | None]] = {}  # authority -> (host, port), bounded
@@ -438,9 +454,9 @@ class Tracing:
             if parent is not None:
                 if not parent.trace_flags.sampled:
                     return None  # ParentBased: the context passes through untouched
-                trace = _Trace(
-                    parent.trace_id,
-                    parent.span_id,
+                trace = _new_trace(
+                    b"%032x" % parent.trace_id,
+                    b"%016x" % parent.span_id,
                     parent.trace_state,
                     incoming.b3_single,
                     _new_span_id(),
@@ -459,7 +475,7 @@ class Tracing:
                 headers, SpanContext(int(trace_hex, 16), int(span_hex, 16), False, _UNSAMPLED)
             )
             return None
-        trace = _Trace(int(trace_hex, 16), 0, _NO_STATE, False, int(span_hex, 16))
+        trace = _new_trace(trace_hex, b"", _NO_STATE, False, span_hex)
         req.headers = propagation.inject(headers, trace.span_context(trace.span_id))
         return trace
 
@@ -473,7 +489,7 @@ class Tracing:
             (b"x-b3-spanid", span_hex),
             _B3_SAMPLED,
         )
-        return _Trace(int(trace_hex, 16), 0, _NO_STATE, False, int(span_hex, 16))
+        return _new_trace(trace_hex, b"", _NO_STATE, False, span_hex)
 
     # --- spans ------------------------------------------------------------------------------
 
@@ -487,7 +503,7 @@ class Tracing:
     ) -> None:
         attributes = _request_attributes(req)
         attributes["outrigger.service"] = service
-        status, failed = _result_attributes(attributes, req, resp, error, server=True)
+        status, failed = _result_attributes(attributes, req, resp, error, True)
         self._handoff.add(
             (
                 trace.trace_id,
@@ -523,7 +539,7 @@ class Tracing:
         if resp is not None and resp.endpoint is not None:
             attributes["network.peer.address"] = resp.endpoint.host
             attributes["network.peer.port"] = resp.endpoint.port
-        status, failed = _result_attributes(attributes, req, resp, error, server=False)
+        status, failed = _result_attributes(attributes, req, resp, error, False)
         name = f"{attributes['http.request.method']} {service}"
         add = self._handoff.add
         if len(attempts) <= 1:
@@ -599,10 +615,11 @@ def _result_attributes(
     req: Request,
     resp: Response | None,
     error: BaseException | None,
-    *,
     server: bool,
 ) -> tuple[str, bool]:
-    """Status code, flags and error.type; returns (status description, is an error)."""
+    """Status code, flags and error.type; returns (status description, is an error).
+
+    `server` is positional: a call with a keyword argument is not inlined by CPython 3.11."""
     if "rpc.system" in attributes:
         # A gRPC call's status: a trailers-only answer's, its trailers' (the span of a call
         # answered with a body ends with it), or the one the sidecar's own error is sent with.
@@ -719,7 +736,16 @@ class _AttemptLayer:
             req.headers = propagation.inject(
                 req.headers, trace.span_context(span_id), b3_single=trace.b3_single
             )
-        attempt = _Attempt(trace, number, endpoint, span_id, reply)
+        attempt = _Attempt()
+        attempt._trace = trace
+        attempt._reply = reply
+        attempt.number = number
+        attempt.endpoint = endpoint
+        attempt.span_id = span_id
+        attempt.start = time.time_ns()
+        attempt.end = 0
+        attempt.events = []
+        attempt.result = None
         trace.attempts.append(attempt)
         trace.current = attempt
         self._inner(req, endpoint, attempt.__call__)

@@ -35,11 +35,12 @@ values = st.one_of(
     st.floats(allow_nan=False),
 )
 attributes = st.dictionaries(st.text(min_size=1, max_size=20), values, max_size=6)
-ids = st.integers(min_value=1, max_value=2**64 - 1)
+# Ids as the records carry them: lower-case hex digits, 32 for a trace, 16 for a span.
+ids = st.integers(min_value=1, max_value=2**64 - 1).map(lambda n: b"%016x" % n)
 records = st.tuples(
-    st.integers(min_value=1, max_value=2**128 - 1),
+    st.integers(min_value=1, max_value=2**128 - 1).map(lambda n: b"%032x" % n),
     ids,
-    st.one_of(st.just(0), ids),
+    st.one_of(st.just(b""), ids),
     st.booleans(),
     st.text(max_size=30),
     st.sampled_from([0, 1, 2]),  # INTERNAL, SERVER, CLIENT
@@ -57,9 +58,9 @@ records = st.tuples(
 
 def sample_record(**changes: Any) -> tuple[Any, ...]:
     fields: dict[str, Any] = {
-        "trace_id": random.getrandbits(128) or 1,
-        "span_id": random.getrandbits(64) or 1,
-        "parent_id": 0,
+        "trace_id": b"%032x" % (random.getrandbits(128) or 1),
+        "span_id": b"%016x" % (random.getrandbits(64) or 1),
+        "parent_id": b"",
         "remote": True,
         "name": "GET reviews",
         "kind": 2,

@@ -73,3 +73,27 @@ async def test_many_timers_each_fire_for_their_own_callback() -> None:
     assert sorted(limit for limit, _ in fired) == [0.1, 0.1, 0.2, 0.3]
     for limit, at in fired:
         assert at == pytest.approx(limit, abs=2 * TICK)
+
+
+async def test_a_timer_cancelling_another_of_its_tick_while_firing_keeps_it_from_firing() -> None:
+    # What a total timeout does when it fires: the request it ends disarms the per-try timer,
+    # which may sit in the very bucket being fired.
+    loop = asyncio.get_running_loop()
+    errors: list[object] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context.get("exception")))
+    fired: list[str] = []
+    when = loop.time() + 0.1
+    timers = [call_at(when, lambda i=i: fired.append(f"t{i}")) for i in range(3)]
+
+    def cancel_the_others() -> None:
+        fired.append("canceller")
+        for timer in timers:
+            timer.cancel()
+
+    call_at(when, cancel_the_others)
+    await asyncio.sleep(0.5)
+    assert errors == []
+    assert "canceller" in fired
+    # Set order decides which ran before the canceller; none runs after it.
+    assert fired[-1] == "canceller"
+    assert not any(timer.pending for timer in timers)
