@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from processes import BenchError, Proc, ProcessGroup, cpu_seconds, loadgen_summary
+from processes import BenchError, Proc, ProcessGroup, cpu_seconds, loadgen_argv, loadgen_summary
 
 START_TIMEOUT_S = 15.0
 GENERATOR_SLACK_S = 30.0  # beyond warm-up + duration: connecting, the last answers, start-up
@@ -92,20 +92,14 @@ def drive(
     url: str, rate: float, args: argparse.Namespace, apps: dict[str, Proc], workdir: Path
 ) -> dict[str, Any]:
     """One generator run; each app's CPU over its recorded window, per answered request."""
-    argv = [
+    argv = loadgen_argv(
         sys.executable,
-        "-m",
-        "outrigger.loadgen",
         url,
-        "--rate",
-        f"{rate:g}",
-        "--connections",
-        str(args.connections),
-        "--duration",
-        f"{args.duration:g}",
-        "--warmup",
-        f"{args.warmup:g}",
-    ]
+        rate=rate,
+        connections=args.connections,
+        duration=args.duration,
+        warmup=args.warmup,
+    )
     cpu0: dict[str, float] = {}
     cpu: dict[str, float] = {}
 

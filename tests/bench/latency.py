@@ -61,6 +61,7 @@ from processes import (
     ProcessGroup,
     cpu_seconds,
     http_get,
+    loadgen_argv,
     loadgen_summary,
     loop_lag_max,
     wait_until,
@@ -172,20 +173,14 @@ def run_generator(
     """One `python -m outrigger.loadgen` run; the sidecars' CPU and stall over its recorded
     window. Bounded: warm-up + duration + GENERATOR_SLACK_S."""
     python = Path(sys.executable) if args.python is None else args.python
-    argv = [
+    argv = loadgen_argv(
         str(python),
-        "-m",
-        "outrigger.loadgen",
         url,
-        "--rate",
-        f"{args.rate:g}",
-        "--connections",
-        str(args.connections),
-        "--duration",
-        f"{args.duration:g}",
-        "--warmup",
-        f"{args.warmup:g}",
-    ]
+        rate=args.rate,
+        connections=args.connections,
+        duration=args.duration,
+        warmup=args.warmup,
+    )
     if host is not None:
         argv += ["--header", f"Host: {host}"]
     if cpus is not None:

@@ -202,6 +202,27 @@ def loop_lag_max(stats_url: str) -> tuple[float, float]:
 # --- the load generator ----------------------------------------------------------------------
 
 
+def loadgen_argv(
+    python: str, url: str, *, rate: float, connections: int, duration: float, warmup: float
+) -> list[str]:
+    """The command line of `outrigger.loadgen` at a fixed rate (open loop), as the harnesses
+    run it."""
+    return [
+        python,
+        "-m",
+        "outrigger.loadgen",
+        url,
+        "--rate",
+        f"{rate:g}",
+        "--connections",
+        str(connections),
+        "--duration",
+        f"{duration:g}",
+        "--warmup",
+        f"{warmup:g}",
+    ]
+
+
 def loadgen_summary(
     argv: Sequence[str],
     *,
