@@ -23,6 +23,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from sidecar.config import Snapshot
+from sidecar.gc_pause import BUCKETS as GC_BUCKETS
+from sidecar.gc_pause import GENERATIONS, GcPauses, PauseReader
 from sidecar.loop_lag import PERIOD, LagReader, LoopLag
 from sidecar.policy.stack import ServiceRegistry
 from sidecar.protocol.grpc import rpc_names
@@ -130,10 +132,13 @@ class Metrics:
         snapshot: Callable[[], Snapshot | None] | None = None,
         spans_dropped: Callable[[], Mapping[str, int]] | None = None,
         loop_lag: LoopLag | None = None,
+        gc_pauses: GcPauses | None = None,
     ) -> None:
         self.source = source
         # the event loop's lateness; each registry (page) reads its own longest stall
         self.loop_lag = loop_lag
+        # the collector's pauses; each registry reads its own longest one too
+        self.gc_pauses = gc_pauses
         # direction -> destination -> its counts (`series`; the request path keeps the inner
         # dict of its listener's direction)
         self.series: dict[str, dict[str, Series]] = {}
@@ -211,7 +216,8 @@ class Metrics:
     def registry(self) -> CollectorRegistry:
         registry = CollectorRegistry(auto_describe=False)
         lag = self.loop_lag.reader() if self.loop_lag is not None else None
-        registry.register(_MetricsCollector(self, lag))
+        pauses = self.gc_pauses.reader() if self.gc_pauses is not None else None
+        registry.register(_MetricsCollector(self, lag, pauses))
         return registry
 
 
@@ -231,21 +237,27 @@ def _counter(
 def _histogram(name: str, doc: str, hists: dict[tuple[str, str], _Histogram]) -> Metric:
     family = HistogramMetricFamily(name, doc, labels=["direction", "destination"])
     for (direction, destination), hist in sorted(hists.items()):
-        running = 0
-        buckets: list[tuple[str, float]] = []
-        for bound, count in zip(BUCKETS, hist.counts, strict=False):
-            running += count
-            buckets.append((repr(bound), running))
-        running += hist.counts[-1]
-        buckets.append(("+Inf", running))
-        family.add_metric([direction, destination], buckets, hist.total)
+        family.add_metric([direction, destination], _buckets(BUCKETS, hist.counts), hist.total)
     return family
 
 
+def _buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
+    """Cumulative (bound, count) pairs from per-bucket counts whose last is past every bound."""
+    running = 0
+    buckets: list[tuple[str, float]] = []
+    for bound, count in zip(bounds, counts, strict=False):
+        running += count
+        buckets.append((repr(bound), running))
+    running += counts[-1]
+    buckets.append(("+Inf", running))
+    return buckets
+
+
 class _MetricsCollector(Collector):
-    def __init__(self, metrics: Metrics, lag: LagReader | None) -> None:
+    def __init__(self, metrics: Metrics, lag: LagReader | None, pauses: PauseReader | None) -> None:
         self.m = metrics
         self.lag = lag
+        self.pauses = pauses
 
     def collect(self) -> Iterator[Metric]:
         m = self.m
@@ -330,8 +342,49 @@ class _MetricsCollector(Collector):
                 "not running.",
                 value=cpu,
             )
+        yield from self._gc()
         yield from self._tcp()
         yield from self._policy()
+
+    def _gc(self) -> Iterator[Metric]:
+        gc_pauses = self.m.gc_pauses
+        if gc_pauses is None or self.pauses is None:
+            return
+        family = HistogramMetricFamily(
+            "outrigger_gc_pause_seconds",
+            "How long each cyclic garbage collection held the event loop, by generation "
+            "(2: a full collection).",
+            labels=["generation"],
+        )
+        for generation in range(GENERATIONS):
+            family.add_metric(
+                [str(generation)],
+                _buckets(GC_BUCKETS, gc_pauses.counts[generation]),
+                gc_pauses.seconds[generation],
+            )
+        yield family
+        longest, cpu, generation, collections = self.pauses.take()
+        yield GaugeMetricFamily(
+            "outrigger_gc_pause_max_seconds",
+            "The longest garbage collection pause since the previous scrape of this page.",
+            value=longest,
+        )
+        yield GaugeMetricFamily(
+            "outrigger_gc_pause_max_cpu_seconds",
+            "CPU time the event loop's thread used in that longest pause: well below it, the "
+            "machine did not run the sidecar during the collection.",
+            value=cpu,
+        )
+        yield GaugeMetricFamily(
+            "outrigger_gc_pause_max_generation",
+            "The generation of that longest pause (-1: no collection since the previous scrape).",
+            value=generation,
+        )
+        yield GaugeMetricFamily(
+            "outrigger_gc_collections_since_scrape",
+            "Garbage collections (any generation) since the previous scrape of this page.",
+            value=collections,
+        )
 
     def _tcp(self) -> Iterator[Metric]:
         m = self.m

@@ -58,12 +58,13 @@ import report
 import rows
 from processes import (
     BenchError,
+    LoopPauses,
     ProcessGroup,
     cpu_seconds,
     http_get,
     loadgen_argv,
     loadgen_summary,
-    loop_lag_max,
+    loop_pauses,
     wait_until,
 )
 
@@ -189,20 +190,20 @@ def run_generator(
     wall0 = 0.0
     wall = 0.0
     cpu: list[float] = []
-    stalls: list[tuple[float, float]] = []
+    stalls: list[LoopPauses] = []
 
     def recording() -> None:
         nonlocal wall0, cpu0
         wall0 = time.monotonic()
         cpu0 = [cpu_seconds(s.proc.pid) for s in sidecars]
         for s in sidecars:
-            loop_lag_max(s.stats_url)  # reset: the next read covers the window
+            loop_pauses(s.stats_url)  # reset: the next read covers the window
 
     def summarised() -> None:
         nonlocal wall, cpu, stalls
         wall = time.monotonic() - wall0
         cpu = [cpu_seconds(s.proc.pid) - c for s, c in zip(sidecars, cpu0, strict=True)]
-        stalls = [loop_lag_max(s.stats_url) for s in sidecars]
+        stalls = [loop_pauses(s.stats_url) for s in sidecars]
 
     summary = loadgen_summary(
         argv,
@@ -223,8 +224,7 @@ def run_generator(
                 "cpu_seconds": round(c, 3),
                 "window_s": round(wall, 3),
                 "vcpu_per_1000_rps": vcpu_per_1000_rps(c, wall, answered_rate),
-                "loop_stall_s": stall[0],
-                "loop_stall_cpu_s": stall[1],
+                **stall.to_json(),
             }
             for s, c, stall in zip(sidecars, cpu, stalls, strict=True)
         ]
@@ -308,7 +308,8 @@ def _run_cells(config: str, path: str, run: dict[str, Any]) -> list[str]:
         for s in sidecars
     )
     stall = ", ".join(
-        f"{s['loop_stall_s'] * 1000:.1f} ms (CPU {s['loop_stall_cpu_s'] * 1000:.1f})"
+        f"{s['loop_stall_s'] * 1000:.1f} ms (CPU {s['loop_stall_cpu_s'] * 1000:.1f}, "
+        f"GC max {s['gc_pause_max_s'] * 1000:.1f}, CPU {s['gc_pause_max_cpu_s'] * 1000:.1f})"
         for s in sidecars
     )
     return [

@@ -180,23 +180,61 @@ def wait_until(
 
 LOOP_LAG_METRIC = "outrigger_event_loop_lag_max_seconds"
 LOOP_LAG_CPU_METRIC = "outrigger_event_loop_lag_max_cpu_seconds"
+GC_PAUSE_MAX_METRIC = "outrigger_gc_pause_max_seconds"
+GC_PAUSE_CPU_METRIC = "outrigger_gc_pause_max_cpu_seconds"
+GC_COLLECTIONS_METRIC = "outrigger_gc_collections_since_scrape"
+PAUSE_METRICS = (
+    LOOP_LAG_METRIC,
+    LOOP_LAG_CPU_METRIC,
+    GC_PAUSE_MAX_METRIC,
+    GC_PAUSE_CPU_METRIC,
+    GC_COLLECTIONS_METRIC,
+)
 
 
-def loop_lag_max(stats_url: str) -> tuple[float, float]:
-    """The sidecar's longest event-loop stall since the previous read of its /stats/prometheus
-    (which this read resets), and the CPU its loop used over that stall's timer period, in
-    seconds (sidecar/loop_lag.py)."""
+@dataclass(frozen=True)
+class LoopPauses:
+    """What held a sidecar's event loop since the previous read of its /stats/prometheus (which
+    the read resets): its longest stall and the CPU its loop used over that stall's timer period
+    (sidecar/loop_lag.py), its longest garbage collection, the CPU in it and how many
+    collections ran (sidecar/gc_pause.py); seconds."""
+
+    stall_s: float
+    stall_cpu_s: float
+    gc_max_s: float
+    gc_max_cpu_s: float
+    gc_collections: int
+
+    def to_json(self) -> dict[str, float]:
+        return {
+            "loop_stall_s": self.stall_s,
+            "loop_stall_cpu_s": self.stall_cpu_s,
+            "gc_pause_max_s": self.gc_max_s,
+            "gc_pause_max_cpu_s": self.gc_max_cpu_s,
+            "gc_collections": self.gc_collections,
+        }
+
+
+def loop_pauses(stats_url: str) -> LoopPauses:
+    """Read (and so reset) the sidecar's loop stall and GC pause gauges."""
     r = http_get(stats_url)
     if r.status != 200:
         raise BenchError(f"{stats_url} answered {r.status}")
     values: dict[str, float] = {}
     for line in r.body.decode().splitlines():
         name, _, value = line.partition(" ")
-        if name in (LOOP_LAG_METRIC, LOOP_LAG_CPU_METRIC):
+        if name in PAUSE_METRICS:
             values[name] = float(value)
-    if len(values) != 2:
-        raise BenchError(f"{stats_url} lacks {LOOP_LAG_METRIC} or {LOOP_LAG_CPU_METRIC}")
-    return values[LOOP_LAG_METRIC], values[LOOP_LAG_CPU_METRIC]
+    missing = [name for name in PAUSE_METRICS if name not in values]
+    if missing:
+        raise BenchError(f"{stats_url} lacks {', '.join(missing)}")
+    return LoopPauses(
+        values[LOOP_LAG_METRIC],
+        values[LOOP_LAG_CPU_METRIC],
+        values[GC_PAUSE_MAX_METRIC],
+        values[GC_PAUSE_CPU_METRIC],
+        int(values[GC_COLLECTIONS_METRIC]),
+    )
 
 
 # --- the load generator ----------------------------------------------------------------------

@@ -122,6 +122,7 @@ HEADER = [
     "p99 ÷ nginx",
     "errors",
     "loop stall (CPU)",
+    "GC max (CPU), count",
     "CPU-µs/req",
     "RSS idle MiB",
     "RSS peak MiB",
@@ -174,6 +175,11 @@ def table_rows(results: list[dict[str, Any]]) -> tuple[list[list[str]], list[str
             stall_text = DASH
             if stall is not None:
                 stall_text = f"{_lat(stall * 1e6)} ({_lat(run['loop_stall_cpu_s'] * 1e6)})"
+            gc_max = run.get("gc_pause_max_s")
+            gc_text = DASH
+            if gc_max is not None:
+                gc_cpu = _lat(run["gc_pause_max_cpu_s"] * 1e6)
+                gc_text = f"{_lat(gc_max * 1e6)} ({gc_cpu}), {run['gc_collections']:,}"
             cells.append(
                 [
                     r["name"],
@@ -185,6 +191,7 @@ def table_rows(results: list[dict[str, Any]]) -> tuple[list[list[str]], list[str
                     _ratio(w["p99_us"], b["p99_us"] if b else None),
                     str(w["errors"]),
                     stall_text,
+                    gc_text,
                     _num(run.get("cpu_us_per_request"), ".1f"),
                     _mib(r.get("idle_rss_kib")),
                     _mib(run.get("peak_rss_kib")),

@@ -52,7 +52,7 @@ from processes import (
     RssSampler,
     cpu_seconds,
     hwm_kib,
-    loop_lag_max,
+    loop_pauses,
     rss_kib,
 )
 
@@ -216,7 +216,7 @@ def measure_row(
             try:
                 stalls = target.stats_url
                 if stalls is not None:
-                    loop_lag_max(stalls)  # reset: the next read covers the warm-up only
+                    loop_pauses(stalls)  # reset: the next read covers the warm-up only
                 if args.warmup > 0:
                     wrk.run_wrk(
                         target.url,
@@ -227,9 +227,7 @@ def measure_row(
                         cpus=wrk_cpus,
                     )
                 if stalls is not None:
-                    run["loop_stall_warmup_s"], run["loop_stall_warmup_cpu_s"] = loop_lag_max(
-                        stalls
-                    )
+                    run["warmup"] = loop_pauses(stalls).to_json()
                 cpu0 = cpu_seconds(measured.pid) if measured else None
                 with contextlib.ExitStack() as stack:
                     sampler = stack.enter_context(RssSampler(measured.pid)) if measured else None
@@ -242,7 +240,7 @@ def measure_row(
                         cpus=wrk_cpus,
                     )
                 if stalls is not None:
-                    run["loop_stall_s"], run["loop_stall_cpu_s"] = loop_lag_max(stalls)
+                    run.update(loop_pauses(stalls).to_json())
                 if measured is not None and cpu0 is not None:
                     if not measured.alive():
                         raise BenchError(

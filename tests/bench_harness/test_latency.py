@@ -36,6 +36,9 @@ def sidecar(name: str, vcpu: float) -> dict[str, Any]:
         "vcpu_per_1000_rps": vcpu,
         "loop_stall_s": 0.0042,
         "loop_stall_cpu_s": 0.0039,
+        "gc_pause_max_s": 0.0011,
+        "gc_pause_max_cpu_s": 0.0009,
+        "gc_collections": 12,
     }
 
 
@@ -85,7 +88,8 @@ def test_the_report_shows_each_path_what_was_added_and_istios_figures() -> None:
     assert "+0.250 ms" in added_row and "+0.300 ms" in added_row and "+0.400 ms" in added_row
     [through] = [x for x in lines if x.startswith("plain") and "through 2 sidecars" in x]
     assert "0.041, 0.032" in through  # vCPU per 1k req/s, client then server sidecar
-    assert "4.2 ms (CPU 3.9)" in through  # each sidecar's longest loop stall
+    # each sidecar's longest loop stall and collection
+    assert "4.2 ms (CPU 3.9, GC max 1.1, CPU 0.9)" in through
     assert "0.040 ms / 0.500 ms" in through  # the generator's own loop lag, p99 / max
     assert " 3 " in through  # errors: 1 without an answer + 2 answered 5xx
     assert "+0.228 ms p90, +0.298 ms p99" in text and "0.2 vCPU per 1,000 req/s" in text
@@ -134,6 +138,7 @@ def test_a_short_real_run_through_two_sidecars_reports_every_field(
     for s in sidecars:
         assert s["vcpu_per_1000_rps"] is not None and s["vcpu_per_1000_rps"] >= 0
         assert s["loop_stall_s"] >= 0 and s["loop_stall_cpu_s"] >= 0
+        assert s["gc_pause_max_cpu_s"] >= 0 and s["gc_collections"] >= 0
     # every request of the run went through both sidecars: warm-up (100) + recorded (300)
     counted = run["sidecar_requests"]
     assert counted == {"client_outbound": 400, "server_inbound": 400}

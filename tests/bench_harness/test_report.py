@@ -1,5 +1,5 @@
-"""run.py's table: the sidecar's longest loop stall per run, and the notes that say when wrk's
-own accounting does not add up (tests/bench/report.py)."""
+"""run.py's table: the sidecar's longest loop stall and collection per run, and the notes that
+say when wrk's own accounting does not add up (tests/bench/report.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ def wrk(rps: float, mean_us: float, p99_us: float) -> dict[str, Any]:
     }
 
 
-def row(name: str, in_flight: float, stall: float | None = None) -> dict[str, Any]:
+def row(
+    name: str, in_flight: float, stall: float | None = None, gc_pause: float = 0.0008
+) -> dict[str, Any]:
     run: dict[str, Any] = {
         "connections": 256,
         "wrk": wrk(20_000.0, in_flight / 20_000.0 * 1e6, 30_000.0),
@@ -27,6 +29,8 @@ def row(name: str, in_flight: float, stall: float | None = None) -> dict[str, An
     }
     if stall is not None:
         run["loop_stall_s"], run["loop_stall_cpu_s"] = stall, stall * 0.9
+        run["gc_pause_max_s"], run["gc_pause_max_cpu_s"] = gc_pause, gc_pause * 0.5
+        run["gc_collections"] = 1234
     return {"name": name, "status": "ok", "runs": [run]}
 
 
@@ -35,6 +39,15 @@ def test_the_stall_column_shows_the_sidecars_longest_stall_and_its_cpu() -> None
     column = report.HEADER.index("loop stall (CPU)")
     assert cells[0][column] == "—"  # nginx: no event loop of ours to read
     assert cells[1][column] == "51.20ms (46.08ms)"
+
+
+def test_the_gc_column_shows_the_longest_collection_its_cpu_and_the_count() -> None:
+    cells, _ = report.table_rows(
+        [row("nginx", 250.0), row("outrigger", 250.0, stall=0.0512, gc_pause=0.0042)]
+    )
+    column = report.HEADER.index("GC max (CPU), count")
+    assert cells[0][column] == "—"
+    assert cells[1][column] == "4.20ms (2.10ms), 1,234"
 
 
 def test_more_requests_in_flight_than_connections_is_explained_as_wrks_correction() -> None:
