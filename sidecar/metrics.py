@@ -328,19 +328,29 @@ class _MetricsCollector(Collector):
             dropped.add_metric([reason], count)
         yield dropped
         if self.lag is not None:
-            longest, cpu = self.lag.take()
+            lag = self.lag.take()
             yield GaugeMetricFamily(
                 "outrigger_event_loop_lag_max_seconds",
                 "The longest the event loop ran late (a stall: a long callback, a collection) "
                 f"since the previous scrape of this page (a {PERIOD * 1000:g} ms timer).",
-                value=longest,
+                value=lag.longest,
             )
             yield GaugeMetricFamily(
                 "outrigger_event_loop_lag_max_cpu_seconds",
                 "CPU time the event loop's thread used from the timer tick before that longest lag "
                 "to it: about the lag or more, the sidecar held the loop; well below, it was "
                 "not running.",
-                value=cpu,
+                value=lag.cpu,
+            )
+            yield GaugeMetricFamily(
+                "outrigger_event_loop_lag_max_system_cpu_seconds",
+                "The kernel's part of that CPU time (page faults, memory compaction, socket work).",
+                value=lag.system_cpu,
+            )
+            yield GaugeMetricFamily(
+                "outrigger_event_loop_lag_max_major_faults",
+                "Page faults that read from disk in that same period (paged-out code or files).",
+                value=lag.major_faults,
             )
         yield from self._gc()
         yield from self._tcp()

@@ -180,12 +180,16 @@ def wait_until(
 
 LOOP_LAG_METRIC = "outrigger_event_loop_lag_max_seconds"
 LOOP_LAG_CPU_METRIC = "outrigger_event_loop_lag_max_cpu_seconds"
+LOOP_LAG_SYSTEM_METRIC = "outrigger_event_loop_lag_max_system_cpu_seconds"
+LOOP_LAG_FAULTS_METRIC = "outrigger_event_loop_lag_max_major_faults"
 GC_PAUSE_MAX_METRIC = "outrigger_gc_pause_max_seconds"
 GC_PAUSE_CPU_METRIC = "outrigger_gc_pause_max_cpu_seconds"
 GC_COLLECTIONS_METRIC = "outrigger_gc_collections_since_scrape"
 PAUSE_METRICS = (
     LOOP_LAG_METRIC,
     LOOP_LAG_CPU_METRIC,
+    LOOP_LAG_SYSTEM_METRIC,
+    LOOP_LAG_FAULTS_METRIC,
     GC_PAUSE_MAX_METRIC,
     GC_PAUSE_CPU_METRIC,
     GC_COLLECTIONS_METRIC,
@@ -195,12 +199,15 @@ PAUSE_METRICS = (
 @dataclass(frozen=True)
 class LoopPauses:
     """What held a sidecar's event loop since the previous read of its /stats/prometheus (which
-    the read resets): its longest stall and the CPU its loop used over that stall's timer period
-    (sidecar/loop_lag.py), its longest garbage collection, the CPU in it and how many
-    collections ran (sidecar/gc_pause.py); seconds."""
+    the read resets): its longest stall, the CPU its loop used over that stall's timer period,
+    the kernel's part of it and the major page faults in it (sidecar/loop_lag.py), its longest
+    garbage collection, the CPU in it and how many collections ran (sidecar/gc_pause.py);
+    seconds."""
 
     stall_s: float
     stall_cpu_s: float
+    stall_system_cpu_s: float
+    stall_major_faults: int
     gc_max_s: float
     gc_max_cpu_s: float
     gc_collections: int
@@ -209,6 +216,8 @@ class LoopPauses:
         return {
             "loop_stall_s": self.stall_s,
             "loop_stall_cpu_s": self.stall_cpu_s,
+            "loop_stall_system_cpu_s": self.stall_system_cpu_s,
+            "loop_stall_major_faults": self.stall_major_faults,
             "gc_pause_max_s": self.gc_max_s,
             "gc_pause_max_cpu_s": self.gc_max_cpu_s,
             "gc_collections": self.gc_collections,
@@ -231,6 +240,8 @@ def loop_pauses(stats_url: str) -> LoopPauses:
     return LoopPauses(
         values[LOOP_LAG_METRIC],
         values[LOOP_LAG_CPU_METRIC],
+        values[LOOP_LAG_SYSTEM_METRIC],
+        int(values[LOOP_LAG_FAULTS_METRIC]),
         values[GC_PAUSE_MAX_METRIC],
         values[GC_PAUSE_CPU_METRIC],
         int(values[GC_COLLECTIONS_METRIC]),

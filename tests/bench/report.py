@@ -121,7 +121,7 @@ HEADER = [
     "p99",
     "p99 ÷ nginx",
     "errors",
-    "loop stall (CPU)",
+    "loop stall (CPU; sys)",
     "GC max (CPU), count",
     "CPU-µs/req",
     "RSS idle MiB",
@@ -174,7 +174,13 @@ def table_rows(results: list[dict[str, Any]]) -> tuple[list[list[str]], list[str
             stall = run.get("loop_stall_s")
             stall_text = DASH
             if stall is not None:
-                stall_text = f"{_lat(stall * 1e6)} ({_lat(run['loop_stall_cpu_s'] * 1e6)})"
+                stall_text = f"{_lat(stall * 1e6)} ({_lat(run['loop_stall_cpu_s'] * 1e6)}"
+                system = run.get("loop_stall_system_cpu_s")
+                if system is not None:
+                    stall_text += f"; sys {_lat(system * 1e6)}"
+                if run.get("loop_stall_major_faults"):
+                    stall_text += f"; {run['loop_stall_major_faults']:,} major faults"
+                stall_text += ")"
             gc_max = run.get("gc_pause_max_s")
             gc_text = DASH
             if gc_max is not None:

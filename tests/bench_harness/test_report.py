@@ -29,6 +29,7 @@ def row(
     }
     if stall is not None:
         run["loop_stall_s"], run["loop_stall_cpu_s"] = stall, stall * 0.9
+        run["loop_stall_system_cpu_s"], run["loop_stall_major_faults"] = stall * 0.1, 0
         run["gc_pause_max_s"], run["gc_pause_max_cpu_s"] = gc_pause, gc_pause * 0.5
         run["gc_collections"] = 1234
     return {"name": name, "status": "ok", "runs": [run]}
@@ -36,9 +37,17 @@ def row(
 
 def test_the_stall_column_shows_the_sidecars_longest_stall_and_its_cpu() -> None:
     cells, _ = report.table_rows([row("nginx", 250.0), row("outrigger", 250.0, stall=0.0512)])
-    column = report.HEADER.index("loop stall (CPU)")
+    column = report.HEADER.index("loop stall (CPU; sys)")
     assert cells[0][column] == "—"  # nginx: no event loop of ours to read
-    assert cells[1][column] == "51.20ms (46.08ms)"
+    assert cells[1][column] == "51.20ms (46.08ms; sys 5.12ms)"
+
+
+def test_the_stall_column_names_major_page_faults_when_there_were_some() -> None:
+    results = [row("nginx", 250.0), row("outrigger", 250.0, stall=0.067)]
+    results[1]["runs"][0]["loop_stall_major_faults"] = 42
+    cells, _ = report.table_rows(results)
+    column = report.HEADER.index("loop stall (CPU; sys)")
+    assert cells[1][column] == "67.00ms (60.30ms; sys 6.70ms; 42 major faults)"
 
 
 def test_the_gc_column_shows_the_longest_collection_its_cpu_and_the_count() -> None:

@@ -25,12 +25,12 @@ async def test_a_stall_shows_as_lag_once_and_each_reader_keeps_its_own() -> None
         second.take()
         time.sleep(STALL)  # holds the loop, as a long callback would
         await asyncio.sleep(3 * PERIOD)  # the timer runs late once, then on time again
-        seen, cpu = first.take()
+        seen, cpu, _, _ = lag_seen = first.take()
         # late by the stall less the part of a period that was left when it began
         assert STALL - PERIOD - 0.005 <= seen < STALL + 0.5
         assert cpu < STALL / 2  # time.sleep held the loop without running: not the loop's CPU
-        assert first.take() == (0.0, 0.0)  # read: starts over
-        assert second.take() == (seen, cpu)  # the other reader's maximum was not reset
+        assert first.take() == (0.0, 0.0, 0.0, 0)  # read: starts over
+        assert second.take() == lag_seen  # the other reader's maximum was not reset
         await asyncio.sleep(5 * PERIOD)
         assert lag.ticks >= 5
         assert first.take()[0] < seen  # no stall since: only the timer's own jitter
@@ -47,11 +47,32 @@ async def test_a_busy_stall_is_told_apart_from_one_off_the_cpu() -> None:
         reader.take()
         end = time.thread_time() + STALL
         while time.thread_time() < end:  # a long callback: the loop's own CPU
-            pass
+            sum(range(10_000))  # Python work between clock reads (each one a system call)
         await asyncio.sleep(3 * PERIOD)
-        seen, cpu = reader.take()
+        seen, cpu, system_cpu, _ = reader.take()
         assert seen >= STALL - PERIOD - 0.005
         assert cpu >= STALL
+        assert system_cpu < STALL / 2  # a Python loop: the thread's own, not the kernel's
+    finally:
+        lag.stop()
+
+
+async def test_a_stall_in_the_kernel_shows_as_system_cpu() -> None:
+    lag = LoopLag(PERIOD)
+    reader = lag.reader()
+    lag.start()
+    try:
+        await asyncio.sleep(3 * PERIOD)
+        reader.take()
+        end = time.thread_time() + STALL
+        with open("/dev/zero", "rb", buffering=0) as zero:
+            while time.thread_time() < end:  # the kernel fills 1 MiB buffers for us
+                zero.read(1 << 20)
+        await asyncio.sleep(3 * PERIOD)
+        seen, cpu, system_cpu, major_faults = reader.take()
+        assert seen >= STALL - PERIOD - 0.005
+        assert system_cpu >= STALL / 2 and cpu >= system_cpu
+        assert major_faults >= 0
     finally:
         lag.stop()
 
@@ -91,6 +112,8 @@ async def test_each_metrics_page_reports_its_own_longest_stall() -> None:
         first = value(text)
         assert first >= STALL - PERIOD - 0.005
         assert 0 <= value(text, "outrigger_event_loop_lag_max_cpu_seconds") < STALL / 2
+        assert 0 <= value(text, "outrigger_event_loop_lag_max_system_cpu_seconds") < STALL / 2
+        assert value(text, "outrigger_event_loop_lag_max_major_faults") >= 0
         assert value(generate_latest(admin)) < first  # the scrape reset this page's maximum
         assert value(generate_latest(pod)) == first  # and not the other page's
     finally:
