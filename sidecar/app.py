@@ -64,9 +64,10 @@ log = logging.getLogger("outrigger.sidecar")
 # Net new container objects between two young collections once the sidecar is settled (CPython:
 # 700). With 256 connections in flight, the requests' own objects alone crossed 700 again and
 # again: ~250 young collections a second that found nothing to free (every request's objects die
-# by refcount; measured under wrk, 1 of ~1,200 collections freed anything), ~1.5% of the CPU and a
-# pause every 4 ms. 10,000 is above what 256 requests in flight hold: no collection at all in
-# 5 s runs at 256 connections, while garbage in cycles still waits for at most 10,000 new objects.
+# by refcount; measured under wrk, none freed an object in 15 one-second windows of steady load),
+# ~1.5% of the CPU and a pause every 4 ms. 10,000 is above what 256 requests in flight hold: no
+# collection at all in 5 s runs at 256 connections, while garbage in cycles still waits for at
+# most 10,000 new objects.
 YOUNG_COLLECTION_THRESHOLD = 10_000
 
 
