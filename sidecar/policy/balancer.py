@@ -79,7 +79,14 @@ class _Attempt:
         else:
             body = result.body
             if type(body) is BytesBody:
-                self.release()  # a body that came whole is done: no callback to register
+                # A body that came whole is done: released now (`release`, inline).
+                service = self._service
+                if service is not None:
+                    self._service = None
+                    load = self._load
+                    if load is not None:
+                        load.active -= 1
+                    service.active -= 1
             else:
                 body.when_done(self.release)
             if result.endpoint is None:
