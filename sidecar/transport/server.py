@@ -446,7 +446,7 @@ class DownstreamProtocol(WriteFlow, Downstream):
             head.version,
             head.upgrade,
             decision.service,
-            destination=self.destination,
+            self.destination,  # positional: a keyword would cost a dict per request
         )
         cycle = self.cycle = _Cycle(self, head, decision, request, now)
         if whole:
