@@ -825,9 +825,8 @@ class _Cycle(RequestCycle):
                 return
             version = head.version
             if head.upgrade is not None:
-                conn.close_after = (
-                    True  # an upgrade refused: don't parse what the client sends next
-                )
+                # An upgrade refused: don't parse what the client sends next.
+                conn.close_after = True
             send_body = response.has_body and head.method != b"HEAD"
             length = response.content_length
             chunked = send_body and length is None and version != b"1.0"
