@@ -17,6 +17,7 @@ import gc
 import logging
 import signal
 import sys
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,7 @@ from sidecar.config import ConfigError, Endpoint, Snapshot
 from sidecar.exchange import Request
 from sidecar.gc_pause import GcPauses
 from sidecar.loop_lag import LoopLag
-from sidecar.metrics import Metrics, Series
+from sidecar.metrics import BUCKETS, Metrics, Series
 from sidecar.policy.breaker import BreakerEvent
 from sidecar.policy.stack import ServiceRegistry
 from sidecar.protocol import implementation as codec
@@ -269,7 +270,12 @@ class Sidecar:
             series = table.get(destination)
             if series is None:
                 series = table[destination] = Series()
-            series.add(status, flags, duration)
+            # Series.add, inline (a call less per request)
+            key = (status, flags)
+            requests = series.requests
+            requests[key] = requests.get(key, 0) + 1
+            series.counts[bisect_left(BUCKETS, duration)] += 1
+            series.total += duration
             if grpc_status is not None and head is not None:  # an HTTP/2 stream's gRPC call
                 series.add_grpc(head.path, grpc_status)
             if access_log is not None:

@@ -88,7 +88,9 @@ OTHER_METHOD = ("other", "other")
 
 
 class Series(_Histogram):
-    """One (direction, destination): requests by (status, flags), and their durations."""
+    """One (direction, destination): requests by (status, flags), and their durations.
+
+    The request path (`Sidecar._completed` in sidecar/app.py) bumps the counts directly."""
 
     __slots__ = ("grpc", "methods", "requests")
 
@@ -109,13 +111,6 @@ class Series(_Histogram):
                 method = self.methods[path] = names
         key = (method, status)
         self.grpc[key] = self.grpc.get(key, 0) + 1
-
-    def add(self, code: int, flags: str, seconds: float) -> None:
-        key = (code, flags)
-        requests = self.requests
-        requests[key] = requests.get(key, 0) + 1
-        self.counts[bisect_left(BUCKETS, seconds)] += 1
-        self.total += seconds
 
 
 class Metrics:

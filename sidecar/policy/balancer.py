@@ -30,6 +30,7 @@ from sidecar.config import Endpoint, LbPolicy, ServiceConfig, authority_endpoint
 from sidecar.exchange import EndpointHandler, Reply, Request, Result
 from sidecar.flags import Flag, PolicyError, ProxyError
 from sidecar.policy.concurrency import ServiceLoad
+from sidecar.transport.body import BytesBody
 
 
 class BalancerError(PolicyError):
@@ -76,7 +77,18 @@ class _Attempt:
         if isinstance(result, ProxyError):
             self.release()
         else:
-            result.body.when_done(self.release)
+            body = result.body
+            if type(body) is BytesBody:
+                # A body that came whole is done: released now (`release`, inline).
+                service = self._service
+                if service is not None:
+                    self._service = None
+                    load = self._load
+                    if load is not None:
+                        load.active -= 1
+                    service.active -= 1
+            else:
+                body.when_done(self.release)
             if result.endpoint is None:
                 result.endpoint = self._endpoint
         self._reply(result)
@@ -87,7 +99,7 @@ class _Attempt:
             self._service = None
             if self._load is not None:
                 self._load.active -= 1
-            service.release()
+            service.active -= 1  # ServiceLoad.release, inline
 
 
 class Ejections(Protocol):
@@ -147,9 +159,14 @@ class Balancer:
         try:
             if req.tried or not loads or (ejections is not None and ejections.unclosed):
                 load = self._pick(req)
+            elif len(loads) == 1:  # a first attempt to the one endpoint
+                load = loads[0]
             else:  # the usual case, a first attempt with every endpoint in: just choose
                 load = self._choose(loads, len(loads))
-            service.admit()
+            if service.active < service.max_requests:
+                service.active += 1  # ServiceLoad.admit, inline
+            else:
+                service.admit()  # refuses: max_requests reached
         except ProxyError as error:
             reply(error)
             return

@@ -298,10 +298,9 @@ class DownstreamProtocol(WriteFlow, Downstream):
         elif len(events) == 2 and not self.pending:
             head, end = events
             if type(head) is RequestHead and type(end) is EndOfMessage and not head.chunked:
-                # The common case, one whole request without a body: no queue to go through.
-                cycle = self._start_cycle(head, now)
-                self.request_complete = True
-                cycle.begin()
+                # The common case, one whole request without a body: no queue to go through,
+                # handed over from `_start_cycle` itself.
+                self._start_cycle(head, now, True)
                 return
         self.pending.extend(events)
         self._process()
@@ -392,7 +391,9 @@ class DownstreamProtocol(WriteFlow, Downstream):
         if self.phase == BODY:
             self.phase = WAITING
 
-    def _start_cycle(self, head: RequestHead, now: float) -> _Cycle:
+    def _start_cycle(self, head: RequestHead, now: float, whole: bool = False) -> _Cycle:
+        """The cycle of a request whose head was just parsed; `whole`: the request has all
+        arrived, and is handed over now (`RequestCycle.begin`, inline: a call less per request)."""
         self.request_complete = False
         self.response_started = False
         self.body_failure = None
@@ -432,6 +433,9 @@ class DownstreamProtocol(WriteFlow, Downstream):
         except ProxyError as error:
             cycle = self.cycle = _Cycle(self, head, None, None, now)
             cycle.error = error
+            if whole:
+                self.request_complete = True
+                cycle.begin()
             return cycle
         request = Request(
             head.method,
@@ -442,9 +446,15 @@ class DownstreamProtocol(WriteFlow, Downstream):
             head.version,
             head.upgrade,
             decision.service,
-            destination=self.destination,
+            self.destination,  # positional: a keyword would cost a dict per request
         )
         cycle = self.cycle = _Cycle(self, head, decision, request, now)
+        if whole:
+            self.request_complete = cycle.started = True
+            try:
+                decision.handler(request, cycle.__call__)
+            except Exception:
+                cycle._handler_failed()
         return cycle
 
     def _reject(self, event: Reject) -> None:
@@ -703,7 +713,9 @@ class RequestCycle:
             self(error)
             return
         try:
-            decision.handler(request, self)
+            # The bound method, not the cycle: a call through a bound method is the
+            # interpreter's fast path, a callable instance's `__call__` is not.
+            decision.handler(request, self.__call__)
         except Exception:
             self._handler_failed()
 
@@ -777,16 +789,85 @@ class _Cycle(RequestCycle):
     # --- the reply -------------------------------------------------------------------------
 
     def __call__(self, result: Result) -> None:
+        """The reply: write the response (the head, and the body as it comes), or answer with
+        the error. One method for both (a call less per request)."""
         if self.replied or self.done:
             if isinstance(result, Response):
                 result.discard()  # late: the cycle was answered already
             return
         self.replied = True
-        try:
-            if isinstance(result, Response):
-                self._respond(result)
-            else:
+        if not isinstance(result, Response):
+            try:
                 self._fail(result)
+            except Exception:
+                self._internal_error()
+            return
+        response = result
+        try:
+            conn, head = self.conn, self.head
+            self.response = response
+            self.status = response.status
+            if response.flags:
+                self.flags = ",".join([f.value for f in response.flags])
+            if response.tunnel is not None:
+                if response.status == 101 and head.upgrade is not None:
+                    conn._open_tunnel(response, head.upgrade)
+                    self.finish()
+                    return
+                response.tunnel.abort()
+            transport = conn.transport
+            if transport is None or conn.closed:
+                # Lost the client before a byte of the response: close it all.
+                response.discard()
+                self.flags = self.flags or _DC
+                conn.abort()
+                self.finish()
+                return
+            version = head.version
+            if head.upgrade is not None:
+                # An upgrade refused: don't parse what the client sends next.
+                conn.close_after = True
+            send_body = response.has_body and head.method != b"HEAD"
+            length = response.content_length
+            chunked = send_body and length is None and version != b"1.0"
+            close = conn.close_after or conn.state.draining
+            if (send_body and length is None and not chunked) or not conn.request_complete:
+                # An HTTP/1.0 body of unknown length ends with the connection; a client still
+                # sending a body nobody will read cannot send another request.
+                close = conn.close_after = True
+            elif close:
+                conn.close_after = True
+            conn.response_started = True
+            head_bytes = serialize.response_head(
+                response.status,
+                response.reason,
+                response.headers,
+                version=version,
+                content_length=length,
+                chunked=chunked,
+                close=close,
+                parsed=response.endpoint is not None,  # an upstream's head, from our parser
+            )
+            if not send_body:
+                transport.write(head_bytes)
+                if response.has_body:
+                    response.discard()  # a HEAD: the upstream's body (if any) is not forwarded
+                self.finish()
+                return
+            data = response.body.whole()
+            if data is not None:
+                # The whole body is here (most responses): one write, no waiting.
+                if chunked:
+                    data = (
+                        serialize.chunk(data) + serialize.LAST_CHUNK
+                        if data
+                        else serialize.LAST_CHUNK
+                    )
+                transport.write(head_bytes + data)
+                self.finish()
+                return
+            self._chunked = chunked
+            self.pump(head_bytes)
         except Exception:
             self._internal_error()
 
@@ -810,69 +891,6 @@ class _Cycle(RequestCycle):
         self.status, self.flags = status, flag.value
         conn._write_local(status, flag, body, self.head.version, close=conn.close_after)
         self.finish()
-
-    def _respond(self, response: Response) -> None:
-        conn, head = self.conn, self.head
-        self.response = response
-        self.status = response.status
-        if response.flags:
-            self.flags = ",".join([f.value for f in response.flags])
-        if response.tunnel is not None:
-            if response.status == 101 and head.upgrade is not None:
-                conn._open_tunnel(response, head.upgrade)
-                self.finish()
-                return
-            response.tunnel.abort()
-        transport = conn.transport
-        if transport is None or conn.closed:
-            # Lost the client before a byte of the response: close it all.
-            response.discard()
-            self.flags = self.flags or _DC
-            conn.abort()
-            self.finish()
-            return
-        version = head.version
-        if head.upgrade is not None:
-            conn.close_after = True  # an upgrade refused: don't parse what the client sends next
-        send_body = response.has_body and head.method != b"HEAD"
-        length = response.content_length
-        chunked = send_body and length is None and version != b"1.0"
-        close = conn.close_after or conn.state.draining
-        if (send_body and length is None and not chunked) or not conn.request_complete:
-            # An HTTP/1.0 body of unknown length ends with the connection; a client still
-            # sending a body nobody will read cannot send another request.
-            close = conn.close_after = True
-        elif close:
-            conn.close_after = True
-        conn.response_started = True
-        head_bytes = serialize.response_head(
-            response.status,
-            response.reason,
-            response.headers,
-            version=version,
-            content_length=length,
-            chunked=chunked,
-            close=close,
-            parsed=response.endpoint is not None,  # an upstream's head, from our parser
-        )
-        if not send_body:
-            transport.write(head_bytes)
-            if response.has_body:
-                response.discard()  # a HEAD: the upstream's body (if any) is not forwarded
-            self.finish()
-            return
-        data = response.body.whole()
-        if data is not None:
-            # The whole body is here (most responses): one write, no waiting.
-            if chunked:
-                data = (
-                    serialize.chunk(data) + serialize.LAST_CHUNK if data else serialize.LAST_CHUNK
-                )
-            transport.write(head_bytes + data)
-            self.finish()
-            return
-        self._chunked = chunked
-        self.pump(head_bytes)
 
     # --- the response body -----------------------------------------------------------------
 

@@ -49,6 +49,9 @@ log = logging.getLogger("outrigger.upstream")
 # writelines (no copy of the body).
 _JOIN_LIMIT = 64 * 1024
 
+# Methods whose empty body is announced with `content-length: 0`.
+_BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
+
 
 class UpstreamConnection(WriteFlow, asyncio.Protocol):
     """One HTTP/1.1 connection to an endpoint; at most one exchange at a time.
@@ -152,7 +155,15 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
                     head.content_length,
                     head.has_body,
                 )
-                self._exchange_done()  # pooled before the reply: the next request may use it
+                # Pooled before the reply, so the next request may use it (_exchange_done,
+                # inline: not upgraded, a parser in use).
+                self.busy = False
+                self._parser = None
+                if parser.reusable and self.request_sent and not self.closed:
+                    self.idle_since = self.last_activity
+                    self.pool.idle.append(self)
+                else:
+                    self.abort()
                 reply(response)
                 return
         self._on_events(events)
@@ -205,7 +216,45 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         self.request = req
         req.on_interrupt = self._interrupt
         self.last_activity = self.pool.clock()
-        _send_request(self, req)
+        # The request head from the parsed model, with the body when it is in hand (one
+        # write); a body still arriving is pumped by a task.
+        body = req.body
+        length = body.length
+        chunked = length is None
+        if length == 0 and req.method not in _BODY_METHODS:
+            length = None  # a GET without a body carries no framing header at all
+        headers = req.headers
+        if req.upgrade is not None:
+            # The parser removed the hop-by-hop pair; the upstream must see the offer to
+            # answer 101 (docs/hardening.md rule 7: a tunnel only after a matching 101).
+            headers = [*headers, (b"connection", b"upgrade"), (b"upgrade", req.upgrade)]
+        head = serialize.request_head(
+            req.method,
+            req.path,
+            req.authority,
+            headers,
+            content_length=length,
+            chunked=chunked,
+            parsed=True,  # every part came from our parser, plus our hex request id
+        )
+        if not length and not chunked:
+            transport = self.transport
+            if transport is not None:
+                transport.write(head)
+            self.request_sent = True
+            return
+        data = body.whole()
+        if data is None:
+            self.write(head)
+            self.pump = asyncio.get_running_loop().create_task(_send_body(self, req, chunked))
+            return
+        if chunked:
+            data = serialize.chunk(data) + serialize.LAST_CHUNK if data else serialize.LAST_CHUNK
+        if len(data) <= _JOIN_LIMIT:
+            self.write(head + data)
+        else:
+            self.writelines([head, data])
+        self.request_sent = True
 
     def interrupt(self, error: ProxyError) -> None:
         """The request stops waiting (a deadline, the client gone): abort, reply `error`."""
@@ -634,52 +683,6 @@ class _Connecting:
         slot, self._slot = self._slot, None
         if slot is not None:
             slot.__exit__(None, None, None)
-
-
-# Methods whose empty body is announced with `content-length: 0`.
-_BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
-
-
-def _send_request(conn: UpstreamConnection, req: Request) -> None:
-    """The request head from the parsed model, with the body when it is in hand (one write);
-    a body still arriving is pumped by a task."""
-    body = req.body
-    length = body.length
-    chunked = length is None
-    if length == 0 and req.method not in _BODY_METHODS:
-        length = None  # a GET without a body carries no framing header at all
-    headers = req.headers
-    if req.upgrade is not None:
-        # The parser removed the hop-by-hop pair; the upstream must see the offer to
-        # answer 101 (docs/hardening.md rule 7: a tunnel only after a matching 101).
-        headers = [*headers, (b"connection", b"upgrade"), (b"upgrade", req.upgrade)]
-    head = serialize.request_head(
-        req.method,
-        req.path,
-        req.authority,
-        headers,
-        content_length=length,
-        chunked=chunked,
-        parsed=True,  # every part came from our parser, plus our hex request id
-    )
-    if not length and not chunked:
-        transport = conn.transport
-        if transport is not None:
-            transport.write(head)
-        conn.request_sent = True
-        return
-    data = body.whole()
-    if data is None:
-        conn.write(head)
-        conn.pump = asyncio.get_running_loop().create_task(_send_body(conn, req, chunked))
-        return
-    if chunked:
-        data = serialize.chunk(data) + serialize.LAST_CHUNK if data else serialize.LAST_CHUNK
-    if len(data) <= _JOIN_LIMIT:
-        conn.write(head + data)
-    else:
-        conn.writelines([head, data])
-    conn.request_sent = True
 
 
 async def _send_body(conn: UpstreamConnection, req: Request, chunked: bool) -> None:
