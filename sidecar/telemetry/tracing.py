@@ -48,7 +48,6 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, TraceState
 
-from mesh.address import split_host_port
 from sidecar.config import Endpoint
 from sidecar.exchange import (
     DownstreamGone,
@@ -75,6 +74,7 @@ from sidecar.telemetry.handoff import (
     thread_starter,
 )
 from sidecar.telemetry.propagation import TRACE_HEADERS
+from sidecar.telemetry.record import request_attributes
 
 log = logging.getLogger("outrigger.tracing")
 
@@ -325,29 +325,8 @@ def _new_trace(
     return trace
 
 
-_SERVERS: dict[bytes, tuple[str, int | None]] = {}  # authority -> (host, port), bounded
-_SERVERS_MAX = 1024
-
-
-def _server(authority: bytes) -> tuple[str, int | None]:
-    """server.address and server.port of an authority (the few a sidecar sees, remembered)."""
-    text = authority.decode("ascii", "replace")
-    found = split_host_port(text) or (text, None)
-    if len(_SERVERS) >= _SERVERS_MAX:
-        _SERVERS.clear()
-    _SERVERS[authority] = found
-    return found
-
-
 def _request_attributes(req: Request) -> Attributes:
-    host, port = _SERVERS.get(req.authority) or _server(req.authority)
-    attributes: Attributes = {
-        "http.request.method": req.method.decode("ascii", "replace"),
-        "url.path": req.path.partition(b"?")[0].decode("ascii", "replace"),
-        "server.address": host,
-    }
-    if port is not None:
-        attributes["server.port"] = port
+    attributes = request_attributes(req.method, req.path, req.authority)
     if req.version == b"2" and is_grpc(req.headers):
         # OpenTelemetry's RPC conventions: /package.Service/Method
         service, _, method = req.path.lstrip(b"/").partition(b"/")
@@ -529,12 +508,51 @@ class Tracing:
         resp: Response | None,
         error: BaseException | None,
     ) -> None:
+        end = time.time_ns()
+        attempts = trace.attempts
+        if (
+            resp is not None
+            and resp.status < 400
+            and not resp.flags
+            and len(attempts) <= 1
+            and req.version != b"2"
+        ):
+            # The common span, sent short: the exporter process builds its attributes and
+            # name (`record.read`).
+            endpoint = resp.endpoint
+            events = trace.events
+            if attempts and attempts[0].events:
+                events = [*attempts[0].events, *events]
+            self._handoff.add(
+                (
+                    trace.trace_id,
+                    trace.span_id,
+                    trace.parent_id,
+                    True,  # remote
+                    "",  # name: from the attributes
+                    _CLIENT,  # kind
+                    trace.start,
+                    end,
+                    (
+                        req.method,
+                        req.path,
+                        req.authority,
+                        service,
+                        max(len(attempts), req.attempts),
+                        endpoint.host if endpoint is not None else None,
+                        endpoint.port if endpoint is not None else None,
+                        resp.status,
+                    ),
+                    events,
+                    None,  # error
+                    trace.state,
+                )
+            )
+            return
         if isinstance(error, ProxyError) and (event := _error_event(error)) is not None:
             trace.events.append(event)  # a timeout or an overflow, on the CLIENT span
-        end = time.time_ns()
         attributes = _request_attributes(req)
         attributes["outrigger.service"] = service
-        attempts = trace.attempts
         attributes["outrigger.retry.attempts"] = max(len(attempts), req.attempts)
         if resp is not None and resp.endpoint is not None:
             attributes["network.peer.address"] = resp.endpoint.host
