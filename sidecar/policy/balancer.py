@@ -79,7 +79,8 @@ class _Attempt:
             result.body.when_done(self.release)
             if result.endpoint is None:
                 result.endpoint = self._endpoint
-        self._reply(result)
+        reply = self._reply  # read, then called: see sidecar/policy/stack.py
+        reply(result)
 
     def release(self) -> None:
         service = self._service

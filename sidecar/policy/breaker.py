@@ -388,13 +388,14 @@ class Breaker:
             except BreakerError as error:
                 reply(error)
                 return
-        outcome = self._outcome()
+        make, inner = self._outcome, self._inner  # read, then called: see stack.py
+        outcome = make()
         outcome._registry = registry
         outcome._endpoint = endpoint
         outcome._probe = probe
         outcome._req = req
         outcome._reply = reply
-        self._inner(req, endpoint, outcome.__call__)
+        inner(req, endpoint, outcome.__call__)
 
 
 class _Outcome:
@@ -424,7 +425,8 @@ class _Outcome:
             or result.status >= FAILURE_FROM
         ):
             registry.record(self._endpoint, classify(result), self._probe, self._req)
-        self._reply(result)
+        reply = self._reply  # read, then called: see stack.py
+        reply(result)
 
 
 class _GrpcOutcome(_Outcome):

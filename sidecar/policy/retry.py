@@ -224,11 +224,12 @@ class Retry:
         return load.retries_active < allowed
 
     def __call__(self, req: Request, reply: Reply) -> None:
-        first = self._first()
+        make, inner = self._first, self._inner  # read, then called: see stack.py
+        first = make()
         first._layer = self
         first._req = req
         first._reply = reply
-        self._inner(req, first.__call__)
+        inner(req, first.__call__)
 
 
 class _FirstTry:
@@ -259,7 +260,8 @@ class _FirstTryByStatus(_FirstTry):
 
     def __call__(self, result: Result) -> None:
         if isinstance(result, Response) and result.status < SUCCESS_BELOW:
-            self._reply(result)
+            reply = self._reply  # read, then called: see stack.py
+            reply(result)
         else:
             _RetryCall(self._layer, self._req, self._reply)(result)
 

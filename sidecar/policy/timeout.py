@@ -147,7 +147,8 @@ class TotalTimeout(_Bounded):
         wheel = self._wheel
         if wheel is None or not wheel.loop.is_running():
             wheel = self._running_wheel()
-        now = wheel.time() if self._on_loop else self._clock()
+        clock = wheel.time if self._on_loop else self._clock  # read, then called: see stack.py
+        now = clock()
         deadline = now + self._timeout
         outer = req.deadline
         if outer is not None and outer < deadline:
@@ -163,14 +164,16 @@ class TotalTimeout(_Bounded):
         call._reply = reply
         # On the loop's clock, like asyncio.timeout, on the shared wheel.
         if not self._on_loop:
-            deadline = wheel.time() + deadline - now
+            time = wheel.time
+            deadline = time() + deadline - now
         if self._fresh_start < deadline <= self._fresh_end and self._fresh_epoch == wheel.epoch:
             bucket = self._fresh
         else:
             bucket = self._renew(wheel, deadline)
         bucket.add(call)
         call.bucket = bucket
-        self._inner(req, call.__call__)
+        inner = self._inner
+        inner(req, call.__call__)
 
 
 class _Total(_Timed):
@@ -198,10 +201,12 @@ class PerTryTimeout(_Bounded):
         wheel = self._wheel
         if wheel is None or not wheel.loop.is_running():
             wheel = self._running_wheel()
-        deadline = (wheel.time() if self._on_loop else self._clock()) + self._timeout
+        clock = wheel.time if self._on_loop else self._clock  # read, then called: see stack.py
+        deadline = clock() + self._timeout
+        inner = self._inner
         if outer is not None and outer <= deadline:
             # The total timeout fires first; a second timer would only cost.
-            self._inner(req, reply)
+            inner(req, reply)
             return
         call = _PerTry()
         call._layer = self
@@ -210,14 +215,15 @@ class PerTryTimeout(_Bounded):
         call.outer = outer
         req.deadline = deadline
         if not self._on_loop:
-            deadline = wheel.time() + self._timeout
+            time = wheel.time
+            deadline = time() + self._timeout
         if self._fresh_start < deadline <= self._fresh_end and self._fresh_epoch == wheel.epoch:
             bucket = self._fresh
         else:
             bucket = self._renew(wheel, deadline)
         bucket.add(call)
         call.bucket = bucket
-        self._inner(req, call.__call__)
+        inner(req, call.__call__)
 
 
 class _PerTry(_Timed):
