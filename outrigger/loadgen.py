@@ -54,11 +54,13 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
 import uvloop
+
+from outrigger.parsing import ParsingProtocol
 
 clock = time.monotonic  # CLOCK_MONOTONIC on Linux: the clock timerfd is armed with
 
@@ -344,27 +346,21 @@ def make_timer(loop: asyncio.AbstractEventLoop, fire: Callable[[], None]) -> Tim
 # --- the client ---------------------------------------------------------------------------------
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(ParsingProtocol):
     """One keep-alive connection carrying one request at a time."""
 
     def __init__(self, gen: LoadGenerator) -> None:
         self.gen = gen
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser: httptools.HttpResponseParser = httptools.HttpResponseParser(self)
         self.busy = False
         self.intended = 0.0
         self.sent = 0.0
         self.status = 0  # of the answer being read; 0 until its headers arrived
 
     # asyncio.Protocol
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self.gen.finished(self, 0, CLOSED, keep=False)
+    def refuse(self) -> None:
+        self.gen.finished(self, 0, CLOSED, keep=False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.busy:

@@ -32,6 +32,7 @@ transport does; tests/outrigger/test_demo_client.py checks these through real so
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http.cookiejar
 import socket
 from collections import deque
@@ -187,24 +188,17 @@ def _expire(waiter: asyncio.Future[None]) -> None:
         waiter.set_exception(TimeoutError())
 
 
+@dataclasses.dataclass(eq=False)
 class _ResponseBody(httpx.AsyncByteStream):
     """The body as it arrives; closing it returns the connection to the pool if the response
     was read whole and the server keeps the connection alive, else closes it."""
 
-    def __init__(
-        self,
-        transport: Transport,
-        origin: tuple[str, int],
-        conn: _Connection,
-        request: httpx.Request,
-        read_timeout: float | None,
-    ) -> None:
-        self.transport = transport
-        self.origin = origin
-        self.conn = conn
-        self.request = request
-        self.read_timeout = read_timeout
-        self.released = False
+    transport: Transport
+    origin: tuple[str, int]
+    conn: _Connection
+    request: httpx.Request
+    read_timeout: float | None
+    released: bool = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         conn = self.conn

@@ -65,7 +65,6 @@ import signal
 import socket
 import sys
 from collections import deque
-from typing import cast
 from urllib.parse import parse_qs, urlsplit
 
 import httptools
@@ -76,6 +75,7 @@ from mesh.address import join_host_port, split_host_port
 from mesh.http import reason_phrase
 from mesh.policy import parse_duration
 from outrigger.demo.client import client as demo_client
+from outrigger.parsing import ParsingProtocol
 
 HEALTH_PATH = "/healthz"
 TRACE_HEADERS = (
@@ -177,29 +177,23 @@ class DemoService:
         ).encode() + body
 
 
-class Connection(asyncio.Protocol):
+class Connection(ParsingProtocol):
     """One client connection: httptools parses the requests, each is answered in turn by a
     task (it may wait for the downstream), in the order they came."""
 
     def __init__(self, service: DemoService) -> None:
         self.service = service
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser: httptools.HttpRequestParser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.target = b""
         self.headers: dict[str, str] = {}
         self.queue: deque[tuple[str, str, dict[str, str], bool]] = deque()
         self.task: asyncio.Task[None] | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            assert self.transport is not None
-            self.transport.write(self.service.respond(400, b"bad request\n", close=True))
-            self.transport.close()
+    def refuse(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.service.respond(400, b"bad request\n", close=True))
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.queue.clear()

@@ -170,6 +170,20 @@ async def test_requests_sent_together_on_one_connection_are_answered_in_order(
         writer.close()
 
 
+async def test_what_is_not_http_gets_a_400_and_the_connection_closed(procs: Processes) -> None:
+    address = await start_demo_app(procs, "payments")
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+        async with asyncio.timeout(5):
+            received = await reader.read()  # to EOF: the app closed the connection
+        assert received.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+        assert received.endswith(b"\r\n\r\nbad request\n")
+    finally:
+        writer.close()
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

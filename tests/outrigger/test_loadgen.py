@@ -302,6 +302,13 @@ async def test_a_body_ended_by_the_close_is_an_answer_and_a_cut_off_head_is_not(
     assert {o.error for o in outcomes} == {CLOSED}
 
 
+async def test_an_answer_that_is_not_http_is_an_error_and_its_connection_replaced() -> None:
+    async with serving(Site(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")) as site:
+        outcomes, _ = await run(site.url, 20.0, 0.2, connections=1)
+    assert {o.error for o in outcomes} == {CLOSED}
+    assert site.connections == len(outcomes)  # each on a new connection
+
+
 async def test_measure_summarizes_the_run_after_its_warm_up() -> None:
     async with serving(Site()) as site:
         summary = await measure(site.url, rate=100.0, duration=0.3, warmup=0.2, connections=2)

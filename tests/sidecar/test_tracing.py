@@ -646,7 +646,9 @@ async def test_exporter_is_a_child_process_that_flushes_and_is_reaped_at_shutdow
         await _until(lambda: tracing.exporter_pid is not None)
         pid = tracing.exporter_pid
         assert pid is not None and pid != os.getpid()
-        assert b"sidecar.telemetry.exporter" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        # Between fork and exec the child's cmdline reads empty for a moment.
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        await _until(lambda: b"sidecar.telemetry.exporter" in cmdline.read_bytes())
         assert spans.spans == []
         assert await tracing.shutdown(WAIT)
         assert len(spans.spans) == 3  # exported before the exporter exited
