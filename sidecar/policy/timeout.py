@@ -194,6 +194,11 @@ class _Total(_Timed):
 
 
 class PerTryTimeout(_Bounded):
+    """The arming at the end of `__call__` is TotalTimeout's, written twice on purpose: one
+    method shared by both layer classes sees two classes at the same slot reads and stores,
+    which CPython 3.11 cannot specialize (measured: +2.2k instructions per request with both
+    layers in a stack, tests/bench/layers.py)."""
+
     __slots__ = ()
 
     def __call__(self, req: Request, reply: Reply) -> None:

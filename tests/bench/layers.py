@@ -34,19 +34,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from sidecar.config import (
-    Backoff,
-    CircuitBreaker,
-    Endpoint,
-    LbPolicy,
-    RetryBudget,
-    RetryPolicy,
-    ServiceConfig,
-)
+from sidecar import config
 from sidecar.exchange import Reply, Request, Response, Result
 from sidecar.policy.stack import ServiceState, StackTracing, build_service_stack
 
-ENDPOINT = Endpoint("127.0.0.1", 40000)
+ENDPOINT = config.Endpoint("127.0.0.1", 40000)
 LAYERS = ("total", "pertry", "retry", "budget", "breaker", "lr")
 DEFAULT_CONFIGS = ("plain", "total", "pertry", "retry", "budget", "breaker", "lr", "full")
 WARMUP = 300
@@ -77,12 +69,12 @@ class _RequestBody:
     length = 0
 
 
-def _forward(req: Request, endpoint: Endpoint, reply: Reply) -> None:
+def _forward(req: Request, endpoint: config.Endpoint, reply: Reply) -> None:
     body = _Body()
     reply(Response(200, b"OK", [(b"content-length", b"1")], body, endpoint, 1))  # type: ignore[arg-type]
 
 
-def service_config(name: str) -> ServiceConfig:
+def service_config(name: str) -> config.ServiceConfig:
     parts = set(name.split("+"))
     unknown = parts - {"plain", "full", *LAYERS}
     if unknown:
@@ -91,16 +83,16 @@ def service_config(name: str) -> ServiceConfig:
         parts |= {"total", "pertry", "budget", "breaker", "lr"}
     retry = None
     if parts & {"retry", "pertry", "budget"}:
-        retry = RetryPolicy(
+        retry = config.RetryPolicy(
             attempts=2,
             retry_on=frozenset({"connect-failure", "reset", "gateway-error"}),
             retriable_status=frozenset({503}),
             per_try_timeout=1.0 if "pertry" in parts else None,
-            backoff=Backoff(base=0.025, max=0.25),
-            budget=RetryBudget(20, 3) if "budget" in parts else None,
+            backoff=config.Backoff(base=0.025, max=0.25),
+            budget=config.RetryBudget(20, 3) if "budget" in parts else None,
         )
-    breaker = CircuitBreaker(5 if "breaker" in parts else None, 30.0, 50, 8192, 8192)
-    return ServiceConfig(
+    breaker = config.CircuitBreaker(5 if "breaker" in parts else None, 30.0, 50, 8192, 8192)
+    return config.ServiceConfig(
         name="upstream",
         namespace="default",
         port=80,
@@ -109,7 +101,7 @@ def service_config(name: str) -> ServiceConfig:
         timeout=2.0 if "total" in parts else None,
         retry=retry,
         breaker=breaker,
-        lb=LbPolicy.LEAST_REQUEST if "lr" in parts else LbPolicy.ROUND_ROBIN,
+        lb=config.LbPolicy.LEAST_REQUEST if "lr" in parts else config.LbPolicy.ROUND_ROBIN,
     )
 
 
