@@ -296,9 +296,11 @@ class _Trace:
                 # grpc-status comes in the trailers, after the messages.
                 body.when_done(lambda: layer._finish(self, req, layer._service, result, None))
             else:
-                layer._finish(self, req, layer._service, result, None)
+                finish = layer._finish  # read, then called: see sidecar/policy/stack.py
+                finish(self, req, layer._service, result, None)
         else:
-            layer._finish(self, req, layer._service, None, result)
+            finish = layer._finish
+            finish(self, req, layer._service, None, result)
         del self.req, self.reply  # no cycle through the request or the reply chain
         reply(result)
 
@@ -699,7 +701,8 @@ class _SpanLayer:
         headers = req.headers
         for name, _ in headers:
             if name in TRACE_HEADERS:
-                trace = self._begin(req)
+                begin = self._begin  # read, then called: see sidecar/policy/stack.py
+                trace = begin(req)
                 break
         else:
             new = self._new
@@ -714,17 +717,20 @@ class _SpanLayer:
                     (b"x-b3-spanid", span_hex),
                     _B3_UNSAMPLED,
                 )
-                self._inner(req, reply)
+                inner = self._inner  # read, then called: see sidecar/policy/stack.py
+                inner(req, reply)
                 return
-            trace = self._sampled(req, trace_hex, span_hex)
+            sampled = self._sampled  # read, then called: see sidecar/policy/stack.py
+            trace = sampled(req, trace_hex, span_hex)
+        inner = self._inner
         if trace is None:
-            self._inner(req, reply)
+            inner(req, reply)
             return
         req.trace = trace
         trace.layer = self
         trace.req = req
         trace.reply = reply
-        self._inner(req, trace.__call__)
+        inner(req, trace.__call__)
 
 
 class _AttemptLayer:
@@ -766,4 +772,5 @@ class _AttemptLayer:
         attempt.result = None
         trace.attempts.append(attempt)
         trace.current = attempt
-        self._inner(req, endpoint, attempt.__call__)
+        inner = self._inner  # read, then called: see sidecar/policy/stack.py
+        inner(req, endpoint, attempt.__call__)
