@@ -88,7 +88,7 @@ class _Attempt:
             self._service = None
             if self._load is not None:
                 self._load.active -= 1
-            service.release()
+            service.active -= 1  # `ServiceLoad.release`, without its call
 
 
 class Ejections(Protocol):
@@ -148,9 +148,14 @@ class Balancer:
         try:
             if req.tried or not loads or (ejections is not None and ejections.unclosed):
                 load = self._pick(req)
+            elif len(loads) == 1:  # one endpoint, and it is in: nothing to choose
+                load = loads[0]
             else:  # the usual case, a first attempt with every endpoint in: just choose
                 load = self._choose(loads, len(loads))
-            service.admit()
+            if service.active < service.max_requests:
+                service.active += 1  # `ServiceLoad.admit`'s count, without its call
+            else:
+                service.admit()  # refuses (503 UO), counted there
         except ProxyError as error:
             reply(error)
             return
