@@ -17,8 +17,9 @@ balancer alone, one endpoint as in rows.py). Configs are layer names joined by `
     breaker  the endpoint circuit breaker       lr       least_request
     full     all of them: rows.py's BENCH_POLICY
 
-`--trace` adds tracing at 100% (the span layers and records; the exporter is a thread that is
-never reached, as the hand-over to it runs on the loop).
+`--trace` adds tracing at 100%, `--trace 0` tracing that samples nothing (what an unsampled
+request pays: its ids and its `sampled=0` context); the span layers and records run, the
+exporter is a thread that is never reached, as the hand-over to it runs on the loop.
 """
 
 from __future__ import annotations
@@ -105,20 +106,20 @@ def service_config(name: str) -> config.ServiceConfig:
     )
 
 
-def _tracing() -> StackTracing:
+def _tracing(sampling: float) -> StackTracing:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from sidecar.telemetry.tracing import Tracing, TracingSettings
 
-    settings = TracingSettings("bench", "http://127.0.0.1:1", sampling=1.0)
+    settings = TracingSettings("bench", "http://127.0.0.1:1", sampling=sampling)
     return Tracing(settings, exporter=InMemorySpanExporter())
 
 
-def measure(name: str, requests: int, trace: bool) -> None:
+def measure(name: str, requests: int, trace: float | None) -> None:
     """The child: `requests` requests through the stack, inside functools.reduce."""
     import uvloop
 
-    tracing = _tracing() if trace else None
+    tracing = _tracing(trace) if trace is not None else None
     state = ServiceState("upstream")
     handler = build_service_stack(service_config(name), state, _forward, tracing=tracing)
     results: list[Result] = []
@@ -143,7 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
     p.add_argument("--requests", type=int, default=2000)
-    p.add_argument("--trace", action="store_true", help="tracing at 100%% on every config")
+    p.add_argument(
+        "--trace",
+        type=float,
+        nargs="?",
+        const=1.0,
+        default=None,
+        metavar="RATIO",
+        help="tracing on every config, sampling RATIO (default 1.0: every request)",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -169,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                 name,
                 "--requests",
                 str(args.requests),
-                *(["--trace"] if args.trace else []),
+                *(["--trace", str(args.trace)] if args.trace is not None else []),
             ]
             subprocess.run(command, env=env, check=True, capture_output=True, timeout=600)
             found = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
