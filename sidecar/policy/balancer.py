@@ -91,7 +91,8 @@ class _Attempt:
                 body.when_done(self.release)
             if result.endpoint is None:
                 result.endpoint = self._endpoint
-        self._reply(result)
+        reply = self._reply  # read, then called: see sidecar/policy/stack.py
+        reply(result)
 
     def release(self) -> None:
         service = self._service
@@ -99,7 +100,7 @@ class _Attempt:
             self._service = None
             if self._load is not None:
                 self._load.active -= 1
-            service.active -= 1  # ServiceLoad.release, inline
+            service.active -= 1  # the count `ServiceLoad.admit` raised
 
 
 class Ejections(Protocol):
@@ -159,14 +160,14 @@ class Balancer:
         try:
             if req.tried or not loads or (ejections is not None and ejections.unclosed):
                 load = self._pick(req)
-            elif len(loads) == 1:  # a first attempt to the one endpoint
+            elif len(loads) == 1:  # one endpoint, and it is in: nothing to choose
                 load = loads[0]
             else:  # the usual case, a first attempt with every endpoint in: just choose
                 load = self._choose(loads, len(loads))
             if service.active < service.max_requests:
-                service.active += 1  # ServiceLoad.admit, inline
+                service.active += 1  # `ServiceLoad.admit`'s count, without its call
             else:
-                service.admit()  # refuses: max_requests reached
+                service.admit()  # refuses (503 UO), counted there
         except ProxyError as error:
             reply(error)
             return

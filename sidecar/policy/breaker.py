@@ -46,6 +46,7 @@ from sidecar.config import Endpoint
 from sidecar.exchange import EndpointHandler, Reply, Request, Response, Result
 from sidecar.flags import Flag, PolicyError
 from sidecar.policy.classifier import (
+    FAILURE_FROM,
     GrpcBody,
     Kind,
     Outcome,
@@ -387,13 +388,14 @@ class Breaker:
             except BreakerError as error:
                 reply(error)
                 return
-        outcome = self._outcome()
+        make, inner = self._outcome, self._inner  # read, then called: see stack.py
+        outcome = make()
         outcome._registry = registry
         outcome._endpoint = endpoint
         outcome._probe = probe
         outcome._req = req
         outcome._reply = reply
-        self._inner(req, endpoint, outcome.__call__)
+        inner(req, endpoint, outcome.__call__)
 
 
 class _Outcome:
@@ -411,12 +413,20 @@ class _Outcome:
     _reply: Reply
 
     def __call__(self, result: Result) -> None:
-        outcome = classify(result)
         registry = self._registry
-        # `record`'s own first test, without its call for the usual good answer.
-        if outcome.breaker_failure or self._probe or registry.unclosed or registry.counting:
-            registry.record(self._endpoint, outcome, self._probe, self._req)
-        self._reply(result)
+        # `record`'s own first test, without classifying the usual good answer: a response
+        # below FAILURE_FROM is no breaker failure, and with no probe, no breaker open and no
+        # failure run to reset it changes nothing.
+        if (
+            self._probe
+            or registry.unclosed
+            or registry.counting
+            or not isinstance(result, Response)
+            or result.status >= FAILURE_FROM
+        ):
+            registry.record(self._endpoint, classify(result), self._probe, self._req)
+        reply = self._reply  # read, then called: see stack.py
+        reply(result)
 
 
 class _GrpcOutcome(_Outcome):

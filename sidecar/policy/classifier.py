@@ -76,12 +76,20 @@ _ENDPOINT_FAILURES = frozenset(
 )
 
 
+# What `classify` says of an upstream response, by its status alone, for the layers that skip
+# the call on their common path (a good answer): below SUCCESS_BELOW it is a success, and from
+# FAILURE_FROM on an endpoint breaker's failure. An HTTP/2 service's gRPC answers are the
+# exception (`classify_grpc`: a 200 may carry a failing grpc-status).
+SUCCESS_BELOW = 400
+FAILURE_FROM = 500
+
+
 def _status_outcome(status: int) -> Outcome:
-    if status < 400:
+    if status < SUCCESS_BELOW:
         return Outcome(Kind.SUCCESS, status, breaker_failure=False)
     if status == 409:
         return Outcome(Kind.RETRIABLE_4XX, status, breaker_failure=False)
-    if status < 500:
+    if status < FAILURE_FROM:
         return Outcome(Kind.CLIENT_ERROR, status, breaker_failure=False)
     if status in _GATEWAY_STATUSES:
         return Outcome(Kind.GATEWAY_ERROR, status, breaker_failure=True)

@@ -4,8 +4,9 @@ Both refuse at once with 503 flag UO; nothing here queues.
 
 - `max_requests` bounds the attempts in flight to the service (Envoy's cluster `max_requests`;
   retries count, as upstream requests). The balancer owns the active count (it already tracks
-  every attempt until its response body completes), so it calls `ServiceLoad.admit()` /
-  `release()`; a separate layer would cost a second body wrapper per request.
+  every attempt until its response body completes): it adds to `ServiceLoad.active` below the
+  limit, calls `ServiceLoad.admit()` at it (which refuses), and takes its count off when the
+  attempt ends; a separate layer would cost a second body wrapper per request.
 - `max_pending` bounds requests waiting for an upstream connection. Only the connection pool
   knows when a request waits (no idle connection, a connect in progress or the per-endpoint
   connection cap reached), so the pool wraps that wait in `with load.pending_slot(): ...`;
@@ -74,9 +75,6 @@ class ServiceLoad:
             self.stats.overflows += 1
             raise ConcurrencyError(f"max_requests {self.max_requests} reached")
         self.active += 1
-
-    def release(self) -> None:
-        self.active -= 1
 
     def pending_slot(self) -> PendingSlot:
         """For the pool: `with load.pending_slot():` around waiting for a connection."""

@@ -76,7 +76,7 @@ class Timer(Deadline):
 class Wheel:
     """Buckets of deadlines by tick, and one loop timer for the earliest bucket."""
 
-    __slots__ = ("_buckets", "_handle", "_handle_tick", "_ticks", "loop", "time")
+    __slots__ = ("_buckets", "_handle", "_handle_tick", "_ticks", "epoch", "loop", "time")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop  # a layer that keeps a wheel checks it is the running loop's
@@ -85,9 +85,21 @@ class Wheel:
         self._handle: asyncio.TimerHandle | None = None
         self._handle_tick = -1
         self.time = loop.time  # the loop's clock, called directly (no Python frame)
+        self.epoch = 0  # how many times it fired: buckets handed out before may be gone
 
     def arm(self, deadline: Deadline, when: float) -> None:
         """`deadline.expire()` at `when` (the loop's time) or up to a tick later, never before."""
+        bucket = self.bucket(when)[0]
+        bucket.add(deadline)
+        deadline.bucket = bucket
+
+    def bucket(self, when: float) -> tuple[set[Deadline], float]:
+        """The bucket for deadlines at `when`, and the loop time it fires at: it takes every
+        deadline in (that time - TICK, that time]. A layer whose deadlines only grow (a fixed
+        timeout on the loop's clock) keeps the bucket and adds to it while its deadlines fall
+        in that range and `epoch` has not moved (the wheel has not fired since, so it has not
+        dropped the bucket for being empty): no tick to work out or look up per request
+        (sidecar/policy/timeout.py)."""
         tick = math.ceil(when * _TICKS_PER_SECOND)
         bucket = self._buckets.get(tick)
         if bucket is None:
@@ -95,12 +107,11 @@ class Wheel:
             heapq.heappush(self._ticks, tick)
             if self._handle is None or tick < self._handle_tick:
                 self._schedule(tick)
-        bucket.add(deadline)
-        deadline.bucket = bucket
+        return bucket, tick * TICK
 
     @staticmethod
     def disarm(deadline: Deadline) -> None:
-        deadline.bucket.discard(deadline)  # an empty bucket is dropped when its tick comes
+        deadline.bucket.discard(deadline)  # an empty bucket is dropped when the wheel fires
 
     def _schedule(self, tick: int) -> None:
         if self._handle is not None:
@@ -122,7 +133,9 @@ class Wheel:
                     self.loop.call_exception_handler(
                         {"message": "deadline callback failed", "exception": exc}
                     )
-        # Skip buckets that emptied out, then wait for the next one.
+        # Skip buckets that emptied out, then wait for the next one. A layer that keeps a
+        # bucket (`bucket`) sees from `epoch` that it may have been dropped.
+        self.epoch += 1
         while ticks and not self._buckets.get(ticks[0]):
             self._buckets.pop(heapq.heappop(ticks), None)
         if ticks:

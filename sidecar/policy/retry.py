@@ -54,7 +54,7 @@ from mesh.policy import RetryBudget
 from sidecar.config import RetryPolicy
 from sidecar.exchange import Handler, Reply, Request, Response, Result
 from sidecar.flags import Flag, PolicyError, ProxyError
-from sidecar.policy.classifier import GRPC_KINDS, Kind, Outcome, classify
+from sidecar.policy.classifier import GRPC_KINDS, SUCCESS_BELOW, Kind, Outcome, classify
 from sidecar.policy.clock import Clock, Sleep
 from sidecar.policy.concurrency import ServiceLoad
 from sidecar.policy.stats import ServiceStats
@@ -157,7 +157,17 @@ def parse_retry_after(value: bytes | None, wall_now: float) -> float | None:
 
 
 class Retry:
-    __slots__ = ("_classify", "_clock", "_config", "_inner", "_load", "_sleep", "_stats", "_wall")
+    __slots__ = (
+        "_classify",
+        "_clock",
+        "_config",
+        "_first",
+        "_inner",
+        "_load",
+        "_sleep",
+        "_stats",
+        "_wall",
+    )
 
     def __init__(
         self,
@@ -172,6 +182,9 @@ class Retry:
         classifier: Callable[[Result], Outcome] = classify,
     ) -> None:
         self._classify = classifier  # classify_grpc for an HTTP/2 service
+        # The first attempt's reply: with the plain classifier, a good answer is known by its
+        # status, without the call.
+        self._first: type[_FirstTry] = _FirstTryByStatus if classifier is classify else _FirstTry
         self._config = config
         self._inner = inner
         self._load = load
@@ -211,11 +224,12 @@ class Retry:
         return load.retries_active < allowed
 
     def __call__(self, req: Request, reply: Reply) -> None:
-        first = _FirstTry()
+        make, inner = self._first, self._inner  # read, then called: see stack.py
+        first = make()
         first._layer = self
         first._req = req
         first._reply = reply
-        self._inner(req, first.__call__)
+        inner(req, first.__call__)
 
 
 class _FirstTry:
@@ -234,6 +248,20 @@ class _FirstTry:
     def __call__(self, result: Result) -> None:
         if self._layer._classify(result).success:
             self._reply(result)
+        else:
+            _RetryCall(self._layer, self._req, self._reply)(result)
+
+
+class _FirstTryByStatus(_FirstTry):
+    """`_FirstTry` for the plain classifier: a response below SUCCESS_BELOW is a success
+    (`classify`'s own rule), passed on with no call."""
+
+    __slots__ = ()
+
+    def __call__(self, result: Result) -> None:
+        if isinstance(result, Response) and result.status < SUCCESS_BELOW:
+            reply = self._reply  # read, then called: see stack.py
+            reply(result)
         else:
             _RetryCall(self._layer, self._req, self._reply)(result)
 

@@ -49,7 +49,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from sidecar.telemetry.record import Record
+from sidecar.telemetry.record import read
 
 log = logging.getLogger("outrigger.exporter")
 
@@ -173,7 +173,7 @@ def resource(service: str, env: Mapping[str, str] = os.environ) -> Resource:
 
 def span(record: Sequence[Any], res: Resource) -> ReadableSpan:
     """The SDK span a record describes (what `Tracer.start_span` + `end` made in-process)."""
-    r = Record._make(record)
+    r = read(record)
     trace_state = TraceState.from_header([r.state]) if r.state else _NO_STATE
     parent = None
     trace_id = int(r.trace_id, 16)

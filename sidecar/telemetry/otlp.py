@@ -25,7 +25,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import SpanExportResult
 
-from sidecar.telemetry.record import Record
+from sidecar.telemetry.record import read
 
 _Q = struct.Struct("<Q").pack
 _I = struct.Struct("<I").pack
@@ -101,7 +101,7 @@ class Encoder:
 
     def span(self, record: Sequence[Any]) -> bytes:
         """A record as a ScopeSpans.spans field."""
-        r = Record._make(record)
+        r = read(record)
         parts = [
             b"\x0a\x10" + unhexlify(r.trace_id),
             b"\x12\x08" + unhexlify(r.span_id),

@@ -48,7 +48,6 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, TraceState
 
-from mesh.address import split_host_port
 from sidecar.config import Endpoint
 from sidecar.exchange import (
     DownstreamGone,
@@ -75,6 +74,7 @@ from sidecar.telemetry.handoff import (
     thread_starter,
 )
 from sidecar.telemetry.propagation import TRACE_HEADERS
+from sidecar.telemetry.record import request_attributes
 
 log = logging.getLogger("outrigger.tracing")
 
@@ -296,9 +296,11 @@ class _Trace:
                 # grpc-status comes in the trailers, after the messages.
                 body.when_done(lambda: layer._finish(self, req, layer._service, result, None))
             else:
-                layer._finish(self, req, layer._service, result, None)
+                finish = layer._finish  # read, then called: see sidecar/policy/stack.py
+                finish(self, req, layer._service, result, None)
         else:
-            layer._finish(self, req, layer._service, None, result)
+            finish = layer._finish
+            finish(self, req, layer._service, None, result)
         del self.req, self.reply  # no cycle through the request or the reply chain
         reply(result)
 
@@ -325,29 +327,8 @@ def _new_trace(
     return trace
 
 
-_SERVERS: dict[bytes, tuple[str, int | None]] = {}  # authority -> (host, port), bounded
-_SERVERS_MAX = 1024
-
-
-def _server(authority: bytes) -> tuple[str, int | None]:
-    """server.address and server.port of an authority (the few a sidecar sees, remembered)."""
-    text = authority.decode("ascii", "replace")
-    found = split_host_port(text) or (text, None)
-    if len(_SERVERS) >= _SERVERS_MAX:
-        _SERVERS.clear()
-    _SERVERS[authority] = found
-    return found
-
-
 def _request_attributes(req: Request) -> Attributes:
-    host, port = _SERVERS.get(req.authority) or _server(req.authority)
-    attributes: Attributes = {
-        "http.request.method": req.method.decode("ascii", "replace"),
-        "url.path": req.path.partition(b"?")[0].decode("ascii", "replace"),
-        "server.address": host,
-    }
-    if port is not None:
-        attributes["server.port"] = port
+    attributes = request_attributes(req.method, req.path, req.authority)
     if req.version == b"2" and is_grpc(req.headers):
         # OpenTelemetry's RPC conventions: /package.Service/Method
         service, _, method = req.path.lstrip(b"/").partition(b"/")
@@ -529,12 +510,51 @@ class Tracing:
         resp: Response | None,
         error: BaseException | None,
     ) -> None:
+        end = time.time_ns()
+        attempts = trace.attempts
+        if (
+            resp is not None
+            and resp.status < 400
+            and not resp.flags
+            and len(attempts) <= 1
+            and req.version != b"2"
+        ):
+            # The common span, sent short: the exporter process builds its attributes and
+            # name (`record.read`).
+            endpoint = resp.endpoint
+            events = trace.events
+            if attempts and attempts[0].events:
+                events = [*attempts[0].events, *events]
+            self._handoff.add(
+                (
+                    trace.trace_id,
+                    trace.span_id,
+                    trace.parent_id,
+                    True,  # remote
+                    "",  # name: from the attributes
+                    _CLIENT,  # kind
+                    trace.start,
+                    end,
+                    (
+                        req.method,
+                        req.path,
+                        req.authority,
+                        service,
+                        max(len(attempts), req.attempts),
+                        endpoint.host if endpoint is not None else None,
+                        endpoint.port if endpoint is not None else None,
+                        resp.status,
+                    ),
+                    events,
+                    None,  # error
+                    trace.state,
+                )
+            )
+            return
         if isinstance(error, ProxyError) and (event := _error_event(error)) is not None:
             trace.events.append(event)  # a timeout or an overflow, on the CLIENT span
-        end = time.time_ns()
         attributes = _request_attributes(req)
         attributes["outrigger.service"] = service
-        attempts = trace.attempts
         attributes["outrigger.retry.attempts"] = max(len(attempts), req.attempts)
         if resp is not None and resp.endpoint is not None:
             attributes["network.peer.address"] = resp.endpoint.host
@@ -681,7 +701,8 @@ class _SpanLayer:
         headers = req.headers
         for name, _ in headers:
             if name in TRACE_HEADERS:
-                trace = self._begin(req)
+                begin = self._begin  # read, then called: see sidecar/policy/stack.py
+                trace = begin(req)
                 break
         else:
             new = self._new
@@ -696,17 +717,20 @@ class _SpanLayer:
                     (b"x-b3-spanid", span_hex),
                     _B3_UNSAMPLED,
                 )
-                self._inner(req, reply)
+                inner = self._inner  # read, then called: see sidecar/policy/stack.py
+                inner(req, reply)
                 return
-            trace = self._sampled(req, trace_hex, span_hex)
+            sampled = self._sampled  # read, then called: see sidecar/policy/stack.py
+            trace = sampled(req, trace_hex, span_hex)
+        inner = self._inner
         if trace is None:
-            self._inner(req, reply)
+            inner(req, reply)
             return
         req.trace = trace
         trace.layer = self
         trace.req = req
         trace.reply = reply
-        self._inner(req, trace.__call__)
+        inner(req, trace.__call__)
 
 
 class _AttemptLayer:
@@ -748,4 +772,5 @@ class _AttemptLayer:
         attempt.result = None
         trace.attempts.append(attempt)
         trace.current = attempt
-        self._inner(req, endpoint, attempt.__call__)
+        inner = self._inner  # read, then called: see sidecar/policy/stack.py
+        inner(req, endpoint, attempt.__call__)

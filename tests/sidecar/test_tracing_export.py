@@ -35,6 +35,18 @@ values = st.one_of(
     st.floats(allow_nan=False),
 )
 attributes = st.dictionaries(st.text(min_size=1, max_size=20), values, max_size=6)
+# A plain CLIENT span's attributes as the data plane sends them (`record.Plain`), which the
+# exporter's side builds into the attribute dict and the span name.
+plain_attributes = st.tuples(
+    st.sampled_from([b"GET", b"POST"]),
+    st.sampled_from([b"/", b"/books/1?x=1"]),
+    st.sampled_from([b"reviews", b"reviews:8080", b"[::1]:9080"]),
+    st.text(min_size=1, max_size=10),
+    st.integers(min_value=1, max_value=3),
+    st.one_of(st.none(), st.just("10.0.0.7")),
+    st.just(9080),
+    st.integers(min_value=100, max_value=399),
+)
 # Ids as the records carry them: lower-case hex digits, 32 for a trace, 16 for a span.
 ids = st.integers(min_value=1, max_value=2**64 - 1).map(lambda n: b"%016x" % n)
 records = st.tuples(
@@ -46,7 +58,7 @@ records = st.tuples(
     st.sampled_from([0, 1, 2]),  # INTERNAL, SERVER, CLIENT
     st.integers(min_value=0, max_value=2**63),
     st.integers(min_value=0, max_value=2**63),
-    attributes,
+    st.one_of(attributes, plain_attributes),
     st.lists(
         st.tuples(st.integers(min_value=0, max_value=2**63), st.text(max_size=20), attributes),
         max_size=3,
@@ -135,3 +147,20 @@ def test_sink_counts_a_failed_export() -> None:
     assert sink.flush(5000)
     assert reports[-1] == (0, 3, 0)
     sink.shutdown()
+
+
+def test_a_plain_client_record_reads_back_with_its_attributes_and_name() -> None:
+    plain = (b"GET", b"/books/1?x=1", b"reviews:9080", "reviews", 1, "10.0.0.7", 9080, 200)
+    readable = span(sample_record(name="", attributes=plain), RESOURCE)
+    assert readable.name == "GET reviews"
+    assert dict(readable.attributes or {}) == {
+        "http.request.method": "GET",
+        "url.path": "/books/1",
+        "server.address": "reviews",
+        "server.port": 9080,
+        "outrigger.service": "reviews",
+        "outrigger.retry.attempts": 1,
+        "network.peer.address": "10.0.0.7",
+        "network.peer.port": 9080,
+        "http.response.status_code": 200,
+    }

@@ -2,7 +2,7 @@ import pytest
 
 from sidecar.exchange import Response
 from sidecar.flags import Flag, ProxyError
-from sidecar.policy.classifier import TIMEOUT, Kind, classify
+from sidecar.policy.classifier import FAILURE_FROM, SUCCESS_BELOW, TIMEOUT, Kind, classify
 from tests.sidecar.policy.fakes import MemoryResponseBody
 
 
@@ -64,3 +64,12 @@ def test_classifying_twice_returns_the_same_interned_outcome() -> None:
 
 def test_cancelled_attempt_outcome_is_a_timeout_failure() -> None:
     assert TIMEOUT.kind is Kind.TIMEOUT and TIMEOUT.breaker_failure and TIMEOUT.status == 504
+
+
+def test_the_status_rules_the_layers_read_without_classifying_are_classifys_own() -> None:
+    # Retry passes a first answer below SUCCESS_BELOW on, and the breaker records nothing for
+    # one below FAILURE_FROM, without calling classify: both must say what classify says.
+    for status in range(100, 600):
+        outcome = classify(response(status))
+        assert outcome.success == (status < SUCCESS_BELOW), status
+        assert outcome.breaker_failure == (status >= FAILURE_FROM), status

@@ -6,6 +6,7 @@ from mesh.policy import Backoff
 from sidecar.config import ServiceConfig
 from sidecar.exchange import Response
 from sidecar.flags import Flag
+from sidecar.policy.deadline import TICK, call_at
 from sidecar.policy.stack import ServiceState, build_service_stack
 from sidecar.policy.timeout import UpstreamTimeoutError
 from tests.sidecar.policy.fakes import EP, FakeUpstream, Hang, Reply, outcome_of, request, service
@@ -112,3 +113,25 @@ async def test_per_try_timeout_restores_the_total_deadline_between_attempts() ->
     start = loop.time()
     await outcome_of(handler, req)
     assert req.deadline == pytest.approx(start + 5.0)
+
+
+async def test_a_timeout_fires_when_the_requests_before_it_in_its_tick_were_answered() -> None:
+    # The layer keeps adding to the wheel's bucket of its last deadline. Here every request
+    # before the last was answered at once, so that bucket is empty when an earlier tick of
+    # the wheel fires; the last request, which hangs, is added to it after that and must
+    # still get its 504.
+    loop = asyncio.get_running_loop()
+    upstream = FakeUpstream()
+    handler, state = stack(service(timeout=1.0), upstream)
+    await asyncio.sleep(0.997)
+    await outcome_of(handler, request())  # answered: the fresh bucket is empty again
+    fired: list[float] = []
+    call_at(loop.time() + 0.002, lambda: fired.append(loop.time()))  # an earlier tick
+    await asyncio.sleep(0.003)
+    assert fired, "the earlier tick fired"
+    upstream.default = Hang()
+    start = loop.time()
+    err = await asyncio.wait_for(outcome_of(handler, request()), 5.0)
+    assert isinstance(err, UpstreamTimeoutError)
+    assert loop.time() - start == pytest.approx(1.0, abs=2 * TICK)
+    assert state.stats.timeouts == 1
