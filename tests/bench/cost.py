@@ -14,7 +14,8 @@ upstream`, keep-alive) over `--connections` connections, one after another, and 
 - CPU time: utime + stime of the sidecar from /proc before and after (10 ms ticks, so use
   enough requests), `--repeat` times on the same process; the table shows the least and the
   median. Other processes on the machine still disturb caches, so compare medians of repeats.
-- `--callgrind`: the sidecar runs under `valgrind --tool=callgrind`; the counters are zeroed
+- `--callgrind`: the sidecar (or a floor row's floor.py, woken every 0.5 s by `--wake` so that
+  it answers callgrind_control) runs under `valgrind --tool=callgrind`; the counters are zeroed
   after the warm-up (`callgrind_control -z`) and dumped after the requests (`-d`), and the
   figure is instructions executed (Ir) per request. An idle sidecar runs instructions too (its
   20 ms loop-lag tick, the 0.5 s sweeps, the 1 s housekeeping: ~0.7 M/s under callgrind), and

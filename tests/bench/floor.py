@@ -10,7 +10,12 @@ as well as against nginx.
 `--task` runs each request in an asyncio task that awaits the upstream's response on a future:
 the least machinery a data plane whose policies (timeouts, retries) are awaitable layers uses.
 
-    python tests/bench/floor.py LISTEN_PORT UPSTREAM_PORT [--task]
+`--wake SECONDS` adds a timer that wakes the loop that often and does nothing else. Only for
+running under callgrind (`cost.py --callgrind`): valgrind serves `callgrind_control`'s zero and
+dump requests only while the process runs, and an idle floor sleeps in epoll_wait for good. The
+timer's few instructions are in cost.py's idle window, which is subtracted.
+
+    python tests/bench/floor.py LISTEN_PORT UPSTREAM_PORT [--task] [--wake SECONDS]
 """
 
 from __future__ import annotations
@@ -145,8 +150,14 @@ class Downstream(asyncio.Protocol):
         self.send(await future)
 
 
-async def serve(listen: int, upstream: int, task: bool) -> None:
+def wake_every(loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+    loop.call_later(seconds, wake_every, loop, seconds)
+
+
+async def serve(listen: int, upstream: int, task: bool, wake: float | None) -> None:
     loop = asyncio.get_running_loop()
+    if wake is not None:
+        wake_every(loop, wake)
     pool: deque[Upstream] = deque()
     server = await loop.create_server(
         lambda: Downstream(("127.0.0.1", upstream), pool, task), "127.0.0.1", listen, backlog=4096
@@ -157,7 +168,9 @@ async def serve(listen: int, upstream: int, task: bool) -> None:
 
 def main(argv: list[str]) -> None:
     listen, upstream = int(argv[0]), int(argv[1])
-    uvloop.run(serve(listen, upstream, task="--task" in argv[2:]))
+    options = argv[2:]
+    wake = float(options[options.index("--wake") + 1]) if "--wake" in options else None
+    uvloop.run(serve(listen, upstream, task="--task" in options, wake=wake))
 
 
 if __name__ == "__main__":

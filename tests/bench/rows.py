@@ -62,7 +62,8 @@ class Env:
     upstream_port: int = 0
     nginx_keepalive: int = NGINX_UPSTREAM_KEEPALIVE
     outrigger: Path = OUTRIGGER
-    # argv put before the sidecar's (cost.py runs it under `valgrind --tool=callgrind python`)
+    # argv put before the sidecar's (cost.py runs it under `valgrind --tool=callgrind python`);
+    # the floor rows run under it too, in place of their python
     sidecar_wrapper: tuple[str, ...] = ()
     sidecar_ready_timeout_s: float = SIDECAR_READY_TIMEOUT_S
 
@@ -243,6 +244,9 @@ backend upstream
 # --- the Python floor ------------------------------------------------------------------------
 
 FLOOR = Path(__file__).resolve().parent / "floor.py"
+# How often a floor under `Env.sidecar_wrapper` wakes (floor.py --wake), as the sidecar's
+# connection sweep does every 0.5 s: callgrind_control is answered only by a running process.
+FLOOR_WAKE_S = 0.5
 
 
 def floor_row(name: str, description: str, *, task: bool) -> Row:
@@ -252,9 +256,14 @@ def floor_row(name: str, description: str, *, task: bool) -> Row:
         port = free_port()
         python = env.outrigger.with_name("python")  # that venv has uvloop and httptools
         argv = [str(python), str(FLOOR), str(port), str(env.upstream_port)]
-        proc = env.group.start(name, [*argv, "--task"] if task else argv, cpus=env.pins.proxy)
+        argv += ["--task"] if task else []
+        ready_s = READY_TIMEOUT_S
+        if env.sidecar_wrapper:  # under callgrind as the sidecar is, woken for its control
+            argv = [*env.sidecar_wrapper, *argv[1:], "--wake", str(FLOOR_WAKE_S)]
+            ready_s = env.sidecar_ready_timeout_s
+        proc = env.group.start(name, argv, cpus=env.pins.proxy)
         url = f"http://127.0.0.1:{port}/"
-        wait_until(proc, body_check(url, env.body), timeout_s=READY_TIMEOUT_S, what=name)
+        wait_until(proc, body_check(url, env.body), timeout_s=ready_s, what=name)
         return Target(url=url, host=None, listen=("127.0.0.1", port), measured=proc)
 
     return Row(name=name, description=description, start=start)
