@@ -263,12 +263,17 @@ TYPICAL_REQUESTS = [
     b"PUT /p HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
     b"3;a=b\r\nabc\r\n0\r\nT: t\r\n\r\n",
     b"OPTIONS * HTTP/1.0\r\nKeep-Alive: 1\r\nTE: trailers\r\n\r\n",
+    # values of 8 bytes and more: the fast path reads them a word at a time (every byte of
+    # every word replaced by each of the 256, HTAB, DEL, controls and obs-text among them)
+    b"GET / HTTP/1.1\r\nHost: upstream\r\nUser-Agent: Python-urllib/3.11 \x80\r\n\r\n",
 ]
 TYPICAL_RESPONSES = [
     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"
     b"3;a=b\r\nabc\r\n0\r\nT: t\r\n\r\n",
     b"HTTP/1.0 404 Not Found\r\nConnection: close\r\n\r\nbody",
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 05 Dec 2026 14:02:00 GMT\r\n"
+    b"Content-Length: 2\r\n\r\nok",
 ]
 
 
