@@ -486,6 +486,28 @@ cdef enum:
     K_PROXY_CONNECTION = 8  # removed too, but llhttp reads it as Connection: left to the reference
 
 
+# Names common in requests and responses, handed out as one shared (lower-case) bytes object
+# each instead of a new one per field line: `_kind` gives them the kinds K_NAMED + their index.
+cdef tuple _NAMES = (
+    b"date",
+    b"etag",
+    b"vary",
+    b"accept",
+    b"server",
+    b"user-agent",
+    b"traceparent",
+    b"content-type",
+    b"x-request-id",
+    b"accept-ranges",
+    b"cache-control",
+    b"last-modified",
+    b"accept-encoding",
+    b"accept-language",
+)
+cdef enum:
+    K_NAMED = 16
+
+
 cdef int _kind(const unsigned char* s, Py_ssize_t n) noexcept nogil:
     if n == 2:
         if _ieq(s, b"te", 2):
@@ -493,9 +515,19 @@ cdef int _kind(const unsigned char* s, Py_ssize_t n) noexcept nogil:
     elif n == 4:
         if _ieq(s, b"host", 4):
             return K_HOST
+        if _ieq(s, b"date", 4):
+            return K_NAMED + 0
+        if _ieq(s, b"etag", 4):
+            return K_NAMED + 1
+        if _ieq(s, b"vary", 4):
+            return K_NAMED + 2
     elif n == 6:
         if _ieq(s, b"expect", 6):
             return K_EXPECT
+        if _ieq(s, b"accept", 6):
+            return K_NAMED + 3
+        if _ieq(s, b"server", 6):
+            return K_NAMED + 4
     elif n == 7:
         if _ieq(s, b"upgrade", 7):
             return K_UPGRADE
@@ -504,9 +536,31 @@ cdef int _kind(const unsigned char* s, Py_ssize_t n) noexcept nogil:
             return K_CONNECTION
         if _ieq(s, b"keep-alive", 10):
             return K_DROP
+        if _ieq(s, b"user-agent", 10):
+            return K_NAMED + 5
+    elif n == 11:
+        if _ieq(s, b"traceparent", 11):
+            return K_NAMED + 6
+    elif n == 12:
+        if _ieq(s, b"content-type", 12):
+            return K_NAMED + 7
+        if _ieq(s, b"x-request-id", 12):
+            return K_NAMED + 8
+    elif n == 13:
+        if _ieq(s, b"accept-ranges", 13):
+            return K_NAMED + 9
+        if _ieq(s, b"cache-control", 13):
+            return K_NAMED + 10
+        if _ieq(s, b"last-modified", 13):
+            return K_NAMED + 11
     elif n == 14:
         if _ieq(s, b"content-length", 14):
             return K_CL
+    elif n == 15:
+        if _ieq(s, b"accept-encoding", 15):
+            return K_NAMED + 12
+        if _ieq(s, b"accept-language", 15):
+            return K_NAMED + 13
     elif n == 16:
         if _ieq(s, b"proxy-connection", 16):
             return K_PROXY_CONNECTION
@@ -569,7 +623,14 @@ cdef object _read_fields(
         pos += 2
         f.lines += 1
         kind = _kind(p + name, name_end - name)
-        if kind == K_NONE or (not request and (kind == K_HOST or kind == K_EXPECT)):
+        if kind >= K_NAMED:
+            headers.append(
+                (
+                    <object>PyTuple_GET_ITEM(_NAMES, kind - K_NAMED),
+                    PyBytes_FromStringAndSize(<const char*>p + value, value_end - value),
+                )
+            )
+        elif kind == K_NONE or (not request and (kind == K_HOST or kind == K_EXPECT)):
             headers.append(
                 (
                     _lower(p + name, name_end - name),

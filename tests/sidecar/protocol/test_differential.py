@@ -277,6 +277,25 @@ TYPICAL_RESPONSES = [
 ]
 
 
+# The names the compiled codec hands out as shared objects (native.pyx `_NAMES`), as peers
+# spell them and in other cases; their neighbours of the same length stay ordinary fields.
+_COMMON_NAMES = [
+    b"Date", b"ETag", b"Vary", b"Accept", b"Server", b"User-Agent", b"traceparent",
+    b"Content-Type", b"X-Request-Id", b"Accept-Ranges", b"Cache-Control", b"Last-Modified",
+    b"Accept-Encoding", b"Accept-Language", b"DATE", b"content-TYPE", b"Dates", b"Etag2",
+    b"X-Request-Ix", b"Accept-Encodinh",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", _COMMON_NAMES, ids=[n.decode() for n in _COMMON_NAMES])
+def test_common_field_names_give_the_reference_events(compiled: Codec, name: bytes) -> None:
+    field = name + b": v1\r\n" + name + b": v2\r\n"
+    request = b"GET / HTTP/1.1\r\nHost: a\r\n" + field + b"\r\n"
+    response = b"HTTP/1.1 200 OK\r\n" + field + b"Content-Length: 0\r\n\r\n"
+    assert_same_requests(compiled, request, [], Limits())
+    assert_same_responses(compiled, response, [], b"GET", Limits())
+
+
 @pytest.mark.parametrize("template", TYPICAL_REQUESTS, ids=range(len(TYPICAL_REQUESTS)))
 def test_every_single_byte_change_of_a_typical_request_gives_the_reference_events(
     compiled: Codec, template: bytes
