@@ -271,9 +271,10 @@ class Sidecar:
             if series is None:
                 series = table[destination] = Series()
             # Series.add, inline (a call less per request)
-            key = (status, flags)
-            requests = series.requests
-            requests[key] = requests.get(key, 0) + 1
+            by_flags = series.requests.get(status)
+            if by_flags is None:
+                by_flags = series.requests[status] = {}
+            by_flags[flags] = by_flags.get(flags, 0) + 1
             series.counts[bisect_left(BUCKETS, duration)] += 1
             series.total += duration
             if grpc_status is not None and head is not None:  # an HTTP/2 stream's gRPC call

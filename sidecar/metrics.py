@@ -88,15 +88,19 @@ OTHER_METHOD = ("other", "other")
 
 
 class Series(_Histogram):
-    """One (direction, destination): requests by (status, flags), and their durations.
+    """One (direction, destination): requests by status then flags, and their durations.
 
-    The request path (`Sidecar._completed` in sidecar/app.py) bumps the counts directly."""
+    The request path (`Sidecar._completed` in sidecar/app.py) bumps the counts directly. Two
+    dicts rather than one keyed by (status, flags): a fresh key tuple per request was a tuple
+    made and freed and, at each of the two lookups, compared item by item with the stored one
+    (a new tuple is never the stored object); the int and the flags string are compared by
+    identity in the common case."""
 
     __slots__ = ("grpc", "methods", "requests")
 
     def __init__(self) -> None:
         super().__init__()
-        self.requests: dict[tuple[int, str], int] = {}
+        self.requests: dict[int, dict[str, int]] = {}
         # gRPC calls (HTTP/2 streams only) by ((rpc service, rpc method), grpc-status)
         self.grpc: dict[tuple[tuple[str, str], int], int] = {}
         self.methods: dict[bytes, tuple[str, str]] = {}  # path -> its names, bounded
@@ -166,7 +170,8 @@ class Metrics:
             (direction, self.source, destination, str(code), flags): count
             for direction, table in self.series.items()
             for destination, series in table.items()
-            for (code, flags), count in series.requests.items()
+            for code, by_flags in series.requests.items()
+            for flags, count in by_flags.items()
         }
 
     def grpc_calls(self) -> dict[GrpcKey, int]:
