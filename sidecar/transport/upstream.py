@@ -43,6 +43,8 @@ from sidecar.transport.connect import UpstreamError, connect_within
 from sidecar.transport.flow import WriteFlow
 from sidecar.transport.h2upstream import H2Pool
 
+_new = object.__new__  # an instance without its __init__ (the one-read path sets every slot)
+
 log = logging.getLogger("outrigger.upstream")
 
 # A body in hand up to this size is written with its head in one buffer; a larger one with
@@ -146,15 +148,23 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
                 assert request is not None
                 self.reply = self.request = None
                 request.on_interrupt = None
-                response = Response(
-                    head.status,
-                    head.reason,
-                    head.headers,
-                    BytesBody(body.data),
-                    self.endpoint,
-                    head.content_length,
-                    head.has_body,
-                )
+                # Response(...) and BytesBody(...) inline: CPython 3.11 does not specialise a
+                # call of a class with a Python __init__ (type_call, slot_tp_init and a frame,
+                # ~1,200 instructions an object before its stores). Every slot is set here as
+                # the two __init__ set them (tests/sidecar/transport/test_upstream.py holds it).
+                whole = _new(BytesBody)
+                whole._data = body.data
+                whole._unread = True
+                response = _new(Response)
+                response.status = head.status
+                response.reason = head.reason
+                response.headers = head.headers
+                response.body = whole
+                response.endpoint = self.endpoint
+                response.content_length = head.content_length
+                response.has_body = head.has_body
+                response.tunnel = None
+                response.flags = []
                 # Pooled before the reply, so the next request may use it (_exchange_done,
                 # inline: not upgraded, a parser in use).
                 self.busy = False

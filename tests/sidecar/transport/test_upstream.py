@@ -12,7 +12,10 @@ import asyncio
 import pytest
 
 from sidecar.config import ServiceConfig
-from tests.sidecar.transport.fake import FakeTransport, settle, until
+from sidecar.exchange import Request, Response, Result
+from sidecar.transport.body import EMPTY_BODY, BytesBody
+from sidecar.transport.upstream import Upstreams
+from tests.sidecar.transport.fake import FakeConnector, FakeTransport, settle, until
 from tests.sidecar.transport.harness import ENDPOINT, Proxy, proxy
 
 
@@ -434,3 +437,27 @@ async def test_a_pooled_connection_is_not_left_paused_by_the_body_it_carried_las
     upstream.peer_sends(answer(b"small"))
     await until(lambda: other.written)
     assert other.written == answer(b"small")  # not held up by the first client's reading
+
+
+async def test_a_response_read_in_one_piece_is_the_one_its_constructor_would_make() -> None:
+    # The one-read path builds the Response and its BytesBody without their __init__ (a cost
+    # per request): every slot must still be there, with the values __init__ would give.
+    connector = FakeConnector()
+    upstreams = Upstreams(clock=asyncio.get_running_loop().time, connect=connector)
+    results: list[Result] = []
+    request = Request(b"GET", b"/x", b"payments", [], EMPTY_BODY)
+    upstreams.forward(request, ENDPOINT, results.append)
+    upstream = await connector.connection(0)
+    await until(lambda: b"\r\n\r\n" in upstream.written)
+    upstream.peer_sends(b"HTTP/1.1 201 Made\r\nserver: u\r\ncontent-length: 2\r\n\r\nok")
+    await until(lambda: bool(results))
+
+    (got,) = results
+    assert isinstance(got, Response)
+    made = Response(201, b"Made", [(b"server", b"u")], BytesBody(b"ok"), ENDPOINT, 2, True)
+    for slot in Response.__slots__:
+        if slot != "body":
+            assert getattr(got, slot) == getattr(made, slot), slot
+    assert type(got.body) is BytesBody
+    assert (got.body.length, got.body.replayable, got.body.whole()) == (2, True, b"ok")
+    assert (await got.body.read(), await got.body.read()) == (b"ok", b"")
