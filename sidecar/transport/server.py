@@ -47,6 +47,8 @@ from sidecar.protocol.request import RequestParser
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream
 from sidecar.transport.flow import WriteFlow
 
+_new = object.__new__  # an instance without its __init__ (the request path sets every slot)
+
 log = logging.getLogger("outrigger.server")
 
 # Headers that steer the mesh; a client never gets to set them (docs/hardening.md rule 8).
@@ -437,18 +439,42 @@ class DownstreamProtocol(WriteFlow, Downstream):
                 self.request_complete = True
                 cycle.begin()
             return cycle
-        request = Request(
-            head.method,
-            head.path,
-            head.authority,
-            headers,
-            body,
-            head.version,
-            head.upgrade,
-            decision.service,
-            self.destination,  # positional: a keyword would cost a dict per request
-        )
-        cycle = self.cycle = _Cycle(self, head, decision, request, now)
+        # Request(...) and _Cycle(...) inline: CPython 3.11 does not specialise a call of a
+        # class with a Python __init__ (type_call, slot_tp_init and a frame, ~1,200
+        # instructions an object before its stores). Every slot is set as the two __init__ set
+        # them (tests/sidecar/transport/test_server.py holds it).
+        request = _new(Request)
+        request.method = head.method
+        request.path = head.path
+        request.authority = head.authority
+        request.headers = headers
+        request.body = body
+        request.version = head.version
+        request.upgrade = head.upgrade
+        request.service = decision.service
+        request.destination = self.destination
+        request.deadline = None
+        request.attempts = 0
+        request.tried = []
+        request.flags = []
+        request.on_interrupt = None
+        request.ended = False
+        request.trace = None
+        cycle = self.cycle = _new(_Cycle)
+        cycle.conn = self
+        cycle.head = head
+        cycle.decision = decision
+        cycle.request = request
+        cycle.start = now
+        cycle.error = None
+        cycle.started = False
+        cycle.replied = False
+        cycle.done = False
+        cycle.status = 0
+        cycle.flags = ""
+        cycle.response = None
+        cycle._timer = None
+        cycle.grpc_status = None
         if whole:
             self.request_complete = cycle.started = True
             try:

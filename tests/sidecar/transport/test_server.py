@@ -7,10 +7,11 @@ the real forwarder whose upstream connections are fake transports too.
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
-from sidecar.exchange import Request, Response
-from sidecar.transport.body import BodyStream
-from sidecar.transport.server import DownstreamProtocol, ServerSettings
+from sidecar.exchange import Reply, Request, Response
+from sidecar.transport.body import EMPTY_BODY, BodyStream
+from sidecar.transport.server import DownstreamProtocol, RequestCycle, ServerSettings, _Cycle
 from tests.sidecar.transport.fake import WAIT, FakeTransport, settle, until
 from tests.sidecar.transport.harness import (
     ENDPOINT,
@@ -569,3 +570,25 @@ async def test_a_client_gone_while_not_reading_closes_the_upstream_connection_at
     p.client.peer_resets()
     await until(lambda: upstream.aborted)
     assert p.outcomes == [(200, "DC")]
+
+
+async def test_the_request_and_its_cycle_are_the_ones_their_constructors_would_make() -> None:
+    # The request path builds the Request and its _Cycle without their __init__ (a cost per
+    # request): every slot must still be there, with the values __init__ would give.
+    handed: list[tuple[Request, Reply]] = []
+    protocol, client = downstream(lambda request, reply: handed.append((request, reply)))
+    client.peer_sends(b"GET /x?y HTTP/1.0\r\nHost: payments\r\nAccept: */*\r\n\r\n")
+    await until(lambda: bool(handed))
+
+    ((request, reply),) = handed
+    made = Request(
+        b"GET", b"/x?y", b"payments", [(b"accept", b"*/*")], EMPTY_BODY, b"1.0", None, None, None
+    )
+    for slot in Request.__slots__:
+        assert getattr(request, slot) == getattr(made, slot), slot
+    cycle = cast(_Cycle, getattr(reply, "__self__"))  # noqa: B009 (a bound method's instance)
+    assert cycle is protocol.cycle and cycle.request is request
+    fresh = _Cycle(protocol, cycle.head, cycle.decision, request, cycle.start)
+    fresh.started = True  # handed over, as the request path marks it
+    for slot in RequestCycle.__slots__:
+        assert getattr(cycle, slot) == getattr(fresh, slot), slot
