@@ -18,10 +18,10 @@ flag in `x-outrigger-flags` and in the plain-text body.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import itertools
 import logging
 import os
-import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -167,11 +167,12 @@ class ServerState:
 
 
 _REQUEST_ID_BATCH = 256  # request ids per os.urandom call
-_REQUEST_ID_DIGITS = re.compile(rb".{32}", re.DOTALL)
 
 
 def _request_id_batch(count: int) -> list[bytes]:
-    return _REQUEST_ID_DIGITS.findall(os.urandom(count * 16).hex().encode())
+    # hex digits with a space after every 16 bytes, split there: all in C, and cheaper per id
+    # than a regex findall of 32-digit runs
+    return binascii.hexlify(os.urandom(count * 16), b" ", 16).split(b" ")
 
 
 # A new request's id: 32 hex digits (128 random bits). Unique, not secret. Drawn from the kernel's

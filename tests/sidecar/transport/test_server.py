@@ -7,11 +7,18 @@ the real forwarder whose upstream connections are fake transports too.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import cast
 
 from sidecar.exchange import Reply, Request, Response
 from sidecar.transport.body import EMPTY_BODY, BodyStream
-from sidecar.transport.server import DownstreamProtocol, RequestCycle, ServerSettings, _Cycle
+from sidecar.transport.server import (
+    DownstreamProtocol,
+    RequestCycle,
+    ServerSettings,
+    _Cycle,
+    _request_id,
+)
 from tests.sidecar.transport.fake import WAIT, FakeTransport, settle, until
 from tests.sidecar.transport.harness import (
     ENDPOINT,
@@ -592,3 +599,9 @@ async def test_the_request_and_its_cycle_are_the_ones_their_constructors_would_m
     fresh.started = True  # handed over, as the request path marks it
     for slot in RequestCycle.__slots__:
         assert getattr(cycle, slot) == getattr(fresh, slot), slot
+
+
+def test_request_ids_are_distinct_32_hex_digits_across_batches() -> None:
+    ids = [_request_id() for _ in range(600)]  # over two refills of the 256-id batch
+    assert len(set(ids)) == 600
+    assert all(re.fullmatch(rb"[0-9a-f]{32}", value) for value in ids)
