@@ -272,6 +272,10 @@ class Timeouts(_Bounded):
 
     With a single timeout configured, the single layers are built: one deadline needs no
     hand-over.
+
+    `__call__` opens as `TotalTimeout.__call__` does, written again on purpose (see
+    `PerTryTimeout`): a method shared by two layer classes sees both at the same slot reads,
+    which CPython 3.11 cannot specialize.
     """
 
     __slots__ = ("_attempt_inner", "_per_try")
