@@ -366,7 +366,14 @@ class _Both(_Timed):
     """One request through `Timeouts`: `__call__` is the request's reply, `attempt_done` the
     reply of the attempt running now. It stays armed at an attempt's deadline after the
     attempt answered (the request's reply disarms it): on a good answer the request ends
-    right after, and on a retry the next attempt moves it."""
+    right after, and on a retry the next attempt moves it.
+
+    Every attempt answers through the one `attempt_done`, each result is passed on at most
+    once and a result with no attempt waiting for it is discarded. In the defensive path
+    where a per-try timeout finds nothing waiting (the forwarders always hold their waits
+    interruptibly) and answers the attempt itself, a retry that follows takes whichever
+    result comes first, its own or the abandoned attempt's late one: both answer the same
+    replayable request, and the other is discarded."""
 
     __slots__ = ("_attempt_reply", "at", "total", "total_at")
 
