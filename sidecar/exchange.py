@@ -177,6 +177,7 @@ class Request:
         "on_interrupt",
         "path",
         "service",
+        "timeouts",
         "trace",
         "tried",
         "upgrade",
@@ -216,6 +217,12 @@ class Request:
         self.ended = False  # the total timeout fired or the client left: no further attempt
         # A sampled request's trace record (sidecar.telemetry.tracing's, opaque to the rest).
         self.trace: object | None = None
+
+    # `timeouts`: the per-request state of a timeout layer that owns both the request's and
+    # each attempt's deadline (sidecar/policy/timeout.py `Timeouts`), set by it and read only
+    # by it, and cleared when it answers; unset on requests no such layer saw (no store per
+    # request for the others).
+    timeouts: object | None  # opaque here, as `trace` is
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:

@@ -4,6 +4,9 @@ Outer to inner (the order in docs/architecture.md, "The walk of one request"):
 
     TotalTimeout -> Retry -> PerTryTimeout -> Balancer -> Breaker -> forward
 
+With both timeouts configured, one layer owns both deadlines (`timeout.Timeouts`, entered as
+`Timeouts -> Retry -> Timeouts.attempt -> Balancer`), one per-request object instead of two.
+
 With tracing on, a client-span layer goes outside everything and an attempt layer right under
 the Balancer: `[Trace] -> TotalTimeout -> ... -> Balancer -> [Attempt] -> Breaker -> forward`.
 
@@ -46,7 +49,7 @@ from sidecar.policy.clock import Clock, Sleep, loop_time
 from sidecar.policy.concurrency import ConcurrencyConfig, ServiceLoad
 from sidecar.policy.retry import Retry, RetryConfig
 from sidecar.policy.stats import ServiceStats
-from sidecar.policy.timeout import PerTryTimeout, TimeoutConfig, TotalTimeout
+from sidecar.policy.timeout import PerTryTimeout, TimeoutConfig, Timeouts, TotalTimeout
 
 
 class StackTracing(Protocol):
@@ -171,7 +174,13 @@ def build_service_stack(
             rng=rng,
             traced=traced,
         ).__call__
-    if timeouts.per_try is not None:
+    both: Timeouts | None = None
+    if timeouts.per_try is not None and timeouts.total is not None:
+        # Both timeouts: one layer owns both deadlines (Envoy's router: a route's timeout and
+        # its per_try_timeout), entered above the retry layer and again per attempt below it.
+        both = Timeouts(timeouts.total, timeouts.per_try, handler, clock, state.stats)
+        handler = both.attempt
+    elif timeouts.per_try is not None:
         # Per-try timeout inside retry: it bounds one attempt, and its timeout is retryable.
         handler = PerTryTimeout(timeouts.per_try, handler, clock, state.stats).__call__
     if retry is not None and retry.attempts > 0:
@@ -187,7 +196,10 @@ def build_service_stack(
             wall=wall,
             classifier=classify_grpc if cfg.http2 else classify,
         ).__call__
-    if timeouts.total is not None:
+    if both is not None:
+        both._inner = handler  # the request's entry, above the retry layer
+        handler = both.__call__
+    elif timeouts.total is not None:
         # Total timeout outermost: it bounds everything beneath, retries and backoff included.
         handler = TotalTimeout(timeouts.total, handler, clock, state.stats).__call__
     if tracing is not None:

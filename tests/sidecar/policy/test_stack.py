@@ -5,7 +5,7 @@ from sidecar.policy.balancer import Balancer
 from sidecar.policy.breaker import Breaker
 from sidecar.policy.retry import Retry
 from sidecar.policy.stack import ServiceRegistry, ServiceState, build_service_stack
-from sidecar.policy.timeout import PerTryTimeout, TotalTimeout
+from sidecar.policy.timeout import PerTryTimeout, Timeouts, TotalTimeout
 from tests.sidecar.policy.fakes import EP, FakeUpstream, service
 
 
@@ -16,10 +16,12 @@ def layer(handler: object) -> object:
 
 def chain(handler: object) -> list[type]:
     layers = []
-    handler = layer(handler)
-    while handler is not None and not isinstance(handler, FakeUpstream):
+    while handler is not None and not isinstance(layer(handler), FakeUpstream):
+        # `Timeouts` is entered twice: `__call__` (inner: `_inner`), `attempt` (`_attempt_inner`)
+        inner = "_attempt_inner" if getattr(handler, "__name__", "") == "attempt" else "_inner"
+        handler = layer(handler)
         layers.append(type(handler))
-        handler = layer(getattr(handler, "_inner", None))
+        handler = getattr(handler, inner, None)
     return layers
 
 
@@ -38,7 +40,19 @@ def test_zero_retry_attempts_build_no_retry_layer() -> None:
 def test_full_policy_composes_layers_outer_to_inner() -> None:
     cfg = service(timeout=2.0, attempts=2, per_try_timeout=0.5, consecutive_failures=5)
     handler = build_service_stack(cfg, ServiceState("svc"), FakeUpstream())
-    assert chain(handler) == [TotalTimeout, Retry, PerTryTimeout, Balancer, Breaker]
+    # One timeout layer owns both deadlines: entered above the retries and per attempt below.
+    assert chain(handler) == [Timeouts, Retry, Timeouts, Balancer, Breaker]
+
+
+def test_a_single_timeout_builds_its_own_layer() -> None:
+    total = build_service_stack(service(timeout=2.0, attempts=2), ServiceState("a"), FakeUpstream())
+    assert chain(total) == [TotalTimeout, Retry, Balancer]
+    per_try = service(attempts=2, per_try_timeout=0.5)
+    assert chain(build_service_stack(per_try, ServiceState("b"), FakeUpstream())) == [
+        Retry,
+        PerTryTimeout,
+        Balancer,
+    ]
 
 
 def test_invalid_policy_values_are_refused_naming_the_setting() -> None:

@@ -135,3 +135,38 @@ async def test_a_timeout_fires_when_the_requests_before_it_in_its_tick_were_answ
     assert isinstance(err, UpstreamTimeoutError)
     assert loop.time() - start == pytest.approx(1.0, abs=2 * TICK)
     assert state.stats.timeouts == 1
+
+
+async def test_with_a_per_try_timeout_the_total_still_bounds_the_backoff(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One layer owns both deadlines and arms only the attempt's while one runs. Every backoff
+    # here is its longest, 0.5s: attempts at 0 and 0.7 end at their per-try timeouts (0.2 and
+    # 0.9) and the request's deadline (1.0) falls in the second backoff.
+    monkeypatch.setattr("random.uniform", lambda low, high: high)
+    loop = asyncio.get_running_loop()
+    upstream = FakeUpstream(default=Hang())
+    backoff = Backoff(base=0.5, max=0.5)
+    cfg = service(timeout=1.0, attempts=5, per_try_timeout=0.2, backoff=backoff)
+    handler, state = stack(cfg, upstream)
+    start = loop.time()
+    req = request()
+    err = await asyncio.wait_for(outcome_of(handler, req), 5.0)
+    assert isinstance(err, UpstreamTimeoutError) and "request timeout" in str(err)
+    assert loop.time() - start == pytest.approx(1.0, abs=2 * TICK)
+    assert [call.started - start for call in upstream.calls] == pytest.approx([0, 0.7], abs=TICK)
+    assert state.stats.timeouts == 1 and state.stats.per_try_timeouts == 2
+    assert req.deadline == pytest.approx(start + 1.0)
+    assert state.load.retries_active == 0 and state.load.active == 0
+
+
+async def test_with_both_timeouts_the_total_interrupts_an_attempt() -> None:
+    loop = asyncio.get_running_loop()
+    upstream = FakeUpstream(default=Hang())
+    handler, state = stack(service(timeout=0.3, attempts=2, per_try_timeout=1.0), upstream)
+    start = loop.time()
+    err = await asyncio.wait_for(outcome_of(handler, request()), 5.0)
+    assert isinstance(err, UpstreamTimeoutError) and "request timeout" in str(err)
+    assert loop.time() - start == pytest.approx(0.3, abs=2 * TICK)
+    assert upstream.calls[0].deadline == pytest.approx(start + 0.3)
+    assert len(upstream.calls) == 1 and state.stats.per_try_timeouts == 0
