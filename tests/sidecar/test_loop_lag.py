@@ -70,7 +70,9 @@ async def test_a_stall_in_the_kernel_shows_as_system_cpu() -> None:
     with open("/dev/zero", "rb", buffering=0) as zero:
         seen = await stall_of_cpu(lambda: zero.read(1 << 20))  # the kernel fills 1 MiB for us
     assert seen.system_cpu >= STALL / 2
-    assert seen.cpu >= seen.system_cpu
+    # The system part of the total, both differences of float sums: equal when the stall was
+    # all kernel work, then they may differ in the last bits.
+    assert seen.cpu >= seen.system_cpu - 1e-9
 
 
 async def test_stop_ends_the_ticks() -> None:
