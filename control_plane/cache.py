@@ -273,19 +273,24 @@ def check_consistency(resources: Resources, references: References | None = None
                 raise SnapshotError(
                     f"listener {name!r} refers to missing route configuration {target!r}"
                 )
-    for name, config in routes.items():
-        for vhost, target in refs.of(ROUTE_TYPE, config):
-            if target not in clusters:
-                raise SnapshotError(
-                    f"route configuration {name!r} virtual host {vhost!r} "
-                    f"routes to missing cluster {target!r}"
-                )
-    for name, cluster in clusters.items():
-        for _, eds_name in refs.of(CLUSTER_TYPE, cluster):
-            if eds_name not in endpoints:
-                raise SnapshotError(
-                    f"EDS cluster {name!r} has no ClusterLoadAssignment {eds_name!r}"
-                )
+    for type_url, items, targets, missing in (
+        (
+            ROUTE_TYPE,
+            routes,
+            clusters,
+            "route configuration {name!r} virtual host {via!r} routes to missing cluster {to!r}",
+        ),
+        (
+            CLUSTER_TYPE,
+            clusters,
+            endpoints,
+            "EDS cluster {name!r} has no ClusterLoadAssignment {to!r}",
+        ),
+    ):
+        for name, item in items.items():
+            for via, to in refs.of(type_url, item):
+                if to not in targets:
+                    raise SnapshotError(missing.format(name=name, via=via, to=to))
 
 
 def make_snapshot(

@@ -279,7 +279,11 @@ async def test_live_answers_while_not_ready_so_the_liveness_probe_never_restarts
 def test_snapshot_with_a_route_to_a_missing_cluster_is_refused() -> None:
     resources = mesh_resources(_services())
     del resources[CLUSTER_TYPE]["orders"]
-    with pytest.raises(SnapshotError, match="missing cluster 'orders'"):
+    with pytest.raises(
+        SnapshotError,
+        match=r"^route configuration 'outbound' virtual host 'orders' routes to missing cluster "
+        r"'orders'$",
+    ):
         make_snapshot(resources)
 
 
@@ -295,7 +299,9 @@ def test_snapshot_passing_tcp_to_a_missing_cluster_is_refused() -> None:
 def test_snapshot_with_an_eds_cluster_without_assignment_is_refused() -> None:
     resources = mesh_resources(_services())
     resources[ENDPOINT_TYPE] = {"payments": assignment("payments", [])}
-    with pytest.raises(SnapshotError, match="EDS cluster 'orders' has no ClusterLoadAssignment"):
+    with pytest.raises(
+        SnapshotError, match=r"^EDS cluster 'orders' has no ClusterLoadAssignment 'orders'$"
+    ):
         make_snapshot(resources)
 
 
