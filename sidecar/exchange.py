@@ -124,6 +124,10 @@ class ResponseBody(Protocol):
         ...
 
 
+TunnelData = Callable[[bytes], None]  # the bytes a tunnel's upstream sent; b"" at its end
+Flow = Callable[[], None]  # pause or resume reading from the other side
+
+
 class Tunnel(Protocol):
     """An upstream connection that answered 101 and now carries raw bytes both ways."""
 
@@ -142,12 +146,7 @@ class Tunnel(Protocol):
         """Both ways are done: close once what was written has been sent."""
         ...
 
-    def set_receiver(
-        self,
-        receive: Callable[[bytes], None],
-        pause_peer: Callable[[], None],
-        resume_peer: Callable[[], None],
-    ) -> None:
+    def set_receiver(self, receive: TunnelData, pause_peer: Flow, resume_peer: Flow) -> None:
         """`receive(data)` gets every byte from upstream; b"" means the upstream sent its EOF
         or is gone (then `closed` is True).
 

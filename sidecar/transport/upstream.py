@@ -27,10 +27,12 @@ from mesh.http import IDEMPOTENT_METHODS_BYTES
 from sidecar.config import Endpoint
 from sidecar.exchange import (
     BodyNotReplayable,
+    Flow,
     Reply,
     Request,
     RequestBodyFailed,
     Response,
+    TunnelData,
 )
 from sidecar.flags import Flag, ProxyError
 from sidecar.policy.concurrency import ConcurrencyError, PendingSlot
@@ -313,12 +315,7 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def set_receiver(
-        self,
-        receive: Callable[[bytes], None],
-        pause_peer: Callable[[], None],
-        resume_peer: Callable[[], None],
-    ) -> None:
+    def set_receiver(self, receive: TunnelData, pause_peer: Flow, resume_peer: Flow) -> None:
         """Turn this connection into a tunnel (after a 101): raw bytes go to `receive`."""
         self.tunnel = receive
         self.tunnel_flow = (pause_peer, resume_peer)
