@@ -591,8 +591,9 @@ async def test_the_request_and_its_cycle_are_the_ones_their_constructors_would_m
     made = Request(
         b"GET", b"/x?y", b"payments", [(b"accept", b"*/*")], EMPTY_BODY, b"1.0", None, None, None
     )
+    unset = object()  # `timeouts` is left unset by both (sidecar/exchange.py says why)
     for slot in Request.__slots__:
-        assert getattr(request, slot) == getattr(made, slot), slot
+        assert getattr(request, slot, unset) == getattr(made, slot, unset), slot
     cycle = cast(_Cycle, getattr(reply, "__self__"))  # noqa: B009 (a bound method's instance)
     assert cycle is protocol.cycle and cycle.request is request
     fresh = _Cycle(protocol, cycle.head, cycle.decision, request, cycle.start)
