@@ -493,7 +493,7 @@ def floor_lines(results: list[dict[str, Any]]) -> list[str]:
             out.append(
                 f"{r['config']} against {f['config']} (same two places, this run): added "
                 f"p50/p90/p99 {_percentiles(add)} ms against {_percentiles(fadd)} ms "
-                f"({_percentiles({p: add[p] - fadd[p] for p in PERCENTILES})} ms more); "
+                f"(difference {_percentiles({p: add[p] - fadd[p] for p in PERCENTILES})} ms); "
                 f"vCPU per 1,000 req/s (client, server) {_vcpu_text(vcpu)} against "
                 f"{_vcpu_text(fvcpu)} ({ratios})"
             )

@@ -141,9 +141,9 @@ def test_the_floors_are_rows_of_their_own_and_each_sidecar_config_is_compared_wi
     # the sidecars (+0.25/+0.30/+0.40 ms, 0.041 and 0.032 vCPU) against each floor
     assert (
         "plain against nginx (same two places, this run): added p50/p90/p99 "
-        "+0.250/+0.300/+0.400 ms against +0.100/+0.100/+0.100 ms (+0.150/+0.200/+0.300 ms "
-        "more); vCPU per 1,000 req/s (client, server) 0.041, 0.032 against 0.020, 0.020 "
-        "(2.05x, 1.60x)"
+        "+0.250/+0.300/+0.400 ms against +0.100/+0.100/+0.100 ms (difference "
+        "+0.150/+0.200/+0.300 ms); vCPU per 1,000 req/s (client, server) 0.041, 0.032 "
+        "against 0.020, 0.020 (2.05x, 1.60x)"
     ) in text
     assert "plain against python-floor" in text and "(2.56x, 2.00x)" in text
     # a floor is not compared with a floor, and has no request-counter note
