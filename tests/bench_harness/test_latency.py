@@ -42,13 +42,13 @@ def sidecar(name: str, vcpu: float) -> dict[str, Any]:
     }
 
 
-def config_result(name: str) -> dict[str, Any]:
+def path_result(
+    name: str, through_ms: tuple[float, float, float], hops: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A config's result: direct at 0.10/0.15/0.30 ms, through at `through_ms`, `hops` the two
+    proxies' CPU (and, for sidecars, stall) records."""
     direct = {"generator": generator(0.10, 0.15, 0.30), "answered_rate": 1000.0}
-    through = {
-        "generator": generator(0.35, 0.45, 0.70),
-        "answered_rate": 1000.0,
-        "sidecars": [sidecar("sidecar-client", 0.041), sidecar("sidecar-server", 0.032)],
-    }
+    through = {"generator": generator(*through_ms), "answered_rate": 1000.0, "sidecars": hops}
     return {
         "config": name,
         "status": "ok",
@@ -57,31 +57,23 @@ def config_result(name: str) -> dict[str, Any]:
         "added_ms": latency.added(
             direct["generator"]["latency_ms"], through["generator"]["latency_ms"]
         ),
-        "sidecar_requests": {"client_outbound": 12_000, "server_inbound": 12_000},
     }
+
+
+def config_result(name: str) -> dict[str, Any]:
+    hops = [sidecar("sidecar-client", 0.041), sidecar("sidecar-server", 0.032)]
+    result = path_result(name, (0.35, 0.45, 0.70), hops)
+    result["sidecar_requests"] = {"client_outbound": 12_000, "server_inbound": 12_000}
+    return result
 
 
 def floor_result(name: str, through_ms: tuple[float, float, float], vcpu: float) -> dict[str, Any]:
     """A floor config's result: two plain proxies, so no stall gauges and no request counters."""
-    direct = {"generator": generator(0.10, 0.15, 0.30), "answered_rate": 1000.0}
-    hops = [f"{name}-client", f"{name}-server"]
-    through = {
-        "generator": generator(*through_ms),
-        "answered_rate": 1000.0,
-        "sidecars": [
-            {"name": n, "cpu_seconds": vcpu, "window_s": 10.0, "vcpu_per_1000_rps": vcpu}
-            for n in hops
-        ],
-    }
-    return {
-        "config": name,
-        "status": "ok",
-        "direct": direct,
-        "through": through,
-        "added_ms": latency.added(
-            direct["generator"]["latency_ms"], through["generator"]["latency_ms"]
-        ),
-    }
+    hops = [
+        {"name": n, "cpu_seconds": vcpu, "window_s": 10.0, "vcpu_per_1000_rps": vcpu}
+        for n in (f"{name}-client", f"{name}-server")
+    ]
+    return path_result(name, through_ms, hops)
 
 
 def test_added_latency_is_through_less_direct_per_percentile() -> None:
