@@ -1,7 +1,7 @@
 """The latency two sidecars add at a fixed rate, measured the way Istio publishes it.
 
     .venv/bin/python tests/bench/latency.py [--rate 1000] [--connections 16] [--duration 10]
-                                            [--warmup 2] [--configs plain,policy] [--markdown]
+                    [--warmup 2] [--configs plain,policy,nginx,python-floor] [--markdown]
 
 Istio's performance page (1.20) reports the latency that two sidecars add, client side and
 server side, at 1,000 requests/s over 16 HTTP/1.1 connections with 1 KiB responses: +0.228 ms at
@@ -20,13 +20,17 @@ own loop lag reported beside the latencies (wrk2 is not packaged here, and neith
 --rate` nor `hey -q` corrects for coordinated omission).
 
 For each config (`plain`: no policy; `policy`: run.py's outrigger-policy row, BENCH_POLICY, on
-the service A calls) the harness starts the two sidecars, measures the direct path, then the path
-through them, each run one generator process: `--warmup` seconds unrecorded, then `--duration`
-seconds recorded, on the same connections. The direct run comes right before each config's
-run, so that the difference is taken between runs a few seconds apart. Each sidecar's CPU
-(utime + stime from /proc/<pid>/stat) is read when the generator says its warm-up is over and
+the service A calls; and two floors in the sidecars' places: `nginx`, two nginx reverse proxies as
+run.py's nginx row, and `python-floor`, two floor.py forwarders as run.py's python-floor row) the
+harness starts the two proxies, measures the direct path, then the path through them, each run
+one generator process: `--warmup` seconds unrecorded, then `--duration` seconds recorded, on the
+same connections. The direct run comes right before each config's run, so that the difference
+is taken between runs a few seconds apart. Each proxy's CPU (its process tree's
+utime + stime from /proc/<pid>/stat) is read when the generator says its warm-up is over and
 again at its summary, and normalised: CPU seconds ÷ wall seconds ÷ (answered requests/s ÷ 1,000),
-i.e. vCPU per 1,000 req/s, Istio's unit. Each sidecar's longest event-loop stall in that window
+i.e. vCPU per 1,000 req/s, Istio's unit (times 1,000: CPU-µs per request). Under the table each
+sidecar config is set against Istio's figures and against the floors of the same run: what two
+hops cost on this machine anyway. Each sidecar's longest event-loop stall in that window
 is read from its /stats/prometheus (sidecar/loop_lag.py).
 
 Pinning (default `--pin loadgen=1,sidecars=0,app=1`): both sidecars on CPU 0, the generator and
@@ -49,7 +53,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -59,6 +63,7 @@ import rows
 from processes import (
     BenchError,
     LoopPauses,
+    Proc,
     ProcessGroup,
     cpu_seconds,
     http_get,
@@ -71,7 +76,33 @@ from processes import (
 RESULTS = Path(__file__).resolve().parent / "results" / "latency.json"
 DEFAULT_PIN = "loadgen=1,sidecars=0,app=1"
 PERCENTILES = ("p50", "p90", "p99")
-CONFIGS: dict[str, dict[str, Any] | None] = {"plain": None, "policy": rows.BENCH_POLICY}
+
+
+@dataclass(frozen=True)
+class Config:
+    """What stands in the path twice: `sidecar` (an Outrigger pair, with `policy` on the service
+    the client side calls), `nginx` (two nginx reverse proxies) or `python-floor` (two floor.py
+    forwarders). The last two are floors: what this machine costs for the same two hops."""
+
+    proxies: str
+    policy: dict[str, Any] | None = None
+
+    @property
+    def label(self) -> str:
+        """The table's 'through 2 …' / 'added by 2 …' wording."""
+        return {"sidecar": "sidecars", "nginx": "nginx proxies"}.get(
+            self.proxies, "floor forwarders"
+        )
+
+
+CONFIGS: dict[str, Config] = {
+    "plain": Config("sidecar"),
+    "policy": Config("sidecar", rows.BENCH_POLICY),
+    "nginx": Config("nginx"),
+    "python-floor": Config("python-floor"),
+}
+FLOORS = ("nginx", "python-floor")
+DEFAULT_CONFIGS = "plain,policy,nginx,python-floor"
 GENERATOR_SLACK_S = 30.0  # beyond warm-up + duration: connecting, the last answers, start-up
 
 # Istio 1.20's performance page: two sidecars, 1,000 req/s, 16 connections, 1 KiB, HTTP/1.1.
@@ -124,23 +155,51 @@ def vcpu_per_1000_rps(cpu_s: float, wall_s: float, rate: float) -> float | None:
 # --- processes --------------------------------------------------------------------------------
 
 
-def start_pair(
-    env: rows.Env, policy: dict[str, Any] | None, cpus: str | None
-) -> list[rows.Sidecar]:
-    """Sidecar B (server side, inbound → the app), then sidecar A (client side, outbound: service
-    `upstream` at B's inbound listener). Checked: GET / through both answers the 1 KiB body."""
+@dataclass(frozen=True)
+class Hop:
+    """One of the two proxies in the path: its process (CPU is read over its tree), and for a
+    sidecar its ports (the stall gauges, the request counters)."""
+
+    proc: Proc
+    sidecar: rows.Sidecar | None = field(default=None)
+
+    @property
+    def stats_url(self) -> str | None:
+        return self.sidecar.stats_url if self.sidecar else None
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A started pair: the generator sends to `url` (with `host`); `hops` is [client, server]."""
+
+    url: str
+    host: str | None
+    hops: list[Hop]
+
+
+def start_pair(env: rows.Env, config: Config, cpus: str | None) -> Pair:
+    """The server side B (→ the app) first, then the client side A (→ B). For sidecars, B is
+    `--inbound` with `--app` the app and A has a mesh file whose service `upstream` is B's
+    inbound listener. Checked: GET / through both answers the 1 KiB body."""
     app = env.upstream_port
-    server_mesh = rows.mesh_document(app, policy=None, tracing=None)
-    server = rows.start_sidecar(env, "sidecar-server", server_mesh, app_port=app, cpus=cpus)
-    client_mesh = rows.mesh_document(server.inbound, policy=policy, tracing=None)
-    client = rows.start_sidecar(env, "sidecar-client", client_mesh, app_port=app, cpus=cpus)
-    wait_until(
-        client.proc,
-        rows.body_check(f"http://127.0.0.1:{client.outbound}/", env.body, host=rows.MESH_SERVICE),
-        timeout_s=rows.READY_TIMEOUT_S,
-        what="GET / with Host: upstream through both sidecars did not answer the 1 KiB body",
-    )
-    return [client, server]
+    if config.proxies == "sidecar":
+        server_mesh = rows.mesh_document(app, policy=None, tracing=None)
+        server = rows.start_sidecar(env, "sidecar-server", server_mesh, app_port=app, cpus=cpus)
+        client_mesh = rows.mesh_document(server.inbound, policy=config.policy, tracing=None)
+        client = rows.start_sidecar(env, "sidecar-client", client_mesh, app_port=app, cpus=cpus)
+        url = f"http://127.0.0.1:{client.outbound}/"
+        wait_until(
+            client.proc,
+            rows.body_check(url, env.body, host=rows.MESH_SERVICE),
+            timeout_s=rows.READY_TIMEOUT_S,
+            what="GET / with Host: upstream through both sidecars did not answer the 1 KiB body",
+        )
+        return Pair(url, rows.MESH_SERVICE, [Hop(client.proc, client), Hop(server.proc, server)])
+    start = rows.nginx_proxy if config.proxies == "nginx" else rows.floor_proxy
+    b = start(env, f"{config.proxies}-server", app, cpus)
+    a = start(env, f"{config.proxies}-client", b.listen[1], cpus)
+    assert a.measured is not None and b.measured is not None  # both proxies are processes
+    return Pair(a.url, None, [Hop(a.measured), Hop(b.measured)])
 
 
 def prometheus_values(url: str, name: str) -> dict[str, float]:
@@ -156,8 +215,9 @@ def prometheus_values(url: str, name: str) -> dict[str, float]:
     return out
 
 
-def requests_counted(sidecar: rows.Sidecar, direction: str) -> int:
+def requests_counted(sidecar: rows.Sidecar | None, direction: str) -> int:
     """Requests the sidecar counted on `direction` (its outrigger_requests_total)."""
+    assert sidecar is not None
     values = prometheus_values(sidecar.stats_url, "outrigger_requests_total")
     return int(sum(v for k, v in values.items() if f'direction="{direction}"' in k))
 
@@ -168,11 +228,11 @@ def run_generator(
     host: str | None,
     args: argparse.Namespace,
     cpus: str | None,
-    sidecars: list[rows.Sidecar],
+    sidecars: list[Hop],
     workdir: Path,
 ) -> dict[str, Any]:
-    """One `python -m outrigger.loadgen` run; the sidecars' CPU and stall over its recorded
-    window. Bounded: warm-up + duration + GENERATOR_SLACK_S."""
+    """One `python -m outrigger.loadgen` run; the proxies' CPU (and sidecars' stalls) over its
+    recorded window. Bounded: warm-up + duration + GENERATOR_SLACK_S."""
     python = Path(sys.executable) if args.python is None else args.python
     argv = loadgen_argv(
         str(python),
@@ -190,20 +250,21 @@ def run_generator(
     wall0 = 0.0
     wall = 0.0
     cpu: list[float] = []
-    stalls: list[LoopPauses] = []
+    stalls: list[LoopPauses | None] = []
 
     def recording() -> None:
         nonlocal wall0, cpu0
         wall0 = time.monotonic()
         cpu0 = [cpu_seconds(s.proc.pid) for s in sidecars]
         for s in sidecars:
-            loop_pauses(s.stats_url)  # reset: the next read covers the window
+            if s.stats_url is not None:
+                loop_pauses(s.stats_url)  # reset: the next read covers the window
 
     def summarised() -> None:
         nonlocal wall, cpu, stalls
         wall = time.monotonic() - wall0
         cpu = [cpu_seconds(s.proc.pid) - c for s, c in zip(sidecars, cpu0, strict=True)]
-        stalls = [loop_pauses(s.stats_url) for s in sidecars]
+        stalls = [None if s.stats_url is None else loop_pauses(s.stats_url) for s in sidecars]
 
     summary = loadgen_summary(
         argv,
@@ -224,7 +285,7 @@ def run_generator(
                 "cpu_seconds": round(c, 3),
                 "window_s": round(wall, 3),
                 "vcpu_per_1000_rps": vcpu_per_1000_rps(c, wall, answered_rate),
-                **stall.to_json(),
+                **(stall.to_json() if stall is not None else {}),
             }
             for s, c, stall in zip(sidecars, cpu, stalls, strict=True)
         ]
@@ -234,32 +295,42 @@ def run_generator(
 def measure_config(
     env: rows.Env, name: str, args: argparse.Namespace, pins: Pins | None
 ) -> dict[str, Any]:
-    """Direct, then through a fresh pair of sidecars with this config's policy."""
+    """Direct, then through a fresh pair of this config's proxies."""
     started = len(env.group.procs)
-    result: dict[str, Any] = {"config": name, "policy": CONFIGS[name]}
+    config = CONFIGS[name]
+    result: dict[str, Any] = {"config": name, "proxies": config.proxies, "policy": config.policy}
     try:
         gen_cpus = pins.loadgen if pins else None
         app_url = f"http://127.0.0.1:{env.upstream_port}/"
         result["direct"] = run_generator(
             app_url, host=None, args=args, cpus=gen_cpus, sidecars=[], workdir=env.workdir
         )
-        pair = start_pair(env, CONFIGS[name], pins.sidecars if pins else None)
-        client, server = pair
-        counted_before = [requests_counted(client, "outbound"), requests_counted(server, "inbound")]
+        pair = start_pair(env, config, pins.sidecars if pins else None)
+        client, server = pair.hops
+        sidecars = config.proxies == "sidecar"
+        if sidecars:
+            counted_before = [
+                requests_counted(client.sidecar, "outbound"),
+                requests_counted(server.sidecar, "inbound"),
+            ]
         result["through"] = run_generator(
-            f"http://127.0.0.1:{client.outbound}/",
-            host=rows.MESH_SERVICE,
+            pair.url,
+            host=pair.host,
             args=args,
             cpus=gen_cpus,
-            sidecars=pair,
+            sidecars=pair.hops,
             workdir=env.workdir,
         )
-        counted = [requests_counted(client, "outbound"), requests_counted(server, "inbound")]
-        result["sidecar_requests"] = {
-            "client_outbound": counted[0] - counted_before[0],
-            "server_inbound": counted[1] - counted_before[1],
-        }
-        for s in pair:
+        if sidecars:
+            counted = [
+                requests_counted(client.sidecar, "outbound"),
+                requests_counted(server.sidecar, "inbound"),
+            ]
+            result["sidecar_requests"] = {
+                "client_outbound": counted[0] - counted_before[0],
+                "server_inbound": counted[1] - counted_before[1],
+            }
+        for s in pair.hops:
             if not s.proc.alive():
                 raise BenchError(f"{s.proc.name} died: {s.proc.output_tail()}")
         direct = result["direct"]["generator"]["latency_ms"]
@@ -285,8 +356,8 @@ HEADER = [
     "p99",
     "errors",
     "generator lag p99 / max",
-    "vCPU per 1k req/s (client, server sidecar)",
-    "loop stall (client, server)",
+    "vCPU per 1k req/s (client, server side)",
+    "loop stall (client, server sidecar)",
 ]
 
 
@@ -311,6 +382,7 @@ def _run_cells(config: str, path: str, run: dict[str, Any]) -> list[str]:
         f"{s['loop_stall_s'] * 1000:.1f} ms (CPU {s['loop_stall_cpu_s'] * 1000:.1f}, "
         f"GC max {s['gc_pause_max_s'] * 1000:.1f}, CPU {s['gc_pause_max_cpu_s'] * 1000:.1f})"
         for s in sidecars
+        if "loop_stall_s" in s  # sidecars only: the floors have no such gauges
     )
     return [
         config,
@@ -335,24 +407,26 @@ def table(results: list[dict[str, Any]]) -> tuple[list[list[str]], list[str]]:
             notes.append(f"{r['config']}: {r['error']}")
             continue
         cells.append(_run_cells(r["config"], "direct (generator → app)", r["direct"]))
-        cells.append(_run_cells(r["config"], "through 2 sidecars", r["through"]))
+        label = CONFIGS[r["config"]].label
+        cells.append(_run_cells(r["config"], f"through 2 {label}", r["through"]))
         add = r["added_ms"]
         cells.append(
             [
                 r["config"],
-                "added by 2 sidecars",
+                f"added by 2 {label}",
                 report.DASH,
                 *(_ms(add[p], sign=True) for p in PERCENTILES),
                 *[report.DASH] * (len(HEADER) - 6),
             ]
         )
-        counted = r["sidecar_requests"]
-        answered = r["through"]["generator"]["answered"]
-        notes.append(
-            f"{r['config']}: the generator had {answered} answers recorded; the client sidecar "
-            f"counted {counted['client_outbound']} outbound and the server sidecar "
-            f"{counted['server_inbound']} inbound requests over the run (warm-up included)"
-        )
+        counted = r.get("sidecar_requests")
+        if counted is not None:
+            answered = r["through"]["generator"]["answered"]
+            notes.append(
+                f"{r['config']}: the generator had {answered} answers recorded; the client "
+                f"sidecar counted {counted['client_outbound']} outbound and the server sidecar "
+                f"{counted['server_inbound']} inbound requests over the run (warm-up included)"
+            )
         lag = generator_lag(r)
         noisy = [p for p in PERCENTILES if 2 * lag[p] >= abs(add[p])]
         if noisy:
@@ -383,8 +457,7 @@ def istio_lines(results: list[dict[str, Any]]) -> list[str]:
         if r["status"] != "ok":
             continue
         add = r["added_ms"]
-        vcpus = [s["vcpu_per_1000_rps"] for s in r["through"].get("sidecars", [])]
-        known = [v for v in vcpus if v is not None]
+        known = [v for v in _vcpus(r) if v is not None]
         istio_cpu = ISTIO["vcpu_per_1000_rps"]
         cpu = (
             f"; vCPU per 1,000 req/s {', '.join(f'{v:.3f}' for v in known)} "
@@ -400,9 +473,48 @@ def istio_lines(results: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def floor_lines(results: list[dict[str, Any]]) -> list[str]:
+    """Each sidecar config against each floor measured in the same run (two nginx proxies, two
+    floor.py forwarders in the sidecars' places): what two hops cost on this machine anyway, and
+    how much more the sidecars add. vCPU per 1,000 req/s times 1,000 is CPU-µs per request."""
+    ok = [r for r in results if r["status"] == "ok"]
+    floors = [r for r in ok if r["config"] in FLOORS]
+    out = []
+    for r in ok:
+        if r["config"] in FLOORS:
+            continue
+        add, vcpu = r["added_ms"], _vcpus(r)
+        for f in floors:
+            fadd, fvcpu = f["added_ms"], _vcpus(f)
+            ratios = ", ".join(
+                f"{v / fv:.2f}x" if v is not None and fv else report.DASH
+                for v, fv in zip(vcpu, fvcpu, strict=True)
+            )
+            out.append(
+                f"{r['config']} against {f['config']} (same two places, this run): added "
+                f"p50/p90/p99 {_percentiles(add)} ms against {_percentiles(fadd)} ms "
+                f"(difference {_percentiles({p: add[p] - fadd[p] for p in PERCENTILES})} ms); "
+                f"vCPU per 1,000 req/s (client, server) {_vcpu_text(vcpu)} against "
+                f"{_vcpu_text(fvcpu)} ({ratios})"
+            )
+    return out
+
+
+def _percentiles(ms: dict[str, float]) -> str:
+    return "/".join(f"{ms[p]:+.3f}" for p in PERCENTILES)
+
+
+def _vcpus(result: dict[str, Any]) -> list[float | None]:
+    return [s["vcpu_per_1000_rps"] for s in result["through"].get("sidecars", [])]
+
+
+def _vcpu_text(vcpus: list[float | None]) -> str:
+    return ", ".join(report.DASH if v is None else f"{v:.3f}" for v in vcpus)
+
+
 def render(results: list[dict[str, Any]], header_line: str, *, markdown: bool) -> str:
     cells, notes = table(results)
-    comparison = istio_lines(results)
+    comparison = istio_lines(results) + floor_lines(results)
     out = [header_line]
     if markdown:
         out += ["", "| " + " | ".join(HEADER) + " |"]
@@ -442,7 +554,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=16, help="keep-alive connections (16)")
     p.add_argument("--duration", type=float, default=10.0, help="recorded seconds per run (10)")
     p.add_argument("--warmup", type=float, default=2.0, help="unrecorded seconds first (2)")
-    p.add_argument("--configs", default="plain,policy", help="comma list of plain,policy")
+    p.add_argument(
+        "--configs",
+        default=DEFAULT_CONFIGS,
+        help=f"comma list of {','.join(CONFIGS)} ({DEFAULT_CONFIGS})",
+    )
     p.add_argument("--pin", default=DEFAULT_PIN, help=f"taskset layout or 'none' ({DEFAULT_PIN})")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--outrigger", type=Path, default=rows.OUTRIGGER, help="the sidecar")

@@ -174,14 +174,20 @@ def start_direct(env: Env) -> Target:
 
 
 def start_nginx_proxy(env: Env) -> Target:
+    return nginx_proxy(env, "nginx-proxy", env.upstream_port, env.pins.proxy)
+
+
+def nginx_proxy(env: Env, name: str, upstream_port: int, cpus: str | None) -> Target:
+    """nginx as a reverse proxy to 127.0.0.1:`upstream_port` (1 worker, upstream keepalive
+    pool, no access log), started as `name` and checked to answer the 1 KiB body."""
     port = free_port()
-    prefix = env.workdir / "nginx-proxy"
+    prefix = env.workdir / name
     conf = (
         _nginx_common(prefix)
         + "http {\n"
         + _nginx_http_common(prefix)
         + f"""  upstream bench_upstream {{
-    server 127.0.0.1:{env.upstream_port};
+    server 127.0.0.1:{upstream_port};
     keepalive {env.nginx_keepalive};
     keepalive_requests {KEEPALIVE_REQUESTS};
     keepalive_timeout 300s;
@@ -197,9 +203,9 @@ def start_nginx_proxy(env: Env) -> Target:
 }}
 """
     )
-    proc = _start_nginx(env, "nginx-proxy", conf, env.pins.proxy)
+    proc = _start_nginx(env, name, conf, cpus)
     url = f"http://127.0.0.1:{port}/"
-    wait_until(proc, body_check(url, env.body), timeout_s=READY_TIMEOUT_S, what="nginx proxy")
+    wait_until(proc, body_check(url, env.body), timeout_s=READY_TIMEOUT_S, what=name)
     return Target(url=url, host=None, listen=("127.0.0.1", port), measured=proc)
 
 
@@ -253,20 +259,28 @@ def floor_row(name: str, description: str, *, task: bool) -> Row:
     """A row running `floor.py`: the least a uvloop + httptools forwarder does (its docstring)."""
 
     def start(env: Env) -> Target:
-        port = free_port()
-        python = env.outrigger.with_name("python")  # that venv has uvloop and httptools
-        argv = [str(python), str(FLOOR), str(port), str(env.upstream_port)]
-        argv += ["--task"] if task else []
-        ready_s = READY_TIMEOUT_S
-        if env.sidecar_wrapper:  # under callgrind as the sidecar is, woken for its control
-            argv = [*env.sidecar_wrapper, *argv[1:], "--wake", str(FLOOR_WAKE_S)]
-            ready_s = env.sidecar_ready_timeout_s
-        proc = env.group.start(name, argv, cpus=env.pins.proxy)
-        url = f"http://127.0.0.1:{port}/"
-        wait_until(proc, body_check(url, env.body), timeout_s=ready_s, what=name)
-        return Target(url=url, host=None, listen=("127.0.0.1", port), measured=proc)
+        return floor_proxy(env, name, env.upstream_port, env.pins.proxy, task=task)
 
     return Row(name=name, description=description, start=start)
+
+
+def floor_proxy(
+    env: Env, name: str, upstream_port: int, cpus: str | None, *, task: bool = False
+) -> Target:
+    """`floor.py` forwarding to 127.0.0.1:`upstream_port`, started as `name` and checked to
+    answer the 1 KiB body."""
+    port = free_port()
+    python = env.outrigger.with_name("python")  # that venv has uvloop and httptools
+    argv = [str(python), str(FLOOR), str(port), str(upstream_port)]
+    argv += ["--task"] if task else []
+    ready_s = READY_TIMEOUT_S
+    if env.sidecar_wrapper:  # under callgrind as the sidecar is, woken for its control
+        argv = [*env.sidecar_wrapper, *argv[1:], "--wake", str(FLOOR_WAKE_S)]
+        ready_s = env.sidecar_ready_timeout_s
+    proc = env.group.start(name, argv, cpus=cpus)
+    url = f"http://127.0.0.1:{port}/"
+    wait_until(proc, body_check(url, env.body), timeout_s=ready_s, what=name)
+    return Target(url=url, host=None, listen=("127.0.0.1", port), measured=proc)
 
 
 # --- Outrigger -------------------------------------------------------------------------------
