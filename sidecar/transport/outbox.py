@@ -23,7 +23,14 @@ from typing import Protocol
 
 
 class Holder(Protocol):
-    """A connection whose held bytes the outbox writes (`release_held`)."""
+    """A connection whose held bytes the outbox writes (what its `release_held` does, inline
+    in `Outbox._flush`: a call less per connection and round)."""
+
+    held: bytes | None
+    closed: bool
+
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
 
     def release_held(self) -> None: ...
 
@@ -49,7 +56,12 @@ class Outbox:
         held = self.held
         self.held = []
         for holder in held:
-            holder.release_held()
+            data = holder.held  # release_held, inline
+            if data is not None:
+                holder.held = None
+                transport = holder.transport
+                if transport is not None and not holder.closed:
+                    transport.write(data)
 
 
 _outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outbox] = (

@@ -47,19 +47,26 @@ async def test_one_flush_per_round_however_many_connections_hold_a_write() -> No
     box = Outbox(cast(asyncio.AbstractEventLoop, Loop()))
     flushed: list[str] = []
 
+    class Transport:
+        def write(self, data: bytes) -> None:
+            flushed.append(data.decode())
+
     class Holder:
-        def __init__(self, name: str) -> None:
-            self.name = name
+        def __init__(self, name: str, closed: bool = False) -> None:
+            self.held: bytes | None = name.encode()
+            self.closed = closed
+            self.transport: asyncio.Transport | None = cast(asyncio.Transport, Transport())
 
         def release_held(self) -> None:
-            flushed.append(self.name)
+            raise AssertionError("the flush does this inline")
 
-    for name in ("a", "b", "c"):
-        box.hold(Holder(name))
+    holders = [Holder("a"), Holder("b"), Holder("gone", closed=True), Holder("c")]
+    for holder in holders:
+        box.hold(holder)
     assert scheduled == [box.flush]
     scheduled.pop()()
-    assert flushed == ["a", "b", "c"]
-    assert box.held == []
+    assert flushed == ["a", "b", "c"]  # a closed connection's bytes are dropped
+    assert box.held == [] and all(holder.held is None for holder in holders)
     box.hold(Holder("d"))  # a new round schedules its own flush
     assert scheduled == [box.flush]
     scheduled.pop()()
