@@ -260,15 +260,20 @@ def load_window(
     )
 
 
+def start_measured(row: rows.Row, env: rows.Env) -> tuple[rows.Target, int]:
+    """Start `row`; its target and the pid of the process measured."""
+    target = row.start(env)
+    if target.measured is None:
+        raise BenchError(f"{row.name}: no process to measure")
+    return target, target.measured.pid
+
+
 def under_wrk(row: rows.Row, env: rows.Env, args: argparse.Namespace, conns: int) -> str:
     """One row under `wrk -t1 -c{conns}`: instructions per request (--callgrind), else CPU-µs
     per request, user and system (the module docstring)."""
     started = len(env.group.procs)
-    target = row.start(env)
     try:
-        if target.measured is None:
-            raise BenchError(f"{row.name}: no process to measure")
-        pid = target.measured.pid
+        target, pid = start_measured(row, env)
         send(target, args.warmup, 1, env.body)
         head = f"{row.name:20} -c{conns:<4}"
         if not args.callgrind:
@@ -363,11 +368,8 @@ def strace_counts(summary: str) -> dict[str, int]:
 
 def measure(row: rows.Row, env: rows.Env, args: argparse.Namespace) -> str:
     started = len(env.group.procs)
-    target = row.start(env)
     try:
-        if target.measured is None:
-            raise BenchError(f"{row.name}: no process to measure")
-        pid = target.measured.pid
+        target, pid = start_measured(row, env)
         send(target, args.warmup, args.connections, env.body)
         if args.callgrind:
             n = args.requests
