@@ -46,6 +46,7 @@ from sidecar.protocol.limits import H2Limits, Limits
 from sidecar.protocol.request import RequestParser
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream
 from sidecar.transport.flow import WriteFlow
+from sidecar.transport.outbox import outbox
 
 _new = object.__new__  # an instance without its __init__ (the request path sets every slot)
 
@@ -273,6 +274,9 @@ class DownstreamProtocol(WriteFlow, Downstream):
         self.tunnel_flow: tuple[Callable[[], None], Callable[[], None]] | None = None
         # Why the sidecar failed the request body of the cycle in flight (status, reason).
         self.body_failure: tuple[int, str] | None = None
+        # A whole response held to the end of the loop's round (sidecar/transport/outbox.py)
+        self.held: bytes | None = None
+        self.outbox = outbox(self.loop)
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -339,6 +343,19 @@ class DownstreamProtocol(WriteFlow, Downstream):
     def pause_writing(self) -> None:
         self.write_paused_at = self.loop.time()  # for the send timeout
         super().pause_writing()
+
+    def release_held(self) -> None:
+        """Write the held response now (the outbox's flush; before any other write or close
+        of this connection, so that its bytes keep their order)."""
+        data = self.held
+        if data is not None:
+            self.held = None
+            if self.transport is not None and not self.closed:
+                self.transport.write(data)
+
+    def _close(self) -> None:
+        self.release_held()
+        super()._close()
 
     # --- parsing -------------------------------------------------------------------------
 
@@ -517,6 +534,7 @@ class DownstreamProtocol(WriteFlow, Downstream):
     def _open_tunnel(self, response: Response, upgrade: bytes) -> None:
         tunnel = response.tunnel
         assert tunnel is not None and self.transport is not None
+        self.release_held()
         self.response_started = True
         self.close_after = True
         self.transport.write(
@@ -583,6 +601,7 @@ class DownstreamProtocol(WriteFlow, Downstream):
     ) -> None:
         if self.transport is None or self.closed:
             return
+        self.release_held()
         if not self.request_complete:
             close = True
         if close:
@@ -604,6 +623,7 @@ class DownstreamProtocol(WriteFlow, Downstream):
 
     def _send_continue(self) -> None:
         if self.transport is not None and not self.response_started and not self.closed:
+            self.release_held()
             self.transport.write(serialize.informational(100, b"Continue"))
 
     def cycle_done(self, cycle: RequestCycle) -> None:
@@ -875,6 +895,8 @@ class _Cycle(RequestCycle):
                 close=close,
                 parsed=response.endpoint is not None,  # an upstream's head, from our parser
             )
+            if conn.held is not None:
+                conn.release_held()  # a response before this one (pipelined) goes first
             if not send_body:
                 transport.write(head_bytes)
                 if response.has_body:
@@ -883,14 +905,20 @@ class _Cycle(RequestCycle):
                 return
             data = response.body.whole()
             if data is not None:
-                # The whole body is here (most responses): one write, no waiting.
+                # The whole body is here (most responses): one write, no waiting, held to
+                # the end of the loop's round (`Outbox.hold`, inline; sidecar/transport/outbox.py)
                 if chunked:
                     data = (
                         serialize.chunk(data) + serialize.LAST_CHUNK
                         if data
                         else serialize.LAST_CHUNK
                     )
-                transport.write(head_bytes + data)
+                conn.held = head_bytes + data
+                box = conn.outbox
+                held = box.held
+                if not held:
+                    box.call_soon(box.flush)
+                held.append(conn)
                 self.finish()
                 return
             self._chunked = chunked

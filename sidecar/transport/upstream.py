@@ -44,6 +44,7 @@ from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream, BytesBody
 from sidecar.transport.connect import UpstreamError, connect_within
 from sidecar.transport.flow import WriteFlow
 from sidecar.transport.h2upstream import H2Pool
+from sidecar.transport.outbox import outbox
 
 _new = object.__new__  # an instance without its __init__ (the one-read path sets every slot)
 
@@ -73,9 +74,11 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         "closed",
         "endpoint",
         "got_bytes",
+        "held",
         "idle_since",
         "idle_timeout",
         "last_activity",
+        "outbox",
         "pool",
         "pump",
         "reply",
@@ -112,6 +115,9 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         # (xDS common_http_protocol_options.idle_timeout); 0 keeps it until the peer closes it.
         self.idle_timeout = pool.upstreams.idle_timeout  # until a service's request sets its own
         self.last_activity = 0.0
+        # A request head held to the end of the loop's round (sidecar/transport/outbox.py)
+        self.held: bytes | None = None
+        self.outbox = outbox(asyncio.get_running_loop())
         # Set on a 101: bytes from upstream go here instead of the parser.
         self.tunnel: Callable[[bytes], None] | None = None
         # In a tunnel: pause/resume the client's reading while our write buffer is full.
@@ -250,9 +256,16 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
             parsed=True,  # every part came from our parser, plus our hex request id
         )
         if not length and not chunked:
-            transport = self.transport
-            if transport is not None:
-                transport.write(head)
+            # No body: the head is held to the end of the loop's round (`Outbox.hold`, inline)
+            if self.held is None:
+                self.held = head
+                box = self.outbox
+                held = box.held
+                if not held:
+                    box.call_soon(box.flush)
+                held.append(self)
+            else:
+                self.held += head
             self.request_sent = True
             return
         data = body.whole()
@@ -290,12 +303,23 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         if reply is not None:
             reply(RequestBodyFailed(reason))
 
+    def release_held(self) -> None:
+        """Write the held request head now (the outbox's flush; before any other write or
+        close of this connection, so that its bytes keep their order)."""
+        data = self.held
+        if data is not None:
+            self.held = None
+            if self.transport is not None and not self.closed:
+                self.transport.write(data)
+
     def write(self, data: bytes) -> None:
         if self.transport is not None:
+            self.release_held()
             self.transport.write(data)
 
     def writelines(self, parts: list[bytes]) -> None:
         if self.transport is not None:
+            self.release_held()
             self.transport.writelines(parts)
 
     def abort(self) -> None:
@@ -305,12 +329,14 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
 
     def write_eof(self) -> None:
         if self.transport is not None and not self.closed:
+            self.release_held()
             if self.transport.can_write_eof():
                 self.transport.write_eof()
             else:
                 self.close()
 
     def close(self) -> None:
+        self.release_held()
         self.closed = True
         if self.transport is not None:
             self.transport.close()

@@ -34,6 +34,8 @@ OUTRIGGER = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "outrigger"
 # sidecar pool should not have one either; so the default is above every connection count we
 # run. `run.py --nginx-keepalive 64` reproduces the capped configuration.
 NGINX_UPSTREAM_KEEPALIVE = 1024
+# The upstream's stub_status page (requests answered so far); never loaded by wrk
+UPSTREAM_STATUS_PATH = "/bench-upstream-status"
 
 
 def make_body() -> bytes:
@@ -142,7 +144,8 @@ def _start_nginx(env: Env, name: str, conf_body: str, cpus: str | None) -> Proc:
 
 
 def start_upstream(env: Env) -> tuple[Proc, int]:
-    """The shared upstream: nginx, 1 worker, `return 200` with the 1 KiB body at `/`."""
+    """The shared upstream: nginx, 1 worker, `return 200` with the 1 KiB body at `/`, and its
+    request counter at UPSTREAM_STATUS_PATH (cost.py --wrk-connections counts requests with it)."""
     port = free_port()
     prefix = env.workdir / "upstream"
     conf = (
@@ -154,6 +157,9 @@ def start_upstream(env: Env) -> tuple[Proc, int]:
     location = / {{
       default_type text/plain;
       return 200 "{env.body.decode("ascii")}";
+    }}
+    location = {UPSTREAM_STATUS_PATH} {{
+      stub_status;
     }}
   }}
 }}

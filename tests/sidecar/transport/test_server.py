@@ -77,6 +77,7 @@ async def test_a_pipelined_request_waits_for_the_response_before_it_with_reading
     handler.answer(0, ok(b"one"))
     second = await handler.request(1)
     assert second.path == b"/two"
+    await settle()  # the response is written at the end of the loop's round (outbox.py)
     assert client.take() == reply(b"one")
     handler.answer(1, ok(b"two"))
     third = await handler.request(2)
