@@ -23,8 +23,7 @@ from typing import Protocol
 
 
 class Holder(Protocol):
-    """A connection whose held bytes the outbox writes (what its `release_held` does, inline
-    in `Outbox._flush`: a call less per connection and round)."""
+    """A connection whose held bytes the outbox writes (`release_held`, its method)."""
 
     held: bytes | None
     closed: bool
@@ -56,12 +55,19 @@ class Outbox:
         held = self.held
         self.held = []
         for holder in held:
-            data = holder.held  # release_held, inline
-            if data is not None:
-                holder.held = None
-                transport = holder.transport
-                if transport is not None and not holder.closed:
-                    transport.write(data)
+            holder.release_held()
+
+
+def release_held(holder: Holder) -> None:
+    """Write `holder`'s held bytes now: the outbox's flush, and before any other write, close
+    or half-close of that connection, so that its bytes keep their order. Both connection
+    classes take it as their `release_held` method."""
+    data = holder.held
+    if data is not None:
+        holder.held = None
+        transport = holder.transport
+        if transport is not None and not holder.closed:
+            transport.write(data)
 
 
 _outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outbox] = (

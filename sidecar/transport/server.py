@@ -46,7 +46,7 @@ from sidecar.protocol.limits import H2Limits, Limits
 from sidecar.protocol.request import RequestParser
 from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream
 from sidecar.transport.flow import WriteFlow
-from sidecar.transport.outbox import outbox
+from sidecar.transport.outbox import outbox, release_held
 
 _new = object.__new__  # an instance without its __init__ (the request path sets every slot)
 
@@ -344,14 +344,7 @@ class DownstreamProtocol(WriteFlow, Downstream):
         self.write_paused_at = self.loop.time()  # for the send timeout
         super().pause_writing()
 
-    def release_held(self) -> None:
-        """Write the held response now (the outbox's flush; before any other write or close
-        of this connection, so that its bytes keep their order)."""
-        data = self.held
-        if data is not None:
-            self.held = None
-            if self.transport is not None and not self.closed:
-                self.transport.write(data)
+    release_held = release_held  # the held response written now (sidecar/transport/outbox.py)
 
     def _close(self) -> None:
         self.release_held()

@@ -44,7 +44,7 @@ from sidecar.transport.body import EMPTY_BODY, BodyReset, BodyStream, BytesBody
 from sidecar.transport.connect import UpstreamError, connect_within
 from sidecar.transport.flow import WriteFlow
 from sidecar.transport.h2upstream import H2Pool
-from sidecar.transport.outbox import outbox
+from sidecar.transport.outbox import outbox, release_held
 
 _new = object.__new__  # an instance without its __init__ (the one-read path sets every slot)
 
@@ -303,14 +303,7 @@ class UpstreamConnection(WriteFlow, asyncio.Protocol):
         if reply is not None:
             reply(RequestBodyFailed(reason))
 
-    def release_held(self) -> None:
-        """Write the held request head now (the outbox's flush; before any other write or
-        close of this connection, so that its bytes keep their order)."""
-        data = self.held
-        if data is not None:
-            self.held = None
-            if self.transport is not None and not self.closed:
-                self.transport.write(data)
+    release_held = release_held  # the held request head written now (sidecar/transport/outbox.py)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
